@@ -1,0 +1,418 @@
+"""``Agent``: the runtime users build workers with.
+
+An agent announces itself, consumes the capability queues the orchestrator
+assigns it, and heartbeats. Each task runs its handler under the task's
+timeout; the final event is published (and confirmed) before the task
+message is acknowledged, so a crash at any point leaves the task to be run
+again rather than lost. The broker never hands an agent more tasks than its
+``max_concurrent_tasks`` (the channel's prefetch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import signal
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker import (
+    AGENT_ID_PATTERN,
+    CAPABILITY_PATTERN,
+    AgentAnnounced,
+    AgentHeartbeat,
+    AgentLeft,
+    BusError,
+    CancelTask,
+    CommunicationBus,
+    ConsumeQueues,
+    Control,
+    InvalidMessage,
+    Reannounce,
+    Subscription,
+    TaskConsumer,
+    TaskDelivery,
+    TaskFinished,
+    TaskMessage,
+    TaskProgress,
+    TaskStarted,
+    Unregister,
+    parse_task,
+)
+
+from .context import TaskContext
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[TaskContext], Any]
+ANY_TASK_TYPE = "*"
+_CANCELLED_MEMORY = 10_000
+
+
+@dataclass
+class AgentCounters:
+    """What this agent did, counted inside it (for tests and monitoring)."""
+
+    received: int = 0
+    completed: int = 0
+    failed: int = 0
+    timed_out: int = 0
+    cancelled: int = 0
+    running: int = 0
+    max_running: int = 0
+    task_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Running:
+    message: TaskMessage
+    job: asyncio.Task[Any] | None = None
+    stop_reason: str | None = None
+    """Why we cancelled it: 'cancelled' (report it), 'unregistered' or 'shutdown' (don't)."""
+
+
+class Agent:
+    """A worker with capabilities and handlers per task type.
+
+    >>> agent = Agent("analysis_agent_1", ["technical_analysis"], max_concurrent_tasks=5)
+    >>> @agent.handler("analysis")
+    ... async def analyse(ctx):
+    ...     return {"symbol": ctx.payload["symbol"]}
+    """
+
+    def __init__(
+        self,
+        agent_id: str,
+        capabilities: list[str],
+        max_concurrent_tasks: int = 5,
+        *,
+        heartbeat_interval: float = 5.0,
+        drain_timeout: float = 30.0,
+    ) -> None:
+        if not AGENT_ID_PATTERN.match(agent_id):
+            raise ValueError(f"agent_id: {agent_id!r} must be 1-128 of A-Z a-z 0-9 _ . : -")
+        for cap in capabilities:
+            if not CAPABILITY_PATTERN.match(cap):
+                raise ValueError(f"capabilities: {cap!r} must be 1-64 of A-Z a-z 0-9 _ -")
+        if max_concurrent_tasks < 1:
+            raise ValueError("max_concurrent_tasks: must be >= 1")
+        self.agent_id = agent_id
+        self.capabilities = sorted(set(capabilities))
+        self.max_concurrent_tasks = max_concurrent_tasks
+        self.heartbeat_interval = heartbeat_interval
+        self.drain_timeout = drain_timeout
+        self.counters = AgentCounters()
+        self._handlers: dict[str, Handler] = {}
+        self._bus: CommunicationBus | None = None
+        self._owns_bus = False
+        self._consumer: TaskConsumer | None = None
+        self._control: Subscription | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._running: dict[str, _Running] = {}
+        self._cancelled: OrderedDict[tuple[str, int | None], None] = OrderedDict()
+        self._executor: ThreadPoolExecutor | None = None
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------------ handlers
+    def handler(self, task_type: str = ANY_TASK_TYPE) -> Callable[[Handler], Handler]:
+        """Decorator: handle tasks of ``task_type`` ('*' for any type without its own)."""
+
+        def register(fn: Handler) -> Handler:
+            self._handlers[task_type] = fn
+            return fn
+
+        return register
+
+    def add_handler(self, task_type: str, fn: Handler) -> None:
+        self._handlers[task_type] = fn
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self, bus: CommunicationBus | None = None) -> None:
+        """Connect (or use ``bus``), announce, and start taking tasks."""
+        if bus is None:
+            bus = CommunicationBus()
+            self._owns_bus = True
+        if not bus.is_connected:
+            if hasattr(bus, "connection_name"):
+                bus.connection_name = f"agent:{self.agent_id}"  # shown in the management UI
+            await bus.connect()
+            self._owns_bus = True
+        self._bus = bus
+        self._stopping = False
+        self._stopped.clear()
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.max_concurrent_tasks * 2, thread_name_prefix=f"agent-{self.agent_id}"
+        )
+        self._control = await bus.subscribe_control(self.agent_id, self._on_control)
+        self._consumer = await bus.open_task_consumer(
+            self.agent_id, prefetch=self.max_concurrent_tasks, handler=self._on_delivery
+        )
+        await self._announce()
+        self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+
+    async def stop(self, *, drain_timeout: float | None = None) -> None:
+        """Graceful stop: take no more tasks, let running ones finish (up to the
+        drain timeout), give the rest back to the queue, say goodbye."""
+        if self._bus is None or self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        assert self._consumer is not None
+        with contextlib.suppress(BusError):
+            await self._consumer.pause()
+        jobs = [r.job for r in self._running.values() if r.job is not None]
+        if jobs:
+            timeout = self.drain_timeout if drain_timeout is None else drain_timeout
+            await asyncio.wait(jobs, timeout=timeout)
+        for running in list(self._running.values()):
+            self._stop_job(running, "shutdown")
+        await self._wait_jobs()
+        with contextlib.suppress(BusError):
+            await self._bus.publish_event(AgentLeft(agent_id=self.agent_id))
+        await self._shutdown()
+
+    async def kill(self) -> None:
+        """Vanish without a goodbye, as a crashed process would (for tests)."""
+        if self._bus is None:
+            return
+        self._stopping = True
+        for running in list(self._running.values()):
+            self._stop_job(running, "shutdown")
+        await self._wait_jobs()
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+        if self._consumer is not None:
+            await self._consumer.close()  # unsettled deliveries go back to the queue
+        if self._control is not None:
+            await self._control.close()
+        if self._owns_bus and self._bus is not None:
+            await self._bus.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._bus = None
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def serve(self, bus: CommunicationBus | None = None) -> None:
+        """Run until SIGINT/SIGTERM or an ``Unregister`` from the orchestrator."""
+        await self.start(bus)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, lambda: self._spawn(self.stop()))
+        await self._stopped.wait()
+
+    def run(self, broker_url: str | None = None) -> None:
+        """Blocking: run the agent on ``broker_url`` (or ORCHESTRATOR_BROKER_URL)."""
+        bus = CommunicationBus(broker_url) if broker_url else None
+        asyncio.run(self.serve(bus))
+
+    # ------------------------------------------------------------------ control
+    async def _announce(self) -> None:
+        assert self._bus is not None
+        await self._bus.publish_event(
+            AgentAnnounced(
+                agent_id=self.agent_id,
+                capabilities=self.capabilities,
+                max_concurrent_tasks=self.max_concurrent_tasks,
+                task_types=sorted(self._handlers),
+            )
+        )
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            try:
+                assert self._bus is not None
+                await self._bus.publish_event(
+                    AgentHeartbeat(agent_id=self.agent_id, running=len(self._running))
+                )
+            except BusError as exc:
+                log.warning("agent %s: heartbeat not sent: %s", self.agent_id, exc)
+
+    async def _on_control(self, command: Control) -> None:
+        if isinstance(command, ConsumeQueues):
+            if self._consumer is not None and not self._stopping:
+                await self._consumer.consume(command.queue_keys, command.consumer_priority)
+        elif isinstance(command, CancelTask):
+            self._remember_cancelled(command.task_id, command.attempt)
+            running = self._running.get(command.task_id)
+            if running is not None and command.attempt in (None, running.message.attempt):
+                self._stop_job(running, "cancelled")
+        elif isinstance(command, Unregister):
+            log.warning("agent %s was unregistered by the orchestrator; stopping", self.agent_id)
+            self._stopping = True
+            for running in list(self._running.values()):
+                self._stop_job(running, "unregistered")
+            self._spawn(self._stop_after_unregister())
+        elif isinstance(command, Reannounce):
+            await self._announce()
+
+    async def _stop_after_unregister(self) -> None:
+        await self._wait_jobs()
+        await self._shutdown()
+
+    def _remember_cancelled(self, task_id: str, attempt: int | None) -> None:
+        self._cancelled[(task_id, attempt)] = None
+        while len(self._cancelled) > _CANCELLED_MEMORY:
+            self._cancelled.popitem(last=False)
+
+    def _is_cancelled(self, message: TaskMessage) -> bool:
+        return (message.task_id, None) in self._cancelled or (
+            message.task_id,
+            message.attempt,
+        ) in self._cancelled
+
+    @staticmethod
+    def _stop_job(running: _Running, reason: str) -> None:
+        if running.stop_reason is None:
+            running.stop_reason = reason
+        if running.job is not None:
+            running.job.cancel()
+
+    async def _wait_jobs(self) -> None:
+        jobs = [r.job for r in self._running.values() if r.job is not None]
+        if jobs:
+            await asyncio.wait(jobs)
+
+    # ------------------------------------------------------------------ tasks
+    async def _on_delivery(self, delivery: TaskDelivery) -> None:
+        try:
+            message = parse_task(delivery.body)
+        except InvalidMessage as exc:
+            await delivery.dead_letter(f"agent {self.agent_id}: {exc}")
+            return
+        if self._stopping:
+            await delivery.requeue()
+            return
+        if self._is_cancelled(message) or message.task_id in self._running:
+            await delivery.ack()  # cancelled, or a duplicate of what runs here
+            return
+        running = _Running(message)
+        self._running[message.task_id] = running
+        self.counters.received += 1
+        self.counters.running += 1
+        self.counters.max_running = max(self.counters.max_running, self.counters.running)
+        self.counters.task_ids.append(message.task_id)
+        try:
+            running.job = asyncio.get_running_loop().create_task(self._run(message, running))
+            with contextlib.suppress(asyncio.CancelledError):
+                await running.job
+            if running.stop_reason in ("shutdown",):
+                await delivery.requeue()
+            elif running.stop_reason == "unregistered":
+                await delivery.ack()  # the orchestrator has re-published it
+            elif running.job.cancelled():
+                await delivery.requeue()
+            else:
+                finished: TaskFinished | None = running.job.result()
+                if finished is not None:
+                    assert self._bus is not None
+                    await self._bus.publish_event(finished)
+                await delivery.ack()
+        except BusError as exc:
+            # The final event did not go out: leave the delivery unsettled; the
+            # broker gives it back when the channel closes and it runs again.
+            log.error("agent %s: task %s not reported: %s", self.agent_id, message.task_id, exc)
+        finally:
+            self.counters.running -= 1
+            self._running.pop(message.task_id, None)
+
+    async def _run(self, message: TaskMessage, running: _Running) -> TaskFinished | None:
+        """Run one attempt; returns its final event (None when it must not be reported)."""
+        bus = self._bus
+        assert bus is not None
+        loop = asyncio.get_running_loop()
+        # Confirmed before the handler starts: the orchestrator sees events in order.
+        await bus.publish_event(
+            TaskStarted(task_id=message.task_id, attempt=message.attempt, agent_id=self.agent_id)
+        )
+
+        def report(fraction: float) -> None:
+            event = TaskProgress(
+                task_id=message.task_id,
+                attempt=message.attempt,
+                agent_id=self.agent_id,
+                progress=fraction,
+            )
+            self._spawn(self._send_quietly(event))
+
+        ctx = TaskContext(message, self.agent_id, report, loop)
+
+        def final(outcome: str, result: Any = None, error: str | None = None) -> TaskFinished:
+            return TaskFinished(
+                task_id=message.task_id,
+                attempt=message.attempt,
+                agent_id=self.agent_id,
+                outcome=outcome,
+                result=result,
+                error=error,
+            )
+
+        handler = self._handlers.get(message.task_type) or self._handlers.get(ANY_TASK_TYPE)
+        if handler is None:
+            self.counters.failed += 1
+            return final(
+                "failed",
+                error=f"agent {self.agent_id} has no handler for task_type {message.task_type!r}",
+            )
+        try:
+            if inspect.iscoroutinefunction(handler):
+                coro = handler(ctx)
+            else:
+                coro = loop.run_in_executor(self._executor, handler, ctx)
+            value = await asyncio.wait_for(coro, timeout=message.timeout)
+            result = _as_result(value)
+        except TimeoutError:
+            self.counters.timed_out += 1
+            return final("timeout", error=f"exceeded timeout of {message.timeout:g}s")
+        except asyncio.CancelledError:
+            if running.stop_reason == "cancelled":
+                self.counters.cancelled += 1
+                return final("cancelled", error="cancelled by request")
+            raise
+        except Exception as exc:  # the handler's failure is the task's, not ours
+            self.counters.failed += 1
+            return final("failed", error=f"{type(exc).__name__}: {exc}")
+        self.counters.completed += 1
+        return final("completed", result=result)
+
+    def _spawn(self, coro: Any) -> None:
+        """Run in the background, holding a reference so it is not collected."""
+        job = asyncio.get_running_loop().create_task(coro)
+        self._background.add(job)
+        job.add_done_callback(self._background.discard)
+
+    async def _send_quietly(self, event: TaskProgress) -> None:
+        if self._bus is None:
+            return
+        try:
+            await self._bus.publish_event(event)
+        except BusError as exc:
+            log.debug("progress not sent: %s", exc)
+
+
+def _as_result(value: Any) -> dict[str, Any] | None:
+    """A handler's return value as a task result: a JSON object (or None)."""
+    if value is not None and not isinstance(value, dict):
+        value = {"value": value}
+    if value is not None:
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"the handler's result is not JSON-serialisable: {exc}") from None
+    return value

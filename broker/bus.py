@@ -1,0 +1,194 @@
+"""The ``CommunicationBus`` interface: what the orchestrator and agents need of a bus.
+
+Two implementations share it and its delivery semantics: ``RabbitMQBus``
+(aio-pika) and ``MemoryBus`` (in-process, for embedded use and fast tests).
+The semantics both must keep:
+
+- Task queues are priority queues, one per capability key. A message goes to
+  the waiting consumer with the highest consumer priority whose channel has a
+  free prefetch slot; equal consumers take turns.
+- A task consumer's prefetch is shared by all the queues it consumes, so an
+  agent never holds more unacknowledged tasks than its limit.
+- Unacknowledged tasks go back to their queue when their consumer goes away.
+- Events are routed by topic; each subscription sees them in publish order,
+  one at a time. A subscription with no patterns is the orchestrator's own
+  durable queue, which keeps events while the orchestrator is down.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+from .messages import Control, Event, TaskMessage
+from .settings import BusSettings
+from .topology import Topology
+
+
+class TaskDelivery(abc.ABC):
+    """One task message handed to a consumer; settle it exactly once."""
+
+    body: bytes
+    queue_key: str
+    redelivered: bool
+
+    @abc.abstractmethod
+    async def ack(self) -> None:
+        """The task is done with: remove it from the queue."""
+
+    @abc.abstractmethod
+    async def requeue(self) -> None:
+        """Give the task back to its queue, for this or another consumer."""
+
+    @abc.abstractmethod
+    async def dead_letter(self, reason: str) -> None:
+        """Move the message to the dead-letter queue with ``reason`` and settle it."""
+
+
+TaskHandler = Callable[[TaskDelivery], Awaitable[None]]
+EventHandler = Callable[[Event], Awaitable[None]]
+ControlHandler = Callable[[Control], Awaitable[None]]
+
+
+class Subscription(abc.ABC):
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop consuming. Unsettled deliveries go back to their queue."""
+
+
+class TaskConsumer(Subscription):
+    """One agent's consumption of task queues: one prefetch across all of them."""
+
+    @abc.abstractmethod
+    async def consume(self, queue_keys: Iterable[str], consumer_priority: int = 0) -> None:
+        """Consume these capability queues too (idempotent); a new priority applies to all."""
+
+    @abc.abstractmethod
+    async def pause(self) -> None:
+        """Take no new deliveries; those held can still be settled (graceful stop)."""
+
+    @property
+    @abc.abstractmethod
+    def queue_keys(self) -> frozenset[str]:
+        """The capability keys consumed now."""
+
+
+class CommunicationBus(abc.ABC):
+    """Inter-agent messaging. ``CommunicationBus()`` picks an implementation.
+
+    With no arguments it reads ``BusSettings`` (``ORCHESTRATOR_*`` environment
+    variables): ``ORCHESTRATOR_BROKER_URL`` set gives a ``RabbitMQBus`` on that
+    broker, unset gives an in-process ``MemoryBus``. Pass ``broker_url=`` or
+    ``settings=`` to choose explicitly.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> CommunicationBus:
+        if cls is CommunicationBus:
+            settings = _settings_from(*args, **kwargs)
+            if settings.broker_url:
+                from .rabbitmq import RabbitMQBus as impl
+            else:
+                from .memory import MemoryBus as impl
+            # Python then runs impl.__init__ with the same arguments.
+            return super().__new__(impl)
+        return super().__new__(cls)
+
+    def __init__(
+        self, broker_url: str | None = None, *, settings: BusSettings | None = None
+    ) -> None:
+        self.settings = _settings_from(broker_url, settings=settings)
+        self.topology = Topology(self.settings.prefix)
+
+    # lifecycle -------------------------------------------------------------
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Connect and declare the fixed topology. Idempotent.
+
+        Raises ``ConnectionError`` (a ``BusConnectionError``) naming the broker
+        address, without its password, when it cannot be reached.
+        """
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close every subscription and the connection. Idempotent."""
+
+    @property
+    @abc.abstractmethod
+    def is_connected(self) -> bool: ...
+
+    # tasks -----------------------------------------------------------------
+    @abc.abstractmethod
+    async def declare_task_queue(self, queue_key: str) -> None:
+        """Declare the priority queue of a capability key and bind it (cached)."""
+
+    @abc.abstractmethod
+    async def publish_task(self, message: TaskMessage, *, queue_key: str, priority: int) -> None:
+        """Publish a task durably; returns once the broker has confirmed it."""
+
+    @abc.abstractmethod
+    async def open_task_consumer(
+        self, consumer_id: str, *, prefetch: int, handler: TaskHandler
+    ) -> TaskConsumer:
+        """A consumer of task queues whose unsettled deliveries never exceed ``prefetch``."""
+
+    # events ----------------------------------------------------------------
+    @abc.abstractmethod
+    async def publish_event(self, event: Event) -> None:
+        """Publish a status event (routing key = its kind); returns once confirmed."""
+
+    @abc.abstractmethod
+    async def subscribe_events(
+        self, handler: EventHandler, *, patterns: Sequence[str] | None = None
+    ) -> Subscription:
+        """Handle events one at a time, in order.
+
+        ``patterns`` None consumes the orchestrator's durable events queue;
+        topic patterns (``task.#``) give a private queue that lives as long as
+        the subscription, for monitors.
+        """
+
+    # control ---------------------------------------------------------------
+    @abc.abstractmethod
+    async def publish_control(self, command: Control, *, agent_id: str | None = None) -> None:
+        """Send a command to one agent, or to every agent when ``agent_id`` is None."""
+
+    @abc.abstractmethod
+    async def subscribe_control(self, agent_id: str, handler: ControlHandler) -> Subscription:
+        """Receive the commands for ``agent_id`` and the broadcast ones."""
+
+    # helpers shared by implementations ---------------------------------------
+    def _check_size(self, body: bytes) -> bytes:
+        from .errors import MessageTooLarge
+
+        if len(body) > self.settings.max_message_bytes:
+            raise MessageTooLarge(
+                f"message of {len(body)} bytes exceeds max_message_bytes="
+                f"{self.settings.max_message_bytes}"
+            )
+        return body
+
+    async def __aenter__(self) -> CommunicationBus:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _settings_from(
+    broker_url: str | None = None, *, settings: BusSettings | None = None, **_: Any
+) -> BusSettings:
+    if settings is not None:
+        if broker_url is not None:
+            return settings.model_copy(update={"broker_url": broker_url})
+        return settings
+    if broker_url is not None:
+        return BusSettings(broker_url=broker_url)
+    return BusSettings()
+
+
+def default_broker_url() -> str:
+    """The broker tests and tools use when none is given: env, then localhost."""
+    return os.environ.get("ORCHESTRATOR_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")

@@ -1,0 +1,43 @@
+"""Errors raised by the communication bus.
+
+One root, so callers can catch everything the bus raises in one clause; the
+transport's own exceptions (aio-pika, aiormq) are converted at the boundary and
+never leak out of ``broker``.
+"""
+
+from __future__ import annotations
+
+
+class BusError(Exception):
+    """Raised for any failure of the communication bus."""
+
+
+class BusConnectionError(BusError, ConnectionError):
+    """Raised when the broker cannot be reached or the connection is lost.
+
+    It is also a builtin ``ConnectionError`` so that the seed's
+    ``except ConnectionError`` clause catches it.
+    """
+
+
+class BusNotStarted(BusError, ConnectionError):
+    """Raised when the bus is used before ``connect()`` or after ``close()``."""
+
+
+class MessageTooLarge(BusError, ValueError):
+    """Raised before publishing a message larger than the configured limit."""
+
+
+class UnroutableMessage(BusError):
+    """Raised when the broker returns a mandatory message no queue took."""
+
+
+class TopologyMismatch(BusError):
+    """Raised when a queue or exchange exists with other arguments than ours.
+
+    We never delete and re-declare: that would lose the messages in it.
+    """
+
+
+class InvalidMessage(BusError, ValueError):
+    """Raised when a message body is not a valid wire message."""

@@ -1,0 +1,179 @@
+"""Every message that crosses the bus, as versioned JSON from pydantic models.
+
+The orchestrator and the agents share nothing but these models. Each carries
+``v`` (the schema version) and ``kind`` (the discriminator, also the routing
+key of events), so a consumer can reject what it does not understand instead
+of guessing. Task outcomes are plain strings here: ``broker`` knows nothing of
+the orchestrator's enums.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from .errors import InvalidMessage
+
+SCHEMA_VERSION = 1
+
+Outcome = Literal["completed", "failed", "timeout", "cancelled"]
+
+
+class WireMessage(BaseModel):
+    """Base of every wire message: frozen, strict about unknown versions."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    v: Literal[1] = SCHEMA_VERSION
+
+    def encode(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+# --- work -------------------------------------------------------------------
+
+
+class TaskMessage(WireMessage):
+    """A task as published to a capability queue, one per attempt."""
+
+    kind: Literal["task"] = "task"
+    task_id: str
+    attempt: int = Field(ge=1, description="1 for the first publish, +1 per re-publish")
+    name: str
+    task_type: str
+    payload: dict[str, Any]
+    priority: str
+    required_capabilities: list[str] = []
+    timeout: float = Field(gt=0)
+    estimated_duration: float = Field(gt=0)
+    dependency_results: dict[str, Any] = Field(
+        default_factory=dict, description="results of the tasks this one depends on"
+    )
+
+
+# --- events (agents -> topic exchange) --------------------------------------
+
+
+class TaskStarted(WireMessage):
+    kind: Literal["task.started"] = "task.started"
+    task_id: str
+    attempt: int
+    agent_id: str
+    at: float = Field(default_factory=time.time)
+
+
+class TaskProgress(WireMessage):
+    kind: Literal["task.progress"] = "task.progress"
+    task_id: str
+    attempt: int
+    agent_id: str
+    progress: float = Field(ge=0.0, le=1.0)
+
+
+class TaskFinished(WireMessage):
+    """The final event of one attempt: its outcome with the result or the error."""
+
+    kind: Literal["task.finished"] = "task.finished"
+    task_id: str
+    attempt: int
+    agent_id: str
+    outcome: Outcome
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    at: float = Field(default_factory=time.time)
+
+
+class AgentAnnounced(WireMessage):
+    kind: Literal["agent.announce"] = "agent.announce"
+    agent_id: str
+    capabilities: list[str]
+    max_concurrent_tasks: int = Field(ge=1)
+    task_types: list[str] = []
+    specialization_score: dict[str, float] = {}
+    at: float = Field(default_factory=time.time)
+
+
+class AgentHeartbeat(WireMessage):
+    kind: Literal["agent.heartbeat"] = "agent.heartbeat"
+    agent_id: str
+    running: int = Field(ge=0, description="tasks the agent is running now")
+    at: float = Field(default_factory=time.time)
+
+
+class AgentLeft(WireMessage):
+    kind: Literal["agent.goodbye"] = "agent.goodbye"
+    agent_id: str
+
+
+Event = Annotated[
+    TaskStarted | TaskProgress | TaskFinished | AgentAnnounced | AgentHeartbeat | AgentLeft,
+    Field(discriminator="kind"),
+]
+
+
+# --- control (orchestrator -> one agent, or all agents) ---------------------
+
+
+class ConsumeQueues(WireMessage):
+    """Tells an agent which capability queues to consume, and how eagerly."""
+
+    kind: Literal["control.consume"] = "control.consume"
+    queue_keys: list[str]
+    consumer_priority: int = 0
+
+
+class CancelTask(WireMessage):
+    """Cancel a task: skip it if it arrives, stop its handler if it runs.
+
+    ``attempt`` None cancels every attempt (the task itself was cancelled);
+    a number cancels only that superseded attempt.
+    """
+
+    kind: Literal["control.cancel"] = "control.cancel"
+    task_id: str
+    attempt: int | None = None
+
+
+class Unregister(WireMessage):
+    """The orchestrator removed the agent: it drops its deliveries and stops."""
+
+    kind: Literal["control.unregister"] = "control.unregister"
+    agent_id: str
+
+
+class Reannounce(WireMessage):
+    """The orchestrator does not know the agent (it restarted): announce again."""
+
+    kind: Literal["control.reannounce"] = "control.reannounce"
+
+
+Control = Annotated[
+    ConsumeQueues | CancelTask | Unregister | Reannounce, Field(discriminator="kind")
+]
+
+_task_adapter: TypeAdapter[TaskMessage] = TypeAdapter(TaskMessage)
+_event_adapter: TypeAdapter[Event] = TypeAdapter(Event)
+_control_adapter: TypeAdapter[Control] = TypeAdapter(Control)
+
+
+def _parse(adapter: TypeAdapter[Any], body: bytes) -> Any:
+    try:
+        return adapter.validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise InvalidMessage(f"invalid message: {where}: {first['msg']}") from None
+
+
+def parse_task(body: bytes) -> TaskMessage:
+    return _parse(_task_adapter, body)
+
+
+def parse_event(body: bytes) -> Event:
+    return _parse(_event_adapter, body)
+
+
+def parse_control(body: bytes) -> Control:
+    return _parse(_control_adapter, body)

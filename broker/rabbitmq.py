@@ -1,0 +1,526 @@
+"""``RabbitMQBus``: the communication bus on RabbitMQ, through aio-pika.
+
+Everything the design card lists as a trap is handled here and nowhere else:
+durable exchanges and queues, persistent messages, publisher confirms with
+``mandatory`` task publishes, a robust connection whose first connect and
+whose publishes are retried (tenacity) because aio-pika replays neither,
+classic priority queues, a channel-wide prefetch per agent, consumer
+priorities, a short AMQP heartbeat, and our own references to channels.
+aio-pika and aiormq exceptions are converted here and never leak out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from aio_pika.exceptions import ChannelInvalidStateError
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+)
+from yarl import URL
+
+from .bus import (
+    CommunicationBus,
+    ControlHandler,
+    EventHandler,
+    Subscription,
+    TaskConsumer,
+    TaskDelivery,
+    TaskHandler,
+    default_broker_url,
+)
+from .errors import (
+    BusConnectionError,
+    BusError,
+    BusNotStarted,
+    InvalidMessage,
+    TopologyMismatch,
+    UnroutableMessage,
+)
+from .messages import Control, Event, TaskMessage, parse_control, parse_event
+from .settings import BusSettings, redact_url
+from .topology import ANY_CAPABILITY_KEY, Topology
+
+log = logging.getLogger(__name__)
+
+_TRANSIENT = (
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ChannelInvalidStateError,
+    RuntimeError,  # aio-pika: "Connection closed" / "channel closed" while reconnecting
+)
+PUBLISH_RETRY_SECONDS = 60.0
+"""How long a publish keeps trying while the robust connection reconnects."""
+
+
+class _RabbitDelivery(TaskDelivery):
+    def __init__(self, bus: RabbitMQBus, message: AbstractIncomingMessage, queue_key: str) -> None:
+        self._bus = bus
+        self._message = message
+        self.body = message.body
+        self.queue_key = queue_key
+        self.redelivered = bool(message.redelivered)
+
+    async def _settle(self, op: Callable[[], Awaitable[Any]]) -> None:
+        try:
+            await op()
+        except (ChannelInvalidStateError, aiormq.exceptions.AMQPError, RuntimeError) as exc:
+            # The channel died: the broker requeues the message by itself and
+            # it comes again; every handler is idempotent by (task, attempt).
+            log.info("could not settle a delivery from %s (%s)", self.queue_key, exc)
+
+    async def ack(self) -> None:
+        await self._settle(self._message.ack)
+
+    async def requeue(self) -> None:
+        await self._settle(lambda: self._message.nack(requeue=True))
+
+    async def dead_letter(self, reason: str) -> None:
+        await self._bus._publish_dead(self.body, reason, source=self.queue_key)
+        await self.ack()
+
+
+class _RabbitTaskConsumer(TaskConsumer):
+    def __init__(
+        self, bus: RabbitMQBus, consumer_id: str, channel: AbstractChannel, handler: TaskHandler
+    ) -> None:
+        self._bus = bus
+        self._id = consumer_id
+        self._channel = channel
+        self._handler = handler
+        self._priority = 0
+        self._queues: dict[str, tuple[AbstractQueue, str]] = {}
+        self._lock = asyncio.Lock()
+
+    @property
+    def queue_keys(self) -> frozenset[str]:
+        return frozenset(self._queues)
+
+    async def _start(self, key: str) -> None:
+        queue = await self._bus._declare_task_queue_on(self._channel, key)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            await self._handler(_RabbitDelivery(self._bus, message, key))
+
+        tag = await queue.consume(
+            on_message,
+            arguments={"x-priority": self._priority},
+            consumer_tag=f"{self._id}:{key}:{uuid.uuid4().hex[:8]}",
+        )
+        self._queues[key] = (queue, tag)
+
+    async def consume(self, queue_keys: Iterable[str], consumer_priority: int = 0) -> None:
+        async with self._lock:
+            try:
+                if consumer_priority != self._priority:
+                    # x-priority is fixed per consumer: re-consume under the new one.
+                    self._priority = consumer_priority
+                    for key, (queue, tag) in list(self._queues.items()):
+                        await queue.cancel(tag)
+                        del self._queues[key]
+                        await self._start(key)
+                for key in queue_keys:
+                    if key not in self._queues:
+                        await self._start(key)
+            except aiormq.exceptions.AMQPError as exc:
+                raise BusConnectionError(f"cannot consume task queues: {exc}") from None
+
+    async def pause(self) -> None:
+        async with self._lock:
+            for key, (queue, tag) in list(self._queues.items()):
+                try:
+                    await queue.cancel(tag)
+                except (aiormq.exceptions.AMQPError, ChannelInvalidStateError, RuntimeError):
+                    pass  # the channel is gone, and with it the consumer
+                del self._queues[key]
+
+    async def close(self) -> None:
+        self._bus._subscriptions.discard(self)
+        if not self._channel.is_closed:
+            try:
+                # Closing the channel hands every unacknowledged task back to its queue.
+                await self._channel.close()
+            except Exception as exc:
+                log.debug("closing task channel: %s", exc)
+
+
+class _RabbitSubscription(Subscription):
+    """Deliveries go through a local queue to one worker: in order, one at a time."""
+
+    def __init__(
+        self,
+        bus: RabbitMQBus,
+        channel: AbstractChannel,
+        queue: AbstractQueue,
+        handle: Callable[[bytes], Awaitable[None]],
+    ) -> None:
+        self._bus = bus
+        self._channel = channel
+        self._queue = queue
+        self._handle = handle
+        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._worker = asyncio.get_running_loop().create_task(self._run())
+
+    async def start(self) -> None:
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            self._inbox.put_nowait(message)
+
+        await self._queue.consume(on_message)
+
+    async def _run(self) -> None:
+        while True:
+            message = await self._inbox.get()
+            try:
+                await self._handle(message.body)
+            except asyncio.CancelledError:
+                raise
+            except InvalidMessage as exc:
+                await self._bus._publish_dead(message.body, str(exc), source=self._queue.name)
+            except Exception as exc:  # a handler bug must not stop the subscription
+                log.exception("event handler failed")
+                await self._bus._publish_dead(
+                    message.body, f"handler error: {exc!r}", source=self._queue.name
+                )
+            try:
+                await message.ack()
+            except (ChannelInvalidStateError, aiormq.exceptions.AMQPError, RuntimeError):
+                pass  # it comes again; handlers are idempotent
+
+    async def close(self) -> None:
+        self._bus._subscriptions.discard(self)
+        self._worker.cancel()
+        await asyncio.gather(self._worker, return_exceptions=True)
+        if not self._channel.is_closed:
+            try:
+                await self._channel.close()
+            except Exception as exc:
+                log.debug("closing subscription channel: %s", exc)
+
+
+class RabbitMQBus(CommunicationBus):
+    """The bus on a RabbitMQ broker.
+
+    ``broker_url`` (or ``ORCHESTRATOR_BROKER_URL``) defaults to the local
+    broker, ``amqp://guest:guest@127.0.0.1:5672/``. ``connection_name`` shows
+    in the management UI; the agent runtime sets it to the agent's id.
+    """
+
+    def __init__(
+        self,
+        broker_url: str | None = None,
+        *,
+        settings: BusSettings | None = None,
+        connection_name: str | None = None,
+    ) -> None:
+        super().__init__(broker_url, settings=settings)
+        if not self.settings.broker_url:
+            self.settings = self.settings.model_copy(update={"broker_url": default_broker_url()})
+        self.connection_name = connection_name or f"{self.settings.prefix}:client"
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._declared: set[str] = set()
+        self._subscriptions: set[Subscription] = set()
+
+    @property
+    def address(self) -> str:
+        return redact_url(self.settings.broker_url or "")
+
+    def _url(self) -> str:
+        url = URL(self.settings.broker_url or default_broker_url())
+        if "heartbeat" not in url.query:
+            url = url.update_query(heartbeat=self.settings.amqp_heartbeat)
+        return str(url)
+
+    # lifecycle -------------------------------------------------------------
+    async def connect(self) -> None:
+        if self._connection is not None and not self._connection.is_closed:
+            return
+        url = self._url()
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(self.settings.connect_attempts),
+                wait=wait_exponential(multiplier=0.2, max=2),
+                retry=retry_if_exception_type(_TRANSIENT),
+                reraise=True,
+            ):
+                with attempt:
+                    self._connection = await aio_pika.connect_robust(
+                        url,
+                        timeout=self.settings.connect_timeout,
+                        client_properties={"connection_name": self.connection_name},
+                    )
+        except Exception as exc:
+            self._connection = None
+            detail = str(exc)
+            password = URL(url).password
+            if password:
+                detail = detail.replace(password, "***")
+            raise BusConnectionError(
+                f"cannot reach RabbitMQ at {self.address}: {type(exc).__name__}: {detail}"
+            ) from None
+        try:
+            self._channel = await self._connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+            await self._declare_fixed(self._channel)
+        except BaseException:
+            await self._connection.close()
+            self._connection = None
+            raise
+
+    async def _declare_fixed(self, channel: AbstractChannel) -> None:
+        t = self.topology
+        kinds = {
+            t.tasks_exchange: aio_pika.ExchangeType.DIRECT,
+            t.events_exchange: aio_pika.ExchangeType.TOPIC,
+            t.control_exchange: aio_pika.ExchangeType.DIRECT,
+            t.dead_exchange: aio_pika.ExchangeType.FANOUT,
+        }
+        try:
+            for name, kind in kinds.items():
+                self._exchanges[name] = await channel.declare_exchange(name, kind, durable=True)
+            events = await channel.declare_queue(
+                t.orchestrator_events_queue, durable=True, arguments={"x-queue-type": "classic"}
+            )
+            await events.bind(t.events_exchange, "task.#")
+            await events.bind(t.events_exchange, "agent.#")
+            dead = await channel.declare_queue(
+                t.dead_queue, durable=True, arguments={"x-queue-type": "classic"}
+            )
+            await dead.bind(t.dead_exchange, "")
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise TopologyMismatch(
+                f"RabbitMQ already has '{t.prefix}' names declared differently: {exc}"
+            ) from None
+        await self.declare_task_queue(ANY_CAPABILITY_KEY)
+
+    async def close(self) -> None:
+        for sub in list(self._subscriptions):
+            await sub.close()
+        self._subscriptions.clear()
+        connection, self._connection = self._connection, None
+        self._channel = None
+        self._exchanges.clear()
+        self._declared.clear()
+        if connection is not None and not connection.is_closed:
+            await connection.close()
+
+    @property
+    def is_connected(self) -> bool:
+        return self._connection is not None and not self._connection.is_closed
+
+    def _require(self) -> AbstractRobustConnection:
+        if self._connection is None:
+            raise BusNotStarted("the bus is not connected: call connect() first")
+        return self._connection
+
+    # publishing ------------------------------------------------------------
+    async def _publish(
+        self,
+        exchange: str,
+        body: bytes,
+        routing_key: str,
+        *,
+        mandatory: bool = False,
+        persistent: bool = True,
+        **properties: Any,
+    ) -> None:
+        self._require()
+        self._check_size(body)
+        message = aio_pika.Message(
+            body,
+            content_type="application/json",
+            delivery_mode=(
+                aio_pika.DeliveryMode.PERSISTENT
+                if persistent
+                else aio_pika.DeliveryMode.NOT_PERSISTENT
+            ),
+            **properties,
+        )
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_delay(PUBLISH_RETRY_SECONDS),
+                wait=wait_exponential(multiplier=0.1, max=2),
+                retry=retry_if_exception_type(_TRANSIENT),
+                reraise=True,
+            ):
+                with attempt:
+                    if self._connection is None:
+                        raise BusNotStarted("the bus was closed")
+                    await self._exchanges[exchange].publish(
+                        message, routing_key=routing_key, mandatory=mandatory, timeout=10
+                    )
+        except aiormq.exceptions.PublishError:
+            raise UnroutableMessage(
+                f"no queue took the message for {exchange!r} / {routing_key!r}"
+            ) from None
+        except BusError:
+            raise
+        except _TRANSIENT as exc:
+            raise BusConnectionError(
+                f"cannot publish to RabbitMQ at {self.address}: {exc}"
+            ) from None
+        except aiormq.exceptions.AMQPError as exc:
+            raise BusError(f"publish to {exchange!r} failed: {exc}") from None
+
+    async def _publish_dead(self, body: bytes, reason: str, *, source: str) -> None:
+        log.warning("dead-lettering a message from %s: %s", source, reason)
+        try:
+            await self._publish(
+                self.topology.dead_exchange,
+                body[: self.settings.max_message_bytes],
+                "",
+                headers={"x-reason": reason[:1000], "x-source-queue": source},
+            )
+        except BusError as exc:
+            log.error("could not dead-letter a message from %s: %s", source, exc)
+
+    # tasks -----------------------------------------------------------------
+    async def _declare_task_queue_on(self, channel: AbstractChannel, key: str) -> AbstractQueue:
+        try:
+            queue = await channel.declare_queue(
+                self.topology.task_queue(key),
+                durable=True,
+                arguments=Topology.task_queue_arguments(),
+            )
+            await queue.bind(self.topology.tasks_exchange, key)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise TopologyMismatch(
+                f"queue {self.topology.task_queue(key)!r} exists with other arguments: {exc}"
+            ) from None
+        return queue
+
+    async def declare_task_queue(self, queue_key: str) -> None:
+        if queue_key in self._declared:
+            return
+        self._require()
+        assert self._channel is not None
+        await self._declare_task_queue_on(self._channel, queue_key)
+        self._declared.add(queue_key)
+
+    async def publish_task(self, message: TaskMessage, *, queue_key: str, priority: int) -> None:
+        await self.declare_task_queue(queue_key)
+        await self._publish(
+            self.topology.tasks_exchange,
+            message.encode(),
+            queue_key,
+            mandatory=True,
+            priority=priority,
+            message_id=f"{message.task_id}:{message.attempt}",
+            type=message.kind,
+        )
+
+    async def open_task_consumer(
+        self, consumer_id: str, *, prefetch: int, handler: TaskHandler
+    ) -> TaskConsumer:
+        connection = self._require()
+        channel = await connection.channel(publisher_confirms=False)
+        # global_=True: one limit across all the queues this agent consumes.
+        await channel.set_qos(prefetch_count=prefetch, global_=True)
+        consumer = _RabbitTaskConsumer(self, consumer_id, channel, handler)
+        self._subscriptions.add(consumer)
+        return consumer
+
+    # events ----------------------------------------------------------------
+    async def publish_event(self, event: Event) -> None:
+        await self._publish(
+            self.topology.events_exchange, event.encode(), event.kind, type=event.kind
+        )
+
+    async def subscribe_events(
+        self, handler: EventHandler, *, patterns: Sequence[str] | None = None
+    ) -> Subscription:
+        connection = self._require()
+        channel = await connection.channel(publisher_confirms=False)
+        await channel.set_qos(prefetch_count=512)
+        if patterns is None:
+            queue = await channel.declare_queue(
+                self.topology.orchestrator_events_queue,
+                durable=True,
+                arguments={"x-queue-type": "classic"},
+            )
+        else:
+            queue = await channel.declare_queue(
+                f"{self.topology.prefix}.monitor.{uuid.uuid4().hex[:12]}",
+                exclusive=True,
+                auto_delete=True,
+            )
+            for pattern in patterns:
+                await queue.bind(self.topology.events_exchange, pattern)
+
+        async def handle(body: bytes) -> None:
+            await handler(parse_event(body))
+
+        sub = _RabbitSubscription(self, channel, queue, handle)
+        await sub.start()
+        self._subscriptions.add(sub)
+        return sub
+
+    # control ---------------------------------------------------------------
+    async def publish_control(self, command: Control, *, agent_id: str | None = None) -> None:
+        await self._publish(
+            self.topology.control_exchange,
+            command.encode(),
+            agent_id or Topology.BROADCAST_KEY,
+            persistent=False,
+            type=command.kind,
+        )
+
+    async def subscribe_control(self, agent_id: str, handler: ControlHandler) -> Subscription:
+        connection = self._require()
+        channel = await connection.channel(publisher_confirms=False)
+        queue = await channel.declare_queue(
+            self.topology.agent_control_queue(agent_id), durable=False, auto_delete=True
+        )
+        await queue.bind(self.topology.control_exchange, agent_id)
+        await queue.bind(self.topology.control_exchange, Topology.BROADCAST_KEY)
+
+        async def handle(body: bytes) -> None:
+            await handler(parse_control(body))
+
+        sub = _RabbitSubscription(self, channel, queue, handle)
+        await sub.start()
+        self._subscriptions.add(sub)
+        return sub
+
+    # maintenance -------------------------------------------------------------
+    async def delete_topology(self, queue_keys: Iterable[str] = ()) -> None:
+        """Delete this prefix's fixed queues and exchanges and the given task queues.
+
+        For tests and for tearing a deployment down; never called by normal operation.
+        """
+        connection = self._require()
+        t = self.topology
+        keys = set(queue_keys) | self._declared | {ANY_CAPABILITY_KEY}
+        channel = await connection.channel()
+        try:
+            for name in [t.orchestrator_events_queue, t.dead_queue] + [
+                t.task_queue(k) for k in keys
+            ]:
+                await channel.queue_delete(name)
+            for name in (t.tasks_exchange, t.events_exchange, t.control_exchange, t.dead_exchange):
+                await channel.exchange_delete(name)
+        finally:
+            await channel.close()
+        self._declared.clear()

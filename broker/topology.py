@@ -1,0 +1,151 @@
+"""Every exchange, queue and argument of the bus, named in one place.
+
+All names hang off one prefix so that several deployments, and every test,
+share a broker without seeing each other's queues. ``definitions()`` renders
+the fixed part as a RabbitMQ definitions document; capability queues are
+declared on first use because their names depend on the tasks submitted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+CAPABILITY_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+"""The safe alphabet of capability names: they become routing keys and queue names."""
+
+AGENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+ANY_CAPABILITY_KEY = "@any"
+"""Key of the queue for tasks that require nothing; '@' is outside the alphabet."""
+
+MAX_PRIORITY = 10
+"""``x-max-priority`` of task queues; RabbitMQ advises against more than ~10 levels."""
+
+_MAX_KEY_LENGTH = 180
+
+
+def capability_key(capabilities: Iterable[str]) -> str:
+    """The routing key of a capability set: sorted, de-duplicated, joined by '+'.
+
+    Long sets are shortened to a digest so that queue names stay under
+    RabbitMQ's 255-byte limit.
+    """
+    caps = sorted(set(capabilities))
+    if not caps:
+        return ANY_CAPABILITY_KEY
+    key = "+".join(caps)
+    if len(key) > _MAX_KEY_LENGTH:
+        key = "sha1-" + hashlib.sha1(key.encode()).hexdigest()
+    return key
+
+
+def covers(agent_capabilities: Iterable[str], required: Iterable[str]) -> bool:
+    """Whether an agent with these capabilities may run a task needing ``required``."""
+    return set(required) <= set(agent_capabilities)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The names of one deployment's exchanges and queues."""
+
+    prefix: str = "orchestrator"
+
+    # exchanges
+    @property
+    def tasks_exchange(self) -> str:
+        """Direct exchange; routing key = capability key."""
+        return f"{self.prefix}.tasks"
+
+    @property
+    def events_exchange(self) -> str:
+        """Topic exchange of status events; routing key = the event's kind."""
+        return f"{self.prefix}.events"
+
+    @property
+    def control_exchange(self) -> str:
+        """Direct exchange of commands to agents; routing key = agent id or 'all'."""
+        return f"{self.prefix}.control"
+
+    @property
+    def dead_exchange(self) -> str:
+        return f"{self.prefix}.dead"
+
+    # queues
+    def task_queue(self, key: str) -> str:
+        return f"{self.prefix}.tasks.{key}"
+
+    @property
+    def orchestrator_events_queue(self) -> str:
+        """The orchestrator's durable queue of events: results wait here while it is down."""
+        return f"{self.prefix}.orchestrator.events"
+
+    def agent_control_queue(self, agent_id: str) -> str:
+        return f"{self.prefix}.agent.{agent_id}"
+
+    @property
+    def dead_queue(self) -> str:
+        return f"{self.prefix}.dead"
+
+    BROADCAST_KEY = "all"
+
+    @staticmethod
+    def task_queue_arguments() -> dict[str, Any]:
+        return {"x-max-priority": MAX_PRIORITY, "x-queue-type": "classic"}
+
+    def definitions(self, vhost: str = "/") -> dict[str, Any]:
+        """The fixed topology as a RabbitMQ definitions document (for import)."""
+
+        def exchange(name: str, kind: str) -> dict[str, Any]:
+            return {
+                "name": name,
+                "vhost": vhost,
+                "type": kind,
+                "durable": True,
+                "auto_delete": False,
+                "internal": False,
+                "arguments": {},
+            }
+
+        def queue(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+            return {
+                "name": name,
+                "vhost": vhost,
+                "durable": True,
+                "auto_delete": False,
+                "arguments": arguments,
+            }
+
+        def binding(source: str, queue_name: str, key: str) -> dict[str, Any]:
+            return {
+                "source": source,
+                "vhost": vhost,
+                "destination": queue_name,
+                "destination_type": "queue",
+                "routing_key": key,
+                "arguments": {},
+            }
+
+        any_queue = self.task_queue(ANY_CAPABILITY_KEY)
+        return {
+            "exchanges": [
+                exchange(self.tasks_exchange, "direct"),
+                exchange(self.events_exchange, "topic"),
+                exchange(self.control_exchange, "direct"),
+                exchange(self.dead_exchange, "fanout"),
+            ],
+            "queues": [
+                queue(any_queue, self.task_queue_arguments()),
+                queue(self.orchestrator_events_queue, {"x-queue-type": "classic"}),
+                queue(self.dead_queue, {"x-queue-type": "classic"}),
+            ],
+            "bindings": [
+                binding(self.tasks_exchange, any_queue, ANY_CAPABILITY_KEY),
+                binding(self.events_exchange, self.orchestrator_events_queue, "task.#"),
+                binding(self.events_exchange, self.orchestrator_events_queue, "agent.#"),
+                binding(self.dead_exchange, self.dead_queue, ""),
+            ],
+        }

@@ -1,0 +1,24 @@
+"""The task orchestrator: the seed's ``TaskOrchestrator`` API and what it needs."""
+
+from .dependencies import DependencyGraph
+from .models import AgentCapability, Task, TaskPriority, TaskStatus
+from .settings import OrchestratorSettings
+from .stats import StatsTracker
+from .store import MemoryStore, StateStore
+from .task_orchestrator import TaskOrchestrator
+
+__all__ = [
+    # the seed's API
+    "TaskOrchestrator",
+    "TaskPriority",
+    "TaskStatus",
+    "Task",
+    "AgentCapability",
+    # configuration and state
+    "OrchestratorSettings",
+    "StateStore",
+    "MemoryStore",
+    # building blocks
+    "DependencyGraph",
+    "StatsTracker",
+]

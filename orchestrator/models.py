@@ -1,0 +1,91 @@
+"""The seed's records: ``TaskPriority``, ``TaskStatus``, ``Task``, ``AgentCapability``.
+
+Fields and defaults are the seed's; the few added at the end of each record
+are runtime bookkeeping the seed's behaviour needs (attempt numbers for
+idempotent event handling, progress, heartbeats).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class TaskPriority(Enum):
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+
+class TaskStatus(Enum):
+    PENDING = "pending"
+    """Waiting for its dependencies."""
+    ASSIGNED = "assigned"
+    """Handed to the bus: queued for the agents that can run it."""
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMEOUT = "timeout"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset(
+    {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.TIMEOUT}
+)
+
+
+@dataclass
+class Task:
+    task_id: str
+    name: str
+    description: str
+    task_type: str
+    priority: TaskPriority
+    payload: dict[str, Any]
+    dependencies: list[str] = field(default_factory=list)
+    required_capabilities: list[str] = field(default_factory=list)
+    estimated_duration: int = 300
+    max_retries: int = 3
+    timeout: int = 600
+
+    # Runtime state
+    status: TaskStatus = TaskStatus.PENDING
+    assigned_agent: str | None = None
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    completed_at: float | None = None
+    retry_count: int = 0
+    result: dict[str, Any] | None = None
+    error_message: str | None = None
+
+    # Beyond the seed: bookkeeping for idempotent, observable execution.
+    attempt: int = 0
+    """Number of the current publish; events of other attempts are stale."""
+    progress: float = 0.0
+
+
+@dataclass
+class AgentCapability:
+    agent_id: str
+    capabilities: list[str]
+    performance_score: float = 1.0
+    current_load: int = 0
+    max_concurrent_tasks: int = 5
+    specialization_score: dict[str, float] = field(default_factory=dict)
+
+    # Beyond the seed
+    last_seen: float | None = None
+    """Time of the agent's last heartbeat or announcement; None if never heard from."""
+    running: set[str] = field(default_factory=set)
+    """Ids of the tasks this agent is running now (``current_load`` is its size)."""
+
+    @property
+    def utilization(self) -> float:
+        return self.current_load / self.max_concurrent_tasks if self.max_concurrent_tasks else 0.0

@@ -1,0 +1,77 @@
+"""Running statistics, updated on every status change in constant time.
+
+``get_stats`` must not scan the tasks: counters move with each transition.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+from .models import AgentCapability, Task, TaskStatus
+
+_WAITING = (TaskStatus.PENDING, TaskStatus.ASSIGNED)
+_FAILED = (TaskStatus.FAILED, TaskStatus.TIMEOUT)
+
+
+class StatsTracker:
+    def __init__(self) -> None:
+        self.created = 0
+        self.by_status: Counter[TaskStatus] = Counter()
+        self._completion_seconds = 0.0
+        self._completion_count = 0
+
+    def created_task(self, task: Task) -> None:
+        self.created += 1
+        self.by_status[task.status] += 1
+
+    def forget_task(self, task: Task) -> None:
+        """Undo ``created_task`` for a submit that did not go through."""
+        self.created -= 1
+        self.by_status[task.status] -= 1
+
+    def transition(self, task: Task, old: TaskStatus) -> None:
+        """Call after ``task.status`` changed from ``old``."""
+        if old is task.status:
+            return
+        self.by_status[old] -= 1
+        self.by_status[task.status] += 1
+        if task.status is TaskStatus.COMPLETED:
+            self._count_completion(task)
+
+    def _count_completion(self, task: Task) -> None:
+        if task.completed_at is None:
+            return
+        began = task.started_at if task.started_at is not None else task.created_at
+        self._completion_seconds += max(0.0, task.completed_at - began)
+        self._completion_count += 1
+
+    def rebuild(self, tasks: Iterable[Task]) -> None:
+        """Recount from stored records (after a restart with a persistent store)."""
+        self.__init__()
+        for task in tasks:
+            self.created += 1
+            self.by_status[task.status] += 1
+            if task.status is TaskStatus.COMPLETED:
+                self._count_completion(task)
+
+    def snapshot(self, agents: Iterable[AgentCapability]) -> dict[str, Any]:
+        agents = list(agents)
+        capacity = sum(a.max_concurrent_tasks for a in agents)
+        load = sum(a.current_load for a in agents)
+        completed = self.by_status[TaskStatus.COMPLETED]
+        return {
+            "tasks_created": self.created,
+            "tasks_completed": completed,
+            "tasks_failed": sum(self.by_status[s] for s in _FAILED),
+            "avg_completion_time": (
+                self._completion_seconds / self._completion_count if self._completion_count else 0.0
+            ),
+            "pending_tasks": sum(self.by_status[s] for s in _WAITING),
+            "running_tasks": self.by_status[TaskStatus.RUNNING],
+            "completed_tasks": completed,
+            "registered_agents": len(agents),
+            "agent_utilization": {a.agent_id: a.utilization for a in agents},
+            "overall_utilization": load / capacity if capacity else 0.0,
+        }

@@ -1,0 +1,548 @@
+"""``TaskOrchestrator``: the seed's API, wired to the bus.
+
+The orchestrator records tasks, releases them to the capability queues when
+their dependencies are met, and follows the agents' events. It never picks
+an agent itself: the broker hands each task to the best agent with a free
+slot (see ``scheduling``). Every event handler is idempotent, keyed by
+(task id, attempt), because events can come twice after a reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+from broker import (
+    AGENT_ID_PATTERN,
+    ANY_CAPABILITY_KEY,
+    CAPABILITY_PATTERN,
+    AgentAnnounced,
+    AgentHeartbeat,
+    AgentLeft,
+    CancelTask,
+    CommunicationBus,
+    ConsumeQueues,
+    Event,
+    Reannounce,
+    Subscription,
+    TaskFinished,
+    TaskMessage,
+    TaskProgress,
+    TaskStarted,
+    Unregister,
+    capability_key,
+    covers,
+)
+
+from . import scheduling
+from .dependencies import DependencyGraph
+from .models import AgentCapability, Task, TaskPriority, TaskStatus
+from .settings import OrchestratorSettings
+from .stats import StatsTracker
+from .store import MemoryStore, StateStore
+from .validation import validate_submit
+
+log = logging.getLogger(__name__)
+
+_OUTCOME_STATUS = {
+    "completed": TaskStatus.COMPLETED,
+    "failed": TaskStatus.FAILED,
+    "timeout": TaskStatus.TIMEOUT,
+    "cancelled": TaskStatus.CANCELLED,
+}
+
+
+class TaskOrchestrator:
+    """Dynamic task assignment and coordination across agents on a ``CommunicationBus``."""
+
+    def __init__(
+        self,
+        communication_bus: CommunicationBus,
+        *,
+        settings: OrchestratorSettings | None = None,
+        store: StateStore | None = None,
+    ) -> None:
+        self.bus = communication_bus
+        self.settings = settings or OrchestratorSettings()
+        self.store = store or MemoryStore()
+        self._stats = StatsTracker()
+        self._graph = DependencyGraph()
+        self._agents: dict[str, AgentCapability] = {}
+        self._queue_caps: dict[str, list[str]] = {ANY_CAPABILITY_KEY: []}
+        self._events: Subscription | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self._owns_bus = False
+        self._started = False
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Connect the bus, reload stored state and start following events.
+
+        Raises ``ConnectionError`` when the bus cannot reach its broker.
+        """
+        if self._started:
+            return
+        if not self.bus.is_connected:
+            await self.bus.connect()
+            self._owns_bus = True
+        await self._reload()
+        self._events = await self.bus.subscribe_events(self._on_event)
+        self._monitor = asyncio.get_running_loop().create_task(self._monitor_agents())
+        self._started = True
+        # Agents that outlived a previous orchestrator announce themselves again.
+        await self.bus.publish_control(Reannounce())
+
+    async def stop(self) -> None:
+        """Stop following events; close the bus if ``start`` opened it."""
+        if not self._started:
+            return
+        self._started = False
+        if self._monitor is not None:
+            self._monitor.cancel()
+            await asyncio.gather(self._monitor, return_exceptions=True)
+        if self._events is not None:
+            await self._events.close()
+        if self._owns_bus:
+            await self.bus.close()
+        await self.store.close()
+
+    async def __aenter__(self) -> TaskOrchestrator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _reload(self) -> None:
+        tasks = await self.store.tasks()
+        self._stats.rebuild(tasks)
+        by_id = {t.task_id: t for t in tasks}
+        for task in tasks:
+            key = capability_key(task.required_capabilities)
+            self._queue_caps.setdefault(key, list(task.required_capabilities))
+            if task.status is TaskStatus.PENDING:
+                unmet = [
+                    d
+                    for d in task.dependencies
+                    if d in by_id and by_id[d].status is not TaskStatus.COMPLETED
+                ]
+                self._graph.wait(task.task_id, unmet)
+        for agent in await self.store.agents():
+            self._agents[agent.agent_id] = agent
+
+    def _require_started(self) -> None:
+        if not self._started:
+            raise ConnectionError("the orchestrator is not started: call await start() first")
+
+    # ------------------------------------------------------------------ agents
+    async def register_agent(
+        self, agent_id: str, capabilities: list[str], max_concurrent_tasks: int = 5
+    ) -> None:
+        """Register an agent (or update it); it is told which queues to consume."""
+        if not isinstance(agent_id, str) or not AGENT_ID_PATTERN.match(agent_id):
+            raise ValueError(f"agent_id: {agent_id!r} must be 1-128 of A-Z a-z 0-9 _ . : -")
+        if isinstance(capabilities, str) or not all(
+            isinstance(c, str) and CAPABILITY_PATTERN.match(c) for c in capabilities
+        ):
+            raise ValueError(
+                f"capabilities: {capabilities!r} must be a list of names of 1-64 of A-Z a-z 0-9 _ -"
+            )
+        if (
+            not isinstance(max_concurrent_tasks, int)
+            or isinstance(max_concurrent_tasks, bool)
+            or max_concurrent_tasks < 1
+        ):
+            raise ValueError(
+                f"max_concurrent_tasks: must be a whole number >= 1, got {max_concurrent_tasks!r}"
+            )
+        await self._register(agent_id, sorted(set(capabilities)), max_concurrent_tasks)
+
+    async def _register(
+        self,
+        agent_id: str,
+        capabilities: list[str],
+        max_concurrent_tasks: int,
+        *,
+        seen: bool = False,
+        specialization: dict[str, float] | None = None,
+    ) -> None:
+        """The one path by which agents are registered: by API and by announcement."""
+        self._require_started()
+        agent = self._agents.get(agent_id)
+        if agent is None:
+            agent = AgentCapability(
+                agent_id, capabilities, max_concurrent_tasks=max_concurrent_tasks
+            )
+            self._agents[agent_id] = agent
+            log.info("agent %s registered with %s", agent_id, capabilities)
+        else:
+            agent.capabilities = capabilities
+            agent.max_concurrent_tasks = max_concurrent_tasks
+        if specialization:
+            agent.specialization_score.update(specialization)
+        if seen:
+            agent.last_seen = time.time()
+        await self.store.save_agent(agent)
+        await self._send_queues(agent)
+
+    async def _send_queues(self, agent: AgentCapability) -> None:
+        keys = [k for k, caps in self._queue_caps.items() if covers(agent.capabilities, caps)]
+        await self.bus.publish_control(
+            ConsumeQueues(queue_keys=keys, consumer_priority=scheduling.consumer_priority(agent)),
+            agent_id=agent.agent_id,
+        )
+
+    async def unregister_agent(self, agent_id: str) -> None:
+        """Remove an agent; its unfinished tasks go back to the queue for other agents."""
+        self._require_started()
+        if agent_id not in self._agents:
+            raise ValueError(f"agent_id: unknown agent {agent_id!r}")
+        await self._remove_agent(agent_id, "unregistered")
+
+    async def _remove_agent(self, agent_id: str, why: str, *, returned: bool = False) -> None:
+        """Forget an agent and put its running tasks back in the queue.
+
+        ``returned``: the agent itself gave its deliveries back to the broker
+        (a graceful stop), so they only change state. Otherwise they are
+        re-published as new attempts: a silent agent may still hold them, and
+        the attempt it holds is cancelled if it ever starts.
+        """
+        agent = self._agents.pop(agent_id, None)
+        if agent is None:
+            return
+        log.warning(
+            "agent %s removed (%s) with %d running task(s)", agent_id, why, len(agent.running)
+        )
+        await self.store.delete_agent(agent_id)
+        if not returned:
+            # If it still runs, it drops what it holds and stops.
+            await self.bus.publish_control(Unregister(agent_id=agent_id), agent_id=agent_id)
+        for task_id in sorted(agent.running):
+            task = await self.store.get_task(task_id)
+            if (
+                task is None
+                or task.status is not TaskStatus.RUNNING
+                or task.assigned_agent != agent_id
+            ):
+                continue
+            if returned:
+                old, task.status, task.assigned_agent = task.status, TaskStatus.ASSIGNED, None
+                self._stats.transition(task, old)
+                await self.store.save_task(task)
+            else:
+                await self._publish(task)
+
+    # ------------------------------------------------------------------ tasks
+    async def submit_task(
+        self,
+        name: str,
+        description: str,
+        task_type: str,
+        payload: dict[str, Any],
+        priority: TaskPriority | str = TaskPriority.MEDIUM,
+        dependencies: list[str] | None = None,
+        required_capabilities: list[str] | None = None,
+        estimated_duration: int = 300,
+        timeout: int = 600,
+        max_retries: int = 3,
+    ) -> str:
+        """Submit a task; returns its id. ``ValueError`` names a bad field."""
+        request = validate_submit(
+            self.settings.max_payload_bytes,
+            name=name,
+            description=description,
+            task_type=task_type,
+            payload=payload,
+            priority=priority,
+            dependencies=dependencies or [],
+            required_capabilities=required_capabilities or [],
+            estimated_duration=estimated_duration,
+            timeout=timeout,
+            max_retries=max_retries,
+        )
+        self._require_started()
+        deps = []
+        for dep_id in request.dependencies:
+            dep = await self.store.get_task(dep_id)
+            if dep is None:
+                raise ValueError(f"dependencies: unknown task id {dep_id!r}")
+            deps.append(dep)
+
+        task = Task(
+            task_id=f"task_{uuid.uuid4().hex}",
+            name=request.name,
+            description=request.description,
+            task_type=request.task_type,
+            priority=request.priority,
+            payload=request.payload,
+            dependencies=request.dependencies,
+            required_capabilities=request.required_capabilities,
+            estimated_duration=request.estimated_duration,
+            max_retries=request.max_retries,
+            timeout=request.timeout,
+        )
+        await self.store.save_task(task)
+        self._stats.created_task(task)
+
+        doomed_by = next(
+            (d for d in deps if d.status.is_final and d.status is not TaskStatus.COMPLETED), None
+        )
+        if doomed_by is not None:
+            await self._end_dependent(task, doomed_by)
+            return task.task_id
+        unmet = [d.task_id for d in deps if d.status is not TaskStatus.COMPLETED]
+        if unmet:
+            self._graph.wait(task.task_id, unmet)
+            return task.task_id
+        try:
+            await self._publish(task)
+        except BaseException:
+            if task.status is TaskStatus.ASSIGNED and task.attempt <= 1:
+                # Not accepted after all: leave no trace.
+                self._stats.forget_task(task)
+                await self.store.delete_task(task.task_id)
+            raise
+        return task.task_id
+
+    async def _publish(self, task: Task) -> None:
+        """Hand the task to the bus as a new attempt."""
+        key = capability_key(task.required_capabilities)
+        if key not in self._queue_caps:
+            await self.bus.declare_task_queue(key)
+            self._queue_caps[key] = list(task.required_capabilities)
+            for agent in list(self._agents.values()):
+                if covers(agent.capabilities, task.required_capabilities):
+                    await self._send_queues(agent)
+        old = task.status
+        task.attempt += 1
+        task.status = TaskStatus.ASSIGNED
+        task.assigned_agent = None
+        task.progress = 0.0
+        self._stats.transition(task, old)
+        await self.store.save_task(task)
+        message = TaskMessage(
+            task_id=task.task_id,
+            attempt=task.attempt,
+            name=task.name,
+            task_type=task.task_type,
+            payload=task.payload,
+            priority=task.priority.value,
+            required_capabilities=task.required_capabilities,
+            timeout=task.timeout,
+            estimated_duration=task.estimated_duration,
+            dependency_results=await self._dependency_results(task),
+        )
+        await self.bus.publish_task(
+            message,
+            queue_key=key,
+            priority=scheduling.message_priority(task.priority, task.estimated_duration),
+        )
+
+    async def _dependency_results(self, task: Task) -> dict[str, Any]:
+        results = {}
+        for dep_id in task.dependencies:
+            dep = await self.store.get_task(dep_id)
+            if dep is not None:
+                results[dep_id] = dep.result
+        return results
+
+    async def cancel_task(self, task_id: str) -> bool:
+        """Cancel a task that has not finished; False if unknown or already finished."""
+        self._require_started()
+        task = await self.store.get_task(task_id)
+        if task is None or task.status.is_final:
+            return False
+        was = task.status
+        await self._finish(task, TaskStatus.CANCELLED, error="cancelled by request")
+        if was is TaskStatus.RUNNING and task.assigned_agent:
+            await self.bus.publish_control(
+                CancelTask(task_id=task_id), agent_id=task.assigned_agent
+            )
+        elif was is TaskStatus.ASSIGNED:
+            # Whichever agent receives it skips it.
+            await self.bus.publish_control(CancelTask(task_id=task_id))
+        return True
+
+    async def get_task_status(self, task_id: str) -> dict[str, Any] | None:
+        task = await self.store.get_task(task_id)
+        if task is None:
+            return None
+        return {
+            "task_id": task.task_id,
+            "name": task.name,
+            "status": task.status.value,
+            "assigned_agent": task.assigned_agent,
+            "created_at": task.created_at,
+            "started_at": task.started_at,
+            "priority": task.priority.value,
+            "progress": task.progress,
+            "result": task.result,
+            "error_message": task.error_message,
+        }
+
+    async def get_stats(self) -> dict[str, Any]:
+        return self._stats.snapshot(self._agents.values())
+
+    async def get_agents(self) -> list[AgentCapability]:
+        """The registered agents (beyond the seed: for tools and tests)."""
+        return list(self._agents.values())
+
+    # ------------------------------------------------------------------ finishing
+    async def _finish(
+        self,
+        task: Task,
+        status: TaskStatus,
+        *,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+        at: float | None = None,
+        cascade: bool = True,
+    ) -> None:
+        """Put a task in a final state, free its agent slot, settle its dependents.
+
+        ``cascade`` False: the caller is already walking the dependents.
+        """
+        old = task.status
+        task.status = status
+        task.completed_at = at if at is not None else time.time()
+        task.result = result
+        task.error_message = error
+        if status is TaskStatus.COMPLETED:
+            task.progress = 1.0
+        self._graph.forget(task.task_id)
+        self._release_slot(task.task_id, task.assigned_agent)
+        self._stats.transition(task, old)
+        await self.store.save_task(task)
+
+        if not cascade:
+            return
+        if status is TaskStatus.COMPLETED:
+            for ready_id in self._graph.completed(task.task_id):
+                ready = await self.store.get_task(ready_id)
+                if ready is not None and ready.status is TaskStatus.PENDING:
+                    await self._publish(ready)
+        else:
+            for doomed_id, cause_id in self._graph.doomed(task.task_id):
+                doomed = await self.store.get_task(doomed_id)
+                cause = await self.store.get_task(cause_id)
+                if doomed is not None and cause is not None and not doomed.status.is_final:
+                    await self._end_dependent(doomed, cause, cascade=False)
+
+    async def _end_dependent(self, task: Task, cause: Task, *, cascade: bool = True) -> None:
+        """End a task because its dependency ``cause`` will never complete."""
+        status = TaskStatus.CANCELLED if cause.status is TaskStatus.CANCELLED else TaskStatus.FAILED
+        error = f"dependency {cause.task_id} ({cause.name}) ended {cause.status.value}"
+        await self._finish(task, status, error=error, cascade=cascade)
+
+    def _release_slot(self, task_id: str, agent_id: str | None) -> None:
+        agent = self._agents.get(agent_id) if agent_id else None
+        if agent is not None and task_id in agent.running:
+            agent.running.discard(task_id)
+            agent.current_load = len(agent.running)
+
+    # ------------------------------------------------------------------ events
+    async def _on_event(self, event: Event) -> None:
+        if isinstance(event, TaskStarted):
+            await self._on_started(event)
+        elif isinstance(event, TaskFinished):
+            await self._on_finished(event)
+        elif isinstance(event, TaskProgress):
+            task = await self.store.get_task(event.task_id)
+            if (
+                task is not None
+                and task.status is TaskStatus.RUNNING
+                and task.attempt == event.attempt
+            ):
+                task.progress = event.progress
+                await self.store.save_task(task)
+        elif isinstance(event, AgentHeartbeat):
+            agent = self._agents.get(event.agent_id)
+            if agent is None:
+                await self.bus.publish_control(Reannounce(), agent_id=event.agent_id)
+            else:
+                agent.last_seen = time.time()
+        elif isinstance(event, AgentAnnounced):
+            await self._register(
+                event.agent_id,
+                sorted(set(event.capabilities)),
+                event.max_concurrent_tasks,
+                seen=True,
+                specialization=event.specialization_score,
+            )
+        elif isinstance(event, AgentLeft):
+            await self._remove_agent(event.agent_id, "left", returned=True)
+
+    async def _on_started(self, event: TaskStarted) -> None:
+        task = await self.store.get_task(event.task_id)
+        if task is None:
+            return
+        if task.status.is_final or event.attempt != task.attempt:
+            # A superseded attempt, or a redelivery of a finished task: stop it.
+            await self.bus.publish_control(
+                CancelTask(task_id=task.task_id, attempt=event.attempt), agent_id=event.agent_id
+            )
+            return
+        if task.status is TaskStatus.RUNNING and task.assigned_agent == event.agent_id:
+            return  # the same event again
+        old = task.status
+        self._release_slot(task.task_id, task.assigned_agent)  # redelivered from a lost agent
+        task.status = TaskStatus.RUNNING
+        task.assigned_agent = event.agent_id
+        task.started_at = event.at
+        self._stats.transition(task, old)
+        agent = self._agents.get(event.agent_id)
+        if agent is not None:
+            agent.running.add(task.task_id)
+            agent.current_load = len(agent.running)
+            agent.last_seen = time.time()
+        await self.store.save_task(task)
+
+    async def _on_finished(self, event: TaskFinished) -> None:
+        task = await self.store.get_task(event.task_id)
+        if task is None or task.status.is_final or event.attempt != task.attempt:
+            if task is not None and event.attempt == task.attempt:
+                self._release_slot(task.task_id, event.agent_id)
+            return
+        if task.assigned_agent != event.agent_id:
+            self._release_slot(task.task_id, task.assigned_agent)
+            task.assigned_agent = event.agent_id
+        agent = self._agents.get(event.agent_id)
+        status = _OUTCOME_STATUS[event.outcome]
+        if agent is not None and status is not TaskStatus.CANCELLED:
+            before = scheduling.consumer_priority(agent)
+            scheduling.record_outcome(agent, task.task_type, status is TaskStatus.COMPLETED)
+            if scheduling.consumer_priority(agent) != before:
+                await self._send_queues(agent)
+        if (
+            status in (TaskStatus.FAILED, TaskStatus.TIMEOUT)
+            and task.retry_count < task.max_retries
+        ):
+            task.retry_count += 1
+            task.error_message = event.error
+            self._release_slot(task.task_id, event.agent_id)
+            log.info(
+                "task %s attempt %d %s; retry %d",
+                task.task_id,
+                event.attempt,
+                event.outcome,
+                task.retry_count,
+            )
+            await self._publish(task)
+            return
+        await self._finish(task, status, result=event.result, error=event.error, at=event.at)
+
+    # ------------------------------------------------------------------ liveness
+    async def _monitor_agents(self) -> None:
+        """Unregister agents whose heartbeats stopped; their tasks are re-queued."""
+        while True:
+            await asyncio.sleep(self.settings.monitor_interval)
+            deadline = time.time() - self.settings.heartbeat_timeout
+            for agent in list(self._agents.values()):
+                if agent.last_seen is not None and agent.last_seen < deadline:
+                    try:
+                        await self._remove_agent(agent.agent_id, "missed heartbeats")
+                    except Exception:  # keep watching the others
+                        log.exception("could not remove agent %s", agent.agent_id)
