@@ -74,6 +74,7 @@ class TaskOrchestrator:
         self._queue_caps: dict[str, list[str]] = {ANY_CAPABILITY_KEY: []}
         self._events: Subscription | None = None
         self._monitor: asyncio.Task[None] | None = None
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._owns_bus = False
         self._started = False
 
@@ -213,8 +214,12 @@ class TaskOrchestrator:
         agent = self._agents.pop(agent_id, None)
         if agent is None:
             return
-        log.warning(
-            "agent %s removed (%s) with %d running task(s)", agent_id, why, len(agent.running)
+        log.log(
+            logging.INFO if returned else logging.WARNING,
+            "agent %s removed (%s) with %d running task(s)",
+            agent_id,
+            why,
+            len(agent.running),
         )
         await self.store.delete_agent(agent_id)
         if not returned:
@@ -383,6 +388,29 @@ class TaskOrchestrator:
             "error_message": task.error_message,
         }
 
+    async def wait_for_task(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Wait until the task is final; its status. (Beyond the seed: no polling loop.)
+
+        Raises ``ValueError`` for an unknown id and ``TimeoutError`` after ``timeout``.
+        """
+        task = await self.store.get_task(task_id)
+        if task is None:
+            raise ValueError(f"task_id: unknown task {task_id!r}")
+        if not task.status.is_final:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.setdefault(task_id, []).append(waiter)
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            finally:
+                waiters = self._waiters.get(task_id, [])
+                if waiter in waiters:
+                    waiters.remove(waiter)
+                if not waiters:
+                    self._waiters.pop(task_id, None)
+        status = await self.get_task_status(task_id)
+        assert status is not None
+        return status
+
     async def get_stats(self) -> dict[str, Any]:
         return self._stats.snapshot(self._agents.values())
 
@@ -417,6 +445,9 @@ class TaskOrchestrator:
         self._stats.transition(task, old)
         await self.store.save_task(task)
 
+        for waiter in self._waiters.pop(task.task_id, ()):
+            if not waiter.done():
+                waiter.set_result(None)
         if not cascade:
             return
         if status is TaskStatus.COMPLETED:

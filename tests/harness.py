@@ -1,0 +1,166 @@
+"""A test harness: an orchestrator and agents on one bus kind, torn down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from agents import Agent, TaskContext
+from broker import BusSettings, CommunicationBus, MemoryBus, RabbitMQBus
+from orchestrator import OrchestratorSettings, TaskOrchestrator
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FAST = OrchestratorSettings(heartbeat_timeout=2.0, monitor_interval=0.2)
+"""Short liveness settings: tests wait seconds, not minutes, for a lost agent."""
+
+
+class Harness:
+    def __init__(self, bus_kind: str, settings: BusSettings) -> None:
+        self.bus_kind = bus_kind
+        self.settings = settings
+        self._memory_bus: MemoryBus | None = None
+        self.buses: list[CommunicationBus] = []
+        self.orchestrator: TaskOrchestrator | None = None
+        self.agents: list[Agent] = []
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.queue_keys: set[str] = set()
+
+    def new_bus(self) -> CommunicationBus:
+        """The shared in-process bus, or a new connection to the broker."""
+        if self.bus_kind == "memory":
+            if self._memory_bus is None:
+                self._memory_bus = MemoryBus(settings=self.settings)
+                self.buses.append(self._memory_bus)
+            return self._memory_bus
+        bus = RabbitMQBus(settings=self.settings)
+        self.buses.append(bus)
+        return bus
+
+    async def start_orchestrator(
+        self, settings: OrchestratorSettings = FAST, **kwargs: Any
+    ) -> TaskOrchestrator:
+        bus = self.new_bus()
+        await bus.connect()
+        self.orchestrator = TaskOrchestrator(bus, settings=settings, **kwargs)
+        await self.orchestrator.start()
+        return self.orchestrator
+
+    async def start_agent(
+        self,
+        agent_id: str,
+        capabilities: list[str],
+        max_concurrent_tasks: int = 5,
+        handler: Callable[[TaskContext], Any] | None = None,
+        *,
+        task_type: str = "*",
+        heartbeat_interval: float = 0.3,
+        wait_registered: bool = True,
+    ) -> Agent:
+        agent = Agent(
+            agent_id, capabilities, max_concurrent_tasks, heartbeat_interval=heartbeat_interval
+        )
+        agent.add_handler(task_type, handler or echo)
+        bus = self.new_bus()
+        await agent.start(bus)
+        self.agents.append(agent)
+        if wait_registered and self.orchestrator is not None:
+            await self.wait_agents(agent_id)
+        return agent
+
+    async def wait_agents(self, *agent_ids: str, timeout: float = 15) -> None:
+        """Until the orchestrator has registered these agents and they consume."""
+        orch = self.orchestrator
+        assert orch is not None
+
+        async def registered() -> bool:
+            known = {a.agent_id for a in await orch.get_agents()}
+            return set(agent_ids) <= known
+
+        await wait_until(registered, timeout)
+        # Their ConsumeQueues command travels after the registration.
+        await asyncio.sleep(0.05 if self.bus_kind == "memory" else 0.3)
+
+    def spawn_agent(
+        self, agent_id: str, capabilities: list[str], **env: Any
+    ) -> subprocess.Popen[bytes]:
+        """An agent in its own process (RabbitMQ only), built by tests/agent_app.py."""
+        environment = {
+            **os.environ,
+            "ORCHESTRATOR_BROKER_URL": self.settings.broker_url or "",
+            "ORCHESTRATOR_PREFIX": self.settings.prefix,
+            "AGENT_ID": agent_id,
+            "AGENT_CAPABILITIES": ",".join(capabilities),
+            "PYTHONPATH": str(ROOT),
+            **{k: str(v) for k, v in env.items()},
+        }
+        process = subprocess.Popen(
+            [sys.executable, "-m", "agents", "tests.agent_app:make_agent"],
+            cwd=ROOT,
+            env=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self.processes.append(process)
+        return process
+
+    async def close(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for agent in self.agents:
+            try:
+                await asyncio.wait_for(agent.stop(drain_timeout=0.5), 10)
+            except Exception:
+                await agent.kill()
+        for process in self.processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self.orchestrator is not None:
+            keys = set(self.orchestrator._queue_caps)
+            await self.orchestrator.stop()
+        else:
+            keys = set()
+        for bus in self.buses:
+            await bus.close()
+        if self.bus_kind == "rabbitmq":
+            cleaner = RabbitMQBus(settings=self.settings)
+            await cleaner.connect()
+            try:
+                await cleaner.delete_topology(keys | self.queue_keys)
+            finally:
+                await cleaner.close()
+
+
+async def echo(ctx: TaskContext) -> dict[str, Any]:
+    return {"echo": ctx.payload, "agent": ctx.agent_id}
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool]], timeout: float = 30, interval: float = 0.02
+) -> None:
+    """Re-check ``condition`` until it holds; fail after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+async def wait_all(
+    orch: TaskOrchestrator, task_ids: list[str], timeout: float = 60
+) -> list[dict[str, Any]]:
+    """Every task's final status, waiting on the orchestrator's own events."""
+    return list(
+        await asyncio.wait_for(asyncio.gather(*(orch.wait_for_task(t) for t in task_ids)), timeout)
+    )

@@ -1,0 +1,125 @@
+"""An agent lost mid-task: its task completes elsewhere, and it leaves the stats."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from agents import TaskContext
+from orchestrator import TaskOrchestrator, TaskStatus
+from tests.harness import Harness, wait_until
+
+
+async def _running_on(orch: TaskOrchestrator, task_id: str, agent_id: str) -> bool:
+    status = await orch.get_task_status(task_id)
+    return (
+        status is not None
+        and status["status"] == "running"
+        and status["assigned_agent"] == agent_id
+    )
+
+
+async def _registered(orch: TaskOrchestrator) -> set[str]:
+    return {a.agent_id for a in await orch.get_agents()}
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("bus_kind", ["rabbitmq"], indirect=True)
+async def test_agent_process_killed_mid_task(harness: Harness) -> None:
+    # Given a task running in an agent process, and a second agent process
+    orchestrator = await harness.start_orchestrator()
+    victim = harness.spawn_agent("victim", ["work"])
+    await harness.wait_agents("victim")
+    task_id = await orchestrator.submit_task(
+        name="long",
+        description="",
+        task_type="job",
+        payload={"hang_on": "victim"},
+        required_capabilities=["work"],
+    )
+    await wait_until(lambda: _running_on(orchestrator, task_id, "victim"), timeout=15)
+    harness.spawn_agent("survivor", ["work"])
+    await harness.wait_agents("survivor")
+
+    # When the victim is killed with SIGKILL
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=10)
+
+    # Then the task completes on the survivor
+    status = await orchestrator.wait_for_task(task_id, timeout=30)
+    assert status["status"] == "completed"
+    assert status["assigned_agent"] == "survivor"
+    assert status["result"]["agent"] == "survivor"
+
+    # And after the heartbeat timeout the dead agent is no longer counted
+    await wait_until(lambda: _gone(orchestrator, "victim"), timeout=15)
+    stats = await orchestrator.get_stats()
+    assert stats["registered_agents"] == 1
+    assert set(stats["agent_utilization"]) == {"survivor"}
+    assert stats["completed_tasks"] == 1 and stats["running_tasks"] == 0
+
+
+async def _gone(orch: TaskOrchestrator, agent_id: str) -> bool:
+    return agent_id not in await _registered(orch)
+
+
+async def test_agent_lost_in_process(harness: Harness) -> None:
+    # Given a task running on an agent that will vanish without a goodbye
+    orchestrator = await harness.start_orchestrator()
+
+    async def hang_on_victim(ctx: TaskContext) -> dict:
+        if ctx.agent_id == "victim":
+            import asyncio
+
+            await asyncio.sleep(3600)
+        return {"agent": ctx.agent_id}
+
+    victim = await harness.start_agent("victim", ["work"], 1, hang_on_victim)
+    task_id = await orchestrator.submit_task(
+        name="long", description="", task_type="job", payload={}, required_capabilities=["work"]
+    )
+    await wait_until(lambda: _running_on(orchestrator, task_id, "victim"), timeout=15)
+    await harness.start_agent("survivor", ["work"], 1, hang_on_victim)
+
+    # When the victim crashes (its deliveries go back, its heartbeats stop)
+    await victim.kill()
+
+    # Then the task completes on the survivor and the victim leaves the stats
+    status = await orchestrator.wait_for_task(task_id, timeout=30)
+    assert status["status"] == "completed"
+    assert status["assigned_agent"] == "survivor"
+    await wait_until(lambda: _gone(orchestrator, "victim"), timeout=15)
+    assert (await orchestrator.get_stats())["registered_agents"] == 1
+
+
+async def test_unregister_agent_moves_its_task_to_another(harness: Harness) -> None:
+    # Given a task held by an agent that hangs on it
+    orchestrator = await harness.start_orchestrator()
+
+    async def hang_on_first(ctx: TaskContext) -> dict:
+        if ctx.agent_id == "first":
+            import asyncio
+
+            await asyncio.sleep(3600)
+        return {"agent": ctx.agent_id}
+
+    first = await harness.start_agent("first", ["work"], 1, hang_on_first)
+    task_id = await orchestrator.submit_task(
+        name="t", description="", task_type="job", payload={}, required_capabilities=["work"]
+    )
+    await wait_until(lambda: _running_on(orchestrator, task_id, "first"), timeout=15)
+    await harness.start_agent("second", ["work"], 1, hang_on_first)
+
+    # When the first agent is unregistered
+    await orchestrator.unregister_agent("first")
+
+    # Then the task runs again and completes on the second; the first stops
+    status = await orchestrator.wait_for_task(task_id, timeout=30)
+    assert status["status"] == TaskStatus.COMPLETED.value
+    assert status["assigned_agent"] == "second"
+    await first.wait_stopped()
+    assert await _registered(orchestrator) == {"second"}
+    with pytest.raises(ValueError, match="agent_id"):
+        await orchestrator.unregister_agent("first")
