@@ -19,7 +19,7 @@ import signal
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from broker import (
@@ -53,6 +53,12 @@ log = logging.getLogger(__name__)
 Handler = Callable[[TaskContext], Any]
 ANY_TASK_TYPE = "*"
 _CANCELLED_MEMORY = 10_000
+AVOID_PAUSE = 0.05
+"""How long an agent asked to avoid a retry holds it before handing it back,
+so that another agent with a free slot takes it instead."""
+AVOID_DEFERRALS = 3
+"""How often an agent hands back a retry it was asked to avoid before it runs
+it after all (the broker may offer it the same message again)."""
 
 
 @dataclass
@@ -66,7 +72,6 @@ class AgentCounters:
     cancelled: int = 0
     running: int = 0
     max_running: int = 0
-    task_ids: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -116,6 +121,7 @@ class Agent:
         self._heartbeat: asyncio.Task[None] | None = None
         self._running: dict[str, _Running] = {}
         self._cancelled: OrderedDict[tuple[str, int | None], None] = OrderedDict()
+        self._deferred: OrderedDict[tuple[str, int], int] = OrderedDict()
         self._executor: ThreadPoolExecutor | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -271,6 +277,17 @@ class Agent:
         while len(self._cancelled) > _CANCELLED_MEMORY:
             self._cancelled.popitem(last=False)
 
+    def _defer_once(self, message: TaskMessage) -> bool:
+        """True the first AVOID_DEFERRALS times this attempt comes here; then it runs here."""
+        key = (message.task_id, message.attempt)
+        count = self._deferred.get(key, 0)
+        if count >= AVOID_DEFERRALS:
+            return False
+        self._deferred[key] = count + 1
+        while len(self._deferred) > _CANCELLED_MEMORY:
+            self._deferred.popitem(last=False)
+        return True
+
     def _is_cancelled(self, message: TaskMessage) -> bool:
         return (message.task_id, None) in self._cancelled or (
             message.task_id,
@@ -299,15 +316,34 @@ class Agent:
         if self._stopping:
             await delivery.requeue()
             return
-        if self._is_cancelled(message) or message.task_id in self._running:
-            await delivery.ack()  # cancelled, or a duplicate of what runs here
+        if message.task_id in self._running:
+            await delivery.ack()  # a duplicate of what runs here
+            return
+        if self._is_cancelled(message):
+            # Say so, so that the orchestrator stops telling new agents about it.
+            with contextlib.suppress(BusError):
+                assert self._bus is not None
+                await self._bus.publish_event(
+                    TaskFinished(
+                        task_id=message.task_id,
+                        attempt=message.attempt,
+                        agent_id=self.agent_id,
+                        outcome="cancelled",
+                        error="skipped: cancelled before it started",
+                    )
+                )
+            await delivery.ack()
+            return
+        if self.agent_id in message.avoid_agents and self._defer_once(message):
+            # A retry after failing here: let another agent take it if one can.
+            assert self._consumer is not None
+            await self._consumer.step_aside(delivery, AVOID_PAUSE)
             return
         running = _Running(message)
         self._running[message.task_id] = running
         self.counters.received += 1
         self.counters.running += 1
         self.counters.max_running = max(self.counters.max_running, self.counters.running)
-        self.counters.task_ids.append(message.task_id)
         try:
             running.job = asyncio.get_running_loop().create_task(self._run(message, running))
             with contextlib.suppress(asyncio.CancelledError):

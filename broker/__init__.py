@@ -2,6 +2,7 @@
 
 from .bus import (
     CommunicationBus,
+    DeadLetter,
     Subscription,
     TaskConsumer,
     TaskDelivery,
@@ -43,14 +44,17 @@ from .topology import (
     ANY_CAPABILITY_KEY,
     CAPABILITY_PATTERN,
     MAX_PRIORITY,
+    RETRY_TIERS_MS,
     Topology,
     capability_key,
     covers,
+    retry_tier_ms,
 )
 
 __all__ = [
     # buses
     "CommunicationBus",
+    "DeadLetter",
     "MemoryBus",
     "RabbitMQBus",
     "BusSettings",
@@ -93,4 +97,6 @@ __all__ = [
     "CAPABILITY_PATTERN",
     "AGENT_ID_PATTERN",
     "MAX_PRIORITY",
+    "RETRY_TIERS_MS",
+    "retry_tier_ms",
 ]

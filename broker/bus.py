@@ -18,8 +18,10 @@ The semantics both must keep:
 from __future__ import annotations
 
 import abc
+import json
 import os
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .messages import Control, Event, TaskMessage
@@ -47,7 +49,36 @@ class TaskDelivery(abc.ABC):
         """Move the message to the dead-letter queue with ``reason`` and settle it."""
 
 
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message nobody could process, with the reason it was given up on."""
+
+    body: bytes
+    reason: str
+    message_id: str | None = None
+    """For task messages: ``<task_id>:<attempt>``, so the task can be found
+    even when the body cannot be parsed."""
+
+    @property
+    def task_id(self) -> str | None:
+        if self.message_id and ":" in self.message_id:
+            return self.message_id.rsplit(":", 1)[0]
+        try:
+            task_id = json.loads(self.body).get("task_id")
+        except (ValueError, AttributeError):
+            return None
+        return task_id if isinstance(task_id, str) else None
+
+    @property
+    def attempt(self) -> int | None:
+        if self.message_id and ":" in self.message_id:
+            tail = self.message_id.rsplit(":", 1)[1]
+            return int(tail) if tail.isdigit() else None
+        return None
+
+
 TaskHandler = Callable[[TaskDelivery], Awaitable[None]]
+DeadLetterHandler = Callable[[DeadLetter], Awaitable[None]]
 EventHandler = Callable[[Event], Awaitable[None]]
 ControlHandler = Callable[[Control], Awaitable[None]]
 
@@ -64,6 +95,11 @@ class TaskConsumer(Subscription):
     @abc.abstractmethod
     async def consume(self, queue_keys: Iterable[str], consumer_priority: int = 0) -> None:
         """Consume these capability queues too (idempotent); a new priority applies to all."""
+
+    @abc.abstractmethod
+    async def step_aside(self, delivery: TaskDelivery, seconds: float) -> None:
+        """Give ``delivery`` back and stop consuming its queue for ``seconds``, so
+        that another consumer takes it even if this one ranks higher."""
 
     @abc.abstractmethod
     async def pause(self) -> None:
@@ -124,8 +160,15 @@ class CommunicationBus(abc.ABC):
         """Declare the priority queue of a capability key and bind it (cached)."""
 
     @abc.abstractmethod
-    async def publish_task(self, message: TaskMessage, *, queue_key: str, priority: int) -> None:
-        """Publish a task durably; returns once the broker has confirmed it."""
+    async def publish_task(
+        self, message: TaskMessage, *, queue_key: str, priority: int, delay: float = 0.0
+    ) -> None:
+        """Publish a task durably; returns once the broker has confirmed it.
+
+        With ``delay`` (seconds) the task reaches its queue only after that
+        long; the broker holds it meanwhile, so no timer is lost if the
+        publisher restarts.
+        """
 
     @abc.abstractmethod
     async def open_task_consumer(
@@ -148,6 +191,10 @@ class CommunicationBus(abc.ABC):
         topic patterns (``task.#``) give a private queue that lives as long as
         the subscription, for monitors.
         """
+
+    @abc.abstractmethod
+    async def subscribe_dead_letters(self, handler: DeadLetterHandler) -> Subscription:
+        """Handle the orchestrator's copy of every dead letter, one at a time."""
 
     # control ---------------------------------------------------------------
     @abc.abstractmethod

@@ -18,10 +18,13 @@ import logging
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .bus import (
     CommunicationBus,
     ControlHandler,
+    DeadLetter,
+    DeadLetterHandler,
     EventHandler,
     Subscription,
     TaskConsumer,
@@ -30,10 +33,14 @@ from .bus import (
 )
 from .errors import BusNotStarted, InvalidMessage
 from .messages import Control, Event, TaskMessage, parse_control, parse_event
+from .topology import DEAD_LETTER_KEEP
 
 log = logging.getLogger(__name__)
 
 _seq = itertools.count()
+
+_Item = tuple[int, int, bytes, "str | None"]
+"""(-priority, arrival, body, message id): heap order is priority, then arrival."""
 
 
 # --- task queues ------------------------------------------------------------
@@ -62,18 +69,16 @@ class _Consumer:
 @dataclass(eq=False)
 class _TaskQueue:
     key: str
-    heap: list[tuple[int, int, bytes]] = field(default_factory=list)
+    heap: list[_Item] = field(default_factory=list)
     consumers: deque[_Consumer] = field(default_factory=deque)
     redelivered: set[int] = field(default_factory=set)
 
-    def push(self, priority: int, seq: int, body: bytes) -> None:
-        heapq.heappush(self.heap, (-priority, seq, body))
+    def push(self, priority: int, body: bytes, message_id: str | None) -> None:
+        heapq.heappush(self.heap, (-priority, next(_seq), body, message_id))
 
 
 class _Delivery(TaskDelivery):
-    def __init__(
-        self, bus: MemoryBus, consumer: _Consumer, item: tuple[int, int, bytes], redelivered: bool
-    ) -> None:
+    def __init__(self, bus: MemoryBus, consumer: _Consumer, item: _Item, redelivered: bool) -> None:
         self._bus = bus
         self._consumer = consumer
         self._item = item
@@ -102,8 +107,7 @@ class _Delivery(TaskDelivery):
 
     async def dead_letter(self, reason: str) -> None:
         if self._settle():
-            self._bus.dead_letters.append((self.body, reason))
-            log.warning("dead-lettered a task message from %s: %s", self.queue_key, reason)
+            self._bus._dead_letter(DeadLetter(self.body, reason, self._item[3]))
             self._bus._after_settle(self._consumer.channel)
 
 
@@ -135,6 +139,17 @@ class _MemoryTaskConsumer(TaskConsumer):
             self._channel.consumers.append(consumer)
         for consumer in self._channel.consumers:
             self._bus._dispatch(consumer.queue)
+
+    async def step_aside(self, delivery: TaskDelivery, seconds: float) -> None:
+        key = delivery.queue_key
+        mine = [c for c in self._channel.consumers if c.queue.key == key]
+        for consumer in mine:
+            consumer.queue.consumers.remove(consumer)
+            self._channel.consumers.remove(consumer)
+        await delivery.requeue()
+        await asyncio.sleep(seconds)
+        if not self._closed and mine and key not in self.queue_keys:
+            await self.consume([key], self._priority)
 
     async def pause(self) -> None:
         for consumer in self._channel.consumers:
@@ -178,7 +193,7 @@ class _MessageQueue:
 
     def __init__(self, patterns: Sequence[str]) -> None:
         self.patterns = tuple(patterns)
-        self.items: asyncio.Queue[bytes] = asyncio.Queue()
+        self.items: asyncio.Queue[Any] = asyncio.Queue()
         self.worker: asyncio.Task[None] | None = None
 
     def matches(self, key: str) -> bool:
@@ -198,8 +213,7 @@ class _Subscription(Subscription):
             try:
                 message = parse(body)
             except InvalidMessage as exc:
-                self._bus.dead_letters.append((body, str(exc)))
-                log.warning("dead-lettered an invalid message: %s", exc)
+                self._bus._dead_letter(DeadLetter(body, str(exc)))
                 continue
             try:
                 await handler(message)
@@ -207,7 +221,8 @@ class _Subscription(Subscription):
                 raise
             except Exception as exc:  # a handler bug must not stop the subscription
                 log.exception("handler failed on %s", type(message).__name__)
-                self._bus.dead_letters.append((body, f"handler error: {exc!r}"))
+                if not isinstance(message, DeadLetter):
+                    self._bus._dead_letter(DeadLetter(body, f"handler error: {exc!r}"))
 
     async def close(self) -> None:
         worker = self._queue.worker
@@ -233,8 +248,10 @@ class MemoryBus(CommunicationBus):
         self._control: dict[str, list[_MessageQueue]] = {}
         self._subscriptions: set[Subscription] = set()
         self._handler_tasks: set[asyncio.Task[None]] = set()
-        self.dead_letters: list[tuple[bytes, str]] = []
-        """(body, reason) of every dead-lettered message, for inspection."""
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._orchestrator_dead: _MessageQueue = _MessageQueue([])
+        self.dead_letters: list[DeadLetter] = []
+        """Every dead-lettered message, newest last (the ``<p>.dead`` queue)."""
 
     async def connect(self) -> None:
         if self._connected:
@@ -248,6 +265,9 @@ class MemoryBus(CommunicationBus):
         for sub in list(self._subscriptions):
             await sub.close()
         self._subscriptions.clear()
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
         self._connected = False
 
     @property
@@ -269,12 +289,41 @@ class MemoryBus(CommunicationBus):
         self._require()
         self._queue(queue_key)
 
-    async def publish_task(self, message: TaskMessage, *, queue_key: str, priority: int) -> None:
+    async def publish_task(
+        self, message: TaskMessage, *, queue_key: str, priority: int, delay: float = 0.0
+    ) -> None:
         self._require()
         body = self._check_size(message.encode())
         queue = self._queue(queue_key)
-        queue.push(priority, next(_seq), body)
+        message_id = f"{message.task_id}:{message.attempt}"
+        if delay > 0:
+            loop = asyncio.get_running_loop()
+
+            def arrive() -> None:
+                self._timers.discard(timer)
+                queue.push(priority, body, message_id)
+                self._dispatch(queue)
+
+            timer = loop.call_later(delay, arrive)
+            self._timers.add(timer)
+            return
+        queue.push(priority, body, message_id)
         self._dispatch(queue)
+
+    def _dead_letter(self, letter: DeadLetter) -> None:
+        log.warning("dead-lettered a message: %s", letter.reason)
+        self.dead_letters.append(letter)
+        del self.dead_letters[:-DEAD_LETTER_KEEP]
+        self._orchestrator_dead.items.put_nowait(letter)
+
+    async def subscribe_dead_letters(self, handler: DeadLetterHandler) -> Subscription:
+        self._require()
+        queue = self._orchestrator_dead
+        if queue.worker is not None:
+            raise RuntimeError("the orchestrator dead-letter queue already has a consumer")
+        sub = _Subscription(self, queue, handler, lambda letter: letter, lambda: None)
+        self._subscriptions.add(sub)
+        return sub
 
     def queue_depth(self, queue_key: str) -> int:
         queue = self._task_queues.get(queue_key)
@@ -288,7 +337,7 @@ class MemoryBus(CommunicationBus):
         self._subscriptions.add(consumer)
         return consumer
 
-    def _requeue(self, queue: _TaskQueue, item: tuple[int, int, bytes]) -> None:
+    def _requeue(self, queue: _TaskQueue, item: _Item) -> None:
         heapq.heappush(queue.heap, item)
         queue.redelivered.add(item[1])
         self._dispatch(queue)

@@ -51,6 +51,10 @@ class TaskMessage(WireMessage):
     dependency_results: dict[str, Any] = Field(
         default_factory=dict, description="results of the tasks this one depends on"
     )
+    avoid_agents: list[str] = Field(
+        default_factory=list,
+        description="agents that should let another take this attempt if one can",
+    )
 
 
 # --- events (agents -> topic exchange) --------------------------------------

@@ -39,6 +39,8 @@ from yarl import URL
 from .bus import (
     CommunicationBus,
     ControlHandler,
+    DeadLetter,
+    DeadLetterHandler,
     EventHandler,
     Subscription,
     TaskConsumer,
@@ -56,7 +58,7 @@ from .errors import (
 )
 from .messages import Control, Event, TaskMessage, parse_control, parse_event
 from .settings import BusSettings, redact_url
-from .topology import ANY_CAPABILITY_KEY, Topology
+from .topology import ANY_CAPABILITY_KEY, RETRY_TIERS_MS, Topology, retry_tier_ms
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,9 @@ class _RabbitDelivery(TaskDelivery):
         await self._settle(lambda: self._message.nack(requeue=True))
 
     async def dead_letter(self, reason: str) -> None:
-        await self._bus._publish_dead(self.body, reason, source=self.queue_key)
+        await self._bus._publish_dead(
+            self.body, reason, source=self.queue_key, message_id=self._message.message_id
+        )
         await self.ack()
 
 
@@ -145,6 +149,22 @@ class _RabbitTaskConsumer(TaskConsumer):
             except aiormq.exceptions.AMQPError as exc:
                 raise BusConnectionError(f"cannot consume task queues: {exc}") from None
 
+    async def step_aside(self, delivery: TaskDelivery, seconds: float) -> None:
+        key = delivery.queue_key
+        async with self._lock:
+            entry = self._queues.pop(key, None)
+            if entry is not None:
+                try:
+                    await entry[0].cancel(entry[1])
+                except (aiormq.exceptions.AMQPError, ChannelInvalidStateError, RuntimeError):
+                    pass
+        await delivery.requeue()
+        await asyncio.sleep(seconds)
+        if entry is not None:
+            async with self._lock:
+                if key not in self._queues and not self._channel.is_closed:
+                    await self._start(key)
+
     async def pause(self) -> None:
         async with self._lock:
             for key, (queue, tag) in list(self._queues.items()):
@@ -172,9 +192,12 @@ class _RabbitSubscription(Subscription):
         bus: RabbitMQBus,
         channel: AbstractChannel,
         queue: AbstractQueue,
-        handle: Callable[[bytes], Awaitable[None]],
+        handle: Callable[[AbstractIncomingMessage], Awaitable[None]],
+        *,
+        dead_letter_failures: bool = True,
     ) -> None:
         self._bus = bus
+        self._dead_letter_failures = dead_letter_failures
         self._channel = channel
         self._queue = queue
         self._handle = handle
@@ -191,16 +214,17 @@ class _RabbitSubscription(Subscription):
         while True:
             message = await self._inbox.get()
             try:
-                await self._handle(message.body)
+                await self._handle(message)
             except asyncio.CancelledError:
                 raise
             except InvalidMessage as exc:
                 await self._bus._publish_dead(message.body, str(exc), source=self._queue.name)
             except Exception as exc:  # a handler bug must not stop the subscription
-                log.exception("event handler failed")
-                await self._bus._publish_dead(
-                    message.body, f"handler error: {exc!r}", source=self._queue.name
-                )
+                log.exception("handler of %s failed", self._queue.name)
+                if self._dead_letter_failures:  # never for dead letters: that would loop
+                    await self._bus._publish_dead(
+                        message.body, f"handler error: {exc!r}", source=self._queue.name
+                    )
             try:
                 await message.ack()
             except (ChannelInvalidStateError, aiormq.exceptions.AMQPError, RuntimeError):
@@ -306,9 +330,13 @@ class RabbitMQBus(CommunicationBus):
             await events.bind(t.events_exchange, "task.#")
             await events.bind(t.events_exchange, "agent.#")
             dead = await channel.declare_queue(
-                t.dead_queue, durable=True, arguments={"x-queue-type": "classic"}
+                t.dead_queue, durable=True, arguments=t.dead_queue_arguments()
             )
             await dead.bind(t.dead_exchange, "")
+            mine = await channel.declare_queue(
+                t.orchestrator_dead_queue, durable=True, arguments={"x-queue-type": "classic"}
+            )
+            await mine.bind(t.dead_exchange, "")
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
             raise TopologyMismatch(
                 f"RabbitMQ already has '{t.prefix}' names declared differently: {exc}"
@@ -384,7 +412,9 @@ class RabbitMQBus(CommunicationBus):
         except aiormq.exceptions.AMQPError as exc:
             raise BusError(f"publish to {exchange!r} failed: {exc}") from None
 
-    async def _publish_dead(self, body: bytes, reason: str, *, source: str) -> None:
+    async def _publish_dead(
+        self, body: bytes, reason: str, *, source: str, message_id: str | None = None
+    ) -> None:
         log.warning("dead-lettering a message from %s: %s", source, reason)
         try:
             await self._publish(
@@ -392,6 +422,7 @@ class RabbitMQBus(CommunicationBus):
                 body[: self.settings.max_message_bytes],
                 "",
                 headers={"x-reason": reason[:1000], "x-source-queue": source},
+                message_id=message_id,
             )
         except BusError as exc:
             log.error("could not dead-letter a message from %s: %s", source, exc)
@@ -419,17 +450,49 @@ class RabbitMQBus(CommunicationBus):
         await self._declare_task_queue_on(self._channel, queue_key)
         self._declared.add(queue_key)
 
-    async def publish_task(self, message: TaskMessage, *, queue_key: str, priority: int) -> None:
+    async def publish_task(
+        self, message: TaskMessage, *, queue_key: str, priority: int, delay: float = 0.0
+    ) -> None:
         await self.declare_task_queue(queue_key)
+        exchange, extra = self.topology.tasks_exchange, {}
+        if delay > 0:
+            # Through a TTL queue that dead-letters to the tasks exchange under
+            # the message's own routing key (the capability key).
+            tier = retry_tier_ms(delay)
+            await self._declare_retry_tier(tier)
+            exchange = self.topology.retry_exchange(tier)
+            extra["expiration"] = min(delay, tier / 1000)
         await self._publish(
-            self.topology.tasks_exchange,
+            exchange,
             message.encode(),
             queue_key,
             mandatory=True,
             priority=priority,
             message_id=f"{message.task_id}:{message.attempt}",
             type=message.kind,
+            **extra,
         )
+
+    async def _declare_retry_tier(self, tier_ms: int) -> None:
+        name = self.topology.retry_exchange(tier_ms)
+        if name in self._exchanges:
+            return
+        assert self._channel is not None
+        try:
+            exchange = await self._channel.declare_exchange(
+                name, aio_pika.ExchangeType.FANOUT, durable=True
+            )
+            queue = await self._channel.declare_queue(
+                self.topology.retry_queue(tier_ms),
+                durable=True,
+                arguments=self.topology.retry_queue_arguments(tier_ms),
+            )
+            await queue.bind(exchange, "")
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise TopologyMismatch(
+                f"retry tier {name!r} exists with other arguments: {exc}"
+            ) from None
+        self._exchanges[name] = exchange
 
     async def open_task_consumer(
         self, consumer_id: str, *, prefetch: int, handler: TaskHandler
@@ -469,10 +532,31 @@ class RabbitMQBus(CommunicationBus):
             for pattern in patterns:
                 await queue.bind(self.topology.events_exchange, pattern)
 
-        async def handle(body: bytes) -> None:
-            await handler(parse_event(body))
+        async def handle(message: AbstractIncomingMessage) -> None:
+            await handler(parse_event(message.body))
 
         sub = _RabbitSubscription(self, channel, queue, handle)
+        await sub.start()
+        self._subscriptions.add(sub)
+        return sub
+
+    async def subscribe_dead_letters(self, handler: DeadLetterHandler) -> Subscription:
+        connection = self._require()
+        channel = await connection.channel(publisher_confirms=False)
+        await channel.set_qos(prefetch_count=64)
+        queue = await channel.declare_queue(
+            self.topology.orchestrator_dead_queue,
+            durable=True,
+            arguments={"x-queue-type": "classic"},
+        )
+
+        async def handle(message: AbstractIncomingMessage) -> None:
+            reason = (message.headers or {}).get("x-reason", "unknown")
+            if isinstance(reason, bytes):
+                reason = reason.decode(errors="replace")
+            await handler(DeadLetter(message.body, str(reason), message.message_id))
+
+        sub = _RabbitSubscription(self, channel, queue, handle, dead_letter_failures=False)
         await sub.start()
         self._subscriptions.add(sub)
         return sub
@@ -496,8 +580,8 @@ class RabbitMQBus(CommunicationBus):
         await queue.bind(self.topology.control_exchange, agent_id)
         await queue.bind(self.topology.control_exchange, Topology.BROADCAST_KEY)
 
-        async def handle(body: bytes) -> None:
-            await handler(parse_control(body))
+        async def handle(message: AbstractIncomingMessage) -> None:
+            await handler(parse_control(message.body))
 
         sub = _RabbitSubscription(self, channel, queue, handle)
         await sub.start()
@@ -515,11 +599,21 @@ class RabbitMQBus(CommunicationBus):
         keys = set(queue_keys) | self._declared | {ANY_CAPABILITY_KEY}
         channel = await connection.channel()
         try:
-            for name in [t.orchestrator_events_queue, t.dead_queue] + [
-                t.task_queue(k) for k in keys
+            for name in [
+                t.orchestrator_events_queue,
+                t.dead_queue,
+                t.orchestrator_dead_queue,
+                *(t.task_queue(k) for k in keys),
+                *(t.retry_queue(tier) for tier in RETRY_TIERS_MS),
             ]:
                 await channel.queue_delete(name)
-            for name in (t.tasks_exchange, t.events_exchange, t.control_exchange, t.dead_exchange):
+            for name in (
+                t.tasks_exchange,
+                t.events_exchange,
+                t.control_exchange,
+                t.dead_exchange,
+                *(t.retry_exchange(tier) for tier in RETRY_TIERS_MS),
+            ):
                 await channel.exchange_delete(name)
         finally:
             await channel.close()

@@ -27,6 +27,39 @@ MAX_PRIORITY = 10
 
 _MAX_KEY_LENGTH = 180
 
+RETRY_TIERS_MS = (
+    100,
+    250,
+    500,
+    1_000,
+    2_000,
+    5_000,
+    10_000,
+    30_000,
+    60_000,
+    120_000,
+    300_000,
+    600_000,
+    1_800_000,
+    3_600_000,
+)
+"""Delay tiers of the retry queues. A delayed task waits in the smallest tier
+at least as long as its delay, with its own (shorter) expiration: per-message
+TTL expires only at a queue's head, so one queue per tier bounds how long a
+short delay can be held up behind a longer one to the tier's width."""
+
+DEAD_LETTER_KEEP = 10_000
+"""How many dead letters ``<p>.dead`` keeps for people to inspect (oldest dropped)."""
+
+
+def retry_tier_ms(delay_seconds: float) -> int:
+    """The tier (in ms) that holds a delay: the smallest at least as long."""
+    delay_ms = max(1, round(delay_seconds * 1000))
+    for tier in RETRY_TIERS_MS:
+        if tier >= delay_ms:
+            return tier
+    return RETRY_TIERS_MS[-1]
+
 
 def capability_key(capabilities: Iterable[str]) -> str:
     """The routing key of a capability set: sorted, de-duplicated, joined by '+'.
@@ -88,7 +121,31 @@ class Topology:
 
     @property
     def dead_queue(self) -> str:
+        """Dead letters kept for people (the management UI), newest ``DEAD_LETTER_KEEP``."""
         return f"{self.prefix}.dead"
+
+    @property
+    def orchestrator_dead_queue(self) -> str:
+        """The orchestrator's copy of every dead letter: it fails the task named in it."""
+        return f"{self.prefix}.orchestrator.dead"
+
+    def retry_exchange(self, tier_ms: int) -> str:
+        return f"{self.prefix}.retry.{tier_ms}"
+
+    def retry_queue(self, tier_ms: int) -> str:
+        return f"{self.prefix}.retry.{tier_ms}"
+
+    def retry_queue_arguments(self, tier_ms: int) -> dict[str, Any]:
+        # No dead-letter routing key: the message keeps its own, the capability key.
+        return {
+            "x-message-ttl": tier_ms,
+            "x-dead-letter-exchange": self.tasks_exchange,
+            "x-queue-type": "classic",
+        }
+
+    @staticmethod
+    def dead_queue_arguments() -> dict[str, Any]:
+        return {"x-queue-type": "classic", "x-max-length": DEAD_LETTER_KEEP}
 
     BROADCAST_KEY = "all"
 
@@ -140,12 +197,14 @@ class Topology:
             "queues": [
                 queue(any_queue, self.task_queue_arguments()),
                 queue(self.orchestrator_events_queue, {"x-queue-type": "classic"}),
-                queue(self.dead_queue, {"x-queue-type": "classic"}),
+                queue(self.dead_queue, self.dead_queue_arguments()),
+                queue(self.orchestrator_dead_queue, {"x-queue-type": "classic"}),
             ],
             "bindings": [
                 binding(self.tasks_exchange, any_queue, ANY_CAPABILITY_KEY),
                 binding(self.events_exchange, self.orchestrator_events_queue, "task.#"),
                 binding(self.events_exchange, self.orchestrator_events_queue, "agent.#"),
                 binding(self.dead_exchange, self.dead_queue, ""),
+                binding(self.dead_exchange, self.orchestrator_dead_queue, ""),
             ],
         }

@@ -2,10 +2,12 @@
 
 from .dependencies import DependencyGraph
 from .models import AgentCapability, Task, TaskPriority, TaskStatus
+from .retries import RetryPolicy
 from .settings import OrchestratorSettings
 from .stats import StatsTracker
 from .store import MemoryStore, StateStore
 from .task_orchestrator import TaskOrchestrator
+from .timeouts import RunDeadlines
 
 __all__ = [
     # the seed's API
@@ -20,5 +22,7 @@ __all__ = [
     "MemoryStore",
     # building blocks
     "DependencyGraph",
+    "RetryPolicy",
+    "RunDeadlines",
     "StatsTracker",
 ]

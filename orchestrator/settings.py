@@ -16,3 +16,12 @@ class OrchestratorSettings(BaseSettings):
     monitor_interval: float = Field(
         default=1.0, gt=0, description="how often agent heartbeats are checked"
     )
+    retry_base_delay: float = Field(
+        default=1.0, gt=0, description="first retry delay in seconds; doubles per retry"
+    )
+    retry_max_delay: float = Field(default=300.0, gt=0, description="longest retry delay")
+    timeout_grace: float = Field(
+        default=5.0,
+        ge=0,
+        description="a running task silent this long past its timeout is timed out here",
+    )

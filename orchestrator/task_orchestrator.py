@@ -25,6 +25,7 @@ from broker import (
     CancelTask,
     CommunicationBus,
     ConsumeQueues,
+    DeadLetter,
     Event,
     Reannounce,
     Subscription,
@@ -40,12 +41,17 @@ from broker import (
 from . import scheduling
 from .dependencies import DependencyGraph
 from .models import AgentCapability, Task, TaskPriority, TaskStatus
+from .retries import RetryPolicy
 from .settings import OrchestratorSettings
 from .stats import StatsTracker
 from .store import MemoryStore, StateStore
+from .timeouts import RunDeadlines
 from .validation import validate_submit
 
 log = logging.getLogger(__name__)
+
+_CANCELLED_IN_QUEUE_KEEP = 10_000
+"""At most this many cancelled-in-queue ids are sent to a newly registered agent."""
 
 _OUTCOME_STATUS = {
     "completed": TaskStatus.COMPLETED,
@@ -70,11 +76,19 @@ class TaskOrchestrator:
         self.store = store or MemoryStore()
         self._stats = StatsTracker()
         self._graph = DependencyGraph()
+        self._deadlines = RunDeadlines()
+        self.retry_policy = RetryPolicy(
+            self.settings.retry_base_delay, self.settings.retry_max_delay
+        )
         self._agents: dict[str, AgentCapability] = {}
         self._queue_caps: dict[str, list[str]] = {ANY_CAPABILITY_KEY: []}
         self._events: Subscription | None = None
+        self._dead_letters: Subscription | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._cancelled_in_queue: dict[str, None] = {}
+        """Cancelled while their message waited in a queue: agents must skip them.
+        New agents are told before they consume; an agent's skip report clears one."""
         self._owns_bus = False
         self._started = False
 
@@ -91,7 +105,8 @@ class TaskOrchestrator:
             self._owns_bus = True
         await self._reload()
         self._events = await self.bus.subscribe_events(self._on_event)
-        self._monitor = asyncio.get_running_loop().create_task(self._monitor_agents())
+        self._dead_letters = await self.bus.subscribe_dead_letters(self._on_dead_letter)
+        self._monitor = asyncio.get_running_loop().create_task(self._watch())
         self._started = True
         # Agents that outlived a previous orchestrator announce themselves again.
         await self.bus.publish_control(Reannounce())
@@ -104,8 +119,9 @@ class TaskOrchestrator:
         if self._monitor is not None:
             self._monitor.cancel()
             await asyncio.gather(self._monitor, return_exceptions=True)
-        if self._events is not None:
-            await self._events.close()
+        for subscription in (self._events, self._dead_letters):
+            if subscription is not None:
+                await subscription.close()
         if self._owns_bus:
             await self.bus.close()
         await self.store.close()
@@ -124,6 +140,8 @@ class TaskOrchestrator:
         for task in tasks:
             key = capability_key(task.required_capabilities)
             self._queue_caps.setdefault(key, list(task.required_capabilities))
+            if task.status is TaskStatus.RUNNING:
+                self._deadlines.start(task.task_id, task.attempt, self._run_deadline(task))
             if task.status is TaskStatus.PENDING:
                 unmet = [
                     d
@@ -187,10 +205,14 @@ class TaskOrchestrator:
         if seen:
             agent.last_seen = time.time()
         await self.store.save_agent(agent)
-        await self._send_queues(agent)
+        await self._send_queues(agent, new=True)
 
-    async def _send_queues(self, agent: AgentCapability) -> None:
+    async def _send_queues(self, agent: AgentCapability, *, new: bool = False) -> None:
         keys = [k for k, caps in self._queue_caps.items() if covers(agent.capabilities, caps)]
+        if new:
+            # Before the agent consumes anything: what it must not run.
+            for task_id in list(self._cancelled_in_queue)[-_CANCELLED_IN_QUEUE_KEEP:]:
+                await self.bus.publish_control(CancelTask(task_id=task_id), agent_id=agent.agent_id)
         await self.bus.publish_control(
             ConsumeQueues(queue_keys=keys, consumer_priority=scheduling.consumer_priority(agent)),
             agent_id=agent.agent_id,
@@ -312,8 +334,10 @@ class TaskOrchestrator:
             raise
         return task.task_id
 
-    async def _publish(self, task: Task) -> None:
-        """Hand the task to the bus as a new attempt."""
+    async def _publish(
+        self, task: Task, *, delay: float = 0.0, avoid: list[str] | None = None
+    ) -> None:
+        """Hand the task to the bus as a new attempt, after ``delay`` seconds."""
         key = capability_key(task.required_capabilities)
         if key not in self._queue_caps:
             await self.bus.declare_task_queue(key)
@@ -326,6 +350,7 @@ class TaskOrchestrator:
         task.status = TaskStatus.ASSIGNED
         task.assigned_agent = None
         task.progress = 0.0
+        self._deadlines.discard(task.task_id)
         self._stats.transition(task, old)
         await self.store.save_task(task)
         message = TaskMessage(
@@ -339,11 +364,13 @@ class TaskOrchestrator:
             timeout=task.timeout,
             estimated_duration=task.estimated_duration,
             dependency_results=await self._dependency_results(task),
+            avoid_agents=avoid or [],
         )
         await self.bus.publish_task(
             message,
             queue_key=key,
             priority=scheduling.message_priority(task.priority, task.estimated_duration),
+            delay=delay,
         )
 
     async def _dependency_results(self, task: Task) -> dict[str, Any]:
@@ -367,7 +394,8 @@ class TaskOrchestrator:
                 CancelTask(task_id=task_id), agent_id=task.assigned_agent
             )
         elif was is TaskStatus.ASSIGNED:
-            # Whichever agent receives it skips it.
+            # Whichever agent receives it skips it, including agents yet to come.
+            self._cancelled_in_queue[task_id] = None
             await self.bus.publish_control(CancelTask(task_id=task_id))
         return True
 
@@ -386,6 +414,8 @@ class TaskOrchestrator:
             "progress": task.progress,
             "result": task.result,
             "error_message": task.error_message,
+            # beyond the seed's keys
+            "retry_count": task.retry_count,
         }
 
     async def wait_for_task(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
@@ -441,6 +471,7 @@ class TaskOrchestrator:
         if status is TaskStatus.COMPLETED:
             task.progress = 1.0
         self._graph.forget(task.task_id)
+        self._deadlines.discard(task.task_id)
         self._release_slot(task.task_id, task.assigned_agent)
         self._stats.transition(task, old)
         await self.store.save_task(task)
@@ -523,6 +554,7 @@ class TaskOrchestrator:
         task.status = TaskStatus.RUNNING
         task.assigned_agent = event.agent_id
         task.started_at = event.at
+        self._deadlines.start(task.task_id, task.attempt, self._run_deadline(task))
         self._stats.transition(task, old)
         agent = self._agents.get(event.agent_id)
         if agent is not None:
@@ -536,6 +568,8 @@ class TaskOrchestrator:
         if task is None or task.status.is_final or event.attempt != task.attempt:
             if task is not None and event.attempt == task.attempt:
                 self._release_slot(task.task_id, event.agent_id)
+                if event.outcome == "cancelled":  # an agent skipped the queued message
+                    self._cancelled_in_queue.pop(task.task_id, None)
             return
         if task.assigned_agent != event.agent_id:
             self._release_slot(task.task_id, task.assigned_agent)
@@ -547,33 +581,89 @@ class TaskOrchestrator:
             scheduling.record_outcome(agent, task.task_type, status is TaskStatus.COMPLETED)
             if scheduling.consumer_priority(agent) != before:
                 await self._send_queues(agent)
-        if (
-            status in (TaskStatus.FAILED, TaskStatus.TIMEOUT)
-            and task.retry_count < task.max_retries
-        ):
-            task.retry_count += 1
-            task.error_message = event.error
-            self._release_slot(task.task_id, event.agent_id)
-            log.info(
-                "task %s attempt %d %s; retry %d",
-                task.task_id,
-                event.attempt,
-                event.outcome,
-                task.retry_count,
-            )
-            await self._publish(task)
+        if status in (TaskStatus.FAILED, TaskStatus.TIMEOUT):
+            await self._attempt_failed(task, status, event.error, event.agent_id)
             return
         await self._finish(task, status, result=event.result, error=event.error, at=event.at)
 
+    async def _attempt_failed(
+        self, task: Task, status: TaskStatus, error: str | None, agent_id: str | None
+    ) -> None:
+        """Retry after a back-off, preferring another agent, or end the task."""
+        if task.retry_count >= task.max_retries:
+            await self._finish(task, status, error=error)
+            return
+        task.retry_count += 1
+        task.error_message = error
+        self._release_slot(task.task_id, agent_id)
+        delay = self.retry_policy.delay(task.retry_count)
+        avoid = [agent_id] if agent_id and self._another_can_run(task, agent_id) else []
+        log.info(
+            "task %s attempt %d %s (%s); retry %d/%d in %.2fs",
+            task.task_id,
+            task.attempt,
+            status.value,
+            error,
+            task.retry_count,
+            task.max_retries,
+            delay,
+        )
+        await self._publish(task, delay=delay, avoid=avoid)
+
+    def _another_can_run(self, task: Task, agent_id: str) -> bool:
+        return any(
+            a.agent_id != agent_id and covers(a.capabilities, task.required_capabilities)
+            for a in self._agents.values()
+        )
+
+    def _run_deadline(self, task: Task) -> float:
+        return time.time() + task.timeout + self.settings.timeout_grace
+
+    async def _on_dead_letter(self, letter: DeadLetter) -> None:
+        """A task message no agent could read: the task fails with the reason (no retry)."""
+        task_id = letter.task_id
+        task = await self.store.get_task(task_id) if task_id else None
+        if task is None or task.status.is_final:
+            log.warning("dead letter for no live task (%s): %s", task_id, letter.reason)
+            return
+        if letter.attempt is not None and letter.attempt != task.attempt:
+            return
+        await self._finish(task, TaskStatus.FAILED, error=f"rejected: {letter.reason}")
+
     # ------------------------------------------------------------------ liveness
-    async def _monitor_agents(self) -> None:
-        """Unregister agents whose heartbeats stopped; their tasks are re-queued."""
+    async def _watch(self) -> None:
+        """Unregister agents whose heartbeats stopped (their tasks are re-queued),
+        and time out running tasks whose agent went silent past their deadline."""
         while True:
             await asyncio.sleep(self.settings.monitor_interval)
-            deadline = time.time() - self.settings.heartbeat_timeout
-            for agent in list(self._agents.values()):
-                if agent.last_seen is not None and agent.last_seen < deadline:
-                    try:
-                        await self._remove_agent(agent.agent_id, "missed heartbeats")
-                    except Exception:  # keep watching the others
-                        log.exception("could not remove agent %s", agent.agent_id)
+            try:
+                await self._check_agents()
+                await self._check_deadlines()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # keep watching
+                log.exception("watch round failed")
+
+    async def _check_agents(self) -> None:
+        deadline = time.time() - self.settings.heartbeat_timeout
+        for agent in list(self._agents.values()):
+            if agent.last_seen is not None and agent.last_seen < deadline:
+                await self._remove_agent(agent.agent_id, "missed heartbeats")
+
+    async def _check_deadlines(self) -> None:
+        for task_id, attempt in self._deadlines.expired(time.time()):
+            task = await self.store.get_task(task_id)
+            if task is None or task.status is not TaskStatus.RUNNING or task.attempt != attempt:
+                continue
+            agent_id = task.assigned_agent
+            if agent_id:
+                await self.bus.publish_control(
+                    CancelTask(task_id=task_id, attempt=attempt), agent_id=agent_id
+                )
+            await self._attempt_failed(
+                task,
+                TaskStatus.TIMEOUT,
+                f"no result from agent {agent_id} within the timeout of {task.timeout:g}s"
+                f" (+{self.settings.timeout_grace:g}s grace)",
+                agent_id,
+            )

@@ -17,8 +17,14 @@ from orchestrator import OrchestratorSettings, TaskOrchestrator
 
 ROOT = Path(__file__).resolve().parent.parent
 
-FAST = OrchestratorSettings(heartbeat_timeout=2.0, monitor_interval=0.2)
-"""Short liveness settings: tests wait seconds, not minutes, for a lost agent."""
+FAST = OrchestratorSettings(
+    heartbeat_timeout=2.0,
+    monitor_interval=0.1,
+    retry_base_delay=0.05,
+    retry_max_delay=0.5,
+    timeout_grace=0.3,
+)
+"""Short liveness and back-off settings: tests wait seconds, not minutes."""
 
 
 class Harness:
