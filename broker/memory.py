@@ -33,7 +33,7 @@ from .bus import (
 )
 from .errors import BusNotStarted, InvalidMessage
 from .messages import Control, Event, TaskMessage, parse_control, parse_event
-from .topology import DEAD_LETTER_KEEP
+from .topology import DEAD_LETTER_KEEP, MAX_PRIORITY
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,10 @@ def topic_matches(pattern: str, key: str) -> bool:
             return False
         return (p[0] == "*" or p[0] == k[0]) and match(p[1:], k[1:])
 
-    return match(tuple(pattern.split(".")), tuple(key.split(".")))
+    def words(text: str) -> tuple[str, ...]:
+        return tuple(text.split(".")) if text else ()  # "" has no words
+
+    return match(words(pattern), words(key))
 
 
 class _MessageQueue:
@@ -295,6 +298,7 @@ class MemoryBus(CommunicationBus):
         self._require()
         body = self._check_size(message.encode())
         queue = self._queue(queue_key)
+        priority = max(0, min(priority, MAX_PRIORITY))  # as x-max-priority does
         message_id = f"{message.task_id}:{message.attempt}"
         if delay > 0:
             loop = asyncio.get_running_loop()

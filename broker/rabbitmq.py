@@ -71,6 +71,8 @@ _TRANSIENT = (
     ChannelInvalidStateError,
     RuntimeError,  # aio-pika: "Connection closed" / "channel closed" while reconnecting
 )
+_TRANSIENT_EVENTS = frozenset({"task.progress", "agent.heartbeat"})
+
 PUBLISH_RETRY_SECONDS = 60.0
 """How long a publish keeps trying while the robust connection reconnects."""
 
@@ -99,7 +101,10 @@ class _RabbitDelivery(TaskDelivery):
 
     async def dead_letter(self, reason: str) -> None:
         await self._bus._publish_dead(
-            self.body, reason, source=self.queue_key, message_id=self._message.message_id
+            self.body,
+            reason,
+            source=self._bus.topology.task_queue(self.queue_key),
+            message_id=self._message.message_id,
         )
         await self.ack()
 
@@ -184,6 +189,10 @@ class _RabbitTaskConsumer(TaskConsumer):
                 log.debug("closing task channel: %s", exc)
 
 
+ACK_BATCH = 64
+"""Events handled before one cumulative ack (the prefetch is larger)."""
+
+
 class _RabbitSubscription(Subscription):
     """Deliveries go through a local queue to one worker: in order, one at a time."""
 
@@ -211,6 +220,7 @@ class _RabbitSubscription(Subscription):
         await self._queue.consume(on_message)
 
     async def _run(self) -> None:
+        unacked = 0
         while True:
             message = await self._inbox.get()
             try:
@@ -225,10 +235,15 @@ class _RabbitSubscription(Subscription):
                     await self._bus._publish_dead(
                         message.body, f"handler error: {exc!r}", source=self._queue.name
                     )
-            try:
-                await message.ack()
-            except (ChannelInvalidStateError, aiormq.exceptions.AMQPError, RuntimeError):
-                pass  # it comes again; handlers are idempotent
+            # Handled in order, so one ack with multiple=True settles all before it:
+            # ack when the inbox runs dry or every ACK_BATCH messages.
+            unacked += 1
+            if self._inbox.empty() or unacked >= ACK_BATCH:
+                unacked = 0
+                try:
+                    await message.ack(multiple=True)
+                except (ChannelInvalidStateError, aiormq.exceptions.AMQPError, RuntimeError):
+                    pass  # they come again; handlers are idempotent
 
     async def close(self) -> None:
         self._bus._subscriptions.discard(self)
@@ -386,19 +401,27 @@ class RabbitMQBus(CommunicationBus):
             ),
             **properties,
         )
+
+        async def publish_once() -> None:
+            if self._connection is None:
+                raise BusNotStarted("the bus was closed")
+            await self._exchanges[exchange].publish(
+                message, routing_key=routing_key, mandatory=mandatory, timeout=10
+            )
+
         try:
-            async for attempt in AsyncRetrying(
-                stop=stop_after_delay(PUBLISH_RETRY_SECONDS),
-                wait=wait_exponential(multiplier=0.1, max=2),
-                retry=retry_if_exception_type(_TRANSIENT),
-                reraise=True,
-            ):
-                with attempt:
-                    if self._connection is None:
-                        raise BusNotStarted("the bus was closed")
-                    await self._exchanges[exchange].publish(
-                        message, routing_key=routing_key, mandatory=mandatory, timeout=10
-                    )
+            try:
+                await publish_once()  # the common case, without the retry machinery's cost
+            except _TRANSIENT:
+                # The robust connection is reconnecting: publish again until it is back.
+                async for attempt in AsyncRetrying(
+                    stop=stop_after_delay(PUBLISH_RETRY_SECONDS),
+                    wait=wait_exponential(multiplier=0.1, max=2),
+                    retry=retry_if_exception_type(_TRANSIENT),
+                    reraise=True,
+                ):
+                    with attempt:
+                        await publish_once()
         except aiormq.exceptions.PublishError:
             raise UnroutableMessage(
                 f"no queue took the message for {exchange!r} / {routing_key!r}"
@@ -508,7 +531,12 @@ class RabbitMQBus(CommunicationBus):
     # events ----------------------------------------------------------------
     async def publish_event(self, event: Event) -> None:
         await self._publish(
-            self.topology.events_exchange, event.encode(), event.kind, type=event.kind
+            self.topology.events_exchange,
+            event.encode(),
+            event.kind,
+            # Progress and heartbeats are superseded by the next one: not worth the disk.
+            persistent=event.kind not in _TRANSIENT_EVENTS,
+            type=event.kind,
         )
 
     async def subscribe_events(

@@ -22,7 +22,8 @@ class BusSettings(BaseSettings):
     )
     prefix: str = Field(
         default="orchestrator",
-        pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$",
+        # No dots: names are joined with dots, so "a" and "a.tasks" could collide.
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
         description="prefix of every exchange and queue name",
     )
     max_message_bytes: int = Field(
@@ -40,9 +41,5 @@ def redact_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    netloc = parts.hostname or ""
-    if parts.username:
-        netloc = f"{parts.username}:***@{netloc}"
-    if parts.port:
-        netloc = f"{netloc}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    host = parts.netloc.rpartition("@")[2]  # as written: keeps [::1] brackets and port
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))

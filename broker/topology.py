@@ -147,7 +147,8 @@ class Topology:
     def dead_queue_arguments() -> dict[str, Any]:
         return {"x-queue-type": "classic", "x-max-length": DEAD_LETTER_KEEP}
 
-    BROADCAST_KEY = "all"
+    BROADCAST_KEY = "@all"
+    """Outside the agent-id alphabet, so no agent's own key can equal it."""
 
     @staticmethod
     def task_queue_arguments() -> dict[str, Any]:

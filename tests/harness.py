@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ class Harness:
         self.agents: list[Agent] = []
         self.processes: list[subprocess.Popen[bytes]] = []
         self.queue_keys: set[str] = set()
+        self.logs: list[Any] = []
 
     def new_bus(self) -> CommunicationBus:
         """The shared in-process bus, or a new connection to the broker."""
@@ -111,10 +113,18 @@ class Harness:
             cwd=ROOT,
             env=environment,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=self._log_file(agent_id),
         )
         self.processes.append(process)
         return process
+
+    def _log_file(self, agent_id: str):
+        """An agent process's log (a pipe nobody reads would block it once full)."""
+        log = tempfile.NamedTemporaryFile(
+            "w+b", prefix=f"agent-{agent_id}-", suffix=".log", delete=False
+        )
+        self.logs.append(log)
+        return log
 
     async def close(self) -> None:
         for process in self.processes:
@@ -131,6 +141,9 @@ class Harness:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        for log in self.logs:
+            log.close()
+            os.unlink(log.name)
         if self.orchestrator is not None:
             keys = set(self.orchestrator._queue_caps)
             await self.orchestrator.stop()

@@ -1,0 +1,460 @@
+"""Unit tests of what travels and how it is named: wire messages, keys, topology, URLs."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from broker import (
+    ANY_CAPABILITY_KEY,
+    CAPABILITY_PATTERN,
+    AgentAnnounced,
+    AgentHeartbeat,
+    AgentLeft,
+    BusSettings,
+    CancelTask,
+    ConsumeQueues,
+    InvalidMessage,
+    Reannounce,
+    TaskFinished,
+    TaskMessage,
+    TaskProgress,
+    TaskStarted,
+    Topology,
+    Unregister,
+    capability_key,
+    parse_control,
+    parse_event,
+    parse_task,
+    redact_url,
+)
+from broker.memory import topic_matches
+from broker.messages import WireMessage
+
+Parser = Callable[[bytes], Any]
+
+# --- wire messages -----------------------------------------------------------
+
+SAMPLES: list[tuple[WireMessage, Parser]] = [
+    (
+        TaskMessage(
+            task_id="t-1",
+            attempt=2,
+            name="Market Sentiment Analysis",
+            task_type="sentiment_analysis",
+            payload={"symbols": ["BTC", "ETH"], "depth": {"n": 3, "ratio": 0.25}, "x": None},
+            priority="high",
+            required_capabilities=["sentiment_analysis", "social_media"],
+            timeout=30.5,
+            estimated_duration=600.0,
+            dependency_results={"t-0": {"ok": True}},
+        ),
+        parse_task,
+    ),
+    (TaskStarted(task_id="t-1", attempt=1, agent_id="agent-1", at=1700000000.125), parse_event),
+    (TaskProgress(task_id="t-1", attempt=1, agent_id="agent-1", progress=0.5), parse_event),
+    (
+        TaskFinished(
+            task_id="t-1",
+            attempt=1,
+            agent_id="agent-1",
+            outcome="completed",
+            result={"answer": [1, 2.5, "three"]},
+        ),
+        parse_event,
+    ),
+    (
+        TaskFinished(
+            task_id="t-1", attempt=3, agent_id="agent-1", outcome="timeout", error="too slow"
+        ),
+        parse_event,
+    ),
+    (
+        AgentAnnounced(
+            agent_id="agent-1",
+            capabilities=["trading", "order_execution"],
+            max_concurrent_tasks=3,
+            task_types=["trade"],
+            specialization_score={"trade": 0.75},
+        ),
+        parse_event,
+    ),
+    (AgentHeartbeat(agent_id="agent-1", running=2), parse_event),
+    (AgentLeft(agent_id="agent-1"), parse_event),
+    (ConsumeQueues(queue_keys=["a+b", ANY_CAPABILITY_KEY], consumer_priority=4), parse_control),
+    (CancelTask(task_id="t-1"), parse_control),
+    (CancelTask(task_id="t-1", attempt=2), parse_control),
+    (Unregister(agent_id="agent-1"), parse_control),
+    (Reannounce(), parse_control),
+]
+
+
+def sample_id(sample: tuple[WireMessage, Parser]) -> str:
+    return type(sample[0]).__name__
+
+
+def all_wire_message_types() -> set[type[WireMessage]]:
+    found: set[type[WireMessage]] = set()
+    pending = list(WireMessage.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        found.add(cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def test_samples_cover_every_wire_message() -> None:
+    assert {type(message) for message, _ in SAMPLES} == all_wire_message_types()
+
+
+@pytest.mark.parametrize(("message", "parse"), SAMPLES, ids=[sample_id(s) for s in SAMPLES])
+def test_message_round_trips_through_its_parser(message: WireMessage, parse: Parser) -> None:
+    # Given an encoded wire message
+    body = message.encode()
+
+    # When its receiver parses it
+    parsed = parse(body)
+
+    # Then it gets back an equal message of the same type, with version and kind on the wire
+    assert type(parsed) is type(message)
+    assert parsed == message
+    assert json.loads(body)["v"] == 1
+    assert json.loads(body)["kind"] == message.kind  # type: ignore[attr-defined]
+
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@given(payload=st.dictionaries(st.text(), JSON, max_size=5), task_id=st.text(min_size=1))
+def test_any_json_payload_round_trips(payload: dict[str, Any], task_id: str) -> None:
+    message = TaskMessage(
+        task_id=task_id,
+        attempt=1,
+        name="n",
+        task_type="t",
+        payload=payload,
+        priority="low",
+        timeout=1.0,
+        estimated_duration=1.0,
+    )
+    assert parse_task(message.encode()) == message
+
+
+@pytest.mark.parametrize(("message", "parse"), SAMPLES, ids=[sample_id(s) for s in SAMPLES])
+def test_unknown_schema_version_is_rejected_naming_v(message: WireMessage, parse: Parser) -> None:
+    # Given a message from a future schema version
+    data = json.loads(message.encode())
+    data["v"] = 2
+
+    # When it is parsed, then it is rejected, naming the version field
+    with pytest.raises(InvalidMessage, match=r"(^|[ .])v: "):
+        parse(json.dumps(data).encode())
+
+
+MISSING_FIELD_CASES = [
+    pytest.param(message, parse, name, id=f"{type(message).__name__}-{name}")
+    for message, parse in SAMPLES
+    for name, info in type(message).model_fields.items()
+    if info.is_required()
+]
+
+
+def test_missing_field_cases_exist() -> None:
+    assert len(MISSING_FIELD_CASES) > 10
+
+
+@pytest.mark.parametrize(("message", "parse", "field"), MISSING_FIELD_CASES)
+def test_missing_required_field_is_rejected_naming_it(
+    message: WireMessage, parse: Parser, field: str
+) -> None:
+    # Given a message without one of its required fields
+    data = json.loads(message.encode())
+    del data[field]
+
+    # When it is parsed, then it is rejected, naming that field
+    with pytest.raises(InvalidMessage, match=rf"(^|[ .]){re.escape(field)}: "):
+        parse(json.dumps(data).encode())
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"not json", b"[]", b"null", b'{"v": 1}', b'{"v": 1, "kind": "task.exploded"}'],
+)
+@pytest.mark.parametrize("parse", [parse_task, parse_event, parse_control])
+def test_garbage_is_rejected_as_invalid_message(body: bytes, parse: Parser) -> None:
+    with pytest.raises(InvalidMessage) as raised:
+        parse(body)
+    assert isinstance(raised.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("message", "parse"),
+    [
+        (SAMPLES[0][0], parse_event),
+        (SAMPLES[0][0], parse_control),
+        (AgentLeft(agent_id="a"), parse_control),
+        (Reannounce(), parse_event),
+    ],
+)
+def test_message_of_another_channel_is_rejected_naming_its_kind(
+    message: WireMessage, parse: Parser
+) -> None:
+    with pytest.raises(InvalidMessage, match="kind"):
+        parse(message.encode())
+
+
+def test_unknown_fields_from_a_newer_producer_are_ignored() -> None:
+    # Given a heartbeat with a field this version does not know
+    data = json.loads(AgentHeartbeat(agent_id="a", running=1, at=5.0).encode())
+    data["load_average"] = 0.7
+
+    # When it is parsed, then it is the known message
+    assert parse_event(json.dumps(data).encode()) == AgentHeartbeat(agent_id="a", running=1, at=5.0)
+
+
+# --- capability keys -----------------------------------------------------------
+
+CAPABILITY = st.from_regex(CAPABILITY_PATTERN, fullmatch=True)
+LONGEST_PREFIX = "p" * 64
+
+
+def test_capability_key_sorts_and_deduplicates() -> None:
+    assert capability_key(["social_media", "sentiment_analysis", "social_media"]) == (
+        "sentiment_analysis+social_media"
+    )
+
+
+def test_no_capabilities_give_the_any_key() -> None:
+    assert capability_key([]) == ANY_CAPABILITY_KEY
+    assert capability_key(set()) == ANY_CAPABILITY_KEY
+
+
+def test_long_capability_set_is_shortened_and_stays_distinct() -> None:
+    # Given two large capability sets that differ in one name
+    many = [f"capability_number_{i:03d}" for i in range(40)]
+    other = [*many[:-1], "capability_number_999"]
+
+    # When their keys are taken
+    key, other_key = capability_key(many), capability_key(other)
+
+    # Then both are short, deterministic and different
+    assert len(key) < 200 and len(other_key) < 200
+    assert key == capability_key(reversed(many))
+    assert key != other_key
+    assert ANY_CAPABILITY_KEY not in (key, other_key)
+
+
+@given(caps=st.lists(CAPABILITY, max_size=40), seed=st.randoms())
+def test_capability_key_ignores_order_and_duplicates(caps: list[str], seed: Any) -> None:
+    shuffled = caps + caps[: len(caps) // 2]
+    seed.shuffle(shuffled)
+    assert capability_key(shuffled) == capability_key(caps)
+
+
+@given(caps=st.sets(CAPABILITY, max_size=40))
+def test_capability_key_is_short_enough_for_a_queue_name(caps: set[str]) -> None:
+    key = capability_key(caps)
+    assert len(key) < 200
+    assert len(Topology(LONGEST_PREFIX).task_queue(key).encode()) <= 255
+    if caps and len("+".join(caps)) <= 180:
+        assert key == "+".join(sorted(caps))
+
+
+@given(a=st.sets(CAPABILITY, max_size=40), b=st.sets(CAPABILITY, max_size=40))
+def test_different_capability_sets_get_different_keys(a: set[str], b: set[str]) -> None:
+    if a != b:
+        assert capability_key(a) != capability_key(b)
+
+
+# --- topic matching --------------------------------------------------------------
+
+
+def reference_topic_matches(pattern: str, key: str) -> bool:
+    """RabbitMQ's topic matching as a regex over '.'-prefixed words.
+
+    Words are split on '.', an empty string has no words (as in RabbitMQ),
+    '*' is exactly one word and '#' zero or more. Checked against RabbitMQ 3.10
+    on a few thousand pattern/key pairs.
+    """
+
+    def words(text: str) -> list[str]:
+        return text.split(".") if text else []
+
+    regex = ""
+    for word in words(pattern):
+        if word == "#":
+            regex += r"(?:\.[^.]*)*"
+        elif word == "*":
+            regex += r"\.[^.]*"
+        else:
+            regex += r"\." + re.escape(word)
+    return re.fullmatch(regex, "".join("." + w for w in words(key))) is not None
+
+
+PATTERN = st.lists(st.sampled_from(["a", "b", "ab", "*", "#", ""]), max_size=5).map(".".join)
+KEY = (
+    st.lists(st.sampled_from(["a", "b", "ab", ""]), min_size=1, max_size=5)
+    .map(".".join)
+    .filter(bool)
+)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "key", "matches"),
+    [
+        ("task.#", "task.started", True),
+        ("task.#", "task", True),
+        ("task.#", "task.a.b.c", True),
+        ("task.#", "agent.heartbeat", False),
+        ("task.*", "task.started", True),
+        ("task.*", "task", False),
+        ("task.*", "task.a.b", False),
+        ("*.started", "task.started", True),
+        ("#", "anything.at.all", True),
+        ("#.finished", "task.finished", True),
+        ("#.finished", "finished", True),
+        ("a.#.b", "a.b", True),
+        ("a.#.b", "a.x.y.b", True),
+        ("a.*.b", "a.b", False),
+        ("task.started", "task.started", True),
+        ("task.started", "task.finished", False),
+    ],
+)
+def test_topic_matches_examples(pattern: str, key: str, matches: bool) -> None:
+    assert topic_matches(pattern, key) is matches
+    assert reference_topic_matches(pattern, key) is matches
+
+
+@given(pattern=PATTERN, key=KEY)
+@example(pattern="#.#", key="a")
+@example(pattern="*.#.*", key="a")
+@example(pattern="a.", key="a")
+def test_topic_matches_agrees_with_amqp_semantics(pattern: str, key: str) -> None:
+    assert key  # every event kind is a non-empty routing key
+    assert topic_matches(pattern, key) == reference_topic_matches(pattern, key)
+
+
+@pytest.mark.parametrize("pattern", ["*", "#.*", "*.#"])
+def test_empty_routing_key_has_no_words(pattern: str) -> None:
+    # RabbitMQ does not route an empty key to '*' (checked on 3.10)
+    assert reference_topic_matches(pattern, "") is False
+    assert topic_matches(pattern, "") is False
+
+
+# --- topology ---------------------------------------------------------------------
+
+PREFIXES = ["orchestrator", "test-0123456789", "a", "my.deploy_1-x", LONGEST_PREFIX]
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+def test_definitions_name_only_prefixed_things_and_bind_what_exists(prefix: str) -> None:
+    # Given the definitions document of one deployment
+    topology = Topology(prefix)
+    definitions = topology.definitions(vhost="/tests")
+    exchanges = {e["name"] for e in definitions["exchanges"]}
+    queues = {q["name"] for q in definitions["queues"]}
+
+    # Then every exchange and queue hangs off the prefix, once, in the vhost
+    for name in exchanges | queues:
+        assert name.startswith(prefix + "."), name
+    assert len(exchanges) == len(definitions["exchanges"])
+    assert len(queues) == len(definitions["queues"])
+    for thing in definitions["exchanges"] + definitions["queues"] + definitions["bindings"]:
+        assert thing["vhost"] == "/tests"
+        assert thing.get("durable", True) is True
+
+    # And the fixed names the bus uses are all there
+    assert {
+        topology.tasks_exchange,
+        topology.events_exchange,
+        topology.control_exchange,
+        topology.dead_exchange,
+    } <= exchanges
+    assert {
+        topology.task_queue(ANY_CAPABILITY_KEY),
+        topology.orchestrator_events_queue,
+        topology.dead_queue,
+    } <= queues
+
+    # And every binding goes from a defined exchange to a defined queue
+    assert definitions["bindings"]
+    for binding in definitions["bindings"]:
+        assert binding["source"] in exchanges, binding
+        assert binding["destination_type"] == "queue"
+        assert binding["destination"] in queues, binding
+
+
+def test_definitions_make_the_any_queue_a_priority_queue() -> None:
+    topology = Topology("p")
+    (any_queue,) = [
+        q
+        for q in topology.definitions()["queues"]
+        if q["name"] == topology.task_queue(ANY_CAPABILITY_KEY)
+    ]
+    assert any_queue["arguments"] == Topology.task_queue_arguments()
+
+
+def test_deployments_with_different_prefixes_share_no_fixed_names() -> None:
+    left, right = Topology("alpha").definitions(), Topology("beta").definitions()
+    for kind in ("exchanges", "queues"):
+        assert not {x["name"] for x in left[kind]} & {x["name"] for x in right[kind]}
+
+
+def test_a_prefix_cannot_extend_another() -> None:
+    # "a.tasks" would make deployment a's task queue for capability "dead" equal
+    # deployment a.tasks' dead-letter queue: prefixes have no dots.
+    assert Topology("a").task_queue(capability_key(["dead"])) == Topology("a.tasks").dead_queue
+    with pytest.raises(ValidationError, match="prefix"):
+        BusSettings(prefix="a.tasks")
+    assert BusSettings(prefix="a_tasks-2").prefix == "a_tasks-2"
+
+
+# --- URLs ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        ("amqp://user:secret@host:5672/vhost", "amqp://user:***@host:5672/vhost"),
+        ("amqps://user:secret@host/", "amqps://user:***@host/"),
+        ("amqp://u:secret@h:5672/%2F?heartbeat=10", "amqp://u:***@h:5672/%2F?heartbeat=10"),
+        ("amqp://u:p%40ss%3Aword@h/", "amqp://u:***@h/"),
+        ("amqp://guest@host:5672/", "amqp://guest@host:5672/"),
+        ("amqp://host:5672/", "amqp://host:5672/"),
+    ],
+)
+def test_redact_url_hides_the_password_only(url: str, redacted: str) -> None:
+    assert redact_url(url) == redacted
+
+
+@given(
+    password=st.text(
+        alphabet=st.characters(codec="ascii", categories=["L", "N", "P", "S"]), min_size=1
+    )
+)
+def test_redact_url_never_shows_a_password(password: str) -> None:
+    from urllib.parse import quote
+
+    url = f"amqp://user:{quote(password, safe='')}@broker.example:5672/vh"
+    assert redact_url(url) == "amqp://user:***@broker.example:5672/vh"
+
+
+def test_redact_url_keeps_an_ipv6_host_valid() -> None:
+    assert redact_url("amqp://u:secret@[::1]:5672/") == "amqp://u:***@[::1]:5672/"
