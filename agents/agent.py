@@ -361,9 +361,10 @@ class Agent:
                     await self._bus.publish_event(finished)
                 await delivery.ack()
         except BusError as exc:
-            # The final event did not go out: leave the delivery unsettled; the
-            # broker gives it back when the channel closes and it runs again.
+            # The final event did not go out: the task must run again. Requeue it;
+            # if the channel is gone, the broker has already given it back.
             log.error("agent %s: task %s not reported: %s", self.agent_id, message.task_id, exc)
+            await delivery.requeue()
         finally:
             self.counters.running -= 1
             self._running.pop(message.task_id, None)
