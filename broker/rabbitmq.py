@@ -289,6 +289,8 @@ class RabbitMQBus(CommunicationBus):
         url = URL(self.settings.broker_url or default_broker_url())
         if "heartbeat" not in url.query:
             url = url.update_query(heartbeat=self.settings.amqp_heartbeat)
+        if "reconnect_interval" not in url.query:
+            url = url.update_query(reconnect_interval=self.settings.reconnect_interval)
         return str(url)
 
     # lifecycle -------------------------------------------------------------

@@ -32,6 +32,9 @@ class BusSettings(BaseSettings):
     amqp_heartbeat: int = Field(
         default=10, ge=0, description="AMQP heartbeat in seconds (RabbitMQ default is 60)"
     )
+    reconnect_interval: float = Field(
+        default=1.0, gt=0, description="seconds between reconnect tries after a lost connection"
+    )
     connect_attempts: int = Field(default=3, ge=1, description="tries of the first connect")
     connect_timeout: float = Field(default=5.0, gt=0, description="seconds per connect try")
 
