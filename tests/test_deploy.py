@@ -1,0 +1,476 @@
+"""deploy/: the broker configuration is what the topology module generates, the
+compose file agrees with it, and the definitions, loaded into a real broker
+through its management API, are a topology the orchestrator runs on."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+import pytest
+
+from agents import Agent, TaskContext, load_agent
+from broker import BusSettings, RabbitMQBus
+from broker.errors import BusConnectionError
+from broker.topology import ANY_CAPABILITY_KEY, RETRY_TIERS_MS, Topology
+from deploy import generate
+from tests.conftest import BROKER_URL, require_broker
+from tests.harness import Harness
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+COMPOSE = DEPLOY / "docker-compose.yml"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def read_conf() -> dict[str, str]:
+    """rabbitmq.conf's ``key = value`` lines (sysctl format, no repeated keys here)."""
+    conf = {}
+    for line in (DEPLOY / "rabbitmq.conf").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            conf[key.strip()] = value.strip()
+    return conf
+
+
+def load_compose() -> dict[str, Any] | None:
+    """docker-compose.yml parsed, merge keys resolved; None without PyYAML."""
+    try:
+        import yaml
+    except ImportError:
+        return None
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def mounts(service: dict[str, Any]) -> dict[str, str]:
+    """A service's volumes: target path -> source (file, directory or named volume)."""
+    found = {}
+    for entry in service.get("volumes", []):
+        source, target = entry.split(":")[:2]
+        found[target] = source
+    return found
+
+
+# ----------------------------------------------------------------- generated files
+
+
+def test_generated_files_are_what_generate_py_writes_now() -> None:
+    # When the topology changes (a queue added to Topology.definitions(), an
+    # argument changed), this fails until `python deploy/generate.py` is run.
+    for name, text in generate.render().items():
+        assert (DEPLOY / name).read_text() == text, (
+            f"deploy/{name} is out of date: run python deploy/generate.py"
+        )
+    assert generate.stale() == []
+    check = subprocess.run(
+        [sys.executable, "deploy/generate.py", "--check"], cwd=ROOT, capture_output=True
+    )
+    assert check.returncode == 0, check.stderr.decode()
+
+
+def test_definitions_hold_everything_the_bus_declares_with_its_arguments() -> None:
+    t = Topology("p")
+    doc = generate.definitions("p")
+    exchanges = {e["name"]: e for e in doc["exchanges"]}
+    queues = {q["name"]: q for q in doc["queues"]}
+    bindings = {(b["source"], b["destination"], b["routing_key"]) for b in doc["bindings"]}
+
+    # Everything Topology.definitions() lists, whatever it lists (the rpc queue included)
+    fixed = t.definitions()
+    for section in ("exchanges", "queues", "bindings"):
+        for entry in fixed[section]:
+            assert entry in doc[section], entry
+    assert queues[t.rpc_queue]["arguments"] == Topology.rpc_queue_arguments()
+    # The @any task queue as declare_task_queue declares it, bound under its key
+    assert queues[t.task_queue(ANY_CAPABILITY_KEY)]["arguments"] == (
+        Topology.task_queue_arguments()
+    )
+    assert (t.tasks_exchange, t.task_queue(ANY_CAPABILITY_KEY), ANY_CAPABILITY_KEY) in bindings
+    # Every retry tier as _declare_retry_tier declares it
+    for tier in RETRY_TIERS_MS:
+        assert exchanges[t.retry_exchange(tier)]["type"] == "fanout"
+        queue = queues[t.retry_queue(tier)]
+        assert queue["arguments"] == t.retry_queue_arguments(tier)
+        assert queue["arguments"]["x-dead-letter-exchange"] == t.tasks_exchange
+        assert (t.retry_exchange(tier), t.retry_queue(tier), "") in bindings
+    # Durable, never auto-deleted; each name once; all in the vhost
+    for entry in [*doc["exchanges"], *doc["queues"]]:
+        assert entry["durable"] is True and entry["auto_delete"] is False
+        assert entry["vhost"] == "/"
+    assert len(exchanges) == len(doc["exchanges"]) and len(queues) == len(doc["queues"])
+    assert len(bindings) == len(doc["bindings"])
+    assert [v["name"] for v in doc["vhosts"]] == ["/"]
+    # No credentials in the checked-in file
+    assert "users" not in doc and "permissions" not in doc
+    assert "password" not in (DEPLOY / "definitions.json").read_text()
+
+
+def test_enabled_plugins_is_an_erlang_list_of_management_and_prometheus() -> None:
+    text = (DEPLOY / "enabled_plugins").read_text()
+    assert re.fullmatch(r"\[[a-z_]+(,[a-z_]+)*\]\.\n", text)
+    plugins = text.strip()[1:-2].split(",")
+    assert "rabbitmq_management" in plugins and "rabbitmq_prometheus" in plugins
+
+
+def test_users_file_holds_a_rabbitmq_sha256_hash_of_the_password(tmp_path: Path) -> None:
+    source = tmp_path / "definitions.json"
+    source.write_text(json.dumps(generate.definitions("p", vhost="/")))
+    out = tmp_path / "definitions.d"
+    command = ["deploy/generate.py", "install", "--definitions", str(source), "--out", str(out)]
+    result = subprocess.run(
+        [sys.executable, *command],
+        cwd=ROOT,
+        env={**os.environ, "RABBITMQ_USER": "ops", "RABBITMQ_PASSWORD": "pa55-word"},
+        capture_output=True,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert sorted(p.name for p in out.iterdir()) == ["topology.json", "users.json"]
+    assert json.loads((out / "topology.json").read_text()) == json.loads(source.read_text())
+    users = json.loads((out / "users.json").read_text())
+    (user,) = users["users"]
+    assert user["name"] == "ops" and user["hashing_algorithm"] == "rabbit_password_hashing_sha256"
+    raw = base64.b64decode(user["password_hash"])
+    salt, digest = raw[:4], raw[4:]
+    assert digest == hashlib.sha256(salt + b"pa55-word").digest()
+    assert "pa55-word" not in (out / "users.json").read_text()
+    assert users["permissions"] == [
+        {"user": "ops", "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"}
+    ]
+    assert [v["name"] for v in users["vhosts"]] == ["/"]
+
+    # Without a password it refuses, rather than create a user nobody can log in as
+    refused = subprocess.run(
+        [sys.executable, "deploy/generate.py", "install", "--out", str(tmp_path / "x")],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "RABBITMQ_PASSWORD"},
+        capture_output=True,
+    )
+    assert refused.returncode == 1 and b"RABBITMQ_PASSWORD" in refused.stderr
+
+
+# --------------------------------------------------------------- rabbitmq.conf and compose
+
+
+def test_rabbitmq_conf_raises_consumer_timeout_and_loads_the_mounted_definitions() -> None:
+    conf = read_conf()
+    # Above RabbitMQ's 30 min default, so that long tasks are not requeued mid-run
+    assert int(conf["consumer_timeout"]) == generate.CONSUMER_TIMEOUT_MS
+    assert int(conf["consumer_timeout"]) >= 24 * 3600 * 1000
+    assert conf["load_definitions"] == generate.DEFINITIONS_DIR
+    assert conf["management.tcp.port"] == "15672" and conf["prometheus.tcp.port"] == "15692"
+
+    compose = load_compose()
+    if compose is None:  # no PyYAML here: the lines that matter, as text
+        text = COMPOSE.read_text()
+        assert "- ./rabbitmq.conf:/etc/rabbitmq/rabbitmq.conf:ro" in text
+        assert "- ./enabled_plugins:/etc/rabbitmq/enabled_plugins:ro" in text
+        assert f"- rabbitmq-definitions:{conf['load_definitions']}:ro" in text
+        assert "- ./definitions.json:/config/definitions.json:ro" in text
+        assert "- rabbitmq-definitions:/definitions\n" in text
+        assert '"--definitions", "/config/definitions.json", "--out", "/definitions"' in text
+        return
+
+    services = compose["services"]
+    rabbitmq = services["rabbitmq"]
+    assert rabbitmq["image"].startswith("rabbitmq:3.10-management")
+    broker_mounts = mounts(rabbitmq)
+    assert broker_mounts["/etc/rabbitmq/rabbitmq.conf"] == "./rabbitmq.conf"
+    assert broker_mounts["/etc/rabbitmq/enabled_plugins"] == "./enabled_plugins"
+    # The directory load_definitions names is the volume the init service fills
+    # from ./definitions.json, before the broker starts
+    volume = broker_mounts[conf["load_definitions"]]
+    assert volume in compose["volumes"]
+    init = services["rabbitmq-definitions"]
+    assert init["entrypoint"] == ["python", "deploy/generate.py", "install"]
+    args = dict(zip(init["command"][::2], init["command"][1::2], strict=True))
+    init_mounts = mounts(init)
+    assert init_mounts[args["--definitions"]] == "./definitions.json"
+    assert init_mounts[args["--out"]] == volume
+    assert rabbitmq["depends_on"]["rabbitmq-definitions"] == {
+        "condition": "service_completed_successfully"
+    }
+    assert "healthcheck" in rabbitmq
+
+
+def test_compose_runs_the_orchestrator_and_two_agents_from_one_image() -> None:
+    text = COMPOSE.read_text()
+    # The password comes from the environment (deploy/.env), never written down
+    assert "${RABBITMQ_PASSWORD:?" in text
+    example = (DEPLOY / ".env.example").read_text()
+    assert re.search(r"^RABBITMQ_PASSWORD=$", example, re.MULTILINE)
+    for name in ("generate.py", "example_agents.py", "definitions.json", "Dockerfile"):
+        assert (DEPLOY / name).exists()
+
+    compose = load_compose()
+    if compose is None:  # no PyYAML here: the lines that matter, as text
+        assert '["serve", "--store", "sqlite:/data/state.sqlite"]' in text
+        specs = re.findall(r'\["agent", "run", "([\w.]+:\w+)"\]', text)
+        assert len(specs) >= 2
+        assert "ORCHESTRATOR_PREFIX: orchestrator\n" in text
+        assert "@rabbitmq:5672/" in text
+    else:
+        services = compose["services"]
+        images = {s.get("image") for n, s in services.items() if n != "rabbitmq"}
+        assert images == {"rabbit-task-orchestrator:latest"}
+        for service in services.values():
+            if "build" in service:
+                assert (
+                    DEPLOY / service["build"]["context"] / service["build"]["dockerfile"]
+                ).exists()
+        orchestrator = services["orchestrator"]
+        assert orchestrator["command"][:3] == ["serve", "--store", "sqlite:/data/state.sqlite"]
+        assert "/data" in mounts(orchestrator)
+        environment = orchestrator["environment"]
+        assert environment["ORCHESTRATOR_PREFIX"] == generate.PREFIX
+        url = environment["ORCHESTRATOR_BROKER_URL"]
+        assert url.startswith("amqp://") and "@rabbitmq:5672/" in url
+        assert "${RABBITMQ_PASSWORD" in url
+        agents = {
+            name: service["command"][2]
+            for name, service in services.items()
+            if service.get("command", [])[:2] == ["agent", "run"]
+        }
+        default = [name for name in agents if not services[name].get("profiles")]
+        assert len(default) >= 2
+        for name in agents:
+            assert services[name]["environment"] == environment
+            assert services[name]["depends_on"]["rabbitmq"] == {"condition": "service_healthy"}
+        specs = list(agents.values())
+    # Every agent the compose file runs is an Agent object, with its own capabilities
+    loaded = [load_agent(spec) for spec in specs]
+    assert all(isinstance(agent, Agent) and agent.capabilities for agent in loaded)
+    assert len({agent.agent_id for agent in loaded}) == len(loaded)
+
+
+def test_dockerfile_builds_one_non_root_image_for_serve_and_agents() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim$", text, re.MULTILINE)
+    assert "RUN pip install ." in text
+    assert re.search(r"^USER (?!root)\S+$", text, re.MULTILINE)
+    assert 'ENTRYPOINT ["orchestrator"]' in text and 'CMD ["serve"]' in text
+    # Only named deploy files go into the image: never deploy/.env and its password
+    for line in text.splitlines():
+        if line.startswith("COPY deploy"):
+            assert "deploy/.env" not in line and not line.startswith("COPY deploy ")
+    # What it copies exists
+    for source in re.findall(r"^COPY ([^\n]+?) \S+/?$", text, re.MULTILINE):
+        for path in source.replace("\\", " ").split():
+            assert (ROOT / path).exists(), path
+
+
+# ------------------------------------------------------------------- the real broker
+
+
+class ManagementAPI:
+    """RabbitMQ's HTTP API with the broker URL's credentials (guest/guest locally)."""
+
+    def __init__(self, broker_url: str) -> None:
+        parts = urlsplit(broker_url)
+        host = parts.hostname or "127.0.0.1"
+        self.local = host in ("127.0.0.1", "localhost", "::1")
+        self.base = os.environ.get("RABBITMQ_MANAGEMENT_URL") or f"http://{host}:15672"
+        user = unquote(parts.username or "guest")
+        password = unquote(parts.password or "guest")
+        self._auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        request = urllib.request.Request(
+            self.base + path,
+            data=None if body is None else json.dumps(body).encode(),
+            method=method,
+            headers={"Authorization": self._auth, "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=15) as response:
+                status, raw = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            status, raw = exc.code, exc.read()
+        return status, (json.loads(raw) if raw.strip() else None)
+
+    def answers(self) -> bool:
+        try:
+            return self.call("GET", "/api/overview")[0] == 200
+        except OSError:
+            return False
+
+
+def management_api(timeout: float = 60) -> ManagementAPI:
+    """The management API of the test broker, enabling the plugin if it is off.
+
+    Skips when it cannot be had (fails in CI, like a missing broker).
+    """
+    require_broker()
+    api = ManagementAPI(BROKER_URL)
+    if api.answers():
+        return api
+    if api.local and shutil.which("rabbitmq-plugins"):
+        subprocess.run(
+            ["rabbitmq-plugins", "enable", "rabbitmq_management"],
+            capture_output=True,
+            timeout=120,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if api.answers():
+                return api
+            time.sleep(1)
+    message = f"RabbitMQ's management API does not answer at {api.base}"
+    if IN_CI:
+        pytest.fail(message + " (CI=true: it is needed)")
+    pytest.skip(message)
+
+
+def q(name: str) -> str:
+    return quote(name, safe="")
+
+
+@pytest.mark.rabbitmq
+async def test_orchestrator_runs_on_definitions_loaded_through_the_management_api(
+    prefix: str,
+) -> None:
+    # Given the deployment's definitions for this test's prefix, loaded as the
+    # broker's operator would load them (the vhost "/" exists: left alone)
+    api = management_api()
+    document = generate.definitions(prefix)
+    del document["vhosts"]
+    settings = BusSettings(
+        broker_url=BROKER_URL, prefix=prefix, amqp_heartbeat=5, connect_attempts=1
+    )
+    harness = Harness("rabbitmq", settings)
+    try:
+        status, body = await asyncio.to_thread(api.call, "POST", "/api/definitions", document)
+        assert status in (200, 201, 204), body
+
+        # Then every queue, exchange and binding is on the broker as written
+        for queue in document["queues"]:
+            status, info = await asyncio.to_thread(
+                api.call, "GET", f"/api/queues/%2F/{q(queue['name'])}"
+            )
+            assert status == 200, queue["name"]
+            assert info["arguments"] == queue["arguments"], queue["name"]
+            assert info["durable"] is True and info["auto_delete"] is False
+        for exchange in document["exchanges"]:
+            status, info = await asyncio.to_thread(
+                api.call, "GET", f"/api/exchanges/%2F/{q(exchange['name'])}"
+            )
+            assert status == 200 and info["type"] == exchange["type"], exchange["name"]
+        for binding in document["bindings"]:
+            path = f"/api/bindings/%2F/e/{q(binding['source'])}/q/{q(binding['destination'])}"
+            status, found = await asyncio.to_thread(api.call, "GET", path)
+            assert binding["routing_key"] in [b["routing_key"] for b in found], binding
+
+        # And the bus declares the same names with the same arguments: no
+        # PRECONDITION_FAILED on the fixed topology, @any, the rpc queue or any retry tier
+        bus = harness.new_bus()
+        await bus.connect()
+        assert isinstance(bus, RabbitMQBus)
+        for tier in RETRY_TIERS_MS:
+            await bus._declare_retry_tier(tier)
+
+        # And the orchestrator runs tasks on it, a retry through a pre-declared tier included
+        orchestrator = await harness.start_orchestrator()
+        failed: set[str] = set()
+
+        async def fails_once(ctx: TaskContext) -> dict[str, Any]:
+            if ctx.payload.get("fail_once") and ctx.task_id not in failed:
+                failed.add(ctx.task_id)
+                raise RuntimeError("first attempt fails")
+            return {"ok": True}
+
+        await harness.start_agent("deploy-agent", ["deploy_check"], handler=fails_once)
+        anyone = await orchestrator.submit_task(
+            name="anyone", description="", task_type="job", payload={}, max_retries=0
+        )
+        retried = await orchestrator.submit_task(
+            name="retried",
+            description="",
+            task_type="job",
+            payload={"fail_once": True},
+            required_capabilities=["deploy_check"],
+            max_retries=2,
+        )
+        first, second = [
+            await orchestrator.wait_for_task(task_id, timeout=60) for task_id in (anyone, retried)
+        ]
+        assert first["status"] == "completed"  # through the pre-declared @any queue
+        assert second["status"] == "completed" and second["retry_count"] == 1
+        stats = await orchestrator.get_stats()
+        assert stats["tasks_completed"] == 2
+
+        # The queues still have the arguments they were loaded with
+        status, info = await asyncio.to_thread(
+            api.call, "GET", f"/api/queues/%2F/{q(Topology(prefix).retry_queue(100))}"
+        )
+        assert info["arguments"] == Topology(prefix).retry_queue_arguments(100)
+    finally:
+        await harness.close()  # RabbitMQBus.delete_topology: fixed names, tiers, task queues
+    for queue in document["queues"]:
+        status, _ = await asyncio.to_thread(api.call, "GET", f"/api/queues/%2F/{q(queue['name'])}")
+        assert status == 404, f"{queue['name']} was left behind"
+
+
+@pytest.mark.rabbitmq
+async def test_users_file_and_definitions_make_a_vhost_the_deployment_can_log_into(
+    tmp_path: Path, prefix: str
+) -> None:
+    # Given what the compose file's init service writes, for a vhost and user of
+    # this test's own (as a fresh broker would import them at boot)
+    api = management_api()
+    vhost, user = f"test-{uuid.uuid4().hex[:10]}", f"test-{uuid.uuid4().hex[:10]}"
+    password = secrets.token_urlsafe(16)
+    source = tmp_path / "definitions.json"
+    source.write_text(json.dumps(generate.definitions(prefix, vhost=vhost)))
+    written = generate.install(source, tmp_path / "definitions.d", user, password)
+    parts = urlsplit(BROKER_URL)
+    address = f"{parts.hostname or '127.0.0.1'}:{parts.port or 5672}"
+
+    def url(secret: str) -> str:
+        return f"amqp://{user}:{secret}@{address}/{quote(vhost, safe='')}"
+
+    try:
+        for path in sorted(written):
+            status, body = await asyncio.to_thread(
+                api.call, "POST", "/api/definitions", json.loads(path.read_text())
+            )
+            assert status in (200, 201, 204), (path.name, body)
+        status, info = await asyncio.to_thread(api.call, "GET", f"/api/users/{q(user)}")
+        assert status == 200 and "administrator" in str(info["tags"])
+
+        # Then the user logs in with the password (the hash is RabbitMQ's), and
+        # the bus finds its topology declared as it declares it
+        bus = RabbitMQBus(
+            settings=BusSettings(broker_url=url(password), prefix=prefix, connect_attempts=1)
+        )
+        await bus.connect()
+        try:
+            for tier in RETRY_TIERS_MS:
+                await bus._declare_retry_tier(tier)
+            assert await bus.queue_depth(ANY_CAPABILITY_KEY) == 0
+        finally:
+            await bus.close()
+        # But not with another password
+        wrong = RabbitMQBus(
+            settings=BusSettings(broker_url=url("wrong"), prefix=prefix, connect_attempts=1)
+        )
+        with pytest.raises(BusConnectionError):
+            await wrong.connect()
+        await wrong.close()
+    finally:
+        await asyncio.to_thread(api.call, "DELETE", f"/api/vhosts/{q(vhost)}")
+        await asyncio.to_thread(api.call, "DELETE", f"/api/users/{q(user)}")
