@@ -13,20 +13,32 @@ The semantics both must keep:
 - Events are routed by topic; each subscription sees them in publish order,
   one at a time. A subscription with no patterns is the orchestrator's own
   durable queue, which keeps events while the orchestrator is down.
+- Requests of other services wait in the durable request queue until a
+  server takes them, but no longer than their client waits for the reply.
+  The server handles them one at a time, in order, and answers each with one
+  ``Reply`` (an unparseable request or a failing handler gets an error reply;
+  neither stops the server).
 """
 
 from __future__ import annotations
 
 import abc
 import json
+import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .messages import Control, Event, TaskMessage
+from .errors import InvalidMessage
+from .messages import Control, Event, Reply, Request, TaskMessage, WireMessage, parse_request
 from .settings import BusSettings
 from .topology import Topology
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REQUEST_TIMEOUT = 10.0
+"""Seconds a client waits for a reply (and a request waits for a server)."""
 
 
 class TaskDelivery(abc.ABC):
@@ -81,6 +93,8 @@ TaskHandler = Callable[[TaskDelivery], Awaitable[None]]
 DeadLetterHandler = Callable[[DeadLetter], Awaitable[None]]
 EventHandler = Callable[[Event], Awaitable[None]]
 ControlHandler = Callable[[Control], Awaitable[None]]
+RequestHandler = Callable[[Request], Awaitable[Reply]]
+BeforeAck = Callable[[], Awaitable[None]]
 
 
 class Subscription(abc.ABC):
@@ -183,17 +197,25 @@ class CommunicationBus(abc.ABC):
 
     @abc.abstractmethod
     async def subscribe_events(
-        self, handler: EventHandler, *, patterns: Sequence[str] | None = None
+        self,
+        handler: EventHandler,
+        *,
+        patterns: Sequence[str] | None = None,
+        before_ack: BeforeAck | None = None,
     ) -> Subscription:
         """Handle events one at a time, in order.
 
         ``patterns`` None consumes the orchestrator's durable events queue;
         topic patterns (``task.#``) give a private queue that lives as long as
-        the subscription, for monitors.
+        the subscription, for monitors. ``before_ack`` is awaited before the
+        subscription acknowledges what it has handled (a store makes its
+        writes durable there); if it raises, nothing is acknowledged yet.
         """
 
     @abc.abstractmethod
-    async def subscribe_dead_letters(self, handler: DeadLetterHandler) -> Subscription:
+    async def subscribe_dead_letters(
+        self, handler: DeadLetterHandler, *, before_ack: BeforeAck | None = None
+    ) -> Subscription:
         """Handle the orchestrator's copy of every dead letter, one at a time."""
 
     # control ---------------------------------------------------------------
@@ -205,7 +227,53 @@ class CommunicationBus(abc.ABC):
     async def subscribe_control(self, agent_id: str, handler: ControlHandler) -> Subscription:
         """Receive the commands for ``agent_id`` and the broadcast ones."""
 
+    @abc.abstractmethod
+    async def queue_depth(self, queue_key: str) -> int:
+        """How many tasks wait in a capability queue (not counting those an
+        agent holds); 0 for a queue that does not exist."""
+
+    # requests of other services ---------------------------------------------
+    @abc.abstractmethod
+    async def serve_requests(self, handler: RequestHandler) -> Subscription:
+        """Answer the requests sent to ``<prefix>.rpc``, one at a time, in order.
+
+        ``handler`` gets each parsed request and returns its ``Reply``; the bus
+        sends it to the request's ``reply_to`` with its ``correlation_id``. A
+        body that is not a request is answered with an ``invalid_request``
+        error, and a handler that raises with an ``internal`` one.
+        """
+
+    @abc.abstractmethod
+    async def request(
+        self, message: WireMessage, *, timeout: float = DEFAULT_REQUEST_TIMEOUT
+    ) -> Reply:
+        """Send a request to the orchestrator serving this prefix; its reply.
+
+        Raises ``NoReply`` (a ``TimeoutError``) naming the request queue when
+        no server answers within ``timeout`` seconds; the request expires
+        then, so a server that starts later does not act on it.
+        """
+
     # helpers shared by implementations ---------------------------------------
+    @staticmethod
+    async def _answer(handler: RequestHandler, body: bytes) -> Reply:
+        """The reply to one request body: the handler's, or an error reply."""
+        try:
+            request = parse_request(body)
+        except InvalidMessage as exc:
+            return Reply.failure("invalid_request", str(exc))
+        try:
+            return await handler(request)
+        except Exception as exc:  # a handler bug must not stop the server
+            log.exception("request handler failed on %s", request.kind)
+            return Reply.failure("internal", f"{type(exc).__name__}: {exc}")
+
+    def _no_reply(self, timeout: float) -> str:
+        return (
+            f"no reply from {self.topology.rpc_queue!r} within {timeout:g}s: "
+            f"is an orchestrator serving prefix {self.settings.prefix!r}?"
+        )
+
     def _check_size(self, body: bytes) -> bytes:
         from .errors import MessageTooLarge
 

@@ -41,3 +41,8 @@ class TopologyMismatch(BusError):
 
 class InvalidMessage(BusError, ValueError):
     """Raised when a message body is not a valid wire message."""
+
+
+class NoReply(BusError, TimeoutError):
+    """Raised when a request gets no reply: no orchestrator serves the request
+    queue of this prefix, or none answered within the timeout."""

@@ -21,18 +21,30 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .bus import (
+    DEFAULT_REQUEST_TIMEOUT,
+    BeforeAck,
     CommunicationBus,
     ControlHandler,
     DeadLetter,
     DeadLetterHandler,
     EventHandler,
+    RequestHandler,
     Subscription,
     TaskConsumer,
     TaskDelivery,
     TaskHandler,
 )
-from .errors import BusNotStarted, InvalidMessage
-from .messages import Control, Event, TaskMessage, parse_control, parse_event
+from .errors import BusNotStarted, InvalidMessage, MessageTooLarge, NoReply
+from .messages import (
+    Control,
+    Event,
+    Reply,
+    TaskMessage,
+    WireMessage,
+    parse_control,
+    parse_event,
+    parse_reply,
+)
 from .topology import DEAD_LETTER_KEEP, MAX_PRIORITY
 
 log = logging.getLogger(__name__)
@@ -204,8 +216,11 @@ class _MessageQueue:
 
 
 class _Subscription(Subscription):
-    def __init__(self, bus: MemoryBus, queue: _MessageQueue, handler, parse, transient) -> None:
+    def __init__(
+        self, bus: MemoryBus, queue: _MessageQueue, handler, parse, transient, before_ack=None
+    ) -> None:
         self._bus = bus
+        self._before_ack = before_ack
         self._queue = queue
         self._transient = transient
         queue.worker = asyncio.get_running_loop().create_task(self._run(handler, parse))
@@ -226,6 +241,12 @@ class _Subscription(Subscription):
                 log.exception("handler failed on %s", type(message).__name__)
                 if not isinstance(message, DeadLetter):
                     self._bus._dead_letter(DeadLetter(body, f"handler error: {exc!r}"))
+            # Where RabbitMQ would send its cumulative ack: when the queue runs dry.
+            if self._before_ack is not None and self._queue.items.empty():
+                try:
+                    await self._before_ack()
+                except Exception:
+                    log.exception("before-ack hook failed")
 
     async def close(self) -> None:
         worker = self._queue.worker
@@ -234,6 +255,43 @@ class _Subscription(Subscription):
             worker.cancel()
             await asyncio.gather(worker, return_exceptions=True)
         self._transient()
+
+
+@dataclass(eq=False)
+class _Request:
+    body: bytes
+    reply: asyncio.Future[bytes]
+    expires: float
+    """Loop time after which the client has given up: the server skips it."""
+
+
+class _RequestServer(Subscription):
+    """Takes requests from the bus's request queue, one at a time, in order."""
+
+    def __init__(self, bus: MemoryBus, handler: RequestHandler) -> None:
+        self._bus = bus
+        self._worker = asyncio.get_running_loop().create_task(self._run(handler))
+
+    async def _run(self, handler: RequestHandler) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            request = await self._bus._requests.get()
+            if request.reply.done() or loop.time() > request.expires:
+                continue  # expired while it waited, as on RabbitMQ
+            reply = await self._bus._answer(handler, request.body)
+            try:
+                body = self._bus._check_size(reply.encode())
+            except MessageTooLarge as exc:
+                body = Reply.failure("internal", f"reply too large: {exc}").encode()
+            if not request.reply.done():
+                request.reply.set_result(body)
+
+    async def close(self) -> None:
+        if self._bus._request_server is self:
+            self._bus._request_server = None
+        self._bus._subscriptions.discard(self)
+        self._worker.cancel()
+        await asyncio.gather(self._worker, return_exceptions=True)
 
 
 # --- the bus ----------------------------------------------------------------
@@ -253,6 +311,8 @@ class MemoryBus(CommunicationBus):
         self._handler_tasks: set[asyncio.Task[None]] = set()
         self._timers: set[asyncio.TimerHandle] = set()
         self._orchestrator_dead: _MessageQueue = _MessageQueue([])
+        self._requests: asyncio.Queue[_Request] = asyncio.Queue()
+        self._request_server: _RequestServer | None = None
         self.dead_letters: list[DeadLetter] = []
         """Every dead-lettered message, newest last (the ``<p>.dead`` queue)."""
 
@@ -320,16 +380,19 @@ class MemoryBus(CommunicationBus):
         del self.dead_letters[:-DEAD_LETTER_KEEP]
         self._orchestrator_dead.items.put_nowait(letter)
 
-    async def subscribe_dead_letters(self, handler: DeadLetterHandler) -> Subscription:
+    async def subscribe_dead_letters(
+        self, handler: DeadLetterHandler, *, before_ack: BeforeAck | None = None
+    ) -> Subscription:
         self._require()
         queue = self._orchestrator_dead
         if queue.worker is not None:
             raise RuntimeError("the orchestrator dead-letter queue already has a consumer")
-        sub = _Subscription(self, queue, handler, lambda letter: letter, lambda: None)
+        sub = _Subscription(self, queue, handler, lambda letter: letter, lambda: None, before_ack)
         self._subscriptions.add(sub)
         return sub
 
-    def queue_depth(self, queue_key: str) -> int:
+    async def queue_depth(self, queue_key: str) -> int:
+        self._require()
         queue = self._task_queues.get(queue_key)
         return len(queue.heap) if queue else 0
 
@@ -386,7 +449,11 @@ class MemoryBus(CommunicationBus):
                 queue.items.put_nowait(body)
 
     async def subscribe_events(
-        self, handler: EventHandler, *, patterns: Sequence[str] | None = None
+        self,
+        handler: EventHandler,
+        *,
+        patterns: Sequence[str] | None = None,
+        before_ack: BeforeAck | None = None,
     ) -> Subscription:
         self._require()
         if patterns is None:
@@ -405,7 +472,7 @@ class MemoryBus(CommunicationBus):
                 if queue in self._event_queues:
                     self._event_queues.remove(queue)
 
-        sub = _Subscription(self, queue, handler, parse_event, transient)
+        sub = _Subscription(self, queue, handler, parse_event, transient, before_ack)
         self._subscriptions.add(sub)
         return sub
 
@@ -435,3 +502,27 @@ class MemoryBus(CommunicationBus):
         sub = _Subscription(self, queue, handler, parse_control, transient)
         self._subscriptions.add(sub)
         return sub
+
+    # requests of other services
+    async def serve_requests(self, handler: RequestHandler) -> Subscription:
+        self._require()
+        if self._request_server is not None:
+            raise RuntimeError("the request queue already has a server")
+        server = self._request_server = _RequestServer(self, handler)
+        self._subscriptions.add(server)
+        return server
+
+    async def request(
+        self, message: WireMessage, *, timeout: float = DEFAULT_REQUEST_TIMEOUT
+    ) -> Reply:
+        self._require()
+        loop = asyncio.get_running_loop()
+        body = self._check_size(message.encode())
+        request = _Request(body, loop.create_future(), loop.time() + timeout)
+        self._requests.put_nowait(request)
+        try:
+            reply = await asyncio.wait_for(asyncio.shield(request.reply), timeout)
+        except TimeoutError:
+            request.reply.cancel()
+            raise NoReply(self._no_reply(timeout)) from None
+        return parse_reply(reply)

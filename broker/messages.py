@@ -5,6 +5,11 @@ The orchestrator and the agents share nothing but these models. Each carries
 key of events), so a consumer can reject what it does not understand instead
 of guessing. Task outcomes are plain strings here: ``broker`` knows nothing of
 the orchestrator's enums.
+
+Other services talk to the orchestrator with the request models at the end
+(AMQP request/reply on ``<prefix>.rpc``, see ``broker.topology``); every
+request is answered by one ``Reply``. ``docs/schemas/`` and
+``docs/asyncapi.json`` are generated from these models (``broker.schemas``).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from .errors import InvalidMessage
 
@@ -21,10 +26,18 @@ SCHEMA_VERSION = 1
 Outcome = Literal["completed", "failed", "timeout", "cancelled"]
 
 
+def _kind_is_required(schema: dict[str, Any]) -> None:
+    """In the JSON Schema: ``kind`` has a default in Python, but parsers need it."""
+    if "kind" in schema.get("properties", {}):
+        required = schema.setdefault("required", [])
+        if "kind" not in required:
+            required.insert(0, "kind")
+
+
 class WireMessage(BaseModel):
     """Base of every wire message: frozen, strict about unknown versions."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="ignore", json_schema_extra=_kind_is_required)
 
     v: Literal[1] = SCHEMA_VERSION
 
@@ -157,18 +170,154 @@ Control = Annotated[
     ConsumeQueues | CancelTask | Unregister | Reannounce, Field(discriminator="kind")
 ]
 
+
+# --- requests from other services (-> <prefix>.rpc) and their replies -----------
+
+
+class SubmitTaskRequest(WireMessage):
+    """Submit a task: the arguments of ``TaskOrchestrator.submit_task``.
+
+    Replied with ``result`` = ``{"task_id": "..."}``.
+    """
+
+    kind: Literal["request.submit"] = "request.submit"
+    name: str
+    description: str = ""
+    task_type: str
+    payload: dict[str, Any]
+    priority: str = Field(default="medium", description="low, medium, high or critical")
+    dependencies: list[str] = Field(
+        default_factory=list, description="ids of tasks that must complete first"
+    )
+    required_capabilities: list[str] = Field(
+        default_factory=list, description="an agent must have all of them to run the task"
+    )
+    estimated_duration: float = Field(default=300, description="seconds")
+    timeout: float = Field(default=600, description="seconds one attempt may run")
+    max_retries: int = 3
+
+
+class CancelTaskRequest(WireMessage):
+    """Cancel a task that has not ended.
+
+    Replied with ``result`` = ``{"task_id", "cancelled", "status"}``:
+    ``cancelled`` is false when the task had already ended (``status`` says how).
+    An unknown id is an error of type ``not_found``.
+    """
+
+    kind: Literal["request.cancel"] = "request.cancel"
+    task_id: str
+
+
+class TaskStatusRequest(WireMessage):
+    """A task's status: ``result`` is exactly what ``get_task_status`` returns.
+
+    An unknown id is an error of type ``not_found``.
+    """
+
+    kind: Literal["request.status"] = "request.status"
+    task_id: str
+
+
+class StatsRequest(WireMessage):
+    """Statistics: ``result`` is exactly what ``get_stats`` returns."""
+
+    kind: Literal["request.stats"] = "request.stats"
+
+
+class AgentsRequest(WireMessage):
+    """The registered agents: ``result`` is a list of objects with ``agent_id``,
+    ``capabilities``, ``max_concurrent_tasks``, ``current_load``, ``utilization``,
+    ``performance_score``, ``specialization_score``, ``running`` and ``last_seen``."""
+
+    kind: Literal["request.agents"] = "request.agents"
+
+
+class QueuesRequest(WireMessage):
+    """The capability queues: ``result`` is a list of objects with ``key``,
+    ``queue``, ``capabilities`` and ``depth`` (tasks waiting, not counting
+    those an agent holds)."""
+
+    kind: Literal["request.queues"] = "request.queues"
+
+
+Request = Annotated[
+    SubmitTaskRequest
+    | CancelTaskRequest
+    | TaskStatusRequest
+    | StatsRequest
+    | AgentsRequest
+    | QueuesRequest,
+    Field(discriminator="kind"),
+]
+
+REQUEST_TYPES: tuple[type[WireMessage], ...] = (
+    SubmitTaskRequest,
+    CancelTaskRequest,
+    TaskStatusRequest,
+    StatsRequest,
+    AgentsRequest,
+    QueuesRequest,
+)
+
+ErrorType = str
+"""``invalid_request`` (a bad field, named in the message; or a body that is
+not a request), ``not_found`` (no such task), ``unavailable`` (the orchestrator
+cannot reach its broker or store), ``internal`` (a bug: see the server's log).
+A plain string, so that an older client can read a newer server's types."""
+
+
+class ReplyError(BaseModel):
+    """Why a request failed."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    type: ErrorType = Field(description="invalid_request, not_found, unavailable or internal")
+    message: str = Field(description="one line; a bad field's name comes first")
+
+
+class Reply(WireMessage):
+    """The answer to one request, sent to its ``reply_to`` with its ``correlation_id``."""
+
+    kind: Literal["reply"] = "reply"
+    ok: bool
+    result: Any = Field(default=None, description="what the request asked for, when ok")
+    error: ReplyError | None = Field(default=None, description="why it failed, when not ok")
+
+    @model_validator(mode="after")
+    def _error_iff_failed(self) -> Reply:
+        if self.ok == (self.error is not None):
+            raise ValueError("a reply has an error exactly when it is not ok")
+        return self
+
+    @classmethod
+    def success(cls, result: Any = None) -> Reply:
+        return cls(ok=True, result=result)
+
+    @classmethod
+    def failure(cls, type: ErrorType, message: str) -> Reply:
+        return cls(ok=False, error=ReplyError(type=type, message=message))
+
+
 _task_adapter: TypeAdapter[TaskMessage] = TypeAdapter(TaskMessage)
 _event_adapter: TypeAdapter[Event] = TypeAdapter(Event)
 _control_adapter: TypeAdapter[Control] = TypeAdapter(Control)
+_request_adapter: TypeAdapter[Request] = TypeAdapter(Request)
+_reply_adapter: TypeAdapter[Reply] = TypeAdapter(Reply)
 
 
-def _parse(adapter: TypeAdapter[Any], body: bytes) -> Any:
+def _parse(adapter: TypeAdapter[Any], body: bytes, what: str = "message") -> Any:
     try:
         return adapter.validate_json(body)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise InvalidMessage(f"invalid message: {where}: {first['msg']}") from None
+        loc = list(first["loc"])
+        if what == "request" and len(loc) > 1:
+            loc = loc[1:]  # the kind the union tried; the kind is in the body
+        if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            loc = ["kind"]
+        where = ".".join(str(p) for p in loc) or "body"
+        raise InvalidMessage(f"invalid {what}: {where}: {first['msg']}") from None
 
 
 def parse_task(body: bytes) -> TaskMessage:
@@ -181,3 +330,12 @@ def parse_event(body: bytes) -> Event:
 
 def parse_control(body: bytes) -> Control:
     return _parse(_control_adapter, body)
+
+
+def parse_request(body: bytes) -> Request:
+    """A request of another service; ``InvalidMessage`` names the bad field."""
+    return _parse(_request_adapter, body, "request")
+
+
+def parse_reply(body: bytes) -> Reply:
+    return _parse(_reply_adapter, body, "reply")

@@ -37,11 +37,14 @@ from tenacity import (
 from yarl import URL
 
 from .bus import (
+    DEFAULT_REQUEST_TIMEOUT,
+    BeforeAck,
     CommunicationBus,
     ControlHandler,
     DeadLetter,
     DeadLetterHandler,
     EventHandler,
+    RequestHandler,
     Subscription,
     TaskConsumer,
     TaskDelivery,
@@ -53,12 +56,29 @@ from .errors import (
     BusError,
     BusNotStarted,
     InvalidMessage,
+    MessageTooLarge,
+    NoReply,
     TopologyMismatch,
     UnroutableMessage,
 )
-from .messages import Control, Event, TaskMessage, parse_control, parse_event
+from .messages import (
+    Control,
+    Event,
+    Reply,
+    TaskMessage,
+    WireMessage,
+    parse_control,
+    parse_event,
+    parse_reply,
+)
 from .settings import BusSettings, redact_url
-from .topology import ANY_CAPABILITY_KEY, RETRY_TIERS_MS, Topology, retry_tier_ms
+from .topology import (
+    ANY_CAPABILITY_KEY,
+    DIRECT_REPLY_TO,
+    RETRY_TIERS_MS,
+    Topology,
+    retry_tier_ms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +224,10 @@ class _RabbitSubscription(Subscription):
         handle: Callable[[AbstractIncomingMessage], Awaitable[None]],
         *,
         dead_letter_failures: bool = True,
+        before_ack: BeforeAck | None = None,
     ) -> None:
         self._bus = bus
+        self._before_ack = before_ack
         self._dead_letter_failures = dead_letter_failures
         self._channel = channel
         self._queue = queue
@@ -239,6 +261,13 @@ class _RabbitSubscription(Subscription):
             # ack when the inbox runs dry or every ACK_BATCH messages.
             unacked += 1
             if self._inbox.empty() or unacked >= ACK_BATCH:
+                if self._before_ack is not None:
+                    try:
+                        await self._before_ack()
+                    except Exception:
+                        # Unacknowledged, they come back if we die; the next ack covers them.
+                        log.exception("before-ack hook of %s failed", self._queue.name)
+                        continue
                 unacked = 0
                 try:
                     await message.ack(multiple=True)
@@ -262,6 +291,9 @@ class RabbitMQBus(CommunicationBus):
     ``broker_url`` (or ``ORCHESTRATOR_BROKER_URL``) defaults to the local
     broker, ``amqp://guest:guest@127.0.0.1:5672/``. ``connection_name`` shows
     in the management UI; the agent runtime sets it to the agent's id.
+    ``declare_topology`` False is for clients that only send requests: they
+    connect without declaring anything, so a mistyped prefix leaves nothing
+    behind on the broker.
     """
 
     def __init__(
@@ -270,8 +302,10 @@ class RabbitMQBus(CommunicationBus):
         *,
         settings: BusSettings | None = None,
         connection_name: str | None = None,
+        declare_topology: bool = True,
     ) -> None:
         super().__init__(broker_url, settings=settings)
+        self.declare_topology = declare_topology
         if not self.settings.broker_url:
             self.settings = self.settings.model_copy(update={"broker_url": default_broker_url()})
         self.connection_name = connection_name or f"{self.settings.prefix}:client"
@@ -280,6 +314,10 @@ class RabbitMQBus(CommunicationBus):
         self._exchanges: dict[str, AbstractExchange] = {}
         self._declared: set[str] = set()
         self._subscriptions: set[Subscription] = set()
+        self._rpc_channel: AbstractChannel | None = None
+        self._rpc_lock = asyncio.Lock()
+        self._pending: dict[str, asyncio.Future[bytes]] = {}
+        """Requests waiting for their reply, by correlation id."""
 
     @property
     def address(self) -> str:
@@ -324,7 +362,9 @@ class RabbitMQBus(CommunicationBus):
             self._channel = await self._connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
-            await self._declare_fixed(self._channel)
+            self._exchanges[""] = self._channel.default_exchange  # replies go to reply_to
+            if self.declare_topology:
+                await self._declare_fixed(self._channel)
         except BaseException:
             await self._connection.close()
             self._connection = None
@@ -364,6 +404,10 @@ class RabbitMQBus(CommunicationBus):
         for sub in list(self._subscriptions):
             await sub.close()
         self._subscriptions.clear()
+        for waiting in self._pending.values():
+            waiting.cancel()
+        self._pending.clear()
+        self._rpc_channel = None
         connection, self._connection = self._connection, None
         self._channel = None
         self._exchanges.clear()
@@ -542,7 +586,11 @@ class RabbitMQBus(CommunicationBus):
         )
 
     async def subscribe_events(
-        self, handler: EventHandler, *, patterns: Sequence[str] | None = None
+        self,
+        handler: EventHandler,
+        *,
+        patterns: Sequence[str] | None = None,
+        before_ack: BeforeAck | None = None,
     ) -> Subscription:
         connection = self._require()
         channel = await connection.channel(publisher_confirms=False)
@@ -565,12 +613,14 @@ class RabbitMQBus(CommunicationBus):
         async def handle(message: AbstractIncomingMessage) -> None:
             await handler(parse_event(message.body))
 
-        sub = _RabbitSubscription(self, channel, queue, handle)
+        sub = _RabbitSubscription(self, channel, queue, handle, before_ack=before_ack)
         await sub.start()
         self._subscriptions.add(sub)
         return sub
 
-    async def subscribe_dead_letters(self, handler: DeadLetterHandler) -> Subscription:
+    async def subscribe_dead_letters(
+        self, handler: DeadLetterHandler, *, before_ack: BeforeAck | None = None
+    ) -> Subscription:
         connection = self._require()
         channel = await connection.channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=64)
@@ -586,10 +636,144 @@ class RabbitMQBus(CommunicationBus):
                 reason = reason.decode(errors="replace")
             await handler(DeadLetter(message.body, str(reason), message.message_id))
 
-        sub = _RabbitSubscription(self, channel, queue, handle, dead_letter_failures=False)
+        sub = _RabbitSubscription(
+            self, channel, queue, handle, dead_letter_failures=False, before_ack=before_ack
+        )
         await sub.start()
         self._subscriptions.add(sub)
         return sub
+
+    async def queue_depth(self, queue_key: str) -> int:
+        connection = self._require()
+        # A passive declare of a missing queue closes its channel: use a throwaway one.
+        channel = await connection.channel(publisher_confirms=False)
+        try:
+            underlay = await channel.get_underlay_channel()
+            declared = await underlay.queue_declare(
+                self.topology.task_queue(queue_key), passive=True
+            )
+            return declared.message_count or 0
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return 0
+        except (aiormq.exceptions.AMQPError, ChannelInvalidStateError, RuntimeError) as exc:
+            raise BusConnectionError(f"cannot read the depth of {queue_key!r}: {exc}") from None
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    # requests of other services ---------------------------------------------
+    async def serve_requests(self, handler: RequestHandler) -> Subscription:
+        connection = self._require()
+        channel = await connection.channel(publisher_confirms=False)
+        await channel.set_qos(prefetch_count=64)
+        try:
+            queue = await channel.declare_queue(
+                self.topology.rpc_queue, durable=True, arguments=Topology.rpc_queue_arguments()
+            )
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise TopologyMismatch(
+                f"queue {self.topology.rpc_queue!r} exists with other arguments: {exc}"
+            ) from None
+
+        async def handle(message: AbstractIncomingMessage) -> None:
+            reply = await self._answer(handler, message.body)
+            if not message.reply_to:
+                if not reply.ok:  # nobody to tell: keep it for people to see
+                    await self._publish_dead(message.body, reply.error.message, source=queue.name)
+                return
+            try:
+                body = self._check_size(reply.encode())
+            except MessageTooLarge as exc:
+                body = Reply.failure("internal", f"reply too large: {exc}").encode()
+            try:
+                # Not mandatory: a client that gave up is no error of ours.
+                await self._publish(
+                    "",
+                    body,
+                    message.reply_to,
+                    persistent=False,
+                    correlation_id=message.correlation_id,
+                    type=reply.kind,
+                )
+            except BusError as exc:
+                log.warning("could not reply to %s: %s", message.reply_to, exc)
+
+        sub = _RabbitSubscription(self, channel, queue, handle)
+        await sub.start()
+        self._subscriptions.add(sub)
+        return sub
+
+    async def _rpc(self) -> AbstractChannel:
+        """The channel requests go out on; it consumes their direct replies.
+
+        RabbitMQ sends a reply addressed to ``amq.rabbitmq.reply-to`` to the
+        channel that published the request, if that channel consumes the
+        pseudo-queue (no-ack): so consume first, then publish on the same one.
+        """
+        async with self._rpc_lock:
+            if self._rpc_channel is None or self._rpc_channel.is_closed:
+                connection = self._require()
+                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+                # Declared (passively) so that the robust channel consumes it again
+                # after a reconnect.
+                replies = await channel.declare_queue(DIRECT_REPLY_TO, passive=True)
+                await replies.consume(self._on_reply, no_ack=True)
+                self._rpc_channel = channel
+            return self._rpc_channel
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        waiting = self._pending.pop(message.correlation_id or "", None)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(message.body)
+
+    async def request(
+        self, message: WireMessage, *, timeout: float = DEFAULT_REQUEST_TIMEOUT
+    ) -> Reply:
+        body = self._check_size(message.encode())
+        rpc_queue = self.topology.rpc_queue
+        try:
+            channel = await self._rpc()
+        except aiormq.exceptions.AMQPError as exc:
+            raise BusConnectionError(f"cannot open a channel for requests: {exc}") from None
+        correlation_id = uuid.uuid4().hex
+        waiting = asyncio.get_running_loop().create_future()
+        self._pending[correlation_id] = waiting
+        try:
+            async with asyncio.timeout(timeout):
+                try:
+                    await channel.default_exchange.publish(
+                        aio_pika.Message(
+                            body,
+                            content_type="application/json",
+                            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+                            reply_to=DIRECT_REPLY_TO,
+                            correlation_id=correlation_id,
+                            # Gone when we stop waiting: a later server does not act on it.
+                            expiration=timeout,
+                            type=getattr(message, "kind", None),
+                        ),
+                        routing_key=rpc_queue,
+                        mandatory=True,
+                    )
+                except aiormq.exceptions.PublishError:
+                    raise NoReply(
+                        f"no queue {rpc_queue!r} on RabbitMQ at {self.address}: no orchestrator "
+                        f"has served prefix {self.settings.prefix!r} there"
+                    ) from None
+                except _TRANSIENT as exc:
+                    raise BusConnectionError(
+                        f"cannot send a request to RabbitMQ at {self.address}: {exc}"
+                    ) from None
+                except aiormq.exceptions.AMQPError as exc:
+                    raise BusError(f"request to {rpc_queue!r} failed: {exc}") from None
+                reply = await waiting
+        except NoReply:
+            raise
+        except TimeoutError:
+            raise NoReply(self._no_reply(timeout)) from None
+        finally:
+            self._pending.pop(correlation_id, None)
+        return parse_reply(reply)
 
     # control ---------------------------------------------------------------
     async def publish_control(self, command: Control, *, agent_id: str | None = None) -> None:
@@ -633,6 +817,7 @@ class RabbitMQBus(CommunicationBus):
                 t.orchestrator_events_queue,
                 t.dead_queue,
                 t.orchestrator_dead_queue,
+                t.rpc_queue,
                 *(t.task_queue(k) for k in keys),
                 *(t.retry_queue(tier) for tier in RETRY_TIERS_MS),
             ]:

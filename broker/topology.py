@@ -48,6 +48,9 @@ at least as long as its delay, with its own (shorter) expiration: per-message
 TTL expires only at a queue's head, so one queue per tier bounds how long a
 short delay can be held up behind a longer one to the tier's width."""
 
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+"""RabbitMQ's pseudo-queue for replies to the channel that published a request."""
+
 DEAD_LETTER_KEEP = 10_000
 """How many dead letters ``<p>.dead`` keeps for people to inspect (oldest dropped)."""
 
@@ -118,6 +121,22 @@ class Topology:
 
     def agent_control_queue(self, agent_id: str) -> str:
         return f"{self.prefix}.agent.{agent_id}"
+
+    @property
+    def rpc_queue(self) -> str:
+        """Requests of other services to the orchestrator (submit, cancel, status, stats...).
+
+        Published through the default exchange (``""``, ``amq.default`` in the
+        management API) with the queue's name as routing key, so it has no
+        binding of its own. Each request carries ``reply_to`` and
+        ``correlation_id``; the reply goes to ``reply_to`` through the default
+        exchange, with the request's correlation id.
+        """
+        return f"{self.prefix}.rpc"
+
+    @staticmethod
+    def rpc_queue_arguments() -> dict[str, Any]:
+        return {"x-queue-type": "classic"}
 
     @property
     def dead_queue(self) -> str:
@@ -200,6 +219,8 @@ class Topology:
                 queue(self.orchestrator_events_queue, {"x-queue-type": "classic"}),
                 queue(self.dead_queue, self.dead_queue_arguments()),
                 queue(self.orchestrator_dead_queue, {"x-queue-type": "classic"}),
+                # Bound to the default exchange by its name, like every queue.
+                queue(self.rpc_queue, self.rpc_queue_arguments()),
             ],
             "bindings": [
                 binding(self.tasks_exchange, any_queue, ANY_CAPABILITY_KEY),

@@ -3,6 +3,7 @@
 from .dependencies import DependencyGraph
 from .models import AgentCapability, Task, TaskPriority, TaskStatus
 from .retries import RetryPolicy
+from .service import OrchestratorService
 from .settings import OrchestratorSettings
 from .stats import StatsTracker
 from .store import MemoryStore, StateStore
@@ -16,6 +17,8 @@ __all__ = [
     "TaskStatus",
     "Task",
     "AgentCapability",
+    # the protocol for other services
+    "OrchestratorService",
     # configuration and state
     "OrchestratorSettings",
     "StateStore",

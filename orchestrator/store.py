@@ -37,6 +37,13 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     async def agents(self) -> list[AgentCapability]: ...
 
+    async def flush(self) -> None:
+        """Make every change so far durable (a no-op where nothing is durable).
+
+        The orchestrator calls it before publishing a task and before the bus
+        acknowledges handled events, so a store may batch writes in between.
+        """
+
     async def close(self) -> None:
         """Release resources (files, connections)."""
 

@@ -104,8 +104,11 @@ class TaskOrchestrator:
             await self.bus.connect()
             self._owns_bus = True
         await self._reload()
-        self._events = await self.bus.subscribe_events(self._on_event)
-        self._dead_letters = await self.bus.subscribe_dead_letters(self._on_dead_letter)
+        # What the bus acknowledges must be in the store first.
+        self._events = await self.bus.subscribe_events(self._on_event, before_ack=self.store.flush)
+        self._dead_letters = await self.bus.subscribe_dead_letters(
+            self._on_dead_letter, before_ack=self.store.flush
+        )
         self._monitor = asyncio.get_running_loop().create_task(self._watch())
         self._started = True
         # Agents that outlived a previous orchestrator announce themselves again.
@@ -150,7 +153,17 @@ class TaskOrchestrator:
                 ]
                 self._graph.wait(task.task_id, unmet)
         for agent in await self.store.agents():
+            # A fresh heartbeat window: it could not be heard while we were down.
+            if agent.last_seen is not None:
+                agent.last_seen = time.time()
+            agent.running.clear()
             self._agents[agent.agent_id] = agent
+        for task in tasks:
+            agent = self._agents.get(task.assigned_agent or "")
+            if task.status is TaskStatus.RUNNING and agent is not None:
+                agent.running.add(task.task_id)
+        for agent in self._agents.values():
+            agent.current_load = len(agent.running)
 
     def _require_started(self) -> None:
         if not self._started:
@@ -161,6 +174,7 @@ class TaskOrchestrator:
         self, agent_id: str, capabilities: list[str], max_concurrent_tasks: int = 5
     ) -> None:
         """Register an agent (or update it); it is told which queues to consume."""
+        self._require_started()
         if not isinstance(agent_id, str) or not AGENT_ID_PATTERN.match(agent_id):
             raise ValueError(f"agent_id: {agent_id!r} must be 1-128 of A-Z a-z 0-9 _ . : -")
         if isinstance(capabilities, str) or not all(
@@ -188,8 +202,11 @@ class TaskOrchestrator:
         seen: bool = False,
         specialization: dict[str, float] | None = None,
     ) -> None:
-        """The one path by which agents are registered: by API and by announcement."""
-        self._require_started()
+        """The one path by which agents are registered: by API and by announcement.
+
+        No started check here: announcements queued while the orchestrator was
+        down arrive as soon as ``start`` subscribes, before it returns.
+        """
         agent = self._agents.get(agent_id)
         if agent is None:
             agent = AgentCapability(
@@ -319,10 +336,12 @@ class TaskOrchestrator:
         )
         if doomed_by is not None:
             await self._end_dependent(task, doomed_by)
+            await self.store.flush()
             return task.task_id
         unmet = [d.task_id for d in deps if d.status is not TaskStatus.COMPLETED]
         if unmet:
             self._graph.wait(task.task_id, unmet)
+            await self.store.flush()
             return task.task_id
         try:
             await self._publish(task)
@@ -353,6 +372,8 @@ class TaskOrchestrator:
         self._deadlines.discard(task.task_id)
         self._stats.transition(task, old)
         await self.store.save_task(task)
+        # Written before published: events of this attempt must find it on restart.
+        await self.store.flush()
         message = TaskMessage(
             task_id=task.task_id,
             attempt=task.attempt,
@@ -397,6 +418,7 @@ class TaskOrchestrator:
             # Whichever agent receives it skips it, including agents yet to come.
             self._cancelled_in_queue[task_id] = None
             await self.bus.publish_control(CancelTask(task_id=task_id))
+        await self.store.flush()
         return True
 
     async def get_task_status(self, task_id: str) -> dict[str, Any] | None:
@@ -447,6 +469,11 @@ class TaskOrchestrator:
     async def get_agents(self) -> list[AgentCapability]:
         """The registered agents (beyond the seed: for tools and tests)."""
         return list(self._agents.values())
+
+    async def get_queues(self) -> dict[str, list[str]]:
+        """The capability queues in use, by key, with the capabilities each needs
+        (beyond the seed: for tools)."""
+        return {key: list(caps) for key, caps in self._queue_caps.items()}
 
     # ------------------------------------------------------------------ finishing
     async def _finish(

@@ -18,20 +18,29 @@ from broker import (
     AgentAnnounced,
     AgentHeartbeat,
     AgentLeft,
+    AgentsRequest,
     BusSettings,
     CancelTask,
+    CancelTaskRequest,
     ConsumeQueues,
     InvalidMessage,
+    QueuesRequest,
     Reannounce,
+    Reply,
+    StatsRequest,
+    SubmitTaskRequest,
     TaskFinished,
     TaskMessage,
     TaskProgress,
     TaskStarted,
+    TaskStatusRequest,
     Topology,
     Unregister,
     capability_key,
     parse_control,
     parse_event,
+    parse_reply,
+    parse_request,
     parse_task,
     redact_url,
 )
@@ -93,6 +102,25 @@ SAMPLES: list[tuple[WireMessage, Parser]] = [
     (CancelTask(task_id="t-1", attempt=2), parse_control),
     (Unregister(agent_id="agent-1"), parse_control),
     (Reannounce(), parse_control),
+    (
+        SubmitTaskRequest(
+            name="BTC Analysis",
+            task_type="analysis",
+            payload={"symbol": "BTC"},
+            priority="high",
+            dependencies=["t-0"],
+            required_capabilities=["technical_analysis"],
+            timeout=60,
+        ),
+        parse_request,
+    ),
+    (CancelTaskRequest(task_id="t-1"), parse_request),
+    (TaskStatusRequest(task_id="t-1"), parse_request),
+    (StatsRequest(), parse_request),
+    (AgentsRequest(), parse_request),
+    (QueuesRequest(), parse_request),
+    (Reply.success({"task_id": "t-1"}), parse_reply),
+    (Reply.failure("not_found", "task_id: unknown task 't-9'"), parse_reply),
 ]
 
 
@@ -197,7 +225,9 @@ def test_missing_required_field_is_rejected_naming_it(
     "body",
     [b"", b"not json", b"[]", b"null", b'{"v": 1}', b'{"v": 1, "kind": "task.exploded"}'],
 )
-@pytest.mark.parametrize("parse", [parse_task, parse_event, parse_control])
+@pytest.mark.parametrize(
+    "parse", [parse_task, parse_event, parse_control, parse_request, parse_reply]
+)
 def test_garbage_is_rejected_as_invalid_message(body: bytes, parse: Parser) -> None:
     with pytest.raises(InvalidMessage) as raised:
         parse(body)
@@ -211,6 +241,8 @@ def test_garbage_is_rejected_as_invalid_message(body: bytes, parse: Parser) -> N
         (SAMPLES[0][0], parse_control),
         (AgentLeft(agent_id="a"), parse_control),
         (Reannounce(), parse_event),
+        (SAMPLES[0][0], parse_request),
+        (StatsRequest(), parse_event),
     ],
 )
 def test_message_of_another_channel_is_rejected_naming_its_kind(

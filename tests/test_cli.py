@@ -1,0 +1,653 @@
+"""The command line as a user drives it: ``orchestrator`` subprocesses on the real broker.
+
+Each test gets its own prefix (ORCHESTRATOR_PREFIX) and stops its processes
+(SIGTERM) and deletes its topology at the end. The test process talks to the
+orchestrator only to wait for conditions (is it serving, are the agents
+registered); every action under test is a command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from broker import (
+    AgentsRequest,
+    BusSettings,
+    NoReply,
+    RabbitMQBus,
+    StatsRequest,
+    SubmitTaskRequest,
+    TaskStatusRequest,
+    redact_url,
+)
+from tests.conftest import require_broker
+from tests.harness import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = Path(sys.executable).with_name("orchestrator")
+CLI = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "orchestrator"]
+"""The console script as installed, or the module where it is not."""
+
+CURL_EXAMPLE = ROOT / "docs" / "examples" / "submit_with_curl.sh"
+UNREACHABLE = "amqp://someone:pw-s3cret@127.0.0.1:1/"
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def error(self) -> str:
+        """The one line on stderr (fails if there is not exactly one)."""
+        lines = self.err.strip().splitlines()
+        assert len(lines) == 1, f"expected one line on stderr, got:\n{self.err}"
+        return lines[0]
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_")}
+    return {**env, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **extra}
+
+
+async def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> Result:
+    """Run one command to its end."""
+    process = await asyncio.create_subprocess_exec(
+        *CLI,
+        *args,
+        cwd=ROOT,
+        env=env or base_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout)
+    assert process.returncode is not None
+    return Result(process.returncode, out.decode(), err.decode())
+
+
+class Deployment:
+    """One test's broker prefix and the processes it runs on it."""
+
+    def __init__(self, prefix: str, broker_url: str) -> None:
+        self.prefix = prefix
+        self.broker_url = broker_url
+        self.env = base_env(
+            ORCHESTRATOR_BROKER_URL=broker_url,
+            ORCHESTRATOR_PREFIX=prefix,
+            ORCHESTRATOR_REQUEST_TIMEOUT="5",
+            ORCHESTRATOR_HEARTBEAT_TIMEOUT="3",
+            ORCHESTRATOR_MONITOR_INTERVAL="0.2",
+            ORCHESTRATOR_TIMEOUT_GRACE="0.5",
+            ORCHESTRATOR_RETRY_BASE_DELAY="0.05",
+        )
+        self.processes: dict[str, tuple[asyncio.subprocess.Process, Any]] = {}
+        self.queue_keys: set[str] = set()
+        self.client = RabbitMQBus(
+            settings=BusSettings(broker_url=broker_url, prefix=prefix), declare_topology=False
+        )
+
+    async def run(self, *args: str, timeout: float = 60, **env: str) -> Result:
+        return await run(*args, env={**self.env, **env}, timeout=timeout)
+
+    async def start(self, name: str, *args: str, **env: str) -> asyncio.subprocess.Process:
+        """A long-running command; its output goes to a log file (see ``log``)."""
+        log = tempfile.NamedTemporaryFile("w+b", prefix=f"{name}-", suffix=".log")
+        process = await asyncio.create_subprocess_exec(
+            *CLI,
+            *args,
+            cwd=ROOT,
+            env={**self.env, **env},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.processes[name] = (process, log)
+        return process
+
+    def log(self, name: str) -> str:
+        log = self.processes[name][1]
+        log.seek(0)
+        return log.read().decode(errors="replace")
+
+    async def serve(self) -> asyncio.subprocess.Process:
+        """``orchestrator serve``, once it answers requests."""
+        process = await self.start("serve", "serve")
+        await wait_until(self.answers, timeout=20, interval=0.1)
+        return process
+
+    async def answers(self) -> bool:
+        """Whether the orchestrator answers requests (fails if serve has exited)."""
+        process = self.processes["serve"][0]
+        if process.returncode is not None:
+            raise AssertionError(f"serve exited {process.returncode}:\n{self.log('serve')}")
+        try:
+            await self.rpc(StatsRequest(), timeout=0.5)
+        except NoReply:
+            return False
+        return True
+
+    async def agent(self, agent_id: str, *capabilities: str, **env: str) -> None:
+        """``orchestrator agent run`` of tests/agent_app.py, once it is registered."""
+        self.queue_keys.update(capabilities)
+        await self.start(
+            agent_id,
+            "agent",
+            "run",
+            "tests.agent_app:make_agent",
+            AGENT_ID=agent_id,
+            AGENT_CAPABILITIES=",".join(capabilities),
+            **env,
+        )
+
+        async def registered() -> bool:
+            agents = await self.rpc(AgentsRequest())
+            return agent_id in {a["agent_id"] for a in agents}
+
+        await wait_until(registered, timeout=20, interval=0.1)
+
+    async def rpc(self, request: Any, timeout: float = 5) -> Any:
+        """What the orchestrator answers (for waiting on conditions, not under test)."""
+        if not self.client.is_connected:
+            await self.client.connect()
+        reply = await self.client.request(request, timeout=timeout)
+        assert reply.ok, reply.error
+        return reply.result
+
+    async def stop(self, name: str) -> int:
+        """SIGTERM, then the exit code (killed after 15 s)."""
+        process = self.processes[name][0]
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), 15)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        assert process.returncode is not None
+        return process.returncode
+
+    async def close(self) -> None:
+        for name in reversed(list(self.processes)):  # agents before the orchestrator
+            await self.stop(name)
+            self.processes[name][1].close()
+        if not self.client.is_connected:
+            await self.client.connect()
+        try:
+            await self.client.delete_topology(self.queue_keys)
+        finally:
+            await self.client.close()
+
+
+@pytest.fixture
+async def deployment(prefix: str):
+    d = Deployment(prefix, require_broker())
+    try:
+        yield d
+    finally:
+        await d.close()
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+# --- the whole story ------------------------------------------------------------------------
+
+
+@pytest.mark.rabbitmq
+async def test_serve_two_agents_and_every_task_command(deployment: Deployment, tmp_path) -> None:
+    # Given `orchestrator serve` and two `orchestrator agent run`
+    await deployment.serve()
+    await deployment.agent("cli_agent_1", "analysis")
+    await deployment.agent("cli_agent_2", "analysis", "trading")
+
+    # When a user submits a task with its payload in a file, and waits for it
+    payload = tmp_path / "payload.json"
+    payload.write_text(json.dumps({"symbol": "BTC", "sleep": 0.3}))
+    submitted = await deployment.run(
+        "submit", "analysis", "--payload", f"@{payload}", "--requires", "analysis",
+        "--priority", "high", "--wait",
+    )  # fmt: skip
+
+    # Then it prints the task's id, draws its progress, and ends with the result
+    assert submitted.code == 0, submitted
+    task_id = submitted.out.splitlines()[0]
+    assert task_id.startswith("task_")
+    assert "analysis [completed]" in submitted.err
+    assert "100%" in submitted.err
+    assert last_line(submitted.out).startswith("completed after ")
+    assert '"echo": {"symbol": "BTC", "sleep": 0.3}' in submitted.out
+
+    # When a task depends on one still running, then it starts only after that one ends
+    first = await deployment.run("submit", "analysis", "-r", "analysis", "-p", '{"sleep": 0.5}')
+    then = await deployment.run(
+        "submit", "trade", "-r", "trading", "--depends-on", first.out.strip(), "--wait", "--json"
+    )
+    assert then.code == 0, then
+    dependent = json.loads(then.out)
+    assert dependent["assigned_agent"] == "cli_agent_2"  # the one agent that can trade
+    upstream = json.loads((await deployment.run("status", first.out.strip(), "--json")).out)
+    assert dependent["started_at"] >= upstream["started_at"] + 0.5
+
+    # When the user asks for the first task's status, then it says completed, with the result
+    status = await deployment.run("status", task_id, "--json")
+    assert status.code == 0, status
+    assert json.loads(status.out)["status"] == "completed"
+    assert json.loads(status.out)["result"]["echo"] == {"symbol": "BTC", "sleep": 0.3}
+    table = await deployment.run("status", task_id)
+    assert "completed" in table.out
+    assert task_id in table.out
+
+    # When a task no agent can run is cancelled, then it is, once
+    deployment.queue_keys.add("nobody_can")
+    waiting = await deployment.run("submit", "idle", "--requires", "nobody_can")
+    waiting_id = waiting.out.strip()
+    cancelled = await deployment.run("cancel", waiting_id)
+    assert (cancelled.code, cancelled.out.strip()) == (0, f"cancelled {waiting_id}")
+    again = await deployment.run("cancel", waiting_id)
+    assert again.code == 1
+    assert again.error == (
+        f"error: task {waiting_id} has already ended (cancelled); nothing to cancel"
+    )
+    status = await deployment.run("status", waiting_id, "--json")
+    assert json.loads(status.out)["status"] == "cancelled"
+
+    # When the user asks for statistics, then they count the four tasks
+    stats = await deployment.run("stats", "--json")
+    assert stats.code == 0, stats
+    numbers = json.loads(stats.out)
+    assert (numbers["tasks_created"], numbers["tasks_completed"]) == (4, 3)
+    assert numbers["registered_agents"] == 2
+    table = await deployment.run("stats")
+    assert "tasks_completed" in table.out
+    assert "utilization of cli_agent_1" in table.out
+
+    # When the user lists the agents, then both are there with their capabilities
+    agents = await deployment.run("agents")
+    assert agents.code == 0, agents
+    assert "cli_agent_1" in agents.out
+    assert "analysis, trading" in agents.out
+    records = json.loads((await deployment.run("agents", "--json")).out)
+    assert {a["agent_id"]: a["capabilities"] for a in records} == {
+        "cli_agent_1": ["analysis"],
+        "cli_agent_2": ["analysis", "trading"],
+    }
+
+    # When a task runs past its timeout, then submit --wait says so and exits 4
+    late = await deployment.run(
+        "submit", "slow", "-r", "analysis", "--payload", '{"sleep": 5}',
+        "--timeout", "0.3", "--max-retries", "0", "--wait",
+    )  # fmt: skip
+    assert late.code == 4, late
+    assert "slow [timeout]" in late.err  # the progress bar's last state
+    assert last_line(late.err).startswith("error: task task_")
+    assert " ended timeout: exceeded timeout of 0.3s" in last_line(late.err)
+
+    # And SIGTERM stops agents and orchestrator cleanly
+    for name in ("cli_agent_1", "cli_agent_2", "serve"):
+        assert await deployment.stop(name) == 0, deployment.log(name)
+
+
+# --- errors: one line, an exit code, never a traceback ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["submit", "t", "--payload", "{bad"], "error: --payload: not valid JSON: "),
+        (["submit", "t", "--payload", "@no/such/file.json"], "error: --payload: cannot read "),
+        (["submit", "t", "--payload", "[1, 2]"], "error: --payload: must be a JSON object, got list"),
+        (["serve", "--store", "postgres"], "error: --store: expected 'memory' or 'sqlite:PATH'"),
+        (["agent", "run", "no_such_module:agent"], "error: agent: cannot import 'no_such_module'"),
+        (["agent", "run", "tests.agent_app:nothing"], "error: agent: module 'tests.agent_app' has"),
+        (["topology", "--prefix", "a.b"], "error: prefix: String should match pattern"),
+    ],
+)  # fmt: skip
+async def test_bad_input_is_one_line_and_exit_1(args: list[str], message: str) -> None:
+    # When a command gets input it cannot use
+    result = await run(*args)
+
+    # Then it says why in one line and exits 1
+    assert result.code == 1, result
+    assert result.error.startswith(message), result.error
+    assert "Traceback" not in result.err
+
+
+@pytest.mark.rabbitmq
+async def test_requests_the_orchestrator_refuses_are_one_line_and_exit_1(
+    deployment: Deployment,
+) -> None:
+    # Given a running orchestrator
+    await deployment.serve()
+    cases = [
+        (
+            ["submit", "t", "--priority", "urgent"],
+            "error: priority: must be a TaskPriority or one of low, medium, high, critical,"
+            " got 'urgent'",
+        ),
+        (["submit", "t", "--depends-on", "task_x"], "error: dependencies: unknown task id"),
+        (["submit", "t", "-r", "no spaces"], "error: required_capabilities: 'no spaces' is not"),
+        (["status", "task_unknown"], "error: task_id: unknown task 'task_unknown'"),
+        (["cancel", "task_unknown"], "error: task_id: unknown task 'task_unknown'"),
+    ]
+    for args, message in cases:
+        # When a user sends it a request it refuses
+        result = await deployment.run(*args)
+
+        # Then the command says why in one line and exits 1
+        assert result.code == 1, (args, result)
+        assert result.error.startswith(message), (args, result.error)
+
+    # And nothing was created
+    assert (await deployment.rpc(StatsRequest()))["tasks_created"] == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "given_by"),
+    [
+        (["serve"], "environment"),
+        (["agent", "run", "tests.agent_app:make_agent"], "option"),
+        (["submit", "analysis", "--wait"], "option"),
+        (["status", "task_1"], "environment"),
+        (["stats"], "option"),
+        (["watch", "--seconds", "1"], "environment"),
+    ],
+)
+async def test_unreachable_broker_is_one_line_exit_3_without_the_password(
+    args: list[str], given_by: str
+) -> None:
+    # Given a broker URL nobody answers at, with a password in it
+    env = base_env(AGENT_ID="a")
+    if given_by == "option":
+        args = [*args, "--broker", UNREACHABLE]
+    else:
+        env["ORCHESTRATOR_BROKER_URL"] = UNREACHABLE
+
+    # When a command needs the broker
+    result = await run(*args, env=env)
+
+    # Then it names the address, not the password, in one line and exits 3
+    assert result.code == 3, result
+    assert result.error.startswith(
+        "error: cannot reach RabbitMQ at amqp://someone:***@127.0.0.1:1/"
+    )
+    assert "s3cret" not in result.out + result.err
+
+
+@pytest.mark.rabbitmq
+async def test_no_orchestrator_answering_is_one_line_and_exit_3(deployment: Deployment) -> None:
+    # When nobody ever served the prefix, then a request fails at once
+    never = await deployment.run("stats")
+    assert never.code == 3, never
+    assert never.error == (
+        f"error: no queue '{deployment.prefix}.rpc' on RabbitMQ at "
+        f"{redact_url(deployment.broker_url)}: no orchestrator has served prefix "
+        f"'{deployment.prefix}' there"
+    )
+
+    # When the orchestrator served and stopped, then a request waits its timeout, then fails
+    await deployment.serve()
+    assert await deployment.stop("serve") == 0
+    gone = await deployment.run("status", "task_1", ORCHESTRATOR_REQUEST_TIMEOUT="1")
+    assert gone.code == 3, gone
+    assert gone.error == (
+        f"error: no reply from '{deployment.prefix}.rpc' within 1s: "
+        f"is an orchestrator serving prefix '{deployment.prefix}'?"
+    )
+
+
+@pytest.mark.rabbitmq
+async def test_serve_killed_and_restarted_on_its_sqlite_store_loses_nothing(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    # Given serve on a SQLite store, an agent, a running task with a dependent, a queued one
+    deployment.env["ORCHESTRATOR_STORE"] = f"sqlite:{tmp_path / 'state.sqlite'}"
+    await deployment.serve()
+    await deployment.agent("sql_agent", "analysis")
+    first = (await deployment.run("submit", "a", "-r", "analysis", "-p", '{"sleep": 2}')).out
+    first = first.strip()
+    dependent = await deployment.run("submit", "b", "-r", "analysis", "--depends-on", first)
+    queued = await deployment.run("submit", "c", "-r", "nobody_can")
+    deployment.queue_keys.add("nobody_can")
+    assert dependent.code == 0 and queued.code == 0, (dependent, queued)
+
+    async def first_is(status: str) -> bool:
+        return (await deployment.rpc(TaskStatusRequest(task_id=first)))["status"] == status
+
+    await wait_until(lambda: first_is("running"), timeout=20, interval=0.1)
+    finished = asyncio.Event()
+
+    async def on_event(event: Any) -> None:
+        if event.kind == "task.finished" and event.task_id == first:
+            finished.set()
+
+    await deployment.client.subscribe_events(on_event, patterns=["task.finished"])
+
+    # When serve is killed (SIGKILL) while the task runs, and starts again after it ended
+    deployment.processes["serve"][0].kill()
+    await deployment.processes["serve"][0].wait()
+    await asyncio.wait_for(finished.wait(), 20)  # the result goes to nobody
+    await deployment.serve()
+
+    # Then the result sent while it was down completes the task, its dependent runs,
+    # and the queued task and the counts are as before
+    done = await deployment.run("submit", "d", "-r", "analysis", "--wait", "--json")
+    assert done.code == 0, done
+    await wait_until(lambda: first_is("completed"), timeout=20, interval=0.1)
+    await wait_until(lambda: task_is(deployment, dependent.out.strip(), "completed"), timeout=20)
+    still = json.loads((await deployment.run("status", queued.out.strip(), "--json")).out)
+    assert still["status"] == "assigned"
+    stats = json.loads((await deployment.run("stats", "--json")).out)
+    assert stats["tasks_created"] == 4
+    assert stats["tasks_completed"] == 3
+
+
+async def task_is(deployment: Deployment, task_id: str, status: str) -> bool:
+    return (await deployment.rpc(TaskStatusRequest(task_id=task_id)))["status"] == status
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["submit"], "error: Missing argument 'TASK_TYPE'. (see 'orchestrator submit --help')"),
+        (["explode"], "error: No such command 'explode'. (see 'orchestrator --help')"),
+        (["submit", "t", "--timeout", "soon"], "error: Invalid value for '--timeout': "),
+        (["submit", "t", "--bogus"], "error: No such option: --bogus (see 'orchestrator submit"),
+        (["agent", "run"], "error: Missing argument 'MODULE:OBJECT'. (see 'orchestrator agent"),
+    ],
+)
+async def test_usage_errors_are_one_line_and_exit_2(args: list[str], message: str) -> None:
+    result = await run(*args)
+    assert result.code == 2, result
+    assert result.error.startswith(message), result.error
+
+
+async def test_help_lists_commands_and_exit_codes() -> None:
+    result = await run("--help")
+    assert result.code == 0
+    for command in ("serve", "agent", "submit", "status", "cancel", "stats", "agents", "watch"):
+        assert f"  {command} " in result.out
+    assert "3 broker unreachable" in " ".join(result.out.split())
+
+
+# --- demo, watch, topology ----------------------------------------------------------------------
+
+
+async def test_demo_runs_in_process_and_ends_with_a_summary() -> None:
+    # When the README's `./run.sh demo` runs (python -m orchestrator demo)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "orchestrator", "demo", "--workflows", "1",
+        cwd=ROOT, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+
+    # Then it runs the workflow in-process and ends by itself with a summary
+    assert process.returncode == 0, err.decode()
+    assert out.decode().startswith("demo on the in-process bus")
+    assert "3 of 3 tasks completed, 0 failed" in out.decode()
+
+
+@pytest.mark.rabbitmq
+async def test_demo_runs_on_the_broker_without_printing_the_password() -> None:
+    broker_url = require_broker()
+    result = await run("demo", "--workflows", "1", "--broker", broker_url)
+    assert result.code == 0, result
+    assert "3 of 3 tasks completed, 0 failed" in result.out
+    assert ":***@" in result.out
+    password = urlsplit(broker_url).password
+    assert password
+    assert f":{password}@" not in result.out + result.err
+
+
+@pytest.mark.rabbitmq
+async def test_watch_shows_events_queue_depths_and_agent_load(deployment: Deployment) -> None:
+    # Given an orchestrator, an agent, and a task waiting in a queue nobody consumes
+    await deployment.serve()
+    await deployment.agent("watched_agent", "analysis")
+    deployment.queue_keys.add("unserved")
+    await deployment.run("submit", "idle", "-r", "unserved")
+
+    # When a user watches while tasks run
+    watch = asyncio.ensure_future(deployment.run("watch", "--seconds", "4", "--refresh", "0.5"))
+    while not watch.done():
+        await deployment.rpc(
+            SubmitTaskRequest(
+                name="watched", task_type="t", payload={}, required_capabilities=["analysis"]
+            )
+        )
+        await asyncio.sleep(0.3)
+    result = await watch
+
+    # Then it ends by itself, showing the events, the queue depths and the agent's load
+    assert result.code == 0, result
+    assert "task.finished" in result.out
+    assert "completed on watched_agent" in result.out
+    assert "watched_agent" in result.out
+    assert "0/5" in result.out or "1/5" in result.out
+    assert re.search(r"│ unserved +│ unserved +│ 1 +│", result.out), result.out
+
+
+async def test_topology_prints_and_exports_the_definitions(tmp_path: Path) -> None:
+    # When a user prints the definitions of a prefix, then they are JSON with its queues
+    printed = await run("topology", "--prefix", "shop")
+    assert printed.code == 0, printed
+    queues = {q["name"] for q in json.loads(printed.out)["queues"]}
+    assert {"shop.rpc", "shop.orchestrator.events", "shop.tasks.@any"} <= queues
+
+    # When they export them to a file, then the file holds the same
+    target = tmp_path / "definitions.json"
+    exported = await run("topology", "--prefix", "shop", "--export", str(target))
+    assert exported.code == 0, exported
+    assert json.loads(target.read_text()) == json.loads(printed.out)
+
+
+async def test_schemas_command_writes_the_checked_in_documents(tmp_path: Path) -> None:
+    result = await run("schemas", "--out", str(tmp_path))
+    assert result.code == 0, result
+    assert (tmp_path / "asyncapi.json").read_text() == (ROOT / "docs/asyncapi.json").read_text()
+
+
+# --- a client that is not Python ------------------------------------------------------------------
+
+
+def management_api(broker_url: str) -> str:
+    """The management HTTP API of the broker, enabling the plugin if needed."""
+    parts = urlsplit(broker_url)
+    api = f"http://{parts.hostname or '127.0.0.1'}:15672/api"
+    for tool in ("curl", "jq"):
+        if shutil.which(tool) is None:
+            skip_or_fail(f"{tool} is not installed")
+
+    def answers() -> bool:
+        request = urllib.request.Request(f"{api}/overview")
+        credentials = f"{parts.username or 'guest'}:{parts.password or 'guest'}"
+        request.add_header(
+            "Authorization", "Basic " + base64.b64encode(credentials.encode()).decode()
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    if answers():
+        return api
+    if shutil.which("rabbitmq-plugins") and parts.hostname in ("127.0.0.1", "localhost"):
+        subprocess.run(
+            ["rabbitmq-plugins", "enable", "rabbitmq_management"],
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        for _ in range(60):
+            if answers():
+                return api
+            time.sleep(1)
+    skip_or_fail(f"the management API does not answer at {api}")
+    raise AssertionError("unreachable")
+
+
+def skip_or_fail(message: str) -> None:
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(message + " (CI=true)")
+    pytest.skip(message)
+
+
+@pytest.mark.rabbitmq
+async def test_a_shell_script_with_curl_submits_a_task_that_completes(
+    deployment: Deployment,
+) -> None:
+    # Given a running orchestrator and agent, and RabbitMQ's management HTTP API
+    api = management_api(deployment.broker_url)
+    await deployment.serve()
+    await deployment.agent("curl_agent", "analysis")
+
+    # When the README's example script submits a task with curl
+    broker = urlsplit(deployment.broker_url)
+    process = await asyncio.create_subprocess_exec(
+        "bash", str(CURL_EXAMPLE), "analysis", '{"symbol": "ETH"}', "analysis",
+        cwd=ROOT,
+        env={
+            **base_env(),
+            "RABBITMQ_API": api,
+            "RABBITMQ_USER": broker.username or "guest",
+            "RABBITMQ_PASSWORD": broker.password or "guest",
+            "ORCHESTRATOR_PREFIX": deployment.prefix,
+            "WAIT_SECONDS": "20",
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+
+    # Then it prints the task's id and its final status: completed, with the agent's result
+    assert process.returncode == 0, err.decode()
+    task_id, _, status_json = out.decode().partition("\n")
+    status = json.loads(status_json)
+    assert status["task_id"] == task_id
+    assert status["status"] == "completed"
+    assert status["result"]["echo"] == {"symbol": "ETH"}
+    assert status["assigned_agent"] == "curl_agent"
+
+    # And the command line sees the same task
+    seen = await deployment.run("status", task_id, "--json")
+    assert json.loads(seen.out)["name"] == "analysis from curl"

@@ -1,0 +1,406 @@
+"""The request protocol for other services, on both buses.
+
+First the bus's part (``serve_requests`` / ``request``: replies matched by
+correlation id, errors as replies, expiry, no server), then the
+orchestrator's (``OrchestratorService``: requests mapped to the API). In
+memory every party shares one bus; on RabbitMQ each has its own connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import aio_pika
+import pytest
+
+from broker import (
+    AgentsRequest,
+    CancelTaskRequest,
+    CommunicationBus,
+    InvalidMessage,
+    NoReply,
+    QueuesRequest,
+    RabbitMQBus,
+    Reply,
+    Request,
+    StatsRequest,
+    SubmitTaskRequest,
+    TaskMessage,
+    TaskStarted,
+    TaskStatusRequest,
+    parse_reply,
+)
+from orchestrator import OrchestratorService
+from tests.harness import Harness, wait_until
+
+WAIT = 5.0
+
+RABBITMQ_ONLY = pytest.mark.parametrize(
+    "bus_kind", [pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)], indirect=True
+)
+"""For tests about the AMQP wire itself."""
+
+
+async def echo_server(request: Request) -> Reply:
+    """A handler that answers with what it was asked."""
+    return Reply.success({"kind": request.kind, "task_id": getattr(request, "task_id", None)})
+
+
+async def connected(harness: Harness) -> CommunicationBus:
+    bus = harness.new_bus()
+    await bus.connect()
+    return bus
+
+
+# --- the bus: serve_requests and request ----------------------------------------------
+
+
+async def test_each_request_gets_its_own_reply(harness: Harness) -> None:
+    # Given a server, and a client on its own connection
+    server = await connected(harness)
+    await server.serve_requests(echo_server)
+    client = await connected(harness)
+
+    # When the client sends twenty requests at once
+    ids = [f"t-{n}" for n in range(20)]
+    replies = await asyncio.gather(
+        *(client.request(TaskStatusRequest(task_id=i), timeout=WAIT) for i in ids)
+    )
+
+    # Then each reply is the answer to its own request
+    assert [r.result["task_id"] for r in replies] == ids
+    assert all(r.ok and r.result["kind"] == "request.status" for r in replies)
+
+
+async def test_without_a_server_a_request_raises_no_reply_naming_the_queue(
+    harness: Harness,
+) -> None:
+    # Given a client and no server for its prefix
+    client = await connected(harness)
+
+    # When it sends a request, then it hears NoReply, a TimeoutError, naming the queue
+    with pytest.raises(NoReply, match=rf"'{client.topology.rpc_queue}'") as raised:
+        await client.request(StatsRequest(), timeout=0.3)
+    assert isinstance(raised.value, TimeoutError)
+
+
+async def test_a_request_nobody_took_in_time_is_dropped(harness: Harness) -> None:
+    # Given a request queue whose server has stopped
+    server = await connected(harness)
+    seen: list[Request] = []
+
+    async def recording(request: Request) -> Reply:
+        seen.append(request)
+        return await echo_server(request)
+
+    subscription = await server.serve_requests(recording)
+    await subscription.close()
+    client = await connected(harness)
+
+    # When a client gives up on a request while no server runs
+    with pytest.raises(NoReply):
+        await client.request(TaskStatusRequest(task_id="stale"), timeout=0.2)
+    await asyncio.sleep(0.1)
+
+    # Then a server that starts later never acts on it, and answers what comes next
+    await server.serve_requests(recording)
+    reply = await client.request(TaskStatusRequest(task_id="fresh"), timeout=WAIT)
+    assert reply.result["task_id"] == "fresh"
+    assert [r.task_id for r in seen] == ["fresh"]  # type: ignore[union-attr]
+
+
+async def test_a_message_that_is_not_a_request_gets_an_error_reply(harness: Harness) -> None:
+    # Given a server
+    server = await connected(harness)
+    await server.serve_requests(echo_server)
+    client = await connected(harness)
+
+    # When a client sends an event where a request belongs
+    reply = await client.request(TaskStarted(task_id="t", attempt=1, agent_id="a"), timeout=WAIT)
+
+    # Then it is told why, naming the field, and the server goes on serving
+    assert not reply.ok
+    assert reply.error is not None
+    assert reply.error.type == "invalid_request"
+    assert reply.error.message.startswith("invalid request: kind: ")
+    assert (await client.request(StatsRequest(), timeout=WAIT)).ok
+
+
+async def test_a_failing_handler_gets_an_internal_error_reply(harness: Harness) -> None:
+    # Given a server whose handler fails on status requests
+    server = await connected(harness)
+
+    async def buggy(request: Request) -> Reply:
+        if isinstance(request, TaskStatusRequest):
+            raise RuntimeError("bug in the handler")
+        return Reply.success("fine")
+
+    await server.serve_requests(buggy)
+    client = await connected(harness)
+
+    # When a client asks for a status
+    reply = await client.request(TaskStatusRequest(task_id="t"), timeout=WAIT)
+
+    # Then it gets an internal error, and the server still answers the next request
+    assert reply.error is not None
+    assert reply.error.type == "internal"
+    assert "RuntimeError: bug in the handler" in reply.error.message
+    assert (await client.request(StatsRequest(), timeout=WAIT)).result == "fine"
+
+
+async def test_a_late_reply_is_not_taken_for_the_next_one(harness: Harness) -> None:
+    # Given a server that is slow on its first request
+    server = await connected(harness)
+    first = True
+
+    async def slow_once(request: Request) -> Reply:
+        nonlocal first
+        if first:
+            first = False
+            await asyncio.sleep(0.5)
+        return await echo_server(request)
+
+    await server.serve_requests(slow_once)
+    client = await connected(harness)
+
+    # When the client gives up on the first request, then sends another
+    with pytest.raises(NoReply):
+        await client.request(TaskStatusRequest(task_id="slow"), timeout=0.2)
+    reply = await client.request(TaskStatusRequest(task_id="second"), timeout=WAIT)
+
+    # Then the reply it gets is the second request's
+    assert reply.result["task_id"] == "second"
+
+
+async def test_queue_depth_counts_waiting_tasks(harness: Harness) -> None:
+    # Given two tasks waiting in a queue nobody consumes
+    bus = await connected(harness)
+    harness.queue_keys.add("depth_test")
+    await bus.declare_task_queue("depth_test")
+    for n in range(2):
+        message = TaskMessage(
+            task_id=f"t-{n}",
+            attempt=1,
+            name="t",
+            task_type="t",
+            payload={},
+            priority="low",
+            timeout=1.0,
+            estimated_duration=1.0,
+        )
+        await bus.publish_task(message, queue_key="depth_test", priority=0)
+
+    # Then its depth is 2, and a queue that does not exist has none
+    assert await bus.queue_depth("depth_test") == 2
+    assert await bus.queue_depth("no_such_queue") == 0
+
+
+@RABBITMQ_ONLY
+async def test_any_amqp_client_gets_replies_and_garbage_is_answered(harness: Harness) -> None:
+    # Given a server on RabbitMQ, and a plain AMQP client with its own reply queue
+    server = await connected(harness)
+    await server.serve_requests(echo_server)
+    assert harness.settings.broker_url
+    connection = await aio_pika.connect(harness.settings.broker_url)
+    async with connection:
+        channel = await connection.channel()
+        replies = await channel.declare_queue(exclusive=True)
+
+        async def send(body: bytes, correlation_id: str, reply_to: str | None) -> None:
+            await channel.default_exchange.publish(
+                aio_pika.Message(body, reply_to=reply_to, correlation_id=correlation_id),
+                routing_key=server.topology.rpc_queue,
+            )
+
+        # When it sends a request as JSON, and then a body that is not JSON
+        await send(json.dumps({"kind": "request.stats"}).encode(), "c-1", replies.name)
+        await send(b"not json", "c-2", replies.name)
+
+        # Then each reply comes to its reply_to with its correlation id
+        answers = {}
+        async with asyncio.timeout(WAIT):
+            while len(answers) < 2:
+                message = await replies.get(no_ack=True, fail=False)
+                if message is None:
+                    await asyncio.sleep(0.02)
+                    continue
+                answers[message.correlation_id] = parse_reply(message.body)
+        assert answers["c-1"].ok
+        assert answers["c-1"].result["kind"] == "request.stats"
+        assert answers["c-2"].error is not None
+        assert answers["c-2"].error.type == "invalid_request"
+
+        # And garbage with nobody to tell goes to the dead letters with the reason
+        await send(b"garbage", "c-3", None)
+        dead = await channel.declare_queue(server.topology.dead_queue, passive=True)
+        letter = None
+        async with asyncio.timeout(WAIT):
+            while letter is None:
+                letter = await dead.get(no_ack=True, fail=False)
+                await asyncio.sleep(0.02)
+        assert letter.body == b"garbage"
+        assert "invalid request" in str(letter.headers["x-reason"])
+
+
+def test_a_reply_has_an_error_exactly_when_it_failed() -> None:
+    with pytest.raises(ValueError):
+        Reply(ok=True, error={"type": "internal", "message": "x"})
+    with pytest.raises(ValueError):
+        Reply(ok=False)
+    with pytest.raises(InvalidMessage, match="error"):
+        parse_reply(b'{"kind": "reply", "ok": false}')
+
+
+# --- the orchestrator's service --------------------------------------------------------
+
+
+async def serving(harness: Harness) -> tuple[OrchestratorService, CommunicationBus]:
+    """An orchestrator serving the protocol, and a client on its own connection."""
+    orchestrator = await harness.start_orchestrator()
+    service = OrchestratorService(orchestrator)
+    await service.start()
+    return service, await connected(harness)
+
+
+async def test_a_task_submitted_by_request_runs_and_reports(harness: Harness) -> None:
+    # Given an orchestrator serving requests, and an agent
+    service, client = await serving(harness)
+    orchestrator = service.orchestrator
+    await harness.start_agent("worker", ["analysis"], 2)
+
+    # When a client submits a task by request and waits for it
+    reply = await client.request(
+        SubmitTaskRequest(
+            name="BTC Analysis",
+            task_type="analysis",
+            payload={"symbol": "BTC"},
+            priority="HIGH",
+            required_capabilities=["analysis"],
+        ),
+        timeout=WAIT,
+    )
+    assert reply.ok, reply.error
+    task_id = reply.result["task_id"]
+    await orchestrator.wait_for_task(task_id, timeout=WAIT)
+
+    # Then status and stats replies are exactly the API's answers
+    status = await client.request(TaskStatusRequest(task_id=task_id), timeout=WAIT)
+    assert status.result == await orchestrator.get_task_status(task_id)
+    assert status.result["status"] == "completed"
+    assert status.result["result"] == {"echo": {"symbol": "BTC"}, "agent": "worker"}
+    stats = await client.request(StatsRequest(), timeout=WAIT)
+    assert stats.result == json.loads(json.dumps(await orchestrator.get_stats()))
+
+    # And agents and queues show who runs what
+    agents = (await client.request(AgentsRequest(), timeout=WAIT)).result
+    assert [(a["agent_id"], a["capabilities"], a["max_concurrent_tasks"]) for a in agents] == [
+        ("worker", ["analysis"], 2)
+    ]
+    queues = (await client.request(QueuesRequest(), timeout=WAIT)).result
+    assert {q["key"]: q["depth"] for q in queues} == {"@any": 0, "analysis": 0}
+    assert {q["queue"] for q in queues} == {
+        client.topology.task_queue("@any"),
+        client.topology.task_queue("analysis"),
+    }
+
+
+async def test_bad_submit_is_refused_naming_the_field(harness: Harness) -> None:
+    # Given an orchestrator serving requests
+    service, client = await serving(harness)
+
+    # When a client submits with an unknown priority, then a dependency nobody knows
+    bad_priority = await client.request(
+        SubmitTaskRequest(name="t", task_type="t", payload={}, priority="urgent"), timeout=WAIT
+    )
+    bad_dependency = await client.request(
+        SubmitTaskRequest(name="t", task_type="t", payload={}, dependencies=["nope"]),
+        timeout=WAIT,
+    )
+
+    # Then each is refused as an invalid request naming its field, and nothing was created
+    assert bad_priority.error is not None
+    assert bad_priority.error.type == "invalid_request"
+    assert bad_priority.error.message.startswith("priority: ")
+    assert "urgent" in bad_priority.error.message
+    assert bad_dependency.error is not None
+    assert bad_dependency.error.message.startswith("dependencies: ")
+    assert (await service.orchestrator.get_stats())["tasks_created"] == 0
+
+
+async def test_unknown_task_ids_are_not_found(harness: Harness) -> None:
+    # Given an orchestrator serving requests
+    _, client = await serving(harness)
+    unknown = f"task_{uuid.uuid4().hex}"
+
+    # When a client asks for the status of, or cancels, a task nobody submitted
+    for request in (TaskStatusRequest(task_id=unknown), CancelTaskRequest(task_id=unknown)):
+        reply = await client.request(request, timeout=WAIT)
+
+        # Then it is told the task is not found, naming the id
+        assert reply.error is not None
+        assert reply.error.type == "not_found"
+        assert reply.error.message == f"task_id: unknown task {unknown!r}"
+
+
+async def test_cancel_by_request_cancels_once(harness: Harness) -> None:
+    # Given a task no agent can run yet
+    service, client = await serving(harness)
+    submitted = await client.request(
+        SubmitTaskRequest(
+            name="t", task_type="t", payload={}, required_capabilities=["nobody_has_this"]
+        ),
+        timeout=WAIT,
+    )
+    task_id = submitted.result["task_id"]
+    harness.queue_keys.add("nobody_has_this")
+
+    # When a client cancels it twice
+    first = await client.request(CancelTaskRequest(task_id=task_id), timeout=WAIT)
+    second = await client.request(CancelTaskRequest(task_id=task_id), timeout=WAIT)
+
+    # Then the first cancels it and the second says it had already ended
+    assert first.result == {"task_id": task_id, "cancelled": True, "status": "cancelled"}
+    assert second.result == {"task_id": task_id, "cancelled": False, "status": "cancelled"}
+
+    async def cancelled() -> bool:
+        status = await service.orchestrator.get_task_status(task_id)
+        return status is not None and status["status"] == "cancelled"
+
+    await wait_until(cancelled, WAIT)
+
+
+async def test_requests_of_a_stopped_service_wait_for_the_next_one(harness: Harness) -> None:
+    # Given a service that stopped, and a client that waits long enough
+    service, client = await serving(harness)
+    await service.stop()
+    pending = asyncio.ensure_future(client.request(StatsRequest(), timeout=WAIT))
+    await asyncio.sleep(0.2)
+    assert not pending.done()
+
+    # When the service starts again, then the waiting request is answered
+    await service.start()
+    reply = await asyncio.wait_for(pending, WAIT)
+    assert reply.ok
+    assert reply.result["tasks_created"] == 0
+
+
+@RABBITMQ_ONLY
+async def test_a_client_that_declares_nothing_leaves_nothing_behind(harness: Harness) -> None:
+    # Given a RabbitMQ client for requests only, on a prefix nobody serves
+    client = RabbitMQBus(settings=harness.settings, declare_topology=False)
+    harness.buses.append(client)
+    await client.connect()
+
+    # When it asks, then it hears at once that nobody serves the prefix
+    with pytest.raises(NoReply, match="no orchestrator has served"):
+        await client.request(StatsRequest(), timeout=WAIT)
+
+    # And the broker has no queue of that prefix
+    assert harness.settings.broker_url
+    connection = await aio_pika.connect(harness.settings.broker_url)
+    async with connection:
+        channel = await connection.channel()
+        with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
+            await channel.declare_queue(client.topology.orchestrator_events_queue, passive=True)
