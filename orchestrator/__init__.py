@@ -5,6 +5,7 @@ from .models import AgentCapability, Task, TaskPriority, TaskStatus
 from .retries import RetryPolicy
 from .service import OrchestratorService
 from .settings import OrchestratorSettings
+from .sqlite_store import SQLiteStore
 from .stats import StatsTracker
 from .store import MemoryStore, StateStore
 from .task_orchestrator import TaskOrchestrator
@@ -23,6 +24,7 @@ __all__ = [
     "OrchestratorSettings",
     "StateStore",
     "MemoryStore",
+    "SQLiteStore",
     # building blocks
     "DependencyGraph",
     "RetryPolicy",

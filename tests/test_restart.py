@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from agents import TaskContext
-from orchestrator import MemoryStore, TaskOrchestrator
+from orchestrator import SQLiteStore, TaskOrchestrator
 from tests.harness import FAST, Harness, wait_until
 
 
-async def test_retry_scheduled_before_a_restart_runs_after_it(harness: Harness) -> None:
+async def test_retry_scheduled_before_a_restart_runs_after_it(
+    harness: Harness, tmp_path: Path
+) -> None:
     # Given a task whose first attempt failed, its retry waiting a second
-    store = MemoryStore()  # stands in for a persistent store shared by both runs
+    path = tmp_path / "state.sqlite"
     settings = FAST.model_copy(update={"retry_base_delay": 1.0, "retry_max_delay": 2.0})
-    first = await harness.start_orchestrator(settings, store=store)
+    first = await harness.start_orchestrator(settings, store=SQLiteStore(path))
 
     async def fails_once(ctx: TaskContext) -> dict:
         if ctx.attempt == 1:
@@ -31,7 +35,7 @@ async def test_retry_scheduled_before_a_restart_runs_after_it(harness: Harness) 
     await first.stop()
     bus = harness.new_bus()
     await bus.connect()
-    second = TaskOrchestrator(bus, settings=settings, store=store)
+    second = TaskOrchestrator(bus, settings=settings, store=SQLiteStore(path))
     harness.orchestrator = second
     await second.start()
 

@@ -44,6 +44,7 @@ From the repository root, with RabbitMQ on the broker URL::
     .venv/bin/python tests/bench/throughput.py --tasks 200 --agents 1 --bus memory
     .venv/bin/python tests/bench/throughput.py --bus rabbitmq --broker amqp://guest:guest@host:5672/
     .venv/bin/python tests/bench/throughput.py --json > results.json
+    .venv/bin/python tests/bench/throughput.py --store sqlite   # state in a SQLite file
 
 Defaults: 2000 tasks, 2 agents, 50 concurrent tasks per agent, both buses,
 the broker from ``ORCHESTRATOR_BROKER_URL`` or ``amqp://guest:guest@127.0.0.1:5672/``.
@@ -77,7 +78,7 @@ from broker import (
     default_broker_url,
     redact_url,
 )
-from orchestrator import TaskOrchestrator
+from orchestrator import SQLiteStore, StateStore, TaskOrchestrator
 
 ROOT = Path(__file__).resolve().parents[2]
 CHUNK = 200
@@ -103,6 +104,8 @@ class Result:
     """Largest peak RSS of the agent processes (RabbitMQ only)."""
     agent_app: str | None
     """What the agent processes ran (RabbitMQ only)."""
+    store: str = "memory"
+    """The orchestrator's state store: memory, or sqlite (a file in a temporary directory)."""
 
 
 def peak_rss_mib() -> float:
@@ -201,7 +204,13 @@ def make_result(
         peak_rss_mib=round(peak_rss_mib(), 1),
         agent_peak_rss_mib=None if agent_rss is None else round(agent_rss, 1),
         agent_app=args.agent_app if bus == "rabbitmq" else None,
+        store=args.store,
     )
+
+
+def make_store(args: argparse.Namespace, directory: str) -> StateStore | None:
+    """The store ``--store`` names; None is the orchestrator's own memory store."""
+    return SQLiteStore(Path(directory) / "state.sqlite") if args.store == "sqlite" else None
 
 
 def new_prefix() -> str:
@@ -235,7 +244,8 @@ async def run_memory(args: argparse.Namespace) -> Result:
     prefix = new_prefix()
     bus = MemoryBus(settings=BusSettings(prefix=prefix))
     await bus.connect()
-    orchestrator = TaskOrchestrator(bus)
+    directory = tempfile.TemporaryDirectory()
+    orchestrator = TaskOrchestrator(bus, store=make_store(args, directory.name))
     agents: list[Agent] = []
     try:
         await orchestrator.start()
@@ -252,6 +262,7 @@ async def run_memory(args: argparse.Namespace) -> Result:
             await agent.stop(drain_timeout=1)
         await orchestrator.stop()
         await bus.close()
+        directory.cleanup()
 
 
 # ---------------------------------------------------------------- RabbitMQ
@@ -302,7 +313,8 @@ def tail(log: IO[bytes], lines: int = 20) -> str:
 async def run_rabbitmq(args: argparse.Namespace) -> Result:
     settings = BusSettings(broker_url=args.broker, prefix=new_prefix())
     bus = RabbitMQBus(settings=settings)
-    orchestrator = TaskOrchestrator(bus)
+    directory = tempfile.TemporaryDirectory()
+    orchestrator = TaskOrchestrator(bus, store=make_store(args, directory.name))
     processes: list[subprocess.Popen[bytes]] = []
     logs: list[IO[bytes]] = []
     connected = ok = False
@@ -338,6 +350,7 @@ async def run_rabbitmq(args: argparse.Namespace) -> Result:
             await orchestrator.stop()
             await bus.close()  # ours: we connected it before start()
         finally:
+            directory.cleanup()
             if connected:
                 await delete_topology(settings, keys)
 
@@ -371,6 +384,7 @@ def ratios(results: list[Result]) -> dict[str, float] | None:
 def table(results: list[Result]) -> str:
     header = (
         "bus",
+        "store",
         "tasks",
         "agents",
         "concurrency",
@@ -382,6 +396,7 @@ def table(results: list[Result]) -> str:
     rows = [header] + [
         (
             r.bus,
+            r.store,
             str(r.tasks),
             str(r.agents),
             str(r.concurrency),
@@ -443,6 +458,7 @@ def run_child(bus: str, args: argparse.Namespace) -> Result | None:
         f"--broker={args.broker}",
         f"--timeout={args.timeout}",
         f"--agent-app={args.agent_app}",
+        f"--store={args.store}",
         "--json",
     ]
     with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE) as child:
@@ -486,6 +502,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="tests.agent_app:make_agent",
         help="module:factory the RabbitMQ agent processes run (default tests.agent_app:make_agent,"
         " which reports progress once per task; tests.bench.throughput:make_noop_agent does not)",
+    )
+    parser.add_argument(
+        "--store",
+        choices=("memory", "sqlite"),
+        default="memory",
+        help="the orchestrator's state store (default memory; sqlite: a file in a temp dir)",
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
