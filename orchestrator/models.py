@@ -69,6 +69,8 @@ class Task:
     attempt: int = 0
     """Number of the current publish; events of other attempts are stale."""
     progress: float = 0.0
+    retry_due: float | None = None
+    """Latest time a delayed retry should reach its queue; watched until then."""
 
 
 @dataclass

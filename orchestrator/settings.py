@@ -20,6 +20,11 @@ class OrchestratorSettings(BaseSettings):
         default=1.0, gt=0, description="first retry delay in seconds; doubles per retry"
     )
     retry_max_delay: float = Field(default=300.0, gt=0, description="longest retry delay")
+    lost_retry_grace: float = Field(
+        default=30.0,
+        gt=0,
+        description="a retry this long overdue, its queue empty, is published again",
+    )
     timeout_grace: float = Field(
         default=5.0,
         ge=0,

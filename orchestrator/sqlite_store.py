@@ -69,6 +69,7 @@ def task_to_record(task: Task) -> str:
             "error_message": task.error_message,
             "attempt": task.attempt,
             "progress": task.progress,
+            "retry_due": task.retry_due,
         },
         separators=(",", ":"),
     )

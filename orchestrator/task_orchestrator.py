@@ -36,6 +36,7 @@ from broker import (
     Unregister,
     capability_key,
     covers,
+    retry_tier_ms,
 )
 
 from . import scheduling
@@ -77,6 +78,8 @@ class TaskOrchestrator:
         self._stats = StatsTracker()
         self._graph = DependencyGraph()
         self._deadlines = RunDeadlines()
+        # Delayed retries not yet back: a dead-lettered message can be dropped.
+        self._retries_due = RunDeadlines()
         self.retry_policy = RetryPolicy(
             self.settings.retry_base_delay, self.settings.retry_max_delay
         )
@@ -145,6 +148,8 @@ class TaskOrchestrator:
             self._queue_caps.setdefault(key, list(task.required_capabilities))
             if task.status is TaskStatus.RUNNING:
                 self._deadlines.start(task.task_id, task.attempt, self._run_deadline(task))
+            if task.status is TaskStatus.ASSIGNED and task.retry_due is not None:
+                self._watch_retry(task)
             if task.status is TaskStatus.PENDING:
                 unmet = [
                     d
@@ -370,6 +375,13 @@ class TaskOrchestrator:
         task.assigned_agent = None
         task.progress = 0.0
         self._deadlines.discard(task.task_id)
+        if delay > 0:
+            # The tier, not the delay, bounds when it is back (TTL expires at the head).
+            task.retry_due = time.time() + retry_tier_ms(delay) / 1000
+            self._watch_retry(task)
+        else:
+            task.retry_due = None
+            self._retries_due.discard(task.task_id)
         self._stats.transition(task, old)
         await self.store.save_task(task)
         # Written before published: events of this attempt must find it on restart.
@@ -666,6 +678,7 @@ class TaskOrchestrator:
             try:
                 await self._check_agents()
                 await self._check_deadlines()
+                await self._check_retries()
             except asyncio.CancelledError:
                 raise
             except Exception:  # keep watching
@@ -676,6 +689,32 @@ class TaskOrchestrator:
         for agent in list(self._agents.values()):
             if agent.last_seen is not None and agent.last_seen < deadline:
                 await self._remove_agent(agent.agent_id, "missed heartbeats")
+
+    def _watch_retry(self, task: Task) -> None:
+        assert task.retry_due is not None
+        due = task.retry_due + self.settings.lost_retry_grace
+        self._retries_due.start(task.task_id, task.attempt, due)
+
+    async def _check_retries(self) -> None:
+        """Publish again a delayed retry that never came back (DESIGN.md: classic
+        queues dead-letter at most once). Overdue with its queue empty means lost;
+        if it was not, the attempt fence makes the copy harmless."""
+        now = time.time()
+        for task_id, attempt in self._retries_due.expired(now):
+            task = await self.store.get_task(task_id)
+            if task is None or task.status is not TaskStatus.ASSIGNED or task.attempt != attempt:
+                continue
+            key = capability_key(task.required_capabilities)
+            if await self.bus.queue_depth(key) > 0:
+                # It may wait behind others: look again later.
+                self._retries_due.start(task_id, attempt, now + self.settings.lost_retry_grace)
+                continue
+            log.warning(
+                "retry of task %s (attempt %d) never came back: publishing it again",
+                task_id,
+                attempt,
+            )
+            await self._publish(task)
 
     async def _check_deadlines(self) -> None:
         for task_id, attempt in self._deadlines.expired(time.time()):

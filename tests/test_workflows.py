@@ -10,7 +10,8 @@ import json
 import aio_pika
 
 from agents import TaskContext
-from broker import MemoryBus
+from broker import MemoryBus, Topology
+from broker.topology import RETRY_TIERS_MS
 from orchestrator import RetryPolicy, TaskPriority
 from tests.harness import FAST, Harness, wait_all, wait_until
 
@@ -208,6 +209,63 @@ async def test_always_failing_handler_fails_after_max_retries(harness: Harness) 
     assert status["error_message"] == "RuntimeError: broken on attempt 3"
     assert calls == 3
     assert (await orchestrator.get_stats())["tasks_failed"] == 1
+
+
+async def lose_delayed_retries(harness: Harness) -> None:
+    """What DESIGN.md warns of: the broker drops a dead-lettered retry."""
+    if harness.bus_kind == "memory":
+        bus = harness.new_bus()
+        assert isinstance(bus, MemoryBus)
+        for timer in list(bus._timers):
+            timer.cancel()
+        bus._timers.clear()
+        return
+    topology = Topology(harness.settings.prefix)
+    connection = await aio_pika.connect(harness.settings.broker_url)
+    try:
+        for tier in RETRY_TIERS_MS:
+            channel = await connection.channel()
+            try:
+                queue = await channel.declare_queue(topology.retry_queue(tier), passive=True)
+            except aio_pika.exceptions.ChannelClosed:
+                continue  # that tier was never used
+            await queue.purge()
+            await channel.close()
+    finally:
+        await connection.close()
+
+
+async def test_a_lost_retry_is_published_again(harness: Harness) -> None:
+    # Given a task whose retry waits three seconds in a TTL queue
+    settings = FAST.model_copy(
+        update={"retry_base_delay": 3.0, "retry_max_delay": 3.0, "lost_retry_grace": 0.5}
+    )
+    orchestrator = await harness.start_orchestrator(settings)
+    attempts: list[int] = []
+
+    async def fails_first(ctx: TaskContext) -> dict:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise RuntimeError("first attempt fails")
+        return {"attempt": ctx.attempt}
+
+    await harness.start_agent("worker", [], 2, fails_first)
+    task_id = await orchestrator.submit_task(**job())
+
+    async def retry_waiting() -> bool:
+        status = await orchestrator.get_task_status(task_id)
+        return status["retry_count"] == 1 and status["status"] == "assigned"
+
+    await wait_until(retry_waiting, timeout=10)
+
+    # When the broker loses it
+    await lose_delayed_retries(harness)
+
+    # Then the orchestrator notices it overdue, publishes it again, and it completes
+    status = await orchestrator.wait_for_task(task_id, timeout=20)
+    assert status["status"] == "completed"
+    assert status["result"] == {"attempt": 3}  # attempt 2 was the lost one
+    assert attempts == [1, 3]
 
 
 async def test_retry_prefers_another_agent(harness: Harness) -> None:
