@@ -80,6 +80,8 @@ class _Running:
     job: asyncio.Task[Any] | None = None
     stop_reason: str | None = None
     """Why we cancelled it: 'cancelled' (report it), 'unregistered' or 'shutdown' (don't)."""
+    detached: bool = False
+    """Acknowledged when it started (a long task): its delivery is settled."""
 
 
 class Agent:
@@ -99,7 +101,14 @@ class Agent:
         *,
         heartbeat_interval: float = 5.0,
         drain_timeout: float = 30.0,
+        long_task_after: float | None = 1500.0,
     ) -> None:
+        """``long_task_after``: a task whose timeout is longer (seconds) is
+        acknowledged once it has started, not when it ends. RabbitMQ closes a
+        channel holding a delivery unacknowledged past its ``consumer_timeout``
+        (30 min by default) and requeues all of it; for those tasks the
+        orchestrator's heartbeat watch replaces the broker's redelivery. None
+        never acknowledges early (for brokers configured for long tasks)."""
         if not AGENT_ID_PATTERN.match(agent_id):
             raise ValueError(f"agent_id: {agent_id!r} must be 1-128 of A-Z a-z 0-9 _ . : -")
         for cap in capabilities:
@@ -112,6 +121,7 @@ class Agent:
         self.max_concurrent_tasks = max_concurrent_tasks
         self.heartbeat_interval = heartbeat_interval
         self.drain_timeout = drain_timeout
+        self.long_task_after = long_task_after
         self.counters = AgentCounters()
         self._handlers: dict[str, Handler] = {}
         self._bus: CommunicationBus | None = None
@@ -178,11 +188,18 @@ class Agent:
         if jobs:
             timeout = self.drain_timeout if drain_timeout is None else drain_timeout
             await asyncio.wait(jobs, timeout=timeout)
-        for running in list(self._running.values()):
+        stopped = list(self._running.values())
+        for running in stopped:
             self._stop_job(running, "shutdown")
         await self._wait_jobs()
+        # Acknowledged early, they are in no queue: the orchestrator re-publishes them.
+        unfinished = [
+            r.message.task_id
+            for r in stopped
+            if r.detached and r.job is not None and r.job.cancelled()
+        ]
         with contextlib.suppress(BusError):
-            await self._bus.publish_event(AgentLeft(agent_id=self.agent_id))
+            await self._bus.publish_event(AgentLeft(agent_id=self.agent_id, unfinished=unfinished))
         await self._shutdown()
 
     async def kill(self) -> None:
@@ -345,10 +362,17 @@ class Agent:
         self.counters.running += 1
         self.counters.max_running = max(self.counters.max_running, self.counters.running)
         try:
-            running.job = asyncio.get_running_loop().create_task(self._run(message, running))
+            running.job = asyncio.get_running_loop().create_task(
+                self._run(message, running, delivery)
+            )
             with contextlib.suppress(asyncio.CancelledError):
                 await running.job
-            if running.stop_reason in ("shutdown",):
+            if running.detached:
+                # Already acknowledged: report what it did; nothing to requeue.
+                if not running.job.cancelled() and running.job.result() is not None:
+                    assert self._bus is not None
+                    await self._bus.publish_event(running.job.result())
+            elif running.stop_reason in ("shutdown",):
                 await delivery.requeue()
             elif running.stop_reason == "unregistered":
                 await delivery.ack()  # the orchestrator has re-published it
@@ -362,14 +386,21 @@ class Agent:
                 await delivery.ack()
         except BusError as exc:
             # The final event did not go out: the task must run again. Requeue it;
-            # if the channel is gone, the broker has already given it back.
+            # if the channel is gone, the broker has already given it back. One
+            # acknowledged early is retried by the orchestrator's run deadline.
             log.error("agent %s: task %s not reported: %s", self.agent_id, message.task_id, exc)
-            await delivery.requeue()
+            if not running.detached:
+                await delivery.requeue()
         finally:
             self.counters.running -= 1
             self._running.pop(message.task_id, None)
+            if running.detached and self._consumer is not None:
+                with contextlib.suppress(BusError):
+                    await self._consumer.reattach()
 
-    async def _run(self, message: TaskMessage, running: _Running) -> TaskFinished | None:
+    async def _run(
+        self, message: TaskMessage, running: _Running, delivery: TaskDelivery
+    ) -> TaskFinished | None:
         """Run one attempt; returns its final event (None when it must not be reported)."""
         bus = self._bus
         assert bus is not None
@@ -378,6 +409,11 @@ class Agent:
         await bus.publish_event(
             TaskStarted(task_id=message.task_id, attempt=message.attempt, agent_id=self.agent_id)
         )
+        if self.long_task_after is not None and message.timeout > self.long_task_after:
+            # The orchestrator knows it runs here, and will re-publish it if we vanish.
+            assert self._consumer is not None
+            running.detached = True
+            await asyncio.shield(self._consumer.detach(delivery))  # never half done
 
         def report(fraction: float) -> None:
             event = TaskProgress(

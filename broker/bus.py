@@ -119,6 +119,17 @@ class TaskConsumer(Subscription):
     async def pause(self) -> None:
         """Take no new deliveries; those held can still be settled (graceful stop)."""
 
+    @abc.abstractmethod
+    async def detach(self, delivery: TaskDelivery) -> None:
+        """Acknowledge ``delivery`` now but keep its place in the prefetch until
+        ``reattach``: for a task that runs longer than the broker lets a delivery
+        stay unacknowledged (RabbitMQ's ``consumer_timeout``), without taking
+        one more task than the agent's limit meanwhile."""
+
+    @abc.abstractmethod
+    async def reattach(self) -> None:
+        """A detached task has ended: its place in the prefetch is free again."""
+
     @property
     @abc.abstractmethod
     def queue_keys(self) -> frozenset[str]:

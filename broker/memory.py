@@ -62,12 +62,14 @@ _Item = tuple[int, int, bytes, "str | None"]
 class _Channel:
     prefetch: int
     unacked: int = 0
+    detached: int = 0
+    """Acknowledged deliveries whose tasks still run: they keep their place."""
     consumers: list[_Consumer] = field(default_factory=list)
     deliveries: set[_Delivery] = field(default_factory=set)
 
     @property
     def has_room(self) -> bool:
-        return self.prefetch <= 0 or self.unacked < self.prefetch
+        return self.prefetch <= 0 or self.unacked + self.detached < self.prefetch
 
 
 @dataclass(eq=False)
@@ -167,6 +169,15 @@ class _MemoryTaskConsumer(TaskConsumer):
         for consumer in self._channel.consumers:
             consumer.queue.consumers.remove(consumer)
         self._channel.consumers.clear()
+
+    async def detach(self, delivery: TaskDelivery) -> None:
+        self._channel.detached += 1
+        await delivery.ack()
+
+    async def reattach(self) -> None:
+        self._channel.detached = max(0, self._channel.detached - 1)
+        for consumer in list(self._channel.consumers):
+            self._bus._dispatch(consumer.queue)
 
     async def close(self) -> None:
         if self._closed:

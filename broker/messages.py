@@ -122,6 +122,11 @@ class AgentHeartbeat(WireMessage):
 class AgentLeft(WireMessage):
     kind: Literal["agent.goodbye"] = "agent.goodbye"
     agent_id: str
+    unfinished: list[str] = Field(
+        default=[],
+        description="tasks it acknowledged early (long tasks) and stopped before the end:"
+        " no queue holds them, so the orchestrator publishes them again",
+    )
 
 
 Event = Annotated[

@@ -131,14 +131,24 @@ class _RabbitDelivery(TaskDelivery):
 
 class _RabbitTaskConsumer(TaskConsumer):
     def __init__(
-        self, bus: RabbitMQBus, consumer_id: str, channel: AbstractChannel, handler: TaskHandler
+        self,
+        bus: RabbitMQBus,
+        consumer_id: str,
+        channel: AbstractChannel,
+        handler: TaskHandler,
+        prefetch: int,
     ) -> None:
         self._bus = bus
         self._id = consumer_id
         self._channel = channel
         self._handler = handler
+        self._prefetch = prefetch
+        self._detached = 0
         self._priority = 0
         self._queues: dict[str, tuple[AbstractQueue, str]] = {}
+        self._parked: set[str] = set()
+        """Keys not consumed while every place is held by detached tasks
+        (a prefetch of 0 would mean no limit at all)."""
         self._lock = asyncio.Lock()
 
     @property
@@ -169,7 +179,9 @@ class _RabbitTaskConsumer(TaskConsumer):
                         del self._queues[key]
                         await self._start(key)
                 for key in queue_keys:
-                    if key not in self._queues:
+                    if self._detached >= self._prefetch:
+                        self._parked.add(key)
+                    elif key not in self._queues:
                         await self._start(key)
             except aiormq.exceptions.AMQPError as exc:
                 raise BusConnectionError(f"cannot consume task queues: {exc}") from None
@@ -187,7 +199,9 @@ class _RabbitTaskConsumer(TaskConsumer):
         await asyncio.sleep(seconds)
         if entry is not None:
             async with self._lock:
-                if key not in self._queues and not self._channel.is_closed:
+                if self._detached >= self._prefetch:
+                    self._parked.add(key)
+                elif key not in self._queues and not self._channel.is_closed:
                     await self._start(key)
 
     async def pause(self) -> None:
@@ -198,6 +212,38 @@ class _RabbitTaskConsumer(TaskConsumer):
                 except (aiormq.exceptions.AMQPError, ChannelInvalidStateError, RuntimeError):
                     pass  # the channel is gone, and with it the consumer
                 del self._queues[key]
+            self._parked.clear()
+
+    async def detach(self, delivery: TaskDelivery) -> None:
+        async with self._lock:
+            self._detached += 1
+            room = self._prefetch - self._detached
+            try:
+                # Lower the limit before the ack, so that the ack lets nothing new in.
+                if room >= 1:
+                    await self._channel.set_qos(prefetch_count=room, global_=True)
+                else:
+                    for key, (queue, tag) in list(self._queues.items()):
+                        await queue.cancel(tag)
+                        del self._queues[key]
+                        self._parked.add(key)
+            except (aiormq.exceptions.AMQPError, ChannelInvalidStateError, RuntimeError) as exc:
+                log.info("could not lower the prefetch of %s: %s", self._id, exc)
+        await delivery.ack()
+
+    async def reattach(self) -> None:
+        async with self._lock:
+            self._detached = max(0, self._detached - 1)
+            room = self._prefetch - self._detached
+            try:
+                await self._channel.set_qos(prefetch_count=room, global_=True)
+                if self._parked:
+                    parked, self._parked = self._parked, set()
+                    for key in parked:
+                        if key not in self._queues:
+                            await self._start(key)
+            except (aiormq.exceptions.AMQPError, ChannelInvalidStateError, RuntimeError) as exc:
+                log.info("could not raise the prefetch of %s: %s", self._id, exc)
 
     async def close(self) -> None:
         self._bus._subscriptions.discard(self)
@@ -570,7 +616,7 @@ class RabbitMQBus(CommunicationBus):
         channel = await connection.channel(publisher_confirms=False)
         # global_=True: one limit across all the queues this agent consumes.
         await channel.set_qos(prefetch_count=prefetch, global_=True)
-        consumer = _RabbitTaskConsumer(self, consumer_id, channel, handler)
+        consumer = _RabbitTaskConsumer(self, consumer_id, channel, handler, prefetch)
         self._subscriptions.add(consumer)
         return consumer
 

@@ -247,11 +247,19 @@ class TaskOrchestrator:
             raise ValueError(f"agent_id: unknown agent {agent_id!r}")
         await self._remove_agent(agent_id, "unregistered")
 
-    async def _remove_agent(self, agent_id: str, why: str, *, returned: bool = False) -> None:
+    async def _remove_agent(
+        self,
+        agent_id: str,
+        why: str,
+        *,
+        returned: bool = False,
+        unfinished: set[str] = frozenset(),  # type: ignore[assignment]
+    ) -> None:
         """Forget an agent and put its running tasks back in the queue.
 
         ``returned``: the agent itself gave its deliveries back to the broker
-        (a graceful stop), so they only change state. Otherwise they are
+        (a graceful stop), so they only change state, except ``unfinished``
+        ones it had acknowledged early (long tasks). Otherwise they are
         re-published as new attempts: a silent agent may still hold them, and
         the attempt it holds is cancelled if it ever starts.
         """
@@ -277,7 +285,7 @@ class TaskOrchestrator:
                 or task.assigned_agent != agent_id
             ):
                 continue
-            if returned:
+            if returned and task_id not in unfinished:
                 old, task.status, task.assigned_agent = task.status, TaskStatus.ASSIGNED, None
                 self._stats.transition(task, old)
                 await self.store.save_task(task)
@@ -574,7 +582,9 @@ class TaskOrchestrator:
                 specialization=event.specialization_score,
             )
         elif isinstance(event, AgentLeft):
-            await self._remove_agent(event.agent_id, "left", returned=True)
+            await self._remove_agent(
+                event.agent_id, "left", returned=True, unfinished=set(event.unfinished)
+            )
 
     async def _on_started(self, event: TaskStarted) -> None:
         task = await self.store.get_task(event.task_id)
