@@ -177,7 +177,15 @@ class CommunicationBus(abc.ABC):
 
     @property
     @abc.abstractmethod
-    def is_connected(self) -> bool: ...
+    def is_connected(self) -> bool:
+        """``connect`` succeeded and ``close`` has not been called (it may be
+        reconnecting: see ``link_up``)."""
+
+    @property
+    def link_up(self) -> bool:
+        """The broker can be reached right now (False while reconnecting): who
+        judges others by their silence must not do so while it cannot hear."""
+        return self.is_connected
 
     # tasks -----------------------------------------------------------------
     @abc.abstractmethod

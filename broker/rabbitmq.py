@@ -465,6 +465,11 @@ class RabbitMQBus(CommunicationBus):
     def is_connected(self) -> bool:
         return self._connection is not None and not self._connection.is_closed
 
+    @property
+    def link_up(self) -> bool:
+        connection = self._connection
+        return connection is not None and connection.connected.is_set()
+
     def _require(self) -> AbstractRobustConnection:
         if self._connection is None:
             raise BusNotStarted("the bus is not connected: call connect() first")

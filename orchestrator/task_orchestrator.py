@@ -88,6 +88,8 @@ class TaskOrchestrator:
         self._events: Subscription | None = None
         self._dead_letters: Subscription | None = None
         self._monitor: asyncio.Task[None] | None = None
+        self._deaf_since: float | None = None
+        """When the link to the broker went down (None: it is up)."""
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._cancelled_in_queue: dict[str, None] = {}
         """Cancelled while their message waited in a queue: agents must skip them.
@@ -685,6 +687,8 @@ class TaskOrchestrator:
         and time out running tasks whose agent went silent past their deadline."""
         while True:
             await asyncio.sleep(self.settings.monitor_interval)
+            if not self._hearing():
+                continue
             try:
                 await self._check_agents()
                 await self._check_deadlines()
@@ -693,6 +697,26 @@ class TaskOrchestrator:
                 raise
             except Exception:  # keep watching
                 log.exception("watch round failed")
+
+    def _hearing(self) -> bool:
+        """Whether silence means anything now. While the broker link is down
+        nobody can be heard; once it is back, every agent and running task gets
+        the time it was down added to its allowance."""
+        now = time.time()
+        if not self.bus.link_up:
+            if self._deaf_since is None:
+                self._deaf_since = now
+                log.warning("broker link down: agent and task deadlines paused")
+            return False
+        if self._deaf_since is not None:
+            lost, self._deaf_since = now - self._deaf_since, None
+            log.info("broker link back after %.1fs: deadlines extended by as much", lost)
+            for agent in self._agents.values():
+                if agent.last_seen is not None:
+                    agent.last_seen = max(agent.last_seen + lost, now)
+            self._deadlines.postpone(lost)
+            self._retries_due.postpone(lost)
+        return True
 
     async def _check_agents(self) -> None:
         deadline = time.time() - self.settings.heartbeat_timeout

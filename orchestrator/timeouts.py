@@ -18,6 +18,11 @@ class RunDeadlines:
     def discard(self, task_id: str) -> None:
         self._deadlines.pop(task_id, None)
 
+    def postpone(self, seconds: float) -> None:
+        """Push every deadline back (after a time in which nobody could report)."""
+        for task_id, (deadline, attempt) in self._deadlines.items():
+            self._deadlines[task_id] = (deadline + seconds, attempt)
+
     def expired(self, now: float) -> list[tuple[str, int]]:
         """(task id, attempt) of every run past its deadline; they are forgotten."""
         late = [(t, a) for t, (d, a) in self._deadlines.items() if d <= now]
