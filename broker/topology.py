@@ -174,7 +174,10 @@ class Topology:
         return {"x-max-priority": MAX_PRIORITY, "x-queue-type": "classic"}
 
     def definitions(self, vhost: str = "/") -> dict[str, Any]:
-        """The fixed topology as a RabbitMQ definitions document (for import)."""
+        """The fixed topology as a RabbitMQ definitions document (for import):
+        every exchange and queue the bus declares with the same arguments, so
+        that its own declares succeed against it, the retry tiers included.
+        Capability queues other than ``@any`` depend on the tasks submitted."""
 
         def exchange(name: str, kind: str) -> dict[str, Any]:
             return {
@@ -207,12 +210,15 @@ class Topology:
             }
 
         any_queue = self.task_queue(ANY_CAPABILITY_KEY)
+        # As RabbitMQBus declares a tier: a fanout exchange bound to a TTL queue.
+        tiers = [(self.retry_exchange(t), self.retry_queue(t), t) for t in RETRY_TIERS_MS]
         return {
             "exchanges": [
                 exchange(self.tasks_exchange, "direct"),
                 exchange(self.events_exchange, "topic"),
                 exchange(self.control_exchange, "direct"),
                 exchange(self.dead_exchange, "fanout"),
+                *(exchange(name, "fanout") for name, _, _ in tiers),
             ],
             "queues": [
                 queue(any_queue, self.task_queue_arguments()),
@@ -221,6 +227,7 @@ class Topology:
                 queue(self.orchestrator_dead_queue, {"x-queue-type": "classic"}),
                 # Bound to the default exchange by its name, like every queue.
                 queue(self.rpc_queue, self.rpc_queue_arguments()),
+                *(queue(name, self.retry_queue_arguments(t)) for _, name, t in tiers),
             ],
             "bindings": [
                 binding(self.tasks_exchange, any_queue, ANY_CAPABILITY_KEY),
@@ -228,5 +235,6 @@ class Topology:
                 binding(self.events_exchange, self.orchestrator_events_queue, "agent.#"),
                 binding(self.dead_exchange, self.dead_queue, ""),
                 binding(self.dead_exchange, self.orchestrator_dead_queue, ""),
+                *(binding(source, name, "") for source, name, _ in tiers),
             ],
         }

@@ -9,10 +9,10 @@
 
 ``definitions.json`` is exactly what the bus declares for prefix
 ``orchestrator``: ``Topology.definitions()`` (whatever it holds, so names
-added there appear here on the next run) plus the retry tiers and the
-vhost, with the arguments ``broker/rabbitmq.py`` declares them with, so that
-the bus's own declares succeed against it. Capability queues other than
-``@any`` depend on the tasks submitted and are declared by the bus on first use.
+added there appear here on the next run) and the vhost, with the arguments
+``broker/rabbitmq.py`` declares them with, so that the bus's own declares
+succeed against it. Capability queues other than ``@any`` depend on the
+tasks submitted and are declared by the bus on first use.
 
 Users are not in ``definitions.json``: it is checked in, and a password (even
 hashed) does not belong there. But with definitions to load, RabbitMQ creates
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import copy
 import hashlib
 import json
 import os
@@ -39,7 +38,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: import the project beside us
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from broker.topology import RETRY_TIERS_MS, Topology
+from broker.topology import Topology
 
 HERE = Path(__file__).resolve().parent
 
@@ -78,89 +77,13 @@ def vhost_entry(vhost: str = VHOST) -> dict[str, Any]:
     return {"name": vhost, "description": description, "tags": []}
 
 
-def _exchange(name: str, kind: str, vhost: str) -> dict[str, Any]:
-    # As RabbitMQBus declares exchanges: declare_exchange(name, kind, durable=True).
-    return {
-        "name": name,
-        "vhost": vhost,
-        "type": kind,
-        "durable": True,
-        "auto_delete": False,
-        "internal": False,
-        "arguments": {},
-    }
-
-
-def _queue(name: str, arguments: dict[str, Any], vhost: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "vhost": vhost,
-        "durable": True,
-        "auto_delete": False,
-        "arguments": arguments,
-    }
-
-
-def _binding(source: str, queue: str, key: str, vhost: str) -> dict[str, Any]:
-    return {
-        "source": source,
-        "vhost": vhost,
-        "destination": queue,
-        "destination_type": "queue",
-        "routing_key": key,
-        "arguments": {},
-    }
-
-
-def _identity(section: str, entry: dict[str, Any]) -> tuple[Any, ...]:
-    if section == "bindings":
-        return (
-            entry["vhost"],
-            entry["source"],
-            entry["destination_type"],
-            entry["destination"],
-            entry["routing_key"],
-        )
-    return (entry["vhost"], entry["name"])
-
-
-def _add(document: dict[str, Any], section: str, entry: dict[str, Any]) -> None:
-    """Append ``entry`` unless the section has it already (Topology may list it one day)."""
-    entries = document.setdefault(section, [])
-    if all(_identity(section, e) != _identity(section, entry) for e in entries):
-        entries.append(entry)
-
-
 def definitions(prefix: str = PREFIX, vhost: str = VHOST) -> dict[str, Any]:
     """The definitions document of a deployment: what the bus declares, pre-declared.
 
-    ``Topology.definitions()`` as it stands (the fixed exchanges and queues,
-    ``@any``, and whatever else it holds), the vhost, and every retry tier:
-    a fanout exchange ``<p>.retry.<ms>`` bound to a TTL queue of the same name
-    that dead-letters to ``<p>.tasks``, as ``RabbitMQBus._declare_retry_tier``
-    declares them.
+    ``Topology.definitions()`` (the fixed exchanges and queues, ``@any``, the
+    retry tiers, and whatever else it holds) with the vhost they live in.
     """
-    topology = Topology(prefix)
-    document: dict[str, Any] = {"vhosts": [vhost_entry(vhost)]}
-    for key, value in copy.deepcopy(topology.definitions(vhost)).items():
-        if key == "vhosts":
-            for entry in value:
-                _add(document, "vhosts", entry)
-        else:
-            document[key] = value
-    for tier in RETRY_TIERS_MS:
-        _add(document, "exchanges", _exchange(topology.retry_exchange(tier), "fanout", vhost))
-        _add(
-            document,
-            "queues",
-            _queue(topology.retry_queue(tier), topology.retry_queue_arguments(tier), vhost),
-        )
-        _add(
-            document,
-            "bindings",
-            _binding(topology.retry_exchange(tier), topology.retry_queue(tier), "", vhost),
-        )
-    return document
+    return {"vhosts": [vhost_entry(vhost)], **Topology(prefix).definitions(vhost)}
 
 
 # --- rabbitmq.conf and enabled_plugins ---------------------------------------------------
