@@ -1,0 +1,145 @@
+"""The README's commands, run as written.
+
+The code blocks are read from README.md, not copied here, so a change to the
+README that breaks them fails this test. Commands that end with ``&`` are
+long-running: they start in the background and the test waits until they are
+ready (the orchestrator answers, the agent is registered) before the next line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from broker import AgentsRequest
+from tests.conftest import require_broker
+from tests.harness import wait_until
+from tests.test_cli import ROOT, Deployment, Result, base_env, management_api
+
+README = ROOT / "README.md"
+BIN = str(Path(sys.executable).parent)
+"""Where the ``orchestrator`` console script is installed: on PATH, as for a user."""
+
+
+def code_block(section: str, language: str) -> str:
+    """The first ``language`` block under the README heading ``section``."""
+    text = README.read_text()
+    heading = re.search(rf"^#+ {re.escape(section)}\s*$", text, re.MULTILINE)
+    assert heading, f"README has no section {section!r}"
+    block = re.compile(rf"^```{language}\n(.*?)^```", re.MULTILINE | re.DOTALL)
+    match = block.search(text, heading.end())
+    assert match, f"no {language} block under {section!r}"
+    return match.group(1)
+
+
+def commands(block: str) -> list[str]:
+    """The block's command lines, without their trailing comments."""
+    lines = (re.sub(r"\s+#\s.*$", "", line).strip() for line in block.splitlines())
+    return [line for line in lines if line]
+
+
+async def shell(command: str, cwd: Path, env: dict[str, str], timeout: float = 120) -> Result:
+    process = await asyncio.create_subprocess_exec(
+        "bash", "-c", command, cwd=cwd, env=env,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), timeout)
+    assert process.returncode is not None
+    return Result(process.returncode, out.decode(), err.decode())
+
+
+def with_path(env: dict[str, str]) -> dict[str, str]:
+    return {**env, "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"}
+
+
+@pytest.fixture
+async def session(prefix: str):
+    """A broker prefix of its own, and the processes the README's lines start on it."""
+    deployment = Deployment(prefix, require_broker())
+    try:
+        yield deployment
+    finally:
+        await deployment.close()
+
+
+async def test_quick_start_demo_runs_as_written() -> None:
+    [demo] = [c for c in commands(code_block("Quick start", "bash")) if " demo" in c]
+    result = await shell(demo, ROOT, with_path(base_env()), timeout=300)
+    assert result.code == 0, result
+    assert "tasks completed, 0 failed" in result.out
+
+
+@pytest.mark.rabbitmq
+async def test_command_line_session_and_curl_client_run_as_written(
+    session: Deployment, tmp_path: Path
+) -> None:
+    deployment = session
+    # Given the README's agent in my_agents.py, in the folder the session runs in
+    (tmp_path / "my_agents.py").write_text(code_block("An agent", "python"))
+    env = with_path({**deployment.env, "PYTHONPATH": str(tmp_path)})
+    deployment.queue_keys.add("technical_analysis")
+
+    # When every line of the command-line session runs as written
+    outputs: list[Result] = []
+    for number, command in enumerate(commands(code_block("Command line", "bash"))):
+        if command.endswith("&"):
+            name = "serve" if " serve" in command else f"background-{number}"
+            await start(deployment, name, command.removesuffix("&").strip(), tmp_path, env)
+            await ready(deployment, name)
+        else:
+            result = await shell(command, tmp_path, env)
+            assert result.code == 0, (command, result)
+            outputs.append(result)
+
+    # Then the task ran on the README's agent, and the orchestrator kept its records
+    assert any('"rsi": 42.0' in r.out for r in outputs), outputs
+    assert (tmp_path / "state.db").exists()
+
+    # And the curl client of the protocol section submits a task that completes
+    api = management_api(deployment.broker_url)
+    [curl] = commands(code_block("A protocol for other services", "bash"))
+    broker = urlsplit(deployment.broker_url)
+    result = await shell(
+        curl,
+        ROOT,
+        {
+            **env,
+            "RABBITMQ_API": api,
+            "RABBITMQ_USER": broker.username or "guest",
+            "RABBITMQ_PASSWORD": broker.password or "guest",
+            "WAIT_SECONDS": "30",
+        },
+    )
+    assert result.code == 0, result
+    assert '"status": "completed"' in result.out
+
+
+async def start(deployment: Deployment, name: str, command: str, cwd: Path, env) -> None:
+    """A background line of the README, stopped (SIGTERM) by the deployment's close."""
+    log = tempfile.NamedTemporaryFile("w+b", prefix=f"{name}-", suffix=".log")
+    process = await asyncio.create_subprocess_exec(
+        "bash", "-c", f"exec {command}", cwd=cwd, env=env,
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    deployment.processes[name] = (process, log)
+
+
+async def ready(deployment: Deployment, name: str) -> None:
+    if name == "serve":
+        await wait_until(deployment.answers, timeout=30, interval=0.1)
+        return
+
+    async def registered() -> bool:
+        process = deployment.processes[name][0]
+        assert process.returncode is None, deployment.log(name)
+        return bool(await deployment.rpc(AgentsRequest()))
+
+    await wait_until(registered, timeout=30, interval=0.1)
