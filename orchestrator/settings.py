@@ -25,6 +25,12 @@ class OrchestratorSettings(BaseSettings):
         gt=0,
         description="a retry this long overdue, its queue empty, is published again",
     )
+    finished_task_ttl: float | None = Field(
+        default=None,
+        gt=0,
+        description="seconds a finished task is kept (while no dependent needs it);"
+        " None keeps every task",
+    )
     timeout_grace: float = Field(
         default=5.0,
         ge=0,

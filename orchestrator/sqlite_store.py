@@ -29,8 +29,9 @@ from .store import StateStore
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-"""Kept in ``PRAGMA user_version``; a file from a newer version is refused."""
+SCHEMA_VERSION = 2
+"""Kept in ``PRAGMA user_version``; a file from a newer version is refused.
+1: tasks, agents. 2: meta (the statistics of forgotten tasks)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -43,6 +44,11 @@ CREATE TABLE IF NOT EXISTS agents (
     record   TEXT NOT NULL
 );
 """
+
+_MIGRATIONS = {
+    2: "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+}
+"""The step from version n-1 to n; a new file runs them all."""
 
 
 def task_to_record(task: Task) -> str:
@@ -121,6 +127,8 @@ class SQLiteStore(StateStore):
         self._flush_lock: asyncio.Lock | None = None
         self._tasks: dict[str, Task] = {}
         self._agents: dict[str, AgentCapability] = {}
+        self._meta: dict[str, Any] = {}
+        self._dirty_meta: set[str] = set()
         # Ids whose record changed (written) or went away (deleted) since the last flush.
         self._dirty_tasks: set[str] = set()
         self._dirty_agents: set[str] = set()
@@ -153,6 +161,9 @@ class SQLiteStore(StateStore):
                     for (text,) in await cursor.fetchall():
                         agent = agent_from_record(text)
                         self._agents[agent.agent_id] = agent
+                async with db.execute("SELECT key, value FROM meta") as cursor:
+                    for key, text in await cursor.fetchall():
+                        self._meta[key] = json.loads(text)
             except BaseException:
                 await db.close()
                 raise
@@ -179,7 +190,8 @@ class SQLiteStore(StateStore):
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute(f"PRAGMA synchronous={self._synchronous}")
         await db.executescript(_SCHEMA)
-        # Future migrations go here, each step raising version by one.
+        for step in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
+            await db.executescript(_MIGRATIONS[step])
         if version < SCHEMA_VERSION:
             await db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
@@ -230,12 +242,14 @@ class SQLiteStore(StateStore):
                 if not self._writing.cancelled():
                     self._writing.exception()  # retrieved: its records are dirty again
                 self._writing = None
-            if not self._dirty_tasks and not self._dirty_agents:
+            if not self._dirty_tasks and not self._dirty_agents and not self._dirty_meta:
                 return
             if self._wake is not None:
                 self._wake.clear()
             task_ids, self._dirty_tasks = self._dirty_tasks, set()
             agent_ids, self._dirty_agents = self._dirty_agents, set()
+            meta_keys, self._dirty_meta = self._dirty_meta, set()
+            meta_rows = [(k, json.dumps(self._meta[k])) for k in meta_keys]
             # Serialise now, in the loop: the records keep changing after this.
             task_rows, task_gone = [], []
             for task_id in task_ids:
@@ -253,25 +267,28 @@ class SQLiteStore(StateStore):
                     agent_rows.append((agent_id, agent_to_record(agent)))
             # A task of its own: cancelling a caller must not cut a transaction in two.
             self._writing = asyncio.get_running_loop().create_task(
-                self._write(task_ids, agent_ids, task_rows, task_gone, agent_rows, agent_gone)
+                self._write(
+                    (task_ids, agent_ids, meta_keys),
+                    (task_rows, task_gone, agent_rows, agent_gone, meta_rows),
+                )
             )
             await asyncio.wait([self._writing])
             writing, self._writing = self._writing, None
             writing.result()
 
-    async def _write(
-        self, task_ids, agent_ids, task_rows, task_gone, agent_rows, agent_gone
-    ) -> None:
+    async def _write(self, ids, rows) -> None:
         try:
-            await self._transaction(task_rows, task_gone, agent_rows, agent_gone)
+            await self._transaction(*rows)
         except BaseException:
             # Not written: keep them dirty for the next flush.
+            task_ids, agent_ids, meta_keys = ids
             self._dirty_tasks |= task_ids
             self._dirty_agents |= agent_ids
+            self._dirty_meta |= meta_keys
             self._touch()
             raise
 
-    async def _transaction(self, task_rows, task_gone, agent_rows, agent_gone) -> None:
+    async def _transaction(self, task_rows, task_gone, agent_rows, agent_gone, meta_rows) -> None:
         db = self._db
         assert db is not None
         await db.execute("BEGIN")
@@ -293,6 +310,12 @@ class SQLiteStore(StateStore):
                 )
             if agent_gone:
                 await db.executemany("DELETE FROM agents WHERE agent_id = ?", agent_gone)
+            if meta_rows:
+                await db.executemany(
+                    "INSERT INTO meta (key, value) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    meta_rows,
+                )
             await db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -322,6 +345,17 @@ class SQLiteStore(StateStore):
         if self._agents.pop(agent_id, None) is not None:
             self._dirty_agents.add(agent_id)
             self._touch()
+
+    async def save_meta(self, key: str, value: Any) -> None:
+        await self.open()
+        self._meta[key] = json.loads(json.dumps(value))  # a copy, and JSON or an error now
+        self._dirty_meta.add(key)
+        self._touch()
+
+    async def get_meta(self, key: str) -> Any:
+        await self.open()
+        value = self._meta.get(key)
+        return None if value is None else json.loads(json.dumps(value))
 
     # ----------------------------------------------------------------- reads
     async def get_task(self, task_id: str) -> Task | None:

@@ -21,6 +21,8 @@ class StatsTracker:
         self.by_status: Counter[TaskStatus] = Counter()
         self._completion_seconds = 0.0
         self._completion_count = 0
+        self.retired: dict[str, Any] = {}
+        """What the forgotten tasks add to the counts (kept in the store's meta)."""
 
     def created_task(self, task: Task) -> None:
         self.created += 1
@@ -47,9 +49,27 @@ class StatsTracker:
         self._completion_seconds += max(0.0, task.completed_at - began)
         self._completion_count += 1
 
-    def rebuild(self, tasks: Iterable[Task]) -> None:
-        """Recount from stored records (after a restart with a persistent store)."""
+    def retire(self, task: Task) -> None:
+        """``task`` (finished) leaves the store; it goes on counting here."""
+        retired = self.retired
+        retired["created"] = retired.get("created", 0) + 1
+        by_status = retired.setdefault("by_status", {})
+        by_status[task.status.value] = by_status.get(task.status.value, 0) + 1
+        if task.status is TaskStatus.COMPLETED and task.completed_at is not None:
+            began = task.started_at if task.started_at is not None else task.created_at
+            retired["seconds"] = retired.get("seconds", 0.0) + max(0.0, task.completed_at - began)
+            retired["count"] = retired.get("count", 0) + 1
+
+    def rebuild(self, tasks: Iterable[Task], retired: dict[str, Any] | None = None) -> None:
+        """Recount from stored records and what forgotten ones added (after a
+        restart with a persistent store)."""
         self.__init__()
+        self.retired = dict(retired or {})
+        self.created = self.retired.get("created", 0)
+        for status, count in self.retired.get("by_status", {}).items():
+            self.by_status[TaskStatus(status)] += count
+        self._completion_seconds = self.retired.get("seconds", 0.0)
+        self._completion_count = self.retired.get("count", 0)
         for task in tasks:
             self.created += 1
             self.by_status[task.status] += 1

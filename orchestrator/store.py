@@ -9,6 +9,8 @@ statistics) from ``tasks()`` at start.
 from __future__ import annotations
 
 import abc
+import copy
+from typing import Any
 
 from .models import AgentCapability, Task
 
@@ -37,6 +39,13 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     async def agents(self) -> list[AgentCapability]: ...
 
+    @abc.abstractmethod
+    async def get_meta(self, key: str) -> Any:
+        """A JSON value the orchestrator keeps beside the records; None if unset."""
+
+    @abc.abstractmethod
+    async def save_meta(self, key: str, value: Any) -> None: ...
+
     async def flush(self) -> None:
         """Make every change so far durable (a no-op where nothing is durable).
 
@@ -54,6 +63,7 @@ class MemoryStore(StateStore):
     def __init__(self) -> None:
         self._tasks: dict[str, Task] = {}
         self._agents: dict[str, AgentCapability] = {}
+        self._meta: dict[str, Any] = {}
 
     async def get_task(self, task_id: str) -> Task | None:
         return self._tasks.get(task_id)
@@ -75,3 +85,9 @@ class MemoryStore(StateStore):
 
     async def agents(self) -> list[AgentCapability]:
         return list(self._agents.values())
+
+    async def get_meta(self, key: str) -> Any:
+        return copy.deepcopy(self._meta.get(key))
+
+    async def save_meta(self, key: str, value: Any) -> None:
+        self._meta[key] = copy.deepcopy(value)

@@ -42,6 +42,7 @@ from broker import (
 from . import scheduling
 from .dependencies import DependencyGraph
 from .models import AgentCapability, Task, TaskPriority, TaskStatus
+from .retention import FinishedTasks
 from .retries import RetryPolicy
 from .settings import OrchestratorSettings
 from .stats import StatsTracker
@@ -51,6 +52,8 @@ from .validation import validate_submit
 
 log = logging.getLogger(__name__)
 
+_RETIRED_STATS = "stats.retired"
+"""Store meta key: what forgotten tasks add to ``get_stats``."""
 _CANCELLED_IN_QUEUE_KEEP = 10_000
 """At most this many cancelled-in-queue ids are sent to a newly registered agent."""
 
@@ -78,6 +81,7 @@ class TaskOrchestrator:
         self._stats = StatsTracker()
         self._graph = DependencyGraph()
         self._deadlines = RunDeadlines()
+        self._finished = FinishedTasks(self.settings.finished_task_ttl)
         # Delayed retries not yet back: a dead-lettered message can be dropped.
         self._retries_due = RunDeadlines()
         self.retry_policy = RetryPolicy(
@@ -143,7 +147,8 @@ class TaskOrchestrator:
 
     async def _reload(self) -> None:
         tasks = await self.store.tasks()
-        self._stats.rebuild(tasks)
+        self._stats.rebuild(tasks, await self.store.get_meta(_RETIRED_STATS))
+        self._finished.rebuild(tasks)
         by_id = {t.task_id: t for t in tasks}
         for task in tasks:
             key = capability_key(task.required_capabilities)
@@ -345,6 +350,7 @@ class TaskOrchestrator:
         )
         await self.store.save_task(task)
         self._stats.created_task(task)
+        self._finished.submitted(task)
 
         doomed_by = next(
             (d for d in deps if d.status.is_final and d.status is not TaskStatus.COMPLETED), None
@@ -364,6 +370,7 @@ class TaskOrchestrator:
             if task.status is TaskStatus.ASSIGNED and task.attempt <= 1:
                 # Not accepted after all: leave no trace.
                 self._stats.forget_task(task)
+                self._finished.withdrawn(task)
                 await self.store.delete_task(task.task_id)
             raise
         return task.task_id
@@ -523,6 +530,7 @@ class TaskOrchestrator:
         self._deadlines.discard(task.task_id)
         self._release_slot(task.task_id, task.assigned_agent)
         self._stats.transition(task, old)
+        self._finished.finished(task)
         await self.store.save_task(task)
 
         for waiter in self._waiters.pop(task.task_id, ()):
@@ -693,6 +701,7 @@ class TaskOrchestrator:
                 await self._check_agents()
                 await self._check_deadlines()
                 await self._check_retries()
+                await self._forget_finished()
             except asyncio.CancelledError:
                 raise
             except Exception:  # keep watching
@@ -723,6 +732,21 @@ class TaskOrchestrator:
         for agent in list(self._agents.values()):
             if agent.last_seen is not None and agent.last_seen < deadline:
                 await self._remove_agent(agent.agent_id, "missed heartbeats")
+
+    async def _forget_finished(self) -> None:
+        """Drop the finished tasks past ``finished_task_ttl``; they go on counting."""
+        forgotten = 0
+        for task_id in self._finished.expired(time.time()):
+            task = await self.store.get_task(task_id)
+            if task is None or not task.status.is_final:
+                continue
+            self._stats.retire(task)
+            await self.store.delete_task(task_id)
+            forgotten += 1
+        if forgotten:
+            await self.store.save_meta(_RETIRED_STATS, self._stats.retired)
+            await self.store.flush()
+            log.debug("forgot %d finished task(s)", forgotten)
 
     def _watch_retry(self, task: Task) -> None:
         assert task.retry_due is not None

@@ -11,6 +11,7 @@ import pytest
 from agents import TaskContext
 from orchestrator import SQLiteStore, Task, TaskOrchestrator, TaskPriority, TaskStatus
 from orchestrator.models import AgentCapability
+from orchestrator.sqlite_store import SCHEMA_VERSION
 from tests.harness import FAST, Harness, wait_until
 
 
@@ -118,7 +119,7 @@ async def test_a_new_file_carries_the_schema_version(tmp_path: Path) -> None:
     await store.tasks()
     await store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
