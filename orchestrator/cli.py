@@ -150,9 +150,31 @@ class _LogFilter(logging.Filter):
         if self.transport_quiet and record.name.startswith(("aiormq", "aio_pika")):
             return False
         if _secrets:
-            record.msg = scrub(record.getMessage())
-            record.args = None
+            _scrub_record(record)
         return True
+
+
+_formatter = logging.Formatter()
+
+
+def _scrub_record(record: logging.LogRecord) -> None:
+    """The record's message, traceback and stack without any password we know of.
+
+    The traceback is formatted here, scrubbed, and kept in ``exc_text``, which
+    every ``logging.Formatter`` prints instead of formatting ``exc_info`` again.
+    """
+    try:
+        message = record.getMessage()
+    except Exception:  # a bad format string: keep what there is, as text
+        message = f"{record.msg} {record.args}"
+    record.msg = scrub(message)
+    record.args = None
+    if record.exc_info and not record.exc_text:
+        record.exc_text = _formatter.formatException(record.exc_info)
+    if record.exc_text:
+        record.exc_text = scrub(record.exc_text)
+    if record.stack_info:
+        record.stack_info = scrub(record.stack_info)
 
 
 _log_filter = _LogFilter()
@@ -272,7 +294,7 @@ err = Console(stderr=True, emoji=False, markup=False)
 
 
 def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=str))
+    print(scrub(json.dumps(data, indent=2, default=str)))
 
 
 # --- serve -----------------------------------------------------------------------------
@@ -513,10 +535,10 @@ async def _submit(
             took = f" after {time.time() - status['started_at']:.2f}s"
         outcome = json.dumps(status["result"]) if status["result"] else status["error_message"]
         agent = status["assigned_agent"] or "no agent"
-        print(f"{status['status']}{took} on {agent}: {outcome}")
+        print(scrub(f"{status['status']}{took} on {agent}: {outcome}"))
     if status["status"] != TaskStatus.COMPLETED.value:
         err.print(
-            f"error: task {task_id} ended {status['status']}: {status['error_message']}",
+            scrub(f"error: task {task_id} ended {status['status']}: {status['error_message']}"),
             markup=False,
             highlight=False,
             soft_wrap=True,
@@ -572,7 +594,7 @@ def status(
             value = f"{value:.0%}"
         elif isinstance(value, dict | list):
             value = json.dumps(value)
-        table.add_row(key, Text("-" if value is None else str(value)))
+        table.add_row(key, Text("-" if value is None else scrub(str(value))))
     out.print(table)
 
 
@@ -724,7 +746,7 @@ class _WatchView:
                 datetime.fromtimestamp(at).strftime("%H:%M:%S"),
                 event.kind,
                 Text(subject),
-                Text(detail),
+                Text(scrub(detail)),
             )
         parts.append(events)
         return Group(*parts)

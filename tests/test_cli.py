@@ -13,12 +13,14 @@ import base64
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +39,7 @@ from broker import (
     TaskStatusRequest,
     redact_url,
 )
-from tests.conftest import require_broker
+from tests.conftest import BROKER_URL, require_broker
 from tests.harness import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -516,6 +518,164 @@ async def test_demo_runs_on_the_broker_without_printing_the_password() -> None:
     password = urlsplit(broker_url).password
     assert password
     assert f":{password}@" not in result.out + result.err
+
+
+# --- the password never shows ----------------------------------------------------------------
+
+
+def test_log_records_lose_the_password_in_message_arguments_and_traceback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given the command line's log filter, knowing a broker URL with a password
+    import io
+    import logging
+
+    from orchestrator import cli
+
+    password = "Pw-" + secrets.token_hex(8)
+    url = f"amqp://someone:{password}@127.0.0.1:5672/"
+    monkeypatch.setattr(cli, "_secrets", set())
+    cli._remember_secret(url)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    handler.addFilter(cli._LogFilter())
+    logger = logging.getLogger(f"test.scrub.{secrets.token_hex(4)}")
+    logger.addHandler(handler)
+    logger.propagate = False
+
+    # When the password is in a message's arguments, in an exception's text and
+    # traceback (log.exception, exc_info), and in a stack
+    logger.warning("connecting to %s", url)
+    try:
+        raise ConnectionError(f"cannot reach {url} (password {password})")
+    except ConnectionError:
+        logger.exception("failed with %s", password)
+        logger.error("again", exc_info=True)
+    logger.info("where", stack_info=True, extra={"x": password})
+    logger.warning("plain %s")  # a stray format without arguments still logs
+
+    # Then every line is there, and the password in none of them
+    text = stream.getvalue()
+    assert "connecting to amqp://someone:***@127.0.0.1:5672/" in text
+    assert text.count("Traceback (most recent call last)") == 2
+    assert "ConnectionError: cannot reach amqp://someone:***@127.0.0.1:5672/ (password ***)" in text
+    assert "plain %s" in text
+    assert password not in text
+
+
+LEAKY_AGENT = """
+import os
+
+from agents import Agent, TaskContext
+
+
+def make_agent() -> Agent:
+    agent = Agent(os.environ["AGENT_ID"], ["leaky"], 2, heartbeat_interval=0.3)
+
+    @agent.handler()
+    async def work(ctx: TaskContext) -> dict:
+        # User code that puts the broker URL into its error
+        raise ConnectionError("cannot reach " + os.environ["ORCHESTRATOR_BROKER_URL"])
+
+    return agent
+"""
+
+
+@pytest.mark.rabbitmq
+async def test_a_users_password_is_in_no_output_and_no_log(prefix: str, tmp_path: Path) -> None:
+    # Given a RabbitMQ user with a random password of its own (not its name)
+    api, auth = management(require_broker())
+    user = f"test-{secrets.token_hex(5)}"
+    password = secrets.token_urlsafe(18)
+    assert password != user
+    parts = urlsplit(BROKER_URL)
+    url = f"amqp://{user}:{password}@{parts.hostname or '127.0.0.1'}:{parts.port or 5672}/"
+    assert http(api, auth, "PUT", f"/users/{user}", {"password": password, "tags": ""}) < 300
+    outputs: list[str] = []
+    deployment = Deployment(prefix, url)
+    try:
+        permissions = {"configure": ".*", "write": ".*", "read": ".*"}
+        assert http(api, auth, "PUT", f"/permissions/%2F/{user}", permissions) < 300
+        (tmp_path / "leaky_agent.py").write_text(LEAKY_AGENT)
+        deployment.env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{tmp_path}"
+
+        # When serve and two agents run with debug logs, and a user submits, waits, looks
+        await deployment.start("serve", "serve", "--log-level", "debug")
+        await wait_until(deployment.answers, timeout=20, interval=0.1)
+        deployment.queue_keys.update({"analysis", "leaky"})
+        for agent_id, spec, capabilities in [
+            ("pw_agent", "tests.agent_app:make_agent", "analysis"),
+            ("leaky_agent", "leaky_agent:make_agent", "leaky"),
+        ]:
+            await deployment.start(
+                agent_id, "agent", "run", spec, "--log-level", "debug",
+                AGENT_ID=agent_id, AGENT_CAPABILITIES=capabilities,
+            )  # fmt: skip
+
+        async def both_registered() -> bool:
+            agents = await deployment.rpc(AgentsRequest())
+            return {a["agent_id"] for a in agents} == {"pw_agent", "leaky_agent"}
+
+        await wait_until(both_registered, timeout=30, interval=0.1)
+        done = await deployment.run("submit", "t", "-r", "analysis", "-p", '{"sleep": 0.2}', "-w")
+        assert done.code == 0, done
+        failed = await deployment.run("submit", "t", "-r", "leaky", "--max-retries", "1", "-w")
+        assert failed.code == 4, failed  # its error, with the URL in it, went everywhere
+        failed_id = failed.out.splitlines()[0]
+        results = [
+            done,
+            failed,
+            await deployment.run(
+                "submit", "t", "-r", "leaky", "--max-retries", "0", "-w", "--json"
+            ),
+            await deployment.run("status", failed_id),
+            await deployment.run("status", failed_id, "--json"),
+            await deployment.run("stats"),
+            await deployment.run("agents"),
+            await deployment.run("watch", "--seconds", "1"),
+            await run("demo", "--workflows", "1", "--broker", url),
+        ]
+        assert results[-1].code == 0, results[-1]
+        assert f"{user}:***@" in results[-1].out  # the demo names the broker, not the password
+        outputs += [r.out + r.err for r in results]
+        for name in list(deployment.processes):
+            assert await deployment.stop(name) == 0, deployment.log(name)
+        outputs += [deployment.log(name) for name in deployment.processes]
+        assert any("DEBUG" in log for log in outputs)  # the logs were verbose
+        assert any(f"cannot reach amqp://{user}:***@" in text for text in outputs)
+    finally:
+        try:
+            await deployment.close()
+        finally:
+            http(api, auth, "DELETE", f"/users/{user}")
+
+    # Then the password is in no output and no log
+    for text in outputs:
+        assert password not in text, text
+
+
+def management(broker_url: str) -> tuple[str, str]:
+    """The management API's address and the broker URL's credentials, as Basic auth."""
+    api = management_api(broker_url)
+    parts = urlsplit(broker_url)
+    credentials = f"{parts.username or 'guest'}:{parts.password or 'guest'}"
+    return api, "Basic " + base64.b64encode(credentials.encode()).decode()
+
+
+def http(api: str, auth: str, method: str, path: str, body: Any = None) -> int:
+    """The status of one management API call."""
+    request = urllib.request.Request(
+        api + path,
+        data=None if body is None else json.dumps(body).encode(),
+        method=method,
+        headers={"Authorization": auth, "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=15) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 @pytest.mark.rabbitmq
