@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 import pytest
+import yaml
 
 from agents import Agent, TaskContext, load_agent
 from broker import BusSettings, RabbitMQBus
@@ -49,12 +50,8 @@ def read_conf() -> dict[str, str]:
     return conf
 
 
-def load_compose() -> dict[str, Any] | None:
-    """docker-compose.yml parsed, merge keys resolved; None without PyYAML."""
-    try:
-        import yaml
-    except ImportError:
-        return None
+def load_compose() -> dict[str, Any]:
+    """docker-compose.yml parsed, merge keys resolved."""
     return yaml.safe_load(COMPOSE.read_text())
 
 
@@ -176,16 +173,6 @@ def test_rabbitmq_conf_raises_consumer_timeout_and_loads_the_mounted_definitions
     assert conf["management.tcp.port"] == "15672" and conf["prometheus.tcp.port"] == "15692"
 
     compose = load_compose()
-    if compose is None:  # no PyYAML here: the lines that matter, as text
-        text = COMPOSE.read_text()
-        assert "- ./rabbitmq.conf:/etc/rabbitmq/rabbitmq.conf:ro" in text
-        assert "- ./enabled_plugins:/etc/rabbitmq/enabled_plugins:ro" in text
-        assert f"- rabbitmq-definitions:{conf['load_definitions']}:ro" in text
-        assert "- ./definitions.json:/config/definitions.json:ro" in text
-        assert "- rabbitmq-definitions:/definitions\n" in text
-        assert '"--definitions", "/config/definitions.json", "--out", "/definitions"' in text
-        return
-
     services = compose["services"]
     rabbitmq = services["rabbitmq"]
     assert rabbitmq["image"].startswith("rabbitmq:3.10-management")
@@ -218,40 +205,31 @@ def test_compose_runs_the_orchestrator_and_two_agents_from_one_image() -> None:
         assert (DEPLOY / name).exists()
 
     compose = load_compose()
-    if compose is None:  # no PyYAML here: the lines that matter, as text
-        assert '["serve", "--store", "sqlite:/data/state.sqlite"]' in text
-        specs = re.findall(r'\["agent", "run", "([\w.]+:\w+)"\]', text)
-        assert len(specs) >= 2
-        assert "ORCHESTRATOR_PREFIX: orchestrator\n" in text
-        assert "@rabbitmq:5672/" in text
-    else:
-        services = compose["services"]
-        images = {s.get("image") for n, s in services.items() if n != "rabbitmq"}
-        assert images == {"rabbit-task-orchestrator:latest"}
-        for service in services.values():
-            if "build" in service:
-                assert (
-                    DEPLOY / service["build"]["context"] / service["build"]["dockerfile"]
-                ).exists()
-        orchestrator = services["orchestrator"]
-        assert orchestrator["command"][:3] == ["serve", "--store", "sqlite:/data/state.sqlite"]
-        assert "/data" in mounts(orchestrator)
-        environment = orchestrator["environment"]
-        assert environment["ORCHESTRATOR_PREFIX"] == generate.PREFIX
-        url = environment["ORCHESTRATOR_BROKER_URL"]
-        assert url.startswith("amqp://") and "@rabbitmq:5672/" in url
-        assert "${RABBITMQ_PASSWORD" in url
-        agents = {
-            name: service["command"][2]
-            for name, service in services.items()
-            if service.get("command", [])[:2] == ["agent", "run"]
-        }
-        default = [name for name in agents if not services[name].get("profiles")]
-        assert len(default) >= 2
-        for name in agents:
-            assert services[name]["environment"] == environment
-            assert services[name]["depends_on"]["rabbitmq"] == {"condition": "service_healthy"}
-        specs = list(agents.values())
+    services = compose["services"]
+    images = {s.get("image") for n, s in services.items() if n != "rabbitmq"}
+    assert images == {"rabbit-task-orchestrator:latest"}
+    for service in services.values():
+        if "build" in service:
+            assert (DEPLOY / service["build"]["context"] / service["build"]["dockerfile"]).exists()
+    orchestrator = services["orchestrator"]
+    assert orchestrator["command"][:3] == ["serve", "--store", "sqlite:/data/state.sqlite"]
+    assert "/data" in mounts(orchestrator)
+    environment = orchestrator["environment"]
+    assert environment["ORCHESTRATOR_PREFIX"] == generate.PREFIX
+    url = environment["ORCHESTRATOR_BROKER_URL"]
+    assert url.startswith("amqp://") and "@rabbitmq:5672/" in url
+    assert "${RABBITMQ_PASSWORD" in url
+    agents = {
+        name: service["command"][2]
+        for name, service in services.items()
+        if service.get("command", [])[:2] == ["agent", "run"]
+    }
+    default = [name for name in agents if not services[name].get("profiles")]
+    assert len(default) >= 2
+    for name in agents:
+        assert services[name]["environment"] == environment
+        assert services[name]["depends_on"]["rabbitmq"] == {"condition": "service_healthy"}
+    specs = list(agents.values())
     # Every agent the compose file runs is an Agent object, with its own capabilities
     loaded = [load_agent(spec) for spec in specs]
     assert all(isinstance(agent, Agent) and agent.capabilities for agent in loaded)
@@ -420,6 +398,94 @@ async def test_orchestrator_runs_on_definitions_loaded_through_the_management_ap
         assert info["arguments"] == Topology(prefix).retry_queue_arguments(100)
     finally:
         await harness.close()  # RabbitMQBus.delete_topology: fixed names, tiers, task queues
+    for queue in document["queues"]:
+        status, _ = await asyncio.to_thread(api.call, "GET", f"/api/queues/%2F/{q(queue['name'])}")
+        assert status == 404, f"{queue['name']} was left behind"
+
+
+def dynamic(prefix: str, queue: str, fixed_queues: set[str]) -> bool:
+    """A queue declared at run time, by design not in the definitions: a capability
+    queue other than @any (declared at first use), an agent's control queue, a
+    monitor's queue, a reply queue."""
+    if queue in fixed_queues:
+        return False
+    return (
+        queue.startswith((f"{prefix}.tasks.", f"{prefix}.agent.", f"{prefix}.monitor."))
+        or queue.startswith("amq.")
+        or not queue.startswith(f"{prefix}.")
+    )
+
+
+@pytest.mark.rabbitmq
+async def test_orchestrator_serve_declares_nothing_the_definitions_lack(prefix: str) -> None:
+    # Given the deployment's definitions for this test's prefix, loaded through the API
+    from tests.test_cli import Deployment
+
+    api = management_api()
+    document = generate.definitions(prefix)
+    del document["vhosts"]
+    status, body = await asyncio.to_thread(api.call, "POST", "/api/definitions", document)
+    assert status in (200, 201, 204), body
+    deployment = Deployment(prefix, BROKER_URL)
+    try:
+        # When `orchestrator serve` and an agent run there, a task completes, another
+        # goes through a retry tier, and a user asks for statistics and watches
+        await deployment.serve()
+        await deployment.agent("deploy_agent", "deploy_check")
+        done = await deployment.run("submit", "job", "-r", "deploy_check", "--wait")
+        assert done.code == 0, done
+        retried = await deployment.run(
+            "submit", "late", "-r", "deploy_check", "-p", '{"sleep": 3}',
+            "--timeout", "0.3", "--max-retries", "1", "--wait", "--json",
+        )  # fmt: skip
+        assert retried.code == 4, retried
+        assert json.loads(retried.out)["retry_count"] == 1
+        anyone = await deployment.run("submit", "job", "--wait")  # through the @any queue
+        assert anyone.code == 0, anyone
+        stats = await deployment.run("stats", "--json")
+        assert stats.code == 0, stats
+        assert json.loads(stats.out)["tasks_created"] == 3
+        watched = await deployment.run("watch", "--seconds", "1")
+        assert watched.code == 0, watched
+
+        # Then the broker's durable names of the prefix are exactly the definitions'
+        _, queues = await asyncio.to_thread(
+            api.call, "GET", "/api/queues/%2F?columns=name,durable,auto_delete,arguments"
+        )
+        _, exchanges = await asyncio.to_thread(api.call, "GET", "/api/exchanges/%2F")
+        _, bindings = await asyncio.to_thread(api.call, "GET", "/api/bindings/%2F")
+    finally:
+        await deployment.close()
+
+    def queue_entry(q: dict[str, Any]) -> tuple[Any, ...]:
+        return (
+            q["name"],
+            q["durable"],
+            q["auto_delete"],
+            json.dumps(q["arguments"], sort_keys=True),
+        )
+
+    fixed_queues = {q["name"] for q in document["queues"]}
+    on_broker = {
+        queue_entry(q)
+        for q in queues
+        if q["name"].startswith(f"{prefix}.") and not dynamic(prefix, q["name"], fixed_queues)
+    }
+    assert on_broker == {queue_entry(q) for q in document["queues"]}
+    seen = {q["name"] for q in queues if q["name"].startswith(f"{prefix}.")}
+    assert f"{prefix}.tasks.deploy_check" in seen  # the dynamic ones were there, and excluded
+    assert any(name.startswith(f"{prefix}.agent.") for name in seen)
+    assert {(e["name"], e["type"], e["durable"], e["auto_delete"]) for e in exchanges
+            if e["name"].startswith(f"{prefix}.")} == {
+        (e["name"], e["type"], e["durable"], e["auto_delete"]) for e in document["exchanges"]
+    }  # fmt: skip
+    assert {
+        (b["source"], b["destination"], b["routing_key"])
+        for b in bindings
+        if b["source"].startswith(f"{prefix}.")
+        and not dynamic(prefix, b["destination"], fixed_queues)
+    } == {(b["source"], b["destination"], b["routing_key"]) for b in document["bindings"]}
+    # And the deployment's clean-up removed them all
     for queue in document["queues"]:
         status, _ = await asyncio.to_thread(api.call, "GET", f"/api/queues/%2F/{q(queue['name'])}")
         assert status == 404, f"{queue['name']} was left behind"
