@@ -15,15 +15,27 @@ request is answered by one ``Reply``. ``docs/schemas/`` and
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import InvalidMessage
 
 SCHEMA_VERSION = 1
 
 Outcome = Literal["completed", "failed", "timeout", "cancelled"]
+
+Priority = Literal["low", "medium", "high", "critical"]
+"""The orchestrator's TaskPriority values, lowest first."""
+PRIORITIES: tuple[str, ...] = get_args(Priority)
 
 
 def _kind_is_required(schema: dict[str, Any]) -> None:
@@ -190,7 +202,9 @@ class SubmitTaskRequest(WireMessage):
     description: str = ""
     task_type: str
     payload: dict[str, Any]
-    priority: str = Field(default="medium", description="low, medium, high or critical")
+    priority: Priority = Field(
+        default="medium", description="low, medium, high or critical (any case is accepted)"
+    )
     dependencies: list[str] = Field(
         default_factory=list, description="ids of tasks that must complete first"
     )
@@ -200,6 +214,14 @@ class SubmitTaskRequest(WireMessage):
     estimated_duration: float = Field(default=300, description="seconds")
     timeout: float = Field(default=600, description="seconds one attempt may run")
     max_retries: int = 3
+
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _known_priority(cls, value: Any) -> Any:
+        name = getattr(value, "value", value)  # TaskPriority.HIGH as well as "HIGH"
+        if isinstance(name, str) and name.lower() in PRIORITIES:
+            return name.lower()
+        raise ValueError(f"must be one of {', '.join(PRIORITIES)}, got {value!r}")
 
 
 class CancelTaskRequest(WireMessage):
@@ -322,7 +344,8 @@ def _parse(adapter: TypeAdapter[Any], body: bytes, what: str = "message") -> Any
         if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
             loc = ["kind"]
         where = ".".join(str(p) for p in loc) or "body"
-        raise InvalidMessage(f"invalid {what}: {where}: {first['msg']}") from None
+        reason = str(first["msg"]).removeprefix("Value error, ")
+        raise InvalidMessage(f"invalid {what}: {where}: {reason}") from None
 
 
 def parse_task(body: bytes) -> TaskMessage:

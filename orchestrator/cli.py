@@ -65,7 +65,7 @@ from broker import (
     redact_url,
 )
 
-from .models import TaskStatus
+from .models import TaskPriority, TaskStatus
 
 log = logging.getLogger("orchestrator.cli")
 
@@ -497,6 +497,9 @@ def submit(
     prefix: Prefix = None,
 ) -> int:
     """Submit a task to a running orchestrator; prints its id."""
+    priorities = [p.value for p in TaskPriority]
+    if priority.lower() not in priorities:
+        raise CliError(f"--priority: must be one of {', '.join(priorities)}, got {priority!r}")
     request = SubmitTaskRequest(
         name=name or task_type,
         description=description,

@@ -311,9 +311,17 @@ async def test_bad_submit_is_refused_naming_the_field(harness: Harness) -> None:
     service, client = await serving(harness)
 
     # When a client submits with an unknown priority, then a dependency nobody knows
-    bad_priority = await client.request(
-        SubmitTaskRequest(name="t", task_type="t", payload={}, priority="urgent"), timeout=WAIT
+    with pytest.raises(
+        ValueError, match=r"must be one of low, medium, high, critical, got 'urgent'"
+    ):
+        SubmitTaskRequest(name="t", task_type="t", payload={}, priority="urgent")
+    unchecked = SubmitTaskRequest.model_construct(  # as a client in another language may send
+        **{
+            **SubmitTaskRequest(name="t", task_type="t", payload={}).model_dump(),
+            "priority": "urgent",
+        }
     )
+    bad_priority = await client.request(unchecked, timeout=WAIT)
     bad_dependency = await client.request(
         SubmitTaskRequest(name="t", task_type="t", payload={}, dependencies=["nope"]),
         timeout=WAIT,
@@ -322,8 +330,9 @@ async def test_bad_submit_is_refused_naming_the_field(harness: Harness) -> None:
     # Then each is refused as an invalid request naming its field, and nothing was created
     assert bad_priority.error is not None
     assert bad_priority.error.type == "invalid_request"
-    assert bad_priority.error.message.startswith("priority: ")
-    assert "urgent" in bad_priority.error.message
+    assert bad_priority.error.message == (
+        "invalid request: priority: must be one of low, medium, high, critical, got 'urgent'"
+    )
     assert bad_dependency.error is not None
     assert bad_dependency.error.message.startswith("dependencies: ")
     assert (await service.orchestrator.get_stats())["tasks_created"] == 0
