@@ -10,6 +10,7 @@ slot (see ``scheduling``). Every event handler is idempotent, keyed by
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -65,6 +66,15 @@ _OUTCOME_STATUS = {
 }
 
 
+def _body_kind(body: bytes) -> str | None:
+    """The ``kind`` a message body says it is, if it says (it may not parse)."""
+    try:
+        kind = json.loads(body).get("kind")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return kind if isinstance(kind, str) else None
+
+
 class TaskOrchestrator:
     """Dynamic task assignment and coordination across agents on a ``CommunicationBus``."""
 
@@ -100,6 +110,8 @@ class TaskOrchestrator:
         New agents are told before they consume; an agent's skip report clears one."""
         self._owns_bus = False
         self._started = False
+        self._reloaded_pending: list[str] = []
+        """Pending tasks found at start, to settle once (see ``_settle_reloaded``)."""
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -113,6 +125,7 @@ class TaskOrchestrator:
             await self.bus.connect()
             self._owns_bus = True
         await self._reload()
+        await self._settle_reloaded()
         # What the bus acknowledges must be in the store first.
         self._events = await self.bus.subscribe_events(self._on_event, before_ack=self.store.flush)
         self._dead_letters = await self.bus.subscribe_dead_letters(
@@ -150,6 +163,7 @@ class TaskOrchestrator:
         self._stats.rebuild(tasks, await self.store.get_meta(_RETIRED_STATS))
         self._finished.rebuild(tasks)
         by_id = {t.task_id: t for t in tasks}
+        self._reloaded_pending = []
         for task in tasks:
             key = capability_key(task.required_capabilities)
             self._queue_caps.setdefault(key, list(task.required_capabilities))
@@ -158,12 +172,15 @@ class TaskOrchestrator:
             if task.status is TaskStatus.ASSIGNED and task.retry_due is not None:
                 self._watch_retry(task)
             if task.status is TaskStatus.PENDING:
+                # A dependency no longer stored was kept until no task needed it: met.
                 unmet = [
                     d
                     for d in task.dependencies
                     if d in by_id and by_id[d].status is not TaskStatus.COMPLETED
                 ]
-                self._graph.wait(task.task_id, unmet)
+                if unmet:
+                    self._graph.wait(task.task_id, unmet)
+                self._reloaded_pending.append(task.task_id)
         for agent in await self.store.agents():
             # A fresh heartbeat window: it could not be heard while we were down.
             if agent.last_seen is not None:
@@ -176,6 +193,37 @@ class TaskOrchestrator:
                 agent.running.add(task.task_id)
         for agent in self._agents.values():
             agent.current_load = len(agent.running)
+
+    async def _settle_reloaded(self) -> None:
+        """Finish what a previous orchestrator stopped in the middle of.
+
+        Finishing a task saves it before its dependents are published or
+        ended, one by one; a restart in between leaves dependents pending that
+        no event will release any more (their dependency is already final).
+        So every reloaded pending task whose dependencies all completed is
+        published now, and one with a dependency that ended otherwise ends as
+        it would have (its own waiting dependents with it). Once, at start.
+        """
+        pending, self._reloaded_pending = self._reloaded_pending, []
+        for task_id in pending:
+            task = await self.store.get_task(task_id)
+            if task is None or task.status is not TaskStatus.PENDING:
+                continue  # already settled by a dependency ended earlier in this loop
+            if not self._graph.is_waiting(task_id):
+                log.info("task %s: dependencies met before the restart; publishing it", task_id)
+                await self._publish(task)
+                continue
+            for dep_id in task.dependencies:
+                dep = await self.store.get_task(dep_id)
+                if (
+                    dep is not None
+                    and dep.status.is_final
+                    and dep.status is not TaskStatus.COMPLETED
+                ):
+                    log.info("task %s: dependency %s ended before the restart", task_id, dep_id)
+                    await self._end_dependent(task, dep)
+                    break
+        await self.store.flush()
 
     def _require_started(self) -> None:
         if not self._started:
@@ -679,13 +727,35 @@ class TaskOrchestrator:
         return time.time() + task.timeout + self.settings.timeout_grace
 
     async def _on_dead_letter(self, letter: DeadLetter) -> None:
-        """A task message no agent could read: the task fails with the reason (no retry)."""
-        task_id = letter.task_id
+        """A task message no agent could read: the task fails with the reason (no retry).
+
+        Only a task message of the task's current attempt can end it: those
+        carry ``<task_id>:<attempt>`` as their message id (``DeadLetter.attempt``).
+        Events and anything else that was dead-lettered (unparseable, or their
+        handler failed) have no attempt there; they may name a task in their
+        body, but the task is not theirs to end: they are only logged.
+        """
+        task_id, attempt = letter.task_id, letter.attempt
+        if attempt is None or _body_kind(letter.body) not in (None, "task"):
+            log.warning(
+                "dead letter of %s (task %s) is not a task message of an attempt, nothing done: %s",
+                _body_kind(letter.body) or "an unknown message",
+                task_id,
+                letter.reason,
+            )
+            return
         task = await self.store.get_task(task_id) if task_id else None
         if task is None or task.status.is_final:
             log.warning("dead letter for no live task (%s): %s", task_id, letter.reason)
             return
-        if letter.attempt is not None and letter.attempt != task.attempt:
+        if attempt != task.attempt:
+            log.info(
+                "dead letter of task %s attempt %d (now %d): %s",
+                task_id,
+                attempt,
+                task.attempt,
+                letter.reason,
+            )
             return
         await self._finish(task, TaskStatus.FAILED, error=f"rejected: {letter.reason}")
 

@@ -1,0 +1,99 @@
+"""A bad event is dead-lettered, and must not fail the live task it names.
+
+Events that cannot be parsed (or whose handling fails) go to the dead
+letters like poison task messages do; only a dead-lettered *task message* of
+the task's current attempt may end the task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import aio_pika
+import pytest
+
+from agents import TaskContext
+from broker import MemoryBus
+from tests.harness import Harness, wait_until
+
+
+async def _inject_event(harness: Harness, routing_key: str, body: bytes) -> None:
+    """Put raw bytes on the events exchange, as a broken publisher would."""
+    bus = harness.orchestrator.bus
+    if isinstance(bus, MemoryBus):
+        for queue in bus._event_queues:
+            if queue.matches(routing_key):
+                queue.items.put_nowait(body)
+        return
+    connection = await aio_pika.connect(harness.settings.broker_url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(bus.topology.events_exchange)
+        await exchange.publish(aio_pika.Message(body), routing_key=routing_key)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        # A finished event that names the task and its attempt but does not parse.
+        pytest.param({"outcome": "exploded"}, id="bad-outcome"),
+        # One with no attempt at all.
+        pytest.param({"outcome": "failed", "attempt": None}, id="no-attempt"),
+    ],
+)
+async def test_unparseable_event_naming_a_running_task_leaves_it_running(
+    harness: Harness, caplog: pytest.LogCaptureFixture, shape: dict
+) -> None:
+    caplog.set_level(logging.INFO, logger="orchestrator")
+    # Given a task running on an agent, held until the test lets it finish
+    orchestrator = await harness.start_orchestrator()
+    release = asyncio.Event()
+
+    async def held(ctx: TaskContext) -> dict:
+        await release.wait()
+        return {"done": ctx.attempt}
+
+    await harness.start_agent("worker", [], 1, held)
+    task_id = await orchestrator.submit_task(
+        name="t", description="", task_type="j", payload={}, max_retries=0
+    )
+
+    async def running() -> bool:
+        return (await orchestrator.get_task_status(task_id))["status"] == "running"
+
+    await wait_until(running, timeout=15)
+
+    # When a malformed event naming that task (and its attempt) reaches the orchestrator
+    body = {
+        "v": 1,
+        "kind": "task.finished",
+        "task_id": task_id,
+        "attempt": 1,
+        "agent_id": "worker",
+        **shape,
+    }
+    await _inject_event(harness, "task.finished", json.dumps(body).encode())
+
+    # Then the orchestrator gets its dead letter and only logs it
+    def ignored() -> bool:
+        return any(
+            "not a task message" in r.getMessage() and task_id in r.getMessage()
+            for r in caplog.records
+        )
+
+    async def handled() -> bool:
+        status = (await orchestrator.get_task_status(task_id))["status"]
+        return ignored() or status != "running"
+
+    await wait_until(handled, timeout=15)
+    status = await orchestrator.get_task_status(task_id)
+    assert status["status"] == "running", status
+    assert ignored()
+
+    # And the task goes on to complete normally
+    release.set()
+    final = await orchestrator.wait_for_task(task_id, 15)
+    assert final["status"] == "completed"
+    assert final["result"] == {"done": 1}
