@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
+import aiormq
 import typer
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -774,9 +775,20 @@ def _describe(event: Event) -> tuple[str, str]:
 async def _watch(settings: BusSettings, seconds: float | None, refresh: float) -> None:
     view = _WatchView(settings)
     stop = _stop_on_signals()
-    bus = RabbitMQBus(settings=settings, connection_name=f"{settings.prefix}:watch")
+    # Like the request-only clients it declares no topology: only its own
+    # exclusive monitor queue, bound to the events exchange.
+    bus = RabbitMQBus(
+        settings=settings, connection_name=f"{settings.prefix}:watch", declare_topology=False
+    )
     async with _connected(bus):
-        await bus.subscribe_events(view.on_event, patterns=["task.#", "agent.#"])
+        try:
+            await bus.subscribe_events(view.on_event, patterns=["task.#", "agent.#"])
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            raise CliError(
+                f"no exchange {bus.topology.events_exchange!r} on RabbitMQ at {bus.address}:"
+                f" no orchestrator has served prefix {settings.prefix!r} there",
+                EXIT_UNREACHABLE,
+            ) from None
         loop = asyncio.get_running_loop()
         end = loop.time() + seconds if seconds is not None else None
         with Live(view.render(), console=out, auto_refresh=False) as live:

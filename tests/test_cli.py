@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import aio_pika
 import pytest
 
 from broker import (
@@ -401,6 +402,16 @@ async def test_no_orchestrator_answering_is_one_line_and_exit_3(deployment: Depl
         f"{redact_url(deployment.broker_url)}: no orchestrator has served prefix "
         f"'{deployment.prefix}' there"
     )
+    watch = await deployment.run("watch", "--seconds", "1")
+    assert watch.code == 3, watch
+    assert watch.error == (
+        f"error: no exchange '{deployment.prefix}.events' on RabbitMQ at "
+        f"{redact_url(deployment.broker_url)}: no orchestrator has served prefix "
+        f"'{deployment.prefix}' there"
+    )
+    # And neither declared anything of the prefix
+    assert not await exists(deployment, f"{deployment.prefix}.orchestrator.events")
+    assert not await exists(deployment, f"{deployment.prefix}.tasks.@any")
 
     # When the orchestrator served and stopped, then a request waits its timeout, then fails
     await deployment.serve()
@@ -674,15 +685,34 @@ def http(api: str, auth: str, method: str, path: str, body: Any = None) -> int:
         return exc.code
 
 
+async def exists(deployment: Deployment, queue: str) -> bool:
+    """Whether the broker has this queue (a passive declare, on a connection of its own)."""
+    connection = await aio_pika.connect(deployment.broker_url)
+    async with connection:
+        channel = await connection.channel()
+        try:
+            await channel.declare_queue(queue, passive=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            return False
+        return True
+
+
+AGENT_ROW = re.compile(r"│ watched_agent +│ analysis +│ (\d+)/5 +│")
+
+
 @pytest.mark.rabbitmq
 async def test_watch_shows_events_queue_depths_and_agent_load(deployment: Deployment) -> None:
-    # Given an orchestrator, an agent, and a task waiting in a queue nobody consumes
+    # Given an orchestrator, an agent running a long task, and a task waiting in a
+    # queue nobody consumes
     await deployment.serve()
     await deployment.agent("watched_agent", "analysis")
     deployment.queue_keys.add("unserved")
     await deployment.run("submit", "idle", "-r", "unserved")
+    long = await deployment.run("submit", "long", "-r", "analysis", "-p", '{"sleep": 30}')
+    long_id = long.out.strip()
+    await wait_until(lambda: task_is(deployment, long_id, "running"), timeout=20, interval=0.1)
 
-    # When a user watches while tasks run
+    # When a user watches while short tasks come and go beside the long one
     watch = asyncio.ensure_future(deployment.run("watch", "--seconds", "4", "--refresh", "0.5"))
     while not watch.done():
         await deployment.rpc(
@@ -697,9 +727,63 @@ async def test_watch_shows_events_queue_depths_and_agent_load(deployment: Deploy
     assert result.code == 0, result
     assert "task.finished" in result.out
     assert "completed on watched_agent" in result.out
-    assert "watched_agent" in result.out
-    assert "0/5" in result.out or "1/5" in result.out
+    loads = [int(n) for n in AGENT_ROW.findall(result.out)]
+    assert loads, result.out
+    assert 1 in loads and 0 not in loads, loads  # the long task holds one of its five slots
     assert re.search(r"│ unserved +│ unserved +│ 1 +│", result.out), result.out
+    assert (await deployment.rpc(TaskStatusRequest(task_id=long_id)))["status"] == "running"
+
+
+def test_watch_view_renders_stats_agents_queues_and_events() -> None:
+    from rich.console import Console
+
+    from broker import AgentAnnounced, AgentHeartbeat, TaskFinished, TaskStarted
+    from orchestrator import cli
+
+    # Given the view of a prefix, after one poll and a few events
+    settings = BusSettings(broker_url="amqp://ops:view-s3cret@rabbit:5672/", prefix="shop")
+    view = cli._WatchView(settings)
+    view.stats = {
+        "tasks_created": 7, "pending_tasks": 2, "running_tasks": 1, "tasks_completed": 3,
+        "tasks_failed": 1, "overall_utilization": 0.25,
+    }  # fmt: skip
+    view.agents = [
+        {
+            "agent_id": "a-1", "capabilities": ["analysis", "trading"], "max_concurrent_tasks": 4,
+            "current_load": 1, "utilization": 0.25, "performance_score": 0.9, "last_seen": None,
+        }
+    ]  # fmt: skip
+    view.queues = [
+        {"key": "@any", "queue": "shop.tasks.@any", "capabilities": [], "depth": 0},
+        {"key": "analysis", "queue": "shop.tasks.analysis", "capabilities": ["analysis"], "depth": 5},
+    ]  # fmt: skip
+    view.note = "no reply within 1s"
+    for event in (
+        AgentAnnounced(agent_id="a-1", capabilities=["analysis"], max_concurrent_tasks=4),
+        AgentHeartbeat(agent_id="a-1", running=1),
+        TaskStarted(task_id="task_1", attempt=2, agent_id="a-1"),
+        TaskFinished(task_id="task_1", attempt=2, agent_id="a-1", outcome="failed", error="boom [x]"),
+    ):  # fmt: skip
+        asyncio.run(view.on_event(event))
+
+    # When it is drawn
+    console = Console(record=True, width=160, color_system=None)
+    console.print(view.render())
+    text = console.export_text()
+
+    # Then it shows the broker without its password, the counts, load, depths and events
+    assert "prefix shop on amqp://ops:***@rabbit:5672/" in text
+    assert "view-s3cret" not in text
+    assert "tasks: 7 created, 2 waiting, 1 running, 3 completed, 1 failed; utilization 25%" in text
+    assert "no reply within 1s" in text
+    assert re.search(r"│ a-1 +│ analysis, trading +│ 1/4 +│ 25% +│ 0.90 +│ - +│", text), text
+    assert re.search(r"│ @any +│ \(any\) +│ 0 +│", text), text
+    assert re.search(r"│ analysis +│ analysis +│ 5 +│", text), text
+    assert re.search(r"│ agent.announce +│ a-1 +│ analysis; up to 4 at once +│", text), text
+    assert re.search(r"│ task.started +│ task_1 +│ on a-1 \(attempt 2\) +│", text), text
+    assert re.search(r"│ task.finished +│ task_1 +│ failed: boom \[x\] on a-1 +│", text), text
+    assert "agent.heartbeat" not in text  # counted, not listed
+    assert view.heartbeats == 1
 
 
 async def test_topology_prints_and_exports_the_definitions(tmp_path: Path) -> None:
