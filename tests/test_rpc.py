@@ -244,6 +244,46 @@ async def test_any_amqp_client_gets_replies_and_garbage_is_answered(harness: Har
         assert "invalid request" in str(letter.headers["x-reason"])
 
 
+@RABBITMQ_ONLY
+async def test_a_plain_amqp_client_gets_its_reply_by_direct_reply_to(harness: Harness) -> None:
+    # Given an orchestrator serving requests, and a plain AMQP client with no queue of
+    # its own: it consumes RabbitMQ's direct reply-to pseudo-queue (no-ack)
+    service, _ = await serving(harness)
+    assert harness.settings.broker_url
+    connection = await aio_pika.connect(harness.settings.broker_url)
+    async with connection:
+        channel = await connection.channel()
+        replies: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+        pseudo = await channel.get_queue("amq.rabbitmq.reply-to", ensure=False)
+        await pseudo.consume(replies.put, no_ack=True)
+
+        async def ask(correlation_id: str, body: dict) -> aio_pika.abc.AbstractIncomingMessage:
+            await channel.default_exchange.publish(
+                aio_pika.Message(
+                    json.dumps(body).encode(),
+                    content_type="application/json",
+                    reply_to="amq.rabbitmq.reply-to",
+                    correlation_id=correlation_id,
+                ),
+                routing_key=service.orchestrator.bus.topology.rpc_queue,
+            )
+            async with asyncio.timeout(WAIT):
+                return await replies.get()
+
+        # When it publishes requests on that same channel, replying to the pseudo-queue
+        submit = {"kind": "request.submit", "name": "t", "task_type": "t", "payload": {}}
+        submitted = await ask("submit-1", submit)
+        stats = await ask("stats-1", {"kind": "request.stats"})
+
+    # Then each reply comes back on the channel, with its request's correlation id
+    assert (submitted.correlation_id, stats.correlation_id) == ("submit-1", "stats-1")
+    answers = {m.correlation_id: parse_reply(m.body) for m in (submitted, stats)}
+    assert answers["submit-1"].ok, answers["submit-1"].error
+    task_id = answers["submit-1"].result["task_id"]
+    assert await service.orchestrator.get_task_status(task_id) is not None
+    assert answers["stats-1"].result["tasks_created"] == 1
+
+
 def test_a_reply_has_an_error_exactly_when_it_failed() -> None:
     with pytest.raises(ValueError):
         Reply(ok=True, error={"type": "internal", "message": "x"})
