@@ -103,13 +103,16 @@ def rabbitmq_conf() -> str:
 # RabbitMQ creates no default vhost and no guest user.
 load_definitions = {DEFINITIONS_DIR}
 
-# An agent acknowledges a task only after its final event is confirmed, so each
-# task is an unacknowledged delivery for as long as it runs. A delivery
-# unacknowledged for longer than consumer_timeout (30 min by default) makes
-# RabbitMQ close the agent's task channel and requeue every delivery on it: all
-# of that agent's running tasks would start again elsewhere, and a task longer
-# than the timeout would never finish. {hours} h leaves room for tasks whose `timeout`
-# is up to a day; a stuck handler is still caught by the task's own timeout.
+# A task whose `timeout` is at most the agent's long_task_after (1500 s by
+# default) is acknowledged only after its final event is confirmed: it is an
+# unacknowledged delivery while it runs. A longer task is acknowledged once it
+# has started (the orchestrator re-publishes it if its agent dies). A delivery
+# unacknowledged longer than consumer_timeout (30 min by default) makes RabbitMQ
+# close the agent's task channel and requeue every delivery on it, so that all
+# of that agent's running tasks start again elsewhere. {hours} h is a margin
+# above that: for a task that overruns its timeout, and for agents built with
+# long_task_after=None (or a value above 30 min), whose tasks are held
+# unacknowledged to the end; then it bounds their `timeout` to about a day.
 consumer_timeout = {CONSUMER_TIMEOUT_MS}
 
 listeners.tcp.default = 5672
