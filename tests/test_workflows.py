@@ -6,11 +6,22 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import uuid
 
 import aio_pika
+import pytest
 
 from agents import TaskContext
-from broker import MemoryBus, Topology
+from broker import (
+    AgentHeartbeat,
+    CommunicationBus,
+    Control,
+    Event,
+    MemoryBus,
+    Reannounce,
+    TaskFinished,
+    Topology,
+)
 from broker.topology import RETRY_TIERS_MS
 from orchestrator import RetryPolicy, TaskPriority
 from tests.harness import FAST, Harness, wait_all, wait_until
@@ -98,36 +109,69 @@ async def test_dependent_waits_pending_until_dependency_completes(harness: Harne
     assert (await orchestrator.wait_for_task(second, timeout=10))["status"] == "completed"
 
 
-async def test_failed_dependency_fails_two_levels_of_dependents(harness: Harness) -> None:
-    # Given a chain a <- b <- c and a sibling d <- a, where a always fails
+@pytest.mark.parametrize(
+    "ending", ["failed", "timeout", "cancelled_while_queued", "cancelled_while_running"]
+)
+async def test_dependency_that_never_completes_ends_two_levels_of_dependents(
+    harness: Harness, ending: str
+) -> None:
+    # Given a chain a <- b <- c and a sibling d <- a, where a will not complete
     orchestrator = await harness.start_orchestrator()
     ran: list[str] = []
+    a_running = asyncio.Event()
 
     async def handler(ctx: TaskContext) -> dict:
         ran.append(ctx.name)
         if ctx.name == "a":
-            raise RuntimeError("a is broken")
+            a_running.set()
+            if ending == "failed":
+                raise RuntimeError("a is broken")
+            await asyncio.sleep(60)  # past its timeout, or until cancelled
         return {}
 
     await harness.start_agent("worker", [], 2, handler)
-    a = await orchestrator.submit_task(**job(name="a", max_retries=0))
+    a = await orchestrator.submit_task(
+        **job(
+            name="a",
+            max_retries=0,
+            timeout=0.3 if ending == "timeout" else 30,
+            required_capabilities=["nobody_has_this"] if ending.endswith("queued") else [],
+        )
+    )
     b = await orchestrator.submit_task(**job(name="b", dependencies=[a]))
     c = await orchestrator.submit_task(**job(name="c", dependencies=[b]))
     d = await orchestrator.submit_task(**job(name="d", dependencies=[a]))
 
-    # Then all of them end failed, each naming the dependency that failed it
+    # When a ends that way
+    if ending == "cancelled_while_queued":
+        assert (await orchestrator.get_task_status(a))["status"] == "assigned"
+        assert await orchestrator.cancel_task(a) is True
+    elif ending == "cancelled_while_running":
+        await asyncio.wait_for(a_running.wait(), 15)
+        await wait_until(lambda: _status_is(orchestrator, a, "running"))
+        assert await orchestrator.cancel_task(a) is True
+
+    # Then all of its dependents end, each naming the dependency that ended it
     sa, sb, sc, sd = await wait_all(orchestrator, [a, b, c, d])
-    assert sa["status"] == "failed" and sa["error_message"] == "RuntimeError: a is broken"
-    assert sb["status"] == sc["status"] == sd["status"] == "failed"
-    assert a in sb["error_message"] and "failed" in sb["error_message"]
-    assert b in sc["error_message"]
-    assert a in sd["error_message"]
-    assert ran == ["a"]
+    a_ended = {"failed": "failed", "timeout": "timeout"}.get(ending, "cancelled")
+    dependents_end = "cancelled" if a_ended == "cancelled" else "failed"
+    assert sa["status"] == a_ended, sa
+    if ending == "failed":
+        assert sa["error_message"] == "RuntimeError: a is broken"
+    assert sb["status"] == sc["status"] == sd["status"] == dependents_end, (sb, sc, sd)
+    assert a in sb["error_message"] and f"ended {a_ended}" in sb["error_message"]
+    assert b in sc["error_message"] and f"ended {dependents_end}" in sc["error_message"]
+    assert a in sd["error_message"] and f"ended {a_ended}" in sd["error_message"]
+    assert ran == ([] if ending.endswith("queued") else ["a"])
     stats = await orchestrator.get_stats()
-    assert stats["tasks_failed"] == 4 and stats["pending_tasks"] == 0
-    # A task submitted on an already failed dependency fails at once
+    assert stats["tasks_failed"] == (0 if a_ended == "cancelled" else 4)
+    assert stats["tasks_completed"] == 0
+    assert stats["pending_tasks"] == stats["running_tasks"] == 0
+    # A task submitted on an already ended dependency ends at once
     late = await orchestrator.submit_task(**job(name="late", dependencies=[c]))
-    assert (await orchestrator.get_task_status(late))["status"] == "failed"
+    status = await orchestrator.get_task_status(late)
+    assert status["status"] == dependents_end and c in status["error_message"]
+    assert (await orchestrator.get_task_status(b))["status"] == dependents_end
 
 
 # --------------------------------------------------------------------- retries
@@ -143,11 +187,14 @@ def test_retry_delays_grow_exponentially_with_bounded_jitter() -> None:
             assert len(set(delays)) > 1  # jittered
 
 
-async def test_flaky_handler_succeeds_on_third_attempt_with_growing_back_off(
+async def test_flaky_handler_completes_on_fourth_attempt_after_growing_back_offs(
     harness: Harness,
 ) -> None:
-    # Given a handler that fails its first two attempts, and a 0.2 s base back-off
-    settings = FAST.model_copy(update={"retry_base_delay": 0.2, "retry_max_delay": 5})
+    # Given a handler that fails its first three attempts, and a 0.3 s base back-off:
+    # retry n waits base * 2^(n-1) plus up to one base of jitter (RetryPolicy),
+    # so 0.3-0.6 s, 0.6-0.9 s, then 1.2-1.5 s
+    base = 0.3
+    settings = FAST.model_copy(update={"retry_base_delay": base, "retry_max_delay": 5})
     orchestrator = await harness.start_orchestrator(settings)
     loop = asyncio.get_running_loop()
     attempts: list[tuple[int, float]] = []
@@ -164,14 +211,23 @@ async def test_flaky_handler_succeeds_on_third_attempt_with_growing_back_off(
     task_id = await orchestrator.submit_task(**job(max_retries=3))
     status = await orchestrator.wait_for_task(task_id, timeout=20)
 
-    # Then it completes on the fourth attempt, and the waits grew
+    # Then it completes on the fourth attempt
     assert status["status"] == "completed"
     assert status["retry_count"] == 3
     assert status["result"] == {"after": 4}
     assert [a for a, _ in attempts] == [1, 2, 3, 4]
+    # and each wait was at least its back-off, and not held far longer
     gaps = [b - a for (_, a), (_, b) in itertools.pairwise(attempts)]
-    assert gaps[0] >= 0.2 and gaps[1] >= 0.4 and gaps[2] >= 0.8, gaps
-    assert gaps[0] < gaps[2], gaps
+    shortest = [base * 2**n for n in range(3)]  # no jitter
+    longest = [s + base for s in shortest]  # all of the jitter
+    for gap, low, high in zip(gaps, shortest, longest, strict=True):
+        assert gap >= low - 0.005, gaps
+        assert gap < 5 * high, gaps
+    # and the waits grew: retry 3 waits at least a base longer than retry 2 can;
+    # retries 1 and 2 may meet at 2 x base when the jitter is at its extremes, so
+    # their order only holds up to the scheduling noise around each wait
+    assert gaps[1] < gaps[2], gaps
+    assert gaps[0] < gaps[1] + 0.15, gaps
 
 
 async def test_flaky_handler_succeeds_on_attempt_three(harness: Harness) -> None:
@@ -335,32 +391,197 @@ async def test_handler_past_its_timeout_ends_timeout(harness: Harness) -> None:
     assert (await orchestrator.get_stats())["tasks_failed"] == 1
 
 
+async def _deaf_until(release: asyncio.Event) -> None:
+    """Hang, deaf to cancellation, until ``release``: a handler that never reports."""
+    while not release.is_set():
+        try:
+            await release.wait()
+        except asyncio.CancelledError:
+            continue
+
+
+async def _publish_events_and_wait_handled(harness: Harness, *events: Event) -> None:
+    """Publish events as an agent would; return once the orchestrator has handled them.
+
+    The orchestrator handles its events one at a time, in order, and answers a
+    heartbeat from an agent it does not know with a ``Reannounce`` to that agent:
+    a heartbeat of a probe sent after ``events`` fences them (no sleeping).
+    """
+    bus = await _connected_bus(harness)
+    probe = f"probe-{uuid.uuid4().hex[:8]}"
+    answered = asyncio.Event()
+
+    async def on_control(command: Control) -> None:
+        if isinstance(command, Reannounce):
+            answered.set()
+
+    subscription = await bus.subscribe_control(probe, on_control)
+    try:
+        for event in events:
+            await bus.publish_event(event)
+        await bus.publish_event(AgentHeartbeat(agent_id=probe, running=0))
+        await asyncio.wait_for(answered.wait(), 20)
+    finally:
+        await subscription.close()
+
+
+async def _connected_bus(harness: Harness) -> CommunicationBus:
+    """The shared in-process bus, or a new connection to the broker."""
+    bus = harness.new_bus()
+    if not bus.is_connected:
+        await bus.connect()
+    return bus
+
+
+async def _watch_finished_events(harness: Harness, seen: list[TaskFinished]):
+    """A monitor's view of every ``task.finished`` event (what the agents reported)."""
+    bus = await _connected_bus(harness)
+
+    async def record(event: Event) -> None:
+        if isinstance(event, TaskFinished):
+            seen.append(event)
+
+    return await bus.subscribe_events(record, patterns=["task.finished"])
+
+
 async def test_silent_agent_is_timed_out_by_the_orchestrator(harness: Harness) -> None:
     # Given an agent whose handler ignores cancellation, so it never reports
     orchestrator = await harness.start_orchestrator()
     release = asyncio.Event()
 
     async def stubborn(ctx: TaskContext) -> dict:
-        while not release.is_set():
-            try:
-                await release.wait()
-            except asyncio.CancelledError:
-                continue
+        await _deaf_until(release)
         return {"late": True}
 
     await harness.start_agent("stubborn", [], 1, stubborn)
+    try:
+        # When its task passes timeout + grace
+        task_id = await orchestrator.submit_task(**job(timeout=0.3, max_retries=0))
+        status = await orchestrator.wait_for_task(task_id, 20)
 
-    # When its task passes timeout + grace
-    task_id = await orchestrator.submit_task(**job(timeout=0.3, max_retries=0))
-    status = await orchestrator.wait_for_task(task_id, 20)
+        # Then the orchestrator ends it as timeout
+        assert status["status"] == "timeout"
+        assert "no result from agent stubborn" in status["error_message"]
 
-    # Then the orchestrator ends it as timeout, and ignores the late result
-    assert status["status"] == "timeout"
-    assert "no result from agent stubborn" in status["error_message"]
-    release.set()
-    await asyncio.sleep(0.3)
-    status = await orchestrator.get_task_status(task_id)
-    assert status["status"] == "timeout" and status["result"] is None
+        # and a result of that same attempt arriving afterwards changes nothing
+        late = TaskFinished(
+            task_id=task_id, attempt=1, agent_id="stubborn", outcome="completed", result={"x": 1}
+        )
+        await _publish_events_and_wait_handled(harness, late)
+        status = await orchestrator.get_task_status(task_id)
+        assert status["status"] == "timeout" and status["result"] is None
+        stats = await orchestrator.get_stats()
+        assert stats["tasks_completed"] == 0 and stats["tasks_failed"] == 1
+    finally:
+        release.set()
+
+
+async def test_orchestrator_timeout_is_retried_on_another_agent(harness: Harness) -> None:
+    # Given two agents, and a task whose first attempt hangs deaf to cancellation
+    # wherever it lands, so only the orchestrator's deadline can end it
+    orchestrator = await harness.start_orchestrator()
+    release = asyncio.Event()
+    runs: list[tuple[int, str]] = []
+
+    async def handler(ctx: TaskContext) -> dict:
+        runs.append((ctx.attempt, ctx.agent_id))
+        if ctx.attempt == 1:
+            await _deaf_until(release)
+        return {"attempt": ctx.attempt, "agent": ctx.agent_id}
+
+    one = await harness.start_agent("one", [], 1, handler)
+    two = await harness.start_agent("two", [], 1, handler)
+    seen: list[TaskFinished] = []
+    monitor = await _watch_finished_events(harness, seen)
+    try:
+        # When it runs with one retry allowed
+        task_id = await orchestrator.submit_task(**job(timeout=0.3, max_retries=1))
+        status = await orchestrator.wait_for_task(task_id, 20)
+
+        # Then the orchestrator's timeout counted as a retry, and attempt 2 ran elsewhere
+        assert status["status"] == "completed", status
+        assert status["retry_count"] == 1
+        (first, first_agent), (second, second_agent) = runs
+        assert (first, second) == (1, 2) and first_agent != second_agent, runs
+        assert status["result"] == {"attempt": 2, "agent": second_agent}
+        assert status["assigned_agent"] == second_agent
+        # the silent agent was told to drop attempt 1 (its handler got the cancel)
+        silent = one if first_agent == "one" else two
+
+        async def told_to_drop() -> bool:
+            return silent.counters.cancelled == 1
+
+        await wait_until(told_to_drop, timeout=15)
+        # and no agent ever reported attempt 1 as timed out or failed: the
+        # orchestrator's deadline did it
+        assert not [e for e in seen if e.attempt == 1 and e.outcome in ("timeout", "failed")]
+        stats = await orchestrator.get_stats()
+        assert stats["tasks_completed"] == 1 and stats["tasks_failed"] == 0
+    finally:
+        release.set()
+        await monitor.close()
+
+
+@pytest.mark.parametrize("stale_arrives", ["while_attempt_2_runs", "after_attempt_2_completed"])
+async def test_late_result_of_a_superseded_attempt_is_ignored(
+    harness: Harness, stale_arrives: str
+) -> None:
+    # Given a task whose attempt 1 went silent on one agent and was superseded
+    # by attempt 2 on another (the orchestrator timed attempt 1 out)
+    orchestrator = await harness.start_orchestrator()
+    release = asyncio.Event()
+    hold_second = asyncio.Event()
+    second_started = asyncio.Event()
+    runs: list[tuple[int, str]] = []
+
+    async def handler(ctx: TaskContext) -> dict:
+        runs.append((ctx.attempt, ctx.agent_id))
+        if ctx.attempt == 1:
+            await _deaf_until(release)
+            return {"late": True}
+        second_started.set()
+        await hold_second.wait()
+        return {"attempt": ctx.attempt, "agent": ctx.agent_id}
+
+    await harness.start_agent("silent", [], 1, handler)
+    try:
+        task_id = await orchestrator.submit_task(**job(timeout=0.3, max_retries=1))
+        await wait_until(lambda: _status_is(orchestrator, task_id, "running"))
+        await harness.start_agent("rescuer", [], 1, handler)
+        await asyncio.wait_for(second_started.wait(), 20)
+        stale = TaskFinished(
+            task_id=task_id,
+            attempt=1,
+            agent_id="silent",
+            outcome="completed",
+            result={"stale": 1},
+        )
+
+        # When attempt 1's result arrives late: while attempt 2 runs, or after it
+        if stale_arrives == "while_attempt_2_runs":
+            await _publish_events_and_wait_handled(harness, stale)
+            status = await orchestrator.get_task_status(task_id)
+            assert status["status"] == "running", status
+            assert status["assigned_agent"] == "rescuer" and status["result"] is None
+            hold_second.set()
+            status = await orchestrator.wait_for_task(task_id, 20)
+        else:
+            hold_second.set()
+            await orchestrator.wait_for_task(task_id, 20)
+            await _publish_events_and_wait_handled(harness, stale)
+            status = await orchestrator.get_task_status(task_id)
+
+        # Then the task's status and result are attempt 2's, counted once
+        assert runs == [(1, "silent"), (2, "rescuer")]
+        assert status["status"] == "completed"
+        assert status["result"] == {"attempt": 2, "agent": "rescuer"}
+        assert status["assigned_agent"] == "rescuer"
+        assert status["retry_count"] == 1
+        stats = await orchestrator.get_stats()
+        assert stats["tasks_completed"] == 1 and stats["tasks_failed"] == 0
+        assert stats["pending_tasks"] == stats["running_tasks"] == 0
+    finally:
+        release.set()
 
 
 # --------------------------------------------------------------------- cancellation
@@ -417,6 +638,102 @@ async def test_cancel_queued_task_never_runs(harness: Harness) -> None:
     assert ran == ["later"]
 
 
+async def test_cancel_task_queued_behind_a_busy_agent_never_runs(harness: Harness) -> None:
+    # Given an agent at its limit, and a task waiting in the queue behind it
+    orchestrator = await harness.start_orchestrator()
+    gate = asyncio.Event()
+    busy = asyncio.Event()
+    ran: list[str] = []
+
+    async def handler(ctx: TaskContext) -> dict:
+        ran.append(ctx.name)
+        if ctx.name == "busy":
+            busy.set()
+            await gate.wait()
+        return {}
+
+    agent = await harness.start_agent("worker", [], 1, handler)
+    seen: list[TaskFinished] = []
+    monitor = await _watch_finished_events(harness, seen)
+    try:
+        first = await orchestrator.submit_task(**job(name="busy"))
+        await asyncio.wait_for(busy.wait(), 15)
+        queued = await orchestrator.submit_task(**job(name="queued"))
+        assert (await orchestrator.get_task_status(queued))["status"] == "assigned"
+
+        # When it is cancelled, and then the agent's slot frees up
+        assert await orchestrator.cancel_task(queued) is True
+        assert (await orchestrator.get_task_status(queued))["status"] == "cancelled"
+        gate.set()
+        after = await orchestrator.submit_task(**job(name="after"))
+
+        # Then the agent skipped it (it reached the agent before the later task did)
+        s_first, s_after = await wait_all(orchestrator, [first, after])
+        assert s_first["status"] == s_after["status"] == "completed"
+        assert ran == ["busy", "after"]
+        assert (await orchestrator.get_task_status(queued))["status"] == "cancelled"
+
+        async def skipped() -> bool:
+            return any(e.task_id == queued and e.outcome == "cancelled" for e in seen)
+
+        await wait_until(skipped, timeout=15)
+        assert agent.counters.received == 2
+        stats = await orchestrator.get_stats()
+        assert stats["tasks_completed"] == 2 and stats["pending_tasks"] == 0
+    finally:
+        gate.set()
+        await monitor.close()
+
+
+async def test_cancel_task_waiting_in_retry_back_off_never_runs_again(harness: Harness) -> None:
+    # Given a task whose first attempt failed and whose retry waits 1-2 s in a TTL queue
+    settings = FAST.model_copy(update={"retry_base_delay": 1.0, "retry_max_delay": 2.0})
+    orchestrator = await harness.start_orchestrator(settings)
+    attempts: list[tuple[str, int]] = []
+
+    async def fails_first(ctx: TaskContext) -> dict:
+        attempts.append((ctx.name, ctx.attempt))
+        if ctx.name == "flaky" and ctx.attempt == 1:
+            raise RuntimeError("first attempt fails")
+        return {"attempt": ctx.attempt}
+
+    agent = await harness.start_agent("worker", [], 2, fails_first)
+    seen: list[TaskFinished] = []
+    monitor = await _watch_finished_events(harness, seen)
+    try:
+        task_id = await orchestrator.submit_task(**job(name="flaky", max_retries=3))
+
+        async def retry_waiting() -> bool:
+            status = await orchestrator.get_task_status(task_id)
+            return status["retry_count"] == 1 and status["status"] == "assigned"
+
+        await wait_until(retry_waiting, timeout=15)
+
+        # When it is cancelled during the back-off
+        assert await orchestrator.cancel_task(task_id) is True
+
+        # Then, once the retry comes out of the TTL queue, the agent skips it
+        async def retry_skipped() -> bool:
+            return any(
+                e.task_id == task_id and e.attempt == 2 and e.outcome == "cancelled" for e in seen
+            )
+
+        await wait_until(retry_skipped, timeout=15)
+        status = await orchestrator.get_task_status(task_id)
+        assert status["status"] == "cancelled" and status["error_message"] == "cancelled by request"
+        assert attempts == [("flaky", 1)]
+        assert agent.counters.received == 1
+        # and the agent goes on taking work
+        later = await orchestrator.submit_task(**job(name="later"))
+        assert (await orchestrator.wait_for_task(later, 15))["status"] == "completed"
+        assert attempts == [("flaky", 1), ("later", 1)]
+        assert (await orchestrator.get_task_status(task_id))["status"] == "cancelled"
+        stats = await orchestrator.get_stats()
+        assert stats["pending_tasks"] == stats["running_tasks"] == 0
+    finally:
+        await monitor.close()
+
+
 async def test_cancel_running_task_stops_its_handler(harness: Harness) -> None:
     orchestrator = await harness.start_orchestrator()
     started = asyncio.Event()
@@ -460,26 +777,40 @@ async def _agent_idle(orchestrator, agent_id: str) -> bool:
 # --------------------------------------------------------------------- dead letters
 
 
+@pytest.mark.parametrize("body_kind", ["missing_field", "not_json"])
 async def test_malformed_task_message_is_dead_lettered_and_fails_its_task(
-    harness: Harness,
+    harness: Harness, body_kind: str
 ) -> None:
     # Given a queued task, and an agent consuming the queue of another capability
     orchestrator = await harness.start_orchestrator()
     await harness.start_agent("reader", ["reads"], 2)
     task_id = await orchestrator.submit_task(**job(required_capabilities=["nobody_has_this"]))
-    await orchestrator.submit_task(**job(required_capabilities=["reads"]))  # declares its queue
+    first = await orchestrator.submit_task(**job(required_capabilities=["reads"]))
+    assert (await orchestrator.wait_for_task(first, 15))["status"] == "completed"
 
-    # When a malformed message for that task reaches the agent
-    body = json.dumps({"v": 1, "kind": "task", "task_id": task_id, "attempt": 1}).encode()
+    # When a malformed message for that task (named by its message id) reaches the agent
+    if body_kind == "missing_field":
+        body = json.dumps({"v": 1, "kind": "task", "task_id": task_id, "attempt": 1}).encode()
+    else:
+        body = b"\x00\xff{not json at all"
     await _inject(harness, "reads", body, f"{task_id}:1")
 
     # Then the task fails with the reason, and the dead-letter queue has it
     status = await orchestrator.wait_for_task(task_id, 15)
     assert status["status"] == "failed"
     assert "invalid message" in status["error_message"]
-    assert "name" in status["error_message"]  # the first missing field
+    if body_kind == "missing_field":
+        assert "name" in status["error_message"]  # the first missing field
+    assert status["retry_count"] == 0  # a message nobody can read is not retried
     reason = await _dead_letter_reason(harness)
     assert reason is not None and "invalid message" in reason and "reader" in reason
+
+    # and no consumer crashed: the same agent still runs the next task of that queue
+    after = await orchestrator.submit_task(**job(required_capabilities=["reads"]))
+    status = await orchestrator.wait_for_task(after, 15)
+    assert status["status"] == "completed" and status["assigned_agent"] == "reader"
+    stats = await orchestrator.get_stats()
+    assert stats["tasks_completed"] == 2 and stats["tasks_failed"] == 1
 
 
 async def _inject(harness: Harness, key: str, body: bytes, message_id: str) -> None:
