@@ -202,6 +202,7 @@ def _bus_settings(broker: str | None, prefix: str | None) -> BusSettings:
     if prefix is not None:
         overrides["prefix"] = prefix
     settings = BusSettings(**overrides)
+    CliSettings()  # a bad ORCHESTRATOR_* value is an error before anything connects
     if not settings.broker_url:
         settings = settings.model_copy(update={"broker_url": default_broker_url()})
     _remember_secret(settings.broker_url)
@@ -889,6 +890,10 @@ def _one_line(exc: BaseException) -> str:
     if isinstance(exc, ValidationError):
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or exc.title
+        variable = f"ORCHESTRATOR_{where.upper()}"
+        given = first.get("input")
+        if isinstance(given, str) and os.environ.get(variable) == given:
+            where = f"{variable}={given!r}"  # a setting from the environment: say which
         message = f"{where}: {str(first['msg']).removeprefix('Value error, ')}"
     else:
         message = str(exc) or type(exc).__name__

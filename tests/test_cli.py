@@ -71,18 +71,20 @@ def base_env(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **extra}
 
 
-async def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> Result:
-    """Run one command to its end."""
+async def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60, stdin: bytes | None = None
+) -> Result:
+    """Run one command to its end (``stdin``: what it reads there; nothing by default)."""
     process = await asyncio.create_subprocess_exec(
         *CLI,
         *args,
         cwd=ROOT,
         env=env or base_env(),
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(process.communicate(), timeout)
+    out, err = await asyncio.wait_for(process.communicate(stdin), timeout)
     assert process.returncode is not None
     return Result(process.returncode, out.decode(), err.decode())
 
@@ -108,8 +110,10 @@ class Deployment:
             settings=BusSettings(broker_url=broker_url, prefix=prefix), declare_topology=False
         )
 
-    async def run(self, *args: str, timeout: float = 60, **env: str) -> Result:
-        return await run(*args, env={**self.env, **env}, timeout=timeout)
+    async def run(
+        self, *args: str, timeout: float = 60, stdin: bytes | None = None, **env: str
+    ) -> Result:
+        return await run(*args, env={**self.env, **env}, timeout=timeout, stdin=stdin)
 
     async def start(self, name: str, *args: str, **env: str) -> asyncio.subprocess.Process:
         """A long-running command; its output goes to a log file (see ``log``)."""
@@ -241,7 +245,9 @@ async def test_serve_two_agents_and_every_task_command(deployment: Deployment, t
     assert '"echo": {"symbol": "BTC", "sleep": 0.3}' in submitted.out
 
     # When a task depends on one still running, then it starts only after that one ends
-    first = await deployment.run("submit", "analysis", "-r", "analysis", "-p", '{"sleep": 0.5}')
+    first = await deployment.run(  # the payload from stdin
+        "submit", "analysis", "-r", "analysis", "-p", "@-", stdin=b'{"sleep": 0.5}'
+    )
     then = await deployment.run(
         "submit", "trade", "-r", "trading", "--depends-on", first.out.strip(), "--wait", "--json"
     )
@@ -250,6 +256,7 @@ async def test_serve_two_agents_and_every_task_command(deployment: Deployment, t
     assert dependent["assigned_agent"] == "cli_agent_2"  # the one agent that can trade
     upstream = json.loads((await deployment.run("status", first.out.strip(), "--json")).out)
     assert dependent["started_at"] >= upstream["started_at"] + 0.5
+    assert upstream["result"]["echo"] == {"sleep": 0.5}
 
     # When the user asks for the first task's status, then it says completed, with the result
     status = await deployment.run("status", task_id, "--json")
@@ -336,6 +343,31 @@ async def test_bad_input_is_one_line_and_exit_1(args: list[str], message: str) -
     assert "Traceback" not in result.err
 
 
+@pytest.mark.parametrize(
+    ("args", "variable", "value", "message"),
+    [
+        (["stats"], "REQUEST_TIMEOUT", "abc", "Input should be a valid number"),
+        (["submit", "t"], "REQUEST_TIMEOUT", "0", "Input should be greater than 0"),
+        (["status", "task_1"], "PREFIX", "a.b", "String should match pattern"),
+        (["serve"], "HEARTBEAT_TIMEOUT", "soon", "Input should be a valid number"),
+        (["agent", "run", "tests.agent_app:make_agent"], "AMQP_HEARTBEAT", "x", "Input should be a valid integer"),
+    ],
+)  # fmt: skip
+async def test_a_bad_setting_in_the_environment_is_one_line_and_exit_1(
+    args: list[str], variable: str, value: str, message: str
+) -> None:
+    # Given a bad ORCHESTRATOR_* value (and a broker nobody answers at)
+    env = base_env(AGENT_ID="a", ORCHESTRATOR_BROKER_URL=UNREACHABLE)
+    env[f"ORCHESTRATOR_{variable}"] = value
+
+    # When a command runs, then it names the variable and its value in one line, exit 1,
+    # before it tries the broker
+    result = await run(*args, env=env)
+    assert result.code == 1, result
+    assert result.error.startswith(f"error: ORCHESTRATOR_{variable}={value!r}: {message}")
+    assert "Traceback" not in result.err
+
+
 @pytest.mark.rabbitmq
 async def test_requests_the_orchestrator_refuses_are_one_line_and_exit_1(
     deployment: Deployment,
@@ -368,7 +400,10 @@ async def test_requests_the_orchestrator_refuses_are_one_line_and_exit_1(
         (["submit", "analysis", "--wait"], "option"),
         (["status", "task_1"], "environment"),
         (["stats"], "option"),
+        (["cancel", "task_1"], "environment"),
+        (["agents"], "option"),
         (["watch", "--seconds", "1"], "environment"),
+        (["demo", "--workflows", "1"], "option"),
     ],
 )
 async def test_unreachable_broker_is_one_line_exit_3_without_the_password(
