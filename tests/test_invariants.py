@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from agents import TaskContext
 from broker import BusSettings
-from orchestrator import OrchestratorSettings
+from orchestrator import MemoryStore, OrchestratorSettings, Task
 from tests.conftest import BROKER_URL, require_broker
 from tests.harness import Harness, wait_all
 
@@ -32,6 +32,32 @@ QUICK = OrchestratorSettings(
     retry_max_delay=0.05,
     timeout_grace=0.2,
 )
+
+
+class RecordingStore(MemoryStore):
+    """A state store that writes down every status a task is saved with.
+
+    The orchestrator saves a task on every change of state (its store is a
+    constructor argument), so this sees every transition into a final state,
+    however it came about: an agent's report, a retry running out, the
+    orchestrator's own deadline, a cancel, a dependency ending, a dead letter.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: dict[str, str] = {}
+        self.final_changes: Counter[str] = Counter()
+        self.violations: list[str] = []
+
+    async def save_task(self, task: Task) -> None:
+        status = task.status.value
+        before = self.last.get(task.task_id)
+        if before in FINAL and status != before:
+            self.violations.append(f"{task.task_id} saved {status} after it ended {before}")
+        if status in FINAL and before not in FINAL:
+            self.final_changes[task.task_id] += 1
+        self.last[task.task_id] = status
+        await super().save_task(task)
 
 
 @dataclass(frozen=True)
@@ -72,7 +98,8 @@ async def run_workflow(bus_kind: str, specs: list[Spec], limits: list[int]) -> N
 
 
 async def _check(harness: Harness, specs: list[Spec], limits: list[int]) -> None:
-    orchestrator = await harness.start_orchestrator(QUICK)
+    store = RecordingStore()
+    orchestrator = await harness.start_orchestrator(QUICK, store=store)
     violations: list[str] = []
     running: Counter[str] = Counter()
     peak: Counter[str] = Counter()
@@ -126,9 +153,13 @@ async def _check(harness: Harness, specs: list[Spec], limits: list[int]) -> None
     again = [await orchestrator.get_task_status(t) for t in ids]
 
     assert not violations, violations
+    # Every task changed into a final state exactly once, and never out of it
+    assert not store.violations, store.violations
+    assert store.final_changes == Counter(ids), store.final_changes
     for index, (status, later) in enumerate(zip(statuses, again, strict=True)):
         assert status["status"] in FINAL, (index, status)
-        assert later["status"] == status["status"], (index, status, later)  # exactly one end
+        assert later["status"] == status["status"], (index, status, later)
+        assert store.last[ids[index]] == status["status"], (index, status)
         assert status["retry_count"] <= specs[index].max_retries, (index, status)
         if status["status"] == "completed":
             assert all(statuses[d]["status"] == "completed" for d in specs[index].deps)
