@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 _RETIRED_STATS = "stats.retired"
 """Store meta key: what forgotten tasks add to ``get_stats``."""
 _CANCELLED_IN_QUEUE_KEEP = 10_000
-"""At most this many cancelled-in-queue ids are sent to a newly registered agent."""
+"""At most this many cancelled-in-queue ids are kept, and sent to a newly registered agent."""
 
 _OUTCOME_STATUS = {
     "completed": TaskStatus.COMPLETED,
@@ -268,6 +268,7 @@ class TaskOrchestrator:
         down arrive as soon as ``start`` subscribes, before it returns.
         """
         agent = self._agents.get(agent_id)
+        new = agent is None  # or new again since it left or was removed
         if agent is None:
             agent = AgentCapability(
                 agent_id, capabilities, max_concurrent_tasks=max_concurrent_tasks
@@ -282,13 +283,16 @@ class TaskOrchestrator:
         if seen:
             agent.last_seen = time.time()
         await self.store.save_agent(agent)
-        await self._send_queues(agent, new=True)
+        await self._send_queues(agent, new=new)
 
     async def _send_queues(self, agent: AgentCapability, *, new: bool = False) -> None:
+        """Tell an agent which queues to consume; a ``new`` one first hears which
+        queued tasks were cancelled (an agent already known heard them as they
+        were cancelled: announcing again costs it nothing more)."""
         keys = [k for k, caps in self._queue_caps.items() if covers(agent.capabilities, caps)]
-        if new:
-            # Before the agent consumes anything: what it must not run.
-            for task_id in list(self._cancelled_in_queue)[-_CANCELLED_IN_QUEUE_KEEP:]:
+        if new and self._cancelled_in_queue:
+            # Before the agent consumes anything: what it must not run, oldest first.
+            for task_id in list(self._cancelled_in_queue):  # at most _CANCELLED_IN_QUEUE_KEEP
                 await self.bus.publish_control(CancelTask(task_id=task_id), agent_id=agent.agent_id)
         await self.bus.publish_control(
             ConsumeQueues(queue_keys=keys, consumer_priority=scheduling.consumer_priority(agent)),
@@ -494,6 +498,10 @@ class TaskOrchestrator:
         elif was is TaskStatus.ASSIGNED:
             # Whichever agent receives it skips it, including agents yet to come.
             self._cancelled_in_queue[task_id] = None
+            if len(self._cancelled_in_queue) > _CANCELLED_IN_QUEUE_KEEP:
+                # Only the newest are ever sent; agents skip an older one by its attempt
+                # fence (its TaskStarted is answered with a CancelTask).
+                del self._cancelled_in_queue[next(iter(self._cancelled_in_queue))]
             await self.bus.publish_control(CancelTask(task_id=task_id))
         await self.store.flush()
         return True

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agents import TaskContext
-from orchestrator import SQLiteStore, Task, TaskOrchestrator, TaskPriority, TaskStatus
+from broker import CancelTask, ConsumeQueues, Control
+from orchestrator import (
+    RunDeadlines,
+    SQLiteStore,
+    Task,
+    TaskOrchestrator,
+    TaskPriority,
+    TaskStatus,
+)
 from tests.harness import FAST, Harness, wait_until
 
 
@@ -149,3 +160,155 @@ async def test_dependents_of_a_dead_dependency_end_after_a_restart(
     saved = {t.task_id: t.status.value for t in await again.tasks()}
     await again.close()
     assert saved == {"dep": dead.value, "child": expected, "grandchild": expected}
+
+
+# ------------------------------------------- run deadlines (rebuilt by a restart's reload)
+
+
+def test_run_deadlines_expire_earliest_first_and_forget_what_expired() -> None:
+    deadlines = RunDeadlines()
+    deadlines.start("c", 1, 30.0)
+    deadlines.start("a", 1, 10.0)
+    deadlines.start("b", 2, 20.0)
+    assert deadlines.expired(9.9) == []
+    assert deadlines.expired(20.0) == [("a", 1), ("b", 2)]  # at the deadline counts
+    assert deadlines.expired(25.0) == []  # forgotten once returned
+    assert deadlines.expired(100.0) == [("c", 1)]
+    assert len(deadlines) == 0
+
+
+def test_run_deadlines_replace_and_discard() -> None:
+    deadlines = RunDeadlines()
+    deadlines.start("a", 1, 10.0)
+    deadlines.start("b", 1, 20.0)
+    deadlines.start("a", 2, 30.0)  # a new attempt replaces the old deadline
+    deadlines.start("c", 1, 5.0)
+    deadlines.start("c", 1, 1.0)  # an earlier deadline replaces a later one too
+    deadlines.discard("b")
+    deadlines.discard("nobody")
+    assert "a" in deadlines and "b" not in deadlines
+    assert deadlines.expired(25.0) == [("c", 1)]
+    assert deadlines.expired(30.0) == [("a", 2)]
+    deadlines.start("b", 3, 40.0)  # watched again after a discard
+    assert deadlines.expired(50.0) == [("b", 3)]
+
+
+def test_run_deadlines_postpone_moves_every_deadline_and_keeps_their_order() -> None:
+    deadlines = RunDeadlines()
+    deadlines.start("a", 1, 10.0)
+    deadlines.start("b", 1, 12.0)
+    deadlines.start("a", 2, 11.0)  # a stale entry for "a" stays behind
+    deadlines.discard("b")
+    deadlines.start("c", 1, 13.0)
+    deadlines.postpone(5.0)
+    assert deadlines.expired(15.9) == []
+    assert deadlines.expired(16.0) == [("a", 2)]
+    deadlines.start("d", 1, 17.0)  # after postponing: not moved
+    assert deadlines.expired(18.0) == [("d", 1), ("c", 1)]
+    assert deadlines.expired(1e9) == []
+
+
+def test_run_deadlines_keep_memory_bounded_by_the_live_ones() -> None:
+    # Many tasks watched and discarded long before their deadline (they finished)
+    deadlines = RunDeadlines()
+    for i in range(10_000):
+        deadlines.start(f"t{i}", 1, 1000.0 + i)
+        if i % 100:
+            deadlines.discard(f"t{i}")
+    assert len(deadlines) == 100
+    assert len(deadlines._heap) <= 2 * len(deadlines) + 64
+    assert deadlines.expired(1e9) == [(f"t{i}", 1) for i in range(0, 10_000, 100)]
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["start", "discard", "expire", "postpone"]),
+            st.integers(0, 5),
+            st.integers(0, 100),
+        ),
+        max_size=80,
+    )
+)
+def test_run_deadlines_agree_with_a_plain_dictionary(ops: list[tuple[str, int, int]]) -> None:
+    deadlines, model = RunDeadlines(), {}
+    for attempt, (op, task, number) in enumerate(ops):
+        task_id = f"t{task}"
+        if op == "start":
+            deadlines.start(task_id, attempt, float(number))
+            model[task_id] = (float(number), attempt)
+        elif op == "discard":
+            deadlines.discard(task_id)
+            model.pop(task_id, None)
+        elif op == "postpone":
+            deadlines.postpone(number / 10)
+            model = {t: (d + number / 10, a) for t, (d, a) in model.items()}
+        else:
+            late = sorted((d, t, a) for t, (d, a) in model.items() if d <= number)
+            got = deadlines.expired(float(number))
+            assert sorted(got) == sorted((t, a) for _, t, a in late)
+            # earliest first
+            assert [model[t][0] for t, _ in got] == sorted(model[t][0] for t, _ in got)
+            for _, t, _ in late:
+                del model[t]
+        assert len(deadlines) == len(model)
+
+
+# ------------------------------ agents announcing again (as every orchestrator start asks)
+
+
+async def test_only_a_new_agent_hears_the_tasks_cancelled_in_their_queue(
+    harness: Harness,
+) -> None:
+    # Given tasks cancelled while their messages waited in a queue
+    orchestrator = await harness.start_orchestrator()
+    cancelled = []
+    for _ in range(3):
+        task_id = await orchestrator.submit_task(
+            name="t",
+            description="",
+            task_type="j",
+            payload={},
+            required_capabilities=["nobody_has_this"],
+        )
+        assert await orchestrator.cancel_task(task_id)
+        cancelled.append(task_id)
+
+    # And an agent's control queue, watched
+    bus = harness.new_bus()
+    if not bus.is_connected:
+        await bus.connect()
+    heard: list[Control] = []
+    consume_orders = asyncio.Queue()
+
+    async def on_control(command: Control) -> None:
+        heard.append(command)
+        if isinstance(command, ConsumeQueues):
+            consume_orders.put_nowait(command)
+
+    watch = await bus.subscribe_control("watcher", on_control)
+
+    def replayed() -> list[str]:
+        return [c.task_id for c in heard if isinstance(c, CancelTask) and c.attempt is None]
+
+    async def register() -> None:
+        # Its queues are sent last, after any cancelled ids: the registration is handled
+        await orchestrator.register_agent("watcher", ["io"], 2)
+        await asyncio.wait_for(consume_orders.get(), 15)
+
+    try:
+        # When it registers: it hears every cancelled id before its queues
+        await register()
+        assert replayed() == cancelled
+
+        # When it announces again (or is registered again): not again
+        await register()
+        await register()
+        assert replayed() == cancelled
+
+        # When it was removed and comes back: it is new again
+        await orchestrator.unregister_agent("watcher")
+        await register()
+        assert replayed() == cancelled + cancelled
+    finally:
+        await watch.close()
