@@ -2,11 +2,16 @@
 
 Builds a random layered DAG (each task depends on up to ``--fan-in`` earlier
 tasks), runs it to completion with no-op agents, and prints the end-to-end
-rate and the time the orchestrator spent finishing completed tasks, which is
-where their dependents are released and published. That time per task should
-depend on a task's own dependents, not on the size of the graph, so the
-script also runs a graph a tenth of the size and prints the ratio of the
-per-task release times (close to 1 means no growth with the graph).
+rate and the time the orchestrator spent handling each ``completed`` event,
+which is where the task is finished and its dependents are released and
+published. That time per task should depend on a task's own dependents, not
+on the size of the graph, so the script also runs a graph a tenth of the size
+and prints the ratio of the per-task release times (close to 1 means no
+growth with the graph). The time is taken around the orchestrator's event
+handler, wrapped by the bus it is given (no private method is touched).
+
+Exits 1 when not every task completed (``--fail-rate`` makes some fail on
+purpose: their dependents fail too).
 
     python tests/bench/dag.py [--tasks 10000] [--fan-in 3] [--agents 4] [--bus memory|rabbitmq]
 """
@@ -16,91 +21,148 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import sys
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from agents import Agent, TaskContext
-from broker import BusSettings, CommunicationBus, MemoryBus, RabbitMQBus, default_broker_url
-from orchestrator import TaskOrchestrator, TaskStatus
+from broker import (
+    BusSettings,
+    CommunicationBus,
+    Event,
+    MemoryBus,
+    RabbitMQBus,
+    TaskFinished,
+    default_broker_url,
+)
+from broker.bus import BeforeAck, EventHandler, Subscription
+from orchestrator import TaskOrchestrator
 
 
-class TimedOrchestrator(TaskOrchestrator):
-    """Counts the time spent in ``_finish`` for completed tasks (release included)."""
+class ReleaseTimer:
+    """The time the orchestrator spends handling ``completed`` events: the task
+    is finished there and its dependents are released and published."""
 
-    release_seconds = 0.0
-    releases = 0
-    worst = 0.0
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.count = 0
+        self.worst = 0.0
 
-    async def _finish(self, task, status, **kwargs: Any) -> None:  # type: ignore[override]
-        began = time.perf_counter()
-        await super()._finish(task, status, **kwargs)
-        if status is TaskStatus.COMPLETED:
+    def around(self, handler: EventHandler) -> EventHandler:
+        async def timed(event: Event) -> None:
+            if not (isinstance(event, TaskFinished) and event.outcome == "completed"):
+                await handler(event)
+                return
+            began = time.perf_counter()
+            await handler(event)
             spent = time.perf_counter() - began
-            self.release_seconds += spent
-            self.releases += 1
+            self.seconds += spent
+            self.count += 1
             self.worst = max(self.worst, spent)
 
+        return timed
 
-async def run(tasks: int, fan_in: int, agents: int, bus_kind: str, seed: int) -> dict[str, Any]:
+
+def timed_bus(kind: type[CommunicationBus], timer: ReleaseTimer, settings: BusSettings):
+    """A bus of ``kind`` whose orchestrator events queue is handled under ``timer``."""
+
+    class TimedBus(kind):  # type: ignore[valid-type, misc]
+        async def subscribe_events(
+            self,
+            handler: EventHandler,
+            *,
+            patterns: Sequence[str] | None = None,
+            before_ack: BeforeAck | None = None,
+        ) -> Subscription:
+            if patterns is None:  # the orchestrator's own queue
+                handler = timer.around(handler)
+            return await super().subscribe_events(handler, patterns=patterns, before_ack=before_ack)
+
+    return TimedBus(settings=settings)
+
+
+async def run(
+    tasks: int,
+    fan_in: int,
+    agents: int,
+    bus_kind: str,
+    seed: int,
+    fail_rate: float = 0.0,
+    prefix: str | None = None,
+) -> dict[str, Any]:
     rng = random.Random(seed)
     settings = BusSettings(
         broker_url=default_broker_url() if bus_kind == "rabbitmq" else None,
-        prefix=f"bench-dag-{uuid.uuid4().hex[:6]}",
+        prefix=f"{prefix or 'bench-dag-' + uuid.uuid4().hex[:6]}-{tasks}",
     )
-    shared = MemoryBus(settings=settings) if bus_kind == "memory" else None
+    timer = ReleaseTimer()
+    kind = MemoryBus if bus_kind == "memory" else RabbitMQBus
+    orchestrator_bus = timed_bus(kind, timer, settings)
 
     def new_bus() -> CommunicationBus:
-        return shared if shared is not None else RabbitMQBus(settings=settings)
+        # In-process, everyone shares the orchestrator's bus.
+        return orchestrator_bus if bus_kind == "memory" else RabbitMQBus(settings=settings)
 
-    orchestrator = TimedOrchestrator(new_bus())
-    await orchestrator.start()
-    workers = []
-    for i in range(agents):
-        agent = Agent(f"dag-agent-{i}", [], 50)
+    orchestrator = TaskOrchestrator(orchestrator_bus)
+    workers: list[Agent] = []
+    try:
+        await orchestrator.start()
+        for i in range(agents):
+            agent = Agent(f"dag-agent-{i}", [], 50)
 
-        @agent.handler()
-        async def noop(ctx: TaskContext) -> dict:
-            return {}
+            @agent.handler()
+            async def noop(ctx: TaskContext) -> dict:
+                if ctx.payload.get("fail"):
+                    raise RuntimeError("failing on purpose (--fail-rate)")
+                return {}
 
-        await agent.start(new_bus())
-        workers.append(agent)
+            await agent.start(new_bus())
+            workers.append(agent)
 
-    ids: list[str] = []
-    edges = 0
-    began = time.perf_counter()
-    for i in range(tasks):
-        deps = rng.sample(
-            ids[max(0, i - 500) :], min(len(ids[max(0, i - 500) :]), rng.randint(0, fan_in))
-        )
-        edges += len(deps)
-        ids.append(
-            await orchestrator.submit_task(
-                name=f"n{i}", description="", task_type="noop", payload={}, dependencies=deps
+        ids: list[str] = []
+        edges = 0
+        began = time.perf_counter()
+        for i in range(tasks):
+            deps = rng.sample(
+                ids[max(0, i - 500) :], min(len(ids[max(0, i - 500) :]), rng.randint(0, fan_in))
             )
-        )
-    submitted = time.perf_counter() - began
-    statuses = await asyncio.gather(*(orchestrator.wait_for_task(t, timeout=600) for t in ids))
-    elapsed = time.perf_counter() - began
-    completed = sum(1 for s in statuses if s["status"] == "completed")
-
-    for agent in workers:
-        await agent.stop()
-    await orchestrator.stop()
-    if bus_kind == "rabbitmq":
-        cleaner = RabbitMQBus(settings=settings)
-        await cleaner.connect()
-        await cleaner.delete_topology()
-        await cleaner.close()
+            edges += len(deps)
+            ids.append(
+                await orchestrator.submit_task(
+                    name=f"n{i}",
+                    description="",
+                    task_type="noop",
+                    payload={"fail": True} if rng.random() < fail_rate else {},
+                    dependencies=deps,
+                    max_retries=0 if fail_rate else 3,
+                )
+            )
+        submitted = time.perf_counter() - began
+        statuses = await asyncio.gather(*(orchestrator.wait_for_task(t, timeout=600) for t in ids))
+        elapsed = time.perf_counter() - began
+        completed = sum(1 for s in statuses if s["status"] == "completed")
+    finally:
+        for agent in workers:
+            await agent.stop()
+        await orchestrator.stop()
+        if bus_kind == "memory":
+            await orchestrator_bus.close()
+        else:
+            cleaner = RabbitMQBus(settings=settings)
+            await cleaner.connect()
+            await cleaner.delete_topology()
+            await cleaner.close()
     return {
         "tasks": tasks,
         "edges": edges,
         "completed": completed,
         "submit_s": submitted,
         "total_s": elapsed,
-        "release_us_mean": orchestrator.release_seconds / max(1, orchestrator.releases) * 1e6,
-        "release_us_worst": orchestrator.worst * 1e6,
-        "release_s_total": orchestrator.release_seconds,
+        "release_us_mean": timer.seconds / max(1, timer.count) * 1e6,
+        "release_us_worst": timer.worst * 1e6,
+        "release_s_total": timer.seconds,
     }
 
 
@@ -113,10 +175,34 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=4)
     parser.add_argument("--bus", choices=["memory", "rabbitmq"], default="memory")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--fail-rate",
+        type=float,
+        default=0.0,
+        help="fraction of tasks whose handler fails, without retries (default 0)",
+    )
+    parser.add_argument(
+        "--prefix",
+        help="topology prefix of the runs (each run adds its size; default: a random one)",
+    )
     args = parser.parse_args()
+    if args.tasks < 1:
+        parser.error("--tasks must be at least 1")
     rows = []
     for size in (max(1, args.tasks // 10), args.tasks):
-        rows.append(asyncio.run(run(size, args.fan_in, args.agents, args.bus, args.seed)))
+        rows.append(
+            asyncio.run(
+                run(
+                    size,
+                    args.fan_in,
+                    args.agents,
+                    args.bus,
+                    args.seed,
+                    args.fail_rate,
+                    args.prefix,
+                )
+            )
+        )
     print(f"DAG on the {args.bus} bus, fan-in up to {args.fan_in}, {args.agents} agents x 50 slots")
     print(
         f"{'tasks':>7} {'edges':>7} {'completed':>9} {'submit s':>9} {'total s':>8} {'tasks/s':>8}"
@@ -129,10 +215,16 @@ def main() -> None:
             f" {r['release_us_worst']:>9.0f} {r['release_s_total']:>10.3f}"
         )
     small, large = rows
-    print(
-        f"release time per task, {large['tasks']} vs {small['tasks']} tasks: "
-        f"x{large['release_us_mean'] / small['release_us_mean']:.2f}"
-    )
+    if small["release_us_mean"] > 0:
+        print(
+            f"release time per task, {large['tasks']} vs {small['tasks']} tasks: "
+            f"x{large['release_us_mean'] / small['release_us_mean']:.2f}"
+        )
+    incomplete = [r for r in rows if r["completed"] < r["tasks"]]
+    if incomplete:
+        for r in incomplete:
+            print(f"error: only {r['completed']} of {r['tasks']} tasks completed", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
