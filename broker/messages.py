@@ -308,7 +308,11 @@ class Reply(WireMessage):
 
     kind: Literal["reply"] = "reply"
     ok: bool
-    result: Any = Field(default=None, description="what the request asked for, when ok")
+    result: Any = Field(
+        default=None,
+        description="what the request asked for, when ok: SubmitResult, CancelResult,"
+        " TaskStatusResult, StatsResult, a list of AgentRecord or of QueueRecord",
+    )
     error: ReplyError | None = Field(default=None, description="why it failed, when not ok")
 
     @model_validator(mode="after")
@@ -324,6 +328,112 @@ class Reply(WireMessage):
     @classmethod
     def failure(cls, type: ErrorType, message: str) -> Reply:
         return cls(ok=False, error=ReplyError(type=type, message=message))
+
+
+# --- what a successful reply's ``result`` holds, by request ---------------------------
+
+TaskState = Literal["pending", "assigned", "running", "completed", "failed", "cancelled", "timeout"]
+"""A task's status: the orchestrator's TaskStatus values."""
+
+
+class ReplyResult(BaseModel):
+    """Base of the reply results. A newer orchestrator may add keys: readers ignore them."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+
+class SubmitResult(ReplyResult):
+    """The result of ``request.submit``."""
+
+    task_id: str = Field(description="the new task's id, for status and cancel")
+
+
+class TaskStatusResult(ReplyResult):
+    """The result of ``request.status``: what ``get_task_status`` returns."""
+
+    task_id: str
+    name: str
+    status: TaskState
+    assigned_agent: str | None = Field(description="the agent running or that ran it")
+    created_at: float = Field(description="Unix time")
+    started_at: float | None = Field(description="Unix time its current attempt started")
+    priority: Priority
+    progress: float = Field(ge=0.0, le=1.0)
+    result: dict[str, Any] | None = Field(description="the handler's result, once completed")
+    error_message: str | None = Field(description="why it failed, timed out or was cancelled")
+    retry_count: int = Field(ge=0, description="attempts after the first so far")
+
+
+class CancelResult(ReplyResult):
+    """The result of ``request.cancel``."""
+
+    task_id: str
+    cancelled: bool = Field(description="false when the task had already ended")
+    status: TaskState = Field(description="the task's status after the request")
+
+
+class StatsResult(ReplyResult):
+    """The result of ``request.stats``: what ``get_stats`` returns."""
+
+    tasks_created: int = Field(ge=0)
+    tasks_completed: int = Field(ge=0)
+    tasks_failed: int = Field(ge=0, description="failed, timed out or cancelled")
+    avg_completion_time: float = Field(ge=0, description="seconds from start to completion")
+    pending_tasks: int = Field(ge=0, description="waiting for dependencies or an agent")
+    running_tasks: int = Field(ge=0)
+    completed_tasks: int = Field(ge=0)
+    registered_agents: int = Field(ge=0)
+    agent_utilization: dict[str, float] = Field(description="current load / capacity, by agent")
+    overall_utilization: float = Field(ge=0, description="all agents' load / capacity")
+
+
+class AgentRecord(ReplyResult):
+    """One agent in the result of ``request.agents``."""
+
+    agent_id: str
+    capabilities: list[str]
+    max_concurrent_tasks: int = Field(ge=1)
+    current_load: int = Field(ge=0)
+    utilization: float = Field(ge=0)
+    performance_score: float
+    specialization_score: dict[str, float]
+    running: list[str] = Field(description="ids of the tasks it runs now")
+    last_seen: float | None = Field(description="Unix time of its last heartbeat")
+
+
+class QueueRecord(ReplyResult):
+    """One capability queue in the result of ``request.queues``."""
+
+    key: str = Field(description="capability key: sorted capabilities joined by '+'; '@any'")
+    queue: str = Field(description="the queue's name on the broker")
+    capabilities: list[str]
+    depth: int = Field(ge=0, description="tasks waiting, not counting those an agent holds")
+
+
+RESULT_TYPES: dict[str, Any] = {
+    "request.submit": SubmitResult,
+    "request.cancel": CancelResult,
+    "request.status": TaskStatusResult,
+    "request.stats": StatsResult,
+    "request.agents": list[AgentRecord],
+    "request.queues": list[QueueRecord],
+}
+"""What ``Reply.result`` holds when a request of each kind succeeds."""
+
+_result_adapters = {kind: TypeAdapter(kind_type) for kind, kind_type in RESULT_TYPES.items()}
+
+
+def parse_result(request_kind: str, result: Any) -> Any:
+    """A successful reply's ``result`` as its model (a list of them for agents and
+    queues); ``InvalidMessage`` names what does not fit."""
+    try:
+        return _result_adapters[request_kind].validate_python(result)
+    except KeyError:
+        raise InvalidMessage(f"no result type for {request_kind!r}") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "result"
+        raise InvalidMessage(f"invalid result of {request_kind}: {where}: {first['msg']}") from None
 
 
 _task_adapter: TypeAdapter[TaskMessage] = TypeAdapter(TaskMessage)

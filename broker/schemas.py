@@ -16,27 +16,36 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter
 from pydantic.json_schema import models_json_schema
 
 from .messages import (
+    RESULT_TYPES,
     SCHEMA_VERSION,
     AgentAnnounced,
     AgentHeartbeat,
     AgentLeft,
+    AgentRecord,
     AgentsRequest,
+    CancelResult,
     CancelTask,
     CancelTaskRequest,
     ConsumeQueues,
+    QueueRecord,
     QueuesRequest,
     Reannounce,
     Reply,
+    ReplyResult,
     StatsRequest,
+    StatsResult,
+    SubmitResult,
     SubmitTaskRequest,
     TaskFinished,
     TaskMessage,
     TaskProgress,
     TaskStarted,
     TaskStatusRequest,
+    TaskStatusResult,
     Unregister,
     WireMessage,
 )
@@ -65,6 +74,29 @@ REPLIES: tuple[type[WireMessage], ...] = (Reply,)
 WIRE_MESSAGES: tuple[type[WireMessage], ...] = TASKS + EVENTS + CONTROLS + REQUESTS + REPLIES
 """Every message that crosses the bus, in the order the documents list them."""
 
+RESULT_MODELS: tuple[type[ReplyResult], ...] = (
+    SubmitResult,
+    CancelResult,
+    TaskStatusResult,
+    StatsResult,
+    AgentRecord,
+    QueueRecord,
+)
+"""The models of a successful reply's result, and of the items of list results."""
+
+LIST_RESULTS = {"AgentsResult": AgentRecord, "QueuesResult": QueueRecord}
+"""Results that are lists, by schema name, with the model of their items."""
+
+
+def result_schema_name(request: type[WireMessage]) -> str:
+    """The schema name of the result a request of this type is answered with."""
+    result_type = RESULT_TYPES[kind_of(request)]
+    if isinstance(result_type, type):
+        return result_type.__name__
+    item = result_type.__args__[0]
+    return next(name for name, model in LIST_RESULTS.items() if model is item)
+
+
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 AMQP_BINDING_VERSION = "0.2.0"
 
@@ -81,6 +113,17 @@ def json_schemas() -> dict[str, dict[str, Any]]:
         documents[f"{model.__name__}.json"] = {
             "$schema": JSON_SCHEMA_DIALECT,
             "$id": f"{model.__name__}.json",
+            **schema,
+        }
+    results: dict[str, dict[str, Any]] = {
+        m.__name__: m.model_json_schema() for m in RESULT_MODELS if m in RESULT_TYPES.values()
+    }
+    for name, item in LIST_RESULTS.items():
+        results[name] = {"title": name, **TypeAdapter(list[item]).json_schema()}
+    for name, schema in results.items():
+        documents[f"{name}.json"] = {
+            "$schema": JSON_SCHEMA_DIALECT,
+            "$id": f"{name}.json",
             **schema,
         }
     return documents
@@ -103,7 +146,46 @@ def _message(model: type[WireMessage], *, reply: bool = False) -> dict[str, Any]
             "description": "AMQP property correlation_id: the reply carries the request's",
             "location": "$message.header#/correlation_id",
         }
+    if model in REQUESTS:
+        message["x-reply"] = {"$ref": f"#/components/messages/{_reply_name(model)}"}
     return message
+
+
+def _reply_name(request: type[WireMessage]) -> str:
+    return request.__name__.removesuffix("Request") + "Reply"
+
+
+def _reply_message(request: type[WireMessage]) -> dict[str, Any]:
+    """The Reply to one kind of request, its result typed."""
+    result = result_schema_name(request)
+    return {
+        "name": kind_of(Reply),
+        "title": _reply_name(request),
+        "summary": f"The reply to {kind_of(request)}: when ok, its result is a {result}.",
+        "contentType": "application/json",
+        "payload": {
+            "allOf": [
+                {"$ref": "#/components/schemas/Reply"},
+                {
+                    "properties": {
+                        "result": {
+                            "anyOf": [
+                                {"$ref": f"#/components/schemas/{result}"},
+                                {"type": "null"},
+                            ]
+                        }
+                    }
+                },
+            ]
+        },
+        "correlationId": {
+            "description": "AMQP property correlation_id: the reply carries the request's",
+            "location": "$message.header#/correlation_id",
+        },
+        "bindings": {
+            "amqp": {"messageType": kind_of(Reply), "bindingVersion": AMQP_BINDING_VERSION}
+        },
+    }
 
 
 def _refs(models: tuple[type[WireMessage], ...]) -> dict[str, Any]:
@@ -154,9 +236,16 @@ def asyncapi() -> dict[str, Any]:
     keyed = {**prefix, "capabilityKey": {"$ref": "#/components/parameters/capabilityKey"}}
     agent = {**prefix, "agentId": {"$ref": "#/components/parameters/agentId"}}
     _, top = models_json_schema(
-        [(model, "validation") for model in WIRE_MESSAGES],
+        [(model, "validation") for model in (*WIRE_MESSAGES, *RESULT_MODELS)],
         ref_template="#/components/schemas/{model}",
     )
+    schemas = dict(top["$defs"])
+    for name, item in LIST_RESULTS.items():
+        schemas[name] = {
+            "title": name,
+            "type": "array",
+            "items": {"$ref": f"#/components/schemas/{item.__name__}"},
+        }
     channels: dict[str, Any] = {
         t.rpc_queue: {
             "description": (
@@ -182,8 +271,10 @@ def asyncapi() -> dict[str, Any]:
             ),
             "subscribe": {
                 "operationId": "receiveReply",
-                "summary": "The reply to one request.",
-                "message": _refs(REPLIES),
+                "summary": "The reply to one request; its result's type depends on the request.",
+                "message": {
+                    "oneOf": [{"$ref": f"#/components/messages/{_reply_name(r)}"} for r in REQUESTS]
+                },
             },
         },
         t.tasks_exchange: {
@@ -283,8 +374,11 @@ def asyncapi() -> dict[str, Any]:
         "defaultContentType": "application/json",
         "channels": channels,
         "components": {
-            "schemas": top["$defs"],
-            "messages": {m.__name__: _message(m, reply=m in REPLIES) for m in WIRE_MESSAGES},
+            "schemas": schemas,
+            "messages": {
+                **{m.__name__: _message(m, reply=m in REPLIES) for m in WIRE_MESSAGES},
+                **{_reply_name(r): _reply_message(r) for r in REQUESTS},
+            },
             "parameters": {
                 "prefix": {
                     "description": "The deployment's prefix (ORCHESTRATOR_PREFIX).",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from typing import Any
 
 import aio_pika
 import pytest
@@ -32,6 +33,7 @@ from broker import (
     TaskStatusRequest,
     parse_reply,
 )
+from broker.messages import parse_result
 from orchestrator import OrchestratorService
 from tests.harness import Harness, wait_until
 
@@ -302,6 +304,52 @@ async def serving(harness: Harness) -> tuple[OrchestratorService, CommunicationB
     service = OrchestratorService(orchestrator)
     await service.start()
     return service, await connected(harness)
+
+
+def documented(kind: str, result: Any) -> Any:
+    """``result`` of a ``kind`` request, checked against its result model: valid, and
+    with no key the model does not document."""
+    parsed = parse_result(kind, result)
+    for model, raw in zip(
+        parsed if isinstance(parsed, list) else [parsed],
+        result if isinstance(result, list) else [result],
+        strict=True,
+    ):
+        assert set(raw) == set(type(model).model_fields), (kind, set(raw))
+    return result
+
+
+async def test_replies_are_what_the_result_schemas_document(harness: Harness) -> None:
+    # Given an orchestrator serving requests, an agent, and a completed and a cancelled task
+    service, client = await serving(harness)
+    await harness.start_agent("worker", ["analysis"], 2)
+    harness.queue_keys.add("nobody_has_this")
+
+    async def ask(request: Any) -> Any:
+        reply = await client.request(request, timeout=WAIT)
+        assert reply.ok, reply.error
+        return documented(request.kind, json.loads(json.dumps(reply.result)))
+
+    done = (await ask(SubmitTaskRequest(name="t", task_type="t", payload={"x": 1})))["task_id"]
+    await service.orchestrator.wait_for_task(done, timeout=WAIT)
+    waiting = await ask(
+        SubmitTaskRequest(
+            name="w", task_type="t", payload={}, required_capabilities=["nobody_has_this"]
+        )
+    )
+
+    # When a client asks for everything the protocol offers, then every reply's result
+    # is its documented model, with no undocumented key
+    assert (await ask(TaskStatusRequest(task_id=done)))["status"] == "completed"
+    assert (await ask(CancelTaskRequest(task_id=waiting["task_id"])))["cancelled"] is True
+    assert (await ask(TaskStatusRequest(task_id=waiting["task_id"])))["status"] == "cancelled"
+    assert (await ask(StatsRequest()))["tasks_created"] == 2
+    assert [a["agent_id"] for a in await ask(AgentsRequest())] == ["worker"]
+    assert {q["key"] for q in await ask(QueuesRequest())} == {"@any", "nobody_has_this"}
+
+    # And a result that does not fit is refused, naming where
+    with pytest.raises(InvalidMessage, match=r"request.cancel: cancelled: "):
+        parse_result("request.cancel", {"task_id": "t", "cancelled": "perhaps", "status": "x"})
 
 
 async def test_a_task_submitted_by_request_runs_and_reports(harness: Harness) -> None:

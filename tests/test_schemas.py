@@ -8,8 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from broker import Topology
-from broker.messages import WireMessage
-from broker.schemas import WIRE_MESSAGES, asyncapi, generated, kind_of, write
+from broker.messages import RESULT_TYPES, WireMessage
+from broker.schemas import (
+    REQUESTS,
+    WIRE_MESSAGES,
+    asyncapi,
+    generated,
+    kind_of,
+    result_schema_name,
+    write,
+)
+from broker.topology import DIRECT_REPLY_TO
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 REGENERATE = "regenerate them: python -m broker.schemas docs"
@@ -57,9 +66,11 @@ def test_generator_writes_what_is_checked_in(tmp_path: Path) -> None:
 
 
 def test_schemas_require_the_kind_the_parsers_dispatch_on() -> None:
-    for name, text in generated().items():
-        if name.startswith("schemas/"):
-            schema = json.loads(text)
+    files = generated()
+    for model in WIRE_MESSAGES:
+        name = f"schemas/{model.__name__}.json"
+        if name in files:
+            schema = json.loads(files[name])
             assert "kind" in schema["required"], name
             assert schema["properties"]["kind"]["const"], name
 
@@ -101,3 +112,30 @@ def test_asyncapi_document_is_consistent() -> None:
         "AgentsRequest",
         "QueuesRequest",
     }
+
+
+def test_every_request_has_a_documented_result() -> None:
+    # Every request kind has a result type, with a schema file of its own
+    files = generated()
+    assert set(RESULT_TYPES) == {kind_of(m) for m in REQUESTS}
+    for request in REQUESTS:
+        name = result_schema_name(request)
+        schema = json.loads(files[f"schemas/{name}.json"])
+        assert schema["title"] == name
+
+    # And in the AsyncAPI document each request names its typed reply, which the
+    # reply channel lists and whose result is that schema
+    document = asyncapi()
+    messages = document["components"]["messages"]
+    replies = document["channels"][DIRECT_REPLY_TO]["subscribe"]["message"]["oneOf"]
+    for request in REQUESTS:
+        reply_ref = messages[request.__name__]["x-reply"]["$ref"]
+        assert {"$ref": reply_ref} in replies
+        reply = messages[reply_ref.rsplit("/", 1)[1]]
+        assert reply["name"] == "reply"
+        result = reply["payload"]["allOf"][1]["properties"]["result"]["anyOf"][0]["$ref"]
+        assert result == f"#/components/schemas/{result_schema_name(request)}"
+    stats = document["components"]["schemas"]["StatsResult"]
+    assert {"tasks_created", "overall_utilization"} <= set(stats["required"])
+    agents = document["components"]["schemas"]["AgentsResult"]
+    assert agents["items"] == {"$ref": "#/components/schemas/AgentRecord"}
