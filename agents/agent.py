@@ -56,6 +56,8 @@ _CANCELLED_MEMORY = 10_000
 AVOID_PAUSE = 0.05
 """How long an agent asked to avoid a retry holds it before handing it back,
 so that another agent with a free slot takes it instead."""
+SETTLE_TIMEOUT = 15.0
+"""How long a stopping agent waits for its ended tasks to be reported and settled."""
 AVOID_DEFERRALS = 3
 """How often an agent hands back a retry it was asked to avoid before it runs
 it after all (the broker may offer it the same message again)."""
@@ -136,6 +138,8 @@ class Agent:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
+        self._unsettled: set[asyncio.Event] = set()
+        """One per delivery taken to run and not yet reported and settled."""
 
     # ------------------------------------------------------------------ handlers
     def handler(self, task_type: str = ANY_TASK_TYPE) -> Callable[[Handler], Handler]:
@@ -192,6 +196,9 @@ class Agent:
         for running in stopped:
             self._stop_job(running, "shutdown")
         await self._wait_jobs()
+        # Every ended task reported and settled before the goodbye and before the
+        # channel closes (which would hand back a finished task to run again).
+        await self._wait_settled()
         # Acknowledged early, they are in no queue: the orchestrator re-publishes them.
         unfinished = [
             r.message.task_id
@@ -229,6 +236,11 @@ class Agent:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+    @property
+    def stopping(self) -> bool:
+        """A stop has begun: no new tasks are taken, running ones are draining."""
+        return self._stopping
 
     async def serve(self, bus: CommunicationBus | None = None) -> None:
         """Run until SIGINT/SIGTERM or an ``Unregister`` from the orchestrator."""
@@ -287,6 +299,7 @@ class Agent:
 
     async def _stop_after_unregister(self) -> None:
         await self._wait_jobs()
+        await self._wait_settled()
         await self._shutdown()
 
     def _remember_cancelled(self, task_id: str, attempt: int | None) -> None:
@@ -323,6 +336,20 @@ class Agent:
         if jobs:
             await asyncio.wait(jobs)
 
+    async def _wait_settled(self) -> None:
+        """Until every task taken is reported and its delivery settled (bounded:
+        a broker that is down makes the publish fail only after a while)."""
+        waits = [asyncio.ensure_future(event.wait()) for event in self._unsettled]
+        if not waits:
+            return
+        _, pending = await asyncio.wait(waits, timeout=SETTLE_TIMEOUT)
+        for waiter in pending:
+            waiter.cancel()
+        if pending:
+            log.warning(
+                "agent %s: %d task(s) not settled before stopping", self.agent_id, len(pending)
+            )
+
     # ------------------------------------------------------------------ tasks
     async def _on_delivery(self, delivery: TaskDelivery) -> None:
         try:
@@ -358,9 +385,23 @@ class Agent:
             return
         running = _Running(message)
         self._running[message.task_id] = running
+        settled = asyncio.Event()
+        self._unsettled.add(settled)
         self.counters.received += 1
         self.counters.running += 1
         self.counters.max_running = max(self.counters.max_running, self.counters.running)
+        released = False
+
+        def release() -> None:
+            # Before the delivery is settled: once it is, the broker may hand this
+            # agent the same task again (requeued) or another one in its place, and
+            # neither must find this attempt still counted as running here.
+            nonlocal released
+            if not released:
+                released = True
+                self.counters.running -= 1
+                self._running.pop(message.task_id, None)
+
         try:
             running.job = asyncio.get_running_loop().create_task(
                 self._run(message, running, delivery)
@@ -372,31 +413,39 @@ class Agent:
                 if not running.job.cancelled() and running.job.result() is not None:
                     assert self._bus is not None
                     await self._bus.publish_event(running.job.result())
-            elif running.stop_reason in ("shutdown",):
-                await delivery.requeue()
-            elif running.stop_reason == "unregistered":
-                await delivery.ack()  # the orchestrator has re-published it
             elif running.job.cancelled():
-                await delivery.requeue()
+                # Stopped before it ended (a stop it outlived, or unregistered):
+                # what ran it no longer counts. A job that did end is reported
+                # below, even if a stop came in the meantime.
+                release()
+                if running.stop_reason == "unregistered":
+                    await delivery.ack()  # the orchestrator has re-published it
+                else:
+                    await delivery.requeue()
             else:
                 finished: TaskFinished | None = running.job.result()
                 if finished is not None:
                     assert self._bus is not None
                     await self._bus.publish_event(finished)
+                release()
                 await delivery.ack()
         except BusError as exc:
             # The final event did not go out: the task must run again. Requeue it;
             # if the channel is gone, the broker has already given it back. One
             # acknowledged early is retried by the orchestrator's run deadline.
             log.error("agent %s: task %s not reported: %s", self.agent_id, message.task_id, exc)
+            release()
             if not running.detached:
                 await delivery.requeue()
         finally:
-            self.counters.running -= 1
-            self._running.pop(message.task_id, None)
-            if running.detached and self._consumer is not None:
-                with contextlib.suppress(BusError):
-                    await self._consumer.reattach()
+            release()
+            try:
+                if running.detached and self._consumer is not None:
+                    with contextlib.suppress(BusError):
+                        await self._consumer.reattach()
+            finally:
+                self._unsettled.discard(settled)
+                settled.set()
 
     async def _run(
         self, message: TaskMessage, running: _Running, delivery: TaskDelivery

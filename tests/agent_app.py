@@ -2,7 +2,15 @@
 
 Configured by environment: AGENT_ID, AGENT_CAPABILITIES (comma-separated),
 AGENT_MAX (max concurrent tasks), AGENT_SLEEP (seconds each task takes),
-AGENT_HEARTBEAT (seconds). The broker and prefix come from ORCHESTRATOR_*.
+AGENT_HEARTBEAT (seconds), AGENT_DRAIN (the graceful stop's drain timeout).
+The broker and prefix come from ORCHESTRATOR_*.
+
+A task's payload can steer it: ``sleep`` (seconds, instead of AGENT_SLEEP),
+``hang_on`` (an agent id: that agent never finishes it), ``until_stopping``
+(true: it ends only once its agent has begun a graceful stop). The result
+echoes the payload and says which agent and process ran it, the most tasks
+that agent has run at once so far (``max_running``, counted inside it), and
+whether it was stopping when the task ended (``stopping``).
 """
 
 from __future__ import annotations
@@ -28,8 +36,17 @@ def make_agent() -> Agent:
         ctx.progress(0.5)
         if ctx.payload.get("hang_on") == ctx.agent_id:
             await asyncio.sleep(3600)  # this agent is about to be killed
+        if ctx.payload.get("until_stopping"):
+            while not agent.stopping:  # noqa: ASYNC110 (polls the agent's own flag)
+                await asyncio.sleep(0.01)
         if sleep or ctx.payload.get("sleep"):
             await asyncio.sleep(float(ctx.payload.get("sleep", sleep)))
-        return {"echo": ctx.payload, "agent": ctx.agent_id, "pid": os.getpid()}
+        return {
+            "echo": ctx.payload,
+            "agent": ctx.agent_id,
+            "pid": os.getpid(),
+            "max_running": agent.counters.max_running,
+            "stopping": agent.stopping,
+        }
 
     return agent

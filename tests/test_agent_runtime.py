@@ -1,0 +1,381 @@
+"""The agent runtime: progress, sync handlers, graceful stop, ack after the final event."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+from typing import Any
+
+import pytest
+
+from agents import Agent, TaskContext
+from broker import BusConnectionError, CommunicationBus, TaskDelivery, TaskFinished, parse_task
+from orchestrator import TaskOrchestrator
+from tests.harness import Harness, wait_until
+
+WAIT = 60
+"""Seconds to wait for what must happen (other test runs share this machine)."""
+
+
+async def _submit(orch: TaskOrchestrator, **kwargs: Any) -> str:
+    kwargs.setdefault("name", "job")
+    kwargs.setdefault("description", "")
+    kwargs.setdefault("task_type", "job")
+    kwargs.setdefault("payload", {})
+    kwargs.setdefault("required_capabilities", ["work"])
+    return await orch.submit_task(**kwargs)
+
+
+async def _running_on(orch: TaskOrchestrator, task_id: str, agent_id: str) -> bool:
+    status = await orch.get_task_status(task_id)
+    return (
+        status is not None
+        and status["status"] == "running"
+        and status["assigned_agent"] == agent_id
+    )
+
+
+async def _registered(orch: TaskOrchestrator) -> set[str]:
+    return {a.agent_id for a in await orch.get_agents()}
+
+
+# ---------------------------------------------------------------- progress
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+async def test_progress_shows_while_the_task_runs(harness: Harness, kind: str) -> None:
+    # Given a handler that reports half its progress and then waits on a gate
+    orchestrator = await harness.start_orchestrator()
+    async_gate = asyncio.Event()
+    thread_gate = threading.Event()
+
+    async def async_handler(ctx: TaskContext) -> dict:
+        ctx.progress(0.5)
+        await async_gate.wait()
+        return {"kind": "async"}
+
+    def sync_handler(ctx: TaskContext) -> dict:
+        ctx.progress(0.5)  # from a worker thread: the thread-safe path
+        if not thread_gate.wait(WAIT):
+            raise RuntimeError("the test never opened the gate")
+        return {"kind": "sync"}
+
+    handler = async_handler if kind == "async" else sync_handler
+    await harness.start_agent("worker", ["work"], 2, handler)
+    try:
+        task_id = await _submit(orchestrator)
+
+        # When it has reported, Then get_task_status shows it running at 0.5
+        async def half_done() -> bool:
+            status = await orchestrator.get_task_status(task_id)
+            return status["status"] == "running" and status["progress"] == 0.5
+
+        await wait_until(half_done, WAIT)
+        status = await orchestrator.get_task_status(task_id)
+        assert status["assigned_agent"] == "worker"
+        assert status["result"] is None
+    finally:
+        # And once released it completes at 1.0
+        async_gate.set()
+        thread_gate.set()
+    status = await orchestrator.wait_for_task(task_id, timeout=WAIT)
+    assert status["status"] == "completed"
+    assert status["progress"] == 1.0
+    assert status["result"] == {"kind": kind}
+
+
+# ---------------------------------------------------------------- sync handlers
+
+
+async def test_sync_handler_runs_off_the_event_loop(harness: Harness) -> None:
+    # Given an agent whose handler is a plain function
+    orchestrator = await harness.start_orchestrator()
+    threads: list[int] = []
+
+    def handler(ctx: TaskContext) -> dict:
+        threads.append(threading.get_ident())
+        return {"double": ctx.payload["n"] * 2}
+
+    await harness.start_agent("worker", ["work"], 2, handler)
+
+    # When tasks run on it
+    ids = [await _submit(orchestrator, payload={"n": n}) for n in range(3)]
+    statuses = [await orchestrator.wait_for_task(t, timeout=WAIT) for t in ids]
+
+    # Then they complete with its results, run in threads other than the event loop's
+    assert [s["status"] for s in statuses] == ["completed"] * 3
+    assert [s["result"] for s in statuses] == [{"double": 0}, {"double": 2}, {"double": 4}]
+    assert len(threads) == 3
+    assert threading.get_ident() not in threads
+
+
+async def test_sync_handler_past_its_timeout_is_reported_timeout(harness: Harness) -> None:
+    # Given a plain-function handler that blocks its thread until released
+    orchestrator = await harness.start_orchestrator()
+    gate = threading.Event()
+    entered = threading.Event()
+
+    def handler(ctx: TaskContext) -> dict:
+        entered.set()
+        gate.wait(WAIT)
+        return {"late": True}
+
+    await harness.start_agent("worker", ["work"], 1, handler)
+    try:
+        # When its task's timeout passes while it blocks
+        task_id = await _submit(orchestrator, timeout=0.5, max_retries=0)
+        status = await orchestrator.wait_for_task(task_id, timeout=WAIT)
+    finally:
+        gate.set()
+
+    # Then the task is reported timeout, with the limit in its error
+    assert entered.is_set()
+    assert status["status"] == "timeout"
+    assert status["error_message"] == "exceeded timeout of 0.5s"
+    assert status["result"] is None
+    stats = await orchestrator.get_stats()
+    assert stats["tasks_failed"] == 1 and stats["tasks_completed"] == 0
+    assert stats["running_tasks"] == 0
+
+
+# ---------------------------------------------------------------- graceful stop
+
+
+async def test_stop_lets_a_running_task_finish_within_the_drain_timeout(
+    harness: Harness,
+) -> None:
+    # Given a task running on the first of two agents, which ends once its agent stops
+    orchestrator = await harness.start_orchestrator()
+    agents: dict[str, Agent] = {}
+
+    async def handler(ctx: TaskContext) -> dict:
+        me = agents[ctx.agent_id]
+        while not me.stopping:  # noqa: ASYNC110 (polls the agent's own flag)
+            await asyncio.sleep(0.01)
+        return {"agent": ctx.agent_id, "stopping": me.stopping}
+
+    agents["first"] = await harness.start_agent("first", ["work"], 1, handler)
+    task_id = await _submit(orchestrator)
+    await wait_until(lambda: _running_on(orchestrator, task_id, "first"), WAIT)
+    agents["second"] = await harness.start_agent("second", ["work"], 1, handler)
+
+    # When the first stops with a drain timeout long enough
+    await asyncio.wait_for(agents["first"].stop(drain_timeout=WAIT), WAIT)
+
+    # Then the task finished there, during the stop, and was reported once
+    status = await orchestrator.wait_for_task(task_id, timeout=WAIT)
+    assert status["status"] == "completed"
+    assert status["assigned_agent"] == "first"
+    assert status["result"] == {"agent": "first", "stopping": True}
+    assert agents["first"].counters.completed == 1
+    await wait_until(lambda: _gone(orchestrator, "first"), WAIT)
+    stats = await orchestrator.get_stats()
+    assert stats["tasks_completed"] == stats["completed_tasks"] == 1
+    assert stats["running_tasks"] == stats["pending_tasks"] == 0
+    assert stats["registered_agents"] == 1
+    # (its message was acknowledged before the channel closed: nothing came back)
+    assert agents["second"].counters.received == 0
+
+
+async def _gone(orch: TaskOrchestrator, agent_id: str) -> bool:
+    return agent_id not in await _registered(orch)
+
+
+async def test_stop_with_a_tiny_drain_timeout_returns_the_task(harness: Harness) -> None:
+    # Given a task that never ends on the first agent, and a second agent
+    orchestrator = await harness.start_orchestrator()
+
+    async def handler(ctx: TaskContext) -> dict:
+        if ctx.agent_id == "first":
+            await asyncio.sleep(3600)
+        return {"agent": ctx.agent_id}
+
+    first = await harness.start_agent("first", ["work"], 1, handler)
+    task_id = await _submit(orchestrator)
+    await wait_until(lambda: _running_on(orchestrator, task_id, "first"), WAIT)
+    second = await harness.start_agent("second", ["work"], 1, handler)
+
+    # When the first stops with a drain timeout far too short for it
+    await asyncio.wait_for(first.stop(drain_timeout=0.05), WAIT)
+
+    # Then the task went back to the queue and completed on the second
+    status = await orchestrator.wait_for_task(task_id, timeout=WAIT)
+    assert status["status"] == "completed"
+    assert status["assigned_agent"] == "second"
+    assert status["result"] == {"agent": "second"}
+    assert status["retry_count"] == 0  # given back, not failed
+    assert first.counters.completed == 0 and second.counters.completed == 1
+
+    # And the stats count it once, with the first agent gone
+    await wait_until(lambda: _gone(orchestrator, "first"), WAIT)
+    stats = await orchestrator.get_stats()
+    assert stats["tasks_created"] == 1
+    assert stats["tasks_completed"] == stats["completed_tasks"] == 1
+    assert stats["tasks_failed"] == 0
+    assert stats["running_tasks"] == stats["pending_tasks"] == 0
+    assert stats["registered_agents"] == 1
+    assert stats["agent_utilization"] == {"second": 0.0}
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("bus_kind", ["rabbitmq"], indirect=True)
+@pytest.mark.parametrize("drain", ["long", "tiny"])
+async def test_sigterm_stops_an_agent_process_gracefully(harness: Harness, drain: str) -> None:
+    # Given a task running in an agent process
+    orchestrator = await harness.start_orchestrator()
+    if drain == "long":
+        # (it ends once its agent has begun to stop; 60 s is enough for that)
+        payload: dict[str, Any] = {"until_stopping": True}
+        stopping = harness.spawn_agent("stopping", ["work"], AGENT_MAX=1, AGENT_DRAIN=WAIT)
+    else:
+        # (it never ends there; the drain timeout is 0.2 s)
+        payload = {"hang_on": "stopping"}
+        stopping = harness.spawn_agent("stopping", ["work"], AGENT_MAX=1, AGENT_DRAIN=0.2)
+    await harness.wait_agents("stopping", timeout=WAIT)
+    task_id = await _submit(orchestrator, payload=payload)
+    await wait_until(lambda: _running_on(orchestrator, task_id, "stopping"), WAIT)
+    harness.spawn_agent("other", ["work"], AGENT_MAX=1)
+    await harness.wait_agents("other", timeout=WAIT)
+
+    # When the process gets SIGTERM
+    os.kill(stopping.pid, signal.SIGTERM)
+
+    # Then it exits 0, and the task completes: there if the drain let it, else on the other
+    returncode = await asyncio.to_thread(stopping.wait, WAIT)
+    assert returncode == 0
+    status = await orchestrator.wait_for_task(task_id, timeout=WAIT)
+    assert status["status"] == "completed"
+    if drain == "long":
+        assert status["assigned_agent"] == "stopping"
+        assert status["result"]["stopping"] is True  # it ended during the stop
+        assert status["result"]["pid"] == stopping.pid
+    else:
+        assert status["assigned_agent"] == "other"
+        assert status["result"]["agent"] == "other"
+    await wait_until(lambda: _gone(orchestrator, "stopping"), WAIT)
+    stats = await orchestrator.get_stats()
+    assert stats["tasks_completed"] == stats["completed_tasks"] == 1
+    assert stats["running_tasks"] == stats["pending_tasks"] == 0
+    assert stats["registered_agents"] == 1
+
+
+# ---------------------------------------------------------------- ack after the final event
+
+
+class _FaultyFinalEvent:
+    """An agent's bus (the real one underneath), except that its first
+    ``TaskFinished`` publish fails as an unconfirmed publish does (``fail_once``),
+    or every one is confirmed only after ``delay`` seconds. It records the task
+    deliveries the agent gets."""
+
+    def __init__(self, bus: CommunicationBus, *, fail_once: bool = False, delay: float = 0.0):
+        self._bus = bus
+        self.fail_once = fail_once
+        self.delay = delay
+        self.failed: list[TaskFinished] = []
+        self.deliveries: list[tuple[str, bool]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bus, name)
+
+    async def publish_event(self, event: Any) -> None:
+        if isinstance(event, TaskFinished):
+            if self.fail_once and not self.failed:
+                self.failed.append(event)
+                raise BusConnectionError("injected: the final event was not confirmed")
+            await asyncio.sleep(self.delay)
+        await self._bus.publish_event(event)
+
+    async def open_task_consumer(self, consumer_id: str, *, prefetch: int, handler: Any) -> Any:
+        async def recording(delivery: TaskDelivery) -> None:
+            self.deliveries.append((parse_task(delivery.body).task_id, delivery.redelivered))
+            await handler(delivery)
+
+        return await self._bus.open_task_consumer(consumer_id, prefetch=prefetch, handler=recording)
+
+
+async def _start_agent_on(
+    harness: Harness, bus: _FaultyFinalEvent, agent_id: str, handler: Any
+) -> Agent:
+    agent = Agent(agent_id, ["work"], 1, heartbeat_interval=0.3)
+    agent.add_handler("*", handler)
+    await agent.start(bus)  # type: ignore[arg-type]
+    harness.agents.append(agent)
+    await harness.wait_agents(agent_id, timeout=WAIT)
+    return agent
+
+
+async def test_task_is_acked_only_after_its_final_event_is_confirmed(harness: Harness) -> None:
+    # Given an agent whose first final event fails to publish
+    orchestrator = await harness.start_orchestrator()
+    runs: list[int] = []
+
+    async def handler(ctx: TaskContext) -> dict:
+        runs.append(ctx.attempt)
+        return {"run": len(runs)}
+
+    bus = harness.new_bus()
+    await bus.connect()  # before wrapping: the agent uses it as it is
+    faulty = _FaultyFinalEvent(bus, fail_once=True)
+    agent = await _start_agent_on(harness, faulty, "worker", handler)
+
+    # When a task runs on it
+    task_id = await _submit(orchestrator)
+    status = await orchestrator.wait_for_task(task_id, timeout=WAIT)
+
+    # Then its delivery was not acknowledged but requeued, ran again, and completed once
+    assert [e.outcome for e in faulty.failed] == ["completed"]
+    assert faulty.deliveries == [(task_id, False), (task_id, True)]
+    assert runs == [1, 1]  # the same attempt, twice
+    assert status["status"] == "completed"
+    assert status["result"] == {"run": 2}
+    assert status["retry_count"] == 0
+    stats = await orchestrator.get_stats()
+    assert stats["tasks_created"] == 1
+    assert stats["tasks_completed"] == stats["completed_tasks"] == 1
+    assert stats["tasks_failed"] == 0
+    assert stats["running_tasks"] == stats["pending_tasks"] == 0
+    assert agent.counters.completed == 2
+
+    async def settled() -> bool:  # (it settles the delivery once the event is out)
+        return agent.counters.running == 0
+
+    await wait_until(settled, WAIT)
+
+
+async def test_stop_reports_and_acks_a_finished_task_before_it_closes(harness: Harness) -> None:
+    # Given an agent whose final events take a while to be confirmed, running a
+    # task that ends once the agent stops, and a second agent
+    orchestrator = await harness.start_orchestrator()
+    agents: dict[str, Agent] = {}
+
+    async def handler(ctx: TaskContext) -> dict:
+        me = agents[ctx.agent_id]
+        while not me.stopping:  # noqa: ASYNC110 (polls the agent's own flag)
+            await asyncio.sleep(0.01)
+        return {"agent": ctx.agent_id}
+
+    bus = harness.new_bus()
+    await bus.connect()
+    slow = _FaultyFinalEvent(bus, delay=0.5)
+    agents["first"] = await _start_agent_on(harness, slow, "first", handler)
+    task_id = await _submit(orchestrator)
+    await wait_until(lambda: _running_on(orchestrator, task_id, "first"), WAIT)
+    agents["second"] = await harness.start_agent("second", ["work"], 1, handler)
+
+    # When the first stops
+    await asyncio.wait_for(agents["first"].stop(drain_timeout=WAIT), WAIT)
+
+    # Then it reported and acknowledged the task before closing: no other agent got it
+    status = await orchestrator.wait_for_task(task_id, timeout=WAIT)
+    assert status["status"] == "completed"
+    assert status["assigned_agent"] == "first"
+    assert slow.deliveries == [(task_id, False)]
+    assert agents["first"].counters.running == 0
+    await wait_until(lambda: _gone(orchestrator, "first"), WAIT)
+    assert agents["second"].counters.received == 0
+    stats = await orchestrator.get_stats()
+    assert stats["tasks_completed"] == 1
+    assert stats["running_tasks"] == stats["pending_tasks"] == 0
