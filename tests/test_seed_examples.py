@@ -139,3 +139,68 @@ async def test_load_balancing_with_agent_processes(harness: Harness) -> None:
     by_agent = {s["assigned_agent"] for s in statuses}
     assert by_agent == {"proc_agent_1", "proc_agent_2"}
     assert len({s["result"]["pid"] for s in statuses}) == 2
+
+
+SEED_AGENTS = [
+    ("analysis_agent_1", ["technical_analysis", "sentiment_analysis"], 5),
+    ("trading_agent_1", ["trading", "order_execution"], 3),
+    ("risk_agent_1", ["risk_management", "portfolio_analysis"], 2),
+]
+"""The seed's "Agent Registration and Load Balancing" agents, exactly."""
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("bus_kind", ["rabbitmq"], indirect=True)
+async def test_agent_registration_and_load_balancing_with_agent_processes(
+    harness: Harness,
+) -> None:
+    # Given the seed's three agents, each in its own process on RabbitMQ
+    orchestrator = await harness.start_orchestrator()
+    processes = {
+        agent_id: harness.spawn_agent(agent_id, capabilities, AGENT_MAX=max_tasks, AGENT_SLEEP=0.2)
+        for agent_id, capabilities, max_tasks in SEED_AGENTS
+    }
+    await harness.wait_agents(*processes, timeout=60)
+
+    # And registered as the seed does (the same code path as their announcements)
+    for agent_id, capabilities, max_tasks in SEED_AGENTS:
+        await orchestrator.register_agent(
+            agent_id=agent_id, capabilities=capabilities, max_concurrent_tasks=max_tasks
+        )
+    registered = {
+        a.agent_id: (sorted(a.capabilities), a.max_concurrent_tasks)
+        for a in await orchestrator.get_agents()
+    }
+    assert registered == {
+        agent_id: (sorted(capabilities), max_tasks)
+        for agent_id, capabilities, max_tasks in SEED_AGENTS
+    }
+    assert (await orchestrator.get_stats())["registered_agents"] == 3
+
+    # When the seed's ten analysis tasks are submitted
+    task_ids = []
+    for i in range(10):
+        task_ids.append(
+            await orchestrator.submit_task(
+                name=f"Analysis Task {i}",
+                description=f"Market analysis job {i}",
+                task_type="analysis",
+                payload={"task_number": i},
+                required_capabilities=["technical_analysis"],
+            )
+        )
+
+    # Then every one completes on analysis_agent_1, the only agent able to,
+    # in its process, which never ran more than 5 at once
+    statuses = await wait_all(orchestrator, task_ids, timeout=120)
+    assert [s["status"] for s in statuses] == ["completed"] * 10
+    assert [s["assigned_agent"] for s in statuses] == ["analysis_agent_1"] * 10
+    assert [s["result"]["echo"]["task_number"] for s in statuses] == list(range(10))
+    assert {s["result"]["agent"] for s in statuses} == {"analysis_agent_1"}
+    assert {s["result"]["pid"] for s in statuses} == {processes["analysis_agent_1"].pid}
+    assert 1 <= max(s["result"]["max_running"] for s in statuses) <= 5
+    assert all(s["error_message"] is None for s in statuses)
+    stats = await orchestrator.get_stats()
+    assert stats["tasks_created"] == stats["tasks_completed"] == 10
+    assert stats["running_tasks"] == stats["pending_tasks"] == 0
+    assert all(process.poll() is None for process in processes.values())
