@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections import Counter
 
@@ -55,17 +56,26 @@ async def _all_status(orch: TaskOrchestrator, ids: list[str], status: TaskStatus
 
 
 async def test_no_agent_ever_exceeds_its_limit(harness: Harness) -> None:
-    # Given three agents with limits 2, 3 and 4, counting their concurrency inside
+    # Given three agents with limits 2, 3 and 4, counting their concurrency inside;
+    # their first tasks hold on until every agent has been full at once, so that
+    # each is seen to be filled to its limit (and no further), whatever the load
     orchestrator = await harness.start_orchestrator()
     limits = {"small": 2, "medium": 3, "large": 4}
     running: Counter[str] = Counter()
     peak: Counter[str] = Counter()
+    all_full = asyncio.Event()
 
     def make_handler(agent_id: str):
         async def handler(ctx: TaskContext) -> dict:
             running[agent_id] += 1
             peak[agent_id] = max(peak[agent_id], running[agent_id])
+            if all(peak[a] >= limit for a, limit in limits.items()):
+                all_full.set()
             try:
+                if not all_full.is_set():
+                    # Bounded: were an agent never filled, the peaks below say so.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(all_full.wait(), 60)
                 await asyncio.sleep(random.uniform(0, 0.004))
             finally:
                 running[agent_id] -= 1
@@ -93,11 +103,11 @@ async def test_no_agent_ever_exceeds_its_limit(harness: Harness) -> None:
     )
     statuses = await wait_all(orchestrator, list(ids), timeout=120)
 
-    # Then all complete and no agent ran more than its limit at any moment
+    # Then all complete, and each agent ran exactly its limit at its peak, never more
     assert Counter(s["status"] for s in statuses) == {"completed": 500}
+    assert dict(peak) == limits
     for agent_id, limit in limits.items():
-        assert 1 <= peak[agent_id] <= limit, (agent_id, peak[agent_id])
-        assert agents[agent_id].counters.max_running <= limit
+        assert agents[agent_id].counters.max_running == limit
     assert sum(a.counters.completed for a in agents.values()) == 500
 
 
