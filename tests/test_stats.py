@@ -8,7 +8,7 @@ import time
 import pytest
 
 from agents import TaskContext
-from orchestrator import TaskStatus
+from orchestrator import TaskOrchestrator, TaskStatus
 from tests.harness import Harness, wait_all, wait_until
 
 SEED_KEYS = {
@@ -82,6 +82,7 @@ async def test_stats_follow_the_tasks(harness: Harness) -> None:
     assert stats["agent_utilization"] == {"agent_0": 1.0, "agent_1": 1.0}
     assert stats["overall_utilization"] == 1.0
     assert sum(a.counters.running for a in agents) == 4
+    assert stats["avg_completion_time"] == await _mean_run_time(orchestrator, done + failed)
     assert 0.05 <= stats["avg_completion_time"] < 5
 
     # When they are released, Then everything is completed and the agents idle
@@ -91,11 +92,23 @@ async def test_stats_follow_the_tasks(harness: Harness) -> None:
     assert stats["tasks_completed"] == 9
     assert stats["pending_tasks"] == stats["running_tasks"] == 0
     assert stats["overall_utilization"] == 0.0
+    all_ids = done + failed + blocked
+    assert stats["avg_completion_time"] == await _mean_run_time(orchestrator, all_ids)
     assert 0.05 <= stats["avg_completion_time"] <= time.time() - began
 
 
-@pytest.mark.parametrize("bus_kind", ["memory"], indirect=True)
+async def _mean_run_time(orchestrator: TaskOrchestrator, task_ids: list[str]) -> object:
+    """The mean of (completed_at - started_at) over the completed ones among
+    ``task_ids``, from the orchestrator's own records (approximately)."""
+    tasks = [await orchestrator.store.get_task(t) for t in task_ids]
+    completed = [t for t in tasks if t is not None and t.status is TaskStatus.COMPLETED]
+    assert completed and all(t.started_at is not None for t in completed)
+    runs = [t.completed_at - t.started_at for t in completed]
+    return pytest.approx(sum(runs) / len(runs), abs=1e-6)
+
+
 async def test_partial_utilisation(harness: Harness) -> None:
+    # Given an agent with four slots, three of them taken by blocked tasks
     orchestrator = await harness.start_orchestrator()
     gate = asyncio.Event()
 
@@ -109,13 +122,22 @@ async def test_partial_utilisation(harness: Harness) -> None:
         for _ in range(3)
     ]
 
+    # When the orchestrator has seen all three start
     async def running() -> bool:
         statuses = [await orchestrator.get_task_status(t) for t in ids]
         return all(s["status"] == TaskStatus.RUNNING.value for s in statuses)
 
-    await wait_until(running)
-    stats = await orchestrator.get_stats()
-    assert stats["agent_utilization"] == {"four_slots": 0.75}
-    assert stats["overall_utilization"] == 0.75
-    gate.set()
+    try:
+        await wait_until(running, 60)
+
+        # Then the agent, and all agents, are three quarters used
+        stats = await orchestrator.get_stats()
+        assert stats["agent_utilization"] == {"four_slots": 0.75}
+        assert stats["overall_utilization"] == 0.75
+        assert stats["running_tasks"] == 3 and stats["pending_tasks"] == 0
+    finally:
+        gate.set()
     await wait_all(orchestrator, ids)
+    stats = await orchestrator.get_stats()
+    assert stats["agent_utilization"] == {"four_slots": 0.0}
+    assert stats["overall_utilization"] == 0.0
