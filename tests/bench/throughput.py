@@ -24,13 +24,14 @@ The buses
 this one process; each agent's handler is ``async def noop(ctx): return {}``.
 
 ``rabbitmq``: the orchestrator in this process on a ``RabbitMQBus``, and K
-agents in their own processes (``python -m agents tests.agent_app:make_agent``
-with ``AGENT_SLEEP=0``). That test agent reports progress once per task, so a
-task costs three events there (started, progress, finished) against two on
-the in-process bus; ``--agent-app tests.bench.throughput:make_noop_agent``
-runs agents with the same no-op handler as the in-process ones instead. Every
-run uses its own prefix (``bench-<uuid8>``) and deletes its queues and
-exchanges at the end.
+agents in their own processes (``python -m agents
+tests.bench.throughput:make_noop_agent``), running the same no-op handler as
+the in-process agents: on both buses a task costs two events (started,
+finished) and no work. ``--agent-app MODULE:FACTORY`` runs other agents in
+those processes, configured by the same environment variables (AGENT_ID,
+AGENT_MAX, AGENT_HEARTBEAT; for example ``tests.agent_app:make_agent``, the
+tests' agent, which also reports progress once per task). Every run uses its
+own prefix (``bench-<uuid8>``) and deletes its queues and exchanges at the end.
 
 With ``--bus both`` each bus runs in a child process of its own, so that
 neither run's memory shows in the other's peak RSS; the ratio rabbitmq/memory
@@ -84,6 +85,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CHUNK = 200
 """Submits awaited together."""
 BUSES = ("memory", "rabbitmq")
+NOOP_AGENT_APP = "tests.bench.throughput:make_noop_agent"
+"""What the RabbitMQ agent processes run by default: ``make_noop_agent`` below."""
 
 
 @dataclass
@@ -231,8 +234,9 @@ def noop_agent(agent_id: str, concurrency: int, **options: Any) -> Agent:
 
 
 def make_noop_agent() -> Agent:
-    """For ``--agent-app``: the in-process agents' no-op agent, configured like
-    ``tests/agent_app.py`` (AGENT_ID, AGENT_MAX, AGENT_HEARTBEAT)."""
+    """What the RabbitMQ agent processes run (the ``--agent-app`` default): the
+    in-process agents' no-op agent, configured like ``tests/agent_app.py``
+    (AGENT_ID, AGENT_MAX, AGENT_HEARTBEAT)."""
     return noop_agent(
         os.environ["AGENT_ID"],
         int(os.environ.get("AGENT_MAX", "5")),
@@ -499,9 +503,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--agent-app",
-        default="tests.agent_app:make_agent",
-        help="module:factory the RabbitMQ agent processes run (default tests.agent_app:make_agent,"
-        " which reports progress once per task; tests.bench.throughput:make_noop_agent does not)",
+        default=NOOP_AGENT_APP,
+        help=f"module:factory the RabbitMQ agent processes run (default {NOOP_AGENT_APP}: the"
+        " in-process agents' no-op agent, so both buses run the same work)",
     )
     parser.add_argument(
         "--store",
