@@ -23,11 +23,13 @@ from broker import (
     AgentAnnounced,
     AgentHeartbeat,
     AgentLeft,
+    BusError,
     CancelTask,
     CommunicationBus,
     ConsumeQueues,
     DeadLetter,
     Event,
+    MessageTooLarge,
     Reannounce,
     Subscription,
     TaskFinished,
@@ -170,6 +172,7 @@ class TaskOrchestrator:
             if task.status is TaskStatus.RUNNING:
                 self._deadlines.start(task.task_id, task.attempt, self._run_deadline(task))
             if task.status is TaskStatus.ASSIGNED and task.retry_due is not None:
+                # A delayed retry, or a publish the broker had not confirmed yet.
                 self._watch_retry(task)
             if task.status is TaskStatus.PENDING:
                 # A dependency no longer stored was kept until no task needed it: met.
@@ -205,13 +208,14 @@ class TaskOrchestrator:
         it would have (its own waiting dependents with it). Once, at start.
         """
         pending, self._reloaded_pending = self._reloaded_pending, []
+        ready = []
         for task_id in pending:
             task = await self.store.get_task(task_id)
             if task is None or task.status is not TaskStatus.PENDING:
                 continue  # already settled by a dependency ended earlier in this loop
             if not self._graph.is_waiting(task_id):
                 log.info("task %s: dependencies met before the restart; publishing it", task_id)
-                await self._publish(task)
+                ready.append(task_id)
                 continue
             for dep_id in task.dependencies:
                 dep = await self.store.get_task(dep_id)
@@ -223,6 +227,7 @@ class TaskOrchestrator:
                     log.info("task %s: dependency %s ended before the restart", task_id, dep_id)
                     await self._end_dependent(task, dep)
                     break
+        await self._release(ready, "the restart")
         await self.store.flush()
 
     def _require_started(self) -> None:
@@ -428,9 +433,21 @@ class TaskOrchestrator:
         return task.task_id
 
     async def _publish(
-        self, task: Task, *, delay: float = 0.0, avoid: list[str] | None = None
+        self,
+        task: Task,
+        *,
+        delay: float = 0.0,
+        avoid: list[str] | None = None,
+        send: bool = True,
     ) -> None:
-        """Hand the task to the bus as a new attempt, after ``delay`` seconds."""
+        """Hand the task to the bus as a new attempt, after ``delay`` seconds.
+
+        Until the broker confirms it the attempt is marked in flight
+        (``retry_due``) and saved so: if the publish fails, or the orchestrator
+        stops before it is confirmed, the lost-retry watch publishes it again
+        once its queue is empty. ``send`` False only marks it so (the bus is
+        failing: the watch publishes it when it can).
+        """
         key = capability_key(task.required_capabilities)
         if key not in self._queue_caps:
             await self.bus.declare_task_queue(key)
@@ -449,10 +466,13 @@ class TaskOrchestrator:
             task.retry_due = time.time() + retry_tier_ms(delay) / 1000
             self._watch_retry(task)
         else:
-            task.retry_due = None
+            task.retry_due = time.time()  # in flight: see the docstring
             self._retries_due.discard(task.task_id)
         self._stats.transition(task, old)
         await self.store.save_task(task)
+        if not send:
+            self._watch_retry(task)
+            return
         # Written before published: events of this attempt must find it on restart.
         await self.store.flush()
         message = TaskMessage(
@@ -468,12 +488,20 @@ class TaskOrchestrator:
             dependency_results=await self._dependency_results(task),
             avoid_agents=avoid or [],
         )
-        await self.bus.publish_task(
-            message,
-            queue_key=key,
-            priority=scheduling.message_priority(task.priority, task.estimated_duration),
-            delay=delay,
-        )
+        try:
+            await self.bus.publish_task(
+                message,
+                queue_key=key,
+                priority=scheduling.message_priority(task.priority, task.estimated_duration),
+                delay=delay,
+            )
+        except BaseException:
+            if delay <= 0:
+                self._watch_retry(task)
+            raise
+        if delay <= 0 and task.attempt == message.attempt and task.retry_due is not None:
+            task.retry_due = None  # confirmed (durable with the next flush)
+            await self.store.save_task(task)
 
     async def _dependency_results(self, task: Task) -> dict[str, Any]:
         results = {}
@@ -595,16 +623,43 @@ class TaskOrchestrator:
         if not cascade:
             return
         if status is TaskStatus.COMPLETED:
-            for ready_id in self._graph.completed(task.task_id):
-                ready = await self.store.get_task(ready_id)
-                if ready is not None and ready.status is TaskStatus.PENDING:
-                    await self._publish(ready)
+            await self._release(self._graph.completed(task.task_id), f"task {task.task_id}")
         else:
             for doomed_id, cause_id in self._graph.doomed(task.task_id):
                 doomed = await self.store.get_task(doomed_id)
                 cause = await self.store.get_task(cause_id)
                 if doomed is not None and cause is not None and not doomed.status.is_final:
                     await self._end_dependent(doomed, cause, cascade=False)
+
+    async def _release(self, ready_ids: list[str], why: str) -> None:
+        """Publish the dependents whose dependencies are all met now.
+
+        They are gone from the dependency graph, and the dependency is final
+        (an event for it again changes nothing): none may be left pending. So
+        once the bus fails to take one, the rest are only marked queued, and
+        the lost-retry watch publishes them when it can.
+        """
+        bus_failing = False
+        for ready_id in ready_ids:
+            ready = await self.store.get_task(ready_id)
+            if ready is None or ready.status is not TaskStatus.PENDING:
+                continue
+            if bus_failing:
+                await self._publish(ready, send=False)
+                continue
+            try:
+                await self._publish(ready)
+            except MessageTooLarge as exc:
+                # Its dependencies' results make it too large: it can never run.
+                await self._finish(ready, TaskStatus.FAILED, error=f"not published: {exc}")
+            except BusError as exc:
+                log.warning(
+                    "publishing tasks released by %s failed (%s); they are watched and"
+                    " published when the bus can",
+                    why,
+                    exc,
+                )
+                bus_failing = True
 
     async def _end_dependent(self, task: Task, cause: Task, *, cascade: bool = True) -> None:
         """End a task because its dependency ``cause`` will never complete."""
@@ -827,30 +882,50 @@ class TaskOrchestrator:
             log.debug("forgot %d finished task(s)", forgotten)
 
     def _watch_retry(self, task: Task) -> None:
-        assert task.retry_due is not None
-        due = task.retry_due + self.settings.lost_retry_grace
+        """Watch a queued attempt until it should have reached its queue: a
+        delayed retry until its tier is over, any other one (reloaded after a
+        restart) from now. Plus ``lost_retry_grace``."""
+        due = (task.retry_due or time.time()) + self.settings.lost_retry_grace
         self._retries_due.start(task.task_id, task.attempt, due)
 
     async def _check_retries(self) -> None:
-        """Publish again a delayed retry that never came back (DESIGN.md: classic
-        queues dead-letter at most once). Overdue with its queue empty means lost;
-        if it was not, the attempt fence makes the copy harmless."""
+        """Publish again a queued attempt that never reached its queue: a delayed
+        retry (DESIGN.md: classic queues dead-letter at most once), or one saved
+        by an orchestrator that stopped before it published it. Overdue with its
+        queue empty means lost; if it was not, the attempt fence makes the copy
+        harmless. One depth look-up per queue per round."""
         now = time.time()
-        for task_id, attempt in self._retries_due.expired(now):
+        later = now + self.settings.lost_retry_grace
+        depths: dict[str, int] = {}
+        due = self._retries_due.expired(now)
+        for i, (task_id, attempt) in enumerate(due):
             task = await self.store.get_task(task_id)
             if task is None or task.status is not TaskStatus.ASSIGNED or task.attempt != attempt:
                 continue
             key = capability_key(task.required_capabilities)
-            if await self.bus.queue_depth(key) > 0:
-                # It may wait behind others: look again later.
-                self._retries_due.start(task_id, attempt, now + self.settings.lost_retry_grace)
-                continue
-            log.warning(
-                "retry of task %s (attempt %d) never came back: publishing it again",
-                task_id,
-                attempt,
-            )
-            await self._publish(task)
+            try:
+                if key not in depths:
+                    depths[key] = await self.bus.queue_depth(key)
+                if depths[key] > 0:
+                    # It may wait behind others: look again later.
+                    self._retries_due.start(task_id, attempt, later)
+                    continue
+                log.warning(
+                    "task %s (attempt %d) never reached its queue: publishing it again",
+                    task_id,
+                    attempt,
+                )
+                await self._publish(task)
+            except MessageTooLarge as exc:
+                await self._finish(task, TaskStatus.FAILED, error=f"not published: {exc}")
+            except BusError as exc:
+                # Not now: this one (watched again by _publish if it got that far) and
+                # the rest of the round are looked at again later.
+                log.warning("watch of queued tasks paused: %s", exc)
+                for other_id, other_attempt in due[i:]:
+                    if other_id not in self._retries_due:
+                        self._retries_due.start(other_id, other_attempt, later)
+                return
 
     async def _check_deadlines(self) -> None:
         for task_id, attempt in self._deadlines.expired(time.time()):

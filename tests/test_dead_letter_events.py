@@ -97,3 +97,37 @@ async def test_unparseable_event_naming_a_running_task_leaves_it_running(
     final = await orchestrator.wait_for_task(task_id, 15)
     assert final["status"] == "completed"
     assert final["result"] == {"done": 1}
+
+
+async def test_a_dependent_too_large_to_publish_fails_and_its_siblings_still_run(
+    harness: Harness,
+) -> None:
+    # Given two tasks whose results together exceed the largest message, a task
+    # that depends on both, and a small one released at the same moment
+    orchestrator = await harness.start_orchestrator()
+    half = harness.settings.max_message_bytes * 6 // 10
+    gate = asyncio.Event()
+
+    async def big(ctx: TaskContext) -> dict:
+        if ctx.payload.get("wait"):
+            await gate.wait()
+        return {"blob": "x" * half} if ctx.payload.get("big") else {"small": True}
+
+    await harness.start_agent("worker", [], 3, big)
+    job = {"description": "", "task_type": "j", "max_retries": 0}
+    first = await orchestrator.submit_task(name="a", payload={"big": True}, **job)
+    second = await orchestrator.submit_task(name="b", payload={"big": True, "wait": True}, **job)
+    await orchestrator.wait_for_task(first, 15)
+    too_large = await orchestrator.submit_task(
+        name="too large", payload={}, dependencies=[first, second], **job
+    )
+    small = await orchestrator.submit_task(name="small", payload={}, dependencies=[second], **job)
+
+    # When the last dependency completes and both are released
+    gate.set()
+
+    # Then the one that cannot be published fails with the reason, the other runs
+    failed = await orchestrator.wait_for_task(too_large, 15)
+    assert failed["status"] == "failed"
+    assert "not published" in failed["error_message"]
+    assert (await orchestrator.wait_for_task(small, 15))["status"] == "completed"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agents import TaskContext
-from broker import CancelTask, ConsumeQueues, Control
+from broker import ANY_CAPABILITY_KEY, CancelTask, ConsumeQueues, Control, TaskMessage
 from orchestrator import (
     RunDeadlines,
     SQLiteStore,
@@ -160,6 +161,98 @@ async def test_dependents_of_a_dead_dependency_end_after_a_restart(
     saved = {t.task_id: t.status.value for t in await again.tasks()}
     await again.close()
     assert saved == {"dep": dead.value, "child": expected, "grandchild": expected}
+
+
+async def test_task_saved_as_queued_but_never_published_is_published_after_a_restart(
+    harness: Harness, tmp_path: Path
+) -> None:
+    # Given a store where a task was saved as queued (attempt 1), in flight,
+    # and the orchestrator died before the broker confirmed the message
+    path = tmp_path / "state.sqlite"
+    await _write(
+        path,
+        _task("dep", TaskStatus.COMPLETED, result={"dep": 1}, attempt=1, completed_at=1.0),
+        _task("lost", TaskStatus.ASSIGNED, ["dep"], attempt=1, retry_due=time.time()),
+    )
+
+    # When a new orchestrator starts on that file, with an agent
+    settings = FAST.model_copy(update={"lost_retry_grace": 0.3})
+    orchestrator = await harness.start_orchestrator(settings, store=SQLiteStore(path))
+
+    async def attempt(ctx: TaskContext) -> dict:
+        return {"attempt": ctx.attempt, "deps": ctx.dependency_results}
+
+    await harness.start_agent("worker", [], 1, attempt)
+
+    # Then, its queue being empty, it is published again and runs
+    status = await orchestrator.wait_for_task("lost", 15)
+    assert status["status"] == "completed"
+    assert status["result"] == {"attempt": 2, "deps": {"dep": {"dep": 1}}}
+
+
+async def test_task_queued_before_a_restart_is_not_published_twice(
+    harness: Harness, tmp_path: Path
+) -> None:
+    # Given a queued task whose message waits in its queue, and no agent yet
+    path = tmp_path / "state.sqlite"
+    task = _task("queued", TaskStatus.ASSIGNED, attempt=1)
+    await _write(path, task)
+    bus = harness.new_bus()
+    if not bus.is_connected:
+        await bus.connect()
+    message = TaskMessage(
+        task_id=task.task_id,
+        attempt=1,
+        name=task.name,
+        task_type=task.task_type,
+        payload=task.payload,
+        priority=task.priority.value,
+        timeout=task.timeout,
+        estimated_duration=task.estimated_duration,
+    )
+    await bus.publish_task(message, queue_key=ANY_CAPABILITY_KEY, priority=1)
+
+    # When a new orchestrator starts and watches it past its grace
+    settings = FAST.model_copy(update={"lost_retry_grace": 0.2})
+    orchestrator = await harness.start_orchestrator(settings, store=SQLiteStore(path))
+    await asyncio.sleep(1.0)  # several grace periods: the check has run (a slower run waits more)
+
+    # Then the message in the queue is the one that runs: no second attempt was published
+    async def attempt(ctx: TaskContext) -> dict:
+        return {"attempt": ctx.attempt}
+
+    await harness.start_agent("worker", [], 1, attempt)
+    status = await orchestrator.wait_for_task("queued", 15)
+    assert status["status"] == "completed"
+    assert status["result"] == {"attempt": 1}
+
+
+async def test_task_queued_by_the_last_orchestrator_runs_once_after_a_restart(
+    harness: Harness, tmp_path: Path
+) -> None:
+    # Given a task queued (and confirmed by the broker) with no agent to take it
+    path = tmp_path / "state.sqlite"
+    settings = FAST.model_copy(update={"lost_retry_grace": 0.2})
+    first = await harness.start_orchestrator(settings, store=SQLiteStore(path))
+    task_id = await first.submit_task(name="t", description="", task_type="j", payload={})
+
+    # When the orchestrator stops, and another starts on its file and watches a while
+    await first.stop()
+    bus = harness.new_bus()
+    await bus.connect()
+    second = TaskOrchestrator(bus, settings=settings, store=SQLiteStore(path))
+    harness.orchestrator = second
+    await second.start()
+    await asyncio.sleep(1.0)  # several grace periods (a slower run waits more)
+
+    # Then the queued message is the one that runs: it was not published again
+    async def attempt(ctx: TaskContext) -> dict:
+        return {"attempt": ctx.attempt}
+
+    await harness.start_agent("worker", [], 1, attempt)
+    status = await second.wait_for_task(task_id, 15)
+    assert status["status"] == "completed"
+    assert status["result"] == {"attempt": 1}
 
 
 # ------------------------------------------- run deadlines (rebuilt by a restart's reload)
