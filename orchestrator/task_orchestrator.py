@@ -113,6 +113,9 @@ class TaskOrchestrator:
         self._owns_bus = False
         self._started = False
         self._reloaded_pending: list[str] = []
+        self._unsent: dict[str, int] = {}
+        """Attempts marked queued but known never sent (the bus was failing): the
+        watch publishes them without looking for them in their queue."""
         """Pending tasks found at start, to settle once (see ``_settle_reloaded``)."""
 
     # ------------------------------------------------------------------ lifecycle
@@ -456,6 +459,7 @@ class TaskOrchestrator:
                 if covers(agent.capabilities, task.required_capabilities):
                     await self._send_queues(agent)
         old = task.status
+        self._unsent.pop(task.task_id, None)
         task.attempt += 1
         task.status = TaskStatus.ASSIGNED
         task.assigned_agent = None
@@ -471,6 +475,7 @@ class TaskOrchestrator:
         self._stats.transition(task, old)
         await self.store.save_task(task)
         if not send:
+            self._unsent[task.task_id] = task.attempt
             self._watch_retry(task)
             return
         # Written before published: events of this attempt must find it on restart.
@@ -901,15 +906,18 @@ class TaskOrchestrator:
         for i, (task_id, attempt) in enumerate(due):
             task = await self.store.get_task(task_id)
             if task is None or task.status is not TaskStatus.ASSIGNED or task.attempt != attempt:
+                if self._unsent.get(task_id) == attempt:
+                    del self._unsent[task_id]  # cancelled meanwhile
                 continue
             key = capability_key(task.required_capabilities)
             try:
-                if key not in depths:
-                    depths[key] = await self.bus.queue_depth(key)
-                if depths[key] > 0:
-                    # It may wait behind others: look again later.
-                    self._retries_due.start(task_id, attempt, later)
-                    continue
+                if self._unsent.get(task_id) != attempt:
+                    if key not in depths:
+                        depths[key] = await self.bus.queue_depth(key)
+                    if depths[key] > 0:
+                        # It may wait behind others: look again later.
+                        self._retries_due.start(task_id, attempt, later)
+                        continue
                 log.warning(
                     "task %s (attempt %d) never reached its queue: publishing it again",
                     task_id,

@@ -15,8 +15,8 @@ import aio_pika
 import pytest
 
 from agents import TaskContext
-from broker import MemoryBus
-from tests.harness import Harness, wait_until
+from broker import BusConnectionError, BusSettings, MemoryBus
+from tests.harness import FAST, Harness, wait_until
 
 
 async def _inject_event(harness: Harness, routing_key: str, body: bytes) -> None:
@@ -131,3 +131,56 @@ async def test_a_dependent_too_large_to_publish_fails_and_its_siblings_still_run
     assert failed["status"] == "failed"
     assert "not published" in failed["error_message"]
     assert (await orchestrator.wait_for_task(small, 15))["status"] == "completed"
+
+
+class _FailingPublishes(MemoryBus):
+    """The in-process bus, with task publishes failing as during a broker outage."""
+
+    fail_publishes = 0
+
+    async def publish_task(self, message, **kwargs) -> None:
+        if self.fail_publishes > 0:
+            self.fail_publishes -= 1
+            raise BusConnectionError("broker unreachable (injected)")
+        await super().publish_task(message, **kwargs)
+
+
+async def test_dependents_released_while_the_bus_fails_are_published_later(
+    prefix: str,
+) -> None:
+    # Given a task with three dependents, on a bus whose next task publish fails
+    harness = Harness("memory", BusSettings(prefix=prefix))
+    bus = _FailingPublishes(settings=harness.settings)
+    harness._memory_bus = bus
+    harness.buses.append(bus)
+    try:
+        orchestrator = await harness.start_orchestrator(
+            FAST.model_copy(update={"lost_retry_grace": 0.2})
+        )
+        gate = asyncio.Event()
+
+        async def work(ctx: TaskContext) -> dict:
+            if ctx.payload.get("wait"):
+                await gate.wait()
+            return {"attempt": ctx.attempt}
+
+        await harness.start_agent("worker", [], 3, work)
+        job = {"description": "", "task_type": "j", "max_retries": 0}
+        dep = await orchestrator.submit_task(name="dep", payload={"wait": True}, **job)
+        dependents = [
+            await orchestrator.submit_task(name=f"d{i}", payload={}, dependencies=[dep], **job)
+            for i in range(3)
+        ]
+
+        # When the dependency completes and publishing its first dependent fails
+        bus.fail_publishes = 1
+        gate.set()
+
+        # Then all three are published later by the watch and complete
+        done = [await orchestrator.wait_for_task(t, 15) for t in dependents]
+        assert [d["status"] for d in done] == ["completed"] * 3
+        assert bus.fail_publishes == 0
+        # and handling the dependency's result did not fail (no dead letter)
+        assert bus.dead_letters == []
+    finally:
+        await harness.close()
