@@ -523,11 +523,13 @@ async def test_orchestrator_timeout_is_retried_on_another_agent(harness: Harness
 
 
 @pytest.mark.parametrize("stale_arrives", ["while_attempt_2_runs", "after_attempt_2_completed"])
+@pytest.mark.parametrize("superseded_by", ["orchestrator_timeout", "unregister"])
 async def test_late_result_of_a_superseded_attempt_is_ignored(
-    harness: Harness, stale_arrives: str
+    harness: Harness, superseded_by: str, stale_arrives: str
 ) -> None:
     # Given a task whose attempt 1 went silent on one agent and was superseded
-    # by attempt 2 on another (the orchestrator timed attempt 1 out)
+    # by attempt 2 on another: the orchestrator timed attempt 1 out (a retry),
+    # or the agent was unregistered (its task published again, not a retry)
     orchestrator = await harness.start_orchestrator()
     release = asyncio.Event()
     hold_second = asyncio.Event()
@@ -537,7 +539,10 @@ async def test_late_result_of_a_superseded_attempt_is_ignored(
     async def handler(ctx: TaskContext) -> dict:
         runs.append((ctx.attempt, ctx.agent_id))
         if ctx.attempt == 1:
-            await _deaf_until(release)
+            if superseded_by == "orchestrator_timeout":
+                await _deaf_until(release)
+            else:
+                await asyncio.sleep(60)  # until the unregistered agent drops it
             return {"late": True}
         second_started.set()
         await hold_second.wait()
@@ -545,9 +550,13 @@ async def test_late_result_of_a_superseded_attempt_is_ignored(
 
     await harness.start_agent("silent", [], 1, handler)
     try:
-        task_id = await orchestrator.submit_task(**job(timeout=0.3, max_retries=1))
+        task_id = await orchestrator.submit_task(
+            **job(timeout=0.3 if superseded_by == "orchestrator_timeout" else 30, max_retries=1)
+        )
         await wait_until(lambda: _status_is(orchestrator, task_id, "running"))
         await harness.start_agent("rescuer", [], 1, handler)
+        if superseded_by == "unregister":
+            await orchestrator.unregister_agent("silent")
         await asyncio.wait_for(second_started.wait(), 20)
         stale = TaskFinished(
             task_id=task_id,
@@ -576,7 +585,7 @@ async def test_late_result_of_a_superseded_attempt_is_ignored(
         assert status["status"] == "completed"
         assert status["result"] == {"attempt": 2, "agent": "rescuer"}
         assert status["assigned_agent"] == "rescuer"
-        assert status["retry_count"] == 1
+        assert status["retry_count"] == (1 if superseded_by == "orchestrator_timeout" else 0)
         stats = await orchestrator.get_stats()
         assert stats["tasks_completed"] == 1 and stats["tasks_failed"] == 0
         assert stats["pending_tasks"] == stats["running_tasks"] == 0
