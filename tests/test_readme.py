@@ -77,6 +77,14 @@ async def test_quick_start_demo_runs_as_written() -> None:
     assert "tasks completed, 0 failed" in result.out
 
 
+def test_quick_start_test_command_is_the_one_ci_runs() -> None:
+    """The quick start's test line is not run from inside the suite it starts:
+    CI runs it, exactly as written, from a clean clone."""
+    [test] = [c for c in commands(code_block("Quick start", "bash")) if " test" in c]
+    ci_lines = commands((ROOT / ".ci" / "run").read_text())
+    assert test in ci_lines, (test, ci_lines)
+
+
 @pytest.mark.rabbitmq
 async def test_command_line_session_and_curl_client_run_as_written(
     session: Deployment, tmp_path: Path
