@@ -45,6 +45,7 @@ from broker import (
     Unregister,
     parse_task,
 )
+from broker.messages import CancelTasks
 
 from .context import TaskContext
 
@@ -284,10 +285,10 @@ class Agent:
             if self._consumer is not None and not self._stopping:
                 await self._consumer.consume(command.queue_keys, command.consumer_priority)
         elif isinstance(command, CancelTask):
-            self._remember_cancelled(command.task_id, command.attempt)
-            running = self._running.get(command.task_id)
-            if running is not None and command.attempt in (None, running.message.attempt):
-                self._stop_job(running, "cancelled")
+            self._cancel(command.task_id, command.attempt)
+        elif isinstance(command, CancelTasks):
+            for task_id in command.task_ids:
+                self._cancel(task_id, command.attempt)
         elif isinstance(command, Unregister):
             log.warning("agent %s was unregistered by the orchestrator; stopping", self.agent_id)
             self._stopping = True
@@ -296,6 +297,13 @@ class Agent:
             self._spawn(self._stop_after_unregister())
         elif isinstance(command, Reannounce):
             await self._announce()
+
+    def _cancel(self, task_id: str, attempt: int | None) -> None:
+        """Skip the task if it arrives; stop its handler if it runs here."""
+        self._remember_cancelled(task_id, attempt)
+        running = self._running.get(task_id)
+        if running is not None and attempt in (None, running.message.attempt):
+            self._stop_job(running, "cancelled")
 
     async def _stop_after_unregister(self) -> None:
         await self._wait_jobs()

@@ -170,6 +170,16 @@ class CancelTask(WireMessage):
     attempt: int | None = None
 
 
+class CancelTasks(WireMessage):
+    """Cancel several tasks at once: each id is handled as a ``CancelTask`` with
+    this ``attempt`` (None: every attempt). The orchestrator tells a new agent
+    this way which queued tasks were cancelled, a chunk of ids per message."""
+
+    kind: Literal["control.cancel_many"] = "control.cancel_many"
+    task_ids: list[str] = Field(min_length=1)
+    attempt: int | None = None
+
+
 class Unregister(WireMessage):
     """The orchestrator removed the agent: it drops its deliveries and stops."""
 
@@ -184,7 +194,8 @@ class Reannounce(WireMessage):
 
 
 Control = Annotated[
-    ConsumeQueues | CancelTask | Unregister | Reannounce, Field(discriminator="kind")
+    ConsumeQueues | CancelTask | CancelTasks | Unregister | Reannounce,
+    Field(discriminator="kind"),
 ]
 
 

@@ -30,6 +30,7 @@ from .messages import (
     CancelResult,
     CancelTask,
     CancelTaskRequest,
+    CancelTasks,
     ConsumeQueues,
     QueueRecord,
     QueuesRequest,
@@ -60,7 +61,13 @@ EVENTS: tuple[type[WireMessage], ...] = (
     AgentHeartbeat,
     AgentLeft,
 )
-CONTROLS: tuple[type[WireMessage], ...] = (ConsumeQueues, CancelTask, Unregister, Reannounce)
+CONTROLS: tuple[type[WireMessage], ...] = (
+    ConsumeQueues,
+    CancelTask,
+    CancelTasks,
+    Unregister,
+    Reannounce,
+)
 REQUESTS: tuple[type[WireMessage], ...] = (
     SubmitTaskRequest,
     CancelTaskRequest,

@@ -41,6 +41,7 @@ from broker import (
     covers,
     retry_tier_ms,
 )
+from broker.messages import CancelTasks
 
 from . import scheduling
 from .dependencies import DependencyGraph
@@ -59,6 +60,8 @@ _RETIRED_STATS = "stats.retired"
 """Store meta key: what forgotten tasks add to ``get_stats``."""
 _CANCELLED_IN_QUEUE_KEEP = 10_000
 """At most this many cancelled-in-queue ids are kept, and sent to a newly registered agent."""
+_CANCELLED_PER_MESSAGE = 1000
+"""Ids per ``CancelTasks`` sent to a new agent (and at most half the bus's message limit)."""
 
 _OUTCOME_STATUS = {
     "completed": TaskStatus.COMPLETED,
@@ -299,9 +302,21 @@ class TaskOrchestrator:
         were cancelled: announcing again costs it nothing more)."""
         keys = [k for k, caps in self._queue_caps.items() if covers(agent.capabilities, caps)]
         if new and self._cancelled_in_queue:
-            # Before the agent consumes anything: what it must not run, oldest first.
+            # Before the agent consumes anything: what it must not run, oldest first,
+            # in chunks well under the bus's size limit.
+            budget = self.bus.settings.max_message_bytes // 2
+            chunk: list[str] = []
+            size = 0
             for task_id in list(self._cancelled_in_queue):  # at most _CANCELLED_IN_QUEUE_KEEP
-                await self.bus.publish_control(CancelTask(task_id=task_id), agent_id=agent.agent_id)
+                entry = len(json.dumps(task_id)) + 1
+                if chunk and (len(chunk) >= _CANCELLED_PER_MESSAGE or size + entry > budget):
+                    await self.bus.publish_control(
+                        CancelTasks(task_ids=chunk), agent_id=agent.agent_id
+                    )
+                    chunk, size = [], 0
+                chunk.append(task_id)
+                size += entry
+            await self.bus.publish_control(CancelTasks(task_ids=chunk), agent_id=agent.agent_id)
         await self.bus.publish_control(
             ConsumeQueues(queue_keys=keys, consumer_priority=scheduling.consumer_priority(agent)),
             agent_id=agent.agent_id,

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from agents import TaskContext
 from broker import ANY_CAPABILITY_KEY, CancelTask, ConsumeQueues, Control, TaskMessage
+from broker.messages import CancelTasks
 from orchestrator import (
     RunDeadlines,
     SQLiteStore,
@@ -19,6 +20,7 @@ from orchestrator import (
     TaskOrchestrator,
     TaskPriority,
     TaskStatus,
+    task_orchestrator,
 )
 from tests.harness import FAST, Harness, wait_until
 
@@ -351,12 +353,14 @@ def test_run_deadlines_agree_with_a_plain_dictionary(ops: list[tuple[str, int, i
 
 
 async def test_only_a_new_agent_hears_the_tasks_cancelled_in_their_queue(
-    harness: Harness,
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given tasks cancelled while their messages waited in a queue
+    # Given tasks cancelled while their messages waited in a queue, and an
+    # orchestrator that sends their ids two per CancelTasks message
+    monkeypatch.setattr(task_orchestrator, "_CANCELLED_PER_MESSAGE", 2)
     orchestrator = await harness.start_orchestrator()
     cancelled = []
-    for _ in range(3):
+    for _ in range(5):
         task_id = await orchestrator.submit_task(
             name="t",
             description="",
@@ -382,7 +386,17 @@ async def test_only_a_new_agent_hears_the_tasks_cancelled_in_their_queue(
     watch = await bus.subscribe_control("watcher", on_control)
 
     def replayed() -> list[str]:
-        return [c.task_id for c in heard if isinstance(c, CancelTask) and c.attempt is None]
+        # In CancelTasks messages (a chunk of ids each), never one CancelTask per id
+        assert not any(isinstance(c, CancelTask) for c in heard)
+        return [
+            task_id
+            for c in heard
+            if isinstance(c, CancelTasks) and c.attempt is None
+            for task_id in c.task_ids
+        ]
+
+    def chunks() -> list[int]:
+        return [len(c.task_ids) for c in heard if isinstance(c, CancelTasks)]
 
     async def register() -> None:
         # Its queues are sent last, after any cancelled ids: the registration is handled
@@ -393,6 +407,7 @@ async def test_only_a_new_agent_hears_the_tasks_cancelled_in_their_queue(
         # When it registers: it hears every cancelled id before its queues
         await register()
         assert replayed() == cancelled
+        assert chunks() == [2, 2, 1]
 
         # When it announces again (or is registered again): not again
         await register()
@@ -403,5 +418,6 @@ async def test_only_a_new_agent_hears_the_tasks_cancelled_in_their_queue(
         await orchestrator.unregister_agent("watcher")
         await register()
         assert replayed() == cancelled + cancelled
+        assert chunks() == [2, 2, 1, 2, 2, 1]
     finally:
         await watch.close()
