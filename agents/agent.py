@@ -6,16 +6,26 @@ timeout; the final event is published (and confirmed) before the task
 message is acknowledged, so a crash at any point leaves the task to be run
 again rather than lost. The broker never hands an agent more tasks than its
 ``max_concurrent_tasks`` (the channel's prefetch).
+
+A sync handler runs in a worker thread. When its task passes its timeout or is
+cancelled, ``TaskInterrupted`` is raised in that thread (as Dramatiq's
+``TimeLimit`` does); one stuck in a blocking C call sees it only once the call
+returns. The outcome is reported at once, but the delivery is settled only
+when the thread has ended: until then it holds its slot of the prefetch, so
+the agent never runs more than ``max_concurrent_tasks`` handler threads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import inspect
 import json
 import logging
+import platform
 import signal
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -47,7 +57,7 @@ from broker import (
 )
 from broker.messages import CancelTasks
 
-from .context import TaskContext
+from .context import TaskContext, TaskInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +95,8 @@ class _Running:
     """Why we cancelled it: 'cancelled' (report it), 'unregistered' or 'shutdown' (don't)."""
     detached: bool = False
     """Acknowledged when it started (a long task): its delivery is settled."""
+    thread: asyncio.Future[Any] | None = None
+    """A sync handler's run in its worker thread: done when the thread has left it."""
 
 
 class Agent:
@@ -137,6 +149,8 @@ class Agent:
         self._deferred: OrderedDict[tuple[str, int], int] = OrderedDict()
         self._executor: ThreadPoolExecutor | None = None
         self._stopping = False
+        self._halted = asyncio.Event()
+        """Set with ``_stopping``: wakes what waits for a handler's thread to end."""
         self._stopped = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
         self._unsettled: set[asyncio.Event] = set()
@@ -144,7 +158,11 @@ class Agent:
 
     # ------------------------------------------------------------------ handlers
     def handler(self, task_type: str = ANY_TASK_TYPE) -> Callable[[Handler], Handler]:
-        """Decorator: handle tasks of ``task_type`` ('*' for any type without its own)."""
+        """Decorator: handle tasks of ``task_type`` ('*' for any type without its own).
+
+        A coroutine function runs on the agent's event loop and is cancelled
+        past the task's timeout; a plain function runs in a worker thread and
+        gets ``TaskInterrupted`` raised in it (see ``agents.context``)."""
 
         def register(fn: Handler) -> Handler:
             self._handlers[task_type] = fn
@@ -168,6 +186,7 @@ class Agent:
             self._owns_bus = True
         self._bus = bus
         self._stopping = False
+        self._halted.clear()
         self._stopped.clear()
         self._executor = ThreadPoolExecutor(
             max_workers=self.max_concurrent_tasks * 2, thread_name_prefix=f"agent-{self.agent_id}"
@@ -185,7 +204,7 @@ class Agent:
         if self._bus is None or self._stopping:
             await self._stopped.wait()
             return
-        self._stopping = True
+        self._halt()
         assert self._consumer is not None
         with contextlib.suppress(BusError):
             await self._consumer.pause()
@@ -214,7 +233,7 @@ class Agent:
         """Vanish without a goodbye, as a crashed process would (for tests)."""
         if self._bus is None:
             return
-        self._stopping = True
+        self._halt()
         for running in list(self._running.values()):
             self._stop_job(running, "shutdown")
         await self._wait_jobs()
@@ -234,6 +253,11 @@ class Agent:
             self._executor.shutdown(wait=False, cancel_futures=True)
         self._bus = None
         self._stopped.set()
+
+    def _halt(self) -> None:
+        """Take no more tasks; settle those ended without waiting for their threads."""
+        self._stopping = True
+        self._halted.set()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -291,7 +315,7 @@ class Agent:
                 self._cancel(task_id, command.attempt)
         elif isinstance(command, Unregister):
             log.warning("agent %s was unregistered by the orchestrator; stopping", self.agent_id)
-            self._stopping = True
+            self._halt()
             for running in list(self._running.values()):
                 self._stop_job(running, "unregistered")
             self._spawn(self._stop_after_unregister())
@@ -408,7 +432,8 @@ class Agent:
             if not released:
                 released = True
                 self.counters.running -= 1
-                self._running.pop(message.task_id, None)
+                if self._running.get(message.task_id) is running:  # not a newer attempt's
+                    del self._running[message.task_id]
 
         try:
             running.job = asyncio.get_running_loop().create_task(
@@ -421,6 +446,7 @@ class Agent:
                 if not running.job.cancelled() and running.job.result() is not None:
                     assert self._bus is not None
                     await self._bus.publish_event(running.job.result())
+                await self._until_thread_ends(running)  # then reattach (finally)
             elif running.job.cancelled():
                 # Stopped before it ended (a stop it outlived, or unregistered):
                 # what ran it no longer counts. A job that did end is reported
@@ -435,6 +461,7 @@ class Agent:
                 if finished is not None:
                     assert self._bus is not None
                     await self._bus.publish_event(finished)
+                await self._until_thread_ends(running)
                 release()
                 await delivery.ack()
         except BusError as exc:
@@ -442,6 +469,7 @@ class Agent:
             # if the channel is gone, the broker has already given it back. One
             # acknowledged early is retried by the orchestrator's run deadline.
             log.error("agent %s: task %s not reported: %s", self.agent_id, message.task_id, exc)
+            await self._until_thread_ends(running)
             release()
             if not running.detached:
                 await delivery.requeue()
@@ -454,6 +482,29 @@ class Agent:
             finally:
                 self._unsettled.discard(settled)
                 settled.set()
+
+    async def _until_thread_ends(self, running: _Running) -> None:
+        """Wait, before settling a delivery, until the sync handler that ran it
+        has left its thread: until then the delivery holds its slot of the
+        prefetch, so that no other task runs in its place. The attempt has
+        ended here (reported, or to be run again), so it is no longer counted
+        as running here: a new attempt of the same task may come meanwhile.
+        A stop does not wait for it (nothing new is taken then)."""
+        thread = running.thread
+        if thread is None or thread.done() or self._stopping:
+            return
+        self._running.pop(running.message.task_id, None)
+        log.warning(
+            "agent %s: task %s ended but its handler's thread still runs; its slot"
+            " stays taken until the thread ends",
+            self.agent_id,
+            running.message.task_id,
+        )
+        halted = asyncio.ensure_future(self._halted.wait())
+        try:
+            await asyncio.wait([thread, halted], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            halted.cancel()
 
     async def _run(
         self, message: TaskMessage, running: _Running, delivery: TaskDelivery
@@ -500,17 +551,27 @@ class Agent:
                 "failed",
                 error=f"agent {self.agent_id} has no handler for task_type {message.task_type!r}",
             )
+        call: _SyncCall | None = None
         try:
             if inspect.iscoroutinefunction(handler):
                 coro = handler(ctx)
             else:
-                coro = loop.run_in_executor(self._executor, handler, ctx)
+                # Shielded: a timeout or a cancel leaves running.thread to say
+                # when the thread has really left the handler.
+                call = _SyncCall(handler, ctx)
+                running.thread = loop.run_in_executor(self._executor, call)
+                running.thread.add_done_callback(_retrieve)
+                coro = asyncio.shield(running.thread)
             value = await asyncio.wait_for(coro, timeout=message.timeout)
             result = _as_result(value)
         except TimeoutError:
+            if call is not None:
+                call.interrupt()
             self.counters.timed_out += 1
             return final("timeout", error=f"exceeded timeout of {message.timeout:g}s")
         except asyncio.CancelledError:
+            if call is not None:
+                call.interrupt()
             if running.stop_reason == "cancelled":
                 self.counters.cancelled += 1
                 return final("cancelled", error="cancelled by request")
@@ -536,6 +597,12 @@ class Agent:
             log.debug("progress not sent: %s", exc)
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a thread's outcome as seen: nobody awaits one that outlived its task."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _as_result(value: Any) -> dict[str, Any] | None:
     """A handler's return value as a task result: a JSON object (or None)."""
     if value is not None and not isinstance(value, dict):
@@ -546,3 +613,74 @@ def _as_result(value: Any) -> dict[str, Any] | None:
         except (TypeError, ValueError) as exc:
             raise TypeError(f"the handler's result is not JSON-serialisable: {exc}") from None
     return value
+
+
+# ---------------------------------------------------------------- sync handlers' threads
+
+
+def _async_exc_setter() -> Callable[[int, Any], int] | None:
+    """CPython's ``PyThreadState_SetAsyncExc`` with its own prototype (the
+    shared ``ctypes.pythonapi`` entry is left as it is): the thread id is an
+    unsigned long since Python 3.7, and a NULL exception clears a pending one."""
+    if platform.python_implementation() != "CPython":
+        return None
+    prototype = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)
+    return prototype(("PyThreadState_SetAsyncExc", ctypes.pythonapi))
+
+
+_set_async_exc = _async_exc_setter()
+_NO_EXCEPTION = ctypes.py_object()  # NULL
+
+
+def _raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> bool:
+    """Have ``exc_type`` raised in the thread at its next Python instruction."""
+    if _set_async_exc is None:
+        log.warning("cannot interrupt a handler's thread on %s", platform.python_implementation())
+        return False
+    count = _set_async_exc(thread_id, exc_type)
+    if count > 1:  # cannot happen with a live thread's id; undo rather than hit several
+        _set_async_exc(thread_id, _NO_EXCEPTION)
+        log.error("interrupting thread %d touched %d threads: undone", thread_id, count)
+        return False
+    return count == 1
+
+
+class _SyncCall:
+    """One sync handler's call, run by the agent's thread pool, that can be
+    interrupted: before it starts (it then never calls the handler) or while it
+    runs (``TaskInterrupted`` raised in its thread). An interrupt never outlives
+    the call: one not yet raised when the handler returns is cleared, so it
+    cannot hit the pool's own code."""
+
+    def __init__(self, handler: Handler, ctx: TaskContext) -> None:
+        self._handler = handler
+        self._ctx = ctx
+        self._lock = threading.Lock()
+        self._thread_id: int | None = None
+        self._state = "queued"  # -> running -> done, or queued -> abandoned
+        self._interrupted = False
+
+    def __call__(self) -> Any:
+        with self._lock:
+            if self._state == "abandoned":
+                raise TaskInterrupted("interrupted before it started")
+            self._state = "running"
+            self._thread_id = threading.get_ident()
+        try:
+            return self._handler(self._ctx)
+        finally:
+            with self._lock:
+                self._state = "done"
+                if self._interrupted:
+                    _set_async_exc(self._thread_id, _NO_EXCEPTION)  # type: ignore[misc]
+
+    def interrupt(self) -> None:
+        """Stop the handler (once); a thread in a blocking C call stops when it returns."""
+        with self._lock:
+            if self._interrupted or self._state in ("done", "abandoned"):
+                return
+            if self._state == "queued":
+                self._state = "abandoned"
+                return
+            assert self._thread_id is not None
+            self._interrupted = _raise_in_thread(self._thread_id, TaskInterrupted)

@@ -1,4 +1,7 @@
-"""``TaskContext``: what a handler sees of its task, and how it reports progress."""
+"""``TaskContext``: what a handler sees of its task, and how it reports progress.
+
+``TaskInterrupted`` is what a sync handler's thread sees when its task runs
+past its timeout or is cancelled."""
 
 from __future__ import annotations
 
@@ -8,6 +11,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker import TaskMessage
+
+
+class TaskInterrupted(BaseException):
+    """Raised inside a sync handler's thread when its task passed its timeout
+    or was cancelled (or its agent stops), so that the thread ends.
+
+    It is raised asynchronously (CPython's ``PyThreadState_SetAsyncExc``): the
+    thread sees it at its next Python instruction, not inside a blocking C call
+    (``time.sleep``, ``Event.wait``, a socket read), which it leaves first. A
+    ``BaseException``, so that ``except Exception`` does not swallow it; catch it
+    only to clean up, and let it go on. Until the thread has ended, its task
+    keeps its slot of the agent's ``max_concurrent_tasks``.
+    """
 
 
 @dataclass

@@ -6,11 +6,13 @@ import asyncio
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 import pytest
 
 from agents import Agent, TaskContext
+from agents.context import TaskInterrupted
 from broker import BusConnectionError, CommunicationBus, TaskDelivery, TaskFinished, parse_task
 from orchestrator import TaskOrchestrator
 from tests.harness import Harness, wait_until
@@ -138,6 +140,145 @@ async def test_sync_handler_past_its_timeout_is_reported_timeout(harness: Harnes
     stats = await orchestrator.get_stats()
     assert stats["tasks_failed"] == 1 and stats["tasks_completed"] == 0
     assert stats["running_tasks"] == 0
+
+
+def _looping_handler(ended: threading.Event, interrupted: list[str]) -> Any:
+    """A sync handler that loops in Python until interrupted, saying how it ended."""
+
+    def handler(ctx: TaskContext) -> dict:
+        try:
+            while True:
+                time.sleep(0.01)
+        except TaskInterrupted:
+            interrupted.append(ctx.task_id)
+            raise
+        finally:
+            ended.set()
+
+    return handler
+
+
+async def test_sync_handler_looping_past_its_timeout_is_interrupted(harness: Harness) -> None:
+    # Given a plain-function handler that loops in Python and never returns
+    orchestrator = await harness.start_orchestrator()
+    ended = threading.Event()
+    interrupted: list[str] = []
+    agent = await harness.start_agent("worker", ["work"], 1, _looping_handler(ended, interrupted))
+
+    # When its task's timeout passes
+    task_id = await _submit(orchestrator, timeout=0.5, max_retries=0)
+    status = await orchestrator.wait_for_task(task_id, timeout=WAIT)
+
+    # Then the task ends "timeout", and TaskInterrupted ended the handler's thread
+    assert status["status"] == "timeout"
+    assert status["error_message"] == "exceeded timeout of 0.5s"
+    assert await asyncio.to_thread(ended.wait, WAIT)
+    assert interrupted == [task_id]
+
+    # And its slot is free again once that thread is out
+    async def settled() -> bool:
+        return agent.counters.running == 0
+
+    await wait_until(settled, WAIT)
+    assert agent.counters.timed_out == 1
+
+
+async def test_cancel_interrupts_a_running_sync_handler(harness: Harness) -> None:
+    # Given a plain-function handler looping in Python, running
+    orchestrator = await harness.start_orchestrator()
+    ended = threading.Event()
+    interrupted: list[str] = []
+    agent = await harness.start_agent("worker", ["work"], 1, _looping_handler(ended, interrupted))
+    task_id = await _submit(orchestrator, max_retries=0)
+    await wait_until(lambda: _running_on(orchestrator, task_id, "worker"), WAIT)
+
+    # When the task is cancelled
+    assert await orchestrator.cancel_task(task_id) is True
+
+    # Then the handler's thread was interrupted and ended, and the task is cancelled
+    assert await asyncio.to_thread(ended.wait, WAIT)
+    assert interrupted == [task_id]
+    status = await orchestrator.wait_for_task(task_id, timeout=WAIT)
+    assert status["status"] == "cancelled"
+
+    async def counted() -> bool:
+        return agent.counters.cancelled == 1 and agent.counters.running == 0
+
+    await wait_until(counted, WAIT)
+
+
+async def test_sync_handler_stuck_past_its_timeout_keeps_its_slot(harness: Harness) -> None:
+    # Given an agent with one slot whose first task blocks in a C call (Event.wait),
+    # where the interrupt cannot reach it, until the test releases it
+    orchestrator = await harness.start_orchestrator()
+    gate = threading.Event()
+    stuck_ended = threading.Event()
+    interrupted: list[bool] = []
+
+    def handler(ctx: TaskContext) -> dict:
+        if ctx.payload.get("stuck"):
+            try:
+                gate.wait(WAIT)
+            except TaskInterrupted:  # raised once the wait returns
+                interrupted.append(True)
+                raise
+            finally:
+                stuck_ended.set()
+        return {"stuck_thread_ended": stuck_ended.is_set()}
+
+    agent = await harness.start_agent("worker", ["work"], 1, handler)
+    try:
+        stuck = await _submit(orchestrator, payload={"stuck": True}, timeout=0.5, max_retries=0)
+        status = await orchestrator.wait_for_task(stuck, timeout=WAIT)
+        assert status["status"] == "timeout"
+
+        # When a second task comes while the stuck thread still runs
+        second = await _submit(orchestrator)
+        await asyncio.sleep(1.0)  # (time for an agent that freed the slot to take it)
+
+        # Then it waits in its queue: the timed-out task still holds the only slot
+        assert not stuck_ended.is_set()
+        assert (await orchestrator.get_task_status(second))["status"] in ("pending", "assigned")
+        assert agent.counters.received == 1
+        assert agent.counters.running == 1
+    finally:
+        gate.set()
+
+    # And once the stuck thread ends (interrupted as it leaves the wait), it runs
+    status = await orchestrator.wait_for_task(second, timeout=WAIT)
+    assert status["status"] == "completed"
+    assert status["result"] == {"stuck_thread_ended": True}
+    assert interrupted == [True]
+    assert agent.counters.max_running == 1
+
+
+# ---------------------------------------------------------------- cancelled while queued
+
+
+async def test_a_new_agent_skips_the_tasks_cancelled_in_its_queue(harness: Harness) -> None:
+    # Given tasks cancelled while they waited in a queue no agent consumed yet
+    orchestrator = await harness.start_orchestrator()
+    cancelled = [await _submit(orchestrator, payload={"n": n}) for n in range(3)]
+    for task_id in cancelled:
+        assert await orchestrator.cancel_task(task_id) is True
+    ran: list[str] = []
+
+    async def handler(ctx: TaskContext) -> dict:
+        ran.append(ctx.task_id)
+        return {}
+
+    # When an agent for that queue starts (it hears their ids in a CancelTasks
+    # first), and one more task is queued behind them
+    agent = await harness.start_agent("worker", ["work"], 1, handler)
+    last = await _submit(orchestrator)
+
+    # Then only that task ran: the cancelled ones, ahead of it, were skipped
+    status = await orchestrator.wait_for_task(last, timeout=WAIT)
+    assert status["status"] == "completed"
+    assert ran == [last]
+    for task_id in cancelled:
+        assert (await orchestrator.get_task_status(task_id))["status"] == "cancelled"
+    assert agent.counters.received == 1
 
 
 # ---------------------------------------------------------------- graceful stop
