@@ -15,6 +15,7 @@ request is answered by one ``Reply``. ``docs/schemas/`` and
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
@@ -34,7 +35,7 @@ SCHEMA_VERSION = 1
 Outcome = Literal["completed", "failed", "timeout", "cancelled"]
 
 Priority = Literal["low", "medium", "high", "critical"]
-"""The orchestrator's TaskPriority values, lowest first."""
+"""The orchestrator's TaskPriority values, lowest first (a test keeps them in step)."""
 PRIORITIES: tuple[str, ...] = get_args(Priority)
 
 
@@ -344,7 +345,7 @@ class Reply(WireMessage):
 # --- what a successful reply's ``result`` holds, by request ---------------------------
 
 TaskState = Literal["pending", "assigned", "running", "completed", "failed", "cancelled", "timeout"]
-"""A task's status: the orchestrator's TaskStatus values."""
+"""A task's status: the orchestrator's TaskStatus values (a test keeps them in step)."""
 
 
 class ReplyResult(BaseModel):
@@ -421,17 +422,38 @@ class QueueRecord(ReplyResult):
     depth: int = Field(ge=0, description="tasks waiting, not counting those an agent holds")
 
 
-RESULT_TYPES: dict[str, Any] = {
-    "request.submit": SubmitResult,
-    "request.cancel": CancelResult,
-    "request.status": TaskStatusResult,
-    "request.stats": StatsResult,
-    "request.agents": list[AgentRecord],
-    "request.queues": list[QueueRecord],
-}
-"""What ``Reply.result`` holds when a request of each kind succeeds."""
+@dataclass(frozen=True)
+class ResultType:
+    """What ``Reply.result`` holds when a request of one kind succeeds."""
 
-_result_adapters = {kind: TypeAdapter(kind_type) for kind, kind_type in RESULT_TYPES.items()}
+    model: type[ReplyResult]
+    """The result's model; the model of its items when it is a list."""
+    list_name: str | None = None
+    """The schema name of the list, when the result is a list of ``model``."""
+
+    @property
+    def schema_name(self) -> str:
+        """The name of the result's schema in ``docs/``."""
+        return self.list_name or self.model.__name__
+
+    @property
+    def annotation(self) -> Any:
+        """The result's type, for pydantic: the model, or a list of it."""
+        return self.model if self.list_name is None else list[self.model]
+
+
+RESULT_TYPES: dict[str, ResultType] = {
+    "request.submit": ResultType(SubmitResult),
+    "request.cancel": ResultType(CancelResult),
+    "request.status": ResultType(TaskStatusResult),
+    "request.stats": ResultType(StatsResult),
+    "request.agents": ResultType(AgentRecord, list_name="AgentsResult"),
+    "request.queues": ResultType(QueueRecord, list_name="QueuesResult"),
+}
+"""The result of a successful reply, by request kind: the one table that the
+parser (``parse_result``) and the documents (``broker.schemas``) read."""
+
+_result_adapters = {kind: TypeAdapter(result.annotation) for kind, result in RESULT_TYPES.items()}
 
 
 def parse_result(request_kind: str, result: Any) -> Any:

@@ -25,28 +25,22 @@ from .messages import (
     AgentAnnounced,
     AgentHeartbeat,
     AgentLeft,
-    AgentRecord,
     AgentsRequest,
-    CancelResult,
     CancelTask,
     CancelTaskRequest,
     CancelTasks,
     ConsumeQueues,
-    QueueRecord,
     QueuesRequest,
     Reannounce,
     Reply,
     ReplyResult,
     StatsRequest,
-    StatsResult,
-    SubmitResult,
     SubmitTaskRequest,
     TaskFinished,
     TaskMessage,
     TaskProgress,
     TaskStarted,
     TaskStatusRequest,
-    TaskStatusResult,
     Unregister,
     WireMessage,
 )
@@ -81,27 +75,11 @@ REPLIES: tuple[type[WireMessage], ...] = (Reply,)
 WIRE_MESSAGES: tuple[type[WireMessage], ...] = TASKS + EVENTS + CONTROLS + REQUESTS + REPLIES
 """Every message that crosses the bus, in the order the documents list them."""
 
-RESULT_MODELS: tuple[type[ReplyResult], ...] = (
-    SubmitResult,
-    CancelResult,
-    TaskStatusResult,
-    StatsResult,
-    AgentRecord,
-    QueueRecord,
+RESULT_MODELS: tuple[type[ReplyResult], ...] = tuple(
+    dict.fromkeys(result.model for result in RESULT_TYPES.values())
 )
-"""The models of a successful reply's result, and of the items of list results."""
-
-LIST_RESULTS = {"AgentsResult": AgentRecord, "QueuesResult": QueueRecord}
-"""Results that are lists, by schema name, with the model of their items."""
-
-
-def result_schema_name(request: type[WireMessage]) -> str:
-    """The schema name of the result a request of this type is answered with."""
-    result_type = RESULT_TYPES[kind_of(request)]
-    if isinstance(result_type, type):
-        return result_type.__name__
-    item = result_type.__args__[0]
-    return next(name for name, model in LIST_RESULTS.items() if model is item)
+"""The models of successful replies' results (of their items, for lists), from
+``RESULT_TYPES``: the one table of results, by request kind."""
 
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -122,12 +100,12 @@ def json_schemas() -> dict[str, dict[str, Any]]:
             "$id": f"{model.__name__}.json",
             **schema,
         }
-    results: dict[str, dict[str, Any]] = {
-        m.__name__: m.model_json_schema() for m in RESULT_MODELS if m in RESULT_TYPES.values()
-    }
-    for name, item in LIST_RESULTS.items():
-        results[name] = {"title": name, **TypeAdapter(list[item]).json_schema()}
-    for name, schema in results.items():
+    for result in RESULT_TYPES.values():
+        name = result.schema_name
+        if result.list_name is None:
+            schema = result.model.model_json_schema()
+        else:
+            schema = {"title": name, **TypeAdapter(result.annotation).json_schema()}
         documents[f"{name}.json"] = {
             "$schema": JSON_SCHEMA_DIALECT,
             "$id": f"{name}.json",
@@ -164,7 +142,7 @@ def _reply_name(request: type[WireMessage]) -> str:
 
 def _reply_message(request: type[WireMessage]) -> dict[str, Any]:
     """The Reply to one kind of request, its result typed."""
-    result = result_schema_name(request)
+    result = RESULT_TYPES[kind_of(request)].schema_name
     return {
         "name": kind_of(Reply),
         "title": _reply_name(request),
@@ -247,12 +225,13 @@ def asyncapi() -> dict[str, Any]:
         ref_template="#/components/schemas/{model}",
     )
     schemas = dict(top["$defs"])
-    for name, item in LIST_RESULTS.items():
-        schemas[name] = {
-            "title": name,
-            "type": "array",
-            "items": {"$ref": f"#/components/schemas/{item.__name__}"},
-        }
+    for result in RESULT_TYPES.values():
+        if result.list_name is not None:
+            schemas[result.list_name] = {
+                "title": result.list_name,
+                "type": "array",
+                "items": {"$ref": f"#/components/schemas/{result.model.__name__}"},
+            }
     channels: dict[str, Any] = {
         t.rpc_queue: {
             "description": (

@@ -5,20 +5,20 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from broker import Topology
-from broker.messages import RESULT_TYPES, WireMessage
+from broker.messages import RESULT_TYPES, Outcome, Priority, TaskState, WireMessage
 from broker.schemas import (
     REQUESTS,
     WIRE_MESSAGES,
     asyncapi,
     generated,
     kind_of,
-    result_schema_name,
     write,
 )
 from broker.topology import DIRECT_REPLY_TO
+from orchestrator import TaskPriority, TaskStatus
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 REGENERATE = "regenerate them: python -m broker.schemas docs"
@@ -119,7 +119,7 @@ def test_every_request_has_a_documented_result() -> None:
     files = generated()
     assert set(RESULT_TYPES) == {kind_of(m) for m in REQUESTS}
     for request in REQUESTS:
-        name = result_schema_name(request)
+        name = RESULT_TYPES[kind_of(request)].schema_name
         schema = json.loads(files[f"schemas/{name}.json"])
         assert schema["title"] == name
 
@@ -134,8 +134,16 @@ def test_every_request_has_a_documented_result() -> None:
         reply = messages[reply_ref.rsplit("/", 1)[1]]
         assert reply["name"] == "reply"
         result = reply["payload"]["allOf"][1]["properties"]["result"]["anyOf"][0]["$ref"]
-        assert result == f"#/components/schemas/{result_schema_name(request)}"
+        assert result == f"#/components/schemas/{RESULT_TYPES[kind_of(request)].schema_name}"
     stats = document["components"]["schemas"]["StatsResult"]
     assert {"tasks_created", "overall_utilization"} <= set(stats["required"])
     agents = document["components"]["schemas"]["AgentsResult"]
     assert agents["items"] == {"$ref": "#/components/schemas/AgentRecord"}
+
+
+def test_wire_enums_are_the_orchestrators() -> None:
+    # broker knows nothing of the orchestrator's enums: its Literals copy their
+    # values, and a value added or renamed on one side only fails here
+    assert list(get_args(Priority)) == [p.value for p in TaskPriority]  # lowest first
+    assert set(get_args(TaskState)) == {s.value for s in TaskStatus}
+    assert set(get_args(Outcome)) == {s.value for s in TaskStatus if s.is_final}
