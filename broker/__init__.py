@@ -18,6 +18,7 @@ from .errors import (
     MessageTooLarge,
     NoReply,
     TopologyMismatch,
+    TopologyMissing,
     UnroutableMessage,
 )
 from .memory import MemoryBus
@@ -90,6 +91,7 @@ __all__ = [
     "MessageTooLarge",
     "NoReply",
     "TopologyMismatch",
+    "TopologyMissing",
     "UnroutableMessage",
     # wire messages
     "SCHEMA_VERSION",

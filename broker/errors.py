@@ -39,6 +39,14 @@ class TopologyMismatch(BusError):
     """
 
 
+class TopologyMissing(BusError):
+    """Raised when an exchange or queue the bus uses does not exist on the broker.
+
+    A client that declares no topology (``declare_topology=False``) meets it
+    before any orchestrator of its prefix has run against that broker.
+    """
+
+
 class InvalidMessage(BusError, ValueError):
     """Raised when a message body is not a valid wire message."""
 

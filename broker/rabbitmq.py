@@ -59,6 +59,7 @@ from .errors import (
     MessageTooLarge,
     NoReply,
     TopologyMismatch,
+    TopologyMissing,
     UnroutableMessage,
 )
 from .messages import (
@@ -658,8 +659,14 @@ class RabbitMQBus(CommunicationBus):
                 exclusive=True,
                 auto_delete=True,
             )
-            for pattern in patterns:
-                await queue.bind(self.topology.events_exchange, pattern)
+            try:
+                for pattern in patterns:
+                    await queue.bind(self.topology.events_exchange, pattern)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                # The broker closed the channel: nobody declared the events exchange.
+                raise TopologyMissing(
+                    f"no exchange {self.topology.events_exchange!r} on RabbitMQ at {self.address}"
+                ) from None
 
         async def handle(message: AbstractIncomingMessage) -> None:
             await handler(parse_event(message.body))

@@ -9,7 +9,9 @@ agent load live; ``demo`` runs the seed's workflow; ``topology`` and
 
 Settings come from options, else ``ORCHESTRATOR_*`` environment variables
 (pydantic-settings), else defaults. Every error is caught here and printed as
-one line, ``error: ...``, on stderr, with the broker password blanked out.
+one line, ``error: ...``, on stderr, with the broker password blanked out;
+in data (results, ``--json``) only a URL's ``user:password@`` is, so that the
+password as a plain word in a task's result is printed as it is.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -30,7 +33,6 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-import aiormq
 import typer
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -61,12 +63,13 @@ from broker import (
     TaskStarted,
     TaskStatusRequest,
     Topology,
+    TopologyMissing,
     WireMessage,
     default_broker_url,
     redact_url,
 )
 
-from .models import TaskPriority, TaskStatus
+from .models import TaskStatus
 
 log = logging.getLogger("orchestrator.cli")
 
@@ -130,11 +133,27 @@ def _remember_secret(url: str | None) -> None:
 
 
 def scrub(text: str) -> str:
-    """``text`` without any broker password we know of."""
+    """``text`` without any broker password we know of: for errors and logs."""
     for username, password in _secrets:
         text = text.replace(f":{password}@", ":***@")
         if password != username:  # a password equal to the user name is shown anyway
             text = text.replace(password, "***")
+    return text
+
+
+_URL_USER = r"(?:amqps?|https?)://[^\s/?#@:]*:"
+"""The start of a URL up to its password: scheme, ``//``, user name and ``:``."""
+
+
+def scrub_urls(text: str) -> str:
+    """``text`` with a known password blanked out where it is a URL's ``user:password@``.
+
+    For data (task results, ``--json``): anything else, the password as a plain
+    word too, stays as it is, so that user data and JSON are never altered.
+    """
+    for _, password in _secrets:
+        pattern = f"({_URL_USER}){re.escape(password)}@"
+        text = re.sub(pattern, lambda match: f"{match.group(1)}***@", text, flags=re.IGNORECASE)
     return text
 
 
@@ -194,19 +213,23 @@ def _setup_logging(level: str | Enum) -> None:
 # --- settings ------------------------------------------------------------------------
 
 
-def _bus_settings(broker: str | None, prefix: str | None) -> BusSettings:
-    """Options over ``ORCHESTRATOR_*`` over defaults; the local broker if none is set."""
+def _settings(broker: str | None, prefix: str | None) -> tuple[BusSettings, CliSettings]:
+    """Options over ``ORCHESTRATOR_*`` over defaults; the local broker if none is set.
+
+    Read once per command, before anything connects: a bad ``ORCHESTRATOR_*``
+    value is an error of every command, whichever setting it uses.
+    """
     overrides: dict[str, Any] = {}
     if broker is not None:
         overrides["broker_url"] = broker
     if prefix is not None:
         overrides["prefix"] = prefix
     settings = BusSettings(**overrides)
-    CliSettings()  # a bad ORCHESTRATOR_* value is an error before anything connects
+    cli_settings = CliSettings()
     if not settings.broker_url:
         settings = settings.model_copy(update={"broker_url": default_broker_url()})
     _remember_secret(settings.broker_url)
-    return settings
+    return settings, cli_settings
 
 
 def _client(settings: BusSettings) -> RabbitMQBus:
@@ -225,9 +248,9 @@ async def _connected(bus: RabbitMQBus) -> AsyncIterator[RabbitMQBus]:
         await bus.close()
 
 
-async def _call(bus: RabbitMQBus, request: WireMessage, timeout: float | None = None) -> Any:
+async def _call(bus: RabbitMQBus, request: WireMessage, timeout: float) -> Any:
     """The result of a request to the orchestrator; ``CliError`` when it refuses."""
-    reply = await bus.request(request, timeout=timeout or CliSettings().request_timeout)
+    reply = await bus.request(request, timeout=timeout)
     if reply.ok:
         return reply.result
     assert reply.error is not None
@@ -296,7 +319,7 @@ err = Console(stderr=True, emoji=False, markup=False)
 
 
 def _print_json(data: Any) -> None:
-    print(scrub(json.dumps(data, indent=2, default=str)))
+    print(scrub_urls(json.dumps(data, indent=2, default=str)))
 
 
 # --- serve -----------------------------------------------------------------------------
@@ -318,8 +341,8 @@ def serve(
 ) -> None:
     """Run the orchestrator and answer requests on <prefix>.rpc until SIGTERM or Ctrl-C."""
     _setup_logging(log_level)
-    settings = _bus_settings(broker, prefix)
-    state = _open_store(store if store is not None else CliSettings().store)
+    settings, cli_settings = _settings(broker, prefix)
+    state = _open_store(store if store is not None else cli_settings.store)
     asyncio.run(_serve(settings, state))
 
 
@@ -392,7 +415,7 @@ def agent_run(
 ) -> None:
     """Run an agent until SIGTERM or Ctrl-C; running tasks finish first."""
     _setup_logging(log_level)
-    settings = _bus_settings(broker, prefix)
+    settings, _ = _settings(broker, prefix)
     # An entry point that runs agents: the one place besides demo that imports both.
     from agents import load_agent
 
@@ -499,30 +522,53 @@ def submit(
     prefix: Prefix = None,
 ) -> int:
     """Submit a task to a running orchestrator; prints its id."""
-    priorities = [p.value for p in TaskPriority]
-    if priority.lower() not in priorities:
-        raise CliError(f"--priority: must be one of {', '.join(priorities)}, got {priority!r}")
-    request = SubmitTaskRequest(
-        name=name or task_type,
-        description=description,
-        task_type=task_type,
-        payload=_read_payload(payload),
-        priority=priority,
-        dependencies=_split(depends_on),
-        required_capabilities=_split(requires),
-        estimated_duration=estimated_duration,
-        timeout=timeout,
-        max_retries=max_retries,
-    )
-    settings = _bus_settings(broker, prefix)
-    return asyncio.run(_submit(settings, request, wait, as_json))
+    try:  # the request checks its fields (the priority too) before anything connects
+        request = SubmitTaskRequest(
+            name=name or task_type,
+            description=description,
+            task_type=task_type,
+            payload=_read_payload(payload),
+            priority=priority,
+            dependencies=_split(depends_on),
+            required_capabilities=_split(requires),
+            estimated_duration=estimated_duration,
+            timeout=timeout,
+            max_retries=max_retries,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else ""
+        option = _SUBMIT_OPTIONS.get(field, field or "submit")
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise CliError(f"{option}: {message}") from None
+    settings, cli_settings = _settings(broker, prefix)
+    return asyncio.run(_submit(settings, request, wait, as_json, cli_settings.request_timeout))
+
+
+_SUBMIT_OPTIONS = {
+    "name": "--name",
+    "description": "--description",
+    "task_type": "TASK_TYPE",
+    "payload": "--payload",
+    "priority": "--priority",
+    "dependencies": "--depends-on",
+    "required_capabilities": "--requires",
+    "estimated_duration": "--estimated-duration",
+    "timeout": "--timeout",
+    "max_retries": "--max-retries",
+}
+"""The option of ``submit`` that gives each field of ``SubmitTaskRequest``."""
 
 
 async def _submit(
-    settings: BusSettings, request: SubmitTaskRequest, wait: bool, as_json: bool
+    settings: BusSettings,
+    request: SubmitTaskRequest,
+    wait: bool,
+    as_json: bool,
+    request_timeout: float,
 ) -> int:
     async with _connected(_client(settings)) as bus:
-        task_id = (await _call(bus, request))["task_id"]
+        task_id = (await _call(bus, request, request_timeout))["task_id"]
         if not wait:
             if as_json:
                 _print_json({"task_id": task_id})
@@ -531,7 +577,7 @@ async def _submit(
             return EXIT_OK
         if not as_json:
             print(task_id, flush=True)
-        status = await _follow(bus, task_id, request.name)
+        status = await _follow(bus, task_id, request.name, request_timeout)
     if as_json:
         _print_json(status)
     else:
@@ -540,7 +586,7 @@ async def _submit(
             took = f" after {time.time() - status['started_at']:.2f}s"
         outcome = json.dumps(status["result"]) if status["result"] else status["error_message"]
         agent = status["assigned_agent"] or "no agent"
-        print(scrub(f"{status['status']}{took} on {agent}: {outcome}"))
+        print(scrub_urls(f"{status['status']}{took} on {agent}: {outcome}"))
     if status["status"] != TaskStatus.COMPLETED.value:
         err.print(
             scrub(f"error: task {task_id} ended {status['status']}: {status['error_message']}"),
@@ -552,7 +598,9 @@ async def _submit(
     return EXIT_OK
 
 
-async def _follow(bus: RabbitMQBus, task_id: str, name: str) -> dict[str, Any]:
+async def _follow(
+    bus: RabbitMQBus, task_id: str, name: str, request_timeout: float
+) -> dict[str, Any]:
     """Poll the task's status until it ends, drawing its progress on stderr."""
     columns = (
         TextColumn("{task.description}"),
@@ -563,7 +611,7 @@ async def _follow(bus: RabbitMQBus, task_id: str, name: str) -> dict[str, Any]:
     with Progress(*columns, console=err) as progress:
         bar = progress.add_task(escape(name), total=1.0)
         while True:
-            status = await _call(bus, TaskStatusRequest(task_id=task_id))
+            status = await _call(bus, TaskStatusRequest(task_id=task_id), request_timeout)
             description = escape(f"{name} [{status['status']}]")
             progress.update(bar, completed=status["progress"], description=description)
             if TaskStatus(status["status"]).is_final:
@@ -585,9 +633,7 @@ def status(
     prefix: Prefix = None,
 ) -> None:
     """Show a task's status, progress and result."""
-    result = asyncio.run(
-        _request(_bus_settings(broker, prefix), TaskStatusRequest(task_id=task_id))
-    )
+    result = asyncio.run(_request(broker, prefix, TaskStatusRequest(task_id=task_id)))
     if as_json:
         _print_json(result)
         return
@@ -599,7 +645,7 @@ def status(
             value = f"{value:.0%}"
         elif isinstance(value, dict | list):
             value = json.dumps(value)
-        table.add_row(key, Text("-" if value is None else scrub(str(value))))
+        table.add_row(key, Text("-" if value is None else scrub_urls(str(value))))
     out.print(table)
 
 
@@ -611,9 +657,7 @@ def cancel(
     prefix: Prefix = None,
 ) -> None:
     """Cancel a task that has not ended (exit 1 if it had)."""
-    result = asyncio.run(
-        _request(_bus_settings(broker, prefix), CancelTaskRequest(task_id=task_id))
-    )
+    result = asyncio.run(_request(broker, prefix, CancelTaskRequest(task_id=task_id)))
     if as_json:
         _print_json(result)
     if not result["cancelled"]:
@@ -625,7 +669,7 @@ def cancel(
 @app.command(epilog=EXIT_CODES_HELP)
 def stats(as_json: AsJson = False, broker: Broker = None, prefix: Prefix = None) -> None:
     """Show the orchestrator's statistics (get_stats)."""
-    result = asyncio.run(_request(_bus_settings(broker, prefix), StatsRequest()))
+    result = asyncio.run(_request(broker, prefix, StatsRequest()))
     if as_json:
         _print_json(result)
         return
@@ -646,7 +690,7 @@ def stats(as_json: AsJson = False, broker: Broker = None, prefix: Prefix = None)
 @app.command(epilog=EXIT_CODES_HELP)
 def agents(as_json: AsJson = False, broker: Broker = None, prefix: Prefix = None) -> None:
     """List the registered agents and their load."""
-    result = asyncio.run(_request(_bus_settings(broker, prefix), AgentsRequest()))
+    result = asyncio.run(_request(broker, prefix, AgentsRequest()))
     if as_json:
         _print_json(result)
         return
@@ -673,9 +717,10 @@ def _agents_table(records: list[dict[str, Any]]) -> Table:
     return table
 
 
-async def _request(settings: BusSettings, request: WireMessage) -> Any:
+async def _request(broker: str | None, prefix: str | None, request: WireMessage) -> Any:
+    settings, cli_settings = _settings(broker, prefix)
     async with _connected(_client(settings)) as bus:
-        return await _call(bus, request)
+        return await _call(bus, request, cli_settings.request_timeout)
 
 
 # --- watch ----------------------------------------------------------------------------------
@@ -698,7 +743,7 @@ def watch(
     prefix: Prefix = None,
 ) -> None:
     """A live view of task and agent events, queue depths and agent load."""
-    settings = _bus_settings(broker, prefix)
+    settings, _ = _settings(broker, prefix)
     asyncio.run(_watch(settings, seconds, refresh))
 
 
@@ -735,8 +780,8 @@ class _WatchView:
                     f" {s['tasks_failed']} failed; utilization {s['overall_utilization']:.0%}"
                 )
             )
-        if self.note:
-            parts.append(Text(self.note, style="yellow"))
+        if self.note:  # an error: no password at all
+            parts.append(Text(scrub(self.note), style="yellow"))
         parts.append(_agents_table(self.agents))
         queues = Table("queue", "capabilities", "waiting", title="task queues")
         for queue in self.queues:
@@ -751,7 +796,7 @@ class _WatchView:
                 datetime.fromtimestamp(at).strftime("%H:%M:%S"),
                 event.kind,
                 Text(subject),
-                Text(scrub(detail)),
+                Text(scrub_urls(detail)),
             )
         parts.append(events)
         return Group(*parts)
@@ -784,10 +829,9 @@ async def _watch(settings: BusSettings, seconds: float | None, refresh: float) -
     async with _connected(bus):
         try:
             await bus.subscribe_events(view.on_event, patterns=["task.#", "agent.#"])
-        except aiormq.exceptions.ChannelNotFoundEntity:
+        except TopologyMissing as exc:
             raise CliError(
-                f"no exchange {bus.topology.events_exchange!r} on RabbitMQ at {bus.address}:"
-                f" no orchestrator has served prefix {settings.prefix!r} there",
+                f"{exc}: no orchestrator has served prefix {settings.prefix!r} there",
                 EXIT_UNREACHABLE,
             ) from None
         loop = asyncio.get_running_loop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import uuid
 from typing import Any
 
@@ -31,6 +32,7 @@ from broker import (
     TaskMessage,
     TaskStarted,
     TaskStatusRequest,
+    TopologyMissing,
     parse_reply,
 )
 from broker.messages import parse_result
@@ -50,20 +52,14 @@ async def echo_server(request: Request) -> Reply:
     return Reply.success({"kind": request.kind, "task_id": getattr(request, "task_id", None)})
 
 
-async def connected(harness: Harness) -> CommunicationBus:
-    bus = harness.new_bus()
-    await bus.connect()
-    return bus
-
-
 # --- the bus: serve_requests and request ----------------------------------------------
 
 
 async def test_each_request_gets_its_own_reply(harness: Harness) -> None:
     # Given a server, and a client on its own connection
-    server = await connected(harness)
+    server = await harness.connected_bus()
     await server.serve_requests(echo_server)
-    client = await connected(harness)
+    client = await harness.connected_bus()
 
     # When the client sends twenty requests at once
     ids = [f"t-{n}" for n in range(20)]
@@ -80,7 +76,7 @@ async def test_without_a_server_a_request_raises_no_reply_naming_the_queue(
     harness: Harness,
 ) -> None:
     # Given a client and no server for its prefix
-    client = await connected(harness)
+    client = await harness.connected_bus()
 
     # When it sends a request, then it hears NoReply, a TimeoutError, naming the queue
     with pytest.raises(NoReply, match=rf"'{client.topology.rpc_queue}'") as raised:
@@ -90,7 +86,7 @@ async def test_without_a_server_a_request_raises_no_reply_naming_the_queue(
 
 async def test_a_request_nobody_took_in_time_is_dropped(harness: Harness) -> None:
     # Given a request queue whose server has stopped
-    server = await connected(harness)
+    server = await harness.connected_bus()
     seen: list[Request] = []
 
     async def recording(request: Request) -> Reply:
@@ -99,7 +95,7 @@ async def test_a_request_nobody_took_in_time_is_dropped(harness: Harness) -> Non
 
     subscription = await server.serve_requests(recording)
     await subscription.close()
-    client = await connected(harness)
+    client = await harness.connected_bus()
 
     # When a client gives up on a request while no server runs
     with pytest.raises(NoReply):
@@ -115,9 +111,9 @@ async def test_a_request_nobody_took_in_time_is_dropped(harness: Harness) -> Non
 
 async def test_a_message_that_is_not_a_request_gets_an_error_reply(harness: Harness) -> None:
     # Given a server
-    server = await connected(harness)
+    server = await harness.connected_bus()
     await server.serve_requests(echo_server)
-    client = await connected(harness)
+    client = await harness.connected_bus()
 
     # When a client sends an event where a request belongs
     reply = await client.request(TaskStarted(task_id="t", attempt=1, agent_id="a"), timeout=WAIT)
@@ -132,7 +128,7 @@ async def test_a_message_that_is_not_a_request_gets_an_error_reply(harness: Harn
 
 async def test_a_failing_handler_gets_an_internal_error_reply(harness: Harness) -> None:
     # Given a server whose handler fails on status requests
-    server = await connected(harness)
+    server = await harness.connected_bus()
 
     async def buggy(request: Request) -> Reply:
         if isinstance(request, TaskStatusRequest):
@@ -140,7 +136,7 @@ async def test_a_failing_handler_gets_an_internal_error_reply(harness: Harness) 
         return Reply.success("fine")
 
     await server.serve_requests(buggy)
-    client = await connected(harness)
+    client = await harness.connected_bus()
 
     # When a client asks for a status
     reply = await client.request(TaskStatusRequest(task_id="t"), timeout=WAIT)
@@ -154,7 +150,7 @@ async def test_a_failing_handler_gets_an_internal_error_reply(harness: Harness) 
 
 async def test_a_late_reply_is_not_taken_for_the_next_one(harness: Harness) -> None:
     # Given a server that is slow on its first request
-    server = await connected(harness)
+    server = await harness.connected_bus()
     first = True
 
     async def slow_once(request: Request) -> Reply:
@@ -165,7 +161,7 @@ async def test_a_late_reply_is_not_taken_for_the_next_one(harness: Harness) -> N
         return await echo_server(request)
 
     await server.serve_requests(slow_once)
-    client = await connected(harness)
+    client = await harness.connected_bus()
 
     # When the client gives up on the first request, then sends another
     with pytest.raises(NoReply):
@@ -178,7 +174,7 @@ async def test_a_late_reply_is_not_taken_for_the_next_one(harness: Harness) -> N
 
 async def test_queue_depth_counts_waiting_tasks(harness: Harness) -> None:
     # Given two tasks waiting in a queue nobody consumes
-    bus = await connected(harness)
+    bus = await harness.connected_bus()
     harness.queue_keys.add("depth_test")
     await bus.declare_task_queue("depth_test")
     for n in range(2):
@@ -202,7 +198,7 @@ async def test_queue_depth_counts_waiting_tasks(harness: Harness) -> None:
 @RABBITMQ_ONLY
 async def test_any_amqp_client_gets_replies_and_garbage_is_answered(harness: Harness) -> None:
     # Given a server on RabbitMQ, and a plain AMQP client with its own reply queue
-    server = await connected(harness)
+    server = await harness.connected_bus()
     await server.serve_requests(echo_server)
     assert harness.settings.broker_url
     connection = await aio_pika.connect(harness.settings.broker_url)
@@ -303,7 +299,7 @@ async def serving(harness: Harness) -> tuple[OrchestratorService, CommunicationB
     orchestrator = await harness.start_orchestrator()
     service = OrchestratorService(orchestrator)
     await service.start()
-    return service, await connected(harness)
+    return service, await harness.connected_bus()
 
 
 def documented(kind: str, result: Any) -> Any:
@@ -501,3 +497,25 @@ async def test_a_client_that_declares_nothing_leaves_nothing_behind(harness: Har
         channel = await connection.channel()
         with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
             await channel.declare_queue(client.topology.orchestrator_events_queue, passive=True)
+
+
+@RABBITMQ_ONLY
+async def test_watching_events_of_a_prefix_nobody_served_is_a_bus_error(harness: Harness) -> None:
+    # Given a client that declares nothing, on a prefix nobody has served
+    client = RabbitMQBus(settings=harness.settings, declare_topology=False)
+    harness.buses.append(client)
+    await client.connect()
+
+    # When it subscribes to the events, then the bus says which exchange is missing
+    # (a BusError of its own: callers need not know the AMQP library's errors)
+    exchange = client.topology.events_exchange
+    with pytest.raises(TopologyMissing, match=re.escape(f"no exchange '{exchange}'")):
+        await client.subscribe_events(_ignore, patterns=["task.#"])
+
+    # And the connection is still of use
+    with pytest.raises(NoReply, match="no orchestrator has served"):
+        await client.request(StatsRequest(), timeout=WAIT)
+
+
+async def _ignore(event: object) -> None:
+    pass
