@@ -9,20 +9,12 @@ registered); every action under test is a command line.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import re
 import secrets
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,175 +25,25 @@ import pytest
 from broker import (
     AgentsRequest,
     BusSettings,
-    NoReply,
-    RabbitMQBus,
     StatsRequest,
     SubmitTaskRequest,
     TaskStatusRequest,
     redact_url,
 )
-from tests.conftest import BROKER_URL, require_broker
+from tests.conftest import require_broker
+from tests.deployment import (
+    ROOT,
+    Deployment,
+    base_env,
+    broker_user,
+    management_api,
+    require_tools,
+    run,
+)
 from tests.harness import wait_until
-
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = Path(sys.executable).with_name("orchestrator")
-CLI = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "orchestrator"]
-"""The console script as installed, or the module where it is not."""
 
 CURL_EXAMPLE = ROOT / "docs" / "examples" / "submit_with_curl.sh"
 UNREACHABLE = "amqp://someone:pw-s3cret@127.0.0.1:1/"
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def error(self) -> str:
-        """The one line on stderr (fails if there is not exactly one)."""
-        lines = self.err.strip().splitlines()
-        assert len(lines) == 1, f"expected one line on stderr, got:\n{self.err}"
-        return lines[0]
-
-
-def base_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_")}
-    return {**env, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **extra}
-
-
-async def run(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 60, stdin: bytes | None = None
-) -> Result:
-    """Run one command to its end (``stdin``: what it reads there; nothing by default)."""
-    process = await asyncio.create_subprocess_exec(
-        *CLI,
-        *args,
-        cwd=ROOT,
-        env=env or base_env(),
-        stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(stdin), timeout)
-    assert process.returncode is not None
-    return Result(process.returncode, out.decode(), err.decode())
-
-
-class Deployment:
-    """One test's broker prefix and the processes it runs on it."""
-
-    def __init__(self, prefix: str, broker_url: str) -> None:
-        self.prefix = prefix
-        self.broker_url = broker_url
-        self.env = base_env(
-            ORCHESTRATOR_BROKER_URL=broker_url,
-            ORCHESTRATOR_PREFIX=prefix,
-            ORCHESTRATOR_REQUEST_TIMEOUT="5",
-            ORCHESTRATOR_HEARTBEAT_TIMEOUT="3",
-            ORCHESTRATOR_MONITOR_INTERVAL="0.2",
-            ORCHESTRATOR_TIMEOUT_GRACE="0.5",
-            ORCHESTRATOR_RETRY_BASE_DELAY="0.05",
-        )
-        self.processes: dict[str, tuple[asyncio.subprocess.Process, Any]] = {}
-        self.queue_keys: set[str] = set()
-        self.client = RabbitMQBus(
-            settings=BusSettings(broker_url=broker_url, prefix=prefix), declare_topology=False
-        )
-
-    async def run(
-        self, *args: str, timeout: float = 60, stdin: bytes | None = None, **env: str
-    ) -> Result:
-        return await run(*args, env={**self.env, **env}, timeout=timeout, stdin=stdin)
-
-    async def start(self, name: str, *args: str, **env: str) -> asyncio.subprocess.Process:
-        """A long-running command; its output goes to a log file (see ``log``)."""
-        log = tempfile.NamedTemporaryFile("w+b", prefix=f"{name}-", suffix=".log")
-        process = await asyncio.create_subprocess_exec(
-            *CLI,
-            *args,
-            cwd=ROOT,
-            env={**self.env, **env},
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        self.processes[name] = (process, log)
-        return process
-
-    def log(self, name: str) -> str:
-        log = self.processes[name][1]
-        log.seek(0)
-        return log.read().decode(errors="replace")
-
-    async def serve(self) -> asyncio.subprocess.Process:
-        """``orchestrator serve``, once it answers requests."""
-        process = await self.start("serve", "serve")
-        await wait_until(self.answers, timeout=20, interval=0.1)
-        return process
-
-    async def answers(self) -> bool:
-        """Whether the orchestrator answers requests (fails if serve has exited)."""
-        process = self.processes["serve"][0]
-        if process.returncode is not None:
-            raise AssertionError(f"serve exited {process.returncode}:\n{self.log('serve')}")
-        try:
-            await self.rpc(StatsRequest(), timeout=0.5)
-        except NoReply:
-            return False
-        return True
-
-    async def agent(self, agent_id: str, *capabilities: str, **env: str) -> None:
-        """``orchestrator agent run`` of tests/agent_app.py, once it is registered."""
-        self.queue_keys.update(capabilities)
-        await self.start(
-            agent_id,
-            "agent",
-            "run",
-            "tests.agent_app:make_agent",
-            AGENT_ID=agent_id,
-            AGENT_CAPABILITIES=",".join(capabilities),
-            **env,
-        )
-
-        async def registered() -> bool:
-            agents = await self.rpc(AgentsRequest())
-            return agent_id in {a["agent_id"] for a in agents}
-
-        await wait_until(registered, timeout=20, interval=0.1)
-
-    async def rpc(self, request: Any, timeout: float = 5) -> Any:
-        """What the orchestrator answers (for waiting on conditions, not under test)."""
-        if not self.client.is_connected:
-            await self.client.connect()
-        reply = await self.client.request(request, timeout=timeout)
-        assert reply.ok, reply.error
-        return reply.result
-
-    async def stop(self, name: str) -> int:
-        """SIGTERM, then the exit code (killed after 15 s)."""
-        process = self.processes[name][0]
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 15)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-        assert process.returncode is not None
-        return process.returncode
-
-    async def close(self) -> None:
-        for name in reversed(list(self.processes)):  # agents before the orchestrator
-            await self.stop(name)
-            self.processes[name][1].close()
-        if not self.client.is_connected:
-            await self.client.connect()
-        try:
-            await self.client.delete_topology(self.queue_keys)
-        finally:
-            await self.client.close()
 
 
 @pytest.fixture
@@ -627,18 +469,21 @@ def make_agent() -> Agent:
 @pytest.mark.rabbitmq
 async def test_a_users_password_is_in_no_output_and_no_log(prefix: str, tmp_path: Path) -> None:
     # Given a RabbitMQ user with a random password of its own (not its name)
-    api, auth = management(require_broker())
-    user = f"test-{secrets.token_hex(5)}"
-    password = secrets.token_urlsafe(18)
-    assert password != user
-    parts = urlsplit(BROKER_URL)
-    url = f"amqp://{user}:{password}@{parts.hostname or '127.0.0.1'}:{parts.port or 5672}/"
-    assert http(api, auth, "PUT", f"/users/{user}", {"password": password, "tags": ""}) < 300
+    with broker_user(management_api(), require_broker()) as broker:
+        user, password = broker.name, broker.password
+        outputs = await _run_everything_as(broker.url, prefix, tmp_path)
+
+    # Then the password is in no output and no log
+    for text in outputs:
+        assert password not in text, text
+    assert any(f"cannot reach amqp://{user}:***@" in text for text in outputs)
+
+
+async def _run_everything_as(url: str, prefix: str, tmp_path: Path) -> list[str]:
+    """Every command's output, and every process's debug log, of a session on ``url``."""
     outputs: list[str] = []
     deployment = Deployment(prefix, url)
     try:
-        permissions = {"configure": ".*", "write": ".*", "read": ".*"}
-        assert http(api, auth, "PUT", f"/permissions/%2F/{user}", permissions) < 300
         (tmp_path / "leaky_agent.py").write_text(LEAKY_AGENT)
         deployment.env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{tmp_path}"
 
@@ -679,45 +524,53 @@ async def test_a_users_password_is_in_no_output_and_no_log(prefix: str, tmp_path
             await run("demo", "--workflows", "1", "--broker", url),
         ]
         assert results[-1].code == 0, results[-1]
+        user = urlsplit(url).username
         assert f"{user}:***@" in results[-1].out  # the demo names the broker, not the password
         outputs += [r.out + r.err for r in results]
         for name in list(deployment.processes):
             assert await deployment.stop(name) == 0, deployment.log(name)
         outputs += [deployment.log(name) for name in deployment.processes]
         assert any("DEBUG" in log for log in outputs)  # the logs were verbose
-        assert any(f"cannot reach amqp://{user}:***@" in text for text in outputs)
     finally:
+        await deployment.close()
+    return outputs
+
+
+@pytest.mark.rabbitmq
+async def test_the_password_as_a_word_in_a_result_is_data_but_not_in_a_url(prefix: str) -> None:
+    # Given a broker user with a password of its own, and a task whose payload, echoed
+    # in its result, holds that password as a plain word and inside a broker URL
+    with broker_user(management_api(), require_broker()) as broker:
+        user, password = broker.name, broker.password
+        leaked = f"amqp://{user}:{password}@broker.example:5672/"
+        payload = {"word": password, "sentence": f"say {password}.", "url": leaked}
+        deployment = Deployment(prefix, broker.url)
         try:
-            await deployment.close()
+            await deployment.serve()
+            await deployment.agent("data_agent", "analysis")
+
+            # When a user submits it, waits, and looks at it, as JSON and as a table
+            done = await deployment.run(
+                "submit", "t", "-r", "analysis", "-p", json.dumps(payload), "-w", "--json"
+            )
+            assert done.code == 0, done
+            task_id = json.loads(done.out)["task_id"]
+            as_json = await deployment.run("status", task_id, "--json")
+            table = await deployment.run("status", task_id)
         finally:
-            http(api, auth, "DELETE", f"/users/{user}")
+            await deployment.close()
 
-    # Then the password is in no output and no log
-    for text in outputs:
-        assert password not in text, text
-
-
-def management(broker_url: str) -> tuple[str, str]:
-    """The management API's address and the broker URL's credentials, as Basic auth."""
-    api = management_api(broker_url)
-    parts = urlsplit(broker_url)
-    credentials = f"{parts.username or 'guest'}:{parts.password or 'guest'}"
-    return api, "Basic " + base64.b64encode(credentials.encode()).decode()
-
-
-def http(api: str, auth: str, method: str, path: str, body: Any = None) -> int:
-    """The status of one management API call."""
-    request = urllib.request.Request(
-        api + path,
-        data=None if body is None else json.dumps(body).encode(),
-        method=method,
-        headers={"Authorization": auth, "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=15) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
+    # Then the JSON is valid and holds the word and the sentence as they were,
+    # and the URL without the password
+    for result in (done, as_json):
+        assert result.code == 0, result
+        echo = json.loads(result.out)["result"]["echo"]
+        assert echo == {**payload, "url": f"amqp://{user}:***@broker.example:5672/"}
+    # And so does the table
+    assert table.code == 0, table
+    assert f'"{password}"' in table.out and f"say {password}." in table.out
+    assert f"amqp://{user}:***@broker.example:5672/" in table.out
+    assert f"{user}:{password}@" not in table.out
 
 
 async def exists(deployment: Deployment, queue: str) -> bool:
@@ -821,6 +674,35 @@ def test_watch_view_renders_stats_agents_queues_and_events() -> None:
     assert view.heartbeats == 1
 
 
+def test_watch_shows_the_password_as_a_word_in_data_but_in_no_url_or_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from rich.console import Console
+
+    from broker import TaskFinished
+    from orchestrator import cli
+
+    # Given a view knowing a broker password, a short and common one
+    monkeypatch.setattr(cli, "_secrets", set())
+    cli._remember_secret("amqp://ops:cat@rabbit:5672/")
+    view = cli._WatchView(BusSettings(broker_url="amqp://ops:cat@rabbit:5672/", prefix="shop"))
+
+    # When a task's error holds it as a word and in a URL, and the view's note
+    # (an error of the command line) holds it too
+    error = "the cat sat on amqp://ops:cat@rabbit:5672/ and AMQP://ops:cat@other/"
+    event = TaskFinished(task_id="t_1", attempt=1, agent_id="a", outcome="failed", error=error)
+    asyncio.run(view.on_event(event))
+    view.note = "cannot reach amqp://ops:cat@rabbit:5672/ (cat)"
+    console = Console(record=True, width=240, color_system=None)
+    console.print(view.render())
+    text = console.export_text()
+
+    # Then the event's detail is the user's text, URLs without the password
+    assert "failed: the cat sat on amqp://ops:***@rabbit:5672/ and AMQP://ops:***@other/" in text
+    # And the note, an error, has no password at all
+    assert "cannot reach amqp://ops:***@rabbit:5672/ (***)" in text
+
+
 async def test_topology_prints_and_exports_the_definitions(tmp_path: Path) -> None:
     # When a user prints the definitions of a prefix, then they are JSON with its queues
     printed = await run("topology", "--prefix", "shop")
@@ -844,68 +726,25 @@ async def test_schemas_command_writes_the_checked_in_documents(tmp_path: Path) -
 # --- a client that is not Python ------------------------------------------------------------------
 
 
-def management_api(broker_url: str) -> str:
-    """The management HTTP API of the broker, enabling the plugin if needed."""
-    parts = urlsplit(broker_url)
-    api = f"http://{parts.hostname or '127.0.0.1'}:15672/api"
-    for tool in ("curl", "jq"):
-        if shutil.which(tool) is None:
-            skip_or_fail(f"{tool} is not installed")
-
-    def answers() -> bool:
-        request = urllib.request.Request(f"{api}/overview")
-        credentials = f"{parts.username or 'guest'}:{parts.password or 'guest'}"
-        request.add_header(
-            "Authorization", "Basic " + base64.b64encode(credentials.encode()).decode()
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-    if answers():
-        return api
-    if shutil.which("rabbitmq-plugins") and parts.hostname in ("127.0.0.1", "localhost"):
-        subprocess.run(
-            ["rabbitmq-plugins", "enable", "rabbitmq_management"],
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
-        for _ in range(60):
-            if answers():
-                return api
-            time.sleep(1)
-    skip_or_fail(f"the management API does not answer at {api}")
-    raise AssertionError("unreachable")
-
-
-def skip_or_fail(message: str) -> None:
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(message + " (CI=true)")
-    pytest.skip(message)
-
-
 @pytest.mark.rabbitmq
 async def test_a_shell_script_with_curl_submits_a_task_that_completes(
     deployment: Deployment,
 ) -> None:
     # Given a running orchestrator and agent, and RabbitMQ's management HTTP API
+    require_tools("curl", "jq")
     api = management_api(deployment.broker_url)
     await deployment.serve()
     await deployment.agent("curl_agent", "analysis")
 
     # When the README's example script submits a task with curl
-    broker = urlsplit(deployment.broker_url)
     process = await asyncio.create_subprocess_exec(
         "bash", str(CURL_EXAMPLE), "analysis", '{"symbol": "ETH"}', "analysis",
         cwd=ROOT,
         env={
             **base_env(),
-            "RABBITMQ_API": api,
-            "RABBITMQ_USER": broker.username or "guest",
-            "RABBITMQ_PASSWORD": broker.password or "guest",
+            "RABBITMQ_API": api.api,
+            "RABBITMQ_USER": api.user,
+            "RABBITMQ_PASSWORD": api.password,
             "ORCHESTRATOR_PREFIX": deployment.prefix,
             "WAIT_SECONDS": "20",
         },

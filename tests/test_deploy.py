@@ -11,16 +11,12 @@ import json
 import os
 import re
 import secrets
-import shutil
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, urlsplit
 
 import pytest
 import yaml
@@ -30,13 +26,13 @@ from broker import BusSettings, RabbitMQBus
 from broker.errors import BusConnectionError
 from broker.topology import ANY_CAPABILITY_KEY, RETRY_TIERS_MS, Topology
 from deploy import generate
-from tests.conftest import BROKER_URL, require_broker
+from tests.conftest import BROKER_URL
+from tests.deployment import Deployment, management_api
 from tests.harness import Harness
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def read_conf() -> dict[str, str]:
@@ -255,65 +251,6 @@ def test_dockerfile_builds_one_non_root_image_for_serve_and_agents() -> None:
 # ------------------------------------------------------------------- the real broker
 
 
-class ManagementAPI:
-    """RabbitMQ's HTTP API with the broker URL's credentials (guest/guest locally)."""
-
-    def __init__(self, broker_url: str) -> None:
-        parts = urlsplit(broker_url)
-        host = parts.hostname or "127.0.0.1"
-        self.local = host in ("127.0.0.1", "localhost", "::1")
-        self.base = os.environ.get("RABBITMQ_MANAGEMENT_URL") or f"http://{host}:15672"
-        user = unquote(parts.username or "guest")
-        password = unquote(parts.password or "guest")
-        self._auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
-    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        request = urllib.request.Request(
-            self.base + path,
-            data=None if body is None else json.dumps(body).encode(),
-            method=method,
-            headers={"Authorization": self._auth, "Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=15) as response:
-                status, raw = response.status, response.read()
-        except urllib.error.HTTPError as exc:
-            status, raw = exc.code, exc.read()
-        return status, (json.loads(raw) if raw.strip() else None)
-
-    def answers(self) -> bool:
-        try:
-            return self.call("GET", "/api/overview")[0] == 200
-        except OSError:
-            return False
-
-
-def management_api(timeout: float = 60) -> ManagementAPI:
-    """The management API of the test broker, enabling the plugin if it is off.
-
-    Skips when it cannot be had (fails in CI, like a missing broker).
-    """
-    require_broker()
-    api = ManagementAPI(BROKER_URL)
-    if api.answers():
-        return api
-    if api.local and shutil.which("rabbitmq-plugins"):
-        subprocess.run(
-            ["rabbitmq-plugins", "enable", "rabbitmq_management"],
-            capture_output=True,
-            timeout=120,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if api.answers():
-                return api
-            time.sleep(1)
-    message = f"RabbitMQ's management API does not answer at {api.base}"
-    if IN_CI:
-        pytest.fail(message + " (CI=true: it is needed)")
-    pytest.skip(message)
-
-
 def q(name: str) -> str:
     return quote(name, safe="")
 
@@ -419,8 +356,6 @@ def dynamic(prefix: str, queue: str, fixed_queues: set[str]) -> bool:
 @pytest.mark.rabbitmq
 async def test_orchestrator_serve_declares_nothing_the_definitions_lack(prefix: str) -> None:
     # Given the deployment's definitions for this test's prefix, loaded through the API
-    from tests.test_cli import Deployment
-
     api = management_api()
     document = generate.definitions(prefix)
     del document["vhosts"]

@@ -15,14 +15,13 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
 from broker import AgentsRequest
 from tests.conftest import require_broker
+from tests.deployment import ROOT, Deployment, Result, base_env, management_api, require_tools
 from tests.harness import wait_until
-from tests.test_cli import ROOT, Deployment, Result, base_env, management_api
 
 README = ROOT / "README.md"
 BIN = str(Path(sys.executable).parent)
@@ -112,17 +111,17 @@ async def test_command_line_session_and_curl_client_run_as_written(
     assert (tmp_path / "state.db").exists()
 
     # And the curl client of the protocol section submits a task that completes
+    require_tools("curl", "jq")
     api = management_api(deployment.broker_url)
     [curl] = commands(code_block("A protocol for other services", "bash"))
-    broker = urlsplit(deployment.broker_url)
     result = await shell(
         curl,
         ROOT,
         {
             **env,
-            "RABBITMQ_API": api,
-            "RABBITMQ_USER": broker.username or "guest",
-            "RABBITMQ_PASSWORD": broker.password or "guest",
+            "RABBITMQ_API": api.api,
+            "RABBITMQ_USER": api.user,
+            "RABBITMQ_PASSWORD": api.password,
             "WAIT_SECONDS": "30",
         },
     )
