@@ -51,11 +51,17 @@ class Harness:
         self.buses.append(bus)
         return bus
 
+    async def connected_bus(self) -> CommunicationBus:
+        """``new_bus()``, connected (the shared in-process bus may be already)."""
+        bus = self.new_bus()
+        if not bus.is_connected:
+            await bus.connect()
+        return bus
+
     async def start_orchestrator(
         self, settings: OrchestratorSettings = FAST, **kwargs: Any
     ) -> TaskOrchestrator:
-        bus = self.new_bus()
-        await bus.connect()
+        bus = await self.connected_bus()
         self.orchestrator = TaskOrchestrator(bus, settings=settings, **kwargs)
         await self.orchestrator.start()
         return self.orchestrator
@@ -162,6 +168,26 @@ class Harness:
 
 async def echo(ctx: TaskContext) -> dict[str, Any]:
     return {"echo": ctx.payload, "agent": ctx.agent_id}
+
+
+async def running_on(orch: TaskOrchestrator, task_id: str, agent_id: str) -> bool:
+    """Whether the task is running on that agent, as the orchestrator sees it."""
+    status = await orch.get_task_status(task_id)
+    return (
+        status is not None
+        and status["status"] == "running"
+        and status["assigned_agent"] == agent_id
+    )
+
+
+async def registered(orch: TaskOrchestrator) -> set[str]:
+    """The ids of the agents the orchestrator has registered."""
+    return {a.agent_id for a in await orch.get_agents()}
+
+
+async def gone(orch: TaskOrchestrator, agent_id: str) -> bool:
+    """Whether the orchestrator no longer has that agent registered."""
+    return agent_id not in await registered(orch)
 
 
 async def wait_until(

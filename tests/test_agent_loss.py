@@ -8,21 +8,8 @@ import signal
 import pytest
 
 from agents import TaskContext
-from orchestrator import TaskOrchestrator, TaskStatus
-from tests.harness import Harness, wait_until
-
-
-async def _running_on(orch: TaskOrchestrator, task_id: str, agent_id: str) -> bool:
-    status = await orch.get_task_status(task_id)
-    return (
-        status is not None
-        and status["status"] == "running"
-        and status["assigned_agent"] == agent_id
-    )
-
-
-async def _registered(orch: TaskOrchestrator) -> set[str]:
-    return {a.agent_id for a in await orch.get_agents()}
+from orchestrator import TaskStatus
+from tests.harness import Harness, gone, registered, running_on, wait_until
 
 
 @pytest.mark.rabbitmq
@@ -39,7 +26,7 @@ async def test_agent_process_killed_mid_task(harness: Harness) -> None:
         payload={"hang_on": "victim"},
         required_capabilities=["work"],
     )
-    await wait_until(lambda: _running_on(orchestrator, task_id, "victim"), timeout=15)
+    await wait_until(lambda: running_on(orchestrator, task_id, "victim"), timeout=15)
     harness.spawn_agent("survivor", ["work"])
     await harness.wait_agents("survivor")
 
@@ -54,15 +41,11 @@ async def test_agent_process_killed_mid_task(harness: Harness) -> None:
     assert status["result"]["agent"] == "survivor"
 
     # And after the heartbeat timeout the dead agent is no longer counted
-    await wait_until(lambda: _gone(orchestrator, "victim"), timeout=15)
+    await wait_until(lambda: gone(orchestrator, "victim"), timeout=15)
     stats = await orchestrator.get_stats()
     assert stats["registered_agents"] == 1
     assert set(stats["agent_utilization"]) == {"survivor"}
     assert stats["completed_tasks"] == 1 and stats["running_tasks"] == 0
-
-
-async def _gone(orch: TaskOrchestrator, agent_id: str) -> bool:
-    return agent_id not in await _registered(orch)
 
 
 async def test_agent_lost_in_process(harness: Harness) -> None:
@@ -80,7 +63,7 @@ async def test_agent_lost_in_process(harness: Harness) -> None:
     task_id = await orchestrator.submit_task(
         name="long", description="", task_type="job", payload={}, required_capabilities=["work"]
     )
-    await wait_until(lambda: _running_on(orchestrator, task_id, "victim"), timeout=15)
+    await wait_until(lambda: running_on(orchestrator, task_id, "victim"), timeout=15)
     await harness.start_agent("survivor", ["work"], 1, hang_on_victim)
 
     # When the victim crashes (its deliveries go back, its heartbeats stop)
@@ -90,7 +73,7 @@ async def test_agent_lost_in_process(harness: Harness) -> None:
     status = await orchestrator.wait_for_task(task_id, timeout=30)
     assert status["status"] == "completed"
     assert status["assigned_agent"] == "survivor"
-    await wait_until(lambda: _gone(orchestrator, "victim"), timeout=15)
+    await wait_until(lambda: gone(orchestrator, "victim"), timeout=15)
     assert (await orchestrator.get_stats())["registered_agents"] == 1
 
 
@@ -109,7 +92,7 @@ async def test_unregister_agent_moves_its_task_to_another(harness: Harness) -> N
     task_id = await orchestrator.submit_task(
         name="t", description="", task_type="job", payload={}, required_capabilities=["work"]
     )
-    await wait_until(lambda: _running_on(orchestrator, task_id, "first"), timeout=15)
+    await wait_until(lambda: running_on(orchestrator, task_id, "first"), timeout=15)
     await harness.start_agent("second", ["work"], 1, hang_on_first)
 
     # When the first agent is unregistered
@@ -120,6 +103,6 @@ async def test_unregister_agent_moves_its_task_to_another(harness: Harness) -> N
     assert status["status"] == TaskStatus.COMPLETED.value
     assert status["assigned_agent"] == "second"
     await first.wait_stopped()
-    assert await _registered(orchestrator) == {"second"}
+    assert await registered(orchestrator) == {"second"}
     with pytest.raises(ValueError, match="agent_id"):
         await orchestrator.unregister_agent("first")
