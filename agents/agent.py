@@ -7,12 +7,17 @@ message is acknowledged, so a crash at any point leaves the task to be run
 again rather than lost. The broker never hands an agent more tasks than its
 ``max_concurrent_tasks`` (the channel's prefetch).
 
-A sync handler runs in a worker thread. When its task passes its timeout or is
-cancelled, ``TaskInterrupted`` is raised in that thread (as Dramatiq's
-``TimeLimit`` does); one stuck in a blocking C call sees it only once the call
-returns. The outcome is reported at once, but the delivery is settled only
-when the thread has ended: until then it holds its slot of the prefetch, so
-the agent never runs more than ``max_concurrent_tasks`` handler threads.
+An async handler runs as its own task, a sync handler in a worker thread. When
+a task passes its timeout or is cancelled, the async handler's task is
+cancelled, and ``TaskInterrupted`` is raised in the sync handler's thread (as
+Dramatiq's ``TimeLimit`` does); one stuck in a blocking C call sees it only
+once the call returns. Either way the outcome ("timeout" or "cancelled") is
+reported at once, whether or not the handler obeys, but the delivery is
+settled only when the handler has really ended (an async handler may swallow
+``CancelledError`` and go on): until then it holds its slot of the prefetch,
+so the agent never runs more than ``max_concurrent_tasks`` handlers. This
+does not rely on ``asyncio.wait_for``, whose waiting for a cancelled awaitable
+differs between Python 3.11 and 3.12.
 """
 
 from __future__ import annotations
@@ -68,7 +73,14 @@ AVOID_PAUSE = 0.05
 """How long an agent asked to avoid a retry holds it before handing it back,
 so that another agent with a free slot takes it instead."""
 SETTLE_TIMEOUT = 15.0
-"""How long a stopping agent waits for its ended tasks to be reported and settled."""
+"""How long a stopping agent waits, at most, for its ended tasks to be reported
+and settled (and for its cancelled async handlers to end)."""
+SETTLE_MARGIN = 2.0
+"""``stop(drain_timeout=t)`` waits for that settling only until ``t`` (counted
+from the call) plus this margin, so it returns within about ``t + SETTLE_MARGIN``
+seconds (and the time to close the connection)."""
+_LATE_HANDLER_WARNING = 1.0
+"""A handler still running this long after its task ended here is logged."""
 AVOID_DEFERRALS = 3
 """How often an agent hands back a retry it was asked to avoid before it runs
 it after all (the broker may offer it the same message again)."""
@@ -95,8 +107,9 @@ class _Running:
     """Why we cancelled it: 'cancelled' (report it), 'unregistered' or 'shutdown' (don't)."""
     detached: bool = False
     """Acknowledged when it started (a long task): its delivery is settled."""
-    thread: asyncio.Future[Any] | None = None
-    """A sync handler's run in its worker thread: done when the thread has left it."""
+    handler: asyncio.Future[Any] | None = None
+    """The handler's run: an async handler's own task, or a sync handler's
+    future in its worker thread. Done when the handler has really ended."""
 
 
 class Agent:
@@ -154,7 +167,9 @@ class Agent:
         self._stopped = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
         self._unsettled: set[asyncio.Event] = set()
-        """One per delivery taken to run and not yet reported and settled."""
+        """One per delivery received and not yet settled (and its task reported)."""
+        self._async_handlers: set[asyncio.Task[Any]] = set()
+        """Async handlers' tasks that have not ended (some outlive their task)."""
 
     # ------------------------------------------------------------------ handlers
     def handler(self, task_type: str = ANY_TASK_TYPE) -> Callable[[Handler], Handler]:
@@ -200,25 +215,34 @@ class Agent:
 
     async def stop(self, *, drain_timeout: float | None = None) -> None:
         """Graceful stop: take no more tasks, let running ones finish (up to the
-        drain timeout), give the rest back to the queue, say goodbye."""
+        drain timeout), give the rest back to the queue, say goodbye.
+
+        It then waits for what ended to be reported and settled, and for the
+        async handlers it cancelled to end, but only until the drain timeout
+        (counted from this call) plus ``SETTLE_MARGIN``: it returns within about
+        ``drain_timeout + SETTLE_MARGIN`` seconds and the time to close."""
         if self._bus is None or self._stopping:
             await self._stopped.wait()
             return
+        loop = asyncio.get_running_loop()
+        timeout = self.drain_timeout if drain_timeout is None else drain_timeout
+        deadline = loop.time() + timeout
         self._halt()
         assert self._consumer is not None
         with contextlib.suppress(BusError):
             await self._consumer.pause()
         jobs = [r.job for r in self._running.values() if r.job is not None]
         if jobs:
-            timeout = self.drain_timeout if drain_timeout is None else drain_timeout
-            await asyncio.wait(jobs, timeout=timeout)
+            await asyncio.wait(jobs, timeout=max(0.0, deadline - loop.time()))
         stopped = list(self._running.values())
         for running in stopped:
             self._stop_job(running, "shutdown")
         await self._wait_jobs()
         # Every ended task reported and settled before the goodbye and before the
         # channel closes (which would hand back a finished task to run again).
-        await self._wait_settled()
+        await self._wait_settled(
+            min(SETTLE_TIMEOUT, max(0.0, deadline - loop.time()) + SETTLE_MARGIN)
+        )
         # Acknowledged early, they are in no queue: the orchestrator re-publishes them.
         unfinished = [
             r.message.task_id
@@ -262,10 +286,11 @@ class Agent:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
-    @property
-    def stopping(self) -> bool:
-        """A stop has begun: no new tasks are taken, running ones are draining."""
-        return self._stopping
+    async def wait_stopping(self) -> None:
+        """Until a stop has begun (``stop``, SIGTERM, or an ``Unregister``): no new
+        tasks are taken then, and running ones drain. A long handler can await
+        it to wrap up early when its agent stops."""
+        await self._halted.wait()
 
     async def serve(self, bus: CommunicationBus | None = None) -> None:
         """Run until SIGINT/SIGTERM or an ``Unregister`` from the orchestrator."""
@@ -368,22 +393,44 @@ class Agent:
         if jobs:
             await asyncio.wait(jobs)
 
-    async def _wait_settled(self) -> None:
-        """Until every task taken is reported and its delivery settled (bounded:
-        a broker that is down makes the publish fail only after a while)."""
+    async def _wait_settled(self, timeout: float = SETTLE_TIMEOUT) -> None:
+        """Until every delivery received is settled (its task reported) and every
+        async handler cancelled has ended; bounded: a broker that is down makes
+        a publish fail only after a while, and a handler may ignore its cancel."""
         waits = [asyncio.ensure_future(event.wait()) for event in self._unsettled]
-        if not waits:
+        handlers = [task for task in self._async_handlers if not task.done()]
+        if not waits and not handlers:
             return
-        _, pending = await asyncio.wait(waits, timeout=SETTLE_TIMEOUT)
-        for waiter in pending:
+        _, pending = await asyncio.wait([*waits, *handlers], timeout=timeout)
+        for waiter in waits:
             waiter.cancel()
-        if pending:
+        unsettled = sum(1 for waiter in waits if waiter in pending)
+        if unsettled:
             log.warning(
-                "agent %s: %d task(s) not settled before stopping", self.agent_id, len(pending)
+                "agent %s: %d task(s) not settled before stopping", self.agent_id, unsettled
+            )
+        unended = sum(1 for task in handlers if task in pending)
+        if unended:
+            log.warning(
+                "agent %s: %d handler(s) ignored their cancellation and still run",
+                self.agent_id,
+                unended,
             )
 
     # ------------------------------------------------------------------ tasks
     async def _on_delivery(self, delivery: TaskDelivery) -> None:
+        # Tracked from the start, shortcuts included: a stop waits until every
+        # delivery received is settled before the channel closes (which would
+        # hand back a task already reported, to run again).
+        settled = asyncio.Event()
+        self._unsettled.add(settled)
+        try:
+            await self._take(delivery)
+        finally:
+            self._unsettled.discard(settled)
+            settled.set()
+
+    async def _take(self, delivery: TaskDelivery) -> None:
         try:
             message = parse_task(delivery.body)
         except InvalidMessage as exc:
@@ -417,8 +464,6 @@ class Agent:
             return
         running = _Running(message)
         self._running[message.task_id] = running
-        settled = asyncio.Event()
-        self._unsettled.add(settled)
         self.counters.received += 1
         self.counters.running += 1
         self.counters.max_running = max(self.counters.max_running, self.counters.running)
@@ -446,7 +491,7 @@ class Agent:
                 if not running.job.cancelled() and running.job.result() is not None:
                     assert self._bus is not None
                     await self._bus.publish_event(running.job.result())
-                await self._until_thread_ends(running)  # then reattach (finally)
+                await self._until_handler_ends(running)  # then reattach (finally)
             elif running.job.cancelled():
                 # Stopped before it ended (a stop it outlived, or unregistered):
                 # what ran it no longer counts. A job that did end is reported
@@ -461,7 +506,7 @@ class Agent:
                 if finished is not None:
                     assert self._bus is not None
                     await self._bus.publish_event(finished)
-                await self._until_thread_ends(running)
+                await self._until_handler_ends(running)
                 release()
                 await delivery.ack()
         except BusError as exc:
@@ -469,40 +514,43 @@ class Agent:
             # if the channel is gone, the broker has already given it back. One
             # acknowledged early is retried by the orchestrator's run deadline.
             log.error("agent %s: task %s not reported: %s", self.agent_id, message.task_id, exc)
-            await self._until_thread_ends(running)
+            await self._until_handler_ends(running)
             release()
             if not running.detached:
                 await delivery.requeue()
         finally:
             release()
-            try:
-                if running.detached and self._consumer is not None:
-                    with contextlib.suppress(BusError):
-                        await self._consumer.reattach()
-            finally:
-                self._unsettled.discard(settled)
-                settled.set()
+            if running.detached and self._consumer is not None:
+                with contextlib.suppress(BusError):
+                    await self._consumer.reattach()
 
-    async def _until_thread_ends(self, running: _Running) -> None:
-        """Wait, before settling a delivery, until the sync handler that ran it
-        has left its thread: until then the delivery holds its slot of the
+    async def _until_handler_ends(self, running: _Running) -> None:
+        """Wait, before settling a delivery, until the handler that ran it has
+        really ended (an async handler may ignore its cancellation, a sync one
+        be stuck in a C call): until then the delivery holds its slot of the
         prefetch, so that no other task runs in its place. The attempt has
         ended here (reported, or to be run again), so it is no longer counted
         as running here: a new attempt of the same task may come meanwhile.
         A stop does not wait for it (nothing new is taken then)."""
-        thread = running.thread
-        if thread is None or thread.done() or self._stopping:
+        handler = running.handler
+        if handler is None or handler.done() or self._stopping:
             return
         self._running.pop(running.message.task_id, None)
-        log.warning(
-            "agent %s: task %s ended but its handler's thread still runs; its slot"
-            " stays taken until the thread ends",
-            self.agent_id,
-            running.message.task_id,
-        )
         halted = asyncio.ensure_future(self._halted.wait())
         try:
-            await asyncio.wait([thread, halted], return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                [handler, halted],
+                timeout=_LATE_HANDLER_WARNING,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if not done:
+                log.warning(
+                    "agent %s: task %s ended but its handler still runs; its slot stays"
+                    " taken until the handler ends",
+                    self.agent_id,
+                    running.message.task_id,
+                )
+                await asyncio.wait([handler, halted], return_when=asyncio.FIRST_COMPLETED)
         finally:
             halted.cancel()
 
@@ -551,31 +599,46 @@ class Agent:
                 "failed",
                 error=f"agent {self.agent_id} has no handler for task_type {message.task_type!r}",
             )
+        # The handler runs on its own (a task, or a worker thread) and is waited
+        # for here with asyncio.wait, which never waits for it to obey a cancel:
+        # the outcome is reported when its time is up or a cancel comes, and
+        # running.handler says when it has really ended (_until_handler_ends).
         call: _SyncCall | None = None
-        try:
-            if inspect.iscoroutinefunction(handler):
-                coro = handler(ctx)
+        if inspect.iscoroutinefunction(handler):
+            task = loop.create_task(handler(ctx), name=f"handler:{message.task_id}")
+            self._async_handlers.add(task)
+            task.add_done_callback(self._async_handlers.discard)
+            running.handler = task
+        else:
+            call = _SyncCall(handler, ctx)
+            running.handler = loop.run_in_executor(self._executor, call)
+        running.handler.add_done_callback(_retrieve)
+
+        def stop_handler() -> None:
+            if call is not None:
+                call.interrupt()
             else:
-                # Shielded: a timeout or a cancel leaves running.thread to say
-                # when the thread has really left the handler.
-                call = _SyncCall(handler, ctx)
-                running.thread = loop.run_in_executor(self._executor, call)
-                running.thread.add_done_callback(_retrieve)
-                coro = asyncio.shield(running.thread)
-            value = await asyncio.wait_for(coro, timeout=message.timeout)
-            result = _as_result(value)
-        except TimeoutError:
-            if call is not None:
-                call.interrupt()
-            self.counters.timed_out += 1
-            return final("timeout", error=f"exceeded timeout of {message.timeout:g}s")
+                assert running.handler is not None
+                running.handler.cancel()
+
+        try:
+            done, _ = await asyncio.wait([running.handler], timeout=message.timeout)
         except asyncio.CancelledError:
-            if call is not None:
-                call.interrupt()
+            stop_handler()
             if running.stop_reason == "cancelled":
                 self.counters.cancelled += 1
                 return final("cancelled", error="cancelled by request")
             raise
+        if not done:
+            stop_handler()
+            self.counters.timed_out += 1
+            return final("timeout", error=f"exceeded timeout of {message.timeout:g}s")
+        try:
+            result = _as_result(running.handler.result())
+        except asyncio.CancelledError:
+            # It cancelled itself (or was cancelled by someone else): it failed here.
+            self.counters.failed += 1
+            return final("failed", error="the handler was cancelled")
         except Exception as exc:  # the handler's failure is the task's, not ours
             self.counters.failed += 1
             return final("failed", error=f"{type(exc).__name__}: {exc}")

@@ -10,7 +10,7 @@ A task's payload can steer it: ``sleep`` (seconds, instead of AGENT_SLEEP),
 (true: it ends only once its agent has begun a graceful stop). The result
 echoes the payload and says which agent and process ran it, the most tasks
 that agent has run at once so far (``max_running``, counted inside it), and
-whether it was stopping when the task ended (``stopping``).
+whether it waited for its agent's stop to begin (``stopping``).
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ def make_agent() -> Agent:
         ctx.progress(0.5)
         if ctx.payload.get("hang_on") == ctx.agent_id:
             await asyncio.sleep(3600)  # this agent is about to be killed
+        stopping = False
         if ctx.payload.get("until_stopping"):
-            while not agent.stopping:  # noqa: ASYNC110 (polls the agent's own flag)
-                await asyncio.sleep(0.01)
+            await agent.wait_stopping()
+            stopping = True
         if sleep or ctx.payload.get("sleep"):
             await asyncio.sleep(float(ctx.payload.get("sleep", sleep)))
         return {
@@ -46,7 +47,7 @@ def make_agent() -> Agent:
             "agent": ctx.agent_id,
             "pid": os.getpid(),
             "max_running": agent.counters.max_running,
-            "stopping": agent.stopping,
+            "stopping": stopping,
         }
 
     return agent

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import threading
@@ -15,10 +16,12 @@ from agents import Agent, TaskContext
 from agents.context import TaskInterrupted
 from broker import BusConnectionError, CommunicationBus, TaskDelivery, TaskFinished, parse_task
 from orchestrator import TaskOrchestrator
-from tests.harness import Harness, wait_until
+from tests.harness import FAST, Harness, wait_until
 
 WAIT = 60
 """Seconds to wait for what must happen (other test runs share this machine)."""
+PATIENT = FAST.model_copy(update={"timeout_grace": WAIT})
+"""An orchestrator that gives an agent ample time to report a timeout itself."""
 
 
 async def _submit(orch: TaskOrchestrator, **kwargs: Any) -> str:
@@ -252,6 +255,113 @@ async def test_sync_handler_stuck_past_its_timeout_keeps_its_slot(harness: Harne
     assert agent.counters.max_running == 1
 
 
+# ---------------------------------------------------------------- async handlers deaf to cancel
+
+
+@pytest.mark.parametrize("ended_by", ["timeout", "cancel"])
+async def test_async_handler_ignoring_its_cancel_is_reported_and_keeps_its_slot(
+    harness: Harness, ended_by: str
+) -> None:
+    # Given an agent with one slot whose first task's async handler swallows
+    # CancelledError and goes on until the test releases it (an orchestrator
+    # patient enough that only the agent can report the timeout)
+    orchestrator = await harness.start_orchestrator(PATIENT)
+    release = asyncio.Event()
+    deaf_ended = asyncio.Event()
+    swallowed: list[str] = []
+
+    async def handler(ctx: TaskContext) -> dict:
+        if ctx.payload.get("deaf"):
+            try:
+                while not release.is_set():
+                    try:
+                        await release.wait()
+                    except asyncio.CancelledError:
+                        swallowed.append(ctx.task_id)
+            finally:
+                deaf_ended.set()
+            return {"late": True}
+        return {"deaf_handler_ended": deaf_ended.is_set()}
+
+    agent = await harness.start_agent("worker", ["work"], 1, handler)
+    try:
+        # When its timeout passes, or it is cancelled while it runs
+        if ended_by == "timeout":
+            deaf = await _submit(orchestrator, payload={"deaf": True}, timeout=0.5, max_retries=0)
+            status = await orchestrator.wait_for_task(deaf, timeout=WAIT)
+
+            # Then the agent reports it "timeout" (the orchestrator's deadline is far)
+            assert status["status"] == "timeout"
+            assert status["error_message"] == "exceeded timeout of 0.5s"
+            assert agent.counters.timed_out == 1
+        else:
+            deaf = await _submit(orchestrator, payload={"deaf": True}, max_retries=0)
+            await wait_until(lambda: _running_on(orchestrator, deaf, "worker"), WAIT)
+            assert await orchestrator.cancel_task(deaf) is True
+
+            # Then the agent obeys at once and reports it cancelled
+            async def reported() -> bool:
+                return agent.counters.cancelled == 1
+
+            await wait_until(reported, WAIT)
+        assert swallowed == [deaf]
+        assert not deaf_ended.is_set()
+
+        # And a second task waits in its queue: the handler still holds the only slot
+        second = await _submit(orchestrator)
+        await asyncio.sleep(1.0)  # (time for an agent that freed the slot to take it)
+        assert (await orchestrator.get_task_status(second))["status"] in ("pending", "assigned")
+        assert agent.counters.received == 1
+        assert agent.counters.running == 1
+    finally:
+        release.set()
+
+    # Until the handler ends: then the second runs, after it
+    status = await orchestrator.wait_for_task(second, timeout=WAIT)
+    assert status["status"] == "completed"
+    assert status["result"] == {"deaf_handler_ended": True}
+    assert agent.counters.max_running == 1
+    assert agent.counters.completed == 1
+
+
+async def test_stop_is_not_held_by_an_async_handler_ignoring_its_cancel(
+    harness: Harness,
+) -> None:
+    # Given a task whose async handler swallows CancelledError, on the first of two agents
+    orchestrator = await harness.start_orchestrator()
+    release = asyncio.Event()
+
+    async def handler(ctx: TaskContext) -> dict:
+        if ctx.agent_id == "first":
+            while not release.is_set():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await release.wait()
+        return {"agent": ctx.agent_id}
+
+    first = await harness.start_agent("first", ["work"], 1, handler)
+    try:
+        task_id = await _submit(orchestrator)
+        await wait_until(lambda: _running_on(orchestrator, task_id, "first"), WAIT)
+        second = await harness.start_agent("second", ["work"], 1, handler)
+
+        # When the first stops with a tiny drain timeout
+        stopping = asyncio.ensure_future(first.stop(drain_timeout=0.05))
+        done, _ = await asyncio.wait([stopping], timeout=WAIT)
+
+        # Then the stop ends without the handler (it settles, closes, and says goodbye)
+        assert done, "the stop waited for a handler that ignores its cancellation"
+        await stopping
+    finally:
+        release.set()
+
+    # And the task, given back, completes on the second agent
+    status = await orchestrator.wait_for_task(task_id, timeout=WAIT)
+    assert status["status"] == "completed"
+    assert status["result"] == {"agent": "second"}
+    assert second.counters.completed == 1
+    await wait_until(lambda: _gone(orchestrator, "first"), WAIT)
+
+
 # ---------------------------------------------------------------- cancelled while queued
 
 
@@ -292,10 +402,8 @@ async def test_stop_lets_a_running_task_finish_within_the_drain_timeout(
     agents: dict[str, Agent] = {}
 
     async def handler(ctx: TaskContext) -> dict:
-        me = agents[ctx.agent_id]
-        while not me.stopping:  # noqa: ASYNC110 (polls the agent's own flag)
-            await asyncio.sleep(0.01)
-        return {"agent": ctx.agent_id, "stopping": me.stopping}
+        await agents[ctx.agent_id].wait_stopping()
+        return {"agent": ctx.agent_id}
 
     agents["first"] = await harness.start_agent("first", ["work"], 1, handler)
     task_id = await _submit(orchestrator)
@@ -305,11 +413,11 @@ async def test_stop_lets_a_running_task_finish_within_the_drain_timeout(
     # When the first stops with a drain timeout long enough
     await asyncio.wait_for(agents["first"].stop(drain_timeout=WAIT), WAIT)
 
-    # Then the task finished there, during the stop, and was reported once
+    # Then the task finished there, during the stop (it ends only then), reported once
     status = await orchestrator.wait_for_task(task_id, timeout=WAIT)
     assert status["status"] == "completed"
     assert status["assigned_agent"] == "first"
-    assert status["result"] == {"agent": "first", "stopping": True}
+    assert status["result"] == {"agent": "first"}
     assert agents["first"].counters.completed == 1
     await wait_until(lambda: _gone(orchestrator, "first"), WAIT)
     stats = await orchestrator.get_stats()
@@ -493,9 +601,7 @@ async def test_stop_reports_and_acks_a_finished_task_before_it_closes(harness: H
     agents: dict[str, Agent] = {}
 
     async def handler(ctx: TaskContext) -> dict:
-        me = agents[ctx.agent_id]
-        while not me.stopping:  # noqa: ASYNC110 (polls the agent's own flag)
-            await asyncio.sleep(0.01)
+        await agents[ctx.agent_id].wait_stopping()
         return {"agent": ctx.agent_id}
 
     bus = harness.new_bus()
