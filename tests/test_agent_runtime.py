@@ -525,12 +525,15 @@ class _FaultyFinalEvent:
         self.delay = delay
         self.failed: list[TaskFinished] = []
         self.deliveries: list[tuple[str, bool]] = []
+        self.finishing = asyncio.Event()
+        """Set when a ``TaskFinished`` publish begins."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._bus, name)
 
     async def publish_event(self, event: Any) -> None:
         if isinstance(event, TaskFinished):
+            self.finishing.set()
             if self.fail_once and not self.failed:
                 self.failed.append(event)
                 raise BusConnectionError("injected: the final event was not confirmed")
@@ -626,3 +629,41 @@ async def test_stop_reports_and_acks_a_finished_task_before_it_closes(harness: H
     stats = await orchestrator.get_stats()
     assert stats["tasks_completed"] == 1
     assert stats["running_tasks"] == stats["pending_tasks"] == 0
+
+
+async def test_stop_acks_a_skipped_cancelled_task_before_it_closes(harness: Harness) -> None:
+    # Given a task cancelled while queued, and an agent that skips it when it
+    # arrives, whose "skipped" event takes a while to be confirmed
+    orchestrator = await harness.start_orchestrator()
+    cancelled = await _submit(orchestrator)
+    assert await orchestrator.cancel_task(cancelled) is True
+    ran: list[str] = []
+
+    async def handler(ctx: TaskContext) -> dict:
+        ran.append(ctx.task_id)
+        return {"agent": ctx.agent_id}
+
+    bus = harness.new_bus()
+    if not bus.is_connected:
+        await bus.connect()
+    slow = _FaultyFinalEvent(bus, delay=1.0)
+    first = await _start_agent_on(harness, slow, "first", handler)
+
+    # When it stops while that event is on its way
+    await asyncio.wait_for(slow.finishing.wait(), WAIT)
+    await asyncio.wait_for(first.stop(drain_timeout=WAIT), WAIT)
+
+    # Then it acknowledged the skipped task before closing: the next agent on
+    # that queue gets only what comes after it (a requeued message goes back ahead)
+    assert slow.deliveries == [(cancelled, False)]
+    other = harness.new_bus()
+    if not other.is_connected:
+        await other.connect()
+    recording = _FaultyFinalEvent(other)
+    await _start_agent_on(harness, recording, "second", handler)
+    last = await _submit(orchestrator)
+    status = await orchestrator.wait_for_task(last, timeout=WAIT)
+    assert status["status"] == "completed"
+    assert recording.deliveries == [(last, False)]
+    assert ran == [last]
+    assert first.counters.received == 0
