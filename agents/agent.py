@@ -78,7 +78,7 @@ and settled (and for its cancelled async handlers to end)."""
 SETTLE_MARGIN = 2.0
 """``stop(drain_timeout=t)`` waits for that settling only until ``t`` (counted
 from the call) plus this margin, so it returns within about ``t + SETTLE_MARGIN``
-seconds (and the time to close the connection)."""
+seconds, plus the time to say goodbye and close the connection."""
 _LATE_HANDLER_WARNING = 1.0
 """A handler still running this long after its task ended here is logged."""
 AVOID_DEFERRALS = 3
@@ -175,9 +175,11 @@ class Agent:
     def handler(self, task_type: str = ANY_TASK_TYPE) -> Callable[[Handler], Handler]:
         """Decorator: handle tasks of ``task_type`` ('*' for any type without its own).
 
-        A coroutine function runs on the agent's event loop and is cancelled
-        past the task's timeout; a plain function runs in a worker thread and
-        gets ``TaskInterrupted`` raised in it (see ``agents.context``)."""
+        A coroutine function runs as its own task on the agent's event loop and
+        is cancelled past the task's timeout or on a cancel; a plain function
+        runs in a worker thread and gets ``TaskInterrupted`` raised in it (see
+        ``agents.context``). Either way the outcome is reported at once, and
+        the task keeps its slot until the handler has really ended."""
 
         def register(fn: Handler) -> Handler:
             self._handlers[task_type] = fn
@@ -220,7 +222,8 @@ class Agent:
         It then waits for what ended to be reported and settled, and for the
         async handlers it cancelled to end, but only until the drain timeout
         (counted from this call) plus ``SETTLE_MARGIN``: it returns within about
-        ``drain_timeout + SETTLE_MARGIN`` seconds and the time to close."""
+        ``drain_timeout + SETTLE_MARGIN`` seconds, plus the time to say goodbye
+        and close. Handlers can ``await agent.wait_stopping()`` to wrap up."""
         if self._bus is None or self._stopping:
             await self._stopped.wait()
             return
