@@ -82,6 +82,15 @@ class DeadLetter:
         return task_id if isinstance(task_id, str) else None
 
     @property
+    def kind(self) -> str | None:
+        """The ``kind`` the body says it is, if it parses and says (``task``, ``task.finished``...)."""
+        try:
+            kind = json.loads(self.body).get("kind")
+        except (ValueError, AttributeError, RecursionError):
+            return None
+        return kind if isinstance(kind, str) else None
+
+    @property
     def attempt(self) -> int | None:
         if self.message_id and ":" in self.message_id:
             tail = self.message_id.rsplit(":", 1)[1]
