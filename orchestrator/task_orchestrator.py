@@ -71,15 +71,6 @@ _OUTCOME_STATUS = {
 }
 
 
-def _body_kind(body: bytes) -> str | None:
-    """The ``kind`` a message body says it is, if it says (it may not parse)."""
-    try:
-        kind = json.loads(body).get("kind")
-    except (ValueError, AttributeError, RecursionError):
-        return None
-    return kind if isinstance(kind, str) else None
-
-
 class TaskOrchestrator:
     """Dynamic task assignment and coordination across agents on a ``CommunicationBus``."""
 
@@ -115,11 +106,11 @@ class TaskOrchestrator:
         New agents are told before they consume; an agent's skip report clears one."""
         self._owns_bus = False
         self._started = False
-        self._reloaded_pending: list[str] = []
         self._unsent: dict[str, int] = {}
         """Attempts marked queued but known never sent (the bus was failing): the
         watch publishes them without looking for them in their queue."""
-        """Pending tasks found at start, to settle once (see ``_settle_reloaded``)."""
+        self._publishing: dict[str, int] = {}
+        """Attempts being handed to the bus now: the watch leaves them alone."""
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -132,8 +123,7 @@ class TaskOrchestrator:
         if not self.bus.is_connected:
             await self.bus.connect()
             self._owns_bus = True
-        await self._reload()
-        await self._settle_reloaded()
+        await self._settle_reloaded(await self._reload())
         # What the bus acknowledges must be in the store first.
         self._events = await self.bus.subscribe_events(self._on_event, before_ack=self.store.flush)
         self._dead_letters = await self.bus.subscribe_dead_letters(
@@ -166,12 +156,13 @@ class TaskOrchestrator:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def _reload(self) -> None:
+    async def _reload(self) -> list[str]:
+        """Rebuild the state from the store; the pending tasks found, to settle once."""
         tasks = await self.store.tasks()
         self._stats.rebuild(tasks, await self.store.get_meta(_RETIRED_STATS))
         self._finished.rebuild(tasks)
         by_id = {t.task_id: t for t in tasks}
-        self._reloaded_pending = []
+        pending: list[str] = []
         for task in tasks:
             key = capability_key(task.required_capabilities)
             self._queue_caps.setdefault(key, list(task.required_capabilities))
@@ -189,7 +180,7 @@ class TaskOrchestrator:
                 ]
                 if unmet:
                     self._graph.wait(task.task_id, unmet)
-                self._reloaded_pending.append(task.task_id)
+                pending.append(task.task_id)
         for agent in await self.store.agents():
             # A fresh heartbeat window: it could not be heard while we were down.
             if agent.last_seen is not None:
@@ -202,8 +193,9 @@ class TaskOrchestrator:
                 agent.running.add(task.task_id)
         for agent in self._agents.values():
             agent.current_load = len(agent.running)
+        return pending
 
-    async def _settle_reloaded(self) -> None:
+    async def _settle_reloaded(self, pending: list[str]) -> None:
         """Finish what a previous orchestrator stopped in the middle of.
 
         Finishing a task saves it before its dependents are published or
@@ -213,7 +205,6 @@ class TaskOrchestrator:
         published now, and one with a dependency that ended otherwise ends as
         it would have (its own waiting dependents with it). Once, at start.
         """
-        pending, self._reloaded_pending = self._reloaded_pending, []
         ready = []
         for task_id in pending:
             task = await self.store.get_task(task_id)
@@ -270,16 +261,25 @@ class TaskOrchestrator:
         capabilities: list[str],
         max_concurrent_tasks: int,
         *,
-        seen: bool = False,
+        announced: bool = False,
         specialization: dict[str, float] | None = None,
     ) -> None:
         """The one path by which agents are registered: by API and by announcement.
 
+        ``announced``: the agent announced itself (it was heard: ``last_seen``).
         No started check here: announcements queued while the orchestrator was
         down arrive as soon as ``start`` subscribes, before it returns.
         """
         agent = self._agents.get(agent_id)
-        new = agent is None  # or new again since it left or was removed
+        # It must hear the cancelled-in-queue ids if it is unknown (or new again since
+        # it left or was removed), and on every announcement: an agent announces when
+        # its process starts, and a restarted process (same id, back before its
+        # heartbeats were missed) knows nothing of what its predecessor heard.
+        # ``AgentAnnounced`` carries nothing that tells a new process from an old one
+        # answering ``Reannounce``, so every announcement gets them; announcements are
+        # rare (a process start, an orchestrator start, a heartbeat from an agent the
+        # orchestrator does not know), heartbeats of known agents never register again.
+        replay = agent is None or announced
         if agent is None:
             agent = AgentCapability(
                 agent_id, capabilities, max_concurrent_tasks=max_concurrent_tasks
@@ -291,17 +291,24 @@ class TaskOrchestrator:
             agent.max_concurrent_tasks = max_concurrent_tasks
         if specialization:
             agent.specialization_score.update(specialization)
-        if seen:
+        if announced:
             agent.last_seen = time.time()
         await self.store.save_agent(agent)
-        await self._send_queues(agent, new=new)
+        await self._send_queues(agent, replay=replay)
 
-    async def _send_queues(self, agent: AgentCapability, *, new: bool = False) -> None:
-        """Tell an agent which queues to consume; a ``new`` one first hears which
-        queued tasks were cancelled (an agent already known heard them as they
-        were cancelled: announcing again costs it nothing more)."""
-        keys = [k for k, caps in self._queue_caps.items() if covers(agent.capabilities, caps)]
-        if new and self._cancelled_in_queue:
+    async def _send_queues(
+        self,
+        agent: AgentCapability,
+        *,
+        replay: bool = False,
+        queue_caps: dict[str, list[str]] | None = None,
+    ) -> None:
+        """Tell an agent which queues to consume (of ``queue_caps``, by default those
+        in use); with ``replay`` it first hears which queued tasks were cancelled
+        (see ``_register``: a running agent heard them as they were cancelled)."""
+        queue_caps = self._queue_caps if queue_caps is None else queue_caps
+        keys = [k for k, caps in queue_caps.items() if covers(agent.capabilities, caps)]
+        if replay and self._cancelled_in_queue:
             # Before the agent consumes anything: what it must not run, oldest first,
             # in chunks well under the bus's size limit.
             budget = self.bus.settings.max_message_bytes // 2
@@ -442,13 +449,25 @@ class TaskOrchestrator:
         try:
             await self._publish(task)
         except BaseException:
-            if task.status is TaskStatus.ASSIGNED and task.attempt <= 1:
-                # Not accepted after all: leave no trace.
-                self._stats.forget_task(task)
-                self._finished.withdrawn(task)
-                await self.store.delete_task(task.task_id)
+            # Not accepted after all: leave no trace. (Had the message reached its
+            # queue unconfirmed, the agent that starts it is told to cancel it.)
+            await self._withdraw(task)
             raise
         return task.task_id
+
+    async def _withdraw(self, task: Task) -> None:
+        """Forget a task whose submission failed, as if it had never been submitted."""
+        if task.status.is_final or task.attempt > 1:
+            return  # it was taken further meanwhile (cancelled, published again)
+        self._retries_due.discard(task.task_id)
+        self._unsent.pop(task.task_id, None)
+        self._stats.forget_task(task)
+        self._finished.withdrawn(task)
+        await self.store.delete_task(task.task_id)
+        try:
+            await self.store.flush()
+        except Exception:
+            log.exception("task %s: its withdrawal is not saved yet", task.task_id)
 
     async def _publish(
         self,
@@ -460,55 +479,54 @@ class TaskOrchestrator:
     ) -> None:
         """Hand the task to the bus as a new attempt, after ``delay`` seconds.
 
-        Until the broker confirms it the attempt is marked in flight
-        (``retry_due``) and saved so: if the publish fails, or the orchestrator
-        stops before it is confirmed, the lost-retry watch publishes it again
-        once its queue is empty. ``send`` False only marks it so (the bus is
-        failing: the watch publishes it when it can).
+        The attempt is marked queued, saved and watched first, before anything
+        can fail: until an agent starts it, it is in flight (``retry_due``), so
+        if the publish fails, or the orchestrator stops before the broker
+        confirmed it, the lost-retry watch publishes it again once its queue is
+        empty (or at once if it was known never sent). ``send`` False only marks
+        it so, without a word to the bus (it is failing: the watch publishes it
+        when it can, declaring its queue then).
         """
         key = capability_key(task.required_capabilities)
-        if key not in self._queue_caps:
-            await self.bus.declare_task_queue(key)
-            self._queue_caps[key] = list(task.required_capabilities)
-            for agent in list(self._agents.values()):
-                if covers(agent.capabilities, task.required_capabilities):
-                    await self._send_queues(agent)
         old = task.status
-        self._unsent.pop(task.task_id, None)
         task.attempt += 1
+        attempt = task.attempt
         task.status = TaskStatus.ASSIGNED
         task.assigned_agent = None
         task.progress = 0.0
         self._deadlines.discard(task.task_id)
-        if delay > 0:
-            # The tier, not the delay, bounds when it is back (TTL expires at the head).
-            task.retry_due = time.time() + retry_tier_ms(delay) / 1000
-            self._watch_retry(task)
-        else:
-            task.retry_due = time.time()  # in flight: see the docstring
-            self._retries_due.discard(task.task_id)
+        # The tier, not the delay, bounds when a delayed one is back (TTL expires at
+        # the head); any other is due now. Cleared when an agent starts it.
+        task.retry_due = time.time() + (retry_tier_ms(delay) / 1000 if delay > 0 else 0)
+        self._watch_retry(task)
+        self._unsent[task.task_id] = attempt  # until handed to publish_task
         self._stats.transition(task, old)
         await self.store.save_task(task)
         if not send:
-            self._unsent[task.task_id] = task.attempt
-            self._watch_retry(task)
             return
-        # Written before published: events of this attempt must find it on restart.
-        await self.store.flush()
-        message = TaskMessage(
-            task_id=task.task_id,
-            attempt=task.attempt,
-            name=task.name,
-            task_type=task.task_type,
-            payload=task.payload,
-            priority=task.priority.value,
-            required_capabilities=task.required_capabilities,
-            timeout=task.timeout,
-            estimated_duration=task.estimated_duration,
-            dependency_results=await self._dependency_results(task),
-            avoid_agents=avoid or [],
-        )
+        self._publishing[task.task_id] = attempt
         try:
+            # Written before published: events of this attempt must find it on restart.
+            await self.store.flush()
+            await self._ensure_queue(key, task.required_capabilities)
+            message = TaskMessage(
+                task_id=task.task_id,
+                attempt=attempt,
+                name=task.name,
+                task_type=task.task_type,
+                payload=task.payload,
+                priority=task.priority.value,
+                required_capabilities=task.required_capabilities,
+                timeout=task.timeout,
+                estimated_duration=task.estimated_duration,
+                dependency_results=await self._dependency_results(task),
+                avoid_agents=avoid or [],
+            )
+            if task.attempt != attempt or task.status is not TaskStatus.ASSIGNED:
+                return  # superseded (cancelled, or published again) while we waited
+            # From here it may reach its queue even if this fails: the watch looks first.
+            if self._unsent.get(task.task_id) == attempt:
+                del self._unsent[task.task_id]
             await self.bus.publish_task(
                 message,
                 queue_key=key,
@@ -516,12 +534,41 @@ class TaskOrchestrator:
                 delay=delay,
             )
         except BaseException:
-            if delay <= 0:
-                self._watch_retry(task)
+            if task.attempt == attempt and task.status is TaskStatus.ASSIGNED:
+                self._watch_retry(task)  # again: a round of the watch may have taken it
             raise
-        if delay <= 0 and task.attempt == message.attempt and task.retry_due is not None:
-            task.retry_due = None  # confirmed (durable with the next flush)
-            await self.store.save_task(task)
+        finally:
+            if self._publishing.get(task.task_id) == attempt:
+                del self._publishing[task.task_id]
+        if delay <= 0 and task.attempt == attempt and task.status is TaskStatus.ASSIGNED:
+            # Confirmed: the watch has nothing to do for it in this process (only a
+            # delayed retry can be dropped on its way back). ``retry_due`` stays set
+            # in the store until it starts, with no write here: an orchestrator that
+            # restarts before then watches it, and finds it in its queue.
+            self._retries_due.discard(task.task_id)
+
+    async def _ensure_queue(self, key: str, capabilities: list[str]) -> None:
+        """Declare a capability queue new to this orchestrator and tell every agent
+        that can consume it to do so. It counts as in use (``_queue_caps``) only
+        once they were all told: if anything fails, the next publish does it all
+        again (both steps are idempotent)."""
+        if key in self._queue_caps:
+            return
+        await self.bus.declare_task_queue(key)
+        told: set[str] = set()
+        while True:
+            # Agents registered while we told the others are told too.
+            untold = [
+                a
+                for a in self._agents.values()
+                if a.agent_id not in told and covers(a.capabilities, capabilities)
+            ]
+            if not untold:
+                break
+            for agent in untold:
+                await self._send_queues(agent, queue_caps={**self._queue_caps, key: capabilities})
+                told.add(agent.agent_id)
+        self._queue_caps[key] = list(capabilities)
 
     async def _dependency_results(self, task: Task) -> dict[str, Any]:
         results = {}
@@ -632,6 +679,8 @@ class TaskOrchestrator:
             task.progress = 1.0
         self._graph.forget(task.task_id)
         self._deadlines.discard(task.task_id)
+        self._retries_due.discard(task.task_id)
+        self._unsent.pop(task.task_id, None)
         self._release_slot(task.task_id, task.assigned_agent)
         self._stats.transition(task, old)
         self._finished.finished(task)
@@ -680,6 +729,10 @@ class TaskOrchestrator:
                     exc,
                 )
                 bus_failing = True
+            except Exception:
+                # Marked queued and watched before anything could fail: the watch
+                # publishes it again; the others are released as usual.
+                log.exception("publishing task %s released by %s failed", ready_id, why)
 
     async def _end_dependent(self, task: Task, cause: Task, *, cascade: bool = True) -> None:
         """End a task because its dependency ``cause`` will never complete."""
@@ -719,7 +772,7 @@ class TaskOrchestrator:
                 event.agent_id,
                 sorted(set(event.capabilities)),
                 event.max_concurrent_tasks,
-                seen=True,
+                announced=True,
                 specialization=event.specialization_score,
             )
         elif isinstance(event, AgentLeft):
@@ -729,12 +782,11 @@ class TaskOrchestrator:
 
     async def _on_started(self, event: TaskStarted) -> None:
         task = await self.store.get_task(event.task_id)
-        if task is None:
-            return
-        if task.status.is_final or event.attempt != task.attempt:
-            # A superseded attempt, or a redelivery of a finished task: stop it.
+        if task is None or task.status.is_final or event.attempt != task.attempt:
+            # Unknown (a submission that failed after all, or forgotten), a superseded
+            # attempt, or a redelivery of a finished task: stop it.
             await self.bus.publish_control(
-                CancelTask(task_id=task.task_id, attempt=event.attempt), agent_id=event.agent_id
+                CancelTask(task_id=event.task_id, attempt=event.attempt), agent_id=event.agent_id
             )
             return
         if task.status is TaskStatus.RUNNING and task.assigned_agent == event.agent_id:
@@ -744,6 +796,10 @@ class TaskOrchestrator:
         task.status = TaskStatus.RUNNING
         task.assigned_agent = event.agent_id
         task.started_at = event.at
+        # No longer in flight: saved below with the rest (no write of its own on publish).
+        task.retry_due = None
+        self._retries_due.discard(task.task_id)
+        self._unsent.pop(task.task_id, None)
         self._deadlines.start(task.task_id, task.attempt, self._run_deadline(task))
         self._stats.transition(task, old)
         agent = self._agents.get(event.agent_id)
@@ -819,10 +875,11 @@ class TaskOrchestrator:
         body, but the task is not theirs to end: they are only logged.
         """
         task_id, attempt = letter.task_id, letter.attempt
-        if attempt is None or _body_kind(letter.body) not in (None, "task"):
+        kind = letter.kind
+        if attempt is None or kind not in (None, "task"):
             log.warning(
                 "dead letter of %s (task %s) is not a task message of an attempt, nothing done: %s",
-                _body_kind(letter.body) or "an unknown message",
+                kind or "an unknown message",
                 task_id,
                 letter.reason,
             )
@@ -913,42 +970,72 @@ class TaskOrchestrator:
         retry (DESIGN.md: classic queues dead-letter at most once), or one saved
         by an orchestrator that stopped before it published it. Overdue with its
         queue empty means lost; if it was not, the attempt fence makes the copy
-        harmless. One depth look-up per queue per round."""
+        harmless. One depth look-up per queue per round.
+
+        The round's attempts left the watch when they expired: whatever happens,
+        each one not looked at yet is watched again (a bus failure pauses the
+        round; any other failure costs only the attempt it happened to)."""
         now = time.time()
         later = now + self.settings.lost_retry_grace
         depths: dict[str, int] = {}
         due = self._retries_due.expired(now)
-        for i, (task_id, attempt) in enumerate(due):
-            task = await self.store.get_task(task_id)
-            if task is None or task.status is not TaskStatus.ASSIGNED or task.attempt != attempt:
-                if self._unsent.get(task_id) == attempt:
-                    del self._unsent[task_id]  # cancelled meanwhile
-                continue
-            key = capability_key(task.required_capabilities)
-            try:
-                if self._unsent.get(task_id) != attempt:
-                    if key not in depths:
-                        depths[key] = await self.bus.queue_depth(key)
-                    if depths[key] > 0:
-                        # It may wait behind others: look again later.
+        done = 0
+        try:
+            for task_id, attempt in due:
+                try:
+                    await self._check_retry(task_id, attempt, depths, later)
+                except BusError as exc:
+                    # Not now: this one and the rest of the round are looked at later.
+                    log.warning("watch of queued tasks paused: %s", exc)
+                    return
+                except Exception:
+                    log.exception("watch of task %s (attempt %d) failed", task_id, attempt)
+                    if task_id not in self._retries_due:
+                        # Looked at again later (if it went further meanwhile, that
+                        # round finds it is no longer the attempt in flight).
                         self._retries_due.start(task_id, attempt, later)
-                        continue
-                log.warning(
-                    "task %s (attempt %d) never reached its queue: publishing it again",
-                    task_id,
-                    attempt,
-                )
-                await self._publish(task)
-            except MessageTooLarge as exc:
-                await self._finish(task, TaskStatus.FAILED, error=f"not published: {exc}")
-            except BusError as exc:
-                # Not now: this one (watched again by _publish if it got that far) and
-                # the rest of the round are looked at again later.
-                log.warning("watch of queued tasks paused: %s", exc)
-                for other_id, other_attempt in due[i:]:
-                    if other_id not in self._retries_due:
-                        self._retries_due.start(other_id, other_attempt, later)
+                done += 1
+        finally:
+            for other_id, other_attempt in due[done:]:
+                if other_id not in self._retries_due:
+                    self._retries_due.start(other_id, other_attempt, later)
+
+    @staticmethod
+    def _in_flight(task: Task | None, attempt: int) -> bool:
+        return task is not None and task.status is TaskStatus.ASSIGNED and task.attempt == attempt
+
+    async def _check_retry(
+        self, task_id: str, attempt: int, depths: dict[str, int], later: float
+    ) -> None:
+        """One attempt of a ``_check_retries`` round. Its state is looked at again
+        after every wait: an event handled meanwhile may have started it."""
+        task = await self.store.get_task(task_id)
+        if not self._in_flight(task, attempt):
+            if self._unsent.get(task_id) == attempt:
+                del self._unsent[task_id]  # cancelled meanwhile
+            return
+        assert task is not None
+        if task_id in self._publishing:
+            # Its publish is still under way (a slow bus): look again later.
+            self._retries_due.start(task_id, attempt, later)
+            return
+        key = capability_key(task.required_capabilities)
+        if self._unsent.get(task_id) != attempt:
+            if key not in depths:
+                depths[key] = await self.bus.queue_depth(key)
+                if not self._in_flight(task, attempt):
+                    return  # started (or cancelled, or published again) while we looked
+            if depths[key] > 0:
+                # It may wait behind others: look again later.
+                self._retries_due.start(task_id, attempt, later)
                 return
+        log.warning(
+            "task %s (attempt %d) never reached its queue: publishing it again", task_id, attempt
+        )
+        try:
+            await self._publish(task)
+        except MessageTooLarge as exc:
+            await self._finish(task, TaskStatus.FAILED, error=f"not published: {exc}")
 
     async def _check_deadlines(self) -> None:
         for task_id, attempt in self._deadlines.expired(time.time()):

@@ -15,7 +15,8 @@ import aio_pika
 import pytest
 
 from agents import TaskContext
-from broker import BusConnectionError, BusSettings, MemoryBus
+from broker import BusConnectionError, BusSettings, ConsumeQueues, Control, DeadLetter, MemoryBus
+from orchestrator import MemoryStore, Task, TaskStatus
 from tests.harness import FAST, Harness, wait_until
 
 
@@ -184,3 +185,198 @@ async def test_dependents_released_while_the_bus_fails_are_published_later(
         assert bus.dead_letters == []
     finally:
         await harness.close()
+
+
+def test_a_dead_letter_says_the_kind_its_body_says() -> None:
+    assert DeadLetter(b'{"v": 1, "kind": "task.finished"}', "bad").kind == "task.finished"
+    assert DeadLetter(b'{"kind": "task", "task_id": "t"}', "bad", "t:1").kind == "task"
+    assert DeadLetter(b"not json", "bad", "t:1").kind is None
+    assert DeadLetter(b"[1, 2]", "bad").kind is None
+    assert DeadLetter(b'{"kind": 3}', "bad").kind is None
+    assert DeadLetter(b"[" * 100_000, "bad").kind is None  # too deep to parse
+
+
+class _BrokerDown(MemoryBus):
+    """The in-process bus, with everything the orchestrator asks of the broker
+    for tasks failing while ``down`` (events still flow), as during an outage;
+    ``fail_consume_orders`` fails that many ``ConsumeQueues`` commands."""
+
+    down = False
+    fail_consume_orders = 0
+    failures = 0
+
+    def _fail(self) -> None:
+        self.failures += 1
+        raise BusConnectionError("broker unreachable (injected)")
+
+    async def declare_task_queue(self, queue_key: str) -> None:
+        if self.down:
+            self._fail()
+        await super().declare_task_queue(queue_key)
+
+    async def publish_task(self, message, **kwargs) -> None:
+        if self.down:
+            self._fail()
+        await super().publish_task(message, **kwargs)
+
+    async def queue_depth(self, queue_key: str) -> int:
+        if self.down:
+            self._fail()
+        return await super().queue_depth(queue_key)
+
+    async def publish_control(self, command: Control, *, agent_id: str | None = None) -> None:
+        if isinstance(command, ConsumeQueues) and self.fail_consume_orders > 0:
+            self.fail_consume_orders -= 1
+            self._fail()
+        if self.down:
+            self._fail()
+        await super().publish_control(command, agent_id=agent_id)
+
+
+async def _on_failing_bus(prefix: str, bus_class: type[MemoryBus] = _BrokerDown) -> Harness:
+    harness = Harness("memory", BusSettings(prefix=prefix))
+    bus = bus_class(settings=harness.settings)
+    harness._memory_bus = bus
+    harness.buses.append(bus)
+    return harness
+
+
+async def test_dependents_released_while_the_broker_is_down_reach_their_new_queue_later(
+    prefix: str,
+) -> None:
+    # Given a task with three dependents, two of them needing a capability no
+    # task needed yet (a workflow's second stage: a new queue), and an agent for both
+    harness = await _on_failing_bus(prefix)
+    bus = harness._memory_bus
+    try:
+        orchestrator = await harness.start_orchestrator(
+            FAST.model_copy(update={"lost_retry_grace": 0.2})
+        )
+        gate = asyncio.Event()
+
+        async def work(ctx: TaskContext) -> dict:
+            if ctx.payload.get("wait"):
+                await gate.wait()
+            return {"attempt": ctx.attempt}
+
+        await harness.start_agent("worker", ["stage2"], 3, work)
+        job = {"description": "", "task_type": "j", "max_retries": 0}
+        dep = await orchestrator.submit_task(name="dep", payload={"wait": True}, **job)
+        dependents = [
+            await orchestrator.submit_task(
+                name=f"d{i}", payload={}, dependencies=[dep], required_capabilities=caps, **job
+            )
+            for i, caps in enumerate([[], ["stage2"], ["stage2"]])
+        ]
+
+        # When the dependency completes while the broker takes no task, declares no
+        # queue and passes no command
+        bus.down = True
+        gate.set()
+
+        # Then every dependent is marked queued (none is left pending), the bus
+        # having refused at least one of them
+        async def all_queued() -> bool:
+            statuses = [(await orchestrator.get_task_status(t))["status"] for t in dependents]
+            return statuses == ["assigned"] * 3 and bus.failures > 0
+
+        await wait_until(all_queued, timeout=15)
+        assert (await orchestrator.get_task_status(dep))["status"] == "completed"
+
+        # And once the broker is back, the watch publishes them, the new queue is
+        # declared and the agent told to consume it: all three complete
+        bus.down = False
+        done = [await orchestrator.wait_for_task(t, 15) for t in dependents]
+        assert [d["status"] for d in done] == ["completed"] * 3
+        # and handling the dependency's result did not fail (no dead letter)
+        assert bus.dead_letters == []
+    finally:
+        await harness.close()
+
+
+async def test_agents_not_told_of_a_new_queue_are_told_by_the_next_publish(prefix: str) -> None:
+    # Given an agent, and a broker that loses the next order to consume queues
+    harness = await _on_failing_bus(prefix)
+    bus = harness._memory_bus
+    try:
+        orchestrator = await harness.start_orchestrator()
+        await harness.start_agent("worker", ["stage2"], 1)
+        bus.fail_consume_orders = 1
+        job = {
+            "name": "t",
+            "description": "",
+            "task_type": "j",
+            "payload": {},
+            "required_capabilities": ["stage2"],
+        }
+
+        # When a task needing a new queue is submitted: the agent cannot be told of it
+        with pytest.raises(BusConnectionError):
+            await orchestrator.submit_task(**job)
+
+        # Then the submission failed without a trace
+        assert await orchestrator.store.tasks() == []
+        stats = await orchestrator.get_stats()
+        assert (stats["tasks_created"], stats["pending_tasks"]) == (0, 0)
+
+        # And the next task of that queue tells the agent, which runs it
+        task_id = await orchestrator.submit_task(**job)
+        status = await orchestrator.wait_for_task(task_id, 15)
+        assert status["status"] == "completed"
+        assert bus.fail_consume_orders == 0
+    finally:
+        await harness.close()
+
+
+class _FlushFailsAfter(MemoryStore):
+    """An in-memory store whose flush right after ``name`` is saved as queued
+    fails once (a disk error, not a bus one)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.armed = False
+        self.failed = False
+
+    async def save_task(self, task: Task) -> None:
+        await super().save_task(task)
+        if task.name == self.name and task.status is TaskStatus.ASSIGNED and not self.failed:
+            self.armed = True
+
+    async def flush(self) -> None:
+        if self.armed:
+            self.armed, self.failed = False, True
+            raise OSError("disk full (injected)")
+        await super().flush()
+
+
+async def test_a_released_dependent_whose_save_fails_is_published_later(harness: Harness) -> None:
+    # Given a task with two dependents, and a store that fails once when the
+    # first of them is written as queued
+    store = _FlushFailsAfter("d0")
+    orchestrator = await harness.start_orchestrator(
+        FAST.model_copy(update={"lost_retry_grace": 0.2}), store=store
+    )
+    gate = asyncio.Event()
+
+    async def work(ctx: TaskContext) -> dict:
+        if ctx.payload.get("wait"):
+            await gate.wait()
+        return {"attempt": ctx.attempt}
+
+    await harness.start_agent("worker", [], 2, work)
+    job = {"description": "", "task_type": "j", "max_retries": 0}
+    dep = await orchestrator.submit_task(name="dep", payload={"wait": True}, **job)
+    d0 = await orchestrator.submit_task(name="d0", payload={}, dependencies=[dep], **job)
+    d1 = await orchestrator.submit_task(name="d1", payload={}, dependencies=[dep], **job)
+
+    # When the dependency completes and releasing the first dependent fails
+    gate.set()
+
+    # Then both still run: the second released as usual, the first by the watch
+    first = await orchestrator.wait_for_task(d0, 15)
+    second = await orchestrator.wait_for_task(d1, 15)
+    assert store.failed
+    assert first["status"] == "completed"
+    assert second["status"] == "completed"
+    assert (await orchestrator.get_task_status(dep))["status"] == "completed"

@@ -11,7 +11,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agents import TaskContext
-from broker import ANY_CAPABILITY_KEY, CancelTask, ConsumeQueues, Control, TaskMessage
+from broker import (
+    ANY_CAPABILITY_KEY,
+    AgentAnnounced,
+    CancelTask,
+    CommunicationBus,
+    ConsumeQueues,
+    Control,
+    TaskMessage,
+)
 from broker.messages import CancelTasks
 from orchestrator import (
     RunDeadlines,
@@ -192,12 +200,24 @@ async def test_task_saved_as_queued_but_never_published_is_published_after_a_res
     assert status["result"] == {"attempt": 2, "deps": {"dep": {"dep": 1}}}
 
 
-async def test_task_queued_before_a_restart_is_not_published_twice(
-    harness: Harness, tmp_path: Path
-) -> None:
-    # Given a queued task whose message waits in its queue, and no agent yet
-    path = tmp_path / "state.sqlite"
-    task = _task("queued", TaskStatus.ASSIGNED, attempt=1)
+def _count_depth_looks(bus: CommunicationBus) -> list[str]:
+    """The queue-depth look-ups made on ``bus`` from now on (the broker answers
+    them as ever): how a test sees that the watch of queued tasks ran."""
+    looks: list[str] = []
+    real = bus.queue_depth
+
+    async def queue_depth(queue_key: str) -> int:
+        looks.append(queue_key)
+        return await real(queue_key)
+
+    bus.queue_depth = queue_depth  # type: ignore[method-assign]
+    return looks
+
+
+async def _queued_in_its_queue(harness: Harness, path: Path) -> Task:
+    """A store with a task queued (attempt 1) and overdue, in flight when saved,
+    and its message waiting in its queue, no agent to take it yet."""
+    task = _task("queued", TaskStatus.ASSIGNED, attempt=1, retry_due=time.time() - 60)
     await _write(path, task)
     bus = harness.new_bus()
     if not bus.is_connected:
@@ -213,13 +233,33 @@ async def test_task_queued_before_a_restart_is_not_published_twice(
         estimated_duration=task.estimated_duration,
     )
     await bus.publish_task(message, queue_key=ANY_CAPABILITY_KEY, priority=1)
+    return task
 
-    # When a new orchestrator starts and watches it past its grace
+
+async def test_task_queued_before_a_restart_is_not_published_twice(
+    harness: Harness, tmp_path: Path
+) -> None:
+    # Given a queued task, overdue, whose message waits in its queue, and no agent yet
+    path = tmp_path / "state.sqlite"
+    await _queued_in_its_queue(harness, path)
+
+    # When a new orchestrator starts and watches it past its grace, looking at
+    # its queue in two rounds at least
     settings = FAST.model_copy(update={"lost_retry_grace": 0.2})
     orchestrator = await harness.start_orchestrator(settings, store=SQLiteStore(path))
-    await asyncio.sleep(1.0)  # several grace periods: the check has run (a slower run waits more)
+    looks = _count_depth_looks(orchestrator.bus)  # before the first round (monitor_interval)
 
-    # Then the message in the queue is the one that runs: no second attempt was published
+    async def looked_twice() -> bool:
+        task = await orchestrator.store.get_task("queued")
+        return len(looks) >= 2 or task.attempt > 1
+
+    await wait_until(looked_twice, timeout=15)
+
+    # Then it found the message there and published no second attempt
+    assert (await orchestrator.store.get_task("queued")).attempt == 1
+    assert looks[:2] == [ANY_CAPABILITY_KEY] * 2
+
+    # And the message in the queue is the one that runs
     async def attempt(ctx: TaskContext) -> dict:
         return {"attempt": ctx.attempt}
 
@@ -238,14 +278,23 @@ async def test_task_queued_by_the_last_orchestrator_runs_once_after_a_restart(
     first = await harness.start_orchestrator(settings, store=SQLiteStore(path))
     task_id = await first.submit_task(name="t", description="", task_type="j", payload={})
 
-    # When the orchestrator stops, and another starts on its file and watches a while
+    # When the orchestrator stops, and another starts on its file and watches it
+    # past its grace, looking at its queue in two rounds at least (not started by
+    # an agent, it is still in flight as far as the file says)
     await first.stop()
     bus = harness.new_bus()
     await bus.connect()
+    looks = _count_depth_looks(bus)
     second = TaskOrchestrator(bus, settings=settings, store=SQLiteStore(path))
     harness.orchestrator = second
     await second.start()
-    await asyncio.sleep(1.0)  # several grace periods (a slower run waits more)
+
+    async def looked_twice() -> bool:
+        task = await second.store.get_task(task_id)
+        return len(looks) >= 2 or task.attempt > 1
+
+    await wait_until(looked_twice, timeout=15)
+    assert (await second.store.get_task(task_id)).attempt == 1
 
     # Then the queued message is the one that runs: it was not published again
     async def attempt(ctx: TaskContext) -> dict:
@@ -255,6 +304,95 @@ async def test_task_queued_by_the_last_orchestrator_runs_once_after_a_restart(
     status = await second.wait_for_task(task_id, 15)
     assert status["status"] == "completed"
     assert status["result"] == {"attempt": 1}
+
+
+async def test_task_started_while_the_watch_looks_at_its_queue_is_not_published_again(
+    harness: Harness, tmp_path: Path
+) -> None:
+    # Given a queued task, overdue, whose message waits in its queue
+    path = tmp_path / "state.sqlite"
+    await _queued_in_its_queue(harness, path)
+    settings = FAST.model_copy(update={"lost_retry_grace": 0.2})
+    orchestrator = await harness.start_orchestrator(settings, store=SQLiteStore(path))
+    gate = asyncio.Event()
+
+    async def held(ctx: TaskContext) -> dict:
+        await gate.wait()
+        return {"attempt": ctx.attempt}
+
+    async def running() -> bool:
+        return (await orchestrator.get_task_status("queued"))["status"] == "running"
+
+    # When, while the watch waits for the depth of its queue, an agent takes the
+    # message and the orchestrator hears it started (the queue is empty then)
+    bus = orchestrator.bus
+    real = bus.queue_depth
+    answered = asyncio.Event()
+
+    async def queue_depth(queue_key: str) -> int:
+        if not answered.is_set():
+            await harness.start_agent("worker", [], 1, held)
+            await wait_until(running, timeout=15)
+        depth = await real(queue_key)
+        answered.set()
+        return depth
+
+    bus.queue_depth = queue_depth  # type: ignore[method-assign]
+    await asyncio.wait_for(answered.wait(), 15)
+
+    # Then the attempt that started is not published again: it runs to the end
+    gate.set()
+    status = await orchestrator.wait_for_task("queued", 15)
+    assert status["status"] == "completed"
+    assert status["result"] == {"attempt": 1}
+    assert (await orchestrator.store.get_task("queued")).attempt == 1
+
+
+class _LookupFailsOnce(SQLiteStore):
+    """A store whose next read of task ``fail_for`` fails (a disk error)."""
+
+    fail_for: str | None = None
+
+    async def get_task(self, task_id: str) -> Task | None:
+        if task_id == self.fail_for:
+            self.fail_for = None
+            raise OSError("disk error (injected)")
+        return await super().get_task(task_id)
+
+
+async def test_a_failure_in_a_round_of_the_watch_loses_no_queued_task(
+    harness: Harness, tmp_path: Path
+) -> None:
+    # Given two tasks saved as queued but never published, both overdue, and a
+    # store that fails when the watch reads the first of them
+    path = tmp_path / "state.sqlite"
+    now = time.time()
+    await _write(
+        path,
+        _task("a", TaskStatus.ASSIGNED, attempt=1, retry_due=now - 60),
+        _task("b", TaskStatus.ASSIGNED, attempt=1, retry_due=now - 30),
+    )
+    store = _LookupFailsOnce(path)
+    settings = FAST.model_copy(update={"lost_retry_grace": 0.2})
+    orchestrator = await harness.start_orchestrator(settings, store=store)
+    store.fail_for = "a"  # before the first round (monitor_interval)
+
+    # When the watch's round fails on the first
+    async def attempt(ctx: TaskContext) -> dict:
+        return {"attempt": ctx.attempt}
+
+    await harness.start_agent("worker", [], 2, attempt)
+
+    async def failed() -> bool:  # only the watch reads them (nobody else may before)
+        return store.fail_for is None
+
+    await wait_until(failed, timeout=15)
+
+    # Then both are still published, and run
+    for task_id in ("a", "b"):
+        status = await orchestrator.wait_for_task(task_id, 15)
+        assert status["status"] == "completed"
+        assert status["result"] == {"attempt": 2}
 
 
 # ------------------------------------------- run deadlines (rebuilt by a restart's reload)
@@ -352,13 +490,16 @@ def test_run_deadlines_agree_with_a_plain_dictionary(ops: list[tuple[str, int, i
 # ------------------------------ agents announcing again (as every orchestrator start asks)
 
 
-async def test_only_a_new_agent_hears_the_tasks_cancelled_in_their_queue(
+async def test_a_new_agent_or_process_hears_the_tasks_cancelled_in_their_queue(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given tasks cancelled while their messages waited in a queue, and an
     # orchestrator that sends their ids two per CancelTasks message
     monkeypatch.setattr(task_orchestrator, "_CANCELLED_PER_MESSAGE", 2)
-    orchestrator = await harness.start_orchestrator()
+    # (heard once it announces: no heartbeat is missed while this test runs)
+    orchestrator = await harness.start_orchestrator(
+        FAST.model_copy(update={"heartbeat_timeout": 120})
+    )
     cancelled = []
     for _ in range(5):
         task_id = await orchestrator.submit_task(
@@ -403,21 +544,33 @@ async def test_only_a_new_agent_hears_the_tasks_cancelled_in_their_queue(
         await orchestrator.register_agent("watcher", ["io"], 2)
         await asyncio.wait_for(consume_orders.get(), 15)
 
+    async def announce() -> None:
+        # As an agent process does when it starts (the events carry nothing else)
+        await bus.publish_event(
+            AgentAnnounced(agent_id="watcher", capabilities=["io"], max_concurrent_tasks=2)
+        )
+        await asyncio.wait_for(consume_orders.get(), 15)
+
     try:
         # When it registers: it hears every cancelled id before its queues
         await register()
         assert replayed() == cancelled
         assert chunks() == [2, 2, 1]
 
-        # When it announces again (or is registered again): not again
+        # When it is registered again through the API: not again
         await register()
         await register()
         assert replayed() == cancelled
 
+        # When it announces itself (a process restarted under the same id, before its
+        # heartbeats were missed, knows nothing of what it heard): again
+        await announce()
+        assert replayed() == cancelled * 2
+
         # When it was removed and comes back: it is new again
         await orchestrator.unregister_agent("watcher")
         await register()
-        assert replayed() == cancelled + cancelled
-        assert chunks() == [2, 2, 1, 2, 2, 1]
+        assert replayed() == cancelled * 3
+        assert chunks() == [2, 2, 1] * 3
     finally:
         await watch.close()
