@@ -192,7 +192,8 @@ async def test_flaky_handler_completes_on_fourth_attempt_after_growing_back_offs
 ) -> None:
     # Given a handler that fails its first three attempts, and a 0.3 s base back-off:
     # retry n waits base * 2^(n-1) plus up to one base of jitter (RetryPolicy),
-    # so 0.3-0.6 s, 0.6-0.9 s, then 1.2-1.5 s
+    # so 0.3-0.6 s, 0.6-0.9 s, then 1.2-1.5 s (the policy's growth and jitter are
+    # checked exactly above; here only that the orchestrator waits them out)
     base = 0.3
     settings = FAST.model_copy(update={"retry_base_delay": base, "retry_max_delay": 5})
     orchestrator = await harness.start_orchestrator(settings)
@@ -216,18 +217,15 @@ async def test_flaky_handler_completes_on_fourth_attempt_after_growing_back_offs
     assert status["retry_count"] == 3
     assert status["result"] == {"after": 4}
     assert [a for a, _ in attempts] == [1, 2, 3, 4]
-    # and each wait was at least its back-off, and not held far longer
+    # and each wait was at least its back-off (a lower bound no load can break)
     gaps = [b - a for (_, a), (_, b) in itertools.pairwise(attempts)]
     shortest = [base * 2**n for n in range(3)]  # no jitter
-    longest = [s + base for s in shortest]  # all of the jitter
-    for gap, low, high in zip(gaps, shortest, longest, strict=True):
+    for gap, low in zip(gaps, shortest, strict=True):
         assert gap >= low - 0.005, gaps
-        assert gap < 5 * high, gaps
-    # and the waits grew: retry 3 waits at least a base longer than retry 2 can;
-    # retries 1 and 2 may meet at 2 x base when the jitter is at its extremes, so
-    # their order only holds up to the scheduling noise around each wait
-    assert gaps[1] < gaps[2], gaps
-    assert gaps[0] < gaps[1] + 0.15, gaps
+    # and all of them together were not held far longer than their longest
+    # (all of the jitter), with room for a loaded machine
+    longest = sum(s + base for s in shortest)
+    assert attempts[-1][1] - attempts[0][1] < 5 * longest, gaps
 
 
 async def test_flaky_handler_succeeds_on_attempt_three(harness: Harness) -> None:
