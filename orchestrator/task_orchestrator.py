@@ -960,8 +960,8 @@ class TaskOrchestrator:
 
     def _watch_retry(self, task: Task) -> None:
         """Watch a queued attempt until it should have reached its queue: a
-        delayed retry until its tier is over, any other one (reloaded after a
-        restart) from now. Plus ``lost_retry_grace``."""
+        delayed retry until its tier is over, any other one from when it was
+        published (``retry_due``). Plus ``lost_retry_grace``."""
         due = (task.retry_due or time.time()) + self.settings.lost_retry_grace
         self._retries_due.start(task.task_id, task.attempt, due)
 
