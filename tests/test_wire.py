@@ -22,6 +22,7 @@ from broker import (
     BusSettings,
     CancelTask,
     CancelTaskRequest,
+    CancelTasks,
     ConsumeQueues,
     InvalidMessage,
     QueuesRequest,
@@ -100,6 +101,7 @@ SAMPLES: list[tuple[WireMessage, Parser]] = [
     (ConsumeQueues(queue_keys=["a+b", ANY_CAPABILITY_KEY], consumer_priority=4), parse_control),
     (CancelTask(task_id="t-1"), parse_control),
     (CancelTask(task_id="t-1", attempt=2), parse_control),
+    (CancelTasks(task_ids=["t-1", "t-2"]), parse_control),
     (Unregister(agent_id="agent-1"), parse_control),
     (Reannounce(), parse_control),
     (
