@@ -132,6 +132,8 @@ class _MemoryTaskConsumer(TaskConsumer):
         self._handler = handler
         self._priority = 0
         self._closed = False
+        self._paused = False
+        """Set by ``pause`` (a stop): a step aside that ends then does not resume."""
 
     @property
     def queue_keys(self) -> frozenset[str]:
@@ -140,6 +142,7 @@ class _MemoryTaskConsumer(TaskConsumer):
     async def consume(self, queue_keys: Iterable[str], consumer_priority: int = 0) -> None:
         if self._closed:
             raise BusNotStarted("task consumer is closed")
+        self._paused = False
         self._priority = consumer_priority
         for consumer in self._channel.consumers:
             consumer.priority = consumer_priority
@@ -162,10 +165,11 @@ class _MemoryTaskConsumer(TaskConsumer):
             self._channel.consumers.remove(consumer)
         await delivery.requeue()
         await asyncio.sleep(seconds)
-        if not self._closed and mine and key not in self.queue_keys:
+        if not (self._closed or self._paused) and mine and key not in self.queue_keys:
             await self.consume([key], self._priority)
 
     async def pause(self) -> None:
+        self._paused = True
         for consumer in self._channel.consumers:
             consumer.queue.consumers.remove(consumer)
         self._channel.consumers.clear()

@@ -151,6 +151,8 @@ class _RabbitTaskConsumer(TaskConsumer):
         """Keys not consumed while every place is held by detached tasks
         (a prefetch of 0 would mean no limit at all)."""
         self._lock = asyncio.Lock()
+        self._paused = False
+        """Set by ``pause`` (a stop): a step aside that ends then does not resume."""
 
     @property
     def queue_keys(self) -> frozenset[str]:
@@ -171,6 +173,7 @@ class _RabbitTaskConsumer(TaskConsumer):
 
     async def consume(self, queue_keys: Iterable[str], consumer_priority: int = 0) -> None:
         async with self._lock:
+            self._paused = False
             try:
                 if consumer_priority != self._priority:
                     # x-priority is fixed per consumer: re-consume under the new one.
@@ -200,6 +203,8 @@ class _RabbitTaskConsumer(TaskConsumer):
         await asyncio.sleep(seconds)
         if entry is not None:
             async with self._lock:
+                if self._paused:
+                    return
                 if self._detached >= self._prefetch:
                     self._parked.add(key)
                 elif key not in self._queues and not self._channel.is_closed:
@@ -207,6 +212,7 @@ class _RabbitTaskConsumer(TaskConsumer):
 
     async def pause(self) -> None:
         async with self._lock:
+            self._paused = True
             for key, (queue, tag) in list(self._queues.items()):
                 try:
                     await queue.cancel(tag)

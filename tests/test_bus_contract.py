@@ -304,6 +304,33 @@ async def test_paused_consumer_takes_no_more_but_can_settle_what_it_holds(buses:
     await taken.stays_at(2)
 
 
+async def test_a_pause_during_step_aside_is_not_undone(buses: Buses) -> None:
+    # Given an agent stepping aside from a task for a moment
+    orchestrator = await buses.connect()
+    key = buses.key("aside")
+    await orchestrator.publish_task(task("t0"), queue_key=key, priority=1)
+    agent = await buses.connect()
+    held: Inbox[TaskDelivery] = Inbox()
+    consumer = await agent.open_task_consumer("agent-1", prefetch=1, handler=held.put)
+    await consumer.consume([key])
+    (first,) = await held.wait_for(1)
+    aside = asyncio.create_task(consumer.step_aside(first, 0.2))
+
+    # When it pauses (a graceful stop) while it stands aside
+    await asyncio.sleep(0.05)
+    await consumer.pause()
+    await aside
+
+    # Then it does not start consuming again: the task stays for others
+    assert consumer.queue_keys == frozenset()
+    await held.stays_at(1)
+    other = await buses.connect()
+    taken: Inbox[TaskDelivery] = Inbox()
+    other_consumer = await other.open_task_consumer("agent-2", prefetch=5, handler=acking(taken))
+    await other_consumer.consume([key])
+    assert ids(await taken.wait_for(1)) == ["t0"]
+
+
 # --- task queues: unsettled deliveries --------------------------------------
 
 
