@@ -16,7 +16,7 @@ from agents import Agent, TaskContext
 from agents.context import TaskInterrupted
 from broker import BusConnectionError, CommunicationBus, TaskDelivery, TaskFinished, parse_task
 from orchestrator import TaskOrchestrator
-from tests.harness import FAST, Harness, wait_until
+from tests.harness import FAST, Harness, gone, running_on, wait_until
 
 WAIT = 60
 """Seconds to wait for what must happen (other test runs share this machine)."""
@@ -31,19 +31,6 @@ async def _submit(orch: TaskOrchestrator, **kwargs: Any) -> str:
     kwargs.setdefault("payload", {})
     kwargs.setdefault("required_capabilities", ["work"])
     return await orch.submit_task(**kwargs)
-
-
-async def _running_on(orch: TaskOrchestrator, task_id: str, agent_id: str) -> bool:
-    status = await orch.get_task_status(task_id)
-    return (
-        status is not None
-        and status["status"] == "running"
-        and status["assigned_agent"] == agent_id
-    )
-
-
-async def _registered(orch: TaskOrchestrator) -> set[str]:
-    return {a.agent_id for a in await orch.get_agents()}
 
 
 # ---------------------------------------------------------------- progress
@@ -193,7 +180,7 @@ async def test_cancel_interrupts_a_running_sync_handler(harness: Harness) -> Non
     interrupted: list[str] = []
     agent = await harness.start_agent("worker", ["work"], 1, _looping_handler(ended, interrupted))
     task_id = await _submit(orchestrator, max_retries=0)
-    await wait_until(lambda: _running_on(orchestrator, task_id, "worker"), WAIT)
+    await wait_until(lambda: running_on(orchestrator, task_id, "worker"), WAIT)
 
     # When the task is cancelled
     assert await orchestrator.cancel_task(task_id) is True
@@ -296,7 +283,7 @@ async def test_async_handler_ignoring_its_cancel_is_reported_and_keeps_its_slot(
             assert agent.counters.timed_out == 1
         else:
             deaf = await _submit(orchestrator, payload={"deaf": True}, max_retries=0)
-            await wait_until(lambda: _running_on(orchestrator, deaf, "worker"), WAIT)
+            await wait_until(lambda: running_on(orchestrator, deaf, "worker"), WAIT)
             assert await orchestrator.cancel_task(deaf) is True
 
             # Then the agent obeys at once and reports it cancelled
@@ -341,7 +328,7 @@ async def test_stop_is_not_held_by_an_async_handler_ignoring_its_cancel(
     first = await harness.start_agent("first", ["work"], 1, handler)
     try:
         task_id = await _submit(orchestrator)
-        await wait_until(lambda: _running_on(orchestrator, task_id, "first"), WAIT)
+        await wait_until(lambda: running_on(orchestrator, task_id, "first"), WAIT)
         second = await harness.start_agent("second", ["work"], 1, handler)
 
         # When the first stops with a tiny drain timeout
@@ -359,7 +346,7 @@ async def test_stop_is_not_held_by_an_async_handler_ignoring_its_cancel(
     assert status["status"] == "completed"
     assert status["result"] == {"agent": "second"}
     assert second.counters.completed == 1
-    await wait_until(lambda: _gone(orchestrator, "first"), WAIT)
+    await wait_until(lambda: gone(orchestrator, "first"), WAIT)
 
 
 # ---------------------------------------------------------------- cancelled while queued
@@ -407,7 +394,7 @@ async def test_stop_lets_a_running_task_finish_within_the_drain_timeout(
 
     agents["first"] = await harness.start_agent("first", ["work"], 1, handler)
     task_id = await _submit(orchestrator)
-    await wait_until(lambda: _running_on(orchestrator, task_id, "first"), WAIT)
+    await wait_until(lambda: running_on(orchestrator, task_id, "first"), WAIT)
     agents["second"] = await harness.start_agent("second", ["work"], 1, handler)
 
     # When the first stops with a drain timeout long enough
@@ -419,17 +406,13 @@ async def test_stop_lets_a_running_task_finish_within_the_drain_timeout(
     assert status["assigned_agent"] == "first"
     assert status["result"] == {"agent": "first"}
     assert agents["first"].counters.completed == 1
-    await wait_until(lambda: _gone(orchestrator, "first"), WAIT)
+    await wait_until(lambda: gone(orchestrator, "first"), WAIT)
     stats = await orchestrator.get_stats()
     assert stats["tasks_completed"] == stats["completed_tasks"] == 1
     assert stats["running_tasks"] == stats["pending_tasks"] == 0
     assert stats["registered_agents"] == 1
     # (its message was acknowledged before the channel closed: nothing came back)
     assert agents["second"].counters.received == 0
-
-
-async def _gone(orch: TaskOrchestrator, agent_id: str) -> bool:
-    return agent_id not in await _registered(orch)
 
 
 async def test_stop_with_a_tiny_drain_timeout_returns_the_task(harness: Harness) -> None:
@@ -443,7 +426,7 @@ async def test_stop_with_a_tiny_drain_timeout_returns_the_task(harness: Harness)
 
     first = await harness.start_agent("first", ["work"], 1, handler)
     task_id = await _submit(orchestrator)
-    await wait_until(lambda: _running_on(orchestrator, task_id, "first"), WAIT)
+    await wait_until(lambda: running_on(orchestrator, task_id, "first"), WAIT)
     second = await harness.start_agent("second", ["work"], 1, handler)
 
     # When the first stops with a drain timeout far too short for it
@@ -458,7 +441,7 @@ async def test_stop_with_a_tiny_drain_timeout_returns_the_task(harness: Harness)
     assert first.counters.completed == 0 and second.counters.completed == 1
 
     # And the stats count it once, with the first agent gone
-    await wait_until(lambda: _gone(orchestrator, "first"), WAIT)
+    await wait_until(lambda: gone(orchestrator, "first"), WAIT)
     stats = await orchestrator.get_stats()
     assert stats["tasks_created"] == 1
     assert stats["tasks_completed"] == stats["completed_tasks"] == 1
@@ -484,7 +467,7 @@ async def test_sigterm_stops_an_agent_process_gracefully(harness: Harness, drain
         stopping = harness.spawn_agent("stopping", ["work"], AGENT_MAX=1, AGENT_DRAIN=0.2)
     await harness.wait_agents("stopping", timeout=WAIT)
     task_id = await _submit(orchestrator, payload=payload)
-    await wait_until(lambda: _running_on(orchestrator, task_id, "stopping"), WAIT)
+    await wait_until(lambda: running_on(orchestrator, task_id, "stopping"), WAIT)
     harness.spawn_agent("other", ["work"], AGENT_MAX=1)
     await harness.wait_agents("other", timeout=WAIT)
 
@@ -503,7 +486,7 @@ async def test_sigterm_stops_an_agent_process_gracefully(harness: Harness, drain
     else:
         assert status["assigned_agent"] == "other"
         assert status["result"]["agent"] == "other"
-    await wait_until(lambda: _gone(orchestrator, "stopping"), WAIT)
+    await wait_until(lambda: gone(orchestrator, "stopping"), WAIT)
     stats = await orchestrator.get_stats()
     assert stats["tasks_completed"] == stats["completed_tasks"] == 1
     assert stats["running_tasks"] == stats["pending_tasks"] == 0
@@ -612,7 +595,7 @@ async def test_stop_reports_and_acks_a_finished_task_before_it_closes(harness: H
     slow = _FaultyFinalEvent(bus, delay=0.5)
     agents["first"] = await _start_agent_on(harness, slow, "first", handler)
     task_id = await _submit(orchestrator)
-    await wait_until(lambda: _running_on(orchestrator, task_id, "first"), WAIT)
+    await wait_until(lambda: running_on(orchestrator, task_id, "first"), WAIT)
     agents["second"] = await harness.start_agent("second", ["work"], 1, handler)
 
     # When the first stops
@@ -624,7 +607,7 @@ async def test_stop_reports_and_acks_a_finished_task_before_it_closes(harness: H
     assert status["assigned_agent"] == "first"
     assert slow.deliveries == [(task_id, False)]
     assert agents["first"].counters.running == 0
-    await wait_until(lambda: _gone(orchestrator, "first"), WAIT)
+    await wait_until(lambda: gone(orchestrator, "first"), WAIT)
     assert agents["second"].counters.received == 0
     stats = await orchestrator.get_stats()
     assert stats["tasks_completed"] == 1
