@@ -37,6 +37,7 @@ from broker import (
     Unregister,
     parse_task,
 )
+from tests.harness import wait_until
 
 T = TypeVar("T")
 
@@ -314,10 +315,14 @@ async def test_a_pause_during_step_aside_is_not_undone(buses: Buses) -> None:
     consumer = await agent.open_task_consumer("agent-1", prefetch=1, handler=held.put)
     await consumer.consume([key])
     (first,) = await held.wait_for(1)
-    aside = asyncio.create_task(consumer.step_aside(first, 0.2))
+    aside = asyncio.create_task(consumer.step_aside(first, 2.0))
 
-    # When it pauses (a graceful stop) while it stands aside
-    await asyncio.sleep(0.05)
+    # When it pauses (a graceful stop) while it stands aside: once the task is back
+    async def back_in_queue() -> bool:
+        return await orchestrator.queue_depth(key) == 1
+
+    await wait_until(back_in_queue, WAIT, interval=0.01)
+    assert not aside.done()
     await consumer.pause()
     await aside
 
