@@ -8,16 +8,20 @@ again rather than lost. The broker never hands an agent more tasks than its
 ``max_concurrent_tasks`` (the channel's prefetch).
 
 An async handler runs as its own task, a sync handler in a worker thread. When
-a task passes its timeout or is cancelled, the async handler's task is
-cancelled, and ``TaskInterrupted`` is raised in the sync handler's thread (as
-Dramatiq's ``TimeLimit`` does); one stuck in a blocking C call sees it only
-once the call returns. Either way the outcome ("timeout" or "cancelled") is
-reported at once, whether or not the handler obeys, but the delivery is
-settled only when the handler has really ended (an async handler may swallow
-``CancelledError`` and go on): until then it holds its slot of the prefetch,
-so the agent never runs more than ``max_concurrent_tasks`` handlers. This
-does not rely on ``asyncio.wait_for``, whose waiting for a cancelled awaitable
-differs between Python 3.11 and 3.12.
+a task passes its timeout or is cancelled (or its agent stops), the async
+handler's task is cancelled, and the sync handler's ``ctx.interrupted`` is set:
+a sync handler stops cooperatively, by calling ``ctx.check()`` (which raises
+``TaskInterrupted``) or by looking at ``ctx.interrupted`` now and then. Only a
+sync handler registered with ``interrupt=True`` also gets ``TaskInterrupted``
+raised in its thread asynchronously (as Dramatiq's ``TimeLimit`` does), which
+can break locks the thread holds (see ``Agent.handler``). Either way the
+outcome ("timeout" or "cancelled") is reported at once, whether or not the
+handler obeys, but the delivery is settled only when the handler has really
+ended (an async handler may swallow ``CancelledError``, a sync one may never
+check): until then it holds its slot of the prefetch, so the agent never runs
+more than ``max_concurrent_tasks`` handlers. This does not rely on
+``asyncio.wait_for``, whose waiting for a cancelled awaitable differs between
+Python 3.11 and 3.12.
 """
 
 from __future__ import annotations
@@ -152,12 +156,15 @@ class Agent:
         self.long_task_after = long_task_after
         self.counters = AgentCounters()
         self._handlers: dict[str, Handler] = {}
+        self._async_interrupt: set[str] = set()
+        """Task types whose sync handler opted in to ``interrupt=True``."""
         self._bus: CommunicationBus | None = None
         self._owns_bus = False
         self._consumer: TaskConsumer | None = None
         self._control: Subscription | None = None
         self._heartbeat: asyncio.Task[None] | None = None
-        self._running: dict[str, _Running] = {}
+        self._running: dict[tuple[str, int], _Running] = {}
+        """By task id and attempt: a new attempt may come while an old one ends here."""
         self._cancelled: OrderedDict[tuple[str, int | None], None] = OrderedDict()
         self._deferred: OrderedDict[tuple[str, int], int] = OrderedDict()
         self._executor: ThreadPoolExecutor | None = None
@@ -172,23 +179,47 @@ class Agent:
         """Async handlers' tasks that have not ended (some outlive their task)."""
 
     # ------------------------------------------------------------------ handlers
-    def handler(self, task_type: str = ANY_TASK_TYPE) -> Callable[[Handler], Handler]:
+    def handler(
+        self, task_type: str = ANY_TASK_TYPE, *, interrupt: bool = False
+    ) -> Callable[[Handler], Handler]:
         """Decorator: handle tasks of ``task_type`` ('*' for any type without its own).
 
         A coroutine function runs as its own task on the agent's event loop and
-        is cancelled past the task's timeout or on a cancel; a plain function
-        runs in a worker thread and gets ``TaskInterrupted`` raised in it (see
-        ``agents.context``). Either way the outcome is reported at once, and
-        the task keeps its slot until the handler has really ended."""
+        is cancelled past the task's timeout, on a cancel, or when its agent
+        stops. A plain function runs in a worker thread; then its
+        ``ctx.interrupted`` (a ``threading.Event``) is set, and it should stop
+        by calling ``ctx.check()`` now and then (it raises ``TaskInterrupted``),
+        or wait with ``ctx.interrupted.wait(seconds)`` instead of
+        ``time.sleep``. Either way the outcome ("timeout" or "cancelled") is
+        reported at once, and the task keeps its slot of
+        ``max_concurrent_tasks`` until the handler has really ended: a sync
+        handler that never checks holds it until it returns.
+
+        ``interrupt=True`` (sync handlers only) also raises ``TaskInterrupted``
+        in the handler's thread asynchronously (CPython's
+        ``PyThreadState_SetAsyncExc``), for code that cannot check. Use it only
+        for code that holds no locks: the exception can land between a lock's
+        ``acquire()`` and the ``try`` that releases it (``logging``'s handlers
+        do exactly that), and the lock then stays held forever, freezing every
+        thread that needs it, the agent's event loop included. It is not
+        raised inside a blocking C call (``time.sleep``, a socket read), only
+        once the call returns."""
 
         def register(fn: Handler) -> Handler:
-            self._handlers[task_type] = fn
+            self.add_handler(task_type, fn, interrupt=interrupt)
             return fn
 
         return register
 
-    def add_handler(self, task_type: str, fn: Handler) -> None:
+    def add_handler(self, task_type: str, fn: Handler, *, interrupt: bool = False) -> None:
+        """Register ``fn`` for ``task_type``, as the ``handler`` decorator does."""
+        if interrupt and inspect.iscoroutinefunction(fn):
+            raise ValueError("interrupt=True is for sync handlers (async ones are cancelled)")
         self._handlers[task_type] = fn
+        if interrupt:
+            self._async_interrupt.add(task_type)
+        else:
+            self._async_interrupt.discard(task_type)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, bus: CommunicationBus | None = None) -> None:
@@ -250,7 +281,10 @@ class Agent:
         unfinished = [
             r.message.task_id
             for r in stopped
-            if r.detached and r.job is not None and r.job.cancelled()
+            if r.detached
+            and r.job is not None
+            and r.job.cancelled()
+            and r.stop_reason != "cancelled"
         ]
         with contextlib.suppress(BusError):
             await self._bus.publish_event(AgentLeft(agent_id=self.agent_id, unfinished=unfinished))
@@ -353,9 +387,9 @@ class Agent:
     def _cancel(self, task_id: str, attempt: int | None) -> None:
         """Skip the task if it arrives; stop its handler if it runs here."""
         self._remember_cancelled(task_id, attempt)
-        running = self._running.get(task_id)
-        if running is not None and attempt in (None, running.message.attempt):
-            self._stop_job(running, "cancelled")
+        for (running_id, running_attempt), running in list(self._running.items()):
+            if running_id == task_id and attempt in (None, running_attempt):
+                self._stop_job(running, "cancelled")
 
     async def _stop_after_unregister(self) -> None:
         await self._wait_jobs()
@@ -442,9 +476,12 @@ class Agent:
         if self._stopping:
             await delivery.requeue()
             return
-        if message.task_id in self._running:
+        key = (message.task_id, message.attempt)
+        if key in self._running:
             await delivery.ack()  # a duplicate of what runs here
             return
+        # (Another attempt of the same task still running or ending here is no
+        # reason to drop this one: the orchestrator has moved on to it.)
         if self._is_cancelled(message):
             # Say so, so that the orchestrator stops telling new agents about it.
             with contextlib.suppress(BusError):
@@ -466,7 +503,7 @@ class Agent:
             await self._consumer.step_aside(delivery, AVOID_PAUSE)
             return
         running = _Running(message)
-        self._running[message.task_id] = running
+        self._running[key] = running
         self.counters.received += 1
         self.counters.running += 1
         self.counters.max_running = max(self.counters.max_running, self.counters.running)
@@ -480,8 +517,8 @@ class Agent:
             if not released:
                 released = True
                 self.counters.running -= 1
-                if self._running.get(message.task_id) is running:  # not a newer attempt's
-                    del self._running[message.task_id]
+                if self._running.get(key) is running:  # not a redelivery's, run since
+                    del self._running[key]
 
         try:
             running.job = asyncio.get_running_loop().create_task(
@@ -489,12 +526,24 @@ class Agent:
             )
             with contextlib.suppress(asyncio.CancelledError):
                 await running.job
+            cancelled_early = self._cancelled_early(running)
             if running.detached:
                 # Already acknowledged: report what it did; nothing to requeue.
                 if not running.job.cancelled() and running.job.result() is not None:
                     assert self._bus is not None
                     await self._bus.publish_event(running.job.result())
+                elif cancelled_early is not None:
+                    assert self._bus is not None
+                    await self._bus.publish_event(cancelled_early)
                 await self._until_handler_ends(running)  # then reattach (finally)
+            elif cancelled_early is not None:
+                # Cancelled on request before its handler was waited for (while
+                # it said it started): reported cancelled, as a skipped one is.
+                assert self._bus is not None
+                await self._bus.publish_event(cancelled_early)
+                await self._until_handler_ends(running)
+                release()
+                await delivery.ack()
             elif running.job.cancelled():
                 # Stopped before it ended (a stop it outlived, or unregistered):
                 # what ran it no longer counts. A job that did end is reported
@@ -527,6 +576,21 @@ class Agent:
                 with contextlib.suppress(BusError):
                     await self._consumer.reattach()
 
+    def _cancelled_early(self, running: _Running) -> TaskFinished | None:
+        """The report of a job cancelled on request before it could report it
+        itself (during its ``TaskStarted``, or before it began); else None."""
+        job = running.job
+        if job is None or not job.cancelled() or running.stop_reason != "cancelled":
+            return None
+        self.counters.cancelled += 1
+        return TaskFinished(
+            task_id=running.message.task_id,
+            attempt=running.message.attempt,
+            agent_id=self.agent_id,
+            outcome="cancelled",
+            error="cancelled by request",
+        )
+
     async def _until_handler_ends(self, running: _Running) -> None:
         """Wait, before settling a delivery, until the handler that ran it has
         really ended (an async handler may ignore its cancellation, a sync one
@@ -538,7 +602,9 @@ class Agent:
         handler = running.handler
         if handler is None or handler.done() or self._stopping:
             return
-        self._running.pop(running.message.task_id, None)
+        key = (running.message.task_id, running.message.attempt)
+        if self._running.get(key) is running:
+            del self._running[key]
         halted = asyncio.ensure_future(self._halted.wait())
         try:
             done, _ = await asyncio.wait(
@@ -595,7 +661,8 @@ class Agent:
                 error=error,
             )
 
-        handler = self._handlers.get(message.task_type) or self._handlers.get(ANY_TASK_TYPE)
+        handler_type = message.task_type if message.task_type in self._handlers else ANY_TASK_TYPE
+        handler = self._handlers.get(handler_type)
         if handler is None:
             self.counters.failed += 1
             return final(
@@ -613,11 +680,12 @@ class Agent:
             task.add_done_callback(self._async_handlers.discard)
             running.handler = task
         else:
-            call = _SyncCall(handler, ctx)
+            call = _SyncCall(handler, ctx, raise_in_thread=handler_type in self._async_interrupt)
             running.handler = loop.run_in_executor(self._executor, call)
         running.handler.add_done_callback(_retrieve)
 
         def stop_handler() -> None:
+            ctx.interrupted.set()
             if call is not None:
                 call.interrupt()
             else:
@@ -714,13 +782,15 @@ def _raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> bool:
 class _SyncCall:
     """One sync handler's call, run by the agent's thread pool, that can be
     interrupted: before it starts (it then never calls the handler) or while it
-    runs (``TaskInterrupted`` raised in its thread). An interrupt never outlives
-    the call: one not yet raised when the handler returns is cleared, so it
-    cannot hit the pool's own code."""
+    runs (its ``ctx.interrupted`` is set, and with ``raise_in_thread``,
+    ``TaskInterrupted`` is raised in its thread). An asynchronous interrupt
+    never outlives the call: one not yet raised when the handler returns is
+    cleared, so it cannot hit the pool's own code."""
 
-    def __init__(self, handler: Handler, ctx: TaskContext) -> None:
+    def __init__(self, handler: Handler, ctx: TaskContext, *, raise_in_thread: bool) -> None:
         self._handler = handler
         self._ctx = ctx
+        self._raise_in_thread = raise_in_thread
         self._lock = threading.Lock()
         self._thread_id: int | None = None
         self._state = "queued"  # -> running -> done, or queued -> abandoned
@@ -741,12 +811,17 @@ class _SyncCall:
                     _set_async_exc(self._thread_id, _NO_EXCEPTION)  # type: ignore[misc]
 
     def interrupt(self) -> None:
-        """Stop the handler (once); a thread in a blocking C call stops when it returns."""
+        """Stop the handler (once): tell it (``ctx.interrupted``), and with
+        ``raise_in_thread`` raise ``TaskInterrupted`` in its thread (a thread in
+        a blocking C call sees it when the call returns)."""
+        self._ctx.interrupted.set()
         with self._lock:
             if self._interrupted or self._state in ("done", "abandoned"):
                 return
             if self._state == "queued":
                 self._state = "abandoned"
+                return
+            if not self._raise_in_thread:
                 return
             assert self._thread_id is not None
             self._interrupted = _raise_in_thread(self._thread_id, TaskInterrupted)

@@ -1,11 +1,13 @@
 """``TaskContext``: what a handler sees of its task, and how it reports progress.
 
-``TaskInterrupted`` is what a sync handler's thread sees when its task runs
-past its timeout or is cancelled."""
+A sync handler learns that its task ran past its timeout or was cancelled
+(or that its agent stops) from ``ctx.interrupted``; ``ctx.check()`` raises
+``TaskInterrupted`` then."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,14 +16,16 @@ from broker import TaskMessage
 
 
 class TaskInterrupted(BaseException):
-    """Raised inside a sync handler's thread when its task passed its timeout
-    or was cancelled (or its agent stops), so that the thread ends.
+    """Raised in a sync handler's thread when its task passed its timeout or was
+    cancelled (or its agent stops), so that the thread ends: by ``ctx.check()``
+    (cooperative, the default), or, for a handler registered with
+    ``interrupt=True``, asynchronously (CPython's ``PyThreadState_SetAsyncExc``)
+    at the thread's next Python instruction after any blocking C call it is in
+    returns; that one can leave a lock the thread was taking held for good
+    (see ``Agent.handler``).
 
-    It is raised asynchronously (CPython's ``PyThreadState_SetAsyncExc``): the
-    thread sees it at its next Python instruction, not inside a blocking C call
-    (``time.sleep``, ``Event.wait``, a socket read), which it leaves first. A
-    ``BaseException``, so that ``except Exception`` does not swallow it; catch it
-    only to clean up, and let it go on. Until the thread has ended, its task
+    A ``BaseException``, so that ``except Exception`` does not swallow it; catch
+    it only to clean up, and let it go on. Until the thread has ended, its task
     keeps its slot of the agent's ``max_concurrent_tasks``.
     """
 
@@ -38,6 +42,10 @@ class TaskContext:
     agent_id: str
     _report: Callable[[float], None] = field(repr=False)
     _loop: asyncio.AbstractEventLoop = field(repr=False)
+    interrupted: threading.Event = field(default_factory=threading.Event, repr=False)
+    """Set when this attempt's handler should stop: its task passed its timeout
+    or was cancelled, or its agent stops. A sync handler calls ``check()`` now
+    and then, or waits with ``interrupted.wait(seconds)`` instead of sleeping."""
 
     @property
     def task_id(self) -> str:
@@ -66,6 +74,12 @@ class TaskContext:
     @property
     def dependency_results(self) -> dict[str, Any]:
         return self.message.dependency_results
+
+    def check(self) -> None:
+        """Raise ``TaskInterrupted`` if the handler should stop (``interrupted``
+        is set); else return. For sync handlers, between steps of their work."""
+        if self.interrupted.is_set():
+            raise TaskInterrupted(f"task {self.task_id} (attempt {self.attempt}) interrupted")
 
     def progress(self, fraction: float) -> None:
         """Report progress (0..1). Callable from async and sync handlers alike."""

@@ -104,13 +104,12 @@ async def test_sync_handler_runs_off_the_event_loop(harness: Harness) -> None:
 
 
 async def test_sync_handler_past_its_timeout_is_reported_timeout(harness: Harness) -> None:
-    # Given a plain-function handler that blocks its thread until released
-    orchestrator = await harness.start_orchestrator()
+    # Given a plain-function handler that blocks its thread until released (and an
+    # orchestrator patient enough that only the agent can report the timeout)
+    orchestrator = await harness.start_orchestrator(PATIENT)
     gate = threading.Event()
-    entered = threading.Event()
 
     def handler(ctx: TaskContext) -> dict:
-        entered.set()
         gate.wait(WAIT)
         return {"late": True}
 
@@ -123,7 +122,6 @@ async def test_sync_handler_past_its_timeout_is_reported_timeout(harness: Harnes
         gate.set()
 
     # Then the task is reported timeout, with the limit in its error
-    assert entered.is_set()
     assert status["status"] == "timeout"
     assert status["error_message"] == "exceeded timeout of 0.5s"
     assert status["result"] is None
@@ -133,11 +131,12 @@ async def test_sync_handler_past_its_timeout_is_reported_timeout(harness: Harnes
 
 
 def _looping_handler(ended: threading.Event, interrupted: list[str]) -> Any:
-    """A sync handler that loops in Python until interrupted, saying how it ended."""
+    """A sync handler that loops until ``ctx.check()`` stops it, saying how it ended."""
 
     def handler(ctx: TaskContext) -> dict:
         try:
             while True:
+                ctx.check()
                 time.sleep(0.01)
         except TaskInterrupted:
             interrupted.append(ctx.task_id)
@@ -148,9 +147,10 @@ def _looping_handler(ended: threading.Event, interrupted: list[str]) -> Any:
     return handler
 
 
-async def test_sync_handler_looping_past_its_timeout_is_interrupted(harness: Harness) -> None:
-    # Given a plain-function handler that loops in Python and never returns
-    orchestrator = await harness.start_orchestrator()
+async def test_sync_handler_checking_past_its_timeout_ends(harness: Harness) -> None:
+    # Given a plain-function handler that loops, calling ctx.check(), and never returns
+    # (an orchestrator patient enough that only the agent can report the timeout)
+    orchestrator = await harness.start_orchestrator(PATIENT)
     ended = threading.Event()
     interrupted: list[str] = []
     agent = await harness.start_agent("worker", ["work"], 1, _looping_handler(ended, interrupted))
@@ -159,7 +159,7 @@ async def test_sync_handler_looping_past_its_timeout_is_interrupted(harness: Har
     task_id = await _submit(orchestrator, timeout=0.5, max_retries=0)
     status = await orchestrator.wait_for_task(task_id, timeout=WAIT)
 
-    # Then the task ends "timeout", and TaskInterrupted ended the handler's thread
+    # Then the task ends "timeout", and ctx.check() ended the handler's thread
     assert status["status"] == "timeout"
     assert status["error_message"] == "exceeded timeout of 0.5s"
     assert await asyncio.to_thread(ended.wait, WAIT)
@@ -171,6 +171,57 @@ async def test_sync_handler_looping_past_its_timeout_is_interrupted(harness: Har
 
     await wait_until(settled, WAIT)
     assert agent.counters.timed_out == 1
+
+
+async def test_sync_handler_opting_in_is_interrupted_in_a_pure_python_loop(
+    harness: Harness,
+) -> None:
+    # Given a plain-function handler registered with interrupt=True that spins
+    # in pure Python and never checks
+    orchestrator = await harness.start_orchestrator(PATIENT)
+    ended = threading.Event()
+    interrupted: list[str] = []
+
+    def handler(ctx: TaskContext) -> dict:
+        spins = 0
+        try:
+            while True:
+                spins += 1
+        except TaskInterrupted:
+            interrupted.append(ctx.task_id)
+            raise
+        finally:
+            ended.set()
+
+    agent = Agent("worker", ["work"], 1, heartbeat_interval=0.3)
+    agent.add_handler("*", handler, interrupt=True)
+    await agent.start(harness.new_bus())
+    harness.agents.append(agent)
+    await harness.wait_agents("worker", timeout=WAIT)
+
+    # When its task's timeout passes
+    task_id = await _submit(orchestrator, timeout=0.5, max_retries=0)
+    status = await orchestrator.wait_for_task(task_id, timeout=WAIT)
+
+    # Then the task ends "timeout", and TaskInterrupted, raised in its thread, ended it
+    assert status["status"] == "timeout"
+    assert await asyncio.to_thread(ended.wait, WAIT)
+    assert interrupted == [task_id]
+
+    async def settled() -> bool:
+        return agent.counters.running == 0
+
+    await wait_until(settled, WAIT)
+
+
+def test_interrupt_is_only_for_sync_handlers() -> None:
+    agent = Agent("worker", ["work"], 1)
+
+    async def handler(ctx: TaskContext) -> dict:
+        return {}
+
+    with pytest.raises(ValueError, match="sync handlers"):
+        agent.add_handler("*", handler, interrupt=True)
 
 
 async def test_cancel_interrupts_a_running_sync_handler(harness: Harness) -> None:
@@ -198,19 +249,21 @@ async def test_cancel_interrupts_a_running_sync_handler(harness: Harness) -> Non
 
 
 async def test_sync_handler_stuck_past_its_timeout_keeps_its_slot(harness: Harness) -> None:
-    # Given an agent with one slot whose first task blocks in a C call (Event.wait),
-    # where the interrupt cannot reach it, until the test releases it
+    # Given an agent with one slot whose first task blocks in a C call (Event.wait)
+    # and never checks, until the test releases it
     orchestrator = await harness.start_orchestrator()
     gate = threading.Event()
     stuck_ended = threading.Event()
-    interrupted: list[bool] = []
+    told: list[bool] = []
+    raised: list[bool] = []
 
     def handler(ctx: TaskContext) -> dict:
         if ctx.payload.get("stuck"):
             try:
                 gate.wait(WAIT)
-            except TaskInterrupted:  # raised once the wait returns
-                interrupted.append(True)
+                told.append(ctx.interrupted.is_set())
+            except TaskInterrupted:  # never raised in its thread: it did not opt in
+                raised.append(True)
                 raise
             finally:
                 stuck_ended.set()
@@ -234,11 +287,12 @@ async def test_sync_handler_stuck_past_its_timeout_keeps_its_slot(harness: Harne
     finally:
         gate.set()
 
-    # And once the stuck thread ends (interrupted as it leaves the wait), it runs
+    # And once the stuck thread ends (told, not raised into), the second runs
     status = await orchestrator.wait_for_task(second, timeout=WAIT)
     assert status["status"] == "completed"
     assert status["result"] == {"stuck_thread_ended": True}
-    assert interrupted == [True]
+    assert told == [True]
+    assert raised == []
     assert agent.counters.max_running == 1
 
 
