@@ -111,6 +111,9 @@ class TaskOrchestrator:
         watch publishes them without looking for them in their queue."""
         self._publishing: dict[str, int] = {}
         """Attempts being handed to the bus now: the watch leaves them alone."""
+        self._declared: dict[str, list[str]] = {}
+        """Capability queues declared whose agents are not all told yet (not in
+        ``_queue_caps``): an agent that registers meanwhile hears of them too."""
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -296,17 +299,12 @@ class TaskOrchestrator:
         await self.store.save_agent(agent)
         await self._send_queues(agent, replay=replay)
 
-    async def _send_queues(
-        self,
-        agent: AgentCapability,
-        *,
-        replay: bool = False,
-        queue_caps: dict[str, list[str]] | None = None,
-    ) -> None:
-        """Tell an agent which queues to consume (of ``queue_caps``, by default those
-        in use); with ``replay`` it first hears which queued tasks were cancelled
-        (see ``_register``: a running agent heard them as they were cancelled)."""
-        queue_caps = self._queue_caps if queue_caps is None else queue_caps
+    async def _send_queues(self, agent: AgentCapability, *, replay: bool = False) -> None:
+        """Tell an agent which queues to consume (those in use, and those declared
+        whose agents are being told); with ``replay`` it first hears which queued
+        tasks were cancelled (see ``_register``: a running agent heard them as they
+        were cancelled)."""
+        queue_caps = {**self._queue_caps, **self._declared}
         keys = [k for k, caps in queue_caps.items() if covers(agent.capabilities, caps)]
         if replay and self._cancelled_in_queue:
             # Before the agent consumes anything: what it must not run, oldest first,
@@ -448,17 +446,39 @@ class TaskOrchestrator:
             return task.task_id
         try:
             await self._publish(task)
-        except BaseException:
+        except asyncio.CancelledError:
+            # The caller gave up, not the bus: the task is marked queued and watched
+            # (published again if it never reached its queue). Nothing is deleted.
+            raise
+        except Exception as exc:
+            if not self._never_started(task):
+                # The message was routed although its confirm never came: an agent took
+                # it and it started (or ended, or was retried) meanwhile. It was
+                # accepted in effect; withdrawing it now would leave it running unknown
+                # (and a resubmission would run it twice).
+                log.warning(
+                    "task %s: its publish failed (%s) but it is %s at attempt %d already: accepted",
+                    task.task_id,
+                    exc,
+                    task.status.value,
+                    task.attempt,
+                )
+                return task.task_id
             # Not accepted after all: leave no trace. (Had the message reached its
             # queue unconfirmed, the agent that starts it is told to cancel it.)
             await self._withdraw(task)
             raise
         return task.task_id
 
+    @staticmethod
+    def _never_started(task: Task) -> bool:
+        """Still its first attempt, queued, and no agent ever reported it started."""
+        return task.status is TaskStatus.ASSIGNED and task.attempt == 1
+
     async def _withdraw(self, task: Task) -> None:
         """Forget a task whose submission failed, as if it had never been submitted."""
-        if task.status.is_final or task.attempt > 1:
-            return  # it was taken further meanwhile (cancelled, published again)
+        if not self._never_started(task):
+            return  # it was taken further meanwhile (started, cancelled, published again)
         self._retries_due.discard(task.task_id)
         self._unsent.pop(task.task_id, None)
         self._stats.forget_task(task)
@@ -480,12 +500,13 @@ class TaskOrchestrator:
         """Hand the task to the bus as a new attempt, after ``delay`` seconds.
 
         The attempt is marked queued, saved and watched first, before anything
-        can fail: until an agent starts it, it is in flight (``retry_due``), so
-        if the publish fails, or the orchestrator stops before the broker
-        confirmed it, the lost-retry watch publishes it again once its queue is
-        empty (or at once if it was known never sent). ``send`` False only marks
-        it so, without a word to the bus (it is failing: the watch publishes it
-        when it can, declaring its queue then).
+        can fail: until the broker confirms it (a delayed retry: until an agent
+        starts it) it is in flight (``retry_due``), so if the publish fails, or
+        the orchestrator stops before the broker confirmed it, the lost-retry
+        watch publishes it again once its queue is empty (or at once if it was
+        known never sent). ``send`` False only marks it so, without a word to
+        the bus (it is failing: the watch publishes it when it can, declaring its
+        queue then).
         """
         key = capability_key(task.required_capabilities)
         old = task.status
@@ -496,7 +517,8 @@ class TaskOrchestrator:
         task.progress = 0.0
         self._deadlines.discard(task.task_id)
         # The tier, not the delay, bounds when a delayed one is back (TTL expires at
-        # the head); any other is due now. Cleared when an agent starts it.
+        # the head); any other is due now. Cleared once confirmed (an undelayed one)
+        # or when an agent starts it.
         task.retry_due = time.time() + (retry_tier_ms(delay) / 1000 if delay > 0 else 0)
         self._watch_retry(task)
         self._unsent[task.task_id] = attempt  # until handed to publish_task
@@ -541,20 +563,30 @@ class TaskOrchestrator:
             if self._publishing.get(task.task_id) == attempt:
                 del self._publishing[task.task_id]
         if delay <= 0 and task.attempt == attempt and task.status is TaskStatus.ASSIGNED:
-            # Confirmed: the watch has nothing to do for it in this process (only a
-            # delayed retry can be dropped on its way back). ``retry_due`` stays set
-            # in the store until it starts, with no write here: an orchestrator that
-            # restarts before then watches it, and finds it in its queue.
+            # Confirmed: in its durable queue, it can no longer be lost (only a delayed
+            # retry can be dropped on its way back), so nobody watches it any more,
+            # not even an orchestrator that restarts before it starts. That one could
+            # not tell it from an attempt an agent took while no orchestrator ran (the
+            # queue is empty, its events wait in the events queue): publishing it again
+            # would cancel the running attempt, or discard its result as superseded.
+            # Durable with the next flush (before an event is acknowledged, or soon).
             self._retries_due.discard(task.task_id)
+            task.retry_due = None
+            await self.store.save_task(task)
 
     async def _ensure_queue(self, key: str, capabilities: list[str]) -> None:
         """Declare a capability queue new to this orchestrator and tell every agent
         that can consume it to do so. It counts as in use (``_queue_caps``) only
         once they were all told: if anything fails, the next publish does it all
-        again (both steps are idempotent)."""
+        again (both steps are idempotent). Meanwhile it is in ``_declared``: an
+        agent that registers or announces itself (again: a restarted process)
+        while the others are told hears of it from ``_register``, even if it was
+        told already."""
         if key in self._queue_caps:
             return
         await self.bus.declare_task_queue(key)
+        # Kept if telling fails: the queue exists, a new agent may as well consume it.
+        self._declared[key] = list(capabilities)
         told: set[str] = set()
         while True:
             # Agents registered while we told the others are told too.
@@ -566,8 +598,9 @@ class TaskOrchestrator:
             if not untold:
                 break
             for agent in untold:
-                await self._send_queues(agent, queue_caps={**self._queue_caps, key: capabilities})
+                await self._send_queues(agent)
                 told.add(agent.agent_id)
+        self._declared.pop(key, None)
         self._queue_caps[key] = list(capabilities)
 
     async def _dependency_results(self, task: Task) -> dict[str, Any]:
@@ -796,7 +829,7 @@ class TaskOrchestrator:
         task.status = TaskStatus.RUNNING
         task.assigned_agent = event.agent_id
         task.started_at = event.at
-        # No longer in flight: saved below with the rest (no write of its own on publish).
+        # No longer in flight (a delayed retry was until now): saved below with the rest.
         task.retry_due = None
         self._retries_due.discard(task.task_id)
         self._unsent.pop(task.task_id, None)

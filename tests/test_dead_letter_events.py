@@ -380,3 +380,113 @@ async def test_a_released_dependent_whose_save_fails_is_published_later(harness:
     assert first["status"] == "completed"
     assert second["status"] == "completed"
     assert (await orchestrator.get_task_status(dep))["status"] == "completed"
+
+
+class _ConfirmLost(MemoryBus):
+    """The in-process bus, whose next task publish reaches its queue but whose
+    confirm is lost: the publisher hears a connection error once ``late`` (awaited
+    with the message) returns, or never while ``hang``."""
+
+    late = None
+    hang = False
+
+    async def publish_task(self, message, **kwargs) -> None:
+        await super().publish_task(message, **kwargs)
+        late, self.late = self.late, None
+        if self.hang:
+            self.hang = False
+            await asyncio.Event().wait()
+        if late is not None:
+            await late(message)
+            raise BusConnectionError("confirm lost (injected)")
+
+
+@pytest.mark.parametrize("then", ["running", "completed"])
+async def test_a_submission_whose_confirm_is_lost_after_it_started_is_accepted(
+    prefix: str, then: str
+) -> None:
+    # Given an agent, and a bus that routes the next task but loses its confirm,
+    # failing the publish only once the orchestrator saw the task start (or end)
+    harness = await _on_failing_bus(prefix, _ConfirmLost)
+    bus = harness._memory_bus
+    try:
+        orchestrator = await harness.start_orchestrator()
+        gate = asyncio.Event()
+        ran: list[int] = []
+
+        async def held(ctx: TaskContext) -> dict:
+            ran.append(ctx.attempt)
+            await gate.wait()
+            return {"attempt": ctx.attempt}
+
+        await harness.start_agent("worker", [], 1, held)
+
+        async def late(message) -> None:
+            if then == "completed":
+                gate.set()
+
+            async def there() -> bool:
+                task = await orchestrator.store.get_task(message.task_id)
+                return task is not None and task.status.value == then
+
+            await wait_until(there, timeout=15)
+
+        bus.late = late
+
+        # When the task is submitted
+        task_id = await orchestrator.submit_task(
+            name="t", description="", task_type="j", payload={}, max_retries=0
+        )
+
+        # Then the submission succeeds (it runs: it was accepted), and the task
+        # completes once, its agent's slot freed
+        gate.set()
+        status = await orchestrator.wait_for_task(task_id, 15)
+        assert status["status"] == "completed"
+        assert status["result"] == {"attempt": 1}
+        assert ran == [1]
+        (agent,) = await orchestrator.get_agents()
+        assert (agent.running, agent.current_load) == (set(), 0)
+        stats = await orchestrator.get_stats()
+        assert (stats["tasks_created"], stats["completed_tasks"]) == (1, 1)
+    finally:
+        await harness.close()
+
+
+async def test_a_submission_cancelled_while_it_publishes_is_kept_and_runs(prefix: str) -> None:
+    # Given a bus that routes the next task but never confirms it (no agent yet)
+    harness = await _on_failing_bus(prefix, _ConfirmLost)
+    bus = harness._memory_bus
+    try:
+        orchestrator = await harness.start_orchestrator()
+        bus.hang = True
+
+        # When the caller gives up on the submission while it waits for the confirm
+        submit = asyncio.ensure_future(
+            orchestrator.submit_task(name="t", description="", task_type="j", payload={})
+        )
+
+        async def published() -> bool:
+            return not bus.hang
+
+        await wait_until(published, timeout=15)
+        submit.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await submit
+
+        # Then the task was not deleted: the message that reached the queue runs
+        (task,) = await orchestrator.store.tasks()
+        assert (task.status, task.attempt) == (TaskStatus.ASSIGNED, 1)
+        ran: list[int] = []
+
+        async def work(ctx: TaskContext) -> dict:
+            ran.append(ctx.attempt)
+            return {"attempt": ctx.attempt}
+
+        await harness.start_agent("worker", [], 1, work)
+        status = await orchestrator.wait_for_task(task.task_id, 15)
+        assert status["status"] == "completed"
+        assert status["result"] == {"attempt": 1}
+        assert ran == [1]
+    finally:
+        await harness.close()
