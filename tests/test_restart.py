@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from broker import (
     ConsumeQueues,
     Control,
     TaskMessage,
+    capability_key,
 )
 from broker.messages import CancelTasks
 from orchestrator import (
@@ -278,22 +280,20 @@ async def test_task_queued_by_the_last_orchestrator_runs_once_after_a_restart(
     first = await harness.start_orchestrator(settings, store=SQLiteStore(path))
     task_id = await first.submit_task(name="t", description="", task_type="j", payload={})
 
-    # When the orchestrator stops, and another starts on its file and watches it
-    # past its grace, looking at its queue in two rounds at least (not started by
-    # an agent, it is still in flight as far as the file says)
+    # When the orchestrator stops (the file says it is queued, confirmed: no longer
+    # in flight), and another starts on its file and runs rounds of its watch
     await first.stop()
+    saved = SQLiteStore(path)
+    task = await saved.get_task(task_id)
+    await saved.close()
+    assert (task.status, task.attempt, task.retry_due) == (TaskStatus.ASSIGNED, 1, None)
     bus = harness.new_bus()
     await bus.connect()
-    looks = _count_depth_looks(bus)
     second = TaskOrchestrator(bus, settings=settings, store=SQLiteStore(path))
+    rounds = _count_watch_rounds(second)
     harness.orchestrator = second
     await second.start()
-
-    async def looked_twice() -> bool:
-        task = await second.store.get_task(task_id)
-        return len(looks) >= 2 or task.attempt > 1
-
-    await wait_until(looked_twice, timeout=15)
+    await asyncio.wait_for(rounds.after(time.time() + settings.lost_retry_grace, 2), 15)
     assert (await second.store.get_task(task_id)).attempt == 1
 
     # Then the queued message is the one that runs: it was not published again
@@ -304,6 +304,101 @@ async def test_task_queued_by_the_last_orchestrator_runs_once_after_a_restart(
     status = await second.wait_for_task(task_id, 15)
     assert status["status"] == "completed"
     assert status["result"] == {"attempt": 1}
+
+
+class _WatchRounds:
+    """Counts the rounds of an orchestrator's watch as they end."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+        self.changed = asyncio.Event()
+
+    async def after(self, moment: float, count: int) -> None:
+        """Until ``count`` rounds ended after ``moment``: the last ones of them
+        began after it (a round begins after the previous one ended)."""
+        while sum(end > moment for end in self.ends) < count:
+            self.changed.clear()
+            await self.changed.wait()
+
+
+def _count_watch_rounds(orchestrator: TaskOrchestrator) -> _WatchRounds:
+    """The end of every round of ``orchestrator``'s watch (its last step forgets
+    finished tasks), before it starts."""
+    rounds = _WatchRounds()
+    real = orchestrator._forget_finished
+
+    async def forget_finished() -> None:
+        await real()
+        rounds.ends.append(time.time())
+        rounds.changed.set()
+
+    orchestrator._forget_finished = forget_finished  # type: ignore[method-assign]
+    return rounds
+
+
+async def test_task_an_agent_took_while_no_orchestrator_ran_runs_once_after_a_restart(
+    harness: Harness, tmp_path: Path
+) -> None:
+    # Given a task queued (and confirmed) behind another one, on an agent with one slot
+    path = tmp_path / "state.sqlite"
+    settings = FAST.model_copy(update={"lost_retry_grace": 0.2, "heartbeat_timeout": 120})
+    first = await harness.start_orchestrator(settings, store=SQLiteStore(path))
+    gate = asyncio.Event()
+    ran: list[tuple[str, int]] = []
+    took = asyncio.Event()
+
+    async def work(ctx: TaskContext) -> dict:
+        ran.append((ctx.task_id, ctx.attempt))
+        if ctx.payload.get("blocker"):
+            await gate.wait()
+        else:
+            took.set()
+        return {"attempt": ctx.attempt}
+
+    await harness.start_agent("worker", [], 1, work)
+    job = {"description": "", "task_type": "j", "max_retries": 0}
+    blocker = await first.submit_task(name="blocker", payload={"blocker": True}, **job)
+
+    async def blocker_running() -> bool:
+        return (await first.get_task_status(blocker))["status"] == "running"
+
+    await wait_until(blocker_running, timeout=15)
+    task_id = await first.submit_task(name="t", payload={}, **job)
+    queued_by = time.time()
+
+    # When the orchestrator stops, the agent then takes the task and runs it (its
+    # events wait in the orchestrator's events queue), and another orchestrator
+    # starts on the file, its watch running rounds before it handles those events
+    # (the task's queue is empty then)
+    await first.stop()
+    gate.set()
+    await asyncio.wait_for(took.wait(), 15)
+    bus = harness.new_bus()
+    if not bus.is_connected:
+        await bus.connect()
+    second = TaskOrchestrator(bus, settings=settings, store=SQLiteStore(path))
+    rounds = _count_watch_rounds(second)
+    real_subscribe = bus.subscribe_events
+
+    async def subscribe_events(handler, **kwargs):
+        async def after_the_rounds(event) -> None:
+            await rounds.after(queued_by + settings.lost_retry_grace, 2)
+            await handler(event)
+
+        return await real_subscribe(after_the_rounds, **kwargs)
+
+    bus.subscribe_events = subscribe_events  # type: ignore[method-assign]
+    harness.orchestrator = second
+    await second.start()
+
+    # Then the attempt the agent took is the one that completes: it ran once,
+    # it was never published again
+    status = await second.wait_for_task(task_id, 15)
+    assert status["status"] == "completed"
+    assert status["result"] == {"attempt": 1}
+    assert (await second.store.get_task(task_id)).attempt == 1
+    assert [attempt for ran_id, attempt in ran if ran_id == task_id] == [1]
+    assert (await second.wait_for_task(blocker, 15))["status"] == "completed"
 
 
 async def test_task_started_while_the_watch_looks_at_its_queue_is_not_published_again(
@@ -361,7 +456,7 @@ class _LookupFailsOnce(SQLiteStore):
 
 
 async def test_a_failure_in_a_round_of_the_watch_loses_no_queued_task(
-    harness: Harness, tmp_path: Path
+    harness: Harness, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Given two tasks saved as queued but never published, both overdue, and a
     # store that fails when the watch reads the first of them
@@ -372,10 +467,11 @@ async def test_a_failure_in_a_round_of_the_watch_loses_no_queued_task(
         _task("a", TaskStatus.ASSIGNED, attempt=1, retry_due=now - 60),
         _task("b", TaskStatus.ASSIGNED, attempt=1, retry_due=now - 30),
     )
+    caplog.set_level(logging.INFO, logger="orchestrator")
     store = _LookupFailsOnce(path)
+    store.fail_for = "a"  # the reload reads tasks(), never get_task
     settings = FAST.model_copy(update={"lost_retry_grace": 0.2})
     orchestrator = await harness.start_orchestrator(settings, store=store)
-    store.fail_for = "a"  # before the first round (monitor_interval)
 
     # When the watch's round fails on the first
     async def attempt(ctx: TaskContext) -> dict:
@@ -387,6 +483,9 @@ async def test_a_failure_in_a_round_of_the_watch_loses_no_queued_task(
         return store.fail_for is None
 
     await wait_until(failed, timeout=15)
+    assert any("watch of task a (attempt 1) failed" in r.getMessage() for r in caplog.records), (
+        "the injected failure did not hit the watch"
+    )
 
     # Then both are still published, and run
     for task_id in ("a", "b"):
@@ -574,3 +673,70 @@ async def test_a_new_agent_or_process_hears_the_tasks_cancelled_in_their_queue(
         assert chunks() == [2, 2, 1] * 3
     finally:
         await watch.close()
+
+
+async def test_an_agent_announcing_while_a_new_queue_is_announced_hears_of_it(
+    harness: Harness,
+) -> None:
+    # Given two agents that cover a capability no task needed yet, their control
+    # queues watched: "early" is told of a new queue before "late"
+    orchestrator = await harness.start_orchestrator(
+        FAST.model_copy(update={"heartbeat_timeout": 120})
+    )
+    bus = harness.new_bus()
+    if not bus.is_connected:
+        await bus.connect()
+    orders: dict[str, list[list[str]]] = {"early": [], "late": []}
+    watches = []
+    for agent_id in orders:
+
+        async def on_control(command: Control, agent_id: str = agent_id) -> None:
+            if isinstance(command, ConsumeQueues):
+                orders[agent_id].append(command.queue_keys)
+
+        watches.append(await bus.subscribe_control(agent_id, on_control))
+        await orchestrator.register_agent(agent_id, ["stage2"], 1)
+    key = capability_key(["stage2"])
+
+    # When a task needs that queue, and "early" (a process restarted under its id,
+    # knowing nothing) announces itself after it was told, while "late" is told
+    real = orchestrator.bus.publish_control
+    announced = asyncio.Event()
+
+    async def publish_control(command: Control, *, agent_id: str | None = None) -> None:
+        if (
+            isinstance(command, ConsumeQueues)
+            and agent_id == "late"
+            and key in command.queue_keys
+            and not announced.is_set()
+        ):
+            announced.set()
+            heard = len(orders["early"])
+            await bus.publish_event(
+                AgentAnnounced(agent_id="early", capabilities=["stage2"], max_concurrent_tasks=1)
+            )
+
+            async def answered() -> bool:
+                return len(orders["early"]) > heard
+
+            await wait_until(answered, timeout=15)
+        await real(command, agent_id=agent_id)
+
+    orchestrator.bus.publish_control = publish_control  # type: ignore[method-assign]
+    try:
+        await orchestrator.submit_task(
+            name="t", description="", task_type="j", payload={}, required_capabilities=["stage2"]
+        )
+
+        # Then what it was told on announcing includes the new queue
+        assert announced.is_set()
+
+        async def late_told() -> bool:
+            return any(key in keys for keys in orders["late"])
+
+        await wait_until(late_told, timeout=15)
+        assert key in orders["early"][-1], orders["early"]
+    finally:
+        orchestrator.bus.publish_control = real  # type: ignore[method-assign]
+        for watch in watches:
+            await watch.close()
