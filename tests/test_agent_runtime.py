@@ -14,7 +14,14 @@ import pytest
 
 from agents import Agent, TaskContext
 from agents.context import TaskInterrupted
-from broker import BusConnectionError, CommunicationBus, TaskDelivery, TaskFinished, parse_task
+from broker import (
+    BusConnectionError,
+    CommunicationBus,
+    TaskDelivery,
+    TaskFinished,
+    TaskStarted,
+    parse_task,
+)
 from orchestrator import TaskOrchestrator
 from tests.harness import FAST, Harness, gone, running_on, wait_until
 
@@ -704,3 +711,111 @@ async def test_stop_acks_a_skipped_cancelled_task_before_it_closes(harness: Harn
     assert recording.deliveries == [(last, False)]
     assert ran == [last]
     assert first.counters.received == 0
+
+
+# ---------------------------------------------------------------- attempts meeting here
+
+
+class _HeldEvents(_FaultyFinalEvent):
+    """An agent's bus whose ``TaskStarted`` publishes (``hold_started``), or whose
+    ``TaskFinished`` publishes of attempt ``hold_finished``, wait until ``gate``
+    is set (a cancel of the publishing job ends the wait)."""
+
+    def __init__(
+        self, bus: CommunicationBus, *, hold_started: bool = False, hold_finished: int | None = None
+    ) -> None:
+        super().__init__(bus)
+        self.hold_started = hold_started
+        self.hold_finished = hold_finished
+        self.gate = asyncio.Event()
+        self.holding = asyncio.Event()
+        """Set when a held publish begins."""
+
+    async def publish_event(self, event: Any) -> None:
+        held = (self.hold_started and isinstance(event, TaskStarted)) or (
+            isinstance(event, TaskFinished) and event.attempt == self.hold_finished
+        )
+        if held:
+            self.holding.set()
+            await self.gate.wait()
+        await super().publish_event(event)
+
+
+async def test_a_cancel_while_the_agent_says_it_started_is_reported_cancelled(
+    harness: Harness,
+) -> None:
+    # Given an agent whose TaskStarted publishes wait, and a task it takes
+    orchestrator = await harness.start_orchestrator()
+    ran: list[str] = []
+
+    async def handler(ctx: TaskContext) -> dict:
+        ran.append(ctx.task_id)
+        return {}
+
+    bus = harness.new_bus()
+    if not bus.is_connected:
+        await bus.connect()
+    held = _HeldEvents(bus, hold_started=True)
+    agent = await _start_agent_on(harness, held, "worker", handler)
+    task_id = await _submit(orchestrator)
+    await asyncio.wait_for(held.holding.wait(), WAIT)
+
+    # When it is cancelled while the agent says it started
+    assert await orchestrator.cancel_task(task_id) is True
+
+    # Then the agent reports it cancelled and acknowledges it (it is not given
+    # back to come again): a task queued after it is the next delivery
+    async def reported() -> bool:
+        return agent.counters.cancelled == 1
+
+    await wait_until(reported, WAIT)
+    held.hold_started = False
+    held.gate.set()
+    last = await _submit(orchestrator)
+    status = await orchestrator.wait_for_task(last, timeout=WAIT)
+    assert status["status"] == "completed"
+    assert held.deliveries == [(task_id, False), (last, False)]
+    assert ran == [last]
+    assert (await orchestrator.get_task_status(task_id))["status"] == "cancelled"
+
+
+async def test_a_new_attempt_runs_while_the_old_one_is_still_reporting(
+    harness: Harness,
+) -> None:
+    # Given an agent with two slots whose report of a task's first attempt
+    # hangs, so that the orchestrator times that attempt out and retries it
+    orchestrator = await harness.start_orchestrator()
+    attempts: list[int] = []
+
+    async def handler(ctx: TaskContext) -> dict:
+        attempts.append(ctx.attempt)
+        return {"attempt": ctx.attempt}
+
+    bus = harness.new_bus()
+    if not bus.is_connected:
+        await bus.connect()
+    held = _HeldEvents(bus, hold_finished=1)
+    agent = Agent("worker", ["work"], 2, heartbeat_interval=0.3)
+    agent.add_handler("*", handler)
+    await agent.start(held)  # type: ignore[arg-type]
+    harness.agents.append(agent)
+    await harness.wait_agents("worker", timeout=WAIT)
+    try:
+        task_id = await _submit(orchestrator, timeout=0.5, max_retries=1)
+        await asyncio.wait_for(held.holding.wait(), WAIT)
+
+        # When the second attempt comes while the first still reports (still here)
+        status = await orchestrator.wait_for_task(task_id, timeout=WAIT)
+    finally:
+        held.gate.set()
+
+    # Then it is not dropped as a duplicate: it runs and completes the task
+    assert status["status"] == "completed"
+    assert status["result"] == {"attempt": 2}
+    assert attempts == [1, 2]
+    assert [d[0] for d in held.deliveries] == [task_id, task_id]
+
+    async def settled() -> bool:
+        return agent.counters.running == 0
+
+    await wait_until(settled, WAIT)
