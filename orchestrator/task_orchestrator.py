@@ -166,6 +166,7 @@ class TaskOrchestrator:
         self._finished.rebuild(tasks)
         by_id = {t.task_id: t for t in tasks}
         pending: list[str] = []
+        now = time.time()
         for task in tasks:
             key = capability_key(task.required_capabilities)
             self._queue_caps.setdefault(key, list(task.required_capabilities))
@@ -173,7 +174,12 @@ class TaskOrchestrator:
                 self._deadlines.start(task.task_id, task.attempt, self._run_deadline(task))
             if task.status is TaskStatus.ASSIGNED and task.retry_due is not None:
                 # A delayed retry, or a publish the broker had not confirmed yet.
-                self._watch_retry(task)
+                # Watched from now at the earliest: an agent may have taken it
+                # while no orchestrator ran, its queue empty then, and its events
+                # still wait in our events queue. Overdue at once, the first
+                # round would publish it again and those events would be ignored
+                # as superseded; the grace lets them be handled first.
+                self._watch_retry(task, since=max(task.retry_due, now))
             if task.status is TaskStatus.PENDING:
                 # A dependency no longer stored was kept until no task needed it: met.
                 unmet = [
@@ -991,11 +997,14 @@ class TaskOrchestrator:
             await self.store.flush()
             log.debug("forgot %d finished task(s)", forgotten)
 
-    def _watch_retry(self, task: Task) -> None:
+    def _watch_retry(self, task: Task, *, since: float | None = None) -> None:
         """Watch a queued attempt until it should have reached its queue: a
         delayed retry until its tier is over, any other one from when it was
-        published (``retry_due``). Plus ``lost_retry_grace``."""
-        due = (task.retry_due or time.time()) + self.settings.lost_retry_grace
+        published (``retry_due``), or from ``since`` if given. Plus
+        ``lost_retry_grace``."""
+        if since is None:
+            since = task.retry_due or time.time()
+        due = since + self.settings.lost_retry_grace
         self._retries_due.start(task.task_id, task.attempt, due)
 
     async def _check_retries(self) -> None:
