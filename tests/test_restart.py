@@ -401,6 +401,113 @@ async def test_task_an_agent_took_while_no_orchestrator_ran_runs_once_after_a_re
     assert (await second.wait_for_task(blocker, 15))["status"] == "completed"
 
 
+async def test_retry_an_agent_took_while_no_orchestrator_ran_runs_once_after_a_restart(
+    harness: Harness, tmp_path: Path
+) -> None:
+    # Given a task whose first attempt failed on an agent with one slot, a blocker
+    # queued before it failed (so the blocker takes that slot, not the retry)
+    path = tmp_path / "state.sqlite"
+    settings = FAST.model_copy(
+        update={
+            "retry_base_delay": 1.0,
+            "retry_max_delay": 1.0,
+            "lost_retry_grace": 5.0,
+            "heartbeat_timeout": 120,
+        }
+    )
+    first = await harness.start_orchestrator(settings, store=SQLiteStore(path))
+    gate = asyncio.Event()
+    ran: list[tuple[str, int]] = []
+    took = asyncio.Event()
+    blockers: list[str] = []
+
+    async def work(ctx: TaskContext) -> dict:
+        ran.append((ctx.task_id, ctx.attempt))
+        if ctx.payload.get("blocker"):
+            await gate.wait()
+        elif ctx.attempt == 1:
+            blockers.append(
+                await first.submit_task(
+                    name="blocker",
+                    description="",
+                    task_type="j",
+                    payload={"blocker": True},
+                    max_retries=0,
+                )
+            )
+            raise RuntimeError("first attempt fails")
+        else:
+            took.set()
+        return {"attempt": ctx.attempt}
+
+    await harness.start_agent("worker", [], 1, work)
+    task_id = await first.submit_task(name="t", description="", task_type="j", payload={})
+
+    async def retry_waiting_behind_the_blocker() -> bool:
+        status = await first.get_task_status(task_id)
+        return (
+            status["retry_count"] == 1
+            and status["status"] == "assigned"
+            and bool(blockers)
+            and (await first.get_task_status(blockers[0]))["status"] == "running"
+        )
+
+    await wait_until(retry_waiting_behind_the_blocker, timeout=15)
+
+    # And the orchestrator stops while the retry (attempt 2) waits in its tier:
+    # its publish was confirmed, it stays in flight (retry_due) until it starts
+    await first.stop()
+    saved = SQLiteStore(path)
+    task = await saved.get_task(task_id)
+    await saved.close()
+    assert (task.status, task.attempt) == (TaskStatus.ASSIGNED, 2)
+    assert task.retry_due is not None
+
+    # When the agent takes it and runs it (its events wait in the orchestrator's
+    # events queue), and another orchestrator starts on the file, its watch
+    # running rounds before it handles those events (the task's queue is empty then)
+    gate.set()
+    await asyncio.wait_for(took.wait(), 15)
+    # (the orchestrator was down longer than the grace: the retry is long overdue)
+    task.retry_due = time.time() - 60
+    await _write(path, task)
+    bus = await harness.connected_bus()
+    published: list[tuple[str, int]] = []
+    real_publish = bus.publish_task
+
+    async def publish_task(message: TaskMessage, *args, **kwargs):
+        published.append((message.task_id, message.attempt))
+        return await real_publish(message, *args, **kwargs)
+
+    bus.publish_task = publish_task  # type: ignore[method-assign]
+    second = TaskOrchestrator(bus, settings=settings, store=SQLiteStore(path))
+    rounds = _count_watch_rounds(second)
+    real_subscribe = bus.subscribe_events
+    restarted = time.time()
+
+    async def subscribe_events(handler, **kwargs):
+        async def after_the_rounds(event) -> None:
+            await rounds.after(restarted, 2)
+            await handler(event)
+
+        return await real_subscribe(after_the_rounds, **kwargs)
+
+    bus.subscribe_events = subscribe_events  # type: ignore[method-assign]
+    harness.orchestrator = second
+    await second.start()
+
+    # Then the attempt the agent took is the one that completes: each attempt
+    # ran once, and no third one was ever published
+    status = await second.wait_for_task(task_id, 15)
+    assert status["status"] == "completed"
+    assert status["result"] == {"attempt": 2}
+    assert status["retry_count"] == 1
+    assert (await second.store.get_task(task_id)).attempt == 2
+    assert [attempt for ran_id, attempt in ran if ran_id == task_id] == [1, 2]
+    assert published == []
+    assert (await second.wait_for_task(blockers[0], 15))["status"] == "completed"
+
+
 async def test_task_started_while_the_watch_looks_at_its_queue_is_not_published_again(
     harness: Harness, tmp_path: Path
 ) -> None:
