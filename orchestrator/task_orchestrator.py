@@ -24,6 +24,7 @@ from broker import (
     AgentHeartbeat,
     AgentLeft,
     BusError,
+    BusNotStarted,
     CancelTask,
     CommunicationBus,
     ConsumeQueues,
@@ -36,7 +37,10 @@ from broker import (
     TaskMessage,
     TaskProgress,
     TaskStarted,
+    TopologyMismatch,
+    TopologyMissing,
     Unregister,
+    UnroutableMessage,
     capability_key,
     covers,
     retry_tier_ms,
@@ -55,6 +59,12 @@ from .timeouts import RunDeadlines
 from .validation import validate_submit
 
 log = logging.getLogger(__name__)
+
+_NOT_ROUTED = (MessageTooLarge, TopologyMismatch, TopologyMissing, UnroutableMessage)
+"""What ``publish_task`` raises only when its message is in no queue: refused before
+it was sent (too large; a queue or exchange that cannot be declared), or returned
+by the broker as unroutable. Anything else it raises (a lost connection, a confirm
+that never came, a closed channel) may come after the broker routed the message."""
 
 _RETIRED_STATS = "stats.retired"
 """Store meta key: what forgotten tasks add to ``get_stats``."""
@@ -457,29 +467,33 @@ class TaskOrchestrator:
             # (published again if it never reached its queue). Nothing is deleted.
             raise
         except Exception as exc:
-            if not self._never_started(task):
-                # The message was routed although its confirm never came: an agent took
-                # it and it started (or ended, or was retried) meanwhile. It was
-                # accepted in effect; withdrawing it now would leave it running unknown
-                # (and a resubmission would run it twice).
-                log.warning(
-                    "task %s: its publish failed (%s) but it is %s at attempt %d already: accepted",
-                    task.task_id,
-                    exc,
-                    task.status.value,
-                    task.attempt,
-                )
-                return task.task_id
-            # Not accepted after all: leave no trace. (Had the message reached its
-            # queue unconfirmed, the agent that starts it is told to cancel it.)
-            await self._withdraw(task)
-            raise
+            if self._unsent.get(task.task_id) == task.attempt and self._never_started(task):
+                # Certainly in no queue (it failed before the bus was handed it, or the
+                # bus says so): not accepted after all, leave no trace.
+                await self._withdraw(task)
+                raise
+            # The message may have been routed although the publish failed (a confirm
+            # lost or late, the connection lost after sending): an agent may have run
+            # it already, its events still waiting to be handled. It is accepted:
+            # withdrawing it would leave it running unknown, and a resubmission would
+            # run it twice. It stays watched: published again if it never reached its
+            # queue (the attempt fence makes a duplicate harmless).
+            log.warning(
+                "task %s: its publish failed (%s) but may have reached its queue"
+                " (%s at attempt %d): accepted, and watched",
+                task.task_id,
+                exc,
+                task.status.value,
+                task.attempt,
+            )
+            return task.task_id
         return task.task_id
 
     @staticmethod
     def _never_started(task: Task) -> bool:
-        """Still its first attempt, queued, and no agent ever reported it started."""
-        return task.status is TaskStatus.ASSIGNED and task.attempt == 1
+        """Still its first attempt, queued, and no agent ever reported it started
+        (a task handed back by an agent that stopped is queued again, started)."""
+        return task.status is TaskStatus.ASSIGNED and task.attempt == 1 and task.started_at is None
 
     async def _withdraw(self, task: Task) -> None:
         """Forget a task whose submission failed, as if it had never been submitted."""
@@ -552,15 +566,22 @@ class TaskOrchestrator:
             )
             if task.attempt != attempt or task.status is not TaskStatus.ASSIGNED:
                 return  # superseded (cancelled, or published again) while we waited
+            if not self.bus.is_connected:
+                raise BusNotStarted("the bus is not connected")
             # From here it may reach its queue even if this fails: the watch looks first.
             if self._unsent.get(task.task_id) == attempt:
                 del self._unsent[task.task_id]
-            await self.bus.publish_task(
-                message,
-                queue_key=key,
-                priority=scheduling.message_priority(task.priority, task.estimated_duration),
-                delay=delay,
-            )
+            try:
+                await self.bus.publish_task(
+                    message,
+                    queue_key=key,
+                    priority=scheduling.message_priority(task.priority, task.estimated_duration),
+                    delay=delay,
+                )
+            except _NOT_ROUTED:
+                if task.attempt == attempt and task.status is TaskStatus.ASSIGNED:
+                    self._unsent[task.task_id] = attempt  # known never sent
+                raise
         except BaseException:
             if task.attempt == attempt and task.status is TaskStatus.ASSIGNED:
                 self._watch_retry(task)  # again: a round of the watch may have taken it
@@ -578,7 +599,13 @@ class TaskOrchestrator:
             # Durable with the next flush (before an event is acknowledged, or soon).
             self._retries_due.discard(task.task_id)
             task.retry_due = None
-            await self.store.save_task(task)
+            try:
+                await self.store.save_task(task)
+            except Exception:
+                # The publish succeeded: a failure of this bookkeeping (a store closed by
+                # a stop racing this publish) is no failed publish. Unsaved, a restart
+                # watches it again, as it does any publish it never saw confirmed.
+                log.exception("task %s: saving its confirmed publish failed", task.task_id)
 
     async def _ensure_queue(self, key: str, capabilities: list[str]) -> None:
         """Declare a capability queue new to this orchestrator and tell every agent
