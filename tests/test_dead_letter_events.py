@@ -15,7 +15,16 @@ import aio_pika
 import pytest
 
 from agents import TaskContext
-from broker import BusConnectionError, BusSettings, ConsumeQueues, Control, DeadLetter, MemoryBus
+from broker import (
+    BusConnectionError,
+    BusSettings,
+    ConsumeQueues,
+    Control,
+    DeadLetter,
+    Event,
+    MemoryBus,
+    MessageTooLarge,
+)
 from orchestrator import MemoryStore, Task, TaskStatus
 from tests.harness import FAST, Harness, wait_until
 
@@ -385,10 +394,17 @@ async def test_a_released_dependent_whose_save_fails_is_published_later(harness:
 class _ConfirmLost(MemoryBus):
     """The in-process bus, whose next task publish reaches its queue but whose
     confirm is lost: the publisher hears a connection error once ``late`` (awaited
-    with the message) returns, or never while ``hang``."""
+    with the message) returns, or never while ``hang``. While ``hold_events``,
+    task events wait in a backlog (``held``) until ``release_events``, as they do
+    in the orchestrator's events queue while it is busy."""
 
     late = None
     hang = False
+    hold_events = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.held: list[Event] = []
 
     async def publish_task(self, message, **kwargs) -> None:
         await super().publish_task(message, **kwargs)
@@ -400,13 +416,28 @@ class _ConfirmLost(MemoryBus):
             await late(message)
             raise BusConnectionError("confirm lost (injected)")
 
+    async def publish_event(self, event: Event) -> None:
+        if self.hold_events and event.kind.startswith("task."):
+            self._require()
+            self.held.append(event)
+            return
+        await super().publish_event(event)
 
-@pytest.mark.parametrize("then", ["running", "completed"])
-async def test_a_submission_whose_confirm_is_lost_after_it_started_is_accepted(
+    async def release_events(self) -> None:
+        self.hold_events = False
+        held, self.held = self.held, []
+        for event in held:
+            await super().publish_event(event)
+
+
+@pytest.mark.parametrize("then", ["queued", "ran-unseen", "running", "completed"])
+async def test_a_submission_whose_confirm_is_lost_is_accepted_and_runs_once(
     prefix: str, then: str
 ) -> None:
-    # Given an agent, and a bus that routes the next task but loses its confirm,
-    # failing the publish only once the orchestrator saw the task start (or end)
+    # Given a bus that routes the next task but loses its confirm, failing the
+    # publish at once while no agent runs (queued), once an agent ran it with its
+    # events still waiting to be handled (ran-unseen), or once the orchestrator
+    # saw it start (running) or end (completed)
     harness = await _on_failing_bus(prefix, _ConfirmLost)
     bus = harness._memory_bus
     try:
@@ -419,13 +450,19 @@ async def test_a_submission_whose_confirm_is_lost_after_it_started_is_accepted(
             await gate.wait()
             return {"attempt": ctx.attempt}
 
-        await harness.start_agent("worker", [], 1, held)
+        if then != "queued":
+            await harness.start_agent("worker", [], 1, held)
+        bus.hold_events = then == "ran-unseen"
 
         async def late(message) -> None:
-            if then == "completed":
+            if then in ("completed", "ran-unseen"):
                 gate.set()
+            if then == "queued":
+                return
 
             async def there() -> bool:
+                if then == "ran-unseen":
+                    return any(e.kind == "task.finished" for e in bus.held)
                 task = await orchestrator.store.get_task(message.task_id)
                 return task is not None and task.status.value == then
 
@@ -438,8 +475,14 @@ async def test_a_submission_whose_confirm_is_lost_after_it_started_is_accepted(
             name="t", description="", task_type="j", payload={}, max_retries=0
         )
 
-        # Then the submission succeeds (it runs: it was accepted), and the task
-        # completes once, its agent's slot freed
+        # Then the submission succeeds (the message may have been routed: it is
+        # accepted), and the task completes once, its agent's slot freed
+        if then == "ran-unseen":
+            task = await orchestrator.store.get_task(task_id)
+            assert (task.status, task.attempt) == (TaskStatus.ASSIGNED, 1)
+            await bus.release_events()
+        if then == "queued":
+            await harness.start_agent("worker", [], 1, held)
         gate.set()
         status = await orchestrator.wait_for_task(task_id, 15)
         assert status["status"] == "completed"
@@ -451,6 +494,132 @@ async def test_a_submission_whose_confirm_is_lost_after_it_started_is_accepted(
         assert (stats["tasks_created"], stats["completed_tasks"]) == (1, 1)
     finally:
         await harness.close()
+
+
+async def test_a_submission_whose_publish_fails_unsure_is_published_again_by_the_watch(
+    prefix: str,
+) -> None:
+    # Given an agent, and a bus whose next task publish fails with a connection
+    # error without the message reaching any queue (the caller cannot know that)
+    harness = Harness("memory", BusSettings(prefix=prefix))
+    bus = _FailingPublishes(settings=harness.settings)
+    harness._memory_bus = bus
+    harness.buses.append(bus)
+    try:
+        orchestrator = await harness.start_orchestrator(
+            FAST.model_copy(update={"lost_retry_grace": 0.2})
+        )
+        ran: list[int] = []
+
+        async def work(ctx: TaskContext) -> dict:
+            ran.append(ctx.attempt)
+            return {"attempt": ctx.attempt}
+
+        await harness.start_agent("worker", [], 1, work)
+        bus.fail_publishes = 1
+
+        # When a task is submitted
+        task_id = await orchestrator.submit_task(
+            name="t", description="", task_type="j", payload={}, max_retries=0
+        )
+
+        # Then it is accepted, and the watch publishes it again: it runs once
+        assert bus.fail_publishes == 0
+        status = await orchestrator.wait_for_task(task_id, 15)
+        assert status["status"] == "completed"
+        assert status["result"] == {"attempt": 2}
+        assert ran == [2]
+        stats = await orchestrator.get_stats()
+        assert (stats["tasks_created"], stats["completed_tasks"]) == (1, 1)
+    finally:
+        await harness.close()
+
+
+async def test_a_submission_too_large_to_publish_fails_without_a_trace(harness: Harness) -> None:
+    # Given two completed tasks whose results together exceed the largest message
+    orchestrator = await harness.start_orchestrator()
+    half = harness.settings.max_message_bytes * 6 // 10
+
+    async def big(ctx: TaskContext) -> dict:
+        return {"blob": "x" * half}
+
+    await harness.start_agent("worker", [], 2, big)
+    job = {"description": "", "task_type": "j", "payload": {}, "max_retries": 0}
+    deps = [await orchestrator.submit_task(name=f"dep{i}", **job) for i in range(2)]
+    for dep in deps:
+        assert (await orchestrator.wait_for_task(dep, 15))["status"] == "completed"
+
+    # When a task depending on both is submitted: its message is refused unsent
+    with pytest.raises(MessageTooLarge):
+        await orchestrator.submit_task(name="too large", dependencies=deps, **job)
+
+    # Then the submission failed without a trace
+    assert sorted(t.task_id for t in await orchestrator.store.tasks()) == sorted(deps)
+    stats = await orchestrator.get_stats()
+    assert (stats["tasks_created"], stats["pending_tasks"]) == (2, 0)
+
+
+async def test_a_submission_on_a_closed_bus_fails_without_a_trace(harness: Harness) -> None:
+    # Given an orchestrator that published to a queue already, whose bus is then closed
+    orchestrator = await harness.start_orchestrator()
+    await harness.start_agent("worker", [], 1)
+    job = {"name": "t", "description": "", "task_type": "j", "payload": {}}
+    first = await orchestrator.submit_task(**job)
+    assert (await orchestrator.wait_for_task(first, 15))["status"] == "completed"
+    await orchestrator.bus.close()
+
+    # When a task is submitted: nothing can be sent
+    with pytest.raises(ConnectionError):
+        await orchestrator.submit_task(**job)
+
+    # Then the submission failed without a trace
+    assert [t.task_id for t in await orchestrator.store.tasks()] == [first]
+    stats = await orchestrator.get_stats()
+    assert (stats["tasks_created"], stats["pending_tasks"]) == (1, 0)
+
+
+class _StoreClosesAfterConfirm(MemoryStore):
+    """An in-memory store that is closed (as by a racing ``stop()``) just when a
+    confirmed publish of ``name`` is saved."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.failed = False
+
+    async def save_task(self, task: Task) -> None:
+        confirmed = task.status is TaskStatus.ASSIGNED and task.retry_due is None
+        if task.name == self.name and confirmed and not self.failed:
+            self.failed = True
+            raise RuntimeError("the store is closed (injected)")
+        await super().save_task(task)
+
+
+@pytest.mark.parametrize("bus_kind", ["memory"], indirect=True)
+async def test_a_submission_whose_store_fails_after_the_confirm_is_accepted(
+    harness: Harness,
+) -> None:
+    # Given a store that fails saving the confirm of the next task's publish
+    store = _StoreClosesAfterConfirm("t")
+    orchestrator = await harness.start_orchestrator(store=store)
+    ran: list[int] = []
+
+    async def work(ctx: TaskContext) -> dict:
+        ran.append(ctx.attempt)
+        return {"attempt": ctx.attempt}
+
+    await harness.start_agent("worker", [], 1, work)
+
+    # When the task is submitted and published
+    task_id = await orchestrator.submit_task(
+        name="t", description="", task_type="j", payload={}, max_retries=0
+    )
+
+    # Then the publish counts as done: the id is returned and the task runs once
+    assert store.failed
+    status = await orchestrator.wait_for_task(task_id, 15)
+    assert status["status"] == "completed"
+    assert ran == [1]
 
 
 async def test_a_submission_cancelled_while_it_publishes_is_kept_and_runs(prefix: str) -> None:
