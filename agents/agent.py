@@ -675,7 +675,7 @@ class Agent:
         # running.handler says when it has really ended (_until_handler_ends).
         call: _SyncCall | None = None
         if inspect.iscoroutinefunction(handler):
-            task = loop.create_task(handler(ctx), name=f"handler:{message.task_id}")
+            task = loop.create_task(_contained(handler(ctx)), name=f"handler:{message.task_id}")
             self._async_handlers.add(task)
             task.add_done_callback(self._async_handlers.discard)
             running.handler = task
@@ -710,7 +710,13 @@ class Agent:
             # It cancelled itself (or was cancelled by someone else): it failed here.
             self.counters.failed += 1
             return final("failed", error="the handler was cancelled")
-        except Exception as exc:  # the handler's failure is the task's, not ours
+        except BaseException as exc:  # the handler's failure is the task's, not ours
+            # Any exception: a sync handler's sys.exit() (SystemExit), a
+            # KeyboardInterrupt, a TaskInterrupted it raised itself (its timeout
+            # or cancel is reported above, without looking at its end) end the
+            # attempt, never the agent.
+            if isinstance(exc, _HandlerExit):
+                exc = exc.original
             self.counters.failed += 1
             return final("failed", error=f"{type(exc).__name__}: {exc}")
         self.counters.completed += 1
@@ -729,6 +735,25 @@ class Agent:
             await self._bus.publish_event(event)
         except BusError as exc:
             log.debug("progress not sent: %s", exc)
+
+
+class _HandlerExit(Exception):
+    """An async handler's ``SystemExit`` or ``KeyboardInterrupt``, carried as an
+    ordinary exception: a task raising one of those re-raises it out of the
+    event loop, which would stop the agent."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(f"{type(original).__name__}: {original}")
+        self.original = original
+
+
+async def _contained(coro: Any) -> Any:
+    """Run an async handler's coroutine so that no exception of its own can
+    stop the event loop (see ``_HandlerExit``)."""
+    try:
+        return await coro
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise _HandlerExit(exc) from exc
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

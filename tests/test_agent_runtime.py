@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -819,3 +820,52 @@ async def test_a_new_attempt_runs_while_the_old_one_is_still_reporting(
         return agent.counters.running == 0
 
     await wait_until(settled, WAIT)
+
+
+# ---------------------------------------------------------------- handlers raising BaseException
+
+
+@pytest.mark.parametrize("kind", ["sync_exit", "async_keyboard_interrupt"])
+async def test_a_handler_raising_a_base_exception_fails_its_task_not_the_agent(
+    harness: Harness, kind: str
+) -> None:
+    # Given an agent with one slot whose handler, for the first task, calls
+    # sys.exit(3) (a sync handler) or raises KeyboardInterrupt (an async one)
+    orchestrator = await harness.start_orchestrator()
+
+    def sync_handler(ctx: TaskContext) -> dict:
+        if ctx.payload.get("boom"):
+            sys.exit(3)
+        return {"after": True}
+
+    async def async_handler(ctx: TaskContext) -> dict:
+        if ctx.payload.get("boom"):
+            raise KeyboardInterrupt("pressed")
+        return {"after": True}
+
+    handler = sync_handler if kind == "sync_exit" else async_handler
+    agent = await harness.start_agent("worker", ["work"], 1, handler)
+
+    # When that task runs
+    boom = await _submit(orchestrator, payload={"boom": True}, max_retries=0)
+    status = await orchestrator.wait_for_task(boom, timeout=WAIT)
+
+    # Then it failed, with an error naming the exception
+    assert status["status"] == "failed"
+    expected = "SystemExit: 3" if kind == "sync_exit" else "KeyboardInterrupt: pressed"
+    assert status["error_message"] == expected
+
+    # And the agent goes on: its only slot is free, and the next task completes there
+    after = await _submit(orchestrator)
+    status = await orchestrator.wait_for_task(after, timeout=WAIT)
+    assert status["status"] == "completed"
+    assert status["result"] == {"after": True}
+    assert status["assigned_agent"] == "worker"
+    assert agent.counters.failed == 1
+    assert agent.counters.completed == 1
+
+    async def settled() -> bool:
+        return agent.counters.running == 0 and not agent._running
+
+    await wait_until(settled, WAIT)
+    assert agent.counters.max_running == 1
