@@ -114,6 +114,10 @@ class _Running:
     handler: asyncio.Future[Any] | None = None
     """The handler's run: an async handler's own task, or a sync handler's
     future in its worker thread. Done when the handler has really ended."""
+    ending: bool = False
+    """The attempt has ended here (reported, or to be run again) but its
+    delivery is not settled yet: it stays known here until it is, so that a
+    redelivery of the same attempt meanwhile is taken for the duplicate it is."""
 
 
 class Agent:
@@ -361,7 +365,10 @@ class Agent:
             try:
                 assert self._bus is not None
                 await self._bus.publish_event(
-                    AgentHeartbeat(agent_id=self.agent_id, running=len(self._running))
+                    AgentHeartbeat(
+                        agent_id=self.agent_id,
+                        running=sum(1 for r in self._running.values() if not r.ending),
+                    )
                 )
             except BusError as exc:
                 log.warning("agent %s: heartbeat not sent: %s", self.agent_id, exc)
@@ -388,6 +395,8 @@ class Agent:
         """Skip the task if it arrives; stop its handler if it runs here."""
         self._remember_cancelled(task_id, attempt)
         for (running_id, running_attempt), running in list(self._running.items()):
+            if running.ending:
+                continue  # already reported; its handler was told to stop
             if running_id == task_id and attempt in (None, running_attempt):
                 self._stop_job(running, "cancelled")
 
@@ -507,18 +516,24 @@ class Agent:
         self.counters.received += 1
         self.counters.running += 1
         self.counters.max_running = max(self.counters.max_running, self.counters.running)
-        released = False
+        uncounted = False
+
+        def uncount() -> None:
+            # Before the delivery is settled: once it is, the broker may hand this
+            # agent another task in its place, which must not find this attempt
+            # still counted as running here.
+            nonlocal uncounted
+            if not uncounted:
+                uncounted = True
+                self.counters.running -= 1
 
         def release() -> None:
-            # Before the delivery is settled: once it is, the broker may hand this
-            # agent the same task again (requeued) or another one in its place, and
-            # neither must find this attempt still counted as running here.
-            nonlocal released
-            if not released:
-                released = True
-                self.counters.running -= 1
-                if self._running.get(key) is running:  # not a redelivery's, run since
-                    del self._running[key]
+            # Before a requeue (the same attempt must run again when it comes
+            # back), else once the delivery is settled: until then a redelivery
+            # of this attempt (the channel lost) is a duplicate of it.
+            uncount()
+            if self._running.get(key) is running:  # not a redelivery's, run since
+                del self._running[key]
 
         try:
             running.job = asyncio.get_running_loop().create_task(
@@ -542,8 +557,9 @@ class Agent:
                 assert self._bus is not None
                 await self._bus.publish_event(cancelled_early)
                 await self._until_handler_ends(running)
-                release()
+                uncount()
                 await delivery.ack()
+                release()
             elif running.job.cancelled():
                 # Stopped before it ended (a stop it outlived, or unregistered):
                 # what ran it no longer counts. A job that did end is reported
@@ -559,8 +575,9 @@ class Agent:
                     assert self._bus is not None
                     await self._bus.publish_event(finished)
                 await self._until_handler_ends(running)
-                release()
+                uncount()
                 await delivery.ack()
+                release()
         except BusError as exc:
             # The final event did not go out: the task must run again. Requeue it;
             # if the channel is gone, the broker has already given it back. One
@@ -596,15 +613,15 @@ class Agent:
         really ended (an async handler may ignore its cancellation, a sync one
         be stuck in a C call): until then the delivery holds its slot of the
         prefetch, so that no other task runs in its place. The attempt has
-        ended here (reported, or to be run again), so it is no longer counted
-        as running here: a new attempt of the same task may come meanwhile.
-        A stop does not wait for it (nothing new is taken then)."""
+        ended here (reported, or to be run again): it is marked ending, but
+        stays known here until its delivery is settled, so that a redelivery of
+        the same attempt (its channel lost) is acknowledged as a duplicate
+        rather than run beside this handler; a new attempt of the same task
+        runs meanwhile. A stop does not wait for it (nothing new is taken then)."""
+        running.ending = True
         handler = running.handler
         if handler is None or handler.done() or self._stopping:
             return
-        key = (running.message.task_id, running.message.attempt)
-        if self._running.get(key) is running:
-            del self._running[key]
         halted = asyncio.ensure_future(self._halted.wait())
         try:
             done, _ = await asyncio.wait(

@@ -869,3 +869,148 @@ async def test_a_handler_raising_a_base_exception_fails_its_task_not_the_agent(
 
     await wait_until(settled, WAIT)
     assert agent.counters.max_running == 1
+
+
+# ---------------------------------------------------------------- an attempt until it is settled
+
+
+class _RecordingQueues(_FaultyFinalEvent):
+    """Records, besides the deliveries, the queue key each came from."""
+
+    def __init__(self, bus: CommunicationBus) -> None:
+        super().__init__(bus)
+        self.queue_keys: list[str] = []
+
+    async def open_task_consumer(self, consumer_id: str, *, prefetch: int, handler: Any) -> Any:
+        async def recording(delivery: TaskDelivery) -> None:
+            self.queue_keys.append(delivery.queue_key)
+            await handler(delivery)
+
+        return await super().open_task_consumer(consumer_id, prefetch=prefetch, handler=recording)
+
+
+async def test_a_redelivery_of_an_attempt_whose_handler_still_ends_is_a_duplicate(
+    harness: Harness,
+) -> None:
+    # Given an agent with two slots, and a task whose async handler ignores its
+    # cancel and still runs after the agent reported the task's timeout (an
+    # orchestrator patient enough that only the agent reports it)
+    orchestrator = await harness.start_orchestrator(PATIENT)
+    release = asyncio.Event()
+    runs: list[tuple[str, int]] = []
+    messages: list[Any] = []
+
+    async def handler(ctx: TaskContext) -> dict:
+        runs.append((ctx.task_id, ctx.attempt))
+        if ctx.payload.get("deaf"):
+            messages.append(ctx.message)
+            while not release.is_set():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await release.wait()
+            return {"late": True}
+        return {"after": True}
+
+    bus = harness.new_bus()
+    if not bus.is_connected:
+        await bus.connect()
+    recording = _RecordingQueues(bus)
+    agent = Agent("worker", ["work"], 2, heartbeat_interval=0.3)
+    agent.add_handler("*", handler)
+    await agent.start(recording)  # type: ignore[arg-type]
+    harness.agents.append(agent)
+    await harness.wait_agents("worker", timeout=WAIT)
+    try:
+        deaf = await _submit(orchestrator, payload={"deaf": True}, timeout=0.5, max_retries=0)
+        status = await orchestrator.wait_for_task(deaf, timeout=WAIT)
+        assert status["status"] == "timeout"
+
+        # When the same attempt is delivered again meanwhile (as the broker
+        # does when the channel that had it is lost before it is settled)
+        await orchestrator.bus.publish_task(
+            messages[0], queue_key=recording.queue_keys[0], priority=0
+        )
+
+        async def handled() -> bool:
+            # acknowledged as a duplicate (only the first is unsettled), or run
+            return len(recording.deliveries) == 2 and (len(agent._unsettled) == 1 or len(runs) == 2)
+
+        await wait_until(handled, WAIT)
+
+        # Then it is acknowledged as a duplicate, not run beside the old handler
+        assert recording.deliveries == [(deaf, False), (deaf, False)]
+        assert runs == [(deaf, 1)]
+        assert agent.counters.received == 1
+    finally:
+        release.set()
+
+    # And once the old handler ends, nothing of that attempt is left here
+    after = await _submit(orchestrator)
+    status = await orchestrator.wait_for_task(after, timeout=WAIT)
+    assert status["status"] == "completed"
+
+    async def settled() -> bool:
+        return agent.counters.running == 0 and not agent._running and not agent._unsettled
+
+    await wait_until(settled, WAIT)
+    assert runs == [(deaf, 1), (after, 1)]
+    assert (await orchestrator.get_task_status(deaf))["status"] == "timeout"
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+async def test_no_attempt_stays_known_after_its_delivery_is_settled(
+    harness: Harness, kind: str
+) -> None:
+    # Given an agent with two slots, and tasks that complete, fail, are
+    # cancelled, or time out with a handler that goes on past its timeout
+    orchestrator = await harness.start_orchestrator(PATIENT)
+    outcomes = ["completed", "failed", "timeout", "completed", "cancelled", "completed"]
+    gates = [threading.Event() for _ in outcomes]
+
+    def work(ctx: TaskContext) -> dict:
+        outcome = ctx.payload["outcome"]
+        if outcome == "failed":
+            raise RuntimeError("boom")
+        if outcome in ("timeout", "cancelled"):
+            gates[ctx.payload["n"]].wait(WAIT)  # deaf to its interruption until then
+        return {"n": ctx.payload["n"]}
+
+    async def async_handler(ctx: TaskContext) -> dict:
+        if ctx.payload["outcome"] in ("timeout", "cancelled"):
+            while not gates[ctx.payload["n"]].is_set():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(0.05)
+        return work(ctx)
+
+    agent = await harness.start_agent(
+        "worker", ["work"], 2, async_handler if kind == "async" else work
+    )
+    try:
+        ids = []
+        for n, outcome in enumerate(outcomes):
+            timeout = 0.5 if outcome == "timeout" else 300.0
+            task_id = await _submit(
+                orchestrator, payload={"outcome": outcome, "n": n}, timeout=timeout, max_retries=0
+            )
+            ids.append(task_id)
+            if outcome == "cancelled":
+                await wait_until(lambda t=task_id: running_on(orchestrator, t, "worker"), WAIT)
+                assert await orchestrator.cancel_task(task_id) is True
+            if outcome in ("timeout", "cancelled"):
+                status = await orchestrator.wait_for_task(task_id, timeout=WAIT)
+                assert status["status"] == outcome
+                gates[n].set()  # its handler ends
+        # When every one of them has ended
+        for task_id, outcome in zip(ids, outcomes, strict=True):
+            status = await orchestrator.wait_for_task(task_id, timeout=WAIT)
+            assert status["status"] == outcome
+    finally:
+        for gate in gates:
+            gate.set()
+
+    # Then once their deliveries are settled, no attempt is left known here
+    async def settled() -> bool:
+        return agent.counters.running == 0 and not agent._running and not agent._unsettled
+
+    await wait_until(settled, WAIT)
+    assert agent.counters.received == len(outcomes)
+    assert agent.counters.max_running <= 2
