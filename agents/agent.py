@@ -551,16 +551,7 @@ class Agent:
                     assert self._bus is not None
                     await self._bus.publish_event(cancelled_early)
                 await self._until_handler_ends(running)  # then reattach (finally)
-            elif cancelled_early is not None:
-                # Cancelled on request before its handler was waited for (while
-                # it said it started): reported cancelled, as a skipped one is.
-                assert self._bus is not None
-                await self._bus.publish_event(cancelled_early)
-                await self._until_handler_ends(running)
-                uncount()
-                await delivery.ack()
-                release()
-            elif running.job.cancelled():
+            elif running.job.cancelled() and cancelled_early is None:
                 # Stopped before it ended (a stop it outlived, or unregistered):
                 # what ran it no longer counts. A job that did end is reported
                 # below, even if a stop came in the meantime.
@@ -570,7 +561,12 @@ class Agent:
                 else:
                     await delivery.requeue()
             else:
-                finished: TaskFinished | None = running.job.result()
+                # It ended; or it was cancelled on request before its handler was
+                # waited for (while it said it started): reported cancelled, as a
+                # skipped one is.
+                finished: TaskFinished | None = (
+                    cancelled_early if cancelled_early is not None else running.job.result()
+                )
                 if finished is not None:
                     assert self._bus is not None
                     await self._bus.publish_event(finished)
