@@ -414,16 +414,17 @@ def test_log_records_lose_the_password_in_message_arguments_and_traceback(
     import io
     import logging
 
-    from orchestrator import cli
+    from orchestrator.cli import redaction
+    from orchestrator.cli.logs import LogFilter
 
     password = "Pw-" + secrets.token_hex(8)
     url = f"amqp://someone:{password}@127.0.0.1:5672/"
-    monkeypatch.setattr(cli, "_secrets", set())
-    cli._remember_secret(url)
+    monkeypatch.setattr(redaction, "known_secrets", set())
+    redaction.remember_secret(url)
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    handler.addFilter(cli._LogFilter())
+    handler.addFilter(LogFilter())
     logger = logging.getLogger(f"test.scrub.{secrets.token_hex(4)}")
     logger.addHandler(handler)
     logger.propagate = False
@@ -626,11 +627,11 @@ def test_watch_view_renders_stats_agents_queues_and_events() -> None:
     from rich.console import Console
 
     from broker import AgentAnnounced, AgentHeartbeat, TaskFinished, TaskStarted
-    from orchestrator import cli
+    from orchestrator.cli.watch import WatchView
 
     # Given the view of a prefix, after one poll and a few events
     settings = BusSettings(broker_url="amqp://ops:view-s3cret@rabbit:5672/", prefix="shop")
-    view = cli._WatchView(settings)
+    view = WatchView(settings)
     view.stats = {
         "tasks_created": 7, "pending_tasks": 2, "running_tasks": 1, "tasks_completed": 3,
         "tasks_failed": 1, "overall_utilization": 0.25,
@@ -680,12 +681,13 @@ def test_watch_shows_the_password_as_a_word_in_data_but_in_no_url_or_error(
     from rich.console import Console
 
     from broker import TaskFinished
-    from orchestrator import cli
+    from orchestrator.cli import redaction
+    from orchestrator.cli.watch import WatchView
 
     # Given a view knowing a broker password, a short and common one
-    monkeypatch.setattr(cli, "_secrets", set())
-    cli._remember_secret("amqp://ops:cat@rabbit:5672/")
-    view = cli._WatchView(BusSettings(broker_url="amqp://ops:cat@rabbit:5672/", prefix="shop"))
+    monkeypatch.setattr(redaction, "known_secrets", set())
+    redaction.remember_secret("amqp://ops:cat@rabbit:5672/")
+    view = WatchView(BusSettings(broker_url="amqp://ops:cat@rabbit:5672/", prefix="shop"))
 
     # When a task's error holds it as a word and in a URL, and the view's note
     # (an error of the command line) holds it too

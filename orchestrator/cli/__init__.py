@@ -1,0 +1,149 @@
+"""The command line, installed as ``orchestrator`` (also ``python -m orchestrator``).
+
+``serve`` runs the orchestrator; ``agent run`` runs an agent from user code;
+``submit``, ``status``, ``cancel``, ``stats`` and ``agents`` talk to a running
+``serve`` with the request protocol on ``<prefix>.rpc`` (``broker.messages``),
+exactly as any other service would; ``watch`` shows events, queue depths and
+agent load live; ``demo`` runs the seed's workflow; ``topology`` and
+``schemas`` export the RabbitMQ definitions and the wire-message schemas.
+
+Settings come from options, else ``ORCHESTRATOR_*`` environment variables
+(pydantic-settings), else defaults. Every error is caught here and printed as
+one line, ``error: ...``, on stderr, with the broker password blanked out;
+in data (results, ``--json``) only a URL's ``user:password@`` is, so that the
+password as a plain word in a task's result is printed as it is.
+
+Each command is a module (``serve``, ``agent``, ``requests``, ``watch``,
+``exports``); this one wires them into one parser and is the boundary where
+errors become exit codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import typer
+from pydantic import ValidationError
+
+from broker import BusError, NoReply
+
+from . import agent, exports, requests, serve, watch
+from .errors import (
+    EXIT_BAD_INPUT,
+    EXIT_CODES_HELP,
+    EXIT_OK,
+    EXIT_TASK_DID_NOT_COMPLETE,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    CliError,
+)
+from .logs import setup_logging
+from .output import err
+from .redaction import remember_secret, scrub
+
+__all__ = [
+    # the console script
+    "main",
+    "app",
+    # how a command ends
+    "CliError",
+    "EXIT_OK",
+    "EXIT_BAD_INPUT",
+    "EXIT_USAGE",
+    "EXIT_UNREACHABLE",
+    "EXIT_TASK_DID_NOT_COMPLETE",
+]
+
+log = logging.getLogger(__name__)
+
+app = typer.Typer(
+    name="orchestrator",
+    help="A task orchestrator for fleets of worker agents, with RabbitMQ as its bus.",
+    epilog=EXIT_CODES_HELP,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+agent_app = typer.Typer(
+    help="Run agents defined in your code.", epilog=EXIT_CODES_HELP, rich_markup_mode=None
+)
+app.add_typer(agent_app, name="agent")
+
+for _command in (
+    serve.serve,
+    requests.submit,
+    requests.status,
+    requests.cancel,
+    requests.stats,
+    requests.agents,
+    watch.watch,
+    agent.demo,
+    exports.topology,
+    exports.schemas,
+):
+    app.command(epilog=EXIT_CODES_HELP)(_command)
+agent_app.command("run", epilog=EXIT_CODES_HELP)(agent.agent_run)
+
+
+@app.callback(invoke_without_command=True)
+@agent_app.callback(invoke_without_command=True)
+def _help_without_a_command(context: typer.Context) -> None:
+    if context.invoked_subcommand is None:
+        print(context.get_help())
+        raise typer.Exit(EXIT_USAGE)
+
+
+# --- the boundary -------------------------------------------------------------------------------
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or exc.title
+        variable = f"ORCHESTRATOR_{where.upper()}"
+        given = first.get("input")
+        if isinstance(given, str) and os.environ.get(variable) == given:
+            where = f"{variable}={given!r}"  # a setting from the environment: say which
+        message = f"{where}: {str(first['msg']).removeprefix('Value error, ')}"
+    else:
+        message = str(exc) or type(exc).__name__
+    return scrub(" ".join(message.split()))
+
+
+def _fail(message: str, code: int) -> int:
+    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console script: run one command, turn every error into one line and an exit code."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    remember_secret(os.environ.get("ORCHESTRATOR_BROKER_URL"))
+    for arg in args:
+        if "://" in arg:
+            remember_secret(arg.partition("=")[2] if arg.startswith("--") else arg)
+    if not logging.getLogger().handlers:
+        setup_logging("warning")
+    try:
+        result = app(args=args, prog_name="orchestrator", standalone_mode=False)
+    except typer.TyperException as exc:  # the command line's own errors: usage
+        context = getattr(exc, "ctx", None)
+        command = context.command_path if context is not None else "orchestrator"
+        message = scrub(" ".join(exc.format_message().split()))
+        return _fail(f"{message} (see '{command} --help')", EXIT_USAGE)
+    except (typer.Abort, KeyboardInterrupt):
+        return _fail("interrupted", 130)
+    except CliError as exc:
+        return _fail(_one_line(exc), exc.code)
+    except (NoReply, ConnectionError) as exc:
+        return _fail(_one_line(exc), EXIT_UNREACHABLE)
+    except ValueError as exc:  # pydantic's ValidationError, InvalidMessage, bad settings
+        return _fail(_one_line(exc), EXIT_BAD_INPUT)
+    except BusError as exc:
+        return _fail(_one_line(exc), EXIT_UNREACHABLE)
+    except Exception as exc:
+        log.debug("unexpected error", exc_info=True)
+        return _fail(f"{type(exc).__name__}: {_one_line(exc)}", EXIT_BAD_INPUT)
+    return result if isinstance(result, int) else EXIT_OK

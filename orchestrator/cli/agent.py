@@ -1,0 +1,85 @@
+"""``agent run`` and ``demo``: the commands that run agents.
+
+They are the entry points that may import the ``agents`` package beside the
+orchestrator (the two packages never import each other), and they import it
+only when they run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from broker import BusSettings, RabbitMQBus
+
+from .errors import CliError
+from .logs import log_filter, setup_logging
+from .redaction import remember_secret
+from .settings import Broker, LogLevel, LogLevelName, Prefix, read_settings
+
+
+def agent_run(
+    spec: Annotated[
+        str,
+        typer.Argument(
+            metavar="MODULE:OBJECT",
+            help="An Agent in your code, or a function returning one (my_agents:agent).",
+        ),
+    ],
+    broker: Broker = None,
+    prefix: Prefix = None,
+    log_level: LogLevel = LogLevelName.info,
+) -> None:
+    """Run an agent until SIGTERM or Ctrl-C; running tasks finish first."""
+    setup_logging(log_level)
+    settings, _ = read_settings(broker, prefix)
+    # An entry point that runs agents: the one place besides demo that imports both.
+    from agents import load_agent
+
+    sys.path.insert(0, os.getcwd())  # modules beside the user, as `python -m` would
+    try:
+        agent = load_agent(spec)
+    except ImportError as exc:
+        raise CliError(f"agent: cannot import {spec.partition(':')[0]!r}: {exc}") from None
+    except ValueError:
+        raise
+    except Exception as exc:  # the user's code failed while building the agent
+        raise CliError(f"agent: {spec} failed: {type(exc).__name__}: {exc}") from None
+    asyncio.run(_run_agent(agent, settings))
+
+
+async def _run_agent(agent: Any, settings: BusSettings) -> None:
+    bus = RabbitMQBus(settings=settings, connection_name=f"agent:{agent.agent_id}")
+    await bus.connect()
+    log_filter.transport_quiet = False
+    try:
+        await agent.serve(bus)
+    finally:
+        await bus.close()
+
+
+def demo(
+    broker: Annotated[
+        str | None,
+        typer.Option(
+            "--broker",
+            "-b",
+            metavar="URL",
+            help="amqp:// URL of RabbitMQ; default: everything in this process.",
+            show_default=False,
+        ),
+    ] = None,
+    workflows: Annotated[int, typer.Option(metavar="N", help="How many workflows to run.")] = 3,
+) -> None:
+    """Run the seed's trading workflow with example agents; ends with a summary."""
+    remember_secret(broker)
+    # An entry point that runs agents: it may import both packages.
+    from ..demo import run_demo
+
+    result = asyncio.run(run_demo(broker, workflows))
+    if result["tasks_failed"]:
+        raise CliError(f"{result['tasks_failed']} of {result['tasks_created']} tasks failed")

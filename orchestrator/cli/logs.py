@@ -1,0 +1,63 @@
+"""Logs on stderr, through one filter that keeps broker passwords out of every record."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from enum import Enum
+
+from . import redaction
+
+
+class LogFilter(logging.Filter):
+    """Blanks out passwords; hides the AMQP libraries' own logs until connected.
+
+    Until then a failed connect is reported once, by ``main``, as one line;
+    afterwards their reconnect messages are what an operator wants to see.
+    """
+
+    transport_quiet = True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.transport_quiet and record.name.startswith(("aiormq", "aio_pika")):
+            return False
+        if redaction.known_secrets:
+            _scrub_record(record)
+        return True
+
+
+_formatter = logging.Formatter()
+
+
+def _scrub_record(record: logging.LogRecord) -> None:
+    """The record's message, traceback and stack without any password we know of.
+
+    The traceback is formatted here, scrubbed, and kept in ``exc_text``, which
+    every ``logging.Formatter`` prints instead of formatting ``exc_info`` again.
+    """
+    try:
+        message = record.getMessage()
+    except Exception:  # a bad format string: keep what there is, as text
+        message = f"{record.msg} {record.args}"
+    record.msg = redaction.scrub(message)
+    record.args = None
+    if record.exc_info and not record.exc_text:
+        record.exc_text = _formatter.formatException(record.exc_info)
+    if record.exc_text:
+        record.exc_text = redaction.scrub(record.exc_text)
+    if record.stack_info:
+        record.stack_info = redaction.scrub(record.stack_info)
+
+
+log_filter = LogFilter()
+"""One filter for the process: a command that has connected lets transport logs through."""
+
+
+def setup_logging(level: str | Enum) -> None:
+    level = level.value if isinstance(level, Enum) else level
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(log_filter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

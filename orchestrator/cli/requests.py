@@ -1,0 +1,299 @@
+"""``submit``, ``status``, ``cancel``, ``stats`` and ``agents``: requests to a running ``serve``.
+
+They speak the request protocol on ``<prefix>.rpc`` (``broker.messages``)
+exactly as any other service would, so that whatever the command line does,
+another service can do too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from broker import (
+    AgentsRequest,
+    BusSettings,
+    CancelTaskRequest,
+    RabbitMQBus,
+    StatsRequest,
+    SubmitTaskRequest,
+    TaskStatusRequest,
+    WireMessage,
+)
+
+from ..models import TaskStatus
+from .connection import call, client, connected
+from .errors import EXIT_OK, EXIT_TASK_DID_NOT_COMPLETE, CliError
+from .output import agents_table, err, out, print_json
+from .redaction import scrub, scrub_urls
+from .settings import AsJson, Broker, Prefix, read_settings
+
+POLL_SECONDS = 0.2
+"""How often ``submit --wait`` asks for the task's status."""
+
+
+def _split(values: Iterable[str] | None) -> list[str]:
+    """Repeated and comma-separated option values, as one list."""
+    return [part.strip() for value in values or () for part in value.split(",") if part.strip()]
+
+
+def _read_payload(text: str) -> dict[str, Any]:
+    if text.startswith("@"):
+        source = text[1:]
+        try:
+            text = sys.stdin.read() if source == "-" else Path(source).read_text()
+        except OSError as exc:
+            raise CliError(f"--payload: cannot read {source!r}: {exc.strerror or exc}") from None
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"--payload: not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise CliError(f"--payload: must be a JSON object, got {type(payload).__name__}")
+    return payload
+
+
+def submit(
+    task_type: Annotated[
+        str, typer.Argument(metavar="TASK_TYPE", help="The task's type: which handler runs it.")
+    ],
+    payload: Annotated[
+        str,
+        typer.Option(
+            "--payload",
+            "-p",
+            metavar="JSON|@FILE",
+            help="A JSON object, or @FILE holding one (@- for stdin).",
+        ),
+    ] = "{}",
+    name: Annotated[
+        str | None,
+        typer.Option(metavar="TEXT", help="Default: the task type.", show_default=False),
+    ] = None,
+    description: Annotated[str, typer.Option(metavar="TEXT")] = "",
+    priority: Annotated[
+        str, typer.Option(metavar="PRIORITY", help="low, medium, high or critical.")
+    ] = "medium",
+    requires: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--requires",
+            "-r",
+            metavar="CAPABILITY",
+            help="A capability the agent must have; repeat it or separate with commas.",
+            show_default=False,
+        ),
+    ] = None,
+    depends_on: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--depends-on",
+            "-d",
+            metavar="TASK_ID",
+            help="Id of a task that must complete first; repeat it or separate with commas.",
+            show_default=False,
+        ),
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option(metavar="SECONDS", help="How long one attempt may run.")
+    ] = 600,
+    estimated_duration: Annotated[
+        float, typer.Option(metavar="SECONDS", help="A short task ranks higher in its class.")
+    ] = 300,
+    max_retries: Annotated[int, typer.Option(metavar="N")] = 3,
+    wait: Annotated[
+        bool, typer.Option("--wait", "-w", help="Follow the task to its end with a progress bar.")
+    ] = False,
+    as_json: AsJson = False,
+    broker: Broker = None,
+    prefix: Prefix = None,
+) -> int:
+    """Submit a task to a running orchestrator; prints its id."""
+    try:  # the request checks its fields (the priority too) before anything connects
+        request = SubmitTaskRequest(
+            name=name or task_type,
+            description=description,
+            task_type=task_type,
+            payload=_read_payload(payload),
+            priority=priority,
+            dependencies=_split(depends_on),
+            required_capabilities=_split(requires),
+            estimated_duration=estimated_duration,
+            timeout=timeout,
+            max_retries=max_retries,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else ""
+        option = _SUBMIT_OPTIONS.get(field, field or "submit")
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise CliError(f"{option}: {message}") from None
+    settings, cli_settings = read_settings(broker, prefix)
+    return asyncio.run(_submit(settings, request, wait, as_json, cli_settings.request_timeout))
+
+
+_SUBMIT_OPTIONS = {
+    "name": "--name",
+    "description": "--description",
+    "task_type": "TASK_TYPE",
+    "payload": "--payload",
+    "priority": "--priority",
+    "dependencies": "--depends-on",
+    "required_capabilities": "--requires",
+    "estimated_duration": "--estimated-duration",
+    "timeout": "--timeout",
+    "max_retries": "--max-retries",
+}
+"""The option of ``submit`` that gives each field of ``SubmitTaskRequest``."""
+
+
+async def _submit(
+    settings: BusSettings,
+    request: SubmitTaskRequest,
+    wait: bool,
+    as_json: bool,
+    request_timeout: float,
+) -> int:
+    async with connected(client(settings)) as bus:
+        task_id = (await call(bus, request, request_timeout))["task_id"]
+        if not wait:
+            if as_json:
+                print_json({"task_id": task_id})
+            else:
+                print(task_id)
+            return EXIT_OK
+        if not as_json:
+            print(task_id, flush=True)
+        status = await _follow(bus, task_id, request.name, request_timeout)
+    if as_json:
+        print_json(status)
+    else:
+        took = ""
+        if status["started_at"]:
+            took = f" after {time.time() - status['started_at']:.2f}s"
+        outcome = json.dumps(status["result"]) if status["result"] else status["error_message"]
+        agent = status["assigned_agent"] or "no agent"
+        print(scrub_urls(f"{status['status']}{took} on {agent}: {outcome}"))
+    if status["status"] != TaskStatus.COMPLETED.value:
+        err.print(
+            scrub(f"error: task {task_id} ended {status['status']}: {status['error_message']}"),
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        return EXIT_TASK_DID_NOT_COMPLETE
+    return EXIT_OK
+
+
+async def _follow(
+    bus: RabbitMQBus, task_id: str, name: str, request_timeout: float
+) -> dict[str, Any]:
+    """Poll the task's status until it ends, drawing its progress on stderr."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err) as progress:
+        bar = progress.add_task(escape(name), total=1.0)
+        while True:
+            status = await call(bus, TaskStatusRequest(task_id=task_id), request_timeout)
+            description = escape(f"{name} [{status['status']}]")
+            progress.update(bar, completed=status["progress"], description=description)
+            if TaskStatus(status["status"]).is_final:
+                return status
+            await asyncio.sleep(POLL_SECONDS)
+
+
+def _when(value: Any) -> str:
+    if not isinstance(value, int | float):
+        return "-"
+    return datetime.fromtimestamp(value).isoformat(sep=" ", timespec="seconds")
+
+
+def status(
+    task_id: Annotated[str, typer.Argument(metavar="TASK_ID", help="The id submit printed.")],
+    as_json: AsJson = False,
+    broker: Broker = None,
+    prefix: Prefix = None,
+) -> None:
+    """Show a task's status, progress and result."""
+    result = asyncio.run(_request(broker, prefix, TaskStatusRequest(task_id=task_id)))
+    if as_json:
+        print_json(result)
+        return
+    table = Table(show_header=False, box=None)
+    for key, value in result.items():
+        if key.endswith("_at"):
+            value = _when(value)
+        elif key == "progress":
+            value = f"{value:.0%}"
+        elif isinstance(value, dict | list):
+            value = json.dumps(value)
+        table.add_row(key, Text("-" if value is None else scrub_urls(str(value))))
+    out.print(table)
+
+
+def cancel(
+    task_id: Annotated[str, typer.Argument(metavar="TASK_ID", help="The id submit printed.")],
+    as_json: AsJson = False,
+    broker: Broker = None,
+    prefix: Prefix = None,
+) -> None:
+    """Cancel a task that has not ended (exit 1 if it had)."""
+    result = asyncio.run(_request(broker, prefix, CancelTaskRequest(task_id=task_id)))
+    if as_json:
+        print_json(result)
+    if not result["cancelled"]:
+        raise CliError(f"task {task_id} has already ended ({result['status']}); nothing to cancel")
+    if not as_json:
+        print(f"cancelled {task_id}")
+
+
+def stats(as_json: AsJson = False, broker: Broker = None, prefix: Prefix = None) -> None:
+    """Show the orchestrator's statistics (get_stats)."""
+    result = asyncio.run(_request(broker, prefix, StatsRequest()))
+    if as_json:
+        print_json(result)
+        return
+    table = Table("statistic", "value", title="orchestrator statistics")
+    for key, value in result.items():
+        if key == "agent_utilization":
+            for agent_id, use in sorted(value.items()):
+                table.add_row(f"utilization of {agent_id}", f"{use:.0%}")
+        elif key.endswith("utilization"):
+            table.add_row(key, f"{value:.0%}")
+        elif isinstance(value, float):
+            table.add_row(key, f"{value:.3f}")
+        else:
+            table.add_row(key, str(value))
+    out.print(table)
+
+
+def agents(as_json: AsJson = False, broker: Broker = None, prefix: Prefix = None) -> None:
+    """List the registered agents and their load."""
+    result = asyncio.run(_request(broker, prefix, AgentsRequest()))
+    if as_json:
+        print_json(result)
+        return
+    out.print(agents_table(result))
+
+
+async def _request(broker: str | None, prefix: str | None, request: WireMessage) -> Any:
+    settings, cli_settings = read_settings(broker, prefix)
+    async with connected(client(settings)) as bus:
+        return await call(bus, request, cli_settings.request_timeout)
