@@ -182,6 +182,17 @@ class Agent:
         self._async_handlers: set[asyncio.Task[Any]] = set()
         """Async handlers' tasks that have not ended (some outlive their task)."""
 
+    @property
+    def held_attempts(self) -> frozenset[tuple[str, int]]:
+        """The attempts (task id, attempt) this agent holds: running, or ended
+        and not settled yet (a handler that still runs, a report on its way)."""
+        return frozenset(self._running)
+
+    @property
+    def unsettled(self) -> int:
+        """How many deliveries this agent received and has not settled yet."""
+        return len(self._unsettled)
+
     # ------------------------------------------------------------------ handlers
     def handler(
         self, task_type: str = ANY_TASK_TYPE, *, interrupt: bool = False

@@ -865,7 +865,7 @@ async def test_a_handler_raising_a_base_exception_fails_its_task_not_the_agent(
     assert agent.counters.completed == 1
 
     async def settled() -> bool:
-        return agent.counters.running == 0 and not agent._running
+        return agent.counters.running == 0 and not agent.held_attempts
 
     await wait_until(settled, WAIT)
     assert agent.counters.max_running == 1
@@ -932,7 +932,7 @@ async def test_a_redelivery_of_an_attempt_whose_handler_still_ends_is_a_duplicat
 
         async def handled() -> bool:
             # acknowledged as a duplicate (only the first is unsettled), or run
-            return len(recording.deliveries) == 2 and (len(agent._unsettled) == 1 or len(runs) == 2)
+            return len(recording.deliveries) == 2 and (agent.unsettled == 1 or len(runs) == 2)
 
         await wait_until(handled, WAIT)
 
@@ -949,7 +949,7 @@ async def test_a_redelivery_of_an_attempt_whose_handler_still_ends_is_a_duplicat
     assert status["status"] == "completed"
 
     async def settled() -> bool:
-        return agent.counters.running == 0 and not agent._running and not agent._unsettled
+        return agent.counters.running == 0 and not agent.held_attempts and not agent.unsettled
 
     await wait_until(settled, WAIT)
     assert runs == [(deaf, 1), (after, 1)]
@@ -1009,7 +1009,7 @@ async def test_no_attempt_stays_known_after_its_delivery_is_settled(
 
     # Then once their deliveries are settled, no attempt is left known here
     async def settled() -> bool:
-        return agent.counters.running == 0 and not agent._running and not agent._unsettled
+        return agent.counters.running == 0 and not agent.held_attempts and not agent.unsettled
 
     await wait_until(settled, WAIT)
     assert agent.counters.received == len(outcomes)
