@@ -7,37 +7,21 @@ message is acknowledged, so a crash at any point leaves the task to be run
 again rather than lost. The broker never hands an agent more tasks than its
 ``max_concurrent_tasks`` (the channel's prefetch).
 
-An async handler runs as its own task, a sync handler in a worker thread. When
-a task passes its timeout or is cancelled (or its agent stops), the async
-handler's task is cancelled, and the sync handler's ``ctx.interrupted`` is set:
-a sync handler stops cooperatively, by calling ``ctx.check()`` (which raises
-``TaskInterrupted``) or by looking at ``ctx.interrupted`` now and then. Only a
-sync handler registered with ``interrupt=True`` also gets ``TaskInterrupted``
-raised in its thread asynchronously (as Dramatiq's ``TimeLimit`` does), which
-can break locks the thread holds (see ``Agent.handler``). Either way the
-outcome ("timeout" or "cancelled") is reported at once, whether or not the
-handler obeys, but the delivery is settled only when the handler has really
-ended (an async handler may swallow ``CancelledError``, a sync one may never
-check): until then it holds its slot of the prefetch, so the agent never runs
-more than ``max_concurrent_tasks`` handlers. This does not rely on
-``asyncio.wait_for``, whose waiting for a cancelled awaitable differs between
-Python 3.11 and 3.12.
+How a handler runs and is stopped is ``agents.handlers``. A task that passes
+its timeout or is cancelled is reported at once, whether or not its handler
+obeys, but its delivery is settled only when the handler has really ended:
+until then it holds its slot of the prefetch, so the agent never runs more
+than ``max_concurrent_tasks`` handlers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import inspect
-import json
 import logging
-import platform
 import signal
-import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,12 +50,11 @@ from broker import (
 )
 from broker.messages import CancelTasks
 
-from .context import TaskContext, TaskInterrupted
+from .context import TaskContext
+from .handlers import ANY_TASK_TYPE, Handler, Handlers, Runners
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[TaskContext], Any]
-ANY_TASK_TYPE = "*"
 _CANCELLED_MEMORY = 10_000
 AVOID_PAUSE = 0.05
 """How long an agent asked to avoid a retry holds it before handing it back,
@@ -159,9 +142,8 @@ class Agent:
         self.drain_timeout = drain_timeout
         self.long_task_after = long_task_after
         self.counters = AgentCounters()
-        self._handlers: dict[str, Handler] = {}
-        self._async_interrupt: set[str] = set()
-        """Task types whose sync handler opted in to ``interrupt=True``."""
+        self._handlers = Handlers()
+        self._runners = Runners()
         self._bus: CommunicationBus | None = None
         self._owns_bus = False
         self._consumer: TaskConsumer | None = None
@@ -171,7 +153,6 @@ class Agent:
         """By task id and attempt: a new attempt may come while an old one ends here."""
         self._cancelled: OrderedDict[tuple[str, int | None], None] = OrderedDict()
         self._deferred: OrderedDict[tuple[str, int], int] = OrderedDict()
-        self._executor: ThreadPoolExecutor | None = None
         self._stopping = False
         self._halted = asyncio.Event()
         """Set with ``_stopping``: wakes what waits for a handler's thread to end."""
@@ -179,8 +160,6 @@ class Agent:
         self._background: set[asyncio.Task[Any]] = set()
         self._unsettled: set[asyncio.Event] = set()
         """One per delivery received and not yet settled (and its task reported)."""
-        self._async_handlers: set[asyncio.Task[Any]] = set()
-        """Async handlers' tasks that have not ended (some outlive their task)."""
 
     @property
     def held_attempts(self) -> frozenset[tuple[str, int]]:
@@ -228,13 +207,7 @@ class Agent:
 
     def add_handler(self, task_type: str, fn: Handler, *, interrupt: bool = False) -> None:
         """Register ``fn`` for ``task_type``, as the ``handler`` decorator does."""
-        if interrupt and inspect.iscoroutinefunction(fn):
-            raise ValueError("interrupt=True is for sync handlers (async ones are cancelled)")
-        self._handlers[task_type] = fn
-        if interrupt:
-            self._async_interrupt.add(task_type)
-        else:
-            self._async_interrupt.discard(task_type)
+        self._handlers.add(task_type, fn, interrupt=interrupt)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, bus: CommunicationBus | None = None) -> None:
@@ -251,9 +224,7 @@ class Agent:
         self._stopping = False
         self._halted.clear()
         self._stopped.clear()
-        self._executor = ThreadPoolExecutor(
-            max_workers=self.max_concurrent_tasks * 2, thread_name_prefix=f"agent-{self.agent_id}"
-        )
+        self._runners.open(self.max_concurrent_tasks * 2, f"agent-{self.agent_id}")
         self._control = await bus.subscribe_control(self.agent_id, self._on_control)
         self._consumer = await bus.open_task_consumer(
             self.agent_id, prefetch=self.max_concurrent_tasks, handler=self._on_delivery
@@ -325,8 +296,7 @@ class Agent:
             await self._control.close()
         if self._owns_bus and self._bus is not None:
             await self._bus.close()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._runners.close()
         self._bus = None
         self._stopped.set()
 
@@ -366,7 +336,7 @@ class Agent:
                 agent_id=self.agent_id,
                 capabilities=self.capabilities,
                 max_concurrent_tasks=self.max_concurrent_tasks,
-                task_types=sorted(self._handlers),
+                task_types=self._handlers.task_types,
             )
         )
 
@@ -455,7 +425,7 @@ class Agent:
         async handler cancelled has ended; bounded: a broker that is down makes
         a publish fail only after a while, and a handler may ignore its cancel."""
         waits = [asyncio.ensure_future(event.wait()) for event in self._unsettled]
-        handlers = [task for task in self._async_handlers if not task.done()]
+        handlers = self._runners.unended()
         if not waits and not handlers:
             return
         _, pending = await asyncio.wait([*waits, *handlers], timeout=timeout)
@@ -685,66 +655,29 @@ class Agent:
                 error=error,
             )
 
-        handler_type = message.task_type if message.task_type in self._handlers else ANY_TASK_TYPE
-        handler = self._handlers.get(handler_type)
+        handler = self._handlers.find(message.task_type)
         if handler is None:
             self.counters.failed += 1
             return final(
                 "failed",
                 error=f"agent {self.agent_id} has no handler for task_type {message.task_type!r}",
             )
-        # The handler runs on its own (a task, or a worker thread) and is waited
-        # for here with asyncio.wait, which never waits for it to obey a cancel:
-        # the outcome is reported when its time is up or a cancel comes, and
-        # running.handler says when it has really ended (_until_handler_ends).
-        call: _SyncCall | None = None
-        if inspect.iscoroutinefunction(handler):
-            task = loop.create_task(_contained(handler(ctx)), name=f"handler:{message.task_id}")
-            self._async_handlers.add(task)
-            task.add_done_callback(self._async_handlers.discard)
-            running.handler = task
-        else:
-            call = _SyncCall(handler, ctx, raise_in_thread=handler_type in self._async_interrupt)
-            running.handler = loop.run_in_executor(self._executor, call)
-        running.handler.add_done_callback(_retrieve)
-
-        def stop_handler() -> None:
-            ctx.interrupted.set()
-            if call is not None:
-                call.interrupt()
-            else:
-                assert running.handler is not None
-                running.handler.cancel()
-
+        run = self._runners.start(handler, ctx)
+        running.handler = run.future
         try:
-            done, _ = await asyncio.wait([running.handler], timeout=message.timeout)
+            end = await run.wait(message.timeout)
         except asyncio.CancelledError:
-            stop_handler()
             if running.stop_reason == "cancelled":
                 self.counters.cancelled += 1
                 return final("cancelled", error="cancelled by request")
             raise
-        if not done:
-            stop_handler()
+        if end.outcome == "timeout":
             self.counters.timed_out += 1
-            return final("timeout", error=f"exceeded timeout of {message.timeout:g}s")
-        try:
-            result = _as_result(running.handler.result())
-        except asyncio.CancelledError:
-            # It cancelled itself (or was cancelled by someone else): it failed here.
+        elif end.outcome == "failed":
             self.counters.failed += 1
-            return final("failed", error="the handler was cancelled")
-        except BaseException as exc:  # the handler's failure is the task's, not ours
-            # Any exception: a sync handler's sys.exit() (SystemExit), a
-            # KeyboardInterrupt, a TaskInterrupted it raised itself (its timeout
-            # or cancel is reported above, without looking at its end) end the
-            # attempt, never the agent.
-            if isinstance(exc, _HandlerExit):
-                exc = exc.original
-            self.counters.failed += 1
-            return final("failed", error=f"{type(exc).__name__}: {exc}")
-        self.counters.completed += 1
-        return final("completed", result=result)
+        else:
+            self.counters.completed += 1
+        return final(end.outcome, result=end.result, error=end.error)
 
     def _spawn(self, coro: Any) -> None:
         """Run in the background, holding a reference so it is not collected."""
@@ -759,118 +692,3 @@ class Agent:
             await self._bus.publish_event(event)
         except BusError as exc:
             log.debug("progress not sent: %s", exc)
-
-
-class _HandlerExit(Exception):
-    """An async handler's ``SystemExit`` or ``KeyboardInterrupt``, carried as an
-    ordinary exception: a task raising one of those re-raises it out of the
-    event loop, which would stop the agent."""
-
-    def __init__(self, original: BaseException) -> None:
-        super().__init__(f"{type(original).__name__}: {original}")
-        self.original = original
-
-
-async def _contained(coro: Any) -> Any:
-    """Run an async handler's coroutine so that no exception of its own can
-    stop the event loop (see ``_HandlerExit``)."""
-    try:
-        return await coro
-    except (SystemExit, KeyboardInterrupt) as exc:
-        raise _HandlerExit(exc) from exc
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Mark a thread's outcome as seen: nobody awaits one that outlived its task."""
-    if not future.cancelled():
-        future.exception()
-
-
-def _as_result(value: Any) -> dict[str, Any] | None:
-    """A handler's return value as a task result: a JSON object (or None)."""
-    if value is not None and not isinstance(value, dict):
-        value = {"value": value}
-    if value is not None:
-        try:
-            json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"the handler's result is not JSON-serialisable: {exc}") from None
-    return value
-
-
-# ---------------------------------------------------------------- sync handlers' threads
-
-
-def _async_exc_setter() -> Callable[[int, Any], int] | None:
-    """CPython's ``PyThreadState_SetAsyncExc`` with its own prototype (the
-    shared ``ctypes.pythonapi`` entry is left as it is): the thread id is an
-    unsigned long since Python 3.7, and a NULL exception clears a pending one."""
-    if platform.python_implementation() != "CPython":
-        return None
-    prototype = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)
-    return prototype(("PyThreadState_SetAsyncExc", ctypes.pythonapi))
-
-
-_set_async_exc = _async_exc_setter()
-_NO_EXCEPTION = ctypes.py_object()  # NULL
-
-
-def _raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> bool:
-    """Have ``exc_type`` raised in the thread at its next Python instruction."""
-    if _set_async_exc is None:
-        log.warning("cannot interrupt a handler's thread on %s", platform.python_implementation())
-        return False
-    count = _set_async_exc(thread_id, exc_type)
-    if count > 1:  # cannot happen with a live thread's id; undo rather than hit several
-        _set_async_exc(thread_id, _NO_EXCEPTION)
-        log.error("interrupting thread %d touched %d threads: undone", thread_id, count)
-        return False
-    return count == 1
-
-
-class _SyncCall:
-    """One sync handler's call, run by the agent's thread pool, that can be
-    interrupted: before it starts (it then never calls the handler) or while it
-    runs (its ``ctx.interrupted`` is set, and with ``raise_in_thread``,
-    ``TaskInterrupted`` is raised in its thread). An asynchronous interrupt
-    never outlives the call: one not yet raised when the handler returns is
-    cleared, so it cannot hit the pool's own code."""
-
-    def __init__(self, handler: Handler, ctx: TaskContext, *, raise_in_thread: bool) -> None:
-        self._handler = handler
-        self._ctx = ctx
-        self._raise_in_thread = raise_in_thread
-        self._lock = threading.Lock()
-        self._thread_id: int | None = None
-        self._state = "queued"  # -> running -> done, or queued -> abandoned
-        self._interrupted = False
-
-    def __call__(self) -> Any:
-        with self._lock:
-            if self._state == "abandoned":
-                raise TaskInterrupted("interrupted before it started")
-            self._state = "running"
-            self._thread_id = threading.get_ident()
-        try:
-            return self._handler(self._ctx)
-        finally:
-            with self._lock:
-                self._state = "done"
-                if self._interrupted:
-                    _set_async_exc(self._thread_id, _NO_EXCEPTION)  # type: ignore[misc]
-
-    def interrupt(self) -> None:
-        """Stop the handler (once): tell it (``ctx.interrupted``), and with
-        ``raise_in_thread`` raise ``TaskInterrupted`` in its thread (a thread in
-        a blocking C call sees it when the call returns)."""
-        self._ctx.interrupted.set()
-        with self._lock:
-            if self._interrupted or self._state in ("done", "abandoned"):
-                return
-            if self._state == "queued":
-                self._state = "abandoned"
-                return
-            if not self._raise_in_thread:
-                return
-            assert self._thread_id is not None
-            self._interrupted = _raise_in_thread(self._thread_id, TaskInterrupted)

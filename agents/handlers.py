@@ -1,0 +1,275 @@
+"""Where an agent's handlers run, and how they are stopped.
+
+An async handler runs as its own task on the agent's event loop, a sync
+handler in a worker thread. Either way the attempt waits for it with
+``asyncio.wait``, which never waits for it to obey a stop: when its task's time
+is up or a cancel comes, the outcome ("timeout" or "cancelled") is reported at
+once, and ``HandlerRun.future`` says when the handler has really ended (an
+async handler may swallow ``CancelledError``, a sync one may never check).
+This does not rely on ``asyncio.wait_for``, whose waiting for a cancelled
+awaitable differs between Python 3.11 and 3.12.
+
+A stopped async handler's task is cancelled. A stopped sync handler's
+``ctx.interrupted`` is set, and it stops cooperatively (``ctx.check()`` raises
+``TaskInterrupted``); only one registered with ``interrupt=True`` also gets
+``TaskInterrupted`` raised in its thread asynchronously (as Dramatiq's
+``TimeLimit`` does), which can break locks the thread holds (see
+``Agent.handler``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import inspect
+import json
+import logging
+import platform
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from .context import TaskContext, TaskInterrupted
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[TaskContext], Any]
+ANY_TASK_TYPE = "*"
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A handler as registered: ``interrupt`` is its opt-in to the thread interrupt."""
+
+    fn: Handler
+    interrupt: bool = False
+
+
+class Handlers:
+    """The handlers of an agent, by task type ('*' for any type without its own)."""
+
+    def __init__(self) -> None:
+        self._by_type: dict[str, Registered] = {}
+
+    def add(self, task_type: str, fn: Handler, *, interrupt: bool = False) -> None:
+        if interrupt and inspect.iscoroutinefunction(fn):
+            raise ValueError("interrupt=True is for sync handlers (async ones are cancelled)")
+        self._by_type[task_type] = Registered(fn, interrupt)
+
+    def find(self, task_type: str) -> Registered | None:
+        return self._by_type.get(task_type, self._by_type.get(ANY_TASK_TYPE))
+
+    @property
+    def task_types(self) -> list[str]:
+        return sorted(self._by_type)
+
+
+@dataclass(frozen=True)
+class HandlerEnd:
+    """How a handler's run ended, as the task's outcome: ``completed``,
+    ``failed`` or ``timeout`` (a cancel is the attempt's, not the handler's)."""
+
+    outcome: str
+    result: dict[str, Any] | None = None
+    error: str | None = None
+
+
+class HandlerRun:
+    """One handler's run, on its own: its ``future`` is done once the handler
+    has really ended, which may be long after its task ended here."""
+
+    def __init__(
+        self, future: asyncio.Future[Any], ctx: TaskContext, call: _SyncCall | None
+    ) -> None:
+        self.future = future
+        self._ctx = ctx
+        self._call = call
+
+    def stop(self) -> None:
+        """Tell the handler to stop; it may not obey (see the module's docstring)."""
+        self._ctx.interrupted.set()
+        if self._call is not None:
+            self._call.interrupt()
+        else:
+            self.future.cancel()
+
+    async def wait(self, timeout: float) -> HandlerEnd:
+        """Until the handler ends or ``timeout`` passes. Cancelled (the attempt
+        is stopped), it stops the handler and is cancelled at once."""
+        try:
+            done, _ = await asyncio.wait([self.future], timeout=timeout)
+        except asyncio.CancelledError:
+            self.stop()
+            raise
+        if not done:
+            self.stop()
+            return HandlerEnd("timeout", error=f"exceeded timeout of {timeout:g}s")
+        try:
+            result = _as_result(self.future.result())
+        except asyncio.CancelledError:
+            # It cancelled itself (or was cancelled by someone else): it failed here.
+            return HandlerEnd("failed", error="the handler was cancelled")
+        except BaseException as exc:  # the handler's failure is the task's, not ours
+            # Any exception: a sync handler's sys.exit() (SystemExit), a
+            # KeyboardInterrupt, a TaskInterrupted it raised itself (its timeout
+            # or cancel is reported above, without looking at its end) end the
+            # attempt, never the agent.
+            if isinstance(exc, _HandlerExit):
+                exc = exc.original
+            return HandlerEnd("failed", error=f"{type(exc).__name__}: {exc}")
+        return HandlerEnd("completed", result=result)
+
+
+class Runners:
+    """The agent's event loop and thread pool, as far as its handlers use them.
+
+    It keeps the async handlers' tasks that have not ended, some of which
+    outlive their task: a stop waits for them for a while."""
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        self._async: set[asyncio.Task[Any]] = set()
+
+    def open(self, threads: int, name: str) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+
+    def close(self) -> None:
+        """Threads still running are left to end on their own (they cannot be killed)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def start(self, handler: Registered, ctx: TaskContext) -> HandlerRun:
+        loop = asyncio.get_running_loop()
+        call: _SyncCall | None = None
+        if inspect.iscoroutinefunction(handler.fn):
+            future: asyncio.Future[Any] = loop.create_task(
+                _contained(handler.fn(ctx)), name=f"handler:{ctx.task_id}"
+            )
+            self._async.add(future)  # type: ignore[arg-type]
+            future.add_done_callback(self._async.discard)  # type: ignore[arg-type]
+        else:
+            call = _SyncCall(handler.fn, ctx, raise_in_thread=handler.interrupt)
+            future = loop.run_in_executor(self._executor, call)
+        future.add_done_callback(_retrieve)
+        return HandlerRun(future, ctx, call)
+
+    def unended(self) -> list[asyncio.Task[Any]]:
+        """The async handlers still running."""
+        return [task for task in self._async if not task.done()]
+
+
+class _HandlerExit(Exception):
+    """An async handler's ``SystemExit`` or ``KeyboardInterrupt``, carried as an
+    ordinary exception: a task raising one of those re-raises it out of the
+    event loop, which would stop the agent."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(f"{type(original).__name__}: {original}")
+        self.original = original
+
+
+async def _contained(coro: Any) -> Any:
+    """Run an async handler's coroutine so that no exception of its own can
+    stop the event loop (see ``_HandlerExit``)."""
+    try:
+        return await coro
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise _HandlerExit(exc) from exc
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a handler's outcome as seen: nobody awaits one that outlived its task."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _as_result(value: Any) -> dict[str, Any] | None:
+    """A handler's return value as a task result: a JSON object (or None)."""
+    if value is not None and not isinstance(value, dict):
+        value = {"value": value}
+    if value is not None:
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"the handler's result is not JSON-serialisable: {exc}") from None
+    return value
+
+
+# ---------------------------------------------------------------- sync handlers' threads
+
+
+def _async_exc_setter() -> Callable[[int, Any], int] | None:
+    """CPython's ``PyThreadState_SetAsyncExc`` with its own prototype (the
+    shared ``ctypes.pythonapi`` entry is left as it is): the thread id is an
+    unsigned long since Python 3.7, and a NULL exception clears a pending one."""
+    if platform.python_implementation() != "CPython":
+        return None
+    prototype = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)
+    return prototype(("PyThreadState_SetAsyncExc", ctypes.pythonapi))
+
+
+_set_async_exc = _async_exc_setter()
+_NO_EXCEPTION = ctypes.py_object()  # NULL
+
+
+def _raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> bool:
+    """Have ``exc_type`` raised in the thread at its next Python instruction."""
+    if _set_async_exc is None:
+        log.warning("cannot interrupt a handler's thread on %s", platform.python_implementation())
+        return False
+    count = _set_async_exc(thread_id, exc_type)
+    if count > 1:  # cannot happen with a live thread's id; undo rather than hit several
+        _set_async_exc(thread_id, _NO_EXCEPTION)
+        log.error("interrupting thread %d touched %d threads: undone", thread_id, count)
+        return False
+    return count == 1
+
+
+class _SyncCall:
+    """One sync handler's call, run by the agent's thread pool, that can be
+    interrupted: before it starts (it then never calls the handler) or while it
+    runs (its ``ctx.interrupted`` is set, and with ``raise_in_thread``,
+    ``TaskInterrupted`` is raised in its thread). An asynchronous interrupt
+    never outlives the call: one not yet raised when the handler returns is
+    cleared, so it cannot hit the pool's own code."""
+
+    def __init__(self, handler: Handler, ctx: TaskContext, *, raise_in_thread: bool) -> None:
+        self._handler = handler
+        self._ctx = ctx
+        self._raise_in_thread = raise_in_thread
+        self._lock = threading.Lock()
+        self._thread_id: int | None = None
+        self._state = "queued"  # -> running -> done, or queued -> abandoned
+        self._interrupted = False
+
+    def __call__(self) -> Any:
+        with self._lock:
+            if self._state == "abandoned":
+                raise TaskInterrupted("interrupted before it started")
+            self._state = "running"
+            self._thread_id = threading.get_ident()
+        try:
+            return self._handler(self._ctx)
+        finally:
+            with self._lock:
+                self._state = "done"
+                if self._interrupted:
+                    _set_async_exc(self._thread_id, _NO_EXCEPTION)  # type: ignore[misc]
+
+    def interrupt(self) -> None:
+        """Stop the handler (once): tell it (``ctx.interrupted``), and with
+        ``raise_in_thread`` raise ``TaskInterrupted`` in its thread (a thread in
+        a blocking C call sees it when the call returns)."""
+        self._ctx.interrupted.set()
+        with self._lock:
+            if self._interrupted or self._state in ("done", "abandoned"):
+                return
+            if self._state == "queued":
+                self._state = "abandoned"
+                return
+            if not self._raise_in_thread:
+                return
+            assert self._thread_id is not None
+            self._interrupted = _raise_in_thread(self._thread_id, TaskInterrupted)
