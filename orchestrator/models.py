@@ -41,6 +41,33 @@ FINAL_STATUSES = frozenset(
 )
 
 
+class Delivery(Enum):
+    """Where an assigned attempt's message is, as far as the orchestrator knows.
+
+    One persisted field, owned by ``dispatch`` (the outbox), so that a
+    restarted orchestrator knows which attempts may be lost on their way to
+    their queue and which cannot be.
+    """
+
+    NONE = "none"
+    """Not the bus's business: waiting for dependencies, running, or final."""
+    UNSENT = "unsent"
+    """Marked queued, and certainly in no queue: the bus never had it, or refused it."""
+    PUBLISHING = "publishing"
+    """Being handed to the bus now. Found so after a restart: it may have been routed."""
+    SENT = "sent"
+    """The bus had it but never confirmed it: it may or may not be in its queue."""
+    DELAYED = "delayed"
+    """A retry in the broker's delay tier: back in its queue by ``retry_due``, or lost."""
+    CONFIRMED = "confirmed"
+    """In its durable queue: it can no longer be lost."""
+
+    @property
+    def watched(self) -> bool:
+        """Whether the outbox must look for it (it may never reach its queue)."""
+        return self in (Delivery.UNSENT, Delivery.PUBLISHING, Delivery.SENT, Delivery.DELAYED)
+
+
 @dataclass
 class Task:
     task_id: str
@@ -71,6 +98,8 @@ class Task:
     progress: float = 0.0
     retry_due: float | None = None
     """Latest time a delayed retry should reach its queue; watched until then."""
+    delivery: Delivery = Delivery.NONE
+    """Where the current attempt's message is (see ``Delivery``)."""
 
 
 @dataclass

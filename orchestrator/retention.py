@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from collections.abc import Iterable
 
+from .lifecycle import Move
 from .models import Task
 
 
@@ -29,6 +30,11 @@ class FinishedTasks:
     def submitted(self, task: Task) -> None:
         if self.ttl is not None:
             self._needed.update(task.dependencies)
+
+    def moved(self, task: Task, move: Move) -> None:
+        """A ``Lifecycle`` observer: a task that ends starts its retention."""
+        if move.new.is_final:
+            self.finished(task)
 
     def finished(self, task: Task) -> None:
         if self.ttl is None:

@@ -1,8 +1,8 @@
 """Task and agent records in a SQLite file, so that a restarted orchestrator
 carries on where the last one stopped.
 
-Reads never touch the disk: every record lives in memory, as in
-``MemoryStore``, and the file is the write-ahead copy. Writes are batched:
+Reads never touch the disk: every record saved lives in memory as a
+snapshot, as in ``MemoryStore``, and the file is the write-ahead copy. Writes are batched:
 ``save_task`` marks a record dirty and ``flush`` writes every dirty record in
 one transaction. The orchestrator flushes before it publishes a task and
 before it acknowledges the events it handled, so nothing the broker forgets
@@ -24,8 +24,8 @@ from typing import Any
 
 import aiosqlite
 
-from .models import AgentCapability, Task, TaskPriority, TaskStatus
-from .store import StateStore
+from .models import AgentCapability, Delivery, Task, TaskPriority, TaskStatus
+from .store import StateStore, snapshot_agent, snapshot_task
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ def task_to_record(task: Task) -> str:
             "attempt": task.attempt,
             "progress": task.progress,
             "retry_due": task.retry_due,
+            "delivery": task.delivery.value,
         },
         separators=(",", ":"),
     )
@@ -85,6 +86,7 @@ def task_from_record(text: str) -> Task:
     data: dict[str, Any] = json.loads(text)
     data["priority"] = TaskPriority(data["priority"])
     data["status"] = TaskStatus(data["status"])
+    data["delivery"] = Delivery(data.get("delivery", "none"))  # absent before schema 2's end
     return Task(**data)
 
 
@@ -250,7 +252,6 @@ class SQLiteStore(StateStore):
             agent_ids, self._dirty_agents = self._dirty_agents, set()
             meta_keys, self._dirty_meta = self._dirty_meta, set()
             meta_rows = [(k, json.dumps(self._meta[k])) for k in meta_keys]
-            # Serialise now, in the loop: the records keep changing after this.
             task_rows, task_gone = [], []
             for task_id in task_ids:
                 task = self._tasks.get(task_id)
@@ -324,7 +325,7 @@ class SQLiteStore(StateStore):
 
     async def save_task(self, task: Task) -> None:
         await self.open()
-        self._tasks[task.task_id] = task
+        self._tasks[task.task_id] = snapshot_task(task)
         self._dirty_tasks.add(task.task_id)
         self._touch()
 
@@ -336,7 +337,7 @@ class SQLiteStore(StateStore):
 
     async def save_agent(self, agent: AgentCapability) -> None:
         await self.open()
-        self._agents[agent.agent_id] = agent
+        self._agents[agent.agent_id] = snapshot_agent(agent)
         self._dirty_agents.add(agent.agent_id)
         self._touch()
 
@@ -361,12 +362,13 @@ class SQLiteStore(StateStore):
     async def get_task(self, task_id: str) -> Task | None:
         if self._db is None:
             await self.open()
-        return self._tasks.get(task_id)
+        task = self._tasks.get(task_id)
+        return None if task is None else snapshot_task(task)
 
     async def tasks(self) -> list[Task]:
         await self.open()
-        return list(self._tasks.values())
+        return [snapshot_task(t) for t in self._tasks.values()]
 
     async def agents(self) -> list[AgentCapability]:
         await self.open()
-        return list(self._agents.values())
+        return [snapshot_agent(a) for a in self._agents.values()]

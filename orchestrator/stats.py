@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
+from .lifecycle import Move
 from .models import AgentCapability, Task, TaskStatus
 
 _WAITING = (TaskStatus.PENDING, TaskStatus.ASSIGNED)
@@ -32,6 +33,10 @@ class StatsTracker:
         """Undo ``created_task`` for a submit that did not go through."""
         self.created -= 1
         self.by_status[task.status] -= 1
+
+    def moved(self, task: Task, move: Move) -> None:
+        """A ``Lifecycle`` observer: every status change is counted here."""
+        self.transition(task, move.old)
 
     def transition(self, task: Task, old: TaskStatus) -> None:
         """Call after ``task.status`` changed from ``old``."""

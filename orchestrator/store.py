@@ -1,9 +1,19 @@
-"""Where the orchestrator keeps its task and agent records.
+"""Where the orchestrator's task and agent records are kept: a write-behind journal.
 
-Scheduling code reads and writes records only through ``StateStore``, so a
-persistent store (SQLite, PostgreSQL) can replace ``MemoryStore`` without
-touching it. The orchestrator rebuilds its indexes (dependency graph,
-statistics) from ``tasks()`` at start.
+The orchestrator holds the one live copy of every record (its identity map,
+``records.TaskRecords`` and the agent registry) and reads only from it. A
+store is told of changes and makes them durable; it is read once, at start.
+Its semantics, which ``tests/test_store_contract.py`` holds every store to:
+
+- ``save_*`` / ``delete_*`` record a change, taken as the record is at the
+  call (a snapshot): changing the object later changes nothing stored until
+  it is saved again. So a store may keep, copy or serialise what it is
+  given, and a store over a network (PostgreSQL) behaves like one in memory.
+- ``flush`` makes every change recorded so far durable; the orchestrator
+  calls it before it publishes a task and before the bus acknowledges the
+  events it handled, so a store may batch writes in between.
+- ``tasks`` / ``agents`` / ``get_meta`` / ``get_task`` read what was saved,
+  as copies that the caller may change freely.
 """
 
 from __future__ import annotations
@@ -15,9 +25,25 @@ from typing import Any
 from .models import AgentCapability, Task
 
 
+def snapshot_task(task: Task) -> Task:
+    """A copy that later changes of ``task`` do not reach.
+
+    Shallow on purpose (a save is on the hot path): the orchestrator replaces
+    ``payload``, ``result`` and the id lists of a task, it never changes them
+    in place.
+    """
+    return copy.copy(task)
+
+
+def snapshot_agent(agent: AgentCapability) -> AgentCapability:
+    """A copy that later changes of ``agent`` (its scores, its running set) do not reach."""
+    return copy.deepcopy(agent)
+
+
 class StateStore(abc.ABC):
     @abc.abstractmethod
-    async def get_task(self, task_id: str) -> Task | None: ...
+    async def get_task(self, task_id: str) -> Task | None:
+        """The task as last saved (a copy), or None."""
 
     @abc.abstractmethod
     async def save_task(self, task: Task) -> None:
@@ -66,25 +92,26 @@ class MemoryStore(StateStore):
         self._meta: dict[str, Any] = {}
 
     async def get_task(self, task_id: str) -> Task | None:
-        return self._tasks.get(task_id)
+        task = self._tasks.get(task_id)
+        return None if task is None else snapshot_task(task)
 
     async def save_task(self, task: Task) -> None:
-        self._tasks[task.task_id] = task
+        self._tasks[task.task_id] = snapshot_task(task)
 
     async def delete_task(self, task_id: str) -> None:
         self._tasks.pop(task_id, None)
 
     async def tasks(self) -> list[Task]:
-        return list(self._tasks.values())
+        return [snapshot_task(t) for t in self._tasks.values()]
 
     async def save_agent(self, agent: AgentCapability) -> None:
-        self._agents[agent.agent_id] = agent
+        self._agents[agent.agent_id] = snapshot_agent(agent)
 
     async def delete_agent(self, agent_id: str) -> None:
         self._agents.pop(agent_id, None)
 
     async def agents(self) -> list[AgentCapability]:
-        return list(self._agents.values())
+        return [snapshot_agent(a) for a in self._agents.values()]
 
     async def get_meta(self, key: str) -> Any:
         return copy.deepcopy(self._meta.get(key))

@@ -151,7 +151,7 @@ class Harness:
             log.close()
             os.unlink(log.name)
         if self.orchestrator is not None:
-            keys = set(self.orchestrator._queue_caps)
+            keys = set(await self.orchestrator.get_queues())
             await self.orchestrator.stop()
         else:
             keys = set()

@@ -30,8 +30,8 @@ from orchestrator import (
     TaskOrchestrator,
     TaskPriority,
     TaskStatus,
-    task_orchestrator,
 )
+from orchestrator import registry as agent_registry
 from tests.harness import FAST, Harness, wait_until
 
 
@@ -325,14 +325,14 @@ def _count_watch_rounds(orchestrator: TaskOrchestrator) -> _WatchRounds:
     """The end of every round of ``orchestrator``'s watch (its last step forgets
     finished tasks), before it starts."""
     rounds = _WatchRounds()
-    real = orchestrator._forget_finished
+    real = orchestrator.watch.round
 
-    async def forget_finished() -> None:
+    async def watch_round() -> None:
         await real()
         rounds.ends.append(time.time())
         rounds.changed.set()
 
-    orchestrator._forget_finished = forget_finished  # type: ignore[method-assign]
+    orchestrator.watch.round = watch_round  # type: ignore[method-assign]
     return rounds
 
 
@@ -550,23 +550,27 @@ async def test_task_started_while_the_watch_looks_at_its_queue_is_not_published_
     assert (await orchestrator.store.get_task("queued")).attempt == 1
 
 
-class _LookupFailsOnce(SQLiteStore):
-    """A store whose next read of task ``fail_for`` fails (a disk error)."""
+class _LookupFailsOnce:
+    """Makes the next look-up of task ``fail_for`` in ``orchestrator``'s records fail."""
 
-    fail_for: str | None = None
+    def __init__(self, orchestrator: TaskOrchestrator, fail_for: str) -> None:
+        self.fail_for: str | None = fail_for
+        real = orchestrator.records.get
 
-    async def get_task(self, task_id: str) -> Task | None:
-        if task_id == self.fail_for:
-            self.fail_for = None
-            raise OSError("disk error (injected)")
-        return await super().get_task(task_id)
+        def get(task_id: str | None) -> Task | None:
+            if task_id == self.fail_for:
+                self.fail_for = None
+                raise OSError("lookup failure (injected)")
+            return real(task_id)
+
+        orchestrator.records.get = get  # type: ignore[method-assign]
 
 
 async def test_a_failure_in_a_round_of_the_watch_loses_no_queued_task(
     harness: Harness, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Given two tasks saved as queued but never published, both overdue, and a
-    # store that fails when the watch reads the first of them
+    # Given two tasks saved as queued but never published, both overdue, and
+    # records whose look-up fails when the watch reads the first of them
     path = tmp_path / "state.sqlite"
     now = time.time()
     await _write(
@@ -575,10 +579,9 @@ async def test_a_failure_in_a_round_of_the_watch_loses_no_queued_task(
         _task("b", TaskStatus.ASSIGNED, attempt=1, retry_due=now - 30),
     )
     caplog.set_level(logging.INFO, logger="orchestrator")
-    store = _LookupFailsOnce(path)
-    store.fail_for = "a"  # the reload reads tasks(), never get_task
     settings = FAST.model_copy(update={"lost_retry_grace": 0.2})
-    orchestrator = await harness.start_orchestrator(settings, store=store)
+    orchestrator = await harness.start_orchestrator(settings, store=SQLiteStore(path))
+    lookup = _LookupFailsOnce(orchestrator, "a")
 
     # When the watch's round fails on the first
     async def attempt(ctx: TaskContext) -> dict:
@@ -587,7 +590,7 @@ async def test_a_failure_in_a_round_of_the_watch_loses_no_queued_task(
     await harness.start_agent("worker", [], 2, attempt)
 
     async def failed() -> bool:  # only the watch reads them (nobody else may before)
-        return store.fail_for is None
+        return lookup.fail_for is None
 
     await wait_until(failed, timeout=15)
     assert any("watch of task a (attempt 1) failed" in r.getMessage() for r in caplog.records), (
@@ -701,7 +704,7 @@ async def test_a_new_agent_or_process_hears_the_tasks_cancelled_in_their_queue(
 ) -> None:
     # Given tasks cancelled while their messages waited in a queue, and an
     # orchestrator that sends their ids two per CancelTasks message
-    monkeypatch.setattr(task_orchestrator, "_CANCELLED_PER_MESSAGE", 2)
+    monkeypatch.setattr(agent_registry, "CANCELLED_PER_MESSAGE", 2)
     # (heard once it announces: no heartbeat is missed while this test runs)
     orchestrator = await harness.start_orchestrator(
         FAST.model_copy(update={"heartbeat_timeout": 120})

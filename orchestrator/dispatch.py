@@ -1,0 +1,330 @@
+"""The outbox: getting each attempt's message into its queue, and noticing when it is not.
+
+An attempt's delivery state is one persisted field, ``Task.delivery``, and
+only this module writes it (see ``models.Delivery``): the publish path marks,
+saves and watches the attempt before any bus call, so whatever fails, the
+watch finds it. The watch republishes an attempt that never reached its
+queue: a delayed retry the broker dropped (DESIGN.md: classic queues
+dead-letter at most once), or one saved by an orchestrator that stopped
+before it published it. The withdrawal rule (a submit whose task certainly
+reached no queue leaves no trace) is decided from the same field.
+
+The broker says when a message published with a delay arrives at the
+latest (``CommunicationBus.arrival_bound``): its TTL tiers stay in ``broker``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from broker import (
+    ANY_CAPABILITY_KEY,
+    BusError,
+    BusNotStarted,
+    CommunicationBus,
+    MessageTooLarge,
+    TaskMessage,
+    TopologyMismatch,
+    TopologyMissing,
+    UnroutableMessage,
+    capability_key,
+    retry_tier_ms,
+)
+
+from .lifecycle import Lifecycle, Move
+from .models import Delivery, Task, TaskStatus
+from .placement import PlacementPolicy
+from .records import TaskRecords
+from .settings import OrchestratorSettings
+from .timeouts import RunDeadlines
+
+log = logging.getLogger(__name__)
+
+NOT_ROUTED = (MessageTooLarge, TopologyMismatch, TopologyMissing, UnroutableMessage)
+"""What ``publish_task`` raises only when its message is in no queue: refused before
+it was sent (too large; a queue or exchange that cannot be declared), or returned
+by the broker as unroutable. Anything else it raises (a lost connection, a confirm
+that never came, a closed channel) may come after the broker routed the message."""
+
+
+def in_flight(task: Task | None, attempt: int) -> bool:
+    """Whether ``attempt`` is still the task's queued attempt (not superseded,
+    started or ended while we waited)."""
+    return task is not None and task.status is TaskStatus.ASSIGNED and task.attempt == attempt
+
+
+def never_started(task: Task) -> bool:
+    """Still its first attempt, queued, and no agent ever reported it started
+    (a task handed back by an agent that stopped is queued again, started)."""
+    return task.status is TaskStatus.ASSIGNED and task.attempt == 1 and task.started_at is None
+
+
+def arrival_bound(bus: CommunicationBus, delay: float) -> float:
+    """Seconds until a message published now with ``delay`` is in its queue, at the latest."""
+    bound = getattr(bus, "arrival_bound", None)
+    if bound is not None:
+        return bound(delay)
+    return retry_tier_ms(delay) / 1000 if delay > 0 else 0.0
+
+
+class Queues:
+    """The capability queues this orchestrator declared, by key, with their capabilities.
+
+    A queue is ``in_use`` once every agent that can consume it was told to;
+    until then it is ``declaring``: an agent that registers meanwhile hears
+    of it too (see ``AgentRegistry.send_queues``).
+    """
+
+    def __init__(self) -> None:
+        # The queue of tasks any agent can run is declared with the topology.
+        self.in_use: dict[str, list[str]] = {ANY_CAPABILITY_KEY: []}
+        self.declaring: dict[str, list[str]] = {}
+
+    def known(self) -> dict[str, list[str]]:
+        return {**self.in_use, **self.declaring}
+
+    def note(self, capabilities: list[str]) -> None:
+        """A stored task's queue, after a restart: declared by the last orchestrator."""
+        self.in_use.setdefault(capability_key(capabilities), list(capabilities))
+
+
+class Dispatch:
+    def __init__(
+        self,
+        bus: CommunicationBus,
+        records: TaskRecords,
+        lifecycle: Lifecycle,
+        settings: OrchestratorSettings,
+        placement: PlacementPolicy,
+        tell_agents: Callable[[list[str]], Awaitable[None]],
+    ) -> None:
+        self.bus = bus
+        self.records = records
+        self.lifecycle = lifecycle
+        self.settings = settings
+        self.placement = placement
+        self.queues = Queues()
+        self._tell_agents = tell_agents
+        self._due = RunDeadlines()
+        """Watched attempts, until they should have reached their queue (plus grace)."""
+        lifecycle.observe(self)
+
+    # -------------------------------------------------------------- observing
+    def moved(self, task: Task, move: Move) -> None:
+        if move.new is TaskStatus.ASSIGNED and move.attempt == move.old_attempt:
+            # An agent handed its delivery back to the broker: it is in its queue.
+            task.delivery = Delivery.CONFIRMED
+        elif move.new is not TaskStatus.ASSIGNED:
+            # Started or ended: no message of it is the bus's business any more.
+            task.delivery = Delivery.NONE
+            task.retry_due = None
+            self._due.discard(task.task_id)
+
+    def reloaded(self, task: Task, now: float) -> None:
+        """Watch an assigned attempt found in the store, if it may be lost.
+
+        Watched from now at the earliest: an agent may have taken it while no
+        orchestrator ran, its queue empty then, and its events still wait in
+        our events queue. Overdue at once, the first round would publish it
+        again and those events would be ignored as superseded; the grace lets
+        them be handled first.
+        """
+        if task.delivery is Delivery.PUBLISHING:
+            task.delivery = Delivery.SENT  # its publisher died: it may have been routed
+        elif task.delivery is Delivery.NONE and task.retry_due is not None:
+            task.delivery = Delivery.SENT  # a record from before the delivery field
+        if task.status is TaskStatus.ASSIGNED and task.delivery.watched:
+            self._watch(task, since=max(task.retry_due or now, now))
+
+    def postpone(self, seconds: float) -> None:
+        """Nobody could be heard for ``seconds``: the watched attempts get as long."""
+        self._due.postpone(seconds)
+
+    # ------------------------------------------------------------- publishing
+    def certainly_unsent(self, task: Task) -> bool:
+        """Whether a failed submit may withdraw ``task``: it is in no queue for sure."""
+        return task.delivery is Delivery.UNSENT and never_started(task)
+
+    async def publish(
+        self,
+        task: Task,
+        *,
+        delay: float = 0.0,
+        avoid: list[str] | None = None,
+        send: bool = True,
+    ) -> None:
+        """Hand the task to the bus as a new attempt, after ``delay`` seconds.
+
+        The attempt is marked queued, saved and watched first, before anything
+        can fail. ``send`` False only marks it so, without a word to the bus
+        (it is failing: the watch publishes it when it can, declaring its
+        queue then).
+        """
+        self.lifecycle.transition(task, TaskStatus.ASSIGNED, new_attempt=True)
+        attempt = task.attempt
+        task.retry_due = self.lifecycle.clock() + arrival_bound(self.bus, delay)
+        task.delivery = Delivery.UNSENT
+        self._watch(task)
+        await self.records.save(task)
+        if not send:
+            return
+        # Saved (and flushed below) before the bus has it: a restart that finds
+        # it so knows it may have been routed.
+        task.delivery = Delivery.PUBLISHING
+        await self.records.save(task)
+        handed = False
+        try:
+            # Written before published: events of this attempt must find it on restart.
+            await self.records.flush()
+            await self.ensure_queue(task.required_capabilities)
+            message = await self._message(task, avoid or [])
+            if not in_flight(task, attempt):
+                return  # superseded (cancelled, or published again) while we waited
+            if not self.bus.is_connected:
+                raise BusNotStarted("the bus is not connected")
+            handed = True
+            await self.bus.publish_task(
+                message,
+                queue_key=capability_key(task.required_capabilities),
+                priority=self.placement.message_priority(task),
+                delay=delay,
+            )
+        except BaseException as exc:
+            if in_flight(task, attempt):
+                sure = not handed or isinstance(exc, NOT_ROUTED)
+                task.delivery = Delivery.UNSENT if sure else Delivery.SENT
+                self._watch(task)  # again: a round of the watch may have taken it
+            raise
+        if not in_flight(task, attempt):
+            return
+        if delay > 0:
+            task.delivery = Delivery.DELAYED  # watched until its tier is over
+            return
+        # Confirmed: in its durable queue, it can no longer be lost, so nobody
+        # watches it any more, not even an orchestrator that restarts before it
+        # starts. That one could not tell it from an attempt an agent took while
+        # no orchestrator ran (the queue is empty, its events wait in the events
+        # queue): publishing it again would cancel the running attempt, or discard
+        # its result as superseded. Durable with the next flush.
+        task.delivery = Delivery.CONFIRMED
+        task.retry_due = None
+        self._due.discard(task.task_id)
+        try:
+            await self.records.save(task)
+        except Exception:
+            # The publish succeeded: a failure of this bookkeeping (a store closed by
+            # a stop racing this publish) is no failed publish. Unsaved, a restart
+            # watches it again, as it does any publish it never saw confirmed.
+            log.exception("task %s: saving its confirmed publish failed", task.task_id)
+
+    async def ensure_queue(self, capabilities: list[str]) -> None:
+        """Declare a capability queue new to this orchestrator and have every agent
+        that can consume it told to. It counts as in use only once they all were:
+        if anything fails, the next publish does it all again (both steps are
+        idempotent)."""
+        key = capability_key(capabilities)
+        if key in self.queues.in_use:
+            return
+        await self.bus.declare_task_queue(key)
+        # Kept if telling fails: the queue exists, a new agent may as well consume it.
+        self.queues.declaring[key] = list(capabilities)
+        await self._tell_agents(list(capabilities))
+        self.queues.declaring.pop(key, None)
+        self.queues.in_use[key] = list(capabilities)
+
+    async def _message(self, task: Task, avoid: list[str]) -> TaskMessage:
+        results: dict[str, Any] = {}
+        for dep_id in task.dependencies:
+            dep = self.records.get(dep_id)
+            if dep is not None:
+                results[dep_id] = dep.result
+        return TaskMessage(
+            task_id=task.task_id,
+            attempt=task.attempt,
+            name=task.name,
+            task_type=task.task_type,
+            payload=task.payload,
+            priority=task.priority.value,
+            required_capabilities=task.required_capabilities,
+            timeout=task.timeout,
+            estimated_duration=task.estimated_duration,
+            dependency_results=results,
+            avoid_agents=avoid,
+        )
+
+    # --------------------------------------------------------------- watching
+    def _watch(self, task: Task, *, since: float | None = None) -> None:
+        """Watch a queued attempt until it should have reached its queue: from
+        ``retry_due`` (or ``since``), plus ``lost_retry_grace``."""
+        if since is None:
+            since = task.retry_due or self.lifecycle.clock()
+        self._due.start(task.task_id, task.attempt, since + self.settings.lost_retry_grace)
+
+    async def check_lost(self, on_too_large: Callable[[Task, Exception], Awaitable[None]]) -> None:
+        """Publish again each watched attempt that never reached its queue.
+
+        Overdue with its queue empty means lost; if it was not, the attempt
+        fence makes the copy harmless. One depth look-up per queue per round.
+        The round's attempts left the watch when they expired: whatever happens,
+        each one not looked at yet is watched again (a bus failure pauses the
+        round; any other failure costs only the attempt it happened to).
+        ``on_too_large``: what becomes of one that can never be published.
+        """
+        now = self.lifecycle.clock()
+        later = now + self.settings.lost_retry_grace
+        depths: dict[str, int] = {}
+        due = self._due.expired(now)
+        done = 0
+        try:
+            for task_id, attempt in due:
+                try:
+                    await self._check_one(task_id, attempt, depths, later, on_too_large)
+                except BusError as exc:
+                    log.warning("watch of queued tasks paused: %s", exc)
+                    return
+                except Exception:
+                    log.exception("watch of task %s (attempt %d) failed", task_id, attempt)
+                    if task_id not in self._due:
+                        self._due.start(task_id, attempt, later)
+                done += 1
+        finally:
+            for other_id, other_attempt in due[done:]:
+                if other_id not in self._due:
+                    self._due.start(other_id, other_attempt, later)
+
+    async def _check_one(
+        self,
+        task_id: str,
+        attempt: int,
+        depths: dict[str, int],
+        later: float,
+        on_too_large: Callable[[Task, Exception], Awaitable[None]],
+    ) -> None:
+        """One attempt of a ``check_lost`` round. Its state is looked at again
+        after every wait: an event handled meanwhile may have started it."""
+        task = self.records.get(task_id)
+        if task is None or not in_flight(task, attempt) or not task.delivery.watched:
+            return
+        if task.delivery is Delivery.PUBLISHING:
+            # Its publish is still under way (a slow bus): look again later.
+            self._due.start(task_id, attempt, later)
+            return
+        if task.delivery is not Delivery.UNSENT:
+            key = capability_key(task.required_capabilities)
+            if key not in depths:
+                depths[key] = await self.bus.queue_depth(key)
+                if not in_flight(task, attempt):
+                    return  # started (or cancelled, or published again) while we looked
+            if depths[key] > 0:
+                # It may wait behind others: look again later.
+                self._due.start(task_id, attempt, later)
+                return
+        log.warning(
+            "task %s (attempt %d) never reached its queue: publishing it again", task_id, attempt
+        )
+        try:
+            await self.publish(task)
+        except MessageTooLarge as exc:
+            await on_too_large(task, exc)

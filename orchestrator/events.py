@@ -1,0 +1,156 @@
+"""The orchestrator's handlers of what agents report, and of dead letters.
+
+Every handler is idempotent, keyed by (task id, attempt): events come twice
+after a reconnect, late, and out of order, and only an event of the task's
+current attempt may move it. To add an event kind: a model in
+``broker.messages``, a branch in ``EventHandlers.on_event``, and the moves it
+makes through ``Lifecycle.transition`` (never by writing a status).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from broker import (
+    AgentAnnounced,
+    AgentHeartbeat,
+    AgentLeft,
+    CancelTask,
+    CommunicationBus,
+    DeadLetter,
+    Event,
+    TaskFinished,
+    TaskProgress,
+    TaskStarted,
+)
+
+from .lifecycle import Lifecycle
+from .models import TaskStatus
+from .outcomes import Outcomes
+from .records import TaskRecords
+from .registry import AgentRegistry
+from .settings import OrchestratorSettings
+
+log = logging.getLogger(__name__)
+
+OUTCOME_STATUS = {
+    "completed": TaskStatus.COMPLETED,
+    "failed": TaskStatus.FAILED,
+    "timeout": TaskStatus.TIMEOUT,
+    "cancelled": TaskStatus.CANCELLED,
+}
+
+
+class EventHandlers:
+    def __init__(
+        self,
+        bus: CommunicationBus,
+        records: TaskRecords,
+        lifecycle: Lifecycle,
+        registry: AgentRegistry,
+        outcomes: Outcomes,
+        settings: OrchestratorSettings,
+    ) -> None:
+        self.bus = bus
+        self.records = records
+        self.lifecycle = lifecycle
+        self.registry = registry
+        self.outcomes = outcomes
+        self.settings = settings
+
+    async def on_event(self, event: Event) -> None:
+        if isinstance(event, TaskStarted):
+            await self.on_started(event)
+        elif isinstance(event, TaskFinished):
+            await self.on_finished(event)
+        elif isinstance(event, TaskProgress):
+            task = self.records.get(event.task_id)
+            if (
+                task is not None
+                and task.status is TaskStatus.RUNNING
+                and task.attempt == event.attempt
+            ):
+                task.progress = event.progress
+                await self.records.save(task)
+        elif isinstance(event, AgentHeartbeat):
+            await self.registry.heard(event.agent_id)
+        elif isinstance(event, AgentAnnounced):
+            await self.registry.register(
+                event.agent_id,
+                sorted(set(event.capabilities)),
+                event.max_concurrent_tasks,
+                announced=True,
+                specialization=event.specialization_score,
+            )
+        elif isinstance(event, AgentLeft):
+            agent = await self.registry.forget(event.agent_id, "left", returned=True)
+            if agent is not None:
+                await self.outcomes.agent_gone(
+                    agent, returned=True, unfinished=set(event.unfinished)
+                )
+
+    async def on_started(self, event: TaskStarted) -> None:
+        task = self.records.get(event.task_id)
+        if task is None or task.status.is_final or event.attempt != task.attempt:
+            # Unknown (a submission that failed after all, or forgotten), a superseded
+            # attempt, or a redelivery of a finished task: stop it.
+            await self.bus.publish_control(
+                CancelTask(task_id=event.task_id, attempt=event.attempt), agent_id=event.agent_id
+            )
+            return
+        if task.status is TaskStatus.RUNNING and task.assigned_agent == event.agent_id:
+            return  # the same event again
+        # Redelivered from a lost agent, or the first start: its run deadline starts.
+        self.lifecycle.transition(task, TaskStatus.RUNNING, agent=event.agent_id, at=event.at)
+        await self.records.save(task)
+
+    async def on_finished(self, event: TaskFinished) -> None:
+        task = self.records.get(event.task_id)
+        if task is None or task.status.is_final or event.attempt != task.attempt:
+            if task is not None and event.attempt == task.attempt:
+                self.registry.release_slot(task.task_id, event.agent_id)
+                if event.outcome == "cancelled":  # an agent skipped the queued message
+                    self.registry.skipped(task.task_id)
+            return
+        status = OUTCOME_STATUS[event.outcome]
+        if status is not TaskStatus.CANCELLED:
+            await self.registry.scored(event.agent_id, task, status is TaskStatus.COMPLETED)
+        if status in (TaskStatus.FAILED, TaskStatus.TIMEOUT):
+            await self.outcomes.attempt_failed(task, status, event.error, event.agent_id)
+            return
+        await self.outcomes.finish(
+            task, status, result=event.result, error=event.error, at=event.at, agent=event.agent_id
+        )
+
+    async def on_dead_letter(self, letter: DeadLetter) -> None:
+        """A task message no agent could read: the task fails with the reason (no retry).
+
+        Only a task message of the task's current attempt can end it: those
+        carry ``<task_id>:<attempt>`` as their message id (``DeadLetter.attempt``).
+        Events and anything else that was dead-lettered (unparseable, or their
+        handler failed) have no attempt there; they may name a task in their
+        body, but the task is not theirs to end: they are only logged.
+        """
+        task_id, attempt, kind = letter.task_id, letter.attempt, letter.kind
+        if attempt is None or kind not in (None, "task"):
+            log.warning(
+                "dead letter of %s (task %s) is not a task message of an attempt, nothing done: %s",
+                kind or "an unknown message",
+                task_id,
+                letter.reason,
+            )
+            return
+        task = self.records.get(task_id)
+        if task is None or task.status.is_final:
+            log.warning("dead letter for no live task (%s): %s", task_id, letter.reason)
+            return
+        if attempt != task.attempt:
+            log.info(
+                "dead letter of task %s attempt %d (now %d): %s",
+                task_id,
+                attempt,
+                task.attempt,
+                letter.reason,
+            )
+            return
+        await self.outcomes.finish(task, TaskStatus.FAILED, error=f"rejected: {letter.reason}")

@@ -1,0 +1,152 @@
+"""The task's state machine: which status may follow which, and one door for every move.
+
+Status used to be written at several sites and decided across many methods,
+each keeping its own indexes in step by hand. Here the legal moves are one
+table, and ``Lifecycle.transition`` is the only code that changes
+``Task.status``: it refuses a move the table does not hold, stamps the
+fields that belong to the move (``attempt``, ``assigned_agent``,
+``started_at``, ``completed_at``, ``error_message``, ``result``), and then
+tells every observer (statistics, run deadlines, retention, agent load,
+waiters, the dependency graph, the outbox). An observer never has to guess
+what happened from a record: it is handed the ``Move``.
+
+The seed's statuses, as this orchestrator uses them:
+
+========== =========================================================
+status     the task is ...
+========== =========================================================
+pending    waiting for its dependencies (in the orchestrator)
+assigned   handed to the bus: queued for the agents that can run it
+running    an agent reported it started
+completed  final: the agent's result is kept
+failed     final: out of retries, rejected, or a dependency ended
+timeout    final: its last attempt ran out of time
+cancelled  final: by request, or a dependency was cancelled
+========== =========================================================
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .models import FINAL_STATUSES, Task, TaskStatus
+
+P, A, R = TaskStatus.PENDING, TaskStatus.ASSIGNED, TaskStatus.RUNNING
+
+TRANSITIONS: Mapping[TaskStatus, frozenset[TaskStatus]] = {
+    # released when its dependencies completed; ended when one of them did not,
+    # when it is cancelled, or when it can never be published (too large)
+    P: frozenset({A, TaskStatus.FAILED, TaskStatus.CANCELLED}),
+    # published again (a lost message, a retry); started; or ended without a
+    # start seen (the started event was lost or came late, a dead letter, a cancel)
+    A: frozenset({A, R} | FINAL_STATUSES),
+    # retried or handed back (a new or the same attempt); redelivered to another
+    # agent after its first one was lost; ended
+    R: frozenset({A, R} | FINAL_STATUSES),
+    **{final: frozenset() for final in FINAL_STATUSES},
+}
+"""For each status, the statuses a task may move to from it. Final is final."""
+
+
+class IllegalTransition(RuntimeError):
+    """Raised when code asks for a move the table does not hold: a bug, never input."""
+
+
+@dataclass(frozen=True)
+class Move:
+    """One status change, as observers and the audit see it."""
+
+    task_id: str
+    old: TaskStatus
+    new: TaskStatus
+    old_attempt: int
+    attempt: int
+    old_agent: str | None
+    agent: str | None
+    at: float
+
+
+class Observer(Protocol):
+    def moved(self, task: Task, move: Move) -> None:
+        """Called after ``task`` was stamped; must not move it again."""
+
+
+_KEEP: Any = object()
+
+
+class Lifecycle:
+    """The one place where a task's status changes."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self._observers: list[Observer] = []
+
+    def observe(self, observer: Observer) -> None:
+        """Hear every move from now on (in the order observers were added)."""
+        self._observers.append(observer)
+
+    def transition(
+        self,
+        task: Task,
+        to: TaskStatus,
+        *,
+        new_attempt: bool = False,
+        agent: str | None = _KEEP,
+        at: float | None = None,
+        error: str | None = _KEEP,
+        result: dict[str, Any] | None = None,
+    ) -> Move:
+        """Move ``task`` to ``to``, or raise ``IllegalTransition``.
+
+        - to ``assigned``: ``new_attempt`` publishes a new attempt (its number
+          goes up, its progress restarts); without it the same attempt went
+          back to its queue (an agent handed it back). No agent holds it.
+        - to ``running``: ``agent`` started it ``at``.
+        - to a final status: ended ``at`` (now if not given) with ``result``
+          and ``error``; ``agent`` is who ended it, if it was an agent.
+        """
+        old = task.status
+        if to not in TRANSITIONS[old]:
+            raise IllegalTransition(f"task {task.task_id}: {old.value} -> {to.value}")
+        now = self.clock() if at is None else at
+        old_attempt, old_agent = task.attempt, task.assigned_agent
+        if to is A:
+            if new_attempt:
+                task.attempt += 1
+                task.progress = 0.0
+            task.assigned_agent = None
+        elif to is R:
+            if agent is _KEEP or not agent:
+                raise IllegalTransition(f"task {task.task_id}: running needs an agent")
+            task.assigned_agent = agent
+            task.started_at = now
+        elif to.is_final:
+            if agent is not _KEEP and agent:
+                task.assigned_agent = agent
+            task.completed_at = now
+            task.result = result
+            if to is TaskStatus.COMPLETED:
+                task.progress = 1.0
+        if error is not _KEEP:
+            task.error_message = error
+        task.status = to
+        move = Move(
+            task.task_id, old, to, old_attempt, task.attempt, old_agent, task.assigned_agent, now
+        )
+        for observer in self._observers:
+            observer.moved(task, move)
+        return move
+
+
+def legal(move: Move) -> bool:
+    """Whether ``move`` is one the table holds, with the stamps it must carry."""
+    if move.new not in TRANSITIONS[move.old]:
+        return False
+    if move.new is R:
+        return move.agent is not None and move.attempt == move.old_attempt
+    if move.new is A:
+        return move.agent is None and move.attempt in (move.old_attempt, move.old_attempt + 1)
+    return move.attempt == move.old_attempt

@@ -1,0 +1,52 @@
+"""The orchestrator's identity map of task records.
+
+Every part of the orchestrator reads a task from here and holds the same
+object, so a check made after an ``await`` ("was this attempt superseded
+while we waited?") sees what another coroutine changed meanwhile. That
+guarantee used to come from the stores handing out their live objects; a
+store that returned copies (PostgreSQL) would have broken it silently. Now
+the store is only a journal (see ``store``): written behind, read at start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from .models import Task
+from .store import StateStore
+
+
+class TaskRecords:
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+        self._tasks: dict[str, Task] = {}
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def __iter__(self) -> Iterator[Task]:
+        return iter(list(self._tasks.values()))
+
+    def get(self, task_id: str | None) -> Task | None:
+        return self._tasks.get(task_id) if task_id else None
+
+    async def load(self) -> list[Task]:
+        """Read every stored task, once, at start."""
+        self._tasks = {task.task_id: task for task in await self.store.tasks()}
+        return list(self._tasks.values())
+
+    async def add(self, task: Task) -> None:
+        self._tasks[task.task_id] = task
+        await self.store.save_task(task)
+
+    async def save(self, task: Task) -> None:
+        """Journal ``task`` as it is now (durable at the next ``flush``)."""
+        if self._tasks.get(task.task_id) is task:
+            await self.store.save_task(task)
+
+    async def remove(self, task_id: str) -> None:
+        self._tasks.pop(task_id, None)
+        await self.store.delete_task(task_id)
+
+    async def flush(self) -> None:
+        await self.store.flush()

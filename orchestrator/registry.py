@@ -1,0 +1,272 @@
+"""The agent registry: who is there, what each consumes, who is still alive.
+
+Agents register by API or by announcing themselves; either way they go
+through ``register``, which tells the agent which capability queues to
+consume (and, on an announcement, which queued tasks were cancelled: a
+restarted process knows nothing of what its predecessor heard). Liveness is
+the heartbeats: an agent silent past ``heartbeat_timeout`` is removed. An
+agent's load is kept from the lifecycle's moves, never by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+
+from broker import (
+    AGENT_ID_PATTERN,
+    CAPABILITY_PATTERN,
+    CommunicationBus,
+    ConsumeQueues,
+    Reannounce,
+    Unregister,
+    covers,
+)
+from broker.messages import CancelTasks
+
+from .dispatch import Queues
+from .lifecycle import Lifecycle, Move
+from .models import AgentCapability, Task, TaskStatus
+from .placement import PlacementPolicy
+from .store import StateStore
+
+log = logging.getLogger(__name__)
+
+CANCELLED_IN_QUEUE_KEEP = 10_000
+"""At most this many cancelled-in-queue ids are kept, and sent to a newly registered agent."""
+CANCELLED_PER_MESSAGE = 1000
+"""Ids per ``CancelTasks`` sent to a new agent (and at most half the bus's message limit)."""
+
+
+def validate_agent(agent_id: object, capabilities: object, max_concurrent_tasks: object) -> None:
+    """``ValueError`` naming the first bad argument of ``register_agent``."""
+    if not isinstance(agent_id, str) or not AGENT_ID_PATTERN.match(agent_id):
+        raise ValueError(f"agent_id: {agent_id!r} must be 1-128 of A-Z a-z 0-9 _ . : -")
+    if (
+        isinstance(capabilities, str)
+        or not isinstance(capabilities, Iterable)
+        or not all(isinstance(c, str) and CAPABILITY_PATTERN.match(c) for c in capabilities)
+    ):
+        raise ValueError(
+            f"capabilities: {capabilities!r} must be a list of names of 1-64 of A-Z a-z 0-9 _ -"
+        )
+    if (
+        not isinstance(max_concurrent_tasks, int)
+        or isinstance(max_concurrent_tasks, bool)
+        or max_concurrent_tasks < 1
+    ):
+        raise ValueError(
+            f"max_concurrent_tasks: must be a whole number >= 1, got {max_concurrent_tasks!r}"
+        )
+
+
+class AgentRegistry:
+    def __init__(
+        self,
+        bus: CommunicationBus,
+        store: StateStore,
+        lifecycle: Lifecycle,
+        placement: PlacementPolicy,
+        queues: Queues,
+    ) -> None:
+        self.bus = bus
+        self.store = store
+        self.clock = lifecycle.clock
+        self.placement = placement
+        self.queues = queues
+        self._agents: dict[str, AgentCapability] = {}
+        self._cancelled_in_queue: dict[str, None] = {}
+        """Cancelled while their message waited in a queue: agents must skip them.
+        New agents are told before they consume; an agent's skip report clears one."""
+        lifecycle.observe(self)
+
+    def get(self, agent_id: str | None) -> AgentCapability | None:
+        return self._agents.get(agent_id) if agent_id else None
+
+    def __iter__(self):
+        return iter(list(self._agents.values()))
+
+    def __contains__(self, agent_id: object) -> bool:
+        return agent_id in self._agents
+
+    async def load(self, tasks: Iterable[Task]) -> None:
+        """The stored agents, after a restart, each with a fresh heartbeat
+        window (nobody could be heard while no orchestrator ran) and its load
+        recounted from the tasks it runs."""
+        now = self.clock()
+        for agent in await self.store.agents():
+            if agent.last_seen is not None:
+                agent.last_seen = now
+            agent.running.clear()
+            self._agents[agent.agent_id] = agent
+        for task in tasks:
+            agent = self.get(task.assigned_agent)
+            if task.status is TaskStatus.RUNNING and agent is not None:
+                agent.running.add(task.task_id)
+        for agent in self._agents.values():
+            agent.current_load = len(agent.running)
+
+    # ------------------------------------------------------------------ load
+    def moved(self, task: Task, move: Move) -> None:
+        if move.old is TaskStatus.RUNNING:
+            self.release_slot(task.task_id, move.old_agent)
+        if move.new is TaskStatus.RUNNING:
+            agent = self.get(move.agent)
+            if agent is not None:
+                agent.running.add(task.task_id)
+                agent.current_load = len(agent.running)
+                agent.last_seen = self.clock()
+
+    def release_slot(self, task_id: str, agent_id: str | None) -> None:
+        agent = self.get(agent_id)
+        if agent is not None and task_id in agent.running:
+            agent.running.discard(task_id)
+            agent.current_load = len(agent.running)
+
+    # ----------------------------------------------------------- registering
+    async def register(
+        self,
+        agent_id: str,
+        capabilities: list[str],
+        max_concurrent_tasks: int,
+        *,
+        announced: bool = False,
+        specialization: dict[str, float] | None = None,
+    ) -> None:
+        """The one path by which agents are registered: by API and by announcement.
+
+        ``announced``: the agent announced itself (it was heard: ``last_seen``).
+        An agent hears the cancelled-in-queue ids if it is unknown (or new
+        again since it left or was removed), and on every announcement:
+        ``AgentAnnounced`` carries nothing that tells a new process from an old
+        one answering ``Reannounce``. Announcements are rare (a process start,
+        an orchestrator start, a heartbeat from an unknown agent).
+        """
+        agent = self._agents.get(agent_id)
+        replay = agent is None or announced
+        if agent is None:
+            agent = AgentCapability(
+                agent_id, capabilities, max_concurrent_tasks=max_concurrent_tasks
+            )
+            self._agents[agent_id] = agent
+            log.info("agent %s registered with %s", agent_id, capabilities)
+        else:
+            agent.capabilities = capabilities
+            agent.max_concurrent_tasks = max_concurrent_tasks
+        if specialization:
+            agent.specialization_score.update(specialization)
+        if announced:
+            agent.last_seen = self.clock()
+        await self.store.save_agent(agent)
+        await self.send_queues(agent, replay=replay)
+
+    async def send_queues(self, agent: AgentCapability, *, replay: bool = False) -> None:
+        """Tell an agent which queues to consume (those in use, and those being
+        declared); with ``replay`` it first hears which queued tasks were
+        cancelled, before it consumes anything, oldest first, in chunks well
+        under the bus's size limit."""
+        keys = self.placement.queues_for(agent, self.queues.known())
+        if replay and self._cancelled_in_queue:
+            budget = self.bus.settings.max_message_bytes // 2
+            chunk: list[str] = []
+            size = 0
+            for task_id in list(self._cancelled_in_queue):
+                entry = len(json.dumps(task_id)) + 1
+                if chunk and (len(chunk) >= CANCELLED_PER_MESSAGE or size + entry > budget):
+                    await self.bus.publish_control(
+                        CancelTasks(task_ids=chunk), agent_id=agent.agent_id
+                    )
+                    chunk, size = [], 0
+                chunk.append(task_id)
+                size += entry
+            await self.bus.publish_control(CancelTasks(task_ids=chunk), agent_id=agent.agent_id)
+        await self.bus.publish_control(
+            ConsumeQueues(
+                queue_keys=keys, consumer_priority=self.placement.consumer_priority(agent)
+            ),
+            agent_id=agent.agent_id,
+        )
+
+    async def tell_new_queue(self, capabilities: list[str]) -> None:
+        """Tell every agent that covers ``capabilities`` of its (new) queue,
+        including agents that register while the others are told."""
+        told: set[str] = set()
+        while True:
+            untold = [
+                a
+                for a in self._agents.values()
+                if a.agent_id not in told and covers(a.capabilities, capabilities)
+            ]
+            if not untold:
+                return
+            for agent in untold:
+                await self.send_queues(agent)
+                told.add(agent.agent_id)
+
+    async def scored(self, agent_id: str | None, task: Task, success: bool) -> None:
+        """An agent's attempt ended: its scores move, and it hears its new priority."""
+        agent = self.get(agent_id)
+        if agent is not None and self.placement.record_outcome(agent, task, success):
+            await self.send_queues(agent)
+
+    # -------------------------------------------------------------- removing
+    async def forget(self, agent_id: str, why: str, *, returned: bool) -> AgentCapability | None:
+        """Remove an agent; the removed record (its running tasks are the
+        caller's to put back), or None if it was not registered.
+
+        Unless it ``returned`` its deliveries itself (a graceful stop), it is
+        told to drop what it holds and stop, in case it still runs.
+        """
+        agent = self._agents.pop(agent_id, None)
+        if agent is None:
+            return None
+        log.log(
+            logging.INFO if returned else logging.WARNING,
+            "agent %s removed (%s) with %d running task(s)",
+            agent_id,
+            why,
+            len(agent.running),
+        )
+        await self.store.delete_agent(agent_id)
+        if not returned:
+            await self.bus.publish_control(Unregister(agent_id=agent_id), agent_id=agent_id)
+        return agent
+
+    # -------------------------------------------------------------- liveness
+    async def heard(self, agent_id: str) -> None:
+        """A heartbeat: an unknown agent is asked to announce itself."""
+        agent = self._agents.get(agent_id)
+        if agent is None:
+            await self.bus.publish_control(Reannounce(), agent_id=agent_id)
+        else:
+            agent.last_seen = self.clock()
+
+    def silent(self, timeout: float) -> list[str]:
+        """Ids of the agents not heard from for ``timeout`` seconds."""
+        deadline = self.clock() - timeout
+        return [
+            a.agent_id
+            for a in self._agents.values()
+            if a.last_seen is not None and a.last_seen < deadline
+        ]
+
+    def postpone(self, seconds: float) -> None:
+        """Nobody could be heard for ``seconds``: every agent gets as long."""
+        now = self.clock()
+        for agent in self._agents.values():
+            if agent.last_seen is not None:
+                agent.last_seen = max(agent.last_seen + seconds, now)
+
+    # ---------------------------------------------------- cancelled in queue
+    def cancelled_in_queue(self, task_id: str) -> None:
+        """Remember that agents must skip ``task_id``'s queued message."""
+        self._cancelled_in_queue[task_id] = None
+        if len(self._cancelled_in_queue) > CANCELLED_IN_QUEUE_KEEP:
+            # Only the newest are ever sent; agents skip an older one by its attempt
+            # fence (its TaskStarted is answered with a CancelTask).
+            del self._cancelled_in_queue[next(iter(self._cancelled_in_queue))]
+
+    def skipped(self, task_id: str) -> None:
+        """An agent reported it skipped ``task_id``'s message: nobody needs telling."""
+        self._cancelled_in_queue.pop(task_id, None)
