@@ -1,14 +1,19 @@
 """The agent runtime: write a worker in a few lines, run it with one call."""
 
-from .agent import ANY_TASK_TYPE, Agent, AgentCounters
+from .agent import Agent
+from .attempts import AgentCounters
 from .context import TaskContext, TaskInterrupted
+from .handlers import ANY_TASK_TYPE
 from .runner import load_agent
 
 __all__ = [
-    "ANY_TASK_TYPE",
+    # the worker
     "Agent",
     "AgentCounters",
+    "ANY_TASK_TYPE",
+    # what a handler sees
     "TaskContext",
     "TaskInterrupted",
+    # running one from the command line
     "load_agent",
 ]
