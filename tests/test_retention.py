@@ -7,7 +7,8 @@ import sqlite3
 from pathlib import Path
 
 from agents import TaskContext
-from orchestrator import SQLiteStore, TaskOrchestrator
+from orchestrator import SQLiteStore, Task, TaskOrchestrator, TaskPriority
+from orchestrator.retention import FinishedTasks
 from tests.harness import FAST, Harness, wait_until
 
 TTL = FAST.model_copy(update={"finished_task_ttl": 0.3})
@@ -113,3 +114,22 @@ async def test_a_version_1_file_gains_the_meta_table(tmp_path: Path) -> None:
     await again.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+def test_finished_tasks_expire_in_order_unless_a_dependent_still_needs_them() -> None:
+    retention = FinishedTasks(ttl=10)
+    dep = Task("dep", "n", "", "j", TaskPriority.LOW, {})
+    dependent = Task("dependent", "n", "", "j", TaskPriority.LOW, {}, dependencies=["dep"])
+    alone = Task("alone", "n", "", "j", TaskPriority.LOW, {})
+    for task in (dep, dependent, alone):
+        retention.submitted(task)
+    dep.completed_at, alone.completed_at = 1.0, 2.0
+    retention.finished(dep)
+    retention.finished(alone)
+    assert retention.expired(5.0) == []
+    assert retention.expired(12.5) == ["alone"]  # dep is still needed: kept one more ttl
+    dependent.completed_at = 13.0
+    retention.finished(dependent)
+    assert retention.expired(22.0) == []
+    assert retention.expired(23.0) == ["dep", "dependent"]
+    assert FinishedTasks(ttl=None).expired(1e9) == []

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from agents import TaskContext
-from orchestrator import TaskOrchestrator, TaskStatus
+from orchestrator import StatsTracker, Task, TaskOrchestrator, TaskPriority, TaskStatus
 from tests.harness import Harness, wait_all, wait_until
 
 SEED_KEYS = {
@@ -141,3 +141,24 @@ async def test_partial_utilisation(harness: Harness) -> None:
     stats = await orchestrator.get_stats()
     assert stats["agent_utilization"] == {"four_slots": 0.0}
     assert stats["overall_utilization"] == 0.0
+
+
+def test_counters_follow_transitions_retirement_and_a_rebuild() -> None:
+    stats = StatsTracker()
+    tasks = [Task(f"t{i}", "n", "", "j", TaskPriority.LOW, {}) for i in range(3)]
+    for task in tasks:
+        stats.created_task(task)
+    done = tasks[0]
+    done.status, done.started_at, done.completed_at = TaskStatus.COMPLETED, 10.0, 14.0
+    stats.transition(done, TaskStatus.PENDING)
+    failed = tasks[1]
+    failed.status = TaskStatus.TIMEOUT
+    stats.transition(failed, TaskStatus.PENDING)
+    snap = stats.snapshot([])
+    assert (snap["tasks_created"], snap["tasks_completed"], snap["tasks_failed"]) == (3, 1, 1)
+    assert (snap["pending_tasks"], snap["avg_completion_time"]) == (1, 4.0)
+
+    stats.retire(done)  # forgotten: it goes on counting once rebuilt from the rest
+    rebuilt = StatsTracker()
+    rebuilt.rebuild(tasks[1:], stats.retired)
+    assert rebuilt.snapshot([]) == snap
