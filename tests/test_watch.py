@@ -1,0 +1,89 @@
+"""The watch on an injected clock: what silence means, without waiting for it.
+
+The orchestrator takes its clock as an argument, and a round of its watch
+can be run on demand, so these tests move time by hand and never sleep.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from broker import AgentAnnounced, AgentHeartbeat, BusSettings, MemoryBus, TaskStarted
+from orchestrator import OrchestratorSettings, TaskOrchestrator
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def setup():
+    clock = Clock()
+    bus = MemoryBus(settings=BusSettings(prefix=f"test-{uuid.uuid4().hex[:8]}"))
+    settings = OrchestratorSettings(
+        heartbeat_timeout=15, timeout_grace=5, monitor_interval=3600, retry_base_delay=0.01
+    )
+    orchestrator = TaskOrchestrator(bus, settings=settings, clock=clock)
+    await orchestrator.start()
+    await orchestrator.events.on_event(
+        AgentAnnounced(agent_id="worker", capabilities=[], max_concurrent_tasks=2)
+    )
+    task_id = await orchestrator.submit_task(
+        name="t", description="", task_type="j", payload={}, timeout=60, max_retries=1
+    )
+    await orchestrator.events.on_event(TaskStarted(task_id=task_id, attempt=1, agent_id="worker"))
+    try:
+        yield orchestrator, clock, task_id
+    finally:
+        await orchestrator.stop()
+
+
+async def test_a_running_task_silent_past_its_timeout_and_grace_is_retried(setup) -> None:
+    orchestrator, clock, task_id = setup
+    heartbeat = AgentHeartbeat(agent_id="worker", running=1)
+
+    # Just before its deadline (timeout 60 + grace 5), nothing happens
+    clock.now += 64.9
+    await orchestrator.events.on_event(heartbeat)  # the agent itself is alive
+    await orchestrator.watch.round()
+    assert (await orchestrator.get_task_status(task_id))["status"] == "running"
+
+    # Past it, the attempt timed out here and a retry is queued
+    clock.now += 0.2
+    await orchestrator.watch.round()
+    status = await orchestrator.get_task_status(task_id)
+    assert (status["status"], status["retry_count"], status["assigned_agent"]) == (
+        "assigned",
+        1,
+        None,
+    )
+    assert "within the timeout of 60s" in status["error_message"]
+    (agent,) = await orchestrator.get_agents()
+    assert agent.current_load == 0
+
+
+async def test_an_agent_silent_past_the_heartbeat_timeout_is_removed_and_its_task_requeued(
+    setup,
+) -> None:
+    orchestrator, clock, task_id = setup
+    clock.now += 14.9
+    await orchestrator.watch.round()
+    assert [a.agent_id for a in await orchestrator.get_agents()] == ["worker"]
+
+    clock.now += 0.2
+    await orchestrator.watch.round()
+    assert await orchestrator.get_agents() == []
+    status = await orchestrator.get_task_status(task_id)
+    assert (status["status"], status["assigned_agent"], status["retry_count"]) == (
+        "assigned",
+        None,
+        0,
+    )
+    stats = await orchestrator.get_stats()
+    assert (stats["running_tasks"], stats["pending_tasks"]) == (0, 1)
