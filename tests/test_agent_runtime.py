@@ -1014,3 +1014,124 @@ async def test_no_attempt_stays_known_after_its_delivery_is_settled(
     await wait_until(settled, WAIT)
     assert agent.counters.received == len(outcomes)
     assert agent.counters.max_running <= 2
+
+
+# ---------------------------------------------------------------- every delivery settled once
+
+
+class _CountedDelivery(TaskDelivery):
+    """A delivery that records how it is settled (the broker's own consumer
+    settles it through these methods too: a step aside's requeue, a detach's
+    ack), and whose body is not a task message when its payload says
+    ``corrupt``."""
+
+    def __init__(self, delivery: TaskDelivery, calls: list[str]) -> None:
+        self._delivery = delivery
+        self._calls = calls
+        corrupt = parse_task(delivery.body).payload.get("corrupt")
+        self.body = b"not a task message" if corrupt else delivery.body
+        self.queue_key = delivery.queue_key
+        self.redelivered = delivery.redelivered
+
+    async def ack(self) -> None:
+        self._calls.append("ack")
+        await self._delivery.ack()
+
+    async def requeue(self) -> None:
+        self._calls.append("requeue")
+        await self._delivery.requeue()
+
+    async def dead_letter(self, reason: str) -> None:
+        self._calls.append("dead_letter")
+        await self._delivery.dead_letter(reason)
+
+
+class _CountingSettles(_FaultyFinalEvent):
+    """Hands the agent ``_CountedDelivery``s: ``settles`` lists, per delivery
+    in the order they came, its task id and how it was settled."""
+
+    def __init__(self, bus: CommunicationBus) -> None:
+        super().__init__(bus)
+        self.settles: list[tuple[str, list[str]]] = []
+
+    async def open_task_consumer(self, consumer_id: str, *, prefetch: int, handler: Any) -> Any:
+        async def counting(delivery: TaskDelivery) -> None:
+            calls: list[str] = []
+            self.settles.append((parse_task(delivery.body).task_id, calls))
+            await handler(_CountedDelivery(delivery, calls))
+
+        return await super().open_task_consumer(consumer_id, prefetch=prefetch, handler=counting)
+
+
+async def test_every_delivery_is_settled_exactly_once(harness: Harness) -> None:
+    # Given a second agent kept busy (so that a retry avoiding the first has
+    # somewhere else to go, but never does), a task cancelled while queued, and
+    # an agent with one slot that acknowledges tasks longer than 1000 s once
+    # they start
+    orchestrator = await harness.start_orchestrator()
+    gate = asyncio.Event()
+
+    async def handler(ctx: TaskContext) -> dict:
+        if ctx.payload.get("block"):
+            await gate.wait()
+        if ctx.payload.get("fail") and ctx.attempt == 1:
+            raise RuntimeError("boom")
+        if ctx.payload.get("hang") and ctx.agent_id == "worker":
+            await asyncio.sleep(3600)
+        return {}
+
+    await harness.start_agent("busy", ["work"], 1, handler)
+    blocker = await _submit(orchestrator, payload={"block": True})
+    await wait_until(lambda: running_on(orchestrator, blocker, "busy"), WAIT)
+    skipped = await _submit(orchestrator)
+    assert await orchestrator.cancel_task(skipped) is True
+    bus = harness.new_bus()
+    if not bus.is_connected:
+        await bus.connect()
+    counting = _CountingSettles(bus)
+    agent = Agent("worker", ["work"], 1, heartbeat_interval=0.3, long_task_after=1000.0)
+    agent.add_handler("*", handler)
+    await agent.start(counting)  # type: ignore[arg-type]
+    harness.agents.append(agent)
+    await harness.wait_agents("worker", timeout=WAIT)
+    try:
+        # When it gets tasks of every kind of ending, one after the other:
+        # completed; failed, then retried avoiding it (handed back until it runs
+        # it after all); not a task message; long (acknowledged when it
+        # starts); and one running when it stops
+        completed = await _submit(orchestrator)
+        failed = await _submit(orchestrator, payload={"fail": True}, max_retries=1)
+        corrupt = await _submit(orchestrator, payload={"corrupt": True}, max_retries=0)
+        long = await _submit(orchestrator, timeout=1200)
+        for task_id, expected in [
+            (completed, "completed"),
+            (failed, "completed"),
+            (corrupt, "failed"),
+            (long, "completed"),
+        ]:
+            status = await orchestrator.wait_for_task(task_id, timeout=WAIT)
+            assert status["status"] == expected
+        hanging = await _submit(orchestrator, payload={"hang": True})
+        await wait_until(lambda: running_on(orchestrator, hanging, "worker"), WAIT)
+        await asyncio.wait_for(agent.stop(drain_timeout=0.05), WAIT)
+    finally:
+        gate.set()
+
+    # Then each delivery was settled once: the skipped one, the ended ones and
+    # the long one (at its start) acknowledged, the retry handed back three
+    # times, the unreadable one dead-lettered, the running one given back
+    settles = [(task_id, calls) for task_id, calls in counting.settles if task_id != failed]
+    assert settles == [
+        (skipped, ["ack"]),
+        (completed, ["ack"]),
+        (corrupt, ["dead_letter"]),
+        (long, ["ack"]),
+        (hanging, ["requeue"]),
+    ]
+    retried = [calls for task_id, calls in counting.settles if task_id == failed]
+    assert retried == [["ack"], ["requeue"], ["requeue"], ["requeue"], ["ack"]]
+    assert agent.unsettled == 0
+    assert not agent.held_attempts
+    assert agent.counters.running == 0
+    status = await orchestrator.get_task_status(corrupt)
+    assert status["error_message"].startswith("rejected: agent worker:")
