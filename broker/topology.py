@@ -1,18 +1,28 @@
-"""Every exchange, queue and argument of the bus, named in one place.
+"""Every exchange, queue and binding of the bus, as values, named in one place.
 
 All names hang off one prefix so that several deployments, and every test,
-share a broker without seeing each other's queues. ``definitions()`` renders
-the fixed part as a RabbitMQ definitions document; capability queues are
-declared on first use because their names depend on the tasks submitted.
+share a broker without seeing each other's queues.
+
+The topology is made of frozen value objects (``Exchange``, ``Queue``,
+``Binding``) grouped in ``Declarations``, one group per role (a capability's
+task queue, an agent's control queue, a retry tier...). The same objects
+drive everything that would otherwise have to agree by hand: what the
+RabbitMQ bus declares, the definitions document ``definitions()`` renders for
+import, and how the in-process bus routes (``Binding.matches``). Equal
+objects declare the same thing, so a bus can cache what it declared by value.
+Capability queues are declared on first use because their names depend on
+the tasks submitted.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal, NamedTuple
 
 CAPABILITY_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 """The safe alphabet of capability names: they become routing keys and queue names."""
@@ -84,33 +94,312 @@ def covers(agent_capabilities: Iterable[str], required: Iterable[str]) -> bool:
     return set(required) <= set(agent_capabilities)
 
 
+@functools.lru_cache(maxsize=1024)
+def topic_matches(pattern: str, key: str) -> bool:
+    """AMQP topic matching: '*' is exactly one word, '#' zero or more words."""
+
+    def match(p: tuple[str, ...], k: tuple[str, ...]) -> bool:
+        if not p:
+            return not k
+        if p[0] == "#":
+            return any(match(p[1:], k[i:]) for i in range(len(k) + 1))
+        if not k:
+            return False
+        return (p[0] == "*" or p[0] == k[0]) and match(p[1:], k[1:])
+
+    def words(text: str) -> tuple[str, ...]:
+        return tuple(text.split(".")) if text else ()  # "" has no words
+
+    return match(words(pattern), words(key))
+
+
+# --- value objects ----------------------------------------------------------------
+
+ExchangeType = Literal["direct", "topic", "fanout"]
+
+_CLASSIC = {"x-queue-type": "classic"}
+"""Stated even where it is the default, so that a policy or a node default of
+quorum queues cannot silently give us queues without priorities."""
+
+
+def _frozen(arguments: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(arguments))
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """An exchange as it is declared."""
+
+    name: str
+    type: ExchangeType
+    durable: bool = True
+    auto_delete: bool = False
+    # A mapping is not hashable: equality compares the arguments, the hash does not need to.
+    arguments: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "arguments", _frozen(self.arguments))
+
+    def definition(self, vhost: str) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "vhost": vhost,
+            "type": self.type,
+            "durable": self.durable,
+            "auto_delete": self.auto_delete,
+            "internal": False,
+            "arguments": dict(self.arguments),
+        }
+
+
+@dataclass(frozen=True)
+class Queue:
+    """A queue as it is declared; its arguments say how it behaves (priorities,
+    TTL and where expired messages go, a length limit)."""
+
+    name: str
+    durable: bool = True
+    exclusive: bool = False
+    auto_delete: bool = False
+    arguments: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "arguments", _frozen(self.arguments))
+
+    @property
+    def max_priority(self) -> int | None:
+        return self.arguments.get("x-max-priority")
+
+    @property
+    def max_length(self) -> int | None:
+        return self.arguments.get("x-max-length")
+
+    @property
+    def message_ttl_ms(self) -> int | None:
+        return self.arguments.get("x-message-ttl")
+
+    @property
+    def dead_letter_exchange(self) -> str | None:
+        return self.arguments.get("x-dead-letter-exchange")
+
+    def definition(self, vhost: str) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "vhost": vhost,
+            "durable": self.durable,
+            "auto_delete": self.auto_delete,
+            "arguments": dict(self.arguments),
+        }
+
+
+@dataclass(frozen=True)
+class Binding:
+    """A queue bound to an exchange under a routing key (a pattern on a topic exchange)."""
+
+    exchange: Exchange
+    queue: Queue
+    routing_key: str = ""
+
+    def matches(self, routing_key: str) -> bool:
+        """Whether a message published to ``exchange`` with ``routing_key`` reaches ``queue``."""
+        if self.exchange.type == "fanout":
+            return True
+        if self.exchange.type == "topic":
+            return topic_matches(self.routing_key, routing_key)
+        return self.routing_key == routing_key
+
+    def definition(self, vhost: str) -> dict[str, Any]:
+        return {
+            "source": self.exchange.name,
+            "vhost": vhost,
+            "destination": self.queue.name,
+            "destination_type": "queue",
+            "routing_key": self.routing_key,
+            "arguments": {},
+        }
+
+
+@dataclass(frozen=True)
+class Declarations:
+    """What to declare together: exchanges first, then queues, then bindings.
+
+    A binding names its exchange without declaring it: whoever declares a
+    capability or control queue binds it to an exchange the orchestrator
+    declared, and needs no right to configure that exchange.
+    """
+
+    exchanges: tuple[Exchange, ...] = ()
+    queues: tuple[Queue, ...] = ()
+    bindings: tuple[Binding, ...] = ()
+
+    def __add__(self, other: Declarations) -> Declarations:
+        return Declarations(
+            self.exchanges + other.exchanges,
+            self.queues + other.queues,
+            self.bindings + other.bindings,
+        )
+
+    @property
+    def queue(self) -> Queue:
+        """The queue of a group that declares exactly one."""
+        (queue,) = self.queues
+        return queue
+
+    def definitions(self, vhost: str = "/") -> dict[str, Any]:
+        """As the sections of a RabbitMQ definitions document."""
+        return {
+            "exchanges": [e.definition(vhost) for e in self.exchanges],
+            "queues": [q.definition(vhost) for q in self.queues],
+            "bindings": [b.definition(vhost) for b in self.bindings],
+        }
+
+
+def combine(groups: Iterable[Declarations]) -> Declarations:
+    total = Declarations()
+    for group in groups:
+        total += group
+    return total
+
+
+class Exchanges(NamedTuple):
+    """The four exchanges every deployment has, declared by whoever connects first."""
+
+    tasks: Exchange
+    """Direct; routing key = capability key."""
+    events: Exchange
+    """Topic; routing key = the event's kind."""
+    control: Exchange
+    """Direct; routing key = agent id, or ``BROADCAST_KEY``."""
+    dead: Exchange
+    """Fanout to the dead-letter queues."""
+
+
+# --- one deployment's topology ------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Topology:
-    """The names of one deployment's exchanges and queues."""
+    """The exchanges, queues and bindings of one deployment (one prefix)."""
 
     prefix: str = "orchestrator"
 
-    # exchanges
+    BROADCAST_KEY = "@all"
+    """Outside the agent-id alphabet, so no agent's own key can equal it."""
+
+    ORCHESTRATOR_EVENT_PATTERNS = ("task.#", "agent.#")
+    """What the orchestrator's own events queue is bound with: every event."""
+
+    # value objects ---------------------------------------------------------------
+    @functools.cached_property
+    def exchanges(self) -> Exchanges:
+        p = self.prefix
+        return Exchanges(
+            tasks=Exchange(f"{p}.tasks", "direct"),
+            events=Exchange(f"{p}.events", "topic"),
+            control=Exchange(f"{p}.control", "direct"),
+            dead=Exchange(f"{p}.dead", "fanout"),
+        )
+
+    def capability(self, key: str) -> Declarations:
+        """The priority queue of the tasks that need exactly one capability set."""
+        queue = Queue(self.task_queue(key), arguments=self.task_queue_arguments())
+        return Declarations(queues=(queue,), bindings=(Binding(self.exchanges.tasks, queue, key),))
+
+    def orchestrator_events(self) -> Declarations:
+        """The orchestrator's durable queue of events: results wait here while it is down."""
+        queue = Queue(self.orchestrator_events_queue, arguments=_CLASSIC)
+        return self._bound(queue, self.exchanges.events, self.ORCHESTRATOR_EVENT_PATTERNS)
+
+    def monitor(self, patterns: Sequence[str], suffix: str) -> Declarations:
+        """A monitor's private queue of the events matching ``patterns``: it
+        lives as long as its one consumer."""
+        queue = Queue(
+            f"{self.prefix}.monitor.{suffix}", durable=False, exclusive=True, auto_delete=True
+        )
+        return self._bound(queue, self.exchanges.events, patterns)
+
+    def agent_control(self, agent_id: str) -> Declarations:
+        """One agent's commands: those sent to it and those sent to all."""
+        queue = Queue(self.agent_control_queue(agent_id), durable=False, auto_delete=True)
+        return self._bound(queue, self.exchanges.control, (agent_id, self.BROADCAST_KEY))
+
+    def kept_dead_letters(self) -> Declarations:
+        """Dead letters kept for people (the management UI), newest ``DEAD_LETTER_KEEP``."""
+        queue = Queue(self.dead_queue, arguments=self.dead_queue_arguments())
+        return self._bound(queue, self.exchanges.dead, ("",))
+
+    def orchestrator_dead_letters(self) -> Declarations:
+        """The orchestrator's copy of every dead letter: it fails the task named in it."""
+        queue = Queue(self.orchestrator_dead_queue, arguments=_CLASSIC)
+        return self._bound(queue, self.exchanges.dead, ("",))
+
+    def rpc(self) -> Declarations:
+        """The request queue; bound to the default exchange by its name, like every queue."""
+        return Declarations(queues=(Queue(self.rpc_queue, arguments=self.rpc_queue_arguments()),))
+
+    def retry_tier(self, tier_ms: int) -> Declarations:
+        """A fanout exchange into a TTL queue that dead-letters to the tasks exchange.
+
+        No dead-letter routing key: a message keeps its own, the capability key.
+        """
+        exchange = Exchange(self.retry_exchange(tier_ms), "fanout")
+        queue = Queue(self.retry_queue(tier_ms), arguments=self.retry_queue_arguments(tier_ms))
+        return Declarations((exchange,), (queue,), (Binding(exchange, queue, ""),))
+
+    def fixed(self) -> Declarations:
+        """What a bus declares when it connects."""
+        return (
+            Declarations(exchanges=tuple(self.exchanges))
+            + self.capability(ANY_CAPABILITY_KEY)
+            + self.orchestrator_events()
+            + self.kept_dead_letters()
+            + self.orchestrator_dead_letters()
+        )
+
+    def everything(self, queue_keys: Iterable[str] = ()) -> Declarations:
+        """The fixed topology, the request queue, every retry tier and the
+        capability queues of ``queue_keys``: all that a deployment can have
+        but monitors' and agents' own queues."""
+        return (
+            self.fixed()
+            + self.rpc()
+            + combine(self.retry_tier(t) for t in RETRY_TIERS_MS)
+            + combine(self.capability(k) for k in queue_keys if k != ANY_CAPABILITY_KEY)
+        )
+
+    @staticmethod
+    def _bound(queue: Queue, exchange: Exchange, keys: Iterable[str]) -> Declarations:
+        return Declarations(
+            queues=(queue,), bindings=tuple(Binding(exchange, queue, k) for k in keys)
+        )
+
+    def definitions(self, vhost: str = "/") -> dict[str, Any]:
+        """The fixed topology as a RabbitMQ definitions document (for import):
+        every exchange and queue the bus declares with the same arguments, so
+        that its own declares succeed against it, the retry tiers included.
+        Capability queues other than ``@any`` depend on the tasks submitted."""
+        return self.everything().definitions(vhost)
+
+    # names ---------------------------------------------------------------------
     @property
     def tasks_exchange(self) -> str:
         """Direct exchange; routing key = capability key."""
-        return f"{self.prefix}.tasks"
+        return self.exchanges.tasks.name
 
     @property
     def events_exchange(self) -> str:
         """Topic exchange of status events; routing key = the event's kind."""
-        return f"{self.prefix}.events"
+        return self.exchanges.events.name
 
     @property
     def control_exchange(self) -> str:
         """Direct exchange of commands to agents; routing key = agent id or 'all'."""
-        return f"{self.prefix}.control"
+        return self.exchanges.control.name
 
     @property
     def dead_exchange(self) -> str:
-        return f"{self.prefix}.dead"
+        return self.exchanges.dead.name
 
-    # queues
     def task_queue(self, key: str) -> str:
         return f"{self.prefix}.tasks.{key}"
 
@@ -136,7 +425,7 @@ class Topology:
 
     @staticmethod
     def rpc_queue_arguments() -> dict[str, Any]:
-        return {"x-queue-type": "classic"}
+        return dict(_CLASSIC)
 
     @property
     def dead_queue(self) -> str:
@@ -155,86 +444,16 @@ class Topology:
         return f"{self.prefix}.retry.{tier_ms}"
 
     def retry_queue_arguments(self, tier_ms: int) -> dict[str, Any]:
-        # No dead-letter routing key: the message keeps its own, the capability key.
         return {
             "x-message-ttl": tier_ms,
             "x-dead-letter-exchange": self.tasks_exchange,
-            "x-queue-type": "classic",
+            **_CLASSIC,
         }
 
     @staticmethod
     def dead_queue_arguments() -> dict[str, Any]:
-        return {"x-queue-type": "classic", "x-max-length": DEAD_LETTER_KEEP}
-
-    BROADCAST_KEY = "@all"
-    """Outside the agent-id alphabet, so no agent's own key can equal it."""
+        return {**_CLASSIC, "x-max-length": DEAD_LETTER_KEEP}
 
     @staticmethod
     def task_queue_arguments() -> dict[str, Any]:
-        return {"x-max-priority": MAX_PRIORITY, "x-queue-type": "classic"}
-
-    def definitions(self, vhost: str = "/") -> dict[str, Any]:
-        """The fixed topology as a RabbitMQ definitions document (for import):
-        every exchange and queue the bus declares with the same arguments, so
-        that its own declares succeed against it, the retry tiers included.
-        Capability queues other than ``@any`` depend on the tasks submitted."""
-
-        def exchange(name: str, kind: str) -> dict[str, Any]:
-            return {
-                "name": name,
-                "vhost": vhost,
-                "type": kind,
-                "durable": True,
-                "auto_delete": False,
-                "internal": False,
-                "arguments": {},
-            }
-
-        def queue(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
-            return {
-                "name": name,
-                "vhost": vhost,
-                "durable": True,
-                "auto_delete": False,
-                "arguments": arguments,
-            }
-
-        def binding(source: str, queue_name: str, key: str) -> dict[str, Any]:
-            return {
-                "source": source,
-                "vhost": vhost,
-                "destination": queue_name,
-                "destination_type": "queue",
-                "routing_key": key,
-                "arguments": {},
-            }
-
-        any_queue = self.task_queue(ANY_CAPABILITY_KEY)
-        # As RabbitMQBus declares a tier: a fanout exchange bound to a TTL queue.
-        tiers = [(self.retry_exchange(t), self.retry_queue(t), t) for t in RETRY_TIERS_MS]
-        return {
-            "exchanges": [
-                exchange(self.tasks_exchange, "direct"),
-                exchange(self.events_exchange, "topic"),
-                exchange(self.control_exchange, "direct"),
-                exchange(self.dead_exchange, "fanout"),
-                *(exchange(name, "fanout") for name, _, _ in tiers),
-            ],
-            "queues": [
-                queue(any_queue, self.task_queue_arguments()),
-                queue(self.orchestrator_events_queue, {"x-queue-type": "classic"}),
-                queue(self.dead_queue, self.dead_queue_arguments()),
-                queue(self.orchestrator_dead_queue, {"x-queue-type": "classic"}),
-                # Bound to the default exchange by its name, like every queue.
-                queue(self.rpc_queue, self.rpc_queue_arguments()),
-                *(queue(name, self.retry_queue_arguments(t)) for _, name, t in tiers),
-            ],
-            "bindings": [
-                binding(self.tasks_exchange, any_queue, ANY_CAPABILITY_KEY),
-                binding(self.events_exchange, self.orchestrator_events_queue, "task.#"),
-                binding(self.events_exchange, self.orchestrator_events_queue, "agent.#"),
-                binding(self.dead_exchange, self.dead_queue, ""),
-                binding(self.dead_exchange, self.orchestrator_dead_queue, ""),
-                *(binding(source, name, "") for source, name, _ in tiers),
-            ],
-        }
+        return {"x-max-priority": MAX_PRIORITY, **_CLASSIC}
