@@ -126,6 +126,11 @@ class Attempts:
         counters.max_running = max(counters.max_running, counters.running)
         return attempt
 
+    def count_end(self, outcome: str) -> None:
+        """Count how an attempt run here ended (a ``timeout`` as ``timed_out``)."""
+        name = "timed_out" if outcome == "timeout" else outcome
+        setattr(self._counters, name, getattr(self._counters, name) + 1)
+
     def jobs(self) -> list[asyncio.Task[Any]]:
         return [a.job for a in self._known.values() if a.job is not None]
 

@@ -56,7 +56,7 @@ class Settlement:
 
     def __init__(self, delivery: TaskDelivery, consumer: TaskConsumer, owner: Deliveries) -> None:
         self.delivery = delivery
-        self.outcome = Outcome.REQUEUE
+        self.outcome = Outcome.REQUEUE  # until decided: a handling that raised runs again
         self.reason = ""
         self.attempt: Attempt | None = None
         self._consumer = consumer

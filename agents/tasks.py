@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 
 
 class Tasks:
-    """The task deliveries of one agent, from its settings (``agent_id``,
-    ``counters``, ``long_task_after``), its handlers and the attempts it holds."""
+    """The task deliveries of one agent, from its settings (``agent_id`` and
+    ``long_task_after``, read when used), its handlers and the attempts it holds."""
 
     def __init__(
         self,
@@ -147,9 +147,7 @@ class Tasks:
         self, message: TaskMessage, outcome: str, error: str | None, result: Any = None
     ) -> TaskFinished:
         """The final event of an attempt run here, counted in the agent's counters."""
-        counters = self._agent.counters
-        name = "timed_out" if outcome == "timeout" else outcome
-        setattr(counters, name, getattr(counters, name) + 1)
+        self._attempts.count_end(outcome)
         return self._final(message, outcome, error, result)
 
     def _final(
