@@ -1,34 +1,31 @@
-"""Fault test: the real broker restarts under load; no submitted task is lost."""
+"""Fault test: the broker restarts under load; no submitted task is lost.
+
+The broker is a private node of the tests' own (the ``fault`` marker), never
+the shared one, so its restart disturbs no other test or process.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 
 import pytest
 
 from agents import TaskContext
+from tests.brokers import RabbitMQNode
 from tests.harness import Harness, wait_all
 
 pytestmark = [
     pytest.mark.rabbitmq,
     pytest.mark.slow,
+    pytest.mark.fault,
     pytest.mark.parametrize("bus_kind", ["rabbitmq"], indirect=True),
 ]
 
 
-def restart_broker_app() -> None:
-    """Stop and start the RabbitMQ application: every connection drops, durable
-    queues and persistent messages stay."""
-    subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True, timeout=60)
-    subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=120)
-    subprocess.run(["rabbitmqctl", "await_startup"], check=True, capture_output=True, timeout=120)
-
-
-async def test_broker_restart_loses_no_task(harness: Harness) -> None:
-    if shutil.which("rabbitmqctl") is None:
-        pytest.skip("rabbitmqctl is not available to restart the broker")
+async def test_broker_restart_loses_no_task(
+    harness: Harness, private_rabbitmq: RabbitMQNode
+) -> None:
+    assert harness.settings.broker_url == private_rabbitmq.url
 
     # Given an orchestrator, an agent in-process and one in its own process
     orchestrator = await harness.start_orchestrator()
@@ -55,7 +52,9 @@ async def test_broker_restart_loses_no_task(harness: Harness) -> None:
 
     # When tasks are queued and running and the broker restarts
     before = await submit(0, 40)
-    restart = asyncio.ensure_future(asyncio.to_thread(restart_broker_app))
+    # (stop_app and start_app: every connection drops, durable queues and
+    # persistent messages stay)
+    restart = asyncio.ensure_future(asyncio.to_thread(private_rabbitmq.restart_app))
     # while more are submitted (those caught by the outage wait for the reconnect)
     after = await submit(40, 20)
     await restart
