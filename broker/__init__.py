@@ -10,6 +10,7 @@ from .bus import (
     TaskDelivery,
     default_broker_url,
 )
+from .envelope import Envelope, parse_message_id, task_message_id
 from .errors import (
     BusConnectionError,
     BusError,
@@ -23,39 +24,50 @@ from .errors import (
 )
 from .memory import MemoryBus
 from .messages import (
-    REQUEST_TYPES,
     SCHEMA_VERSION,
     AgentAnnounced,
     AgentHeartbeat,
     AgentLeft,
-    AgentsRequest,
     CancelTask,
-    CancelTaskRequest,
     CancelTasks,
     ConsumeQueues,
     Control,
     Event,
-    QueuesRequest,
     Reannounce,
-    Reply,
-    ReplyError,
-    Request,
-    StatsRequest,
-    SubmitTaskRequest,
     TaskFinished,
     TaskMessage,
     TaskProgress,
     TaskStarted,
-    TaskStatusRequest,
     Unregister,
     WireMessage,
     parse_control,
     parse_event,
-    parse_reply,
-    parse_request,
     parse_task,
 )
 from .rabbitmq import RabbitMQBus
+from .rpc import (
+    REQUEST_TYPES,
+    RESULT_TYPES,
+    AgentRecord,
+    AgentsRequest,
+    CancelResult,
+    CancelTaskRequest,
+    QueueRecord,
+    QueuesRequest,
+    Reply,
+    ReplyError,
+    ReplyResult,
+    Request,
+    StatsRequest,
+    StatsResult,
+    SubmitResult,
+    SubmitTaskRequest,
+    TaskStatusRequest,
+    TaskStatusResult,
+    parse_reply,
+    parse_request,
+    parse_result,
+)
 from .settings import BusSettings, redact_url
 from .topology import (
     AGENT_ID_PATTERN,
@@ -64,10 +76,16 @@ from .topology import (
     DIRECT_REPLY_TO,
     MAX_PRIORITY,
     RETRY_TIERS_MS,
+    Binding,
+    Declarations,
+    Exchange,
+    Exchanges,
+    Queue,
     Topology,
     capability_key,
     covers,
     retry_tier_ms,
+    topic_matches,
 )
 
 __all__ = [
@@ -127,6 +145,19 @@ __all__ = [
     "WireMessage",
     "parse_request",
     "parse_reply",
+    "ReplyResult",
+    "SubmitResult",
+    "CancelResult",
+    "TaskStatusResult",
+    "StatsResult",
+    "AgentRecord",
+    "QueueRecord",
+    "RESULT_TYPES",
+    "parse_result",
+    # what travels around a message body
+    "Envelope",
+    "task_message_id",
+    "parse_message_id",
     # topology
     "Topology",
     "capability_key",
@@ -138,4 +169,10 @@ __all__ = [
     "MAX_PRIORITY",
     "RETRY_TIERS_MS",
     "retry_tier_ms",
+    "Exchange",
+    "Queue",
+    "Binding",
+    "Declarations",
+    "Exchanges",
+    "topic_matches",
 ]

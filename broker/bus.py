@@ -23,17 +23,33 @@ The semantics both must keep:
 from __future__ import annotations
 
 import abc
-import json
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from .errors import InvalidMessage
-from .messages import Control, Event, Reply, Request, TaskMessage, WireMessage, parse_request
+from .envelope import DeadLetter
+from .errors import MessageTooLarge
+from .messages import Control, Event, TaskMessage, WireMessage
+from .rpc import Reply, RequestHandler
 from .settings import BusSettings
-from .topology import Topology
+from .topology import Topology, retry_tier_ms
+
+__all__ = [
+    "DEFAULT_REQUEST_TIMEOUT",
+    "BeforeAck",
+    "CommunicationBus",
+    "ControlHandler",
+    "DeadLetter",
+    "DeadLetterHandler",
+    "EventHandler",
+    "RequestHandler",
+    "Subscription",
+    "TaskConsumer",
+    "TaskDelivery",
+    "TaskHandler",
+    "default_broker_url",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,48 +77,10 @@ class TaskDelivery(abc.ABC):
         """Move the message to the dead-letter queue with ``reason`` and settle it."""
 
 
-@dataclass(frozen=True)
-class DeadLetter:
-    """A message nobody could process, with the reason it was given up on."""
-
-    body: bytes
-    reason: str
-    message_id: str | None = None
-    """For task messages: ``<task_id>:<attempt>``, so the task can be found
-    even when the body cannot be parsed."""
-
-    @property
-    def task_id(self) -> str | None:
-        if self.message_id and ":" in self.message_id:
-            return self.message_id.rsplit(":", 1)[0]
-        try:
-            task_id = json.loads(self.body).get("task_id")
-        except (ValueError, AttributeError):
-            return None
-        return task_id if isinstance(task_id, str) else None
-
-    @property
-    def kind(self) -> str | None:
-        """The ``kind`` the body says it is, if it parses and says (``task``, ``task.finished``...)."""
-        try:
-            kind = json.loads(self.body).get("kind")
-        except (ValueError, AttributeError, RecursionError):
-            return None
-        return kind if isinstance(kind, str) else None
-
-    @property
-    def attempt(self) -> int | None:
-        if self.message_id and ":" in self.message_id:
-            tail = self.message_id.rsplit(":", 1)[1]
-            return int(tail) if tail.isdigit() else None
-        return None
-
-
 TaskHandler = Callable[[TaskDelivery], Awaitable[None]]
 DeadLetterHandler = Callable[[DeadLetter], Awaitable[None]]
 EventHandler = Callable[[Event], Awaitable[None]]
 ControlHandler = Callable[[Control], Awaitable[None]]
-RequestHandler = Callable[[Request], Awaitable[Reply]]
 BeforeAck = Callable[[], Awaitable[None]]
 
 
@@ -282,19 +260,32 @@ class CommunicationBus(abc.ABC):
         then, so a server that starts later does not act on it.
         """
 
+    def arrival_bound(self, delay: float) -> float:
+        """Seconds after a ``publish_task`` with ``delay`` by which the task is in
+        its queue, at the latest: 0 for no delay, else the retry tier it waits in.
+
+        A delayed task may come later than its delay (a TTL expires only at the
+        head of its tier's queue) but never later than its tier; a delay longer
+        than the longest tier is cut to that tier. Who watches for a delayed
+        task that never came back must not call it lost before this.
+        """
+        if delay <= 0:
+            return 0.0
+        return retry_tier_ms(delay) / 1000
+
     # helpers shared by implementations ---------------------------------------
     @staticmethod
-    async def _answer(handler: RequestHandler, body: bytes) -> Reply:
-        """The reply to one request body: the handler's, or an error reply."""
+    def _delay_tier(delay: float) -> tuple[int, float]:
+        """The retry tier (ms) a delayed task waits in, and its own expiration (s)."""
+        tier = retry_tier_ms(delay)
+        return tier, min(delay, tier / 1000)
+
+    def _reply_body(self, reply: Reply) -> bytes:
+        """What a server sends back: the reply, or an error if it is too large to send."""
         try:
-            request = parse_request(body)
-        except InvalidMessage as exc:
-            return Reply.failure("invalid_request", str(exc))
-        try:
-            return await handler(request)
-        except Exception as exc:  # a handler bug must not stop the server
-            log.exception("request handler failed on %s", request.kind)
-            return Reply.failure("internal", f"{type(exc).__name__}: {exc}")
+            return self._check_size(reply.encode())
+        except MessageTooLarge as exc:
+            return Reply.failure("internal", f"reply too large: {exc}").encode()
 
     def _no_reply(self, timeout: float) -> str:
         return (
@@ -303,8 +294,6 @@ class CommunicationBus(abc.ABC):
         )
 
     def _check_size(self, body: bytes) -> bytes:
-        from .errors import MessageTooLarge
-
         if len(body) > self.settings.max_message_bytes:
             raise MessageTooLarge(
                 f"message of {len(body)} bytes exceeds max_message_bytes="

@@ -1,7 +1,7 @@
 """JSON Schemas of every wire message and an AsyncAPI 2.6 document of the bus.
 
-Both are generated from the pydantic models of ``broker.messages`` and the
-names of ``broker.topology``, and checked in under ``docs/``; a test fails
+Both are generated from the pydantic models of ``broker.messages`` and
+``broker.rpc`` and the exchanges and queues of ``broker.topology``, and checked in under ``docs/``; a test fails
 when they drift from the models. Regenerate them with::
 
     python -m broker.schemas docs        # or: orchestrator schemas --out docs
@@ -20,31 +20,33 @@ from pydantic import TypeAdapter
 from pydantic.json_schema import models_json_schema
 
 from .messages import (
-    RESULT_TYPES,
     SCHEMA_VERSION,
     AgentAnnounced,
     AgentHeartbeat,
     AgentLeft,
-    AgentsRequest,
     CancelTask,
-    CancelTaskRequest,
     CancelTasks,
     ConsumeQueues,
-    QueuesRequest,
     Reannounce,
-    Reply,
-    ReplyResult,
-    StatsRequest,
-    SubmitTaskRequest,
     TaskFinished,
     TaskMessage,
     TaskProgress,
     TaskStarted,
-    TaskStatusRequest,
     Unregister,
     WireMessage,
 )
-from .topology import DIRECT_REPLY_TO, MAX_PRIORITY, Topology
+from .rpc import (
+    RESULT_TYPES,
+    AgentsRequest,
+    CancelTaskRequest,
+    QueuesRequest,
+    Reply,
+    ReplyResult,
+    StatsRequest,
+    SubmitTaskRequest,
+    TaskStatusRequest,
+)
+from .topology import DIRECT_REPLY_TO, MAX_PRIORITY, Exchange, Queue, Topology
 
 TASKS: tuple[type[WireMessage], ...] = (TaskMessage,)
 EVENTS: tuple[type[WireMessage], ...] = (
@@ -178,15 +180,15 @@ def _refs(models: tuple[type[WireMessage], ...]) -> dict[str, Any]:
     return refs[0] if len(refs) == 1 else {"oneOf": refs}
 
 
-def _exchange(name: str, kind: str) -> dict[str, Any]:
+def _exchange(exchange: Exchange) -> dict[str, Any]:
     return {
         "amqp": {
             "is": "routingKey",
             "exchange": {
-                "name": name,
-                "type": kind,
-                "durable": True,
-                "autoDelete": False,
+                "name": exchange.name,
+                "type": exchange.type,
+                "durable": exchange.durable,
+                "autoDelete": exchange.auto_delete,
                 "vhost": "/",
             },
             "bindingVersion": AMQP_BINDING_VERSION,
@@ -194,15 +196,15 @@ def _exchange(name: str, kind: str) -> dict[str, Any]:
     }
 
 
-def _queue(name: str, *, durable: bool = True, auto_delete: bool = False) -> dict[str, Any]:
+def _queue(queue: Queue) -> dict[str, Any]:
     return {
         "amqp": {
             "is": "queue",
             "queue": {
-                "name": name,
-                "durable": durable,
-                "exclusive": False,
-                "autoDelete": auto_delete,
+                "name": queue.name,
+                "durable": queue.durable,
+                "exclusive": queue.exclusive,
+                "autoDelete": queue.auto_delete,
                 "vhost": "/",
             },
             "bindingVersion": AMQP_BINDING_VERSION,
@@ -242,7 +244,7 @@ def asyncapi() -> dict[str, Any]:
                 " nobody took in time is dropped. Each request gets one Reply."
             ),
             "parameters": prefix,
-            "bindings": _queue(t.rpc_queue),
+            "bindings": _queue(t.rpc().queue),
             "publish": {
                 "operationId": "sendRequest",
                 "summary": "Submit, cancel, status, stats, agents or queues.",
@@ -269,7 +271,7 @@ def asyncapi() -> dict[str, Any]:
                 f" capabilities joined by '+', '@any' for none); AMQP priority 0-{MAX_PRIORITY}."
             ),
             "parameters": prefix,
-            "bindings": _exchange(t.tasks_exchange, "direct"),
+            "bindings": _exchange(t.exchanges.tasks),
             "subscribe": {
                 "operationId": "receiveTask",
                 "summary": "Published by the orchestrator, one message per attempt.",
@@ -282,7 +284,7 @@ def asyncapi() -> dict[str, Any]:
                 " one capability set; agents whose capabilities cover it consume it."
             ),
             "parameters": keyed,
-            "bindings": _queue(t.task_queue("{capabilityKey}")),
+            "bindings": _queue(t.capability("{capabilityKey}").queue),
             "subscribe": {
                 "operationId": "consumeTask",
                 "summary": "Agents take tasks; they ack after the final event is confirmed.",
@@ -295,7 +297,7 @@ def asyncapi() -> dict[str, Any]:
                 " own queue (task.#, agent.#) to watch them."
             ),
             "parameters": prefix,
-            "bindings": _exchange(t.events_exchange, "topic"),
+            "bindings": _exchange(t.exchanges.events),
             "publish": {
                 "operationId": "reportEvent",
                 "summary": "Agents report progress and results, and announce themselves.",
@@ -313,7 +315,7 @@ def asyncapi() -> dict[str, Any]:
                 f" '{Topology.BROADCAST_KEY}' for every agent."
             ),
             "parameters": prefix,
-            "bindings": _exchange(t.control_exchange, "direct"),
+            "bindings": _exchange(t.exchanges.control),
             "subscribe": {
                 "operationId": "receiveControl",
                 "summary": "Sent by the orchestrator.",
@@ -323,7 +325,7 @@ def asyncapi() -> dict[str, Any]:
         t.agent_control_queue("{agentId}"): {
             "description": "One agent's commands (auto-delete).",
             "parameters": agent,
-            "bindings": _queue(t.agent_control_queue("{agentId}"), durable=False, auto_delete=True),
+            "bindings": _queue(t.agent_control("{agentId}").queue),
             "subscribe": {"operationId": "consumeControl", "message": _refs(CONTROLS)},
         },
         t.dead_exchange: {
@@ -333,7 +335,7 @@ def asyncapi() -> dict[str, Any]:
                 " orchestrator. Bodies are whatever was rejected."
             ),
             "parameters": prefix,
-            "bindings": _exchange(t.dead_exchange, "fanout"),
+            "bindings": _exchange(t.exchanges.dead),
         },
     }
     return {
@@ -346,7 +348,7 @@ def asyncapi() -> dict[str, Any]:
                 "The RabbitMQ bus of the task orchestrator: its request protocol for other"
                 " services, and the tasks, events and commands between orchestrator and"
                 " agents. Every message is JSON with v (schema version) and kind."
-                " Generated from broker/messages.py by broker/schemas.py."
+                " Generated from broker/messages.py and broker/rpc.py by broker/schemas.py."
             ),
         },
         "servers": {

@@ -8,11 +8,12 @@
                                          service runs before RabbitMQ starts
 
 ``definitions.json`` is exactly what the bus declares for prefix
-``orchestrator``: ``Topology.definitions()`` (whatever it holds, so names
-added there appear here on the next run) and the vhost, with the arguments
-``broker/rabbitmq.py`` declares them with, so that the bus's own declares
-succeed against it. Capability queues other than ``@any`` depend on the
-tasks submitted and are declared by the bus on first use.
+``orchestrator``, and the vhost: ``Topology.definitions()``, rendered from the
+very exchange, queue and binding objects of ``broker/topology.py`` that the
+bus declares (whatever they hold, so names added there appear here on the
+next run), so that the bus's own declares succeed against it. Capability
+queues other than ``@any`` depend on the tasks submitted and are declared by
+the bus on first use.
 
 Users are not in ``definitions.json``: it is checked in, and a password (even
 hashed) does not belong there. But with definitions to load, RabbitMQ creates
@@ -81,7 +82,8 @@ def definitions(prefix: str = PREFIX, vhost: str = VHOST) -> dict[str, Any]:
     """The definitions document of a deployment: what the bus declares, pre-declared.
 
     ``Topology.definitions()`` (the fixed exchanges and queues, ``@any``, the
-    retry tiers, and whatever else it holds) with the vhost they live in.
+    request queue, the retry tiers: ``Topology.everything()``) with the vhost
+    they live in.
     """
     return {"vhosts": [vhost_entry(vhost)], **Topology(prefix).definitions(vhost)}
 

@@ -33,9 +33,7 @@ async def _inject_event(harness: Harness, routing_key: str, body: bytes) -> None
     """Put raw bytes on the events exchange, as a broken publisher would."""
     bus = harness.orchestrator.bus
     if isinstance(bus, MemoryBus):
-        for queue in bus._event_queues:
-            if queue.matches(routing_key):
-                queue.items.put_nowait(body)
+        await bus.publish_raw(bus.topology.events_exchange, routing_key, body)
         return
     connection = await aio_pika.connect(harness.settings.broker_url)
     async with connection:

@@ -95,7 +95,7 @@ def test_definitions_hold_everything_the_bus_declares_with_its_arguments() -> No
         Topology.task_queue_arguments()
     )
     assert (t.tasks_exchange, t.task_queue(ANY_CAPABILITY_KEY), ANY_CAPABILITY_KEY) in bindings
-    # Every retry tier as _declare_retry_tier declares it
+    # Every retry tier as the bus declares it on a delayed publish
     for tier in RETRY_TIERS_MS:
         assert exchanges[t.retry_exchange(tier)]["type"] == "fanout"
         queue = queues[t.retry_queue(tier)]
@@ -295,8 +295,7 @@ async def test_orchestrator_runs_on_definitions_loaded_through_the_management_ap
         bus = harness.new_bus()
         await bus.connect()
         assert isinstance(bus, RabbitMQBus)
-        for tier in RETRY_TIERS_MS:
-            await bus._declare_retry_tier(tier)
+        await bus.declare(bus.topology.everything())
 
         # And the orchestrator runs tasks on it, a retry through a pre-declared tier included
         orchestrator = await harness.start_orchestrator()
@@ -460,8 +459,7 @@ async def test_users_file_and_definitions_make_a_vhost_the_deployment_can_log_in
         )
         await bus.connect()
         try:
-            for tier in RETRY_TIERS_MS:
-                await bus._declare_retry_tier(tier)
+            await bus.declare(bus.topology.everything())
             assert await bus.queue_depth(ANY_CAPABILITY_KEY) == 0
         finally:
             await bus.close()

@@ -1,0 +1,183 @@
+"""What the bus puts on each message besides its body, and reads back off it.
+
+The body is a wire message (``broker.messages``); the envelope is the AMQP
+properties and headers around it. Both buses build their envelopes here, so
+that the in-process bus carries exactly what RabbitMQ would: the identity of
+a task attempt (``message_id`` = ``<task_id>:<attempt>``, which lets a dead
+letter name its task even when its body cannot be parsed), the kind (AMQP
+``type``), persistence, priority, expiration, and the reason and source queue
+of a dead letter.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any
+
+from .messages import Control, Event, TaskMessage
+
+CONTENT_TYPE = "application/json"
+
+REASON_HEADER = "x-reason"
+"""Why a dead letter was given up on."""
+
+SOURCE_QUEUE_HEADER = "x-source-queue"
+"""The queue a dead letter was taken from."""
+
+MAX_REASON_LENGTH = 1000
+"""Headers travel in every frame's header block: a reason is one line, not a dump."""
+
+TRANSIENT_EVENTS = frozenset({"task.progress", "agent.heartbeat"})
+"""Events superseded by the next one of their kind: not worth the broker's disk."""
+
+_ID_SEPARATOR = ":"
+
+
+def task_message_id(task_id: str, attempt: int) -> str:
+    """The ``message_id`` of one attempt of a task."""
+    return f"{task_id}{_ID_SEPARATOR}{attempt}"
+
+
+def parse_message_id(message_id: str | None) -> tuple[str, int | None] | None:
+    """``(task_id, attempt)`` of a task message id; None when it is not one.
+
+    The attempt is None when the part after the last separator is not a
+    number. Task ids may hold the separator themselves: the attempt is what
+    follows the last one.
+    """
+    if not message_id or _ID_SEPARATOR not in message_id:
+        return None
+    task_id, tail = message_id.rsplit(_ID_SEPARATOR, 1)
+    return task_id, int(tail) if tail.isdigit() else None
+
+
+def body_field(body: bytes, name: str) -> str | None:
+    """A string field of a JSON object body, or None: for bodies nobody could
+    parse as a wire message, which may not be JSON, nor an object, nor shallow."""
+    try:
+        value = json.loads(body).get(name)
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One message as a bus publishes it: a body and its AMQP properties."""
+
+    body: bytes
+    type: str | None = None
+    """The wire message's ``kind``, so tools can tell messages apart unparsed."""
+    message_id: str | None = None
+    priority: int | None = None
+    persistent: bool = True
+    expiration: float | None = None
+    """Seconds the message may wait in a queue (a TTL queue's own may be shorter)."""
+    headers: Mapping[str, str] = field(default_factory=dict, hash=False)
+    correlation_id: str | None = None
+    reply_to: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "headers", MappingProxyType(dict(self.headers)))
+
+    def expiring(self, seconds: float | None) -> Envelope:
+        return replace(self, expiration=seconds)
+
+    # what each kind of message travels with -------------------------------------------
+    @classmethod
+    def task(cls, message: TaskMessage, *, priority: int) -> Envelope:
+        return cls(
+            message.encode(),
+            type=message.kind,
+            message_id=task_message_id(message.task_id, message.attempt),
+            priority=priority,
+        )
+
+    @classmethod
+    def event(cls, event: Event) -> Envelope:
+        return cls(event.encode(), type=event.kind, persistent=event.kind not in TRANSIENT_EVENTS)
+
+    @classmethod
+    def control(cls, command: Control) -> Envelope:
+        # A command matters to the agents listening now: one that restarts hears anew.
+        return cls(command.encode(), type=command.kind, persistent=False)
+
+    @classmethod
+    def dead(
+        cls,
+        body: bytes,
+        reason: str,
+        *,
+        source: str,
+        message_id: str | None = None,
+        max_bytes: int | None = None,
+    ) -> Envelope:
+        """A message given up on, with why and where from; cut to ``max_bytes``
+        because it may be the very message that was too large."""
+        return cls(
+            body if max_bytes is None else body[:max_bytes],
+            message_id=message_id,
+            headers={REASON_HEADER: reason[:MAX_REASON_LENGTH], SOURCE_QUEUE_HEADER: source},
+        )
+
+    @classmethod
+    def request(
+        cls, body: bytes, *, kind: str | None, reply_to: str, correlation_id: str, timeout: float
+    ) -> Envelope:
+        # Gone when the client stops waiting: a server that starts later does not act on it.
+        return cls(
+            body,
+            type=kind,
+            persistent=False,
+            reply_to=reply_to,
+            correlation_id=correlation_id,
+            expiration=timeout,
+        )
+
+    @classmethod
+    def reply(cls, body: bytes, *, kind: str, correlation_id: str | None) -> Envelope:
+        return cls(body, type=kind, persistent=False, correlation_id=correlation_id)
+
+
+def header_text(headers: Mapping[str, Any] | None, name: str, default: str) -> str:
+    """A header as text: AMQP tables carry strings as bytes when another client wrote them."""
+    value = (headers or {}).get(name, default)
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    return str(value)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message nobody could process, with the reason it was given up on."""
+
+    body: bytes
+    reason: str
+    message_id: str | None = None
+    """For task messages: ``<task_id>:<attempt>``, so the task can be found
+    even when the body cannot be parsed."""
+
+    @classmethod
+    def of(cls, body: bytes, headers: Mapping[str, Any] | None, message_id: str | None):
+        """The dead letter a message of the dead-letter exchange carries."""
+        return cls(body, header_text(headers, REASON_HEADER, "unknown"), message_id)
+
+    @property
+    def task_id(self) -> str | None:
+        identity = parse_message_id(self.message_id)
+        if identity is not None:
+            return identity[0]
+        return body_field(self.body, "task_id")
+
+    @property
+    def kind(self) -> str | None:
+        """The ``kind`` the body says it is, if it parses and says (``task``, ``task.finished``...)."""
+        return body_field(self.body, "kind")
+
+    @property
+    def attempt(self) -> int | None:
+        identity = parse_message_id(self.message_id)
+        return identity[1] if identity is not None else None

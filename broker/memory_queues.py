@@ -1,0 +1,377 @@
+"""The queues of the in-process bus and their consumers.
+
+What RabbitMQ does inside the broker is done here, for ``MemoryBus``:
+priority queues with consumer priorities and turn-taking, a prefetch shared
+across a consumer's queues, requeue on consumer loss, TTL queues that
+dead-letter to another exchange, a length-limited queue of kept dead
+letters, and ordered queues consumed by one handler at a time. Each queue is
+made from the ``broker.topology`` value object it stands for, and reads how
+to behave from that object's arguments. Messages are the envelopes the bus
+publishes, with their bodies encoded exactly as they would travel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .bus import BeforeAck, Subscription, TaskConsumer, TaskDelivery, TaskHandler
+from .envelope import DeadLetter, Envelope
+from .errors import BusNotStarted, InvalidMessage
+from .rpc import RequestHandler, answer
+from .topology import Queue
+
+if TYPE_CHECKING:
+    from .memory import MemoryBus
+
+log = logging.getLogger(__name__)
+
+_seq = itertools.count()
+
+Item = tuple[int, int, Envelope]
+"""(-priority, arrival, envelope): heap order is priority, then arrival."""
+
+
+class Sink(Protocol):
+    """Where a binding takes a message: one queue."""
+
+    def deliver(self, envelope: Envelope, routing_key: str) -> None: ...
+
+
+# --- task queues --------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class ConsumerChannel:
+    prefetch: int
+    unacked: int = 0
+    detached: int = 0
+    """Acknowledged deliveries whose tasks still run: they keep their place."""
+    consumers: list[_Consumer] = field(default_factory=list)
+    deliveries: set[MemoryDelivery] = field(default_factory=set)
+
+    @property
+    def has_room(self) -> bool:
+        return self.prefetch <= 0 or self.unacked + self.detached < self.prefetch
+
+
+@dataclass(eq=False)
+class _Consumer:
+    queue: TaskQueue
+    channel: ConsumerChannel
+    priority: int
+    handler: TaskHandler
+
+
+class TaskQueue:
+    """A priority queue of tasks (``x-max-priority``) for one capability key."""
+
+    def __init__(self, key: str, queue: Queue, on_arrival: Callable[[TaskQueue], None]) -> None:
+        self.key = key
+        self.name = queue.name
+        self.max_priority = queue.max_priority or 0
+        self.heap: list[Item] = []
+        self.consumers: deque[_Consumer] = deque()
+        self.redelivered: set[int] = set()
+        self._on_arrival = on_arrival
+
+    def push(self, priority: int, body: bytes, message_id: str | None = None) -> None:
+        """Put a message in without handing it to anyone yet."""
+        self._put(Envelope(body, message_id=message_id, priority=priority))
+
+    def _put(self, envelope: Envelope) -> None:
+        priority = max(0, min(envelope.priority or 0, self.max_priority))  # as RabbitMQ does
+        heapq.heappush(self.heap, (-priority, next(_seq), envelope))
+
+    def deliver(self, envelope: Envelope, routing_key: str) -> None:
+        self._put(envelope)
+        self._on_arrival(self)
+
+
+class MemoryDelivery(TaskDelivery):
+    def __init__(self, bus: MemoryBus, consumer: _Consumer, item: Item, redelivered: bool) -> None:
+        self._bus = bus
+        self._consumer = consumer
+        self._item = item
+        self.body = item[2].body
+        self.queue_key = consumer.queue.key
+        self.redelivered = redelivered
+        self._settled = False
+
+    def _settle(self) -> bool:
+        if self._settled:
+            return False
+        self._settled = True
+        channel = self._consumer.channel
+        channel.unacked -= 1
+        channel.deliveries.discard(self)
+        return True
+
+    async def ack(self) -> None:
+        if self._settle():
+            self._bus._after_settle(self._consumer.channel)
+
+    async def requeue(self) -> None:
+        if self._settle():
+            self._bus._requeue(self._consumer.queue, self._item)
+            self._bus._after_settle(self._consumer.channel)
+
+    async def dead_letter(self, reason: str) -> None:
+        if self._settle():
+            queue = self._consumer.queue
+            self._bus._dead_letter(
+                self.body, reason, source=queue.name, message_id=self._item[2].message_id
+            )
+            self._bus._after_settle(self._consumer.channel)
+
+
+class MemoryTaskConsumer(TaskConsumer):
+    def __init__(self, bus: MemoryBus, prefetch: int, handler: TaskHandler) -> None:
+        self._bus = bus
+        self._channel = ConsumerChannel(prefetch=prefetch)
+        self._handler = handler
+        self._priority = 0
+        self._closed = False
+        self._paused = False
+        """Set by ``pause`` (a stop): a step aside that ends then does not resume."""
+
+    @property
+    def queue_keys(self) -> frozenset[str]:
+        return frozenset(c.queue.key for c in self._channel.consumers)
+
+    @property
+    def busy(self) -> bool:
+        """It holds deliveries it has not settled."""
+        return bool(self._channel.deliveries)
+
+    async def consume(self, queue_keys: Iterable[str], consumer_priority: int = 0) -> None:
+        if self._closed:
+            raise BusNotStarted("task consumer is closed")
+        self._paused = False
+        self._priority = consumer_priority
+        for consumer in self._channel.consumers:
+            consumer.priority = consumer_priority
+        have = self.queue_keys
+        for key in queue_keys:
+            if key in have:
+                continue
+            queue = self._bus._queue(key)
+            consumer = _Consumer(queue, self._channel, consumer_priority, self._handler)
+            queue.consumers.append(consumer)
+            self._channel.consumers.append(consumer)
+        for consumer in self._channel.consumers:
+            self._bus._dispatch(consumer.queue)
+
+    async def step_aside(self, delivery: TaskDelivery, seconds: float) -> None:
+        key = delivery.queue_key
+        mine = [c for c in self._channel.consumers if c.queue.key == key]
+        for consumer in mine:
+            consumer.queue.consumers.remove(consumer)
+            self._channel.consumers.remove(consumer)
+        await delivery.requeue()
+        await asyncio.sleep(seconds)
+        if not (self._closed or self._paused) and mine and key not in self.queue_keys:
+            await self.consume([key], self._priority)
+
+    async def pause(self) -> None:
+        self._paused = True
+        for consumer in self._channel.consumers:
+            consumer.queue.consumers.remove(consumer)
+        self._channel.consumers.clear()
+        self._bus._poke()
+
+    async def detach(self, delivery: TaskDelivery) -> None:
+        self._channel.detached += 1
+        await delivery.ack()
+
+    async def reattach(self) -> None:
+        self._channel.detached = max(0, self._channel.detached - 1)
+        for consumer in list(self._channel.consumers):
+            self._bus._dispatch(consumer.queue)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        queues = [c.queue for c in self._channel.consumers]
+        await self.pause()
+        for delivery in list(self._channel.deliveries):
+            await delivery.requeue()
+        for queue in queues:
+            self._bus._dispatch(queue)
+        self._bus._subscriptions.discard(self)
+
+
+# --- TTL queues and kept dead letters -------------------------------------------------
+
+
+class DelayQueue:
+    """A TTL queue (``x-message-ttl``) that dead-letters each message, under its
+    own routing key, to ``x-dead-letter-exchange`` once its time is up.
+
+    Each message leaves at its own expiration (or the queue's TTL, if that is
+    shorter): RabbitMQ may hold a short one behind a longer one at the head of
+    the queue, but never past the queue's TTL, which is what callers rely on.
+    """
+
+    def __init__(
+        self,
+        queue: Queue,
+        timers: set[asyncio.TimerHandle],
+        route: Callable[[str, str, Envelope], None],
+    ) -> None:
+        assert queue.message_ttl_ms is not None and queue.dead_letter_exchange is not None
+        self._ttl = queue.message_ttl_ms / 1000
+        self._to = queue.dead_letter_exchange
+        self._timers = timers
+        self._route = route
+
+    def deliver(self, envelope: Envelope, routing_key: str) -> None:
+        wait = self._ttl if envelope.expiration is None else min(envelope.expiration, self._ttl)
+
+        def expire() -> None:
+            self._timers.discard(timer)
+            self._route(self._to, routing_key, envelope.expiring(None))
+
+        timer = asyncio.get_running_loop().call_later(wait, expire)
+        self._timers.add(timer)
+
+
+class KeptLetters:
+    """The dead letters kept for people: a list, newest last, as long as ``x-max-length``."""
+
+    def __init__(self, queue: Queue, letters: list[DeadLetter]) -> None:
+        self._max_length = queue.max_length
+        self.letters = letters
+
+    def deliver(self, envelope: Envelope, routing_key: str) -> None:
+        letter = DeadLetter.of(envelope.body, envelope.headers, envelope.message_id)
+        log.warning("dead-lettered a message: %s", letter.reason)
+        self.letters.append(letter)
+        if self._max_length is not None:
+            del self.letters[: -self._max_length]
+
+
+# --- ordered queues and their subscriptions --------------------------------------------
+
+
+class MessageQueue:
+    """An ordered queue of messages, consumed by one handler at a time."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.items: asyncio.Queue[Envelope] = asyncio.Queue()
+        self.worker: asyncio.Task[None] | None = None
+
+    def deliver(self, envelope: Envelope, routing_key: str) -> None:
+        self.items.put_nowait(envelope)
+
+
+class MemorySubscription(Subscription):
+    def __init__(
+        self,
+        bus: MemoryBus,
+        queue: MessageQueue,
+        handler: Callable[[Any], Awaitable[None]],
+        parse: Callable[[Envelope], Any],
+        *,
+        on_close: Callable[[], None] = lambda: None,
+        dead_letter_failures: bool = True,
+        before_ack: BeforeAck | None = None,
+    ) -> None:
+        self._bus = bus
+        self._queue = queue
+        self._on_close = on_close
+        self._dead_letter_failures = dead_letter_failures
+        self._before_ack = before_ack
+        self._handling = False
+        queue.worker = asyncio.get_running_loop().create_task(self._run(handler, parse))
+
+    @property
+    def busy(self) -> bool:
+        """A message waits for its handler, or the handler runs."""
+        return self._handling or not self._queue.items.empty()
+
+    async def _run(self, handler: Callable[[Any], Awaitable[None]], parse) -> None:
+        source = self._queue.name
+        while True:
+            envelope = await self._queue.items.get()
+            self._handling = True
+            try:
+                await handler(parse(envelope))
+            except asyncio.CancelledError:
+                raise
+            except InvalidMessage as exc:
+                self._bus._dead_letter(envelope.body, str(exc), source=source)
+            except Exception as exc:  # a handler bug must not stop the subscription
+                log.exception("handler of %s failed", source)
+                if self._dead_letter_failures:  # never for dead letters: that would loop
+                    self._bus._dead_letter(envelope.body, f"handler error: {exc!r}", source=source)
+            # Where RabbitMQ would send its cumulative ack: when the queue runs dry.
+            if self._before_ack is not None and self._queue.items.empty():
+                try:
+                    await self._before_ack()
+                except Exception:
+                    log.exception("before-ack hook of %s failed", source)
+            self._handling = False
+            self._bus._poke()
+
+    async def close(self) -> None:
+        worker = self._queue.worker
+        self._queue.worker = None
+        if worker is not None:
+            worker.cancel()
+            await asyncio.gather(worker, return_exceptions=True)
+        self._handling = False
+        self._on_close()
+        self._bus._subscriptions.discard(self)
+        self._bus._poke()
+
+
+@dataclass(eq=False)
+class PendingRequest:
+    body: bytes
+    reply: asyncio.Future[bytes]
+    expires: float
+    """Loop time after which the client has given up: the server skips it."""
+
+
+class RequestServer(Subscription):
+    """Takes requests from the bus's request queue, one at a time, in order."""
+
+    def __init__(self, bus: MemoryBus, handler: RequestHandler) -> None:
+        self._bus = bus
+        self._handling = False
+        self._worker = asyncio.get_running_loop().create_task(self._run(handler))
+
+    @property
+    def busy(self) -> bool:
+        return self._handling or not self._bus._requests.empty()
+
+    async def _run(self, handler: RequestHandler) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            request = await self._bus._requests.get()
+            # One that expired while it waited is skipped, as on RabbitMQ.
+            if not request.reply.done() and loop.time() <= request.expires:
+                self._handling = True
+                body = self._bus._reply_body(await answer(handler, request.body))
+                if not request.reply.done():
+                    request.reply.set_result(body)
+                self._handling = False
+            self._bus._poke()
+
+    async def close(self) -> None:
+        if self._bus._request_server is self:
+            self._bus._request_server = None
+        self._bus._subscriptions.discard(self)
+        self._worker.cancel()
+        await asyncio.gather(self._worker, return_exceptions=True)
+        self._handling = False
+        self._bus._poke()

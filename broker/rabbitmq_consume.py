@@ -1,0 +1,277 @@
+"""Consuming on RabbitMQ: task deliveries, task consumers, ordered subscriptions.
+
+Each consumer has a channel of its own, so that closing it hands back exactly
+its unacknowledged deliveries. A task consumer's prefetch is channel-wide
+(``global_``): one limit across every queue the agent consumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from functools import partial
+
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+
+from .bus import BeforeAck, DeadLetter, Subscription, TaskConsumer, TaskDelivery, TaskHandler
+from .errors import BusConnectionError, InvalidMessage
+from .rabbitmq_declare import Declarer
+from .rabbitmq_link import CHANNEL_GONE
+from .topology import Topology
+
+log = logging.getLogger(__name__)
+
+DeadLetterPublish = Callable[[bytes, str, str, "str | None"], Awaitable[None]]
+"""(body, reason, source queue, message id): publish a dead letter, never raise."""
+
+ACK_BATCH = 64
+"""Events handled before one cumulative ack (the prefetch is larger)."""
+
+
+def dead_letter_of(message: AbstractIncomingMessage) -> DeadLetter:
+    """The dead letter a message of a dead-letter queue carries."""
+    return DeadLetter.of(message.body, message.headers, message.message_id)
+
+
+async def _quietly(operation: Callable[[], Awaitable[object]], what: str) -> None:
+    """Settle or cancel on a channel that may have died meanwhile.
+
+    If it did, the broker requeues the message by itself and it comes again;
+    every handler is idempotent by (task, attempt).
+    """
+    try:
+        await operation()
+    except CHANNEL_GONE as exc:
+        log.info("could not %s (%s)", what, exc)
+
+
+class RabbitDelivery(TaskDelivery):
+    def __init__(
+        self, message: AbstractIncomingMessage, queue: str, queue_key: str, dead: DeadLetterPublish
+    ) -> None:
+        self._message = message
+        self._queue = queue
+        self._dead = dead
+        self.body = message.body
+        self.queue_key = queue_key
+        self.redelivered = bool(message.redelivered)
+
+    async def ack(self) -> None:
+        await _quietly(self._message.ack, f"acknowledge a delivery from {self.queue_key}")
+
+    async def requeue(self) -> None:
+        await _quietly(
+            partial(self._message.nack, requeue=True), f"requeue a delivery to {self.queue_key}"
+        )
+
+    async def dead_letter(self, reason: str) -> None:
+        await self._dead(self.body, reason, self._queue, self._message.message_id)
+        await self.ack()
+
+
+class RabbitTaskConsumer(TaskConsumer):
+    def __init__(
+        self,
+        consumer_id: str,
+        declarer: Declarer,
+        topology: Topology,
+        handler: TaskHandler,
+        prefetch: int,
+        *,
+        dead: DeadLetterPublish,
+        on_close: Callable[[Subscription], None],
+    ) -> None:
+        self._id = consumer_id
+        self._declarer = declarer
+        self._channel: AbstractChannel = declarer.channel
+        self._topology = topology
+        self._handler = handler
+        self._prefetch = prefetch
+        self._dead = dead
+        self._on_close = on_close
+        self._detached = 0
+        self._priority = 0
+        self._queues: dict[str, tuple[AbstractQueue, str]] = {}
+        self._parked: set[str] = set()
+        """Keys not consumed while every place is held by detached tasks
+        (a prefetch of 0 would mean no limit at all)."""
+        self._lock = asyncio.Lock()
+        self._paused = False
+        """Set by ``pause`` (a stop): a step aside that ends then does not resume."""
+
+    @property
+    def queue_keys(self) -> frozenset[str]:
+        return frozenset(self._queues)
+
+    async def _start(self, key: str) -> None:
+        declarations = self._topology.capability(key)
+        await self._declarer.declare(declarations)
+        queue = self._declarer.queues[declarations.queue]
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            await self._handler(RabbitDelivery(message, queue.name, key, self._dead))
+
+        tag = await queue.consume(
+            on_message,
+            arguments={"x-priority": self._priority},
+            consumer_tag=f"{self._id}:{key}:{uuid.uuid4().hex[:8]}",
+        )
+        self._queues[key] = (queue, tag)
+
+    async def consume(self, queue_keys: Iterable[str], consumer_priority: int = 0) -> None:
+        async with self._lock:
+            self._paused = False
+            try:
+                if consumer_priority != self._priority:
+                    # x-priority is fixed per consumer: re-consume under the new one.
+                    self._priority = consumer_priority
+                    for key, (queue, tag) in list(self._queues.items()):
+                        await queue.cancel(tag)
+                        del self._queues[key]
+                        await self._start(key)
+                for key in queue_keys:
+                    if self._detached >= self._prefetch:
+                        self._parked.add(key)
+                    elif key not in self._queues:
+                        await self._start(key)
+            except aiormq.exceptions.AMQPError as exc:
+                raise BusConnectionError(f"cannot consume task queues: {exc}") from None
+
+    async def step_aside(self, delivery: TaskDelivery, seconds: float) -> None:
+        key = delivery.queue_key
+        async with self._lock:
+            entry = self._queues.pop(key, None)
+            if entry is not None:
+                await _quietly(partial(entry[0].cancel, entry[1]), f"stop consuming {key}")
+        await delivery.requeue()
+        await asyncio.sleep(seconds)
+        if entry is not None:
+            async with self._lock:
+                if self._paused:
+                    return
+                if self._detached >= self._prefetch:
+                    self._parked.add(key)
+                elif key not in self._queues and not self._channel.is_closed:
+                    await self._start(key)
+
+    async def pause(self) -> None:
+        async with self._lock:
+            self._paused = True
+            for key, (queue, tag) in list(self._queues.items()):
+                # If the channel is gone, so is the consumer.
+                await _quietly(partial(queue.cancel, tag), f"stop consuming {key}")
+                del self._queues[key]
+            self._parked.clear()
+
+    async def detach(self, delivery: TaskDelivery) -> None:
+        async with self._lock:
+            self._detached += 1
+            room = self._prefetch - self._detached
+            try:
+                # Lower the limit before the ack, so that the ack lets nothing new in.
+                if room >= 1:
+                    await self._channel.set_qos(prefetch_count=room, global_=True)
+                else:
+                    for key, (queue, tag) in list(self._queues.items()):
+                        await queue.cancel(tag)
+                        del self._queues[key]
+                        self._parked.add(key)
+            except CHANNEL_GONE as exc:
+                log.info("could not lower the prefetch of %s: %s", self._id, exc)
+        await delivery.ack()
+
+    async def reattach(self) -> None:
+        async with self._lock:
+            self._detached = max(0, self._detached - 1)
+            room = self._prefetch - self._detached
+            try:
+                await self._channel.set_qos(prefetch_count=room, global_=True)
+                if self._parked:
+                    parked, self._parked = self._parked, set()
+                    for key in parked:
+                        if key not in self._queues:
+                            await self._start(key)
+            except CHANNEL_GONE as exc:
+                log.info("could not raise the prefetch of %s: %s", self._id, exc)
+
+    async def close(self) -> None:
+        self._on_close(self)
+        if not self._channel.is_closed:
+            try:
+                # Closing the channel hands every unacknowledged task back to its queue.
+                await self._channel.close()
+            except Exception as exc:
+                log.debug("closing task channel: %s", exc)
+
+
+class RabbitSubscription(Subscription):
+    """Deliveries go through a local queue to one worker: in order, one at a time."""
+
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        queue: AbstractQueue,
+        handle: Callable[[AbstractIncomingMessage], Awaitable[None]],
+        *,
+        dead: DeadLetterPublish,
+        on_close: Callable[[Subscription], None],
+        dead_letter_failures: bool = True,
+        before_ack: BeforeAck | None = None,
+    ) -> None:
+        self._channel = channel
+        self._queue = queue
+        self._handle = handle
+        self._dead = dead
+        self._on_close = on_close
+        self._dead_letter_failures = dead_letter_failures
+        self._before_ack = before_ack
+        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._worker = asyncio.get_running_loop().create_task(self._run())
+
+    async def start(self) -> None:
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            self._inbox.put_nowait(message)
+
+        await self._queue.consume(on_message)
+
+    async def _run(self) -> None:
+        unacked = 0
+        source = self._queue.name
+        while True:
+            message = await self._inbox.get()
+            try:
+                await self._handle(message)
+            except asyncio.CancelledError:
+                raise
+            except InvalidMessage as exc:
+                await self._dead(message.body, str(exc), source, None)
+            except Exception as exc:  # a handler bug must not stop the subscription
+                log.exception("handler of %s failed", source)
+                if self._dead_letter_failures:  # never for dead letters: that would loop
+                    await self._dead(message.body, f"handler error: {exc!r}", source, None)
+            # Handled in order, so one ack with multiple=True settles all before it:
+            # ack when the inbox runs dry or every ACK_BATCH messages.
+            unacked += 1
+            if self._inbox.empty() or unacked >= ACK_BATCH:
+                if self._before_ack is not None:
+                    try:
+                        await self._before_ack()
+                    except Exception:
+                        # Unacknowledged, they come back if we die; the next ack covers them.
+                        log.exception("before-ack hook of %s failed", source)
+                        continue
+                unacked = 0
+                await _quietly(partial(message.ack, multiple=True), f"acknowledge {source}")
+
+    async def close(self) -> None:
+        self._on_close(self)
+        self._worker.cancel()
+        await asyncio.gather(self._worker, return_exceptions=True)
+        if not self._channel.is_closed:
+            try:
+                await self._channel.close()
+            except Exception as exc:
+                log.debug("closing subscription channel: %s", exc)

@@ -1,0 +1,94 @@
+"""Declaring the topology's value objects on RabbitMQ: one function for all of them.
+
+Every exchange, queue and binding the bus uses comes from ``broker.topology``
+and is declared here, with the arguments the definitions document gives it.
+A declare that meets a queue or exchange of that name with other arguments is
+a ``TopologyMismatch``: we never delete and re-declare, which would lose the
+messages in it.
+"""
+
+from __future__ import annotations
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+from .errors import TopologyMismatch, TopologyMissing
+from .topology import Binding, Declarations, Exchange, Queue
+
+
+class Declarer:
+    """Declares on one channel, each thing once.
+
+    The cache holds the value objects: equal objects declare the same thing,
+    and a robust channel declares again by itself after a reconnect what it
+    declared before. ``queues`` keeps the declared queues, to consume from.
+    """
+
+    def __init__(self, channel: AbstractChannel, address: str) -> None:
+        self.channel = channel
+        self._address = address
+        self.exchanges: dict[str, AbstractExchange] = {"": channel.default_exchange}
+        """Declared exchanges by name, to publish to; ``""`` is the default exchange."""
+        self.queues: dict[Queue, AbstractQueue] = {}
+        self._bound: set[Binding] = set()
+
+    async def declare(self, declarations: Declarations) -> None:
+        for exchange in declarations.exchanges:
+            if exchange.name not in self.exchanges:
+                self.exchanges[exchange.name] = await self._exchange(exchange)
+        for queue in declarations.queues:
+            if queue not in self.queues:
+                self.queues[queue] = await self._queue(queue)
+        for binding in declarations.bindings:
+            if binding not in self._bound:
+                await self._bind(binding)
+                self._bound.add(binding)
+
+    async def _exchange(self, exchange: Exchange) -> AbstractExchange:
+        try:
+            return await self.channel.declare_exchange(
+                exchange.name,
+                aio_pika.ExchangeType(exchange.type),
+                durable=exchange.durable,
+                auto_delete=exchange.auto_delete,
+                arguments=dict(exchange.arguments) or None,
+            )
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise TopologyMismatch(
+                f"exchange {exchange.name!r} exists with other arguments: {exc}"
+            ) from None
+
+    async def _queue(self, queue: Queue) -> AbstractQueue:
+        try:
+            return await self.channel.declare_queue(
+                queue.name,
+                durable=queue.durable,
+                exclusive=queue.exclusive,
+                auto_delete=queue.auto_delete,
+                arguments=dict(queue.arguments) or None,
+            )
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise TopologyMismatch(
+                f"queue {queue.name!r} exists with other arguments: {exc}"
+            ) from None
+
+    async def _bind(self, binding: Binding) -> None:
+        queue = self.queues.get(binding.queue)
+        if queue is None:  # declared by someone else: bind it all the same
+            queue = self.queues[binding.queue] = await self._queue(binding.queue)
+        try:
+            await queue.bind(binding.exchange.name, binding.routing_key)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            # The broker closed the channel: nobody declared the exchange.
+            raise TopologyMissing(
+                f"no exchange {binding.exchange.name!r} on RabbitMQ at {self._address}"
+            ) from None
+
+
+async def delete(channel: AbstractChannel, declarations: Declarations) -> None:
+    """Delete the queues, then the exchanges, of ``declarations`` (with their messages)."""
+    for queue in declarations.queues:
+        await channel.queue_delete(queue.name)
+    for exchange in declarations.exchanges:
+        await channel.exchange_delete(exchange.name)
