@@ -248,6 +248,48 @@ async def test_priorities_above_the_maximum_count_as_the_maximum(buses: Buses) -
     assert ids(await received.wait_for(2)) == ["at-max", "above-max"]
 
 
+# --- task queues: delayed publishes -----------------------------------------
+
+
+async def test_delayed_task_arrives_after_its_delay_and_by_its_arrival_bound(
+    buses: Buses,
+) -> None:
+    # Given an agent consuming a queue
+    orchestrator = await buses.connect()
+    key = buses.key("delayed")
+    agent = await buses.connect()
+    received: Inbox[TaskDelivery] = Inbox()
+    consumer = await agent.open_task_consumer("agent-1", prefetch=1, handler=acking(received))
+    await consumer.consume([key])
+
+    # When a task is published with a delay
+    delay = 2 * SETTLE
+    bound = orchestrator.arrival_bound(delay)
+    loop = asyncio.get_running_loop()
+    published = loop.time()
+    await orchestrator.publish_task(task("later"), queue_key=key, priority=1, delay=delay)
+
+    # Then it is not there before the delay, and is there by the bound
+    await received.stays_at(0)  # SETTLE < delay
+    (delivery,) = await received.wait_for(1, timeout=bound + WAIT)
+    arrived = loop.time() - published
+    assert delay - 0.05 <= arrived <= bound + 0.5, arrived
+    assert ids([delivery]) == ["later"]
+
+
+@pytest.mark.parametrize("bus_class", [MemoryBus, RabbitMQBus])
+@pytest.mark.parametrize(
+    ("delay", "bound"),
+    [(0, 0.0), (-1, 0.0), (0.1, 0.1), (0.3, 0.5), (61, 120.0), (2 * 3600, 3600.0)],
+)
+def test_arrival_bound_is_the_retry_tier_a_delayed_task_waits_in(
+    bus_class: type[CommunicationBus], delay: float, bound: float
+) -> None:
+    # A delay past the longest tier is cut to it: the task comes early, not late
+    bus = bus_class(settings=BusSettings(broker_url="amqp://broker.invalid/"))
+    assert bus.arrival_bound(delay) == bound
+
+
 # --- task queues: prefetch ---------------------------------------------------
 
 

@@ -1,12 +1,15 @@
-"""Unit tests of what travels and how it is named: wire messages, keys, topology, URLs."""
+"""Unit tests of what travels and how it is named: wire messages, envelopes, keys,
+topology, URLs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable
 from typing import Any
 
+import aio_pika
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -15,6 +18,7 @@ from pydantic import ValidationError
 from broker import (
     ANY_CAPABILITY_KEY,
     CAPABILITY_PATTERN,
+    RETRY_TIERS_MS,
     AgentAnnounced,
     AgentHeartbeat,
     AgentLeft,
@@ -24,6 +28,8 @@ from broker import (
     CancelTaskRequest,
     CancelTasks,
     ConsumeQueues,
+    DeadLetter,
+    Envelope,
     InvalidMessage,
     QueuesRequest,
     Reannounce,
@@ -40,13 +46,17 @@ from broker import (
     capability_key,
     parse_control,
     parse_event,
+    parse_message_id,
     parse_reply,
     parse_request,
     parse_task,
     redact_url,
+    task_message_id,
 )
-from broker.memory import topic_matches
+from broker.envelope import MAX_REASON_LENGTH, REASON_HEADER, SOURCE_QUEUE_HEADER
 from broker.messages import WireMessage
+from broker.rabbitmq_publish import to_message
+from broker.topology import Binding, Declarations, Exchange, Queue, topic_matches
 
 Parser = Callable[[bytes], Any]
 
@@ -263,6 +273,80 @@ def test_unknown_fields_from_a_newer_producer_are_ignored() -> None:
     assert parse_event(json.dumps(data).encode()) == AgentHeartbeat(agent_id="a", running=1, at=5.0)
 
 
+# --- envelopes: what travels around a body -------------------------------------------
+
+TASK = SAMPLES[0][0]
+
+
+def test_a_task_travels_persistent_with_its_attempt_as_message_id() -> None:
+    assert isinstance(TASK, TaskMessage)
+    envelope = Envelope.task(TASK, priority=7)
+    message = to_message(envelope)
+    assert message.body == TASK.encode()
+    assert message.message_id == "t-1:2"
+    assert message.type == "task"
+    assert message.priority == 7
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert message.content_type == "application/json"
+    assert message.expiration is None
+
+
+def test_superseded_events_and_commands_are_not_persistent() -> None:
+    progress = TaskProgress(task_id="t", attempt=1, agent_id="a", progress=0.5)
+    heartbeat = AgentHeartbeat(agent_id="a", running=0)
+    finished = TaskFinished(task_id="t", attempt=1, agent_id="a", outcome="completed")
+    assert not Envelope.event(progress).persistent
+    assert not Envelope.event(heartbeat).persistent
+    assert Envelope.event(finished).persistent
+    assert Envelope.event(finished).type == "task.finished"
+    assert not Envelope.control(Reannounce()).persistent
+    assert to_message(Envelope.control(Reannounce())).delivery_mode == (
+        aio_pika.DeliveryMode.NOT_PERSISTENT
+    )
+
+
+def test_a_dead_letter_carries_its_reason_and_source_cut_to_size() -> None:
+    envelope = Envelope.dead(
+        b"x" * 100, "r" * 5000, source="p.tasks.k", message_id="t:3", max_bytes=10
+    )
+    assert envelope.body == b"x" * 10
+    assert envelope.headers[REASON_HEADER] == "r" * MAX_REASON_LENGTH
+    assert envelope.headers[SOURCE_QUEUE_HEADER] == "p.tasks.k"
+    letter = DeadLetter.of(envelope.body, envelope.headers, envelope.message_id)
+    assert (letter.task_id, letter.attempt) == ("t", 3)
+    # Another client's headers carry strings as bytes
+    assert DeadLetter.of(b"", {REASON_HEADER: b"bytes"}, None).reason == "bytes"
+    assert DeadLetter.of(b"", {}, None).reason == "unknown"
+
+
+@given(task_id=st.text(min_size=1, max_size=40), attempt=st.integers(1, 10**9))
+def test_task_message_id_round_trips(task_id: str, attempt: int) -> None:
+    assert parse_message_id(task_message_id(task_id, attempt)) == (task_id, attempt)
+
+
+@pytest.mark.parametrize(
+    ("message_id", "identity"),
+    [(None, None), ("", None), ("no-attempt", None), ("t:x", ("t", None)), ("a:b:3", ("a:b", 3))],
+)
+def test_message_ids_that_are_not_a_task_attempt(message_id: str | None, identity: Any) -> None:
+    assert parse_message_id(message_id) == identity
+
+
+@pytest.mark.parametrize(
+    ("letter", "task_id", "attempt"),
+    [
+        (DeadLetter(b"garbage", "r", "t:1:3"), "t:1", 3),
+        (DeadLetter(b'{"task_id": "from-body"}', "r"), "from-body", None),
+        (DeadLetter(b'{"task_id": 5}', "r"), None, None),
+        (DeadLetter(b"[" * 100_000, "r"), None, None),  # too deep to parse
+    ],
+)
+def test_a_dead_letter_names_its_task_by_message_id_or_body(
+    letter: DeadLetter, task_id: str | None, attempt: int | None
+) -> None:
+    assert (letter.task_id, letter.attempt) == (task_id, attempt)
+
+
 # --- capability keys -----------------------------------------------------------
 
 CAPABILITY = st.from_regex(CAPABILITY_PATTERN, fullmatch=True)
@@ -458,6 +542,72 @@ def test_a_prefix_cannot_extend_another() -> None:
     with pytest.raises(ValidationError, match="prefix"):
         BusSettings(prefix="a.tasks")
     assert BusSettings(prefix="a_tasks-2").prefix == "a_tasks-2"
+
+
+def test_topology_objects_are_frozen_values() -> None:
+    # Equal objects declare the same thing: a bus caches declarations by value
+    assert Topology("p").capability("a+b") == Topology("p").capability("a+b")
+    assert len({Topology("p").retry_tier(100), Topology("p").retry_tier(100)}) == 1
+    assert Queue("q", arguments={"x-max-length": 1}) != Queue("q", arguments={"x-max-length": 2})
+    queue = Topology("p").capability("k").queue
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        queue.name = "other"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        queue.arguments["x-max-priority"] = 99  # type: ignore[index]
+
+
+def test_definitions_are_rendered_from_the_declarations() -> None:
+    topology = Topology("p")
+    assert topology.definitions("/v") == topology.everything().definitions("/v")
+    assert topology.everything() == (
+        topology.fixed()
+        + topology.rpc()
+        + sum((topology.retry_tier(t) for t in RETRY_TIERS_MS), Declarations())
+    )
+
+
+def test_every_binding_binds_a_queue_its_group_declares() -> None:
+    topology = Topology("p")
+    groups = [
+        topology.fixed(),
+        topology.everything(["a", "b+c"]),
+        topology.agent_control("agent-1"),
+        topology.monitor(["task.#", "agent.*"], "m1"),
+        *(topology.retry_tier(t) for t in RETRY_TIERS_MS),
+    ]
+    for group in groups:
+        for binding in group.bindings:
+            assert binding.queue in group.queues, binding
+
+
+@pytest.mark.parametrize(
+    ("declarations", "routed", "not_routed"),
+    [
+        (Topology("p").capability("a+b"), ["a+b"], ["a", "b", "@any"]),
+        (Topology("p").orchestrator_events(), ["task.finished", "agent.heartbeat"], ["control"]),
+        (Topology("p").agent_control("a"), ["a", Topology.BROADCAST_KEY], ["b", "all"]),
+        (Topology("p").kept_dead_letters(), ["", "anything"], []),
+        (Topology("p").retry_tier(100), ["a+b", "@any"], []),
+        (Topology("p").monitor(["*.started"], "m"), ["task.started"], ["task.finished"]),
+    ],
+)
+def test_bindings_route_as_their_exchange_type_does(
+    declarations: Declarations, routed: list[str], not_routed: list[str]
+) -> None:
+    def reaches(key: str) -> bool:
+        return any(b.matches(key) for b in declarations.bindings)
+
+    assert all(reaches(key) for key in routed)
+    assert not any(reaches(key) for key in not_routed)
+
+
+@pytest.mark.parametrize(
+    ("kind", "matches"), [("direct", False), ("topic", True), ("fanout", True)]
+)
+def test_only_a_topic_exchange_reads_patterns(kind: Any, matches: bool) -> None:
+    binding = Binding(Exchange("x", kind), Queue("q"), "task.#")
+    assert binding.matches("task.started") is matches
+    assert binding.matches("task.#")  # a key equal to the binding's reaches it everywhere
 
 
 # --- URLs ---------------------------------------------------------------------------
