@@ -440,11 +440,15 @@ class LocalNode:
         self.eval(f"application:set_env(rabbit, {key}, {value}).")
 
     def restore_env(self) -> None:
-        for key, value in self._saved_env.items():
-            if value == "undefined":
-                self.eval(f"application:unset_env(rabbit, {key}).")
-            else:
-                self.eval(f"application:set_env(rabbit, {key}, {value}).")
+        if not self._saved_env:
+            return
+        calls = [
+            f"application:unset_env(rabbit, {key})"
+            if value == "undefined"
+            else f"application:set_env(rabbit, {key}, {value})"
+            for key, value in self._saved_env.items()
+        ]
+        self.eval(", ".join(calls) + ".")  # one rabbitmqctl: each costs a VM start
         self._saved_env.clear()
 
     def ensure_running(self) -> None:
@@ -536,10 +540,14 @@ class ContainerNode:
     def start(self) -> ContainerNode:
         began = time.monotonic()
         _live.append(self)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self._container.start()
-        self._started = True
+        self._started = True  # so that stop() removes whatever did start
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._container.start()
+        except Exception as exc:
+            self.stop()
+            raise Unavailable(f"the container did not start: {exc}") from exc
         self.name = self.eval("node().")
         self.startup_seconds = time.monotonic() - began
         return self
@@ -937,10 +945,14 @@ class ContainerPostgres:
     def start(self) -> ContainerPostgres:
         began = time.monotonic()
         _live.append(self)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self._container.start()
-        self._started = True
+        self._started = True  # so that stop() removes whatever did start
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._container.start()
+        except Exception as exc:
+            self.stop()
+            raise Unavailable(f"the container did not start: {exc}") from exc
         self.startup_seconds = time.monotonic() - began
         return self
 
