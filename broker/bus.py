@@ -185,10 +185,23 @@ class CommunicationBus(abc.ABC):
     ) -> None:
         """Publish a task durably; returns once the broker has confirmed it.
 
-        With ``delay`` (seconds) the task reaches its queue only after that
-        long; the broker holds it meanwhile, so no timer is lost if the
-        publisher restarts.
+        With ``delay`` (seconds) the task reaches its queue after that long,
+        and by ``arrival_bound(delay)``; a delay beyond the longest retry tier
+        (an hour) is cut to that tier. The broker holds it meanwhile, so no
+        timer is lost if the publisher restarts.
         """
+
+    def arrival_bound(self, delay: float) -> float:
+        """Seconds after a ``publish_task`` with ``delay`` by which the task is in
+        its queue, at the latest: 0 for no delay, else the retry tier it waits in.
+
+        A delayed task may come later than its delay (a TTL expires only at the
+        head of its tier's queue) but never later than its tier. Who watches
+        for a delayed task that never came back must not call it lost before.
+        """
+        if delay <= 0:
+            return 0.0
+        return retry_tier_ms(delay) / 1000
 
     @abc.abstractmethod
     async def open_task_consumer(
@@ -259,19 +272,6 @@ class CommunicationBus(abc.ABC):
         no server answers within ``timeout`` seconds; the request expires
         then, so a server that starts later does not act on it.
         """
-
-    def arrival_bound(self, delay: float) -> float:
-        """Seconds after a ``publish_task`` with ``delay`` by which the task is in
-        its queue, at the latest: 0 for no delay, else the retry tier it waits in.
-
-        A delayed task may come later than its delay (a TTL expires only at the
-        head of its tier's queue) but never later than its tier; a delay longer
-        than the longest tier is cut to that tier. Who watches for a delayed
-        task that never came back must not call it lost before this.
-        """
-        if delay <= 0:
-            return 0.0
-        return retry_tier_ms(delay) / 1000
 
     # helpers shared by implementations ---------------------------------------
     @staticmethod

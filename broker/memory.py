@@ -176,6 +176,17 @@ class MemoryBus(CommunicationBus):
         envelope = Envelope(body, message_id=message_id, priority=priority)
         self._route(exchange, routing_key, envelope)
 
+    async def purge(self, queue: str) -> int:
+        """Drop the messages waiting in a queue (by its name, as ``Topology`` gives
+        it), as AMQP's queue.purge does; how many there were, 0 for a queue never
+        declared. For tests of what a broker may lose, such as a retry tier's
+        delayed tasks (``topology.retry_queue(tier)``)."""
+        self._require()
+        sink = self._queues.get(queue)
+        count = sink.purge() if sink is not None else 0
+        self._poke()
+        return count
+
     def _dead_letter(
         self, body: bytes, reason: str, *, source: str, message_id: str | None = None
     ) -> None:

@@ -43,6 +43,10 @@ class Sink(Protocol):
 
     def deliver(self, envelope: Envelope, routing_key: str) -> None: ...
 
+    def purge(self) -> int:
+        """Drop the messages waiting (not those delivered); how many there were."""
+        ...
+
 
 # --- task queues --------------------------------------------------------------------
 
@@ -92,6 +96,12 @@ class TaskQueue:
     def deliver(self, envelope: Envelope, routing_key: str) -> None:
         self._put(envelope)
         self._on_arrival(self)
+
+    def purge(self) -> int:
+        count = len(self.heap)
+        self.heap.clear()
+        self.redelivered.clear()
+        return count
 
 
 class MemoryDelivery(TaskDelivery):
@@ -230,6 +240,8 @@ class DelayQueue:
         self._ttl = queue.message_ttl_ms / 1000
         self._to = queue.dead_letter_exchange
         self._timers = timers
+        """The bus's: every delayed message on its way, in any tier."""
+        self._waiting: set[asyncio.TimerHandle] = set()
         self._route = route
 
     def deliver(self, envelope: Envelope, routing_key: str) -> None:
@@ -237,10 +249,20 @@ class DelayQueue:
 
         def expire() -> None:
             self._timers.discard(timer)
+            self._waiting.discard(timer)
             self._route(self._to, routing_key, envelope.expiring(None))
 
         timer = asyncio.get_running_loop().call_later(wait, expire)
         self._timers.add(timer)
+        self._waiting.add(timer)
+
+    def purge(self) -> int:
+        waiting = [t for t in self._waiting if not t.cancelled()]
+        for timer in self._waiting:
+            timer.cancel()
+            self._timers.discard(timer)
+        self._waiting.clear()
+        return len(waiting)
 
 
 class KeptLetters:
@@ -257,6 +279,11 @@ class KeptLetters:
         if self._max_length is not None:
             del self.letters[: -self._max_length]
 
+    def purge(self) -> int:
+        count = len(self.letters)
+        self.letters.clear()
+        return count
+
 
 # --- ordered queues and their subscriptions --------------------------------------------
 
@@ -271,6 +298,13 @@ class MessageQueue:
 
     def deliver(self, envelope: Envelope, routing_key: str) -> None:
         self.items.put_nowait(envelope)
+
+    def purge(self) -> int:
+        count = 0
+        while not self.items.empty():
+            self.items.get_nowait()
+            count += 1
+        return count
 
 
 class MemorySubscription(Subscription):

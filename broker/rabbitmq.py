@@ -156,7 +156,7 @@ class RabbitMQBus(CommunicationBus):
         assert self._main is not None
         return self._main
 
-    async def _channel(self, prefetch: int | None = None) -> Declarer:
+    async def _own_channel(self, prefetch: int | None = None) -> Declarer:
         """A channel of its own for one consumer, to declare what it consumes on."""
         channel = await self._require().channel(publisher_confirms=False)
         if prefetch is not None:
@@ -225,7 +225,7 @@ class RabbitMQBus(CommunicationBus):
     async def open_task_consumer(
         self, consumer_id: str, *, prefetch: int, handler: TaskHandler
     ) -> TaskConsumer:
-        declarer = await self._channel()
+        declarer = await self._own_channel()
         # global_=True: one limit across all the queues this agent consumes.
         await declarer.channel.set_qos(prefetch_count=prefetch, global_=True)
         consumer = RabbitTaskConsumer(
@@ -279,7 +279,7 @@ class RabbitMQBus(CommunicationBus):
         async def handle(message: AbstractIncomingMessage) -> None:
             await handler(parse_event(message.body))
 
-        declarer = await self._channel(prefetch=512)
+        declarer = await self._own_channel(prefetch=512)
         return await self._subscribe(declarer, declarations, handle, before_ack=before_ack)
 
     async def subscribe_dead_letters(
@@ -288,7 +288,7 @@ class RabbitMQBus(CommunicationBus):
         async def handle(message: AbstractIncomingMessage) -> None:
             await handler(dead_letter_of(message))
 
-        declarer = await self._channel(prefetch=64)
+        declarer = await self._own_channel(prefetch=64)
         return await self._subscribe(
             declarer,
             self.topology.orchestrator_dead_letters(),
@@ -307,7 +307,7 @@ class RabbitMQBus(CommunicationBus):
             dead=self._publish_dead,
             source=declarations.queue.name,
         )
-        declarer = await self._channel(prefetch=64)
+        declarer = await self._own_channel(prefetch=64)
         return await self._subscribe(declarer, declarations, handle)
 
     async def request(
@@ -334,7 +334,7 @@ class RabbitMQBus(CommunicationBus):
         async def handle(message: AbstractIncomingMessage) -> None:
             await handler(parse_control(message.body))
 
-        declarer = await self._channel()
+        declarer = await self._own_channel()
         return await self._subscribe(declarer, self.topology.agent_control(agent_id), handle)
 
     # maintenance -------------------------------------------------------------

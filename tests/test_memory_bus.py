@@ -238,3 +238,27 @@ async def test_bytes_published_raw_are_routed_and_dead_lettered_if_unreadable(
     assert letter.body == b'{"kind": "task.finished"}'
     assert "invalid message" in letter.reason
     assert bus.dead_letters == letters
+
+
+async def test_purging_a_retry_tier_loses_the_delayed_tasks_in_it(bus: MemoryBus) -> None:
+    # Given an agent, and two tasks on their way through the 1 s retry tier
+    handled: list[str] = []
+
+    async def work(delivery: TaskDelivery) -> None:
+        handled.append(parse_task(delivery.body).task_id)
+        await delivery.ack()
+
+    consumer = await bus.open_task_consumer("agent", prefetch=1, handler=work)
+    await consumer.consume(["k"])
+    for name in ("a", "b"):
+        await bus.publish_task(task(name), queue_key="k", priority=1, delay=0.6)
+    assert bus.arrival_bound(0.6) == 1.0
+
+    # When that tier is purged, as a broker that drops dead-lettered messages would
+    assert await bus.purge(bus.topology.retry_queue(1_000)) == 2
+
+    # Then they never arrive, and nothing is left to wait for
+    assert await drained(bus, delayed=True) < 0.1
+    await asyncio.sleep(0.7)
+    assert handled == []
+    assert await bus.purge(bus.topology.retry_queue(250)) == 0  # a tier never used
