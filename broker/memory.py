@@ -381,7 +381,7 @@ class MemoryBus(CommunicationBus):
         self._require()
         envelope = Envelope.control(command)
         self._check_size(envelope.body)
-        key = agent_id or self.topology.BROADCAST_KEY
+        key = self.topology.control_key(agent_id)
         self._route(self.topology.control_exchange, key, envelope)
 
     async def subscribe_control(self, agent_id: str, handler: ControlHandler) -> Subscription:

@@ -326,7 +326,7 @@ class RabbitMQBus(CommunicationBus):
     async def publish_control(self, command: Control, *, agent_id: str | None = None) -> None:
         await self._publisher.publish(
             self.topology.control_exchange,
-            agent_id or self.topology.BROADCAST_KEY,
+            self.topology.control_key(agent_id),
             Envelope.control(command),
         )
 

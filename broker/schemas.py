@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import TypeAdapter
 from pydantic.json_schema import models_json_schema
 
+from .envelope import CONTENT_TYPE
 from .messages import (
     SCHEMA_VERSION,
     AgentAnnounced,
@@ -122,7 +123,7 @@ def _message(model: type[WireMessage], *, reply: bool = False) -> dict[str, Any]
         "name": kind_of(model),
         "title": model.__name__,
         "summary": doc.split("\n\n")[0].replace("\n", " ") if doc else kind_of(model),
-        "contentType": "application/json",
+        "contentType": CONTENT_TYPE,
         "payload": {"$ref": f"#/components/schemas/{model.__name__}"},
         "bindings": {
             "amqp": {"messageType": kind_of(model), "bindingVersion": AMQP_BINDING_VERSION}
@@ -149,7 +150,7 @@ def _reply_message(request: type[WireMessage]) -> dict[str, Any]:
         "name": kind_of(Reply),
         "title": _reply_name(request),
         "summary": f"The reply to {kind_of(request)}: when ok, its result is a {result}.",
-        "contentType": "application/json",
+        "contentType": CONTENT_TYPE,
         "payload": {
             "allOf": [
                 {"$ref": "#/components/schemas/Reply"},
@@ -359,7 +360,7 @@ def asyncapi() -> dict[str, Any]:
                 "description": "RabbitMQ (3.10 or newer)",
             }
         },
-        "defaultContentType": "application/json",
+        "defaultContentType": CONTENT_TYPE,
         "channels": channels,
         "components": {
             "schemas": schemas,

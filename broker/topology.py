@@ -323,6 +323,10 @@ class Topology:
         queue = Queue(self.agent_control_queue(agent_id), durable=False, auto_delete=True)
         return self._bound(queue, self.exchanges.control, (agent_id, self.BROADCAST_KEY))
 
+    def control_key(self, agent_id: str | None) -> str:
+        """The routing key of a command to one agent, or to all when ``agent_id`` is None."""
+        return agent_id or self.BROADCAST_KEY
+
     def kept_dead_letters(self) -> Declarations:
         """Dead letters kept for people (the management UI), newest ``DEAD_LETTER_KEEP``."""
         queue = Queue(self.dead_queue, arguments=self.dead_queue_arguments())
