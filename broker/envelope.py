@@ -161,7 +161,9 @@ class DeadLetter:
     even when the body cannot be parsed."""
 
     @classmethod
-    def of(cls, body: bytes, headers: Mapping[str, Any] | None, message_id: str | None):
+    def of(
+        cls, body: bytes, headers: Mapping[str, Any] | None, message_id: str | None
+    ) -> DeadLetter:
         """The dead letter a message of the dead-letter exchange carries."""
         return cls(body, header_text(headers, REASON_HEADER, "unknown"), message_id)
 
