@@ -30,7 +30,6 @@ from broker import (
     TopologyMissing,
     UnroutableMessage,
     capability_key,
-    retry_tier_ms,
 )
 
 from .lifecycle import Lifecycle, Move
@@ -59,14 +58,6 @@ def never_started(task: Task) -> bool:
     """Still its first attempt, queued, and no agent ever reported it started
     (a task handed back by an agent that stopped is queued again, started)."""
     return task.status is TaskStatus.ASSIGNED and task.attempt == 1 and task.started_at is None
-
-
-def arrival_bound(bus: CommunicationBus, delay: float) -> float:
-    """Seconds until a message published now with ``delay`` is in its queue, at the latest."""
-    bound = getattr(bus, "arrival_bound", None)
-    if bound is not None:
-        return bound(delay)
-    return retry_tier_ms(delay) / 1000 if delay > 0 else 0.0
 
 
 class Queues:
@@ -164,7 +155,7 @@ class Dispatch:
         """
         self.lifecycle.transition(task, TaskStatus.ASSIGNED, new_attempt=True)
         attempt = task.attempt
-        task.retry_due = self.lifecycle.clock() + arrival_bound(self.bus, delay)
+        task.retry_due = self.lifecycle.clock() + self.bus.arrival_bound(delay)
         task.delivery = Delivery.UNSENT
         self._watch(task)
         await self.records.save(task)
