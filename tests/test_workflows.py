@@ -268,14 +268,13 @@ async def test_always_failing_handler_fails_after_max_retries(harness: Harness) 
 
 async def lose_delayed_retries(harness: Harness) -> None:
     """What DESIGN.md warns of: the broker drops a dead-lettered retry."""
+    topology = Topology(harness.settings.prefix)
     if harness.bus_kind == "memory":
         bus = harness.new_bus()
         assert isinstance(bus, MemoryBus)
-        for timer in list(bus._timers):
-            timer.cancel()
-        bus._timers.clear()
+        for tier in RETRY_TIERS_MS:
+            await bus.purge(topology.retry_queue(tier))
         return
-    topology = Topology(harness.settings.prefix)
     connection = await aio_pika.connect(harness.settings.broker_url)
     try:
         for tier in RETRY_TIERS_MS:
@@ -866,9 +865,9 @@ async def _inject(harness: Harness, key: str, body: bytes, message_id: str) -> N
     """Put raw bytes on a task queue, as a broken publisher would."""
     bus = harness.orchestrator.bus
     if isinstance(bus, MemoryBus):
-        queue = bus._queue(key)
-        queue.push(1, body, message_id)
-        bus._dispatch(queue)
+        await bus.publish_raw(
+            bus.topology.tasks_exchange, key, body, message_id=message_id, priority=1
+        )
         return
     connection = await aio_pika.connect(harness.settings.broker_url)
     async with connection:
