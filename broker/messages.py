@@ -76,6 +76,25 @@ class TaskMessage(WireMessage):
 # --- events (agents -> topic exchange) --------------------------------------
 
 
+class TaskAssigned(WireMessage):
+    """An agent holds an attempt it has not started.
+
+    Sent only when the attempt cannot start at once (every slot is taken), or
+    with ``confirm`` for a redelivered message: the attempt may have ended
+    while the message was lost and found again (a broker crash brings back
+    messages already acknowledged), so the agent waits for the orchestrator's
+    ``ProceedTask`` (or ``CancelTask``) before it runs the handler. First
+    deliveries never wait for a word.
+    """
+
+    kind: Literal["task.assigned"] = "task.assigned"
+    task_id: str
+    attempt: int
+    agent_id: str
+    confirm: bool = False
+    at: float = Field(default_factory=time.time)
+
+
 class TaskStarted(WireMessage):
     kind: Literal["task.started"] = "task.started"
     task_id: str
@@ -102,6 +121,9 @@ class TaskFinished(WireMessage):
     outcome: Outcome
     result: dict[str, Any] | None = None
     error: str | None = None
+    traceback: str | None = Field(
+        default=None, description="the handler's traceback when it raised (its last lines)"
+    )
     at: float = Field(default_factory=time.time)
 
 
@@ -133,7 +155,13 @@ class AgentLeft(WireMessage):
 
 
 Event = Annotated[
-    TaskStarted | TaskProgress | TaskFinished | AgentAnnounced | AgentHeartbeat | AgentLeft,
+    TaskAssigned
+    | TaskStarted
+    | TaskProgress
+    | TaskFinished
+    | AgentAnnounced
+    | AgentHeartbeat
+    | AgentLeft,
     Field(discriminator="kind"),
 ]
 
@@ -147,6 +175,20 @@ class ConsumeQueues(WireMessage):
     kind: Literal["control.consume"] = "control.consume"
     queue_keys: list[str]
     consumer_priority: int = 0
+    max_concurrent_tasks: int | None = Field(
+        default=None,
+        ge=1,
+        description="the agent's limit (its prefetch) as registered; None keeps its own",
+    )
+
+
+class ProceedTask(WireMessage):
+    """The answer to a ``TaskAssigned`` with ``confirm``: that attempt is still
+    the task's live one, run it. (Otherwise the answer is a ``CancelTask``.)"""
+
+    kind: Literal["control.proceed"] = "control.proceed"
+    task_id: str
+    attempt: int
 
 
 class CancelTask(WireMessage):
@@ -185,7 +227,7 @@ class Reannounce(WireMessage):
 
 
 Control = Annotated[
-    ConsumeQueues | CancelTask | CancelTasks | Unregister | Reannounce,
+    ConsumeQueues | ProceedTask | CancelTask | CancelTasks | Unregister | Reannounce,
     Field(discriminator="kind"),
 ]
 

@@ -28,7 +28,9 @@ from .messages import (
     CancelTask,
     CancelTasks,
     ConsumeQueues,
+    ProceedTask,
     Reannounce,
+    TaskAssigned,
     TaskFinished,
     TaskMessage,
     TaskProgress,
@@ -51,6 +53,7 @@ from .topology import DIRECT_REPLY_TO, MAX_PRIORITY, Exchange, Queue, Topology
 
 TASKS: tuple[type[WireMessage], ...] = (TaskMessage,)
 EVENTS: tuple[type[WireMessage], ...] = (
+    TaskAssigned,
     TaskStarted,
     TaskProgress,
     TaskFinished,
@@ -60,6 +63,7 @@ EVENTS: tuple[type[WireMessage], ...] = (
 )
 CONTROLS: tuple[type[WireMessage], ...] = (
     ConsumeQueues,
+    ProceedTask,
     CancelTask,
     CancelTasks,
     Unregister,

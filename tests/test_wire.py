@@ -31,11 +31,13 @@ from broker import (
     DeadLetter,
     Envelope,
     InvalidMessage,
+    ProceedTask,
     QueuesRequest,
     Reannounce,
     Reply,
     StatsRequest,
     SubmitTaskRequest,
+    TaskAssigned,
     TaskFinished,
     TaskMessage,
     TaskProgress,
@@ -78,6 +80,7 @@ SAMPLES: list[tuple[WireMessage, Parser]] = [
         ),
         parse_task,
     ),
+    (TaskAssigned(task_id="t-1", attempt=2, agent_id="agent-1", confirm=True), parse_event),
     (TaskStarted(task_id="t-1", attempt=1, agent_id="agent-1", at=1700000000.125), parse_event),
     (TaskProgress(task_id="t-1", attempt=1, agent_id="agent-1", progress=0.5), parse_event),
     (
@@ -97,6 +100,17 @@ SAMPLES: list[tuple[WireMessage, Parser]] = [
         parse_event,
     ),
     (
+        TaskFinished(
+            task_id="t-1",
+            attempt=1,
+            agent_id="agent-1",
+            outcome="failed",
+            error="ValueError: no",
+            traceback='Traceback (most recent call last):\n  File "x.py", line 1\nValueError: no',
+        ),
+        parse_event,
+    ),
+    (
         AgentAnnounced(
             agent_id="agent-1",
             capabilities=["trading", "order_execution"],
@@ -109,6 +123,8 @@ SAMPLES: list[tuple[WireMessage, Parser]] = [
     (AgentHeartbeat(agent_id="agent-1", running=2), parse_event),
     (AgentLeft(agent_id="agent-1"), parse_event),
     (ConsumeQueues(queue_keys=["a+b", ANY_CAPABILITY_KEY], consumer_priority=4), parse_control),
+    (ConsumeQueues(queue_keys=[], max_concurrent_tasks=2), parse_control),
+    (ProceedTask(task_id="t-1", attempt=2), parse_control),
     (CancelTask(task_id="t-1"), parse_control),
     (CancelTask(task_id="t-1", attempt=2), parse_control),
     (CancelTasks(task_ids=["t-1", "t-2"]), parse_control),
