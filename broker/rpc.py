@@ -197,14 +197,20 @@ class TaskStatusResult(ReplyResult):
     task_id: str
     name: str
     status: TaskState
-    assigned_agent: str | None = Field(description="the agent running or that ran it")
+    assigned_agent: str | None = Field(
+        description="the agent that holds or ran it; none while pending"
+    )
     created_at: float = Field(description="Unix time")
     started_at: float | None = Field(description="Unix time its current attempt started")
+    completed_at: float | None = Field(default=None, description="Unix time it ended")
     priority: Priority
     progress: float = Field(ge=0.0, le=1.0)
     result: dict[str, Any] | None = Field(description="the handler's result, once completed")
     error_message: str | None = Field(description="why it failed, timed out or was cancelled")
     retry_count: int = Field(ge=0, description="attempts after the first so far")
+    traceback: str | None = Field(
+        default=None, description="the last failed attempt's traceback, as its agent sent it"
+    )
 
 
 class CancelResult(ReplyResult):

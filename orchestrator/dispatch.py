@@ -50,14 +50,19 @@ that never came, a closed channel) may come after the broker routed the message.
 
 def in_flight(task: Task | None, attempt: int) -> bool:
     """Whether ``attempt`` is still the task's queued attempt (not superseded,
-    started or ended while we waited)."""
-    return task is not None and task.status is TaskStatus.ASSIGNED and task.attempt == attempt
+    taken by an agent or ended while we waited)."""
+    return (
+        task is not None
+        and task.status is TaskStatus.PENDING
+        and task.attempt == attempt
+        and attempt >= 1
+    )
 
 
 def never_started(task: Task) -> bool:
     """Still its first attempt, queued, and no agent ever reported it started
     (a task handed back by an agent that stopped is queued again, started)."""
-    return task.status is TaskStatus.ASSIGNED and task.attempt == 1 and task.started_at is None
+    return task.status is TaskStatus.PENDING and task.attempt == 1 and task.started_at is None
 
 
 class Queues:
@@ -99,22 +104,22 @@ class Dispatch:
         self.queues = Queues()
         self._tell_agents = tell_agents
         self._due = RunDeadlines()
-        """Watched attempts, until they should have reached their queue (plus grace)."""
+        """Queued attempts, until they should have reached their queue (plus grace)."""
         lifecycle.observe(self)
 
     # -------------------------------------------------------------- observing
     def moved(self, task: Task, move: Move) -> None:
-        if move.new is TaskStatus.ASSIGNED and move.attempt == move.old_attempt:
+        if move.new is TaskStatus.PENDING and move.attempt == move.old_attempt:
             # An agent handed its delivery back to the broker: it is in its queue.
             task.delivery = Delivery.CONFIRMED
-        elif move.new is not TaskStatus.ASSIGNED:
-            # Started or ended: no message of it is the bus's business any more.
+        elif move.new is not TaskStatus.PENDING:
+            # Held by an agent, or ended: its message is not the bus's business any more.
             task.delivery = Delivery.NONE
             task.retry_due = None
             self._due.discard(task.task_id)
 
     def reloaded(self, task: Task, now: float) -> None:
-        """Watch an assigned attempt found in the store, if it may be lost.
+        """Watch a queued attempt found in the store, if it may be lost.
 
         Watched from now at the earliest: an agent may have taken it while no
         orchestrator ran, its queue empty then, and its events still wait in
@@ -126,7 +131,7 @@ class Dispatch:
             task.delivery = Delivery.SENT  # its publisher died: it may have been routed
         elif task.delivery is Delivery.NONE and task.retry_due is not None:
             task.delivery = Delivery.SENT  # a record from before the delivery field
-        if task.status is TaskStatus.ASSIGNED and task.delivery.watched:
+        if task.status is TaskStatus.PENDING and task.delivery.watched:
             self._watch(task, since=max(task.retry_due or now, now))
 
     def postpone(self, seconds: float) -> None:
@@ -153,7 +158,7 @@ class Dispatch:
         (it is failing: the watch publishes it when it can, declaring its
         queue then).
         """
-        self.lifecycle.transition(task, TaskStatus.ASSIGNED, new_attempt=True)
+        self.lifecycle.transition(task, TaskStatus.PENDING, new_attempt=True)
         attempt = task.attempt
         task.retry_due = self.lifecycle.clock() + self.bus.arrival_bound(delay)
         task.delivery = Delivery.UNSENT

@@ -19,13 +19,15 @@ from broker import (
     CommunicationBus,
     DeadLetter,
     Event,
+    ProceedTask,
+    TaskAssigned,
     TaskFinished,
     TaskProgress,
     TaskStarted,
 )
 
 from .lifecycle import Lifecycle
-from .models import TaskStatus
+from .models import Task, TaskStatus
 from .outcomes import Outcomes
 from .records import TaskRecords
 from .registry import AgentRegistry
@@ -61,6 +63,8 @@ class EventHandlers:
     async def on_event(self, event: Event) -> None:
         if isinstance(event, TaskStarted):
             await self.on_started(event)
+        elif isinstance(event, TaskAssigned):
+            await self.on_assigned(event)
         elif isinstance(event, TaskFinished):
             await self.on_finished(event)
         elif isinstance(event, TaskProgress):
@@ -89,14 +93,39 @@ class EventHandlers:
                     agent, returned=True, unfinished=set(event.unfinished)
                 )
 
-    async def on_started(self, event: TaskStarted) -> None:
+    async def _refuse_stale(self, event: TaskAssigned | TaskStarted) -> Task | None:
+        """The task of an attempt an agent holds, or None after telling the agent
+        to drop it: unknown (a submission that failed after all, or forgotten),
+        a superseded attempt, or a redelivery of a finished task."""
         task = self.records.get(event.task_id)
         if task is None or task.status.is_final or event.attempt != task.attempt:
-            # Unknown (a submission that failed after all, or forgotten), a superseded
-            # attempt, or a redelivery of a finished task: stop it.
             await self.bus.publish_control(
                 CancelTask(task_id=event.task_id, attempt=event.attempt), agent_id=event.agent_id
             )
+            return None
+        return task
+
+    async def on_assigned(self, event: TaskAssigned) -> None:
+        """An agent holds an attempt it has not started; with ``confirm`` it waits
+        for our word (a redelivery whose attempt may have ended)."""
+        task = await self._refuse_stale(event)
+        if task is None:
+            return
+        if event.confirm:
+            await self.bus.publish_control(
+                ProceedTask(task_id=task.task_id, attempt=task.attempt), agent_id=event.agent_id
+            )
+        same_agent = task.assigned_agent == event.agent_id
+        if task.status is TaskStatus.ASSIGNED and same_agent:
+            return  # the same event again
+        if task.status is TaskStatus.RUNNING and same_agent and not event.confirm:
+            return  # late: it started since (an agent's events keep their order)
+        self.lifecycle.transition(task, TaskStatus.ASSIGNED, agent=event.agent_id)
+        await self.records.save(task)
+
+    async def on_started(self, event: TaskStarted) -> None:
+        task = await self._refuse_stale(event)
+        if task is None:
             return
         if task.status is TaskStatus.RUNNING and task.assigned_agent == event.agent_id:
             return  # the same event again
@@ -116,7 +145,9 @@ class EventHandlers:
         if status is not TaskStatus.CANCELLED:
             await self.registry.scored(event.agent_id, task, status is TaskStatus.COMPLETED)
         if status in (TaskStatus.FAILED, TaskStatus.TIMEOUT):
-            await self.outcomes.attempt_failed(task, status, event.error, event.agent_id)
+            await self.outcomes.attempt_failed(
+                task, status, event.error, event.agent_id, event.traceback
+            )
             return
         await self.outcomes.finish(
             task, status, result=event.result, error=event.error, at=event.at, agent=event.agent_id

@@ -15,9 +15,10 @@ The seed's statuses, as this orchestrator uses them:
 ========== =========================================================
 status     the task is ...
 ========== =========================================================
-pending    waiting for its dependencies (in the orchestrator)
-assigned   handed to the bus: queued for the agents that can run it
-running    an agent reported it started
+pending    held by no agent: waiting for its dependencies (attempt 0),
+           queued in the broker, or waiting out a retry's back-off
+assigned   held by an agent (``assigned_agent``) that has not started it
+running    started by ``assigned_agent``
 completed  final: the agent's result is kept
 failed     final: out of retries, rejected, or a dependency ended
 timeout    final: its last attempt ran out of time
@@ -37,15 +38,16 @@ from .models import FINAL_STATUSES, Task, TaskStatus
 P, A, R = TaskStatus.PENDING, TaskStatus.ASSIGNED, TaskStatus.RUNNING
 
 TRANSITIONS: Mapping[TaskStatus, frozenset[TaskStatus]] = {
-    # released when its dependencies completed; ended when one of them did not,
-    # when it is cancelled, or when it can never be published (too large)
-    P: frozenset({A, TaskStatus.FAILED, TaskStatus.CANCELLED}),
-    # published again (a lost message, a retry); started; or ended without a
-    # start seen (the started event was lost or came late, a dead letter, a cancel)
-    A: frozenset({A, R} | FINAL_STATUSES),
-    # retried or handed back (a new or the same attempt); redelivered to another
-    # agent after its first one was lost; ended
-    R: frozenset({A, R} | FINAL_STATUSES),
+    # published (its dependencies completed) or published again (a lost message);
+    # an agent holds it or started it; ended: a dependency ended otherwise, it can
+    # never be published, a cancel, a dead letter, or its final event came before
+    # any other (events of different kinds may arrive out of order)
+    P: frozenset({P, A, R} | FINAL_STATUSES),
+    # handed back or retried, its agent lost (no agent holds it); another agent
+    # holds it (a redelivery after the first was lost); started; ended
+    A: frozenset({P, A, R} | FINAL_STATUSES),
+    # the same, from a started attempt
+    R: frozenset({P, A, R} | FINAL_STATUSES),
     **{final: frozenset() for final in FINAL_STATUSES},
 }
 """For each status, the statuses a task may move to from it. Final is final."""
@@ -101,9 +103,10 @@ class Lifecycle:
     ) -> Move:
         """Move ``task`` to ``to``, or raise ``IllegalTransition``.
 
-        - to ``assigned``: ``new_attempt`` publishes a new attempt (its number
+        - to ``pending``: ``new_attempt`` publishes a new attempt (its number
           goes up, its progress restarts); without it the same attempt went
           back to its queue (an agent handed it back). No agent holds it.
+        - to ``assigned``: ``agent`` holds it, not started.
         - to ``running``: ``agent`` started it ``at``.
         - to a final status: ended ``at`` (now if not given) with ``result``
           and ``error``; ``agent`` is who ended it, if it was an agent.
@@ -113,16 +116,21 @@ class Lifecycle:
             raise IllegalTransition(f"task {task.task_id}: {old.value} -> {to.value}")
         now = self.clock() if at is None else at
         old_attempt, old_agent = task.attempt, task.assigned_agent
-        if to is A:
+        if new_attempt and to is not P:
+            raise IllegalTransition(f"task {task.task_id}: a new attempt is published pending")
+        if to is P:
             if new_attempt:
                 task.attempt += 1
                 task.progress = 0.0
+            elif old is P:
+                raise IllegalTransition(f"task {task.task_id}: pending -> pending needs an attempt")
             task.assigned_agent = None
-        elif to is R:
+        elif to in (A, R):
             if agent is _KEEP or not agent:
-                raise IllegalTransition(f"task {task.task_id}: running needs an agent")
+                raise IllegalTransition(f"task {task.task_id}: {to.value} needs an agent")
             task.assigned_agent = agent
-            task.started_at = now
+            if to is R:
+                task.started_at = now
         elif to.is_final:
             if agent is not _KEEP and agent:
                 task.assigned_agent = agent
@@ -145,8 +153,20 @@ def legal(move: Move) -> bool:
     """Whether ``move`` is one the table holds, with the stamps it must carry."""
     if move.new not in TRANSITIONS[move.old]:
         return False
-    if move.new is R:
+    if move.new in (A, R):
         return move.agent is not None and move.attempt == move.old_attempt
-    if move.new is A:
+    if move.new is P:
+        if move.old is P:
+            return move.agent is None and move.attempt == move.old_attempt + 1
         return move.agent is None and move.attempt in (move.old_attempt, move.old_attempt + 1)
     return move.attempt == move.old_attempt
+
+
+def waiting_for_dependencies(task: Task) -> bool:
+    """Pending and never published: the orchestrator holds it until its dependencies complete."""
+    return task.status is P and task.attempt == 0
+
+
+def held(task: Task) -> bool:
+    """Whether an agent holds the task (received it, started or not)."""
+    return task.status in (A, R) and task.assigned_agent is not None

@@ -22,9 +22,9 @@ class TaskPriority(Enum):
 
 class TaskStatus(Enum):
     PENDING = "pending"
-    """Waiting for its dependencies."""
+    """No agent holds it: waiting for its dependencies, queued, or in a retry's back-off."""
     ASSIGNED = "assigned"
-    """Handed to the bus: queued for the agents that can run it."""
+    """An agent holds it (``assigned_agent``) and has not started it."""
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
@@ -50,7 +50,7 @@ class Delivery(Enum):
     """
 
     NONE = "none"
-    """Not the bus's business: waiting for dependencies, running, or final."""
+    """Not the bus's business: waiting for dependencies, held by an agent, or final."""
     UNSENT = "unsent"
     """Marked queued, and certainly in no queue: the bus never had it, or refused it."""
     PUBLISHING = "publishing"
@@ -100,6 +100,8 @@ class Task:
     """Latest time a delayed retry should reach its queue; watched until then."""
     delivery: Delivery = Delivery.NONE
     """Where the current attempt's message is (see ``Delivery``)."""
+    traceback: str | None = None
+    """The last failed attempt's traceback, as its agent reported it."""
 
 
 @dataclass

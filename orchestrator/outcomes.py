@@ -17,7 +17,7 @@ from broker import BusError, MessageTooLarge
 
 from .dependencies import DependencyGraph
 from .dispatch import Dispatch
-from .lifecycle import Lifecycle, Move
+from .lifecycle import Lifecycle, Move, held, waiting_for_dependencies
 from .models import AgentCapability, Task, TaskStatus
 from .placement import PlacementPolicy
 from .records import TaskRecords
@@ -108,9 +108,15 @@ class Outcomes:
         await self.finish(task, TaskStatus.FAILED, error=f"not published: {exc}")
 
     async def attempt_failed(
-        self, task: Task, status: TaskStatus, error: str | None, agent_id: str | None
+        self,
+        task: Task,
+        status: TaskStatus,
+        error: str | None,
+        agent_id: str | None,
+        traceback: str | None = None,
     ) -> None:
         """Retry after a back-off, preferring another agent, or end the task."""
+        task.traceback = traceback or task.traceback
         if task.retry_count >= task.max_retries:
             await self.finish(task, status, error=error, agent=agent_id)
             return
@@ -142,7 +148,7 @@ class Outcomes:
         bus_failing = False
         for ready_id in ready_ids:
             ready = self.records.get(ready_id)
-            if ready is None or ready.status is not TaskStatus.PENDING:
+            if ready is None or not waiting_for_dependencies(ready):
                 continue
             if bus_failing:
                 await self.dispatch.publish(ready, send=False)
@@ -167,7 +173,8 @@ class Outcomes:
     async def agent_gone(
         self, agent: AgentCapability, *, returned: bool, unfinished: frozenset[str] | set[str]
     ) -> None:
-        """Put a removed agent's running tasks back in the queue.
+        """Put the tasks a removed agent held back in the queue: they read
+        ``pending`` at once.
 
         ``returned``: the agent itself gave its deliveries back to the broker
         (a graceful stop), so they only change state, except ``unfinished``
@@ -177,14 +184,10 @@ class Outcomes:
         """
         for task_id in sorted(agent.running):
             task = self.records.get(task_id)
-            if (
-                task is None
-                or task.status is not TaskStatus.RUNNING
-                or task.assigned_agent != agent.agent_id
-            ):
+            if task is None or not held(task) or task.assigned_agent != agent.agent_id:
                 continue
             if returned and task_id not in unfinished:
-                self.lifecycle.transition(task, TaskStatus.ASSIGNED)
+                self.lifecycle.transition(task, TaskStatus.PENDING)
                 await self.records.save(task)
             else:
                 await self.dispatch.publish(task)
@@ -201,7 +204,7 @@ class Outcomes:
         """
         ready = []
         for task in pending:
-            if task.status is not TaskStatus.PENDING:
+            if not waiting_for_dependencies(task):
                 continue  # already settled by a dependency ended earlier in this loop
             if not self.graph.is_waiting(task.task_id):
                 log.info(

@@ -26,12 +26,14 @@ from broker import (
 from broker.messages import CancelTasks
 
 from .dispatch import Queues
-from .lifecycle import Lifecycle, Move
+from .lifecycle import Lifecycle, Move, held
 from .models import AgentCapability, Task, TaskStatus
 from .placement import PlacementPolicy
 from .store import StateStore
 
 log = logging.getLogger(__name__)
+
+_HELD = (TaskStatus.ASSIGNED, TaskStatus.RUNNING)
 
 CANCELLED_IN_QUEUE_KEEP = 10_000
 """At most this many cancelled-in-queue ids are kept, and sent to a newly registered agent."""
@@ -102,16 +104,17 @@ class AgentRegistry:
             self._agents[agent.agent_id] = agent
         for task in tasks:
             agent = self.get(task.assigned_agent)
-            if task.status is TaskStatus.RUNNING and agent is not None:
+            if held(task) and agent is not None:
                 agent.running.add(task.task_id)
         for agent in self._agents.values():
             agent.current_load = len(agent.running)
 
     # ------------------------------------------------------------------ load
     def moved(self, task: Task, move: Move) -> None:
-        if move.old is TaskStatus.RUNNING:
+        """An agent's load is the tasks it holds, started or not (its prefetch)."""
+        if move.old in _HELD and move.old_agent != (move.agent if move.new in _HELD else None):
             self.release_slot(task.task_id, move.old_agent)
-        if move.new is TaskStatus.RUNNING:
+        if move.new in _HELD:
             agent = self.get(move.agent)
             if agent is not None:
                 agent.running.add(task.task_id)

@@ -77,6 +77,7 @@ def task_to_record(task: Task) -> str:
             "progress": task.progress,
             "retry_due": task.retry_due,
             "delivery": task.delivery.value,
+            "traceback": task.traceback,
         },
         separators=(",", ":"),
     )
@@ -86,7 +87,13 @@ def task_from_record(text: str) -> Task:
     data: dict[str, Any] = json.loads(text)
     data["priority"] = TaskPriority(data["priority"])
     data["status"] = TaskStatus(data["status"])
-    data["delivery"] = Delivery(data.get("delivery", "none"))  # absent before schema 2's end
+    if "delivery" not in data:
+        # Written before the delivery field, when "assigned" meant queued.
+        data["delivery"] = Delivery.NONE
+        if data["status"] is TaskStatus.ASSIGNED and data.get("assigned_agent") is None:
+            data["status"] = TaskStatus.PENDING
+    else:
+        data["delivery"] = Delivery(data["delivery"])
     return Task(**data)
 
 

@@ -27,7 +27,7 @@ from broker import CancelTask, CommunicationBus, Reannounce, Subscription
 
 from .dispatch import Dispatch
 from .events import EventHandlers
-from .lifecycle import Lifecycle
+from .lifecycle import Lifecycle, waiting_for_dependencies
 from .models import AgentCapability, Task, TaskPriority, TaskStatus
 from .outcomes import Outcomes
 from .placement import PlacementPolicy
@@ -168,7 +168,7 @@ class TaskOrchestrator:
                     task.task_id, task.attempt, self.watch.run_deadline(task)
                 )
             self.dispatch.reloaded(task, now)
-            if task.status is TaskStatus.PENDING:
+            if waiting_for_dependencies(task):
                 # A dependency no longer stored was kept until no task needed it: met.
                 unmet = [
                     d
@@ -312,11 +312,14 @@ class TaskOrchestrator:
         task = self.records.get(task_id)
         if task is None or task.status.is_final:
             return False
-        was, agent_id = task.status, task.assigned_agent
+        queued, agent_id = (
+            task.status is TaskStatus.PENDING and task.attempt > 0,
+            task.assigned_agent,
+        )
         await self.outcomes.finish(task, TaskStatus.CANCELLED, error="cancelled by request")
-        if was is TaskStatus.RUNNING and agent_id:
+        if agent_id:  # it holds it: it skips it, or stops its handler
             await self.bus.publish_control(CancelTask(task_id=task_id), agent_id=agent_id)
-        elif was is TaskStatus.ASSIGNED:
+        elif queued:
             # Whichever agent receives it skips it, including agents yet to come.
             self.registry.cancelled_in_queue(task_id)
             await self.bus.publish_control(CancelTask(task_id=task_id))
@@ -334,12 +337,14 @@ class TaskOrchestrator:
             "assigned_agent": task.assigned_agent,
             "created_at": task.created_at,
             "started_at": task.started_at,
+            "completed_at": task.completed_at,
             "priority": task.priority.value,
             "progress": task.progress,
             "result": task.result,
             "error_message": task.error_message,
             # beyond the seed's keys
             "retry_count": task.retry_count,
+            "traceback": task.traceback,
         }
 
     async def wait_for_task(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from broker import (
     MessageTooLarge,
 )
 from orchestrator import MemoryStore, Task, TaskStatus
+from orchestrator.models import Delivery
 from tests.harness import FAST, Harness, wait_until
 
 
@@ -285,7 +286,7 @@ async def test_dependents_released_while_the_broker_is_down_reach_their_new_queu
         # having refused at least one of them
         async def all_queued() -> bool:
             statuses = [(await orchestrator.get_task_status(t))["status"] for t in dependents]
-            return statuses == ["assigned"] * 3 and bus.failures > 0
+            return statuses == ["pending"] * 3 and bus.failures > 0
 
         await wait_until(all_queued, timeout=15)
         assert (await orchestrator.get_task_status(dep))["status"] == "completed"
@@ -347,7 +348,12 @@ class _FlushFailsAfter(MemoryStore):
 
     async def save_task(self, task: Task) -> None:
         await super().save_task(task)
-        if task.name == self.name and task.status is TaskStatus.ASSIGNED and not self.failed:
+        if (
+            task.name == self.name
+            and task.status is TaskStatus.PENDING
+            and task.attempt > 0
+            and not self.failed
+        ):
             self.armed = True
 
     async def flush(self) -> None:
@@ -477,7 +483,7 @@ async def test_a_submission_whose_confirm_is_lost_is_accepted_and_runs_once(
         # accepted), and the task completes once, its agent's slot freed
         if then == "ran-unseen":
             task = await orchestrator.store.get_task(task_id)
-            assert (task.status, task.attempt) == (TaskStatus.ASSIGNED, 1)
+            assert (task.status, task.attempt) == (TaskStatus.PENDING, 1)
             await bus.release_events()
         if then == "queued":
             await harness.start_agent("worker", [], 1, held)
@@ -586,7 +592,7 @@ class _StoreClosesAfterConfirm(MemoryStore):
         self.failed = False
 
     async def save_task(self, task: Task) -> None:
-        confirmed = task.status is TaskStatus.ASSIGNED and task.retry_due is None
+        confirmed = task.delivery is Delivery.CONFIRMED
         if task.name == self.name and confirmed and not self.failed:
             self.failed = True
             raise RuntimeError("the store is closed (injected)")
@@ -643,7 +649,7 @@ async def test_a_submission_cancelled_while_it_publishes_is_kept_and_runs(prefix
 
         # Then the task was not deleted: the message that reached the queue runs
         (task,) = await orchestrator.store.tasks()
-        assert (task.status, task.attempt) == (TaskStatus.ASSIGNED, 1)
+        assert (task.status, task.attempt) == (TaskStatus.PENDING, 1)
         ran: list[int] = []
 
         async def work(ctx: TaskContext) -> dict:

@@ -23,6 +23,7 @@ from broker import (
     BusSettings,
     DeadLetter,
     MemoryBus,
+    TaskAssigned,
     TaskFinished,
     TaskProgress,
     TaskStarted,
@@ -42,9 +43,9 @@ def test_final_is_final_and_every_status_is_in_the_table() -> None:
     assert set(TRANSITIONS) == set(TaskStatus)
     for status in FINAL:
         assert TRANSITIONS[status] == frozenset()
-    # a task waiting for its dependencies never runs before it was queued
-    assert TaskStatus.RUNNING not in TRANSITIONS[TaskStatus.PENDING]
-    assert TaskStatus.COMPLETED not in TRANSITIONS[TaskStatus.PENDING]
+    # every live status can reach every other and every final one
+    for status in (TaskStatus.PENDING, TaskStatus.ASSIGNED, TaskStatus.RUNNING):
+        assert TRANSITIONS[status] == frozenset(TaskStatus)
 
 
 @pytest.mark.parametrize("final", FINAL)
@@ -68,7 +69,7 @@ def test_each_move_stamps_its_fields_and_observers_hear_it_in_order() -> None:
         )
     task = _task()
 
-    move = lifecycle.transition(task, TaskStatus.ASSIGNED, new_attempt=True)
+    move = lifecycle.transition(task, TaskStatus.PENDING, new_attempt=True)
     assert (task.attempt, task.assigned_agent, move.old, legal(move)) == (
         1,
         None,
@@ -88,8 +89,8 @@ def test_each_move_stamps_its_fields_and_observers_hear_it_in_order() -> None:
     lifecycle.transition(task, TaskStatus.COMPLETED, result={"ok": 1}, error=None)
     assert (task.completed_at, task.result, task.progress) == (12.0, {"ok": 1}, 1.0)
     assert heard == [
-        ("first", TaskStatus.ASSIGNED),
-        ("second", TaskStatus.ASSIGNED),
+        ("first", TaskStatus.PENDING),
+        ("second", TaskStatus.PENDING),
         ("first", TaskStatus.RUNNING),
         ("second", TaskStatus.RUNNING),
         ("first", TaskStatus.COMPLETED),
@@ -98,10 +99,12 @@ def test_each_move_stamps_its_fields_and_observers_hear_it_in_order() -> None:
 
 
 def test_legal_rejects_moves_without_their_stamps() -> None:
-    ok = Move("t", TaskStatus.ASSIGNED, TaskStatus.RUNNING, 1, 1, None, "a", 0.0)
+    ok = Move("t", TaskStatus.PENDING, TaskStatus.RUNNING, 1, 1, None, "a", 0.0)
     assert legal(ok)
-    assert not legal(Move("t", TaskStatus.ASSIGNED, TaskStatus.RUNNING, 1, 1, None, None, 0.0))
-    assert not legal(Move("t", TaskStatus.RUNNING, TaskStatus.ASSIGNED, 1, 3, "a", None, 0.0))
+    assert legal(Move("t", TaskStatus.PENDING, TaskStatus.ASSIGNED, 1, 1, None, "a", 0.0))
+    assert not legal(Move("t", TaskStatus.PENDING, TaskStatus.RUNNING, 1, 1, None, None, 0.0))
+    assert not legal(Move("t", TaskStatus.RUNNING, TaskStatus.PENDING, 1, 3, "a", None, 0.0))
+    assert not legal(Move("t", TaskStatus.PENDING, TaskStatus.PENDING, 1, 1, None, None, 0.0))
     assert not legal(Move("t", TaskStatus.COMPLETED, TaskStatus.RUNNING, 1, 1, None, "a", 0.0))
 
 
@@ -117,6 +120,13 @@ step = st.one_of(
         st.integers(-1, 2),
         st.sampled_from(AGENTS),
         st.sampled_from(OUTCOMES),
+    ),
+    st.tuples(
+        st.just("assigned"),
+        st.integers(0, 3),
+        st.integers(-1, 2),
+        st.sampled_from(AGENTS),
+        st.booleans(),
     ),
     st.tuples(st.just("progress"), st.integers(0, 3), st.integers(-1, 1), st.sampled_from(AGENTS)),
     st.tuples(st.just("dead"), st.integers(0, 3), st.integers(-1, 1)),
@@ -167,12 +177,17 @@ async def _storm(steps: list[tuple], retries: int) -> None:
                     continue
             last = item
             kind = item[0]
-            if kind in ("started", "finished", "progress", "dead"):
+            if kind in ("started", "assigned", "finished", "progress", "dead"):
                 task = orchestrator.records.get(ids[item[1]])
                 assert task is not None
                 attempt = max(1, task.attempt + item[2])
                 if kind == "started":
                     event = TaskStarted(task_id=task.task_id, attempt=attempt, agent_id=item[3])
+                    await orchestrator.events.on_event(event)
+                elif kind == "assigned":
+                    event = TaskAssigned(
+                        task_id=task.task_id, attempt=attempt, agent_id=item[3], confirm=item[4]
+                    )
                     await orchestrator.events.on_event(event)
                 elif kind == "finished":
                     event = TaskFinished(
@@ -207,23 +222,20 @@ async def _storm(steps: list[tuple], retries: int) -> None:
                 assert task.attempt >= attempts_seen.get(task_id, 0), "attempt went down"
                 attempts_seen[task_id] = task.attempt
                 assert task.retry_count <= task.max_retries
-                assert (task.status is TaskStatus.RUNNING) == (task.assigned_agent is not None) or (
-                    task.status.is_final
-                )
+                if not task.status.is_final:
+                    held = task.status in (TaskStatus.ASSIGNED, TaskStatus.RUNNING)
+                    assert held == (task.assigned_agent is not None), task
+                    if task.status is TaskStatus.PENDING and task.attempt == 0:
+                        assert task_id == ids[3], "only the dependent waits unpublished"
             for agent in await orchestrator.get_agents():
                 assert agent.current_load == len(agent.running)
                 for task_id in agent.running:
                     task = orchestrator.records.get(task_id)
-                    assert (
-                        task.status is TaskStatus.RUNNING and task.assigned_agent == agent.agent_id
-                    )
+                    assert task.status in (TaskStatus.ASSIGNED, TaskStatus.RUNNING)
+                    assert task.assigned_agent == agent.agent_id
             dependent = orchestrator.records.get(ids[3])
             first = orchestrator.records.get(ids[0])
-            if dependent.status not in (
-                TaskStatus.PENDING,
-                TaskStatus.CANCELLED,
-                TaskStatus.FAILED,
-            ):
+            if dependent.attempt > 0:
                 assert first.status is TaskStatus.COMPLETED, "a dependent ran before its dependency"
     finally:
         await orchestrator.stop()

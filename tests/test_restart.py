@@ -53,7 +53,7 @@ async def test_retry_scheduled_before_a_restart_runs_after_it(
 
     async def retry_waiting() -> bool:
         status = await first.get_task_status(task_id)
-        return status["retry_count"] == 1 and status["status"] == "assigned"
+        return status["retry_count"] == 1 and status["status"] == "pending"
 
     await wait_until(retry_waiting, timeout=10)
 
@@ -184,7 +184,7 @@ async def test_task_saved_as_queued_but_never_published_is_published_after_a_res
     await _write(
         path,
         _task("dep", TaskStatus.COMPLETED, result={"dep": 1}, attempt=1, completed_at=1.0),
-        _task("lost", TaskStatus.ASSIGNED, ["dep"], attempt=1, retry_due=time.time()),
+        _task("lost", TaskStatus.PENDING, ["dep"], attempt=1, retry_due=time.time()),
     )
 
     # When a new orchestrator starts on that file, with an agent
@@ -219,7 +219,7 @@ def _count_depth_looks(bus: CommunicationBus) -> list[str]:
 async def _queued_in_its_queue(harness: Harness, path: Path) -> Task:
     """A store with a task queued (attempt 1) and overdue, in flight when saved,
     and its message waiting in its queue, no agent to take it yet."""
-    task = _task("queued", TaskStatus.ASSIGNED, attempt=1, retry_due=time.time() - 60)
+    task = _task("queued", TaskStatus.PENDING, attempt=1, retry_due=time.time() - 60)
     await _write(path, task)
     bus = harness.new_bus()
     if not bus.is_connected:
@@ -286,7 +286,7 @@ async def test_task_queued_by_the_last_orchestrator_runs_once_after_a_restart(
     saved = SQLiteStore(path)
     task = await saved.get_task(task_id)
     await saved.close()
-    assert (task.status, task.attempt, task.retry_due) == (TaskStatus.ASSIGNED, 1, None)
+    assert (task.status, task.attempt, task.retry_due) == (TaskStatus.PENDING, 1, None)
     bus = harness.new_bus()
     await bus.connect()
     second = TaskOrchestrator(bus, settings=settings, store=SQLiteStore(path))
@@ -447,7 +447,7 @@ async def test_retry_an_agent_took_while_no_orchestrator_ran_runs_once_after_a_r
         status = await first.get_task_status(task_id)
         return (
             status["retry_count"] == 1
-            and status["status"] == "assigned"
+            and status["status"] == "pending"
             and bool(blockers)
             and (await first.get_task_status(blockers[0]))["status"] == "running"
         )
@@ -460,7 +460,7 @@ async def test_retry_an_agent_took_while_no_orchestrator_ran_runs_once_after_a_r
     saved = SQLiteStore(path)
     task = await saved.get_task(task_id)
     await saved.close()
-    assert (task.status, task.attempt) == (TaskStatus.ASSIGNED, 2)
+    assert (task.status, task.attempt) == (TaskStatus.PENDING, 2)
     assert task.retry_due is not None
 
     # When the agent takes it and runs it (its events wait in the orchestrator's
@@ -575,8 +575,8 @@ async def test_a_failure_in_a_round_of_the_watch_loses_no_queued_task(
     now = time.time()
     await _write(
         path,
-        _task("a", TaskStatus.ASSIGNED, attempt=1, retry_due=now - 60),
-        _task("b", TaskStatus.ASSIGNED, attempt=1, retry_due=now - 30),
+        _task("a", TaskStatus.PENDING, attempt=1, retry_due=now - 60),
+        _task("b", TaskStatus.PENDING, attempt=1, retry_due=now - 30),
     )
     caplog.set_level(logging.INFO, logger="orchestrator")
     settings = FAST.model_copy(update={"lost_retry_grace": 0.2})

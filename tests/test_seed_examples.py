@@ -55,11 +55,13 @@ async def test_basic_task_submission(harness: Harness) -> None:
         "assigned_agent",
         "created_at",
         "started_at",
+        "completed_at",  # a field of the seed's Task
         "priority",
         "progress",
         "result",
         "error_message",
         "retry_count",  # the workflows issue adds it to the seed's keys
+        "traceback",  # the last failed attempt's, if any
     }
     assert status["task_id"] == task_id
     assert status["name"] == "Market Sentiment Analysis"
@@ -69,7 +71,8 @@ async def test_basic_task_submission(harness: Harness) -> None:
     assert status["result"] == {"sentiment": {"BTC": 0.1, "ETH": 0.1, "SOL": 0.1}}
     assert status["error_message"] is None
     assert status["retry_count"] == 0
-    assert status["created_at"] <= status["started_at"]
+    assert status["created_at"] <= status["started_at"] <= status["completed_at"]
+    assert status["traceback"] is None
 
 
 async def test_agent_registration_and_load_balancing(harness: Harness) -> None:

@@ -59,7 +59,7 @@ async def test_a_running_task_silent_past_its_timeout_and_grace_is_retried(setup
     await orchestrator.watch.round()
     status = await orchestrator.get_task_status(task_id)
     assert (status["status"], status["retry_count"], status["assigned_agent"]) == (
-        "assigned",
+        "pending",
         1,
         None,
     )
@@ -81,7 +81,7 @@ async def test_an_agent_silent_past_the_heartbeat_timeout_is_removed_and_its_tas
     assert await orchestrator.get_agents() == []
     status = await orchestrator.get_task_status(task_id)
     assert (status["status"], status["assigned_agent"], status["retry_count"]) == (
-        "assigned",
+        "pending",
         None,
         0,
     )

@@ -145,7 +145,7 @@ async def test_dependency_that_never_completes_ends_two_levels_of_dependents(
 
     # When a ends that way
     if ending == "cancelled_while_queued":
-        assert (await orchestrator.get_task_status(a))["status"] == "assigned"
+        assert (await orchestrator.get_task_status(a))["status"] == "pending"
         assert await orchestrator.cancel_task(a) is True
     elif ending == "cancelled_while_running":
         await asyncio.wait_for(a_running.wait(), 15)
@@ -308,7 +308,7 @@ async def test_a_lost_retry_is_published_again(harness: Harness) -> None:
 
     async def retry_waiting() -> bool:
         status = await orchestrator.get_task_status(task_id)
-        return status["retry_count"] == 1 and status["status"] == "assigned"
+        return status["retry_count"] == 1 and status["status"] == "pending"
 
     await wait_until(retry_waiting, timeout=10)
 
@@ -673,7 +673,7 @@ async def test_cancel_queued_task_never_runs(harness: Harness) -> None:
         return {}
 
     queued = await orchestrator.submit_task(**job(name="queued", required_capabilities=["rare"]))
-    assert (await orchestrator.get_task_status(queued))["status"] == "assigned"
+    assert (await orchestrator.get_task_status(queued))["status"] == "pending"
 
     # When it is cancelled, and only then an agent with that capability comes
     assert await orchestrator.cancel_task(queued) is True
@@ -707,7 +707,7 @@ async def test_cancel_task_queued_behind_a_busy_agent_never_runs(harness: Harnes
         first = await orchestrator.submit_task(**job(name="busy"))
         await asyncio.wait_for(busy.wait(), 15)
         queued = await orchestrator.submit_task(**job(name="queued"))
-        assert (await orchestrator.get_task_status(queued))["status"] == "assigned"
+        assert (await orchestrator.get_task_status(queued))["status"] == "pending"
 
         # When it is cancelled, and then the agent's slot frees up
         assert await orchestrator.cancel_task(queued) is True
@@ -753,7 +753,7 @@ async def test_cancel_task_waiting_in_retry_back_off_never_runs_again(harness: H
 
         async def retry_waiting() -> bool:
             status = await orchestrator.get_task_status(task_id)
-            return status["retry_count"] == 1 and status["status"] == "assigned"
+            return status["retry_count"] == 1 and status["status"] == "pending"
 
         await wait_until(retry_waiting, timeout=15)
 
