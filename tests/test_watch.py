@@ -10,7 +10,14 @@ import uuid
 
 import pytest
 
-from broker import AgentAnnounced, AgentHeartbeat, BusSettings, MemoryBus, TaskStarted
+from broker import (
+    AgentAnnounced,
+    AgentHeartbeat,
+    BusSettings,
+    MemoryBus,
+    TaskAssigned,
+    TaskStarted,
+)
 from orchestrator import OrchestratorSettings, TaskOrchestrator
 
 
@@ -87,3 +94,42 @@ async def test_an_agent_silent_past_the_heartbeat_timeout_is_removed_and_its_tas
     )
     stats = await orchestrator.get_stats()
     assert (stats["running_tasks"], stats["pending_tasks"]) == (0, 1)
+
+
+async def test_queued_held_started_read_pending_assigned_running(setup) -> None:
+    # Given a second task, queued: no agent holds it
+    orchestrator, _, first = setup
+    bus = orchestrator.bus
+    heard: list = []
+
+    async def control(command) -> None:
+        heard.append(command)
+
+    subscription = await bus.subscribe_control("worker", control)
+    task_id = await orchestrator.submit_task(name="t2", description="", task_type="j", payload={})
+    status = await orchestrator.get_task_status(task_id)
+    assert (status["status"], status["assigned_agent"]) == ("pending", None)
+
+    # When an agent says it holds it, unstarted, then starts it
+    await orchestrator.events.on_event(TaskAssigned(task_id=task_id, attempt=1, agent_id="worker"))
+    status = await orchestrator.get_task_status(task_id)
+    assert (status["status"], status["assigned_agent"]) == ("assigned", "worker")
+    (agent,) = await orchestrator.get_agents()
+    assert agent.current_load == 2  # it holds both: its prefetch is taken
+    await orchestrator.events.on_event(TaskStarted(task_id=task_id, attempt=1, agent_id="worker"))
+    assert (await orchestrator.get_task_status(task_id))["status"] == "running"
+
+    # And a redelivery of an attempt that ended is refused, a live one confirmed
+    assert await orchestrator.cancel_task(first)
+    await orchestrator.events.on_event(
+        TaskAssigned(task_id=first, attempt=1, agent_id="worker", confirm=True)
+    )
+    await orchestrator.events.on_event(
+        TaskAssigned(task_id=task_id, attempt=1, agent_id="worker", confirm=True)
+    )
+    await bus.join()
+    await subscription.close()
+    kinds = [(c.kind, c.task_id) for c in heard if hasattr(c, "task_id")]
+    assert ("control.cancel", first) in kinds
+    assert ("control.proceed", task_id) in kinds
+    assert ("control.proceed", first) not in kinds
