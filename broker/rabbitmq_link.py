@@ -3,22 +3,26 @@
 ``connect_robust`` reconnects by itself once it has connected, but its first
 connect fails fast, so that one is retried here (tenacity). Which aio-pika
 and aiormq exceptions mean "the link is down, try again" is said once, here,
-for every part of the bus.
+for every part of the bus; so is what the broker's refusal of a login or of
+a virtual host means (``BrokerRefused``: retrying cannot cure it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ssl
+from urllib.parse import unquote
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractRobustConnection
 from aio_pika.exceptions import ChannelInvalidStateError
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 from yarl import URL
 
 from .errors import BusConnectionError
-from .settings import BusSettings
+from .settings import BusSettings, check_broker_url
 
 TRANSIENT = (
     ConnectionError,
@@ -36,9 +40,27 @@ CHANNEL_GONE = (ChannelInvalidStateError, aiormq.exceptions.AMQPError, RuntimeEr
 then requeued its deliveries by itself, and they come again."""
 
 
+class BrokerRefused(BusConnectionError):
+    """Raised when the broker answers but will not open the connection: the
+    login is refused (wrong user or password), or the virtual host does not
+    exist or the user may not use it. Trying again cannot cure it; the message
+    starts with the setting to fix, ``broker_url``."""
+
+    setting = "broker_url"
+
+
 def amqp_url(settings: BusSettings, default: str) -> str:
-    """The broker URL with our heartbeat and reconnect interval, unless it sets its own."""
-    url = URL(settings.broker_url or default)
+    """The broker URL with our heartbeat and reconnect interval, unless it sets its own.
+
+    Raises ``ValueError`` for a URL that is not an AMQP address (settings made
+    with ``model_copy`` skip the check ``BusSettings`` makes).
+    """
+    raw = settings.broker_url or default
+    try:
+        check_broker_url(raw)
+    except ValueError as exc:
+        raise ValueError(f"broker_url: {exc}") from None
+    url = URL(raw)
     if "heartbeat" not in url.query:
         url = url.update_query(heartbeat=settings.amqp_heartbeat)
     if "reconnect_interval" not in url.query:
@@ -46,29 +68,77 @@ def amqp_url(settings: BusSettings, default: str) -> str:
     return str(url)
 
 
+def _refusal(exc: BaseException, url: URL, address: str) -> BrokerRefused | None:
+    """What the broker refused, when ``exc`` is a refusal rather than a broken link."""
+    user = unquote(url.user or "guest")
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+        return BrokerRefused(
+            f"broker_url: RabbitMQ at {address} refused the login of user {user!r}:"
+            " wrong user name or password"
+        )
+    if isinstance(exc, aiormq.exceptions.AuthenticationError):
+        return BrokerRefused(f"broker_url: RabbitMQ at {address} offers no login we can use: {exc}")
+    # aiormq reports a Connection.Close in answer to Connection.Open, which is how
+    # RabbitMQ refuses a virtual host, as a frame it did not expect.
+    if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc):
+        vhost = unquote(url.path[1:]) if url.path not in ("", "/") else "/"
+        return BrokerRefused(
+            f"broker_url: RabbitMQ at {address} refused virtual host {vhost!r}: it does not"
+            f" exist, or user {user!r} has no permission to use it"
+        )
+    return None
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, ssl.SSLError | aiormq.exceptions.AuthenticationError):
+        return False  # a certificate or login problem: the next try meets it again
+    return isinstance(exc, TRANSIENT)
+
+
+async def _connect_once(url: str, timeout: float, connection_name: str) -> AbstractRobustConnection:
+    """One try of ``connect_robust``, closed again unless it succeeds.
+
+    ``connect_robust`` connects in a task of its own that survives a
+    cancelled connect and tries again for ever, which kept a process that
+    was told to stop from ending: a try that is cancelled or fails closes
+    its connection, and that task with it.
+    """
+    connection = aio_pika.RobustConnection(
+        URL(url), client_properties={"connection_name": connection_name}
+    )
+    try:
+        await connection.connect(timeout=timeout)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await connection.close()
+        raise
+    return connection
+
+
 async def open_connection(
     url: str, settings: BusSettings, *, connection_name: str, address: str
 ) -> AbstractRobustConnection:
     """A robust connection, after ``connect_attempts`` tries at most.
 
-    Raises ``BusConnectionError`` naming the broker by ``address`` (the URL
-    without its password), and without the password that aio-pika may have
-    put in its own message.
+    Raises ``BrokerRefused`` at once when the broker refuses the login or the
+    virtual host, else ``BusConnectionError`` naming the broker by ``address``
+    (the URL without its password), and without the password that aio-pika
+    may have put in its own message. Cancelling it (a signal, a timeout)
+    stops it at once, between tries too.
     """
     try:
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(settings.connect_attempts),
             wait=wait_exponential(multiplier=0.2, max=2),
-            retry=retry_if_exception_type(TRANSIENT),
+            retry=retry_if_exception(_retryable),
             reraise=True,
         ):
             with attempt:
-                return await aio_pika.connect_robust(
-                    url,
-                    timeout=settings.connect_timeout,
-                    client_properties={"connection_name": connection_name},
-                )
+                return await _connect_once(url, settings.connect_timeout, connection_name)
     except Exception as exc:
+        refused = _refusal(exc, URL(url), address)
+        if refused is not None:
+            raise refused from None
         detail = str(exc)
         password = URL(url).password
         if password:

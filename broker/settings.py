@@ -1,11 +1,28 @@
-"""Bus settings, read from arguments or ``ORCHESTRATOR_*`` environment variables."""
+"""Bus settings, read from arguments or ``ORCHESTRATOR_*`` environment variables.
+
+A broker URL is checked when the settings are made, before anything connects:
+``amqp://`` or ``amqps://`` with a host, and the TLS files it names (aiormq's
+``cafile``, ``capath``, ``certfile`` and ``keyfile`` query options, the only
+TLS settings there are) present and readable. A bad one is a ``ValueError``
+(pydantic's ``ValidationError``) naming ``broker_url``, its message showing
+the URL without its password; the input is kept out of the error's text for
+the same reason.
+"""
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+import os
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+AMQP_SCHEMES = ("amqp", "amqps")
+TLS_FILES = ("cafile", "certfile", "keyfile")
+"""URL query options that name a file aiormq reads to set up TLS."""
+TLS_FOLDERS = ("capath",)
+"""URL query options that name a folder of CA certificates."""
+URL_EXAMPLE = "amqp://user:password@host:5672/vhost"
 
 
 class BusSettings(BaseSettings):
@@ -15,10 +32,14 @@ class BusSettings(BaseSettings):
     ``CommunicationBus()`` gives unless ``ORCHESTRATOR_BROKER_URL`` is set.
     """
 
-    model_config = SettingsConfigDict(env_prefix="ORCHESTRATOR_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="ORCHESTRATOR_", extra="ignore", hide_input_in_errors=True
+    )
 
     broker_url: str | None = Field(
-        default=None, description="amqp:// URL of RabbitMQ; unset = in-process bus"
+        default=None,
+        description="amqp:// or amqps:// URL of RabbitMQ; unset = in-process bus. TLS files"
+        " go in its query: ?cafile=PATH&certfile=PATH&keyfile=PATH",
     )
     prefix: str = Field(
         default="orchestrator",
@@ -37,6 +58,73 @@ class BusSettings(BaseSettings):
     )
     connect_attempts: int = Field(default=3, ge=1, description="tries of the first connect")
     connect_timeout: float = Field(default=5.0, gt=0, description="seconds per connect try")
+
+    @field_validator("broker_url")
+    @classmethod
+    def _a_broker_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None  # unset: the in-process bus (or the local broker, where one is needed)
+        check_broker_url(value.strip())
+        return value.strip()
+
+
+def check_broker_url(url: str) -> None:
+    """Raise ``ValueError`` saying what is wrong with ``url`` as a RabbitMQ address.
+
+    The message shows the URL without its password. Nothing connects.
+    """
+    shown = _shown(url)
+    parts = urlsplit(url.strip())
+    if parts.scheme.lower() not in AMQP_SCHEMES or not url.strip().lower().startswith(
+        tuple(f"{scheme}://" for scheme in AMQP_SCHEMES)
+    ):
+        if parts.scheme and "://" in url:
+            problem = f"scheme {parts.scheme + '://'!r} is not AMQP"
+        else:
+            problem = "no amqp:// or amqps:// in front"
+        raise ValueError(
+            f"{problem}: expected a URL such as {URL_EXAMPLE} (amqps:// for TLS), got {shown!r}"
+        )
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"no host: expected a URL such as {URL_EXAMPLE}, got {shown!r}")
+    if any(c.isspace() for c in url.strip()):
+        raise ValueError(f"spaces in the URL: expected a URL such as {URL_EXAMPLE}, got {shown!r}")
+    try:
+        parts.port  # noqa: B018 - it raises for a port that is not a number 0-65535
+    except ValueError:
+        raise ValueError(f"the port is not a number 1-65535: got {shown!r}") from None
+    options = parse_qs(parts.query)
+    tls = [name for name in (*TLS_FILES, *TLS_FOLDERS) if name in options]
+    if tls and parts.scheme.lower() != "amqps":
+        raise ValueError(f"{tls[0]} is a TLS option, and TLS needs amqps://: got {shown!r}")
+    for name in tls:
+        _check_readable(name, options[name][-1], folder=name in TLS_FOLDERS)
+
+
+def _check_readable(option: str, path: str, *, folder: bool) -> None:
+    if folder:
+        if not os.path.isdir(path):
+            raise ValueError(f"{option} {path!r} is not a folder")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ValueError(f"{option} {path!r} cannot be read: permission denied")
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path!r} is a folder, not a file")
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise ValueError(f"{option} {path!r} does not exist") from None
+    except OSError as exc:
+        raise ValueError(f"{option} {path!r} cannot be read: {exc.strerror or exc}") from None
+
+
+def _shown(url: str) -> str:
+    try:
+        return redact_url(url)
+    except ValueError:
+        return url
 
 
 def redact_url(url: str) -> str:
