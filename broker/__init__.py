@@ -87,6 +87,7 @@ from .topology import (
     capability_key,
     covers,
     retry_tier_ms,
+    route_key,
     topic_matches,
 )
 
@@ -165,6 +166,7 @@ __all__ = [
     # topology
     "Topology",
     "capability_key",
+    "route_key",
     "covers",
     "ANY_CAPABILITY_KEY",
     "CAPABILITY_PATTERN",

@@ -253,8 +253,12 @@ class AgentRecord(ReplyResult):
 class QueueRecord(ReplyResult):
     """One capability queue in the result of ``request.queues``."""
 
-    key: str = Field(description="capability key: sorted capabilities joined by '+'; '@any'")
+    key: str = Field(
+        description="<task type>.<capability key>: the capabilities sorted and joined by '+',"
+        " '@any' for none"
+    )
     queue: str = Field(description="the queue's name on the broker")
+    task_type: str | None = Field(default=None, description="the task type its tasks are of")
     capabilities: list[str]
     depth: int = Field(ge=0, description="tasks waiting, not counting those an agent holds")
 

@@ -89,6 +89,28 @@ def capability_key(capabilities: Iterable[str]) -> str:
     return key
 
 
+TASK_TYPE_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+"""Task types written as they are in a queue key; any other is written as a digest."""
+
+
+def route_key(task_type: str, capabilities: Iterable[str]) -> str:
+    """The routing key of the tasks of ``task_type`` needing ``capabilities``:
+    ``<task type>.<capability key>`` (``trade.@any``, ``report.finance+pdf``).
+
+    The task type is part of the key so that a task reaches only an agent with
+    a handler for it, as Celery routes by task name: an agent consumes the
+    queues of the types it handles (all of them with a ``*`` handler) whose
+    capability sets it covers. A type outside the safe alphabet, or longer
+    than 64, is written as a digest; the capability key never holds a '.', so
+    the key reads back unambiguously.
+    """
+    if TASK_TYPE_KEY_PATTERN.match(task_type):
+        type_part = task_type
+    else:
+        type_part = "sha1-" + hashlib.sha1(task_type.encode()).hexdigest()[:20]
+    return f"{type_part}.{capability_key(capabilities)}"
+
+
 def covers(agent_capabilities: Iterable[str], required: Iterable[str]) -> bool:
     """Whether an agent with these capabilities may run a task needing ``required``."""
     return set(required) <= set(agent_capabilities)

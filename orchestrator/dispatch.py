@@ -20,7 +20,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from broker import (
-    ANY_CAPABILITY_KEY,
     BusError,
     BusNotStarted,
     CommunicationBus,
@@ -29,12 +28,12 @@ from broker import (
     TopologyMismatch,
     TopologyMissing,
     UnroutableMessage,
-    capability_key,
+    route_key,
 )
 
 from .lifecycle import Lifecycle, Move
 from .models import Delivery, Task, TaskStatus
-from .placement import PlacementPolicy
+from .placement import PlacementPolicy, QueueSpec
 from .records import TaskRecords
 from .settings import OrchestratorSettings
 from .timeouts import RunDeadlines
@@ -65,8 +64,13 @@ def never_started(task: Task) -> bool:
     return task.status is TaskStatus.PENDING and task.attempt == 1 and task.started_at is None
 
 
+def queue_key(task: Task) -> str:
+    """The key of the queue a task's messages go to (its type and capabilities)."""
+    return route_key(task.task_type, task.required_capabilities)
+
+
 class Queues:
-    """The capability queues this orchestrator declared, by key, with their capabilities.
+    """The task queues this orchestrator declared, by key, with what their tasks need.
 
     A queue is ``in_use`` once every agent that can consume it was told to;
     until then it is ``declaring``: an agent that registers meanwhile hears
@@ -74,16 +78,15 @@ class Queues:
     """
 
     def __init__(self) -> None:
-        # The queue of tasks any agent can run is declared with the topology.
-        self.in_use: dict[str, list[str]] = {ANY_CAPABILITY_KEY: []}
-        self.declaring: dict[str, list[str]] = {}
+        self.in_use: dict[str, QueueSpec] = {}
+        self.declaring: dict[str, QueueSpec] = {}
 
-    def known(self) -> dict[str, list[str]]:
+    def known(self) -> dict[str, QueueSpec]:
         return {**self.in_use, **self.declaring}
 
-    def note(self, capabilities: list[str]) -> None:
+    def note(self, task: Task) -> None:
         """A stored task's queue, after a restart: declared by the last orchestrator."""
-        self.in_use.setdefault(capability_key(capabilities), list(capabilities))
+        self.in_use.setdefault(queue_key(task), QueueSpec.of(task))
 
 
 class Dispatch:
@@ -94,7 +97,7 @@ class Dispatch:
         lifecycle: Lifecycle,
         settings: OrchestratorSettings,
         placement: PlacementPolicy,
-        tell_agents: Callable[[list[str]], Awaitable[None]],
+        tell_agents: Callable[[QueueSpec], Awaitable[None]],
     ) -> None:
         self.bus = bus
         self.records = records
@@ -174,7 +177,7 @@ class Dispatch:
         try:
             # Written before published: events of this attempt must find it on restart.
             await self.records.flush()
-            await self.ensure_queue(task.required_capabilities)
+            await self.ensure_queue(task)
             message = await self._message(task, avoid or [])
             if not in_flight(task, attempt):
                 return  # superseded (cancelled, or published again) while we waited
@@ -183,7 +186,7 @@ class Dispatch:
             handed = True
             await self.bus.publish_task(
                 message,
-                queue_key=capability_key(task.required_capabilities),
+                queue_key=queue_key(task),
                 priority=self.placement.message_priority(task),
                 delay=delay,
             )
@@ -215,20 +218,21 @@ class Dispatch:
             # watches it again, as it does any publish it never saw confirmed.
             log.exception("task %s: saving its confirmed publish failed", task.task_id)
 
-    async def ensure_queue(self, capabilities: list[str]) -> None:
-        """Declare a capability queue new to this orchestrator and have every agent
-        that can consume it told to. It counts as in use only once they all were:
-        if anything fails, the next publish does it all again (both steps are
-        idempotent)."""
-        key = capability_key(capabilities)
+    async def ensure_queue(self, task: Task) -> None:
+        """Declare the queue of a task's type and capabilities if it is new to this
+        orchestrator, and have every agent that can consume it told to. It counts
+        as in use only once they all were: if anything fails, the next publish
+        does it all again (both steps are idempotent)."""
+        key = queue_key(task)
         if key in self.queues.in_use:
             return
+        spec = QueueSpec.of(task)
         await self.bus.declare_task_queue(key)
         # Kept if telling fails: the queue exists, a new agent may as well consume it.
-        self.queues.declaring[key] = list(capabilities)
-        await self._tell_agents(list(capabilities))
+        self.queues.declaring[key] = spec
+        await self._tell_agents(spec)
         self.queues.declaring.pop(key, None)
-        self.queues.in_use[key] = list(capabilities)
+        self.queues.in_use[key] = spec
 
     async def _message(self, task: Task, avoid: list[str]) -> TaskMessage:
         results: dict[str, Any] = {}
@@ -308,7 +312,7 @@ class Dispatch:
             self._due.start(task_id, attempt, later)
             return
         if task.delivery is not Delivery.UNSENT:
-            key = capability_key(task.required_capabilities)
+            key = queue_key(task)
             if key not in depths:
                 depths[key] = await self.bus.queue_depth(key)
                 if not in_flight(task, attempt):

@@ -85,6 +85,7 @@ class EventHandlers:
                 event.max_concurrent_tasks,
                 announced=True,
                 specialization=event.specialization_score,
+                task_types=event.task_types,
             )
         elif isinstance(event, AgentLeft):
             agent = await self.registry.forget(event.agent_id, "left", returned=True)

@@ -114,6 +114,9 @@ class AgentCapability:
     specialization_score: dict[str, float] = field(default_factory=dict)
 
     # Beyond the seed
+    task_types: list[str] | None = None
+    """The task types it has handlers for, as it announced them ('*': any type);
+    None until it announced itself (registered by API only): it is sent no work."""
     last_seen: float | None = None
     """Time of the agent's last heartbeat or announcement; None if never heard from."""
     running: set[str] = field(default_factory=set)

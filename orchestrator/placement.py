@@ -13,19 +13,62 @@ subclass ``PlacementPolicy`` and pass it as ``TaskOrchestrator(placement=...)``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from broker import covers
 
 from . import scheduling
 from .models import AgentCapability, Task
 
+ANY_TASK_TYPE = "*"
+"""The task type of an agent's catch-all handler."""
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    """What the tasks of one queue need: a handler for ``task_type``, and ``capabilities``."""
+
+    task_type: str
+    capabilities: tuple[str, ...]
+
+    @classmethod
+    def of(cls, task: Task) -> QueueSpec:
+        return cls(task.task_type, tuple(sorted(set(task.required_capabilities))))
+
+
+def can_run(agent: AgentCapability, spec: QueueSpec) -> bool:
+    """Whether ``agent`` has a handler for the type and every capability needed."""
+    types = agent.task_types
+    if types is None or not (spec.task_type in types or ANY_TASK_TYPE in types):
+        return False
+    return covers(agent.capabilities, spec.capabilities)
+
+
+def missing(agents: Iterable[AgentCapability], spec: QueueSpec) -> str | None:
+    """Why no agent of ``agents`` can run tasks of ``spec`` (None if one can)."""
+    agents = list(agents)
+    if any(can_run(a, spec) for a in agents):
+        return None
+    handles = [
+        a
+        for a in agents
+        if a.task_types and (spec.task_type in a.task_types or "*" in a.task_types)
+    ]
+    if not handles:
+        return f"no registered agent has a handler for task_type {spec.task_type!r}"
+    lacking = sorted(set(spec.capabilities) - set().union(*(set(a.capabilities) for a in handles)))
+    need = ", ".join(lacking) if lacking else "+".join(spec.capabilities)
+    return f"no agent with a handler for {spec.task_type!r} has the capabilities {need}"
+
 
 class PlacementPolicy:
-    """Today's policy: capability cover, scores as consumer priority, avoid a failed agent."""
+    """Today's policy: handler and capability cover, scores as consumer
+    priority, avoid a failed agent."""
 
-    def queues_for(self, agent: AgentCapability, queues: Mapping[str, list[str]]) -> list[str]:
-        """The keys of the capability queues ``agent`` consumes, of those in use."""
-        return [key for key, caps in queues.items() if covers(agent.capabilities, caps)]
+    def queues_for(self, agent: AgentCapability, queues: Mapping[str, QueueSpec]) -> list[str]:
+        """The keys of the queues ``agent`` consumes, of those in use: the
+        types it handles, the capability sets it covers."""
+        return [key for key, spec in queues.items() if can_run(agent, spec)]
 
     def consumer_priority(self, agent: AgentCapability) -> int:
         """The agent's ``x-priority``: the broker offers work to higher ones first."""
@@ -41,8 +84,8 @@ class PlacementPolicy:
         """Agents a retry of ``task`` should skip: the one it failed on, if another can run it."""
         if not failed_on:
             return []
-        others = (a for a in agents if a.agent_id != failed_on)
-        if any(covers(a.capabilities, task.required_capabilities) for a in others):
+        spec = QueueSpec.of(task)
+        if any(a.agent_id != failed_on and can_run(a, spec) for a in agents):
             return [failed_on]
         return []
 

@@ -21,14 +21,13 @@ from broker import (
     ConsumeQueues,
     Reannounce,
     Unregister,
-    covers,
 )
 from broker.messages import CancelTasks
 
 from .dispatch import Queues
 from .lifecycle import Lifecycle, Move, held
 from .models import AgentCapability, Task, TaskStatus
-from .placement import PlacementPolicy
+from .placement import PlacementPolicy, QueueSpec, can_run, missing
 from .store import StateStore
 
 log = logging.getLogger(__name__)
@@ -78,6 +77,8 @@ class AgentRegistry:
         self.placement = placement
         self.queues = queues
         self._agents: dict[str, AgentCapability] = {}
+        self._unrunnable: dict[str, QueueSpec] = {}
+        """Queues warned of as no registered agent can run their tasks."""
         self._cancelled_in_queue: dict[str, None] = {}
         """Cancelled while their message waited in a queue: agents must skip them.
         New agents are told before they consume; an agent's skip report clears one."""
@@ -136,10 +137,12 @@ class AgentRegistry:
         *,
         announced: bool = False,
         specialization: dict[str, float] | None = None,
+        task_types: list[str] | None = None,
     ) -> None:
         """The one path by which agents are registered: by API and by announcement.
 
-        ``announced``: the agent announced itself (it was heard: ``last_seen``).
+        ``announced``: the agent announced itself (it was heard: ``last_seen``),
+        with the ``task_types`` it has handlers for.
         An agent hears the cancelled-in-queue ids if it is unknown (or new
         again since it left or was removed), and on every announcement:
         ``AgentAnnounced`` carries nothing that tells a new process from an old
@@ -161,8 +164,23 @@ class AgentRegistry:
             agent.specialization_score.update(specialization)
         if announced:
             agent.last_seen = self.clock()
+            agent.task_types = sorted(set(task_types or []))
         await self.store.save_agent(agent)
+        for key, spec in list(self._unrunnable.items()):
+            if can_run(agent, spec):
+                del self._unrunnable[key]
+                log.info("agent %s can run the tasks waiting in queue %s", agent_id, key)
         await self.send_queues(agent, replay=replay)
+
+    def warn_if_unrunnable(self, key: str, spec: QueueSpec) -> None:
+        """Log once (until an agent that can run them registers) that tasks wait
+        in queue ``key`` for an agent nobody registered, naming what is missing."""
+        if key in self._unrunnable:
+            return
+        why = missing(self._agents.values(), spec)
+        if why is not None:
+            self._unrunnable[key] = spec
+            log.warning("tasks of queue %s wait for a capable agent: %s", key, why)
 
     async def send_queues(self, agent: AgentCapability, *, replay: bool = False) -> None:
         """Tell an agent which queues to consume (those in use, and those being
@@ -191,15 +209,13 @@ class AgentRegistry:
             agent_id=agent.agent_id,
         )
 
-    async def tell_new_queue(self, capabilities: list[str]) -> None:
-        """Tell every agent that covers ``capabilities`` of its (new) queue,
-        including agents that register while the others are told."""
+    async def tell_new_queue(self, spec: QueueSpec) -> None:
+        """Tell every agent that can run the tasks of a (new) queue to consume
+        it, including agents that register while the others are told."""
         told: set[str] = set()
         while True:
             untold = [
-                a
-                for a in self._agents.values()
-                if a.agent_id not in told and covers(a.capabilities, capabilities)
+                a for a in self._agents.values() if a.agent_id not in told and can_run(a, spec)
             ]
             if not untold:
                 return

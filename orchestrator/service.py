@@ -95,10 +95,11 @@ class OrchestratorService:
                 {
                     "key": key,
                     "queue": bus.topology.task_queue(key),
-                    "capabilities": capabilities,
+                    "task_type": spec.task_type,
+                    "capabilities": list(spec.capabilities),
                     "depth": await bus.queue_depth(key),
                 }
-                for key, capabilities in sorted((await orchestrator.get_queues()).items())
+                for key, spec in sorted(orchestrator.dispatch.queues.in_use.items())
             ]
         raise ValueError(f"kind: no handler for {request.kind!r}")  # pragma: no cover
 

@@ -105,6 +105,7 @@ def agent_to_record(agent: AgentCapability) -> str:
             "performance_score": agent.performance_score,
             "max_concurrent_tasks": agent.max_concurrent_tasks,
             "specialization_score": agent.specialization_score,
+            "task_types": agent.task_types,
             "last_seen": agent.last_seen,
         },
         separators=(",", ":"),

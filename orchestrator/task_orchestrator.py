@@ -25,12 +25,12 @@ from typing import Any
 
 from broker import CancelTask, CommunicationBus, Reannounce, Subscription
 
-from .dispatch import Dispatch
+from .dispatch import Dispatch, queue_key
 from .events import EventHandlers
 from .lifecycle import Lifecycle, waiting_for_dependencies
 from .models import AgentCapability, Task, TaskPriority, TaskStatus
 from .outcomes import Outcomes
-from .placement import PlacementPolicy
+from .placement import PlacementPolicy, QueueSpec
 from .records import TaskRecords
 from .registry import AgentRegistry, validate_agent
 from .retention import FinishedTasks
@@ -77,7 +77,7 @@ class TaskOrchestrator:
             self.lifecycle,
             self.settings,
             self.placement,
-            tell_agents=lambda caps: self.registry.tell_new_queue(caps),
+            tell_agents=lambda spec: self.registry.tell_new_queue(spec),
         )
         self.registry = AgentRegistry(
             self.bus, self.store, self.lifecycle, self.placement, self.dispatch.queues
@@ -162,7 +162,7 @@ class TaskOrchestrator:
         now = self.lifecycle.clock()
         pending: list[Task] = []
         for task in tasks:
-            self.dispatch.queues.note(task.required_capabilities)
+            self.dispatch.queues.note(task)
             if task.status is TaskStatus.RUNNING:
                 self.watch.deadlines.start(
                     task.task_id, task.attempt, self.watch.run_deadline(task)
@@ -268,6 +268,7 @@ class TaskOrchestrator:
             self.outcomes.graph.wait(task.task_id, unmet)
             await self.store.flush()
             return task.task_id
+        self.registry.warn_if_unrunnable(queue_key(task), QueueSpec.of(task))
         try:
             await self.dispatch.publish(task)
         except asyncio.CancelledError:
@@ -368,6 +369,6 @@ class TaskOrchestrator:
         return list(self.registry)
 
     async def get_queues(self) -> dict[str, list[str]]:
-        """The capability queues in use, by key, with the capabilities each needs
-        (beyond the seed: for tools)."""
-        return {key: list(caps) for key, caps in self.dispatch.queues.in_use.items()}
+        """The task queues in use, by key, with the capabilities each needs
+        (beyond the seed: for tools). A key is ``<task type>.<capability key>``."""
+        return {key: list(spec.capabilities) for key, spec in self.dispatch.queues.in_use.items()}

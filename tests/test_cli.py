@@ -172,7 +172,7 @@ async def test_serve_two_agents_and_every_task_command(deployment: Deployment, t
         (["serve", "--store", "postgres"], "error: --store: expected 'memory' or 'sqlite:PATH'"),
         (["agent", "run", "no_such_module:agent"], "error: agent: cannot import 'no_such_module'"),
         (["agent", "run", "tests.agent_app:nothing"], "error: agent: module 'tests.agent_app' has"),
-        (["topology", "--prefix", "a.b"], "error: prefix: String should match pattern"),
+        (["topology", "--prefix", "a.b"], "error: --prefix: String should match pattern"),
     ],
 )  # fmt: skip
 async def test_bad_input_is_one_line_and_exit_1(args: list[str], message: str) -> None:

@@ -13,14 +13,13 @@ from hypothesis import strategies as st
 
 from agents import TaskContext
 from broker import (
-    ANY_CAPABILITY_KEY,
     AgentAnnounced,
     CancelTask,
     CommunicationBus,
     ConsumeQueues,
     Control,
     TaskMessage,
-    capability_key,
+    route_key,
 )
 from broker.messages import CancelTasks
 from orchestrator import (
@@ -234,7 +233,7 @@ async def _queued_in_its_queue(harness: Harness, path: Path) -> Task:
         timeout=task.timeout,
         estimated_duration=task.estimated_duration,
     )
-    await bus.publish_task(message, queue_key=ANY_CAPABILITY_KEY, priority=1)
+    await bus.publish_task(message, queue_key=route_key(task.task_type, []), priority=1)
     return task
 
 
@@ -259,7 +258,7 @@ async def test_task_queued_before_a_restart_is_not_published_twice(
 
     # Then it found the message there and published no second attempt
     assert (await orchestrator.store.get_task("queued")).attempt == 1
-    assert looks[:2] == [ANY_CAPABILITY_KEY] * 2
+    assert looks[:2] == [route_key("j", [])] * 2
 
     # And the message in the queue is the one that runs
     async def attempt(ctx: TaskContext) -> dict:
@@ -805,8 +804,17 @@ async def test_an_agent_announcing_while_a_new_queue_is_announced_hears_of_it(
                 orders[agent_id].append(command.queue_keys)
 
         watches.append(await bus.subscribe_control(agent_id, on_control))
-        await orchestrator.register_agent(agent_id, ["stage2"], 1)
-    key = capability_key(["stage2"])
+        await bus.publish_event(
+            AgentAnnounced(
+                agent_id=agent_id, capabilities=["stage2"], max_concurrent_tasks=1, task_types=["j"]
+            )
+        )
+
+    async def both_registered() -> bool:
+        return len(await orchestrator.get_agents()) == 2 and all(orders.values())
+
+    await wait_until(both_registered, timeout=15)
+    key = route_key("j", ["stage2"])
 
     # When a task needs that queue, and "early" (a process restarted under its id,
     # knowing nothing) announces itself after it was told, while "late" is told
@@ -823,7 +831,12 @@ async def test_an_agent_announcing_while_a_new_queue_is_announced_hears_of_it(
             announced.set()
             heard = len(orders["early"])
             await bus.publish_event(
-                AgentAnnounced(agent_id="early", capabilities=["stage2"], max_concurrent_tasks=1)
+                AgentAnnounced(
+                    agent_id="early",
+                    capabilities=["stage2"],
+                    max_concurrent_tasks=1,
+                    task_types=["j"],
+                )
             )
 
             async def answered() -> bool:

@@ -319,7 +319,7 @@ async def test_replies_are_what_the_result_schemas_document(harness: Harness) ->
     # Given an orchestrator serving requests, an agent, and a completed and a cancelled task
     service, client = await serving(harness)
     await harness.start_agent("worker", ["analysis"], 2)
-    harness.queue_keys.add("nobody_has_this")
+    harness.queue_keys.add("t.nobody_has_this")
 
     async def ask(request: Any) -> Any:
         reply = await client.request(request, timeout=WAIT)
@@ -341,7 +341,11 @@ async def test_replies_are_what_the_result_schemas_document(harness: Harness) ->
     assert (await ask(TaskStatusRequest(task_id=waiting["task_id"])))["status"] == "cancelled"
     assert (await ask(StatsRequest()))["tasks_created"] == 2
     assert [a["agent_id"] for a in await ask(AgentsRequest())] == ["worker"]
-    assert {q["key"] for q in await ask(QueuesRequest())} == {"@any", "nobody_has_this"}
+    queues = await ask(QueuesRequest())
+    assert {(q["key"], q["task_type"]) for q in queues} == {
+        ("t.@any", "t"),
+        ("t.nobody_has_this", "t"),
+    }
 
     # And a result that does not fit is refused, naming where
     with pytest.raises(InvalidMessage, match=r"request.cancel: cancelled: "):
@@ -383,11 +387,8 @@ async def test_a_task_submitted_by_request_runs_and_reports(harness: Harness) ->
         ("worker", ["analysis"], 2)
     ]
     queues = (await client.request(QueuesRequest(), timeout=WAIT)).result
-    assert {q["key"]: q["depth"] for q in queues} == {"@any": 0, "analysis": 0}
-    assert {q["queue"] for q in queues} == {
-        client.topology.task_queue("@any"),
-        client.topology.task_queue("analysis"),
-    }
+    assert {q["key"]: q["depth"] for q in queues} == {"analysis.analysis": 0}
+    assert {q["queue"] for q in queues} == {client.topology.task_queue("analysis.analysis")}
 
 
 async def test_bad_submit_is_refused_naming_the_field(harness: Harness) -> None:
@@ -447,7 +448,7 @@ async def test_cancel_by_request_cancels_once(harness: Harness) -> None:
         timeout=WAIT,
     )
     task_id = submitted.result["task_id"]
-    harness.queue_keys.add("nobody_has_this")
+    harness.queue_keys.add("t.nobody_has_this")
 
     # When a client cancels it twice
     first = await client.request(CancelTaskRequest(task_id=task_id), timeout=WAIT)

@@ -22,6 +22,7 @@ from broker import (
     Reannounce,
     TaskFinished,
     Topology,
+    route_key,
 )
 from broker.topology import RETRY_TIERS_MS
 from orchestrator import RetryPolicy, TaskPriority
@@ -55,9 +56,12 @@ async def test_seed_complex_workflow_passes_results_along(harness: Harness) -> N
         upstream = ctx.dependency_results[ctx.payload["risk_task_id"]]
         return {"bought": upstream["symbol"], "size": upstream["size"]}
 
-    agent = await harness.start_agent("analysis_agent", [], 3, analysis, task_type="analysis")
-    agent.add_handler("risk_analysis", risk)
-    agent.add_handler("trading", trading)
+    await harness.start_agent(
+        "analysis_agent",
+        [],
+        3,
+        handlers={"analysis": analysis, "risk_analysis": risk, "trading": trading},
+    )
 
     # When the seed's workflow is submitted, as the seed writes it
     analysis_task = await orchestrator.submit_task(
@@ -841,7 +845,7 @@ async def test_malformed_task_message_is_dead_lettered_and_fails_its_task(
         body = json.dumps({"v": 1, "kind": "task", "task_id": task_id, "attempt": 1}).encode()
     else:
         body = b"\x00\xff{not json at all"
-    await _inject(harness, "reads", body, f"{task_id}:1")
+    await _inject(harness, route_key("job", ["reads"]), body, f"{task_id}:1")
 
     # Then the task fails with the reason, and the dead-letter queue has it
     status = await orchestrator.wait_for_task(task_id, 15)

@@ -27,9 +27,11 @@ import sys
 import typer
 from pydantic import ValidationError
 
-from broker import BusError, NoReply
+from broker import BusError, NoReply, redact_url
+from broker.rabbitmq_link import BrokerRefused
 
 from . import agent, exports, requests, serve, watch
+from .connection import Interrupted
 from .errors import (
     EXIT_BAD_INPUT,
     EXIT_CODES_HELP,
@@ -98,15 +100,46 @@ def _help_without_a_command(context: typer.Context) -> None:
 # --- the boundary -------------------------------------------------------------------------------
 
 
-def _one_line(exc: BaseException) -> str:
+OPTIONS = {"broker_url": ("--broker", "-b"), "prefix": ("--prefix",)}
+"""The option that gives a setting on every command that takes it."""
+
+
+def _setting_name(field: str, args: list[str], given: object = None) -> str:
+    """How the user gave ``field``: its option, ``ORCHESTRATOR_X='value'`` (the value
+    when ``given`` is it, so the user sees which), ``ORCHESTRATOR_X``, or the field."""
+    options = OPTIONS.get(field, ())
+    if any(arg in options or arg.startswith(f"{o}=") for arg in args for o in options):
+        return options[0]
+    variable = f"ORCHESTRATOR_{field.upper()}"
+    from_environment = os.environ.get(variable)
+    if isinstance(given, str) and from_environment is not None:
+        if from_environment.strip() == given.strip():
+            return f"{variable}={given!r}"  # a setting from the environment: say which
+    if from_environment:
+        return variable
+    return field
+
+
+def _redacted(url: str) -> str:
+    try:
+        return redact_url(url)
+    except ValueError:
+        return url
+
+
+def _one_line(exc: BaseException, args: list[str]) -> str:
     if isinstance(exc, ValidationError):
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or exc.title
-        variable = f"ORCHESTRATOR_{where.upper()}"
+        field = ".".join(str(p) for p in first["loc"])
+        message = str(first["msg"]).removeprefix("Value error, ")
         given = first.get("input")
-        if isinstance(given, str) and os.environ.get(variable) == given:
-            where = f"{variable}={given!r}"  # a setting from the environment: say which
-        message = f"{where}: {str(first['msg']).removeprefix('Value error, ')}"
+        if isinstance(given, str) and f"got {_redacted(given)!r}" in message:
+            given = None  # the message shows it already (without its password)
+        where = _setting_name(field, args, given) if field else exc.title
+        message = f"{where}: {message}"
+    elif isinstance(exc, BrokerRefused):
+        where = _setting_name(exc.setting, args)
+        message = f"{where}: {str(exc).removeprefix(exc.setting + ': ')}"
     else:
         message = str(exc) or type(exc).__name__
     return scrub(" ".join(message.split()))
@@ -135,15 +168,19 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{message} (see '{command} --help')", EXIT_USAGE)
     except (typer.Abort, KeyboardInterrupt):
         return _fail("interrupted", 130)
+    except Interrupted as exc:  # SIGINT or SIGTERM ended it early (see connection.run)
+        return _fail(str(exc), exc.code)
     except CliError as exc:
-        return _fail(_one_line(exc), exc.code)
+        return _fail(_one_line(exc, args), exc.code)
+    except BrokerRefused as exc:  # a setting to fix (user, password, vhost), not an outage
+        return _fail(_one_line(exc, args), EXIT_BAD_INPUT)
     except (NoReply, ConnectionError) as exc:
-        return _fail(_one_line(exc), EXIT_UNREACHABLE)
+        return _fail(_one_line(exc, args), EXIT_UNREACHABLE)
     except ValueError as exc:  # pydantic's ValidationError, InvalidMessage, bad settings
-        return _fail(_one_line(exc), EXIT_BAD_INPUT)
+        return _fail(_one_line(exc, args), EXIT_BAD_INPUT)
     except BusError as exc:
-        return _fail(_one_line(exc), EXIT_UNREACHABLE)
+        return _fail(_one_line(exc, args), EXIT_UNREACHABLE)
     except Exception as exc:
         log.debug("unexpected error", exc_info=True)
-        return _fail(f"{type(exc).__name__}: {_one_line(exc)}", EXIT_BAD_INPUT)
+        return _fail(f"{type(exc).__name__}: {_one_line(exc, args)}", EXIT_BAD_INPUT)
     return result if isinstance(result, int) else EXIT_OK

@@ -7,7 +7,6 @@ only when they run.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from typing import Annotated, Any
@@ -16,6 +15,7 @@ import typer
 
 from broker import BusSettings, RabbitMQBus
 
+from .connection import run
 from .errors import CliError
 from .logs import log_filter, setup_logging
 from .redaction import remember_secret
@@ -49,7 +49,8 @@ def agent_run(
         raise
     except Exception as exc:  # the user's code failed while building the agent
         raise CliError(f"agent: {spec} failed: {type(exc).__name__}: {exc}") from None
-    asyncio.run(_run_agent(agent, settings))
+    # A signal while it connects ends it at once; then the agent's own graceful stop.
+    run(_run_agent(agent, settings), ends_by_signal=True)
 
 
 async def _run_agent(agent: Any, settings: BusSettings) -> None:
@@ -80,6 +81,7 @@ def demo(
     # An entry point that runs agents: it may import both packages.
     from ..demo import run_demo
 
-    result = asyncio.run(run_demo(broker, workflows))
+    result = run(run_demo(broker, workflows))
+    assert result is not None
     if result["tasks_failed"]:
         raise CliError(f"{result['tasks_failed']} of {result['tasks_created']} tasks failed")

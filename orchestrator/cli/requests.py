@@ -35,7 +35,7 @@ from broker import (
 )
 
 from ..models import TaskStatus
-from .connection import call, client, connected
+from .connection import call, client, connected, run
 from .errors import EXIT_OK, EXIT_TASK_DID_NOT_COMPLETE, CliError
 from .output import agents_table, err, out, print_json
 from .redaction import scrub, scrub_urls
@@ -142,7 +142,7 @@ def submit(
         message = str(first["msg"]).removeprefix("Value error, ")
         raise CliError(f"{option}: {message}") from None
     settings, cli_settings = read_settings(broker, prefix)
-    return asyncio.run(_submit(settings, request, wait, as_json, cli_settings.request_timeout))
+    return run(_submit(settings, request, wait, as_json, cli_settings.request_timeout))
 
 
 _SUBMIT_OPTIONS = {
@@ -232,7 +232,7 @@ def status(
     prefix: Prefix = None,
 ) -> None:
     """Show a task's status, progress and result."""
-    result = asyncio.run(_request(broker, prefix, TaskStatusRequest(task_id=task_id)))
+    result = run(_request(broker, prefix, TaskStatusRequest(task_id=task_id)))
     if as_json:
         print_json(result)
         return
@@ -255,7 +255,7 @@ def cancel(
     prefix: Prefix = None,
 ) -> None:
     """Cancel a task that has not ended (exit 1 if it had)."""
-    result = asyncio.run(_request(broker, prefix, CancelTaskRequest(task_id=task_id)))
+    result = run(_request(broker, prefix, CancelTaskRequest(task_id=task_id)))
     if as_json:
         print_json(result)
     if not result["cancelled"]:
@@ -266,7 +266,7 @@ def cancel(
 
 def stats(as_json: AsJson = False, broker: Broker = None, prefix: Prefix = None) -> None:
     """Show the orchestrator's statistics (get_stats)."""
-    result = asyncio.run(_request(broker, prefix, StatsRequest()))
+    result = run(_request(broker, prefix, StatsRequest()))
     if as_json:
         print_json(result)
         return
@@ -286,7 +286,7 @@ def stats(as_json: AsJson = False, broker: Broker = None, prefix: Prefix = None)
 
 def agents(as_json: AsJson = False, broker: Broker = None, prefix: Prefix = None) -> None:
     """List the registered agents and their load."""
-    result = asyncio.run(_request(broker, prefix, AgentsRequest()))
+    result = run(_request(broker, prefix, AgentsRequest()))
     if as_json:
         print_json(result)
         return

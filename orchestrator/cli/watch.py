@@ -37,7 +37,7 @@ from broker import (
     redact_url,
 )
 
-from .connection import call, connected, stop_on_signals
+from .connection import call, connected, run, stop_on_signals
 from .errors import EXIT_UNREACHABLE, CliError
 from .output import agents_table, out
 from .redaction import scrub, scrub_urls
@@ -61,7 +61,7 @@ def watch(
 ) -> None:
     """A live view of task and agent events, queue depths and agent load."""
     settings, _ = read_settings(broker, prefix)
-    asyncio.run(_watch(settings, seconds, refresh))
+    run(_watch(settings, seconds, refresh), ends_by_signal=True)
 
 
 class WatchView:
@@ -137,7 +137,6 @@ def _describe(event: Event) -> tuple[str, str]:
 
 async def _watch(settings: BusSettings, seconds: float | None, refresh: float) -> None:
     view = WatchView(settings)
-    stop = stop_on_signals()
     # Like the request-only clients it declares no topology: only its own
     # exclusive monitor queue, bound to the events exchange.
     bus = RabbitMQBus(
@@ -151,6 +150,7 @@ async def _watch(settings: BusSettings, seconds: float | None, refresh: float) -
                 f"{exc}: no orchestrator has served prefix {settings.prefix!r} there",
                 EXIT_UNREACHABLE,
             ) from None
+        stop = stop_on_signals()  # until here a signal just ends it
         loop = asyncio.get_running_loop()
         end = loop.time() + seconds if seconds is not None else None
         with Live(view.render(), console=out, auto_refresh=False) as live:
