@@ -39,6 +39,7 @@ from .errors import (
     EXIT_TASK_DID_NOT_COMPLETE,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
+    EXIT_WAIT_TIMED_OUT,
     CliError,
 )
 from .logs import setup_logging
@@ -56,6 +57,7 @@ __all__ = [
     "EXIT_USAGE",
     "EXIT_UNREACHABLE",
     "EXIT_TASK_DID_NOT_COMPLETE",
+    "EXIT_WAIT_TIMED_OUT",
 ]
 
 log = logging.getLogger(__name__)

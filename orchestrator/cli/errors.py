@@ -15,11 +15,15 @@ EXIT_UNREACHABLE = 3
 """The broker cannot be reached, or no orchestrator answers on its request queue."""
 EXIT_TASK_DID_NOT_COMPLETE = 4
 """``submit --wait``: the task ended failed, timeout or cancelled."""
+EXIT_WAIT_TIMED_OUT = 5
+"""``submit --wait --wait-timeout``: the task had not ended in time (it goes on)."""
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 done; 1 bad input, unknown task id, or a request the orchestrator"
     " refused; 2 usage error; 3 broker unreachable or no orchestrator answering;"
-    " 4 submit --wait: the task ended failed, timeout or cancelled."
+    " 4 submit --wait: the task ended failed, timeout or cancelled; 5 submit --wait:"
+    " it had not ended within --wait-timeout (it was not cancelled); 130 and 143: SIGINT"
+    " and SIGTERM ended a command before it was done."
 )
 
 

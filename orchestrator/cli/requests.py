@@ -36,13 +36,15 @@ from broker import (
 
 from ..models import TaskStatus
 from .connection import call, client, connected, run
-from .errors import EXIT_OK, EXIT_TASK_DID_NOT_COMPLETE, CliError
+from .errors import EXIT_OK, EXIT_TASK_DID_NOT_COMPLETE, EXIT_WAIT_TIMED_OUT, CliError
 from .output import agents_table, err, out, print_json
 from .redaction import scrub, scrub_urls
 from .settings import AsJson, Broker, Prefix, read_settings
 
 POLL_SECONDS = 0.2
 """How often ``submit --wait`` asks for the task's status."""
+AGENTS_POLL_SECONDS = 1.0
+"""How often ``submit --wait`` asks, while the task waits, whether an agent can run it."""
 
 
 def _split(values: Iterable[str] | None) -> list[str]:
@@ -117,6 +119,14 @@ def submit(
     wait: Annotated[
         bool, typer.Option("--wait", "-w", help="Follow the task to its end with a progress bar.")
     ] = False,
+    wait_timeout: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS",
+            help="With --wait (implied): give up after this long, exit 5; the task goes on.",
+            show_default=False,
+        ),
+    ] = None,
     as_json: AsJson = False,
     broker: Broker = None,
     prefix: Prefix = None,
@@ -141,8 +151,11 @@ def submit(
         option = _SUBMIT_OPTIONS.get(field, field or "submit")
         message = str(first["msg"]).removeprefix("Value error, ")
         raise CliError(f"{option}: {message}") from None
+    if wait_timeout is not None and not wait_timeout > 0:
+        raise CliError(f"--wait-timeout: must be greater than 0, got {wait_timeout:g}")
     settings, cli_settings = read_settings(broker, prefix)
-    return run(_submit(settings, request, wait, as_json, cli_settings.request_timeout))
+    follow = Follow(wait_timeout) if wait or wait_timeout is not None else None
+    return run(_submit(settings, request, follow, as_json, cli_settings.request_timeout))
 
 
 _SUBMIT_OPTIONS = {
@@ -160,16 +173,27 @@ _SUBMIT_OPTIONS = {
 """The option of ``submit`` that gives each field of ``SubmitTaskRequest``."""
 
 
+class Follow:
+    """How ``submit --wait`` follows its task: how long at most, what it has said."""
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        self.status: dict[str, Any] | None = None
+        """The task's last status seen."""
+        self.no_agent: str | None = None
+        """Why no registered agent can run the task, while that is so."""
+
+
 async def _submit(
     settings: BusSettings,
     request: SubmitTaskRequest,
-    wait: bool,
+    follow: Follow | None,
     as_json: bool,
     request_timeout: float,
 ) -> int:
     async with connected(client(settings)) as bus:
         task_id = (await call(bus, request, request_timeout))["task_id"]
-        if not wait:
+        if follow is None:
             if as_json:
                 print_json({"task_id": task_id})
             else:
@@ -177,7 +201,13 @@ async def _submit(
             return EXIT_OK
         if not as_json:
             print(task_id, flush=True)
-        status = await _follow(bus, task_id, request.name, request_timeout)
+        try:
+            async with asyncio.timeout(follow.timeout) as deadline:
+                status = await _follow(bus, task_id, request, request_timeout, follow)
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # NoReply, a TimeoutError too: the orchestrator did not answer
+            return _gave_up(task_id, follow, as_json)
     if as_json:
         print_json(status)
     else:
@@ -188,35 +218,99 @@ async def _submit(
         agent = status["assigned_agent"] or "no agent"
         print(scrub_urls(f"{status['status']}{took} on {agent}: {outcome}"))
     if status["status"] != TaskStatus.COMPLETED.value:
-        err.print(
-            scrub(f"error: task {task_id} ended {status['status']}: {status['error_message']}"),
-            markup=False,
-            highlight=False,
-            soft_wrap=True,
-        )
+        _error(f"error: task {task_id} ended {status['status']}: {status['error_message']}")
         return EXIT_TASK_DID_NOT_COMPLETE
     return EXIT_OK
 
 
+def _error(line: str) -> None:
+    err.print(scrub(line), markup=False, highlight=False, soft_wrap=True)
+
+
+def _gave_up(task_id: str, follow: Follow, as_json: bool) -> int:
+    """``--wait-timeout`` ran out: say where the task is, and that it goes on."""
+    state = follow.status["status"] if follow.status else "unknown"
+    if as_json and follow.status is not None:
+        print_json(follow.status)
+    why = f", waiting for a capable agent ({follow.no_agent})" if follow.no_agent else ""
+    _error(
+        f"error: task {task_id} had not ended within --wait-timeout {follow.timeout:g}s:"
+        f" it is {state}{why}; it was not cancelled"
+    )
+    return EXIT_WAIT_TIMED_OUT
+
+
 async def _follow(
-    bus: RabbitMQBus, task_id: str, name: str, request_timeout: float
+    bus: RabbitMQBus,
+    task_id: str,
+    request: SubmitTaskRequest,
+    request_timeout: float,
+    follow: Follow,
 ) -> dict[str, Any]:
-    """Poll the task's status until it ends, drawing its progress on stderr."""
+    """Poll the task's status until it ends, drawing its progress on stderr, and
+    saying (once each time it becomes so) when no registered agent can run it."""
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
         TaskProgressColumn(),
         TimeElapsedColumn(),
     )
+    loop = asyncio.get_running_loop()
+    next_agents_check = loop.time()
+    name = request.name
     with Progress(*columns, console=err) as progress:
+
+        def note(text: str) -> None:  # above the bar, as it is (no markup)
+            progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
         bar = progress.add_task(escape(name), total=1.0)
         while True:
             status = await call(bus, TaskStatusRequest(task_id=task_id), request_timeout)
+            follow.status = status
             description = escape(f"{name} [{status['status']}]")
             progress.update(bar, completed=status["progress"], description=description)
+            if follow.no_agent and status["assigned_agent"]:  # one took it after all
+                note(f"{status['assigned_agent']} can run it")
+                follow.no_agent = None
             if TaskStatus(status["status"]).is_final:
                 return status
+            if status["assigned_agent"] is None and loop.time() >= next_agents_check:
+                agents = await call(bus, AgentsRequest(), request_timeout)
+                no_agent = no_capable_agent(agents, request)
+                if no_agent and no_agent != follow.no_agent:
+                    note(f"waiting for a capable agent: {no_agent}")
+                elif follow.no_agent and not no_agent:
+                    capable = [a["agent_id"] for a in agents if can_run(a, request)]
+                    note(f"{', '.join(capable)} can run it")
+                follow.no_agent = no_agent
+                next_agents_check = loop.time() + AGENTS_POLL_SECONDS
             await asyncio.sleep(POLL_SECONDS)
+
+
+def can_run(agent: dict[str, Any], request: SubmitTaskRequest) -> bool:
+    """Whether an agent (a ``request.agents`` record) can run the task: it has every
+    required capability and, if its record lists the task types it handles
+    (``task_types``; ``*`` for any), this one."""
+    if not set(request.required_capabilities) <= set(agent.get("capabilities") or ()):
+        return False
+    types = agent.get("task_types")
+    return not types or "*" in types or request.task_type in types
+
+
+def no_capable_agent(agents: list[dict[str, Any]], request: SubmitTaskRequest) -> str | None:
+    """Why none of ``agents`` (``request.agents`` records) can run the task; None if one can."""
+    if any(can_run(agent, request) for agent in agents):
+        return None
+    if not agents:
+        return "no agent is registered"
+    required = set(request.required_capabilities)
+    if any(required <= set(a.get("capabilities") or ()) for a in agents):
+        return f"no registered agent with its capabilities handles task type {request.task_type!r}"
+    held = {c for a in agents for c in a.get("capabilities") or ()}
+    missing = sorted(required - held)
+    if missing:
+        return f"no registered agent has capability {', '.join(repr(c) for c in missing)}"
+    return f"no registered agent has all of {', '.join(repr(c) for c in sorted(required))}"
 
 
 def _when(value: Any) -> str:
@@ -237,8 +331,11 @@ def status(
         print_json(result)
         return
     table = Table(show_header=False, box=None)
+    trace = result.get("traceback")
     for key, value in result.items():
-        if key.endswith("_at"):
+        if key == "traceback":
+            value = "(below)" if trace else None
+        elif key.endswith("_at"):
             value = _when(value)
         elif key == "progress":
             value = f"{value:.0%}"
@@ -246,6 +343,9 @@ def status(
             value = json.dumps(value)
         table.add_row(key, Text("-" if value is None else scrub_urls(str(value))))
     out.print(table)
+    if trace:  # as the agent sent it, lines and indents kept; no markup
+        out.print(Text("traceback:"))
+        out.print(Text(scrub_urls(str(trace).rstrip("\n"))), soft_wrap=True)
 
 
 def cancel(
