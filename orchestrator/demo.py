@@ -1,23 +1,27 @@
 """The seed's trading workflow, end to end, with example agents.
 
 In-process by default; with a broker URL the orchestrator and each agent get
-their own RabbitMQ connection, as separate services would. It ends by itself
-and prints a summary. (This entry point runs agents, so it imports both
+their own RabbitMQ connection, as separate services would, and the
+orchestrator answers the request protocol, so that ``orchestrator watch``
+can follow it. It prints each task's result as JSON, ends by itself and
+prints a summary. (This entry point runs agents, so it imports both
 packages; the orchestrator's core never does.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 import uuid
 from typing import Any
 
 from agents import Agent, TaskContext
-from broker import BusSettings, CommunicationBus, MemoryBus, RabbitMQBus
+from broker import BusSettings, CommunicationBus, MemoryBus, QueuesRequest, RabbitMQBus
 
 from .models import TaskPriority
+from .service import OrchestratorService
 from .task_orchestrator import TaskOrchestrator
 
 
@@ -80,9 +84,19 @@ async def create_trading_workflow(orchestrator: TaskOrchestrator) -> list[str]:
     return [analysis_task, risk_task, trade_task]
 
 
-async def run_demo(broker_url: str | None = None, workflows: int = 3) -> dict[str, Any]:
-    prefix = f"demo-{uuid.uuid4().hex[:6]}"
-    settings = BusSettings(broker_url=broker_url, prefix=prefix)
+async def run_demo(
+    broker_url: str | None = None, workflows: int = 3, prefix: str | None = None
+) -> dict[str, Any]:
+    """Run ``workflows`` trading workflows; print each task's outcome, as JSON, and a summary.
+
+    On a broker the orchestrator also answers the request protocol, so that
+    ``orchestrator watch``, ``status`` and ``stats`` can follow the demo. With
+    no ``prefix`` it runs under a fresh one and deletes its queues at the end;
+    with one it keeps them, so that a ``watch`` of that prefix started before
+    the next run sees it from the start.
+    """
+    keep = prefix is not None
+    settings = BusSettings(broker_url=broker_url, prefix=prefix or f"demo-{uuid.uuid4().hex[:6]}")
     shared = MemoryBus(settings=settings) if not broker_url else None
 
     def bus() -> CommunicationBus:
@@ -90,37 +104,59 @@ async def run_demo(broker_url: str | None = None, workflows: int = 3) -> dict[st
 
     orchestrator_bus = bus()
     where = getattr(orchestrator_bus, "address", None) or "the in-process bus"
-    print(f"demo on {where} (prefix {prefix})")
+    print(f"demo on {where} (prefix {settings.prefix})", flush=True)
     orchestrator = TaskOrchestrator(orchestrator_bus)
-    await orchestrator.start()
+    service = OrchestratorService(orchestrator)
     agents = example_agents()
-    for agent in agents:
-        await agent.start(bus())
-    # No need to wait for the agents: tasks wait in their queues until
-    # an agent that covers them announces itself and is told to consume.
-    began = time.time()
-    chains = [await create_trading_workflow(orchestrator) for _ in range(workflows)]
-    for chain in chains:
-        for task_id in chain:
-            status = await orchestrator.wait_for_task(task_id, timeout=60)
-            print(
-                f"  {status['name']:<16} {status['status']:<10} on {status['assigned_agent']:<17}"
-                f" {status['result']}"
-            )
-    elapsed = time.time() - began
-    stats = await orchestrator.get_stats()
-
-    for agent in agents:
-        await agent.stop()
-    await orchestrator.stop()
-    if broker_url:
-        cleaner = RabbitMQBus(settings=settings)
-        await cleaner.connect()
-        await cleaner.delete_topology(["technical_analysis", "risk_management", "trading"])
-        await cleaner.close()
+    started: list[Agent] = []
+    try:
+        await orchestrator.start()
+        if shared is None:
+            await service.start()
+            if keep:
+                print(f"follow it with: orchestrator watch --prefix {settings.prefix}", flush=True)
+        for agent in agents:
+            await agent.start(bus())
+            started.append(agent)
+        # No need to wait for the agents: tasks wait in their queues until
+        # an agent that covers them announces itself and is told to consume.
+        began = time.time()
+        chains = [await create_trading_workflow(orchestrator) for _ in range(workflows)]
+        for chain in chains:
+            for task_id in chain:
+                status = await orchestrator.wait_for_task(task_id, timeout=60)
+                print(describe(status), flush=True)
+        elapsed = time.time() - began
+        stats = await orchestrator.get_stats()
+    finally:
+        for agent in started:
+            await agent.stop()
+        # The task queues it used, as the protocol lists them (before it stops).
+        queues = await service.handle(QueuesRequest()) if shared is None else None
+        await service.stop()
+        await orchestrator.stop()
+        if broker_url and not keep:
+            keys = [queue["key"] for queue in queues.result] if queues and queues.ok else []
+            cleaner = RabbitMQBus(settings=settings)
+            await cleaner.connect()
+            try:
+                await cleaner.delete_topology(keys)
+            finally:
+                await cleaner.close()
     print(
         f"{stats['tasks_completed']} of {stats['tasks_created']} tasks completed, "
         f"{stats['tasks_failed']} failed, in {elapsed:.2f}s; "
         f"average run {stats['avg_completion_time'] * 1000:.0f} ms"
     )
+    if keep and broker_url:
+        print(f"the queues of prefix {settings.prefix} are kept for the next run")
     return stats
+
+
+def describe(status: dict[str, Any]) -> str:
+    """One task's line: name, status, agent, and its result (or error) as JSON."""
+    outcome = status["result"] if status["result"] is not None else status["error_message"]
+    return (
+        f"  {status['name']:<16} {status['status']:<10} on {status['assigned_agent'] or '-':<17}"
+        f" {json.dumps(outcome)}"
+    )

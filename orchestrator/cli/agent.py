@@ -75,13 +75,27 @@ def demo(
         ),
     ] = None,
     workflows: Annotated[int, typer.Option(metavar="N", help="How many workflows to run.")] = 3,
+    prefix: Annotated[
+        str | None,
+        typer.Option(
+            "--prefix",
+            metavar="PREFIX",
+            help="With --broker: run under this prefix and keep its queues, so that"
+            " 'orchestrator watch --prefix PREFIX' and the management UI can follow it."
+            " Default: a fresh prefix, deleted at the end.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the seed's trading workflow with example agents; ends with a summary."""
     remember_secret(broker)
+    if prefix is not None and not broker:
+        raise CliError("--prefix: only with --broker (in-process there is nothing to follow)")
+    BusSettings(broker_url=broker, prefix=prefix or "demo")  # bad input: before anything runs
     # An entry point that runs agents: it may import both packages.
     from ..demo import run_demo
 
-    result = run(run_demo(broker, workflows))
+    result = run(run_demo(broker, workflows, prefix))
     assert result is not None
     if result["tasks_failed"]:
         raise CliError(f"{result['tasks_failed']} of {result['tasks_created']} tasks failed")
