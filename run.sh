@@ -4,6 +4,7 @@
 #   ./run.sh test [pytest args]           the test suite (starts the local RabbitMQ if needed)
 #   ./run.sh lint                          ruff
 #   ./run.sh bench [args]                  tasks/s through each bus
+#   ./run.sh orchestrator COMMAND [args]   the command line (.venv/bin/orchestrator)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -50,5 +51,6 @@ case "$command" in
   test) ensure_rabbitmq; exec .venv/bin/python -m pytest "$@" ;;
   lint) .venv/bin/ruff check . && .venv/bin/ruff format --check . ;;
   bench) ensure_rabbitmq; exec .venv/bin/python tests/bench/throughput.py "$@" ;;
-  *) sed -n '2,6p' "$0" >&2; exit 2 ;;
+  orchestrator) exec .venv/bin/orchestrator "$@" ;;
+  *) sed -n '2,7p' "$0" >&2; exit 2 ;;
 esac

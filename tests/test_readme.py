@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,16 @@ def code_block(section: str, language: str) -> str:
     match = block.search(text, heading.end())
     assert match, f"no {language} block under {section!r}"
     return match.group(1)
+
+
+def code_blocks(section: str, language: str) -> list[str]:
+    """Every ``language`` block under the README heading ``section``, up to the next heading."""
+    text = README.read_text()
+    heading = re.search(rf"^#+ {re.escape(section)}\s*$", text, re.MULTILINE)
+    assert heading, f"README has no section {section!r}"
+    following = re.compile(r"^#+ ", re.MULTILINE).search(text, heading.end())
+    body = text[heading.end() : following.start() if following else len(text)]
+    return re.findall(rf"^```{language}\n(.*?)^```", body, re.MULTILINE | re.DOTALL)
 
 
 def commands(block: str) -> list[str]:
@@ -74,6 +85,33 @@ async def test_quick_start_demo_runs_as_written() -> None:
     result = await shell(demo, ROOT, with_path(base_env()), timeout=300)
     assert result.code == 0, result
     assert "tasks completed, 0 failed" in result.out
+
+
+def without_venv_on_path(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with a new user's PATH: without the virtual environment's bin folder."""
+    venv_bin = Path(BIN).resolve()
+    path = [p for p in env.get("PATH", "").split(os.pathsep) if p and Path(p).resolve() != venv_bin]
+    return {**env, "PATH": os.pathsep.join(path)}
+
+
+async def test_quick_start_says_how_to_run_the_command_line() -> None:
+    # Given a new user's shell, where `orchestrator` is not a command (yet)
+    env = without_venv_on_path(base_env())
+    assert shutil.which("orchestrator", path=env["PATH"]) is None, env["PATH"]
+
+    # When they run the quick start's `./run.sh orchestrator` line, then it is the command line
+    [through_run_sh] = [
+        c for c in commands(code_block("Quick start", "bash")) if "./run.sh orchestrator" in c
+    ]
+    result = await shell(through_run_sh, ROOT, env)
+    assert result.code == 0, result
+    assert "Usage: orchestrator" in result.out
+
+    # When they put it on their PATH as the quick start says, then `orchestrator` runs
+    [on_path] = [b for b in code_blocks("Quick start", "bash") if "PATH=" in b]
+    result = await shell("\n".join(commands(on_path)), ROOT, env)
+    assert result.code == 0, result
+    assert "Usage: orchestrator" in result.out
 
 
 def test_quick_start_test_command_is_the_one_ci_runs() -> None:
