@@ -619,7 +619,7 @@ async def test_watch_shows_events_queue_depths_and_agent_load(deployment: Deploy
     loads = [int(n) for n in AGENT_ROW.findall(result.out)]
     assert loads, result.out
     assert 1 in loads and 0 not in loads, loads  # the long task holds one of its five slots
-    assert re.search(r"│ unserved +│ unserved +│ 1 +│", result.out), result.out
+    assert re.search(r"│ idle\.unserved +│ idle +│ unserved +│ 1 +│", result.out), result.out
     assert (await deployment.rpc(TaskStatusRequest(task_id=long_id)))["status"] == "running"
 
 
@@ -643,8 +643,9 @@ def test_watch_view_renders_stats_agents_queues_and_events() -> None:
         }
     ]  # fmt: skip
     view.queues = [
-        {"key": "@any", "queue": "shop.tasks.@any", "capabilities": [], "depth": 0},
-        {"key": "analysis", "queue": "shop.tasks.analysis", "capabilities": ["analysis"], "depth": 5},
+        {"key": "t.@any", "queue": "shop.tasks.t.@any", "task_type": "t", "capabilities": [], "depth": 0},
+        {"key": "a.analysis", "queue": "shop.tasks.a.analysis", "task_type": "a", "capabilities": ["analysis"], "depth": 5},
+        {"key": "analysis", "queue": "shop.tasks.analysis", "capabilities": ["analysis"], "depth": 2},
     ]  # fmt: skip
     view.note = "no reply within 1s"
     for event in (
@@ -666,8 +667,9 @@ def test_watch_view_renders_stats_agents_queues_and_events() -> None:
     assert "tasks: 7 created, 2 waiting, 1 running, 3 completed, 1 failed; utilization 25%" in text
     assert "no reply within 1s" in text
     assert re.search(r"│ a-1 +│ analysis, trading +│ 1/4 +│ 25% +│ 0.90 +│ - +│", text), text
-    assert re.search(r"│ @any +│ \(any\) +│ 0 +│", text), text
-    assert re.search(r"│ analysis +│ analysis +│ 5 +│", text), text
+    assert re.search(r"│ t\.@any +│ t +│ \(any\) +│ 0 +│", text), text
+    assert re.search(r"│ a\.analysis +│ a +│ analysis +│ 5 +│", text), text
+    assert re.search(r"│ analysis +│ - +│ analysis +│ 2 +│", text), text  # an older orchestrator
     assert re.search(r"│ agent.announce +│ a-1 +│ analysis; up to 4 at once +│", text), text
     assert re.search(r"│ task.started +│ task_1 +│ on a-1 \(attempt 2\) +│", text), text
     assert re.search(r"│ task.finished +│ task_1 +│ failed: boom \[x\] on a-1 +│", text), text

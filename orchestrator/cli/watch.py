@@ -100,10 +100,13 @@ class WatchView:
         if self.note:  # an error: no password at all
             parts.append(Text(scrub(self.note), style="yellow"))
         parts.append(agents_table(self.agents))
-        queues = Table("queue", "capabilities", "waiting", title="task queues")
+        queues = Table("queue", "task type", "capabilities", "waiting", title="task queues")
         for queue in self.queues:
             queues.add_row(
-                queue["key"], ", ".join(queue["capabilities"]) or "(any)", str(queue["depth"])
+                Text(queue["key"]),
+                Text(queue.get("task_type") or "-"),  # older orchestrators route by capabilities
+                ", ".join(queue["capabilities"]) or "(any)",
+                str(queue["depth"]),
             )
         parts.append(queues)
         events = Table("time", "event", "task / agent", "detail", title="recent events")
