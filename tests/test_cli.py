@@ -9,6 +9,7 @@ registered); every action under test is a command line.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import re
@@ -309,24 +310,27 @@ async def test_serve_killed_and_restarted_on_its_sqlite_store_loses_nothing(
     deployment.env["ORCHESTRATOR_STORE"] = f"sqlite:{tmp_path / 'state.sqlite'}"
     await deployment.serve()
     await deployment.agent("sql_agent", "analysis")
-    first = (await deployment.run("submit", "a", "-r", "analysis", "-p", '{"sleep": 2}')).out
+    events: dict[tuple[str, str], asyncio.Event] = collections.defaultdict(asyncio.Event)
+
+    async def on_event(event: Any) -> None:  # (kind, task id): it happened
+        events[event.kind, event.task_id].set()
+
+    await deployment.client.subscribe_events(on_event, patterns=["task.started", "task.finished"])
+    # Long enough to outlast the two submits below (a command line each, seconds on a
+    # busy machine), so that it still runs when serve is killed.
+    first = (await deployment.run("submit", "a", "-r", "analysis", "-p", '{"sleep": 6}')).out
     first = first.strip()
     dependent = await deployment.run("submit", "b", "-r", "analysis", "--depends-on", first)
     queued = await deployment.run("submit", "c", "-r", "nobody_can")
-    deployment.queue_keys.add("nobody_can")
+    deployment.queue_keys.update({"nobody_can", "c.nobody_can"})
     assert dependent.code == 0 and queued.code == 0, (dependent, queued)
 
     async def first_is(status: str) -> bool:
         return (await deployment.rpc(TaskStatusRequest(task_id=first)))["status"] == status
 
-    await wait_until(lambda: first_is("running"), timeout=20, interval=0.1)
-    finished = asyncio.Event()
-
-    async def on_event(event: Any) -> None:
-        if event.kind == "task.finished" and event.task_id == first:
-            finished.set()
-
-    await deployment.client.subscribe_events(on_event, patterns=["task.finished"])
+    finished = events["task.finished", first]
+    await asyncio.wait_for(events["task.started", first].wait(), 20)
+    assert not finished.is_set(), "the task ended before serve was killed"
 
     # When serve is killed (SIGKILL) while the task runs, and starts again after it ended
     deployment.processes["serve"][0].kill()
