@@ -26,7 +26,7 @@ from broker import (
     TaskStarted,
 )
 
-from .lifecycle import Lifecycle
+from .lifecycle import Lifecycle, Move
 from .models import Task, TaskStatus
 from .outcomes import Outcomes
 from .records import TaskRecords
@@ -59,6 +59,9 @@ class EventHandlers:
         self.registry = registry
         self.outcomes = outcomes
         self.settings = settings
+        self._starts: dict[str, tuple[int, int]] = {}
+        """Per task, its current attempt and how often it started."""
+        lifecycle.observe(self)
 
     async def on_event(self, event: Event) -> None:
         if isinstance(event, TaskStarted):
@@ -130,9 +133,32 @@ class EventHandlers:
             return
         if task.status is TaskStatus.RUNNING and task.assigned_agent == event.agent_id:
             return  # the same event again
+        if self._started_too_often(task):
+            await self.bus.publish_control(
+                CancelTask(task_id=task.task_id, attempt=task.attempt), agent_id=event.agent_id
+            )
+            await self.outcomes.finish(
+                task,
+                TaskStatus.FAILED,
+                error=f"attempt {task.attempt} started {self.settings.max_deliveries + 1} times"
+                " without a final event (its message keeps coming back); given up",
+            )
+            return
         # Redelivered from a lost agent, or the first start: its run deadline starts.
         self.lifecycle.transition(task, TaskStatus.RUNNING, agent=event.agent_id, at=event.at)
         await self.records.save(task)
+
+    def _started_too_often(self, task: Task) -> bool:
+        """Count a start of the task's attempt; whether it is past ``max_deliveries``.
+        Counts live only for attempts not ended (see ``moved``)."""
+        attempt, count = self._starts.get(task.task_id, (task.attempt, 0))
+        count = count + 1 if attempt == task.attempt else 1
+        self._starts[task.task_id] = (task.attempt, count)
+        return count > self.settings.max_deliveries
+
+    def moved(self, task: Task, move: Move) -> None:
+        if move.new.is_final or move.attempt != move.old_attempt:
+            self._starts.pop(task.task_id, None)
 
     async def on_finished(self, event: TaskFinished) -> None:
         task = self.records.get(event.task_id)

@@ -165,6 +165,10 @@ class AgentRegistry:
         if announced:
             agent.last_seen = self.clock()
             agent.task_types = sorted(set(task_types or []))
+        elif agent.last_seen is None:
+            # Registered by API and never heard from: it has one heartbeat timeout
+            # to announce itself, or it is removed (and leaves the utilisation).
+            agent.last_seen = self.clock()
         await self.store.save_agent(agent)
         for key, spec in list(self._unrunnable.items()):
             if can_run(agent, spec):
@@ -204,7 +208,10 @@ class AgentRegistry:
             await self.bus.publish_control(CancelTasks(task_ids=chunk), agent_id=agent.agent_id)
         await self.bus.publish_control(
             ConsumeQueues(
-                queue_keys=keys, consumer_priority=self.placement.consumer_priority(agent)
+                queue_keys=keys,
+                consumer_priority=self.placement.consumer_priority(agent),
+                # register_agent may change a live agent's limit: it adopts it as its prefetch
+                max_concurrent_tasks=agent.max_concurrent_tasks,
             ),
             agent_id=agent.agent_id,
         )

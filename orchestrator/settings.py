@@ -36,3 +36,15 @@ class OrchestratorSettings(BaseSettings):
         ge=0,
         description="a running task silent this long past its timeout is timed out here",
     )
+    max_deliveries: int = Field(
+        default=5,
+        ge=1,
+        description="an attempt started this many times without a final event fails"
+        " (its message keeps coming back: an agent dies on it, or cannot report it)",
+    )
+    submit_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="longest a submit waits for the broker to take its task; then it"
+        " raises ConnectionError (or, with a durable store, keeps the task to publish later)",
+    )

@@ -120,6 +120,8 @@ def agent_from_record(text: str) -> AgentCapability:
 class SQLiteStore(StateStore):
     """``StateStore`` on one SQLite file; one orchestrator per file."""
 
+    durable = True
+
     def __init__(
         self,
         path: str | Path,

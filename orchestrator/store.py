@@ -41,6 +41,10 @@ def snapshot_agent(agent: AgentCapability) -> AgentCapability:
 
 
 class StateStore(abc.ABC):
+    durable: bool = False
+    """Whether what was flushed outlives the process: then a submit made while the
+    broker cannot be reached is kept, and published when the link is back."""
+
     @abc.abstractmethod
     async def get_task(self, task_id: str) -> Task | None:
         """The task as last saved (a copy), or None."""

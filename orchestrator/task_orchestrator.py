@@ -44,6 +44,12 @@ from .watch import RETIRED_STATS, Watch
 log = logging.getLogger(__name__)
 
 
+def _why(exc: Exception, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"the broker did not take the task within submit_timeout={timeout:g}s"
+    return str(exc) or type(exc).__name__
+
+
 class TaskOrchestrator:
     """Dynamic task assignment and coordination across agents on a ``CommunicationBus``."""
 
@@ -269,8 +275,15 @@ class TaskOrchestrator:
             await self.store.flush()
             return task.task_id
         self.registry.warn_if_unrunnable(queue_key(task), QueueSpec.of(task))
+        bound = self.settings.submit_timeout
+        deadline = self.lifecycle.clock() + bound
+        if not self.bus.link_up and (self.store.durable or not await self._link_back(bound)):
+            # A durable store keeps it at once; without one it waited for the link.
+            await self._keep_or_refuse(task, "the broker cannot be reached")
+            return task.task_id
         try:
-            await self.dispatch.publish(task)
+            left = max(0.01, deadline - self.lifecycle.clock())
+            await asyncio.wait_for(self.dispatch.publish(task), left)
         except asyncio.CancelledError:
             # The caller gave up, not the bus: the task is marked queued and watched
             # (published again if it never reached its queue). Nothing is deleted.
@@ -278,7 +291,11 @@ class TaskOrchestrator:
         except Exception as exc:
             if self.dispatch.certainly_unsent(task):
                 # Certainly in no queue (it failed before the bus was handed it, or the
-                # bus says so): not accepted after all, leave no trace.
+                # bus says so). A link that is down or too slow is no reason to lose a
+                # task a durable store holds; anything else is never publishable.
+                if isinstance(exc, ConnectionError | TimeoutError):
+                    await self._keep_or_refuse(task, _why(exc, self.settings.submit_timeout))
+                    return task.task_id
                 await self._withdraw(task)
                 raise
             # The message may have been routed although the publish failed (a confirm
@@ -291,11 +308,41 @@ class TaskOrchestrator:
                 "task %s: its publish failed (%s) but may have reached its queue"
                 " (%s at attempt %d): accepted, and watched",
                 task.task_id,
-                exc,
+                _why(exc, self.settings.submit_timeout),
                 task.status.value,
                 task.attempt,
             )
         return task.task_id
+
+    async def _link_back(self, timeout: float) -> bool:
+        """Whether the broker link comes back within ``timeout`` (a blip, a
+        reconnect under way)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while not self.bus.link_up:
+            if loop.time() >= end:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def _keep_or_refuse(self, task: Task, why: str) -> None:
+        """The bus cannot take ``task`` now: a durable store keeps it, marked
+        queued and watched, to be published once the link is back; otherwise it
+        is withdrawn and the submit raises ``ConnectionError``."""
+        if self.store.durable:
+            try:
+                if task.attempt == 0:
+                    await self.dispatch.publish(task, send=False)
+                await self.store.flush()
+            except Exception as exc:
+                await self._withdraw(task)
+                raise ConnectionError(f"{why}, and the task could not be stored: {exc}") from exc
+            log.warning(
+                "task %s: %s; kept in the store, published when it can be", task.task_id, why
+            )
+            return
+        await self._withdraw(task)
+        raise ConnectionError(f"{why}: the task was not accepted (no durable store to keep it)")
 
     async def _withdraw(self, task: Task) -> None:
         """Forget a task whose submission failed, as if it had never been submitted."""

@@ -38,24 +38,37 @@ async def test_broker_restart_loses_no_task(
     harness.spawn_agent("process", ["work"], AGENT_MAX=4, AGENT_SLEEP=0.05)
     await harness.wait_agents("process")
 
+    refused = 0
+
     async def submit(start: int, n: int) -> list[str]:
-        return [
-            await orchestrator.submit_task(
-                name=f"t{i}",
-                description="",
-                task_type="job",
-                payload={"i": i},
-                required_capabilities=["work"],
-            )
-            for i in range(start, start + n)
-        ]
+        """Submit as a client would: a submit refused while the broker is away
+        (ConnectionError, nothing accepted) is tried again."""
+        nonlocal refused
+        ids = []
+        for i in range(start, start + n):
+            while True:
+                try:
+                    ids.append(
+                        await orchestrator.submit_task(
+                            name=f"t{i}",
+                            description="",
+                            task_type="job",
+                            payload={"i": i},
+                            required_capabilities=["work"],
+                        )
+                    )
+                    break
+                except ConnectionError:
+                    refused += 1
+        return ids
 
     # When tasks are queued and running and the broker restarts
     before = await submit(0, 40)
     # (stop_app and start_app: every connection drops, durable queues and
     # persistent messages stay)
     restart = asyncio.ensure_future(asyncio.to_thread(private_rabbitmq.restart_app))
-    # while more are submitted (those caught by the outage wait for the reconnect)
+    # while more are submitted (those caught by the outage wait for the reconnect,
+    # up to submit_timeout, or are refused and submitted again)
     after = await submit(40, 20)
     await restart
 
@@ -65,4 +78,5 @@ async def test_broker_restart_loses_no_task(
     assert sorted(s["result"]["echo"]["i"] for s in statuses) == list(range(60))
     stats = await orchestrator.get_stats()
     assert stats["tasks_completed"] == 60 and stats["running_tasks"] == 0
+    assert stats["tasks_created"] == 60, f"a refused submit left a trace ({refused} refused)"
     assert stats["registered_agents"] == 2

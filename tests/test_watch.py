@@ -39,7 +39,7 @@ async def setup():
     orchestrator = TaskOrchestrator(bus, settings=settings, clock=clock)
     await orchestrator.start()
     await orchestrator.events.on_event(
-        AgentAnnounced(agent_id="worker", capabilities=[], max_concurrent_tasks=2)
+        AgentAnnounced(agent_id="worker", capabilities=[], max_concurrent_tasks=2, task_types=["*"])
     )
     task_id = await orchestrator.submit_task(
         name="t", description="", task_type="j", payload={}, timeout=60, max_retries=1
@@ -133,3 +133,57 @@ async def test_queued_held_started_read_pending_assigned_running(setup) -> None:
     assert ("control.cancel", first) in kinds
     assert ("control.proceed", task_id) in kinds
     assert ("control.proceed", first) not in kinds
+
+
+async def test_an_agent_registered_but_never_heard_from_goes_offline(setup) -> None:
+    # Given a live agent running one task, and one registered by API that no process runs
+    orchestrator, clock, _ = setup
+    await orchestrator.register_agent("ghost", ["gpu"], 4)
+    assert (await orchestrator.get_stats())["overall_utilization"] == pytest.approx(1 / 6)
+
+    # When a heartbeat timeout passes in which only the live one is heard
+    clock.now += 15.1
+    await orchestrator.events.on_event(AgentHeartbeat(agent_id="worker", running=1))
+    await orchestrator.watch.round()
+
+    # Then the ghost is gone, and the utilisation is the live agent's alone
+    assert [a.agent_id for a in await orchestrator.get_agents()] == ["worker"]
+    assert (await orchestrator.get_stats())["overall_utilization"] == 0.5
+
+
+async def test_registering_a_live_agent_again_changes_its_queues_and_limit(setup) -> None:
+    orchestrator, _, _ = setup
+    heard: list = []
+
+    async def control(command) -> None:
+        heard.append(command)
+
+    subscription = await orchestrator.bus.subscribe_control("worker", control)
+    await orchestrator.submit_task(
+        name="g", description="", task_type="j", payload={}, required_capabilities=["gpu"]
+    )
+    await orchestrator.register_agent("worker", ["gpu"], 7)
+    await orchestrator.bus.join()
+    await subscription.close()
+    consume = [c for c in heard if c.kind == "control.consume"][-1]
+    assert consume.max_concurrent_tasks == 7
+    assert "j.gpu" in consume.queue_keys
+
+
+async def test_an_attempt_started_again_and_again_without_a_final_event_fails(setup) -> None:
+    # Given a running attempt whose message keeps coming back to agents that
+    # die on it (each redelivery starts it on another agent)
+    orchestrator, _, task_id = setup
+    for i in range(orchestrator.settings.max_deliveries - 1):
+        await orchestrator.events.on_event(
+            TaskStarted(task_id=task_id, attempt=1, agent_id=f"doomed-{i}")
+        )
+    assert (await orchestrator.get_task_status(task_id))["status"] == "running"
+
+    # When it starts once more than the bound allows
+    await orchestrator.events.on_event(TaskStarted(task_id=task_id, attempt=1, agent_id="last"))
+
+    # Then the task fails, saying why, instead of looping
+    status = await orchestrator.get_task_status(task_id)
+    assert status["status"] == "failed"
+    assert "started 6 times without a final event" in status["error_message"]
