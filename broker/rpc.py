@@ -246,6 +246,10 @@ class AgentRecord(ReplyResult):
     utilization: float = Field(ge=0)
     performance_score: float
     specialization_score: dict[str, float]
+    task_types: list[str] | None = Field(
+        default=None,
+        description="the task types it announced handlers for ('*': any); none until it announced",
+    )
     running: list[str] = Field(description="ids of the tasks it runs now")
     last_seen: float | None = Field(description="Unix time of its last heartbeat")
 

@@ -124,6 +124,7 @@ def agent_record(agent: AgentCapability) -> dict[str, Any]:
         "utilization": agent.utilization,
         "performance_score": agent.performance_score,
         "specialization_score": dict(agent.specialization_score),
+        "task_types": None if agent.task_types is None else list(agent.task_types),
         "running": sorted(agent.running),
         "last_seen": agent.last_seen,
     }

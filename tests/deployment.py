@@ -28,7 +28,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from broker import AgentsRequest, BusSettings, NoReply, RabbitMQBus, StatsRequest
+from broker import AgentsRequest, BusSettings, NoReply, QueuesRequest, RabbitMQBus, StatsRequest
 from tests.conftest import require_broker
 from tests.harness import wait_until
 
@@ -181,6 +181,11 @@ class Deployment:
         return process.returncode
 
     async def close(self) -> None:
+        # The task queues in use, as the orchestrator lists them (their keys hold
+        # task types): asked while it still answers, deleted below.
+        with contextlib.suppress(Exception):
+            if any(p.returncode is None for p, _ in self.processes.values()):
+                self.queue_keys.update(q["key"] for q in await self.rpc(QueuesRequest(), 2))
         for name in reversed(list(self.processes)):  # agents before the orchestrator
             await self.stop(name)
             self.processes[name][1].close()
