@@ -23,6 +23,7 @@ The semantics both must keep:
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -58,11 +59,26 @@ DEFAULT_REQUEST_TIMEOUT = 10.0
 
 
 class TaskDelivery(abc.ABC):
-    """One task message handed to a consumer; settle it exactly once."""
+    """One task message handed to a consumer; settle it exactly once.
+
+    ``redelivered`` is the broker's flag: the message may have been handed to
+    a consumer before (requeued, or brought back by a broker that crashed).
+    """
 
     body: bytes
     queue_key: str
     redelivered: bool
+
+    @property
+    def lost(self) -> bool:
+        """The link it came on is gone: the broker has put it back in its queue
+        by itself (it comes again, marked redelivered), and settling it now
+        does nothing."""
+        return False
+
+    async def wait_lost(self) -> None:
+        """Return once ``lost`` (never, for one whose link holds)."""
+        await asyncio.get_running_loop().create_future()
 
     @abc.abstractmethod
     async def ack(self) -> None:
@@ -116,6 +132,11 @@ class TaskConsumer(Subscription):
     @abc.abstractmethod
     async def reattach(self) -> None:
         """A detached task has ended: its place in the prefetch is free again."""
+
+    @abc.abstractmethod
+    async def set_prefetch(self, prefetch: int) -> None:
+        """A new limit of unsettled deliveries (detached ones still count); those
+        held beyond a lower one stay held until they are settled."""
 
     @property
     @abc.abstractmethod

@@ -113,6 +113,21 @@ class MemoryDelivery(TaskDelivery):
         self.queue_key = consumer.queue.key
         self.redelivered = redelivered
         self._settled = False
+        self._lost = asyncio.Event()
+
+    @property
+    def lost(self) -> bool:
+        return self._lost.is_set()
+
+    async def wait_lost(self) -> None:
+        await self._lost.wait()
+
+    def give_back(self) -> None:
+        """Its consumer went away: back to its queue, as a closed channel's are."""
+        if self._settle():
+            self._lost.set()
+            self._bus._requeue(self._consumer.queue, self._item)
+            self._bus._after_settle(self._consumer.channel)
 
     def _settle(self) -> bool:
         if self._settled:
@@ -205,6 +220,11 @@ class MemoryTaskConsumer(TaskConsumer):
         for consumer in list(self._channel.consumers):
             self._bus._dispatch(consumer.queue)
 
+    async def set_prefetch(self, prefetch: int) -> None:
+        self._channel.prefetch = prefetch
+        for consumer in list(self._channel.consumers):
+            self._bus._dispatch(consumer.queue)
+
     async def close(self) -> None:
         if self._closed:
             return
@@ -212,7 +232,7 @@ class MemoryTaskConsumer(TaskConsumer):
         queues = [c.queue for c in self._channel.consumers]
         await self.pause()
         for delivery in list(self._channel.deliveries):
-            await delivery.requeue()
+            delivery.give_back()
         for queue in queues:
             self._bus._dispatch(queue)
         self._bus._subscriptions.discard(self)

@@ -3,6 +3,13 @@
 Each consumer has a channel of its own, so that closing it hands back exactly
 its unacknowledged deliveries. A task consumer's prefetch is channel-wide
 (``global_``): one limit across every queue the agent consumes.
+
+A channel that closes (the broker restarts, the connection drops) cancels the
+tasks it started for its consumers (aiormq). A task delivery's handling must
+outlive that (an agent's handler goes on through a reconnect and reports
+once the link is back), so the task consumer runs each handling in a task of
+its own. The delivery is then ``lost``: the broker has requeued it, and it
+comes again, marked redelivered, once the robust channel consumes again.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from functools import partial
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.exceptions import ChannelInvalidStateError
 
 from .bus import BeforeAck, DeadLetter, Subscription, TaskConsumer, TaskDelivery, TaskHandler
 from .errors import BusConnectionError, InvalidMessage
@@ -59,6 +67,28 @@ class RabbitDelivery(TaskDelivery):
         self.queue_key = queue_key
         self.redelivered = bool(message.redelivered)
 
+    @property
+    def lost(self) -> bool:
+        try:
+            self._message.channel  # noqa: B018 - raises once that channel is closed
+        except ChannelInvalidStateError:
+            return True
+        return False
+
+    async def wait_lost(self) -> None:
+        try:
+            closing = self._message.channel.closing
+        except ChannelInvalidStateError:
+            return
+        try:
+            await asyncio.wait([closing])
+        finally:
+            if closing.done():
+                if not closing.cancelled():
+                    closing.exception()  # seen: how it closed does not matter here
+            else:
+                closing.cancel()  # only this observer
+
     async def ack(self) -> None:
         await _quietly(self._message.ack, f"acknowledge a delivery from {self.queue_key}")
 
@@ -101,6 +131,8 @@ class RabbitTaskConsumer(TaskConsumer):
         self._lock = asyncio.Lock()
         self._paused = False
         """Set by ``pause`` (a stop): a step aside that ends then does not resume."""
+        self._handlings: set[asyncio.Task[None]] = set()
+        """Deliveries being handled, in tasks the channel's close does not cancel."""
 
     @property
     def queue_keys(self) -> frozenset[str]:
@@ -112,7 +144,10 @@ class RabbitTaskConsumer(TaskConsumer):
         queue = self._declarer.queues[declarations.queue]
 
         async def on_message(message: AbstractIncomingMessage) -> None:
-            await self._handler(RabbitDelivery(message, queue.name, key, self._dead))
+            delivery = RabbitDelivery(message, queue.name, key, self._dead)
+            handling = asyncio.get_running_loop().create_task(self._handler(delivery))
+            self._handlings.add(handling)
+            handling.add_done_callback(self._handled)
 
         tag = await queue.consume(
             on_message,
@@ -120,6 +155,11 @@ class RabbitTaskConsumer(TaskConsumer):
             consumer_tag=f"{self._id}:{key}:{uuid.uuid4().hex[:8]}",
         )
         self._queues[key] = (queue, tag)
+
+    def _handled(self, handling: asyncio.Task[None]) -> None:
+        self._handlings.discard(handling)
+        if not handling.cancelled() and (exc := handling.exception()) is not None:
+            log.error("handler of a task delivery of %s failed", self._id, exc_info=exc)
 
     async def consume(self, queue_keys: Iterable[str], consumer_priority: int = 0) -> None:
         async with self._lock:
@@ -169,33 +209,39 @@ class RabbitTaskConsumer(TaskConsumer):
     async def detach(self, delivery: TaskDelivery) -> None:
         async with self._lock:
             self._detached += 1
-            room = self._prefetch - self._detached
-            try:
-                # Lower the limit before the ack, so that the ack lets nothing new in.
-                if room >= 1:
-                    await self._channel.set_qos(prefetch_count=room, global_=True)
-                else:
-                    for key, (queue, tag) in list(self._queues.items()):
-                        await queue.cancel(tag)
-                        del self._queues[key]
-                        self._parked.add(key)
-            except CHANNEL_GONE as exc:
-                log.info("could not lower the prefetch of %s: %s", self._id, exc)
+            # Lower the limit before the ack, so that the ack lets nothing new in.
+            await self._apply_room("lower")
         await delivery.ack()
 
     async def reattach(self) -> None:
         async with self._lock:
             self._detached = max(0, self._detached - 1)
-            room = self._prefetch - self._detached
-            try:
+            await self._apply_room("raise")
+
+    async def set_prefetch(self, prefetch: int) -> None:
+        async with self._lock:
+            self._prefetch = prefetch
+            await self._apply_room("change")
+
+    async def _apply_room(self, what: str) -> None:
+        """The channel's prefetch is what detached tasks leave of the limit;
+        with nothing left the queues are parked (a prefetch of 0 is no limit)."""
+        room = self._prefetch - self._detached
+        try:
+            if room >= 1:
                 await self._channel.set_qos(prefetch_count=room, global_=True)
-                if self._parked:
+                if self._parked and not self._paused:
                     parked, self._parked = self._parked, set()
                     for key in parked:
                         if key not in self._queues:
                             await self._start(key)
-            except CHANNEL_GONE as exc:
-                log.info("could not raise the prefetch of %s: %s", self._id, exc)
+            else:
+                for key, (queue, tag) in list(self._queues.items()):
+                    await queue.cancel(tag)
+                    del self._queues[key]
+                    self._parked.add(key)
+        except CHANNEL_GONE as exc:
+            log.info("could not %s the prefetch of %s: %s", what, self._id, exc)
 
     async def close(self) -> None:
         self._on_close(self)
