@@ -47,6 +47,11 @@ class TopologyMissing(BusError):
     """
 
 
+class QueueInUse(BusError):
+    """Raised when a queue is exclusive to another consumer (RabbitMQ's
+    RESOURCE_LOCKED): an agent's control queue, held by a live agent of that id."""
+
+
 class InvalidMessage(BusError, ValueError):
     """Raised when a message body is not a valid wire message."""
 

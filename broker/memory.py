@@ -36,7 +36,7 @@ from .bus import (
     TaskHandler,
 )
 from .envelope import DeadLetter, Envelope
-from .errors import BusNotStarted, NoReply, TopologyMissing, UnroutableMessage
+from .errors import BusNotStarted, NoReply, QueueInUse, TopologyMissing, UnroutableMessage
 from .memory_queues import (
     ConsumerChannel,
     DelayQueue,
@@ -107,6 +107,8 @@ class MemoryBus(CommunicationBus):
         self._request_server: RequestServer | None = None
         self._activity = asyncio.Event()
         """Set whenever something may have become idle: ``join`` looks again."""
+        self._exclusive: set[str] = set()
+        """Exclusive queues (agents' control queues) consumed now."""
         self.dead_letters: list[DeadLetter] = []
         """Every dead-lettered message, newest last (the ``<p>.dead`` queue)."""
 
@@ -386,16 +388,21 @@ class MemoryBus(CommunicationBus):
 
     async def subscribe_control(self, agent_id: str, handler: ControlHandler) -> Subscription:
         self._require()
-        # Each subscription its own queue: two of one agent id each hear everything.
         declarations = self.topology.agent_control(agent_id)
-        queue = MessageQueue(declarations.queue.name)
+        name = declarations.queue.name
+        if name in self._exclusive:
+            # As RabbitMQ refuses a second connection an exclusive queue (RESOURCE_LOCKED).
+            raise QueueInUse(f"queue {name!r} is exclusive to another consumer")
+        queue = MessageQueue(name)
         self._router.bind(declarations, queue)
+        self._exclusive.add(name)
+
+        def on_close() -> None:
+            self._router.unbind(queue)
+            self._exclusive.discard(name)
+
         sub = MemorySubscription(
-            self,
-            queue,
-            handler,
-            lambda envelope: parse_control(envelope.body),
-            on_close=lambda: self._router.unbind(queue),
+            self, queue, handler, lambda envelope: parse_control(envelope.body), on_close=on_close
         )
         self._subscriptions.add(sub)
         return sub

@@ -13,7 +13,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
-from .errors import TopologyMismatch, TopologyMissing
+from .errors import QueueInUse, TopologyMismatch, TopologyMissing
 from .topology import Binding, Declarations, Exchange, Queue
 
 
@@ -71,6 +71,10 @@ class Declarer:
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
             raise TopologyMismatch(
                 f"queue {queue.name!r} exists with other arguments: {exc}"
+            ) from None
+        except aiormq.exceptions.ChannelLockedResource as exc:
+            raise QueueInUse(
+                f"queue {queue.name!r} is exclusive to another connection: {exc}"
             ) from None
 
     async def _bind(self, binding: Binding) -> None:

@@ -341,8 +341,14 @@ class Topology:
         return self._bound(queue, self.exchanges.events, patterns)
 
     def agent_control(self, agent_id: str) -> Declarations:
-        """One agent's commands: those sent to it and those sent to all."""
-        queue = Queue(self.agent_control_queue(agent_id), durable=False, auto_delete=True)
+        """One agent's commands: those sent to it and those sent to all.
+
+        Exclusive: only the connection that declared it can consume it, so a
+        second live agent of one id is refused (RESOURCE_LOCKED) rather than
+        sharing the first one's record; it goes with that connection."""
+        queue = Queue(
+            self.agent_control_queue(agent_id), durable=False, exclusive=True, auto_delete=True
+        )
         return self._bound(queue, self.exchanges.control, (agent_id, self.BROADCAST_KEY))
 
     def control_key(self, agent_id: str | None) -> str:
