@@ -25,7 +25,9 @@ import inspect
 import json
 import logging
 import platform
+import sys
 import threading
+import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +39,24 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[TaskContext], Any]
 ANY_TASK_TYPE = "*"
+
+TRACEBACK_CHARS = 8 * 1024
+"""A traceback is kept to its last this many characters (the end says where it
+broke), so that the final event that carries it stays well under the bus's
+message limit."""
+ERROR_CHARS = 4 * 1024
+"""An error message is kept to its first this many characters."""
+
+
+def bounded(text: str, limit: int, *, keep: str = "head") -> str:
+    """``text`` cut to about ``limit`` characters, saying what was cut: its head
+    kept (an error message), or its tail (a traceback, whose end matters)."""
+    if len(text) <= limit:
+        return text
+    cut = len(text) - limit
+    if keep == "tail":
+        return f"[... {cut} characters cut ...]\n" + text[-limit:]
+    return text[:limit] + f" [... {cut} characters cut]"
 
 
 @dataclass(frozen=True)
@@ -74,6 +94,10 @@ class HandlerEnd:
     outcome: str
     result: dict[str, Any] | None = None
     error: str | None = None
+    traceback: str | None = None
+    """Where it broke (``failed``: the exception's traceback, its last
+    ``TRACEBACK_CHARS``), or where it was when its time ran out (``timeout``,
+    when that can be seen)."""
 
 
 class HandlerRun:
@@ -104,8 +128,9 @@ class HandlerRun:
             self.stop()
             raise
         if not done:
+            where = self.where()  # before it is told to stop, which moves it
             self.stop()
-            return HandlerEnd("timeout", error=f"exceeded timeout of {timeout:g}s")
+            return HandlerEnd("timeout", error=f"exceeded timeout of {timeout:g}s", traceback=where)
         try:
             result = _as_result(self.future.result())
         except asyncio.CancelledError:
@@ -118,8 +143,26 @@ class HandlerRun:
             # attempt, never the agent.
             if isinstance(exc, _HandlerExit):
                 exc = exc.original
-            return HandlerEnd("failed", error=f"{type(exc).__name__}: {exc}")
+            return HandlerEnd(
+                "failed",
+                error=bounded(f"{type(exc).__name__}: {exc}", ERROR_CHARS),
+                traceback=bounded(_traceback_of(exc), TRACEBACK_CHARS, keep="tail"),
+            )
         return HandlerEnd("completed", result=result)
+
+    def where(self) -> str | None:
+        """The stack of the handler as it runs now (None if it cannot be seen)."""
+        try:
+            if self._call is not None:
+                frame = self._call.frame()
+                if frame is None:
+                    return None
+                lines = traceback.format_list(_after_ours(traceback.extract_stack(frame)))
+            else:
+                lines = traceback.format_list(_awaiting(self.future.get_coro()))  # type: ignore[attr-defined]
+        except Exception:  # only ever a help for the log
+            return None
+        return bounded("".join(lines), TRACEBACK_CHARS, keep="tail") if lines else None
 
 
 class Runners:
@@ -130,15 +173,25 @@ class Runners:
 
     def __init__(self) -> None:
         self._executor: ThreadPoolExecutor | None = None
+        self._name = ""
         self._async: set[asyncio.Task[Any]] = set()
 
     def open(self, threads: int, name: str) -> None:
+        self._name = name
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
 
     def close(self) -> None:
         """Threads still running are left to end on their own (they cannot be killed)."""
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def resize(self, threads: int) -> None:
+        """New sync handlers run in a pool of ``threads``; those running or
+        queued in the old one go on there."""
+        old = self._executor
+        if old is not None:
+            self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=self._name)
+            old.shutdown(wait=False)
 
     def start(self, handler: Registered, ctx: TaskContext) -> HandlerRun:
         loop = asyncio.get_running_loop()
@@ -177,6 +230,42 @@ async def _contained(coro: Any) -> Any:
         return await coro
     except (SystemExit, KeyboardInterrupt) as exc:
         raise _HandlerExit(exc) from exc
+
+
+def _traceback_of(exc: BaseException) -> str:
+    """The exception's traceback from the handler's own frame down (without the
+    thread pool's and this module's frames that called it)."""
+    tb = exc.__traceback__
+    start = tb
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == __file__:
+            start = tb.tb_next
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, start or exc.__traceback__))
+
+
+def _after_ours(stack: traceback.StackSummary) -> list[traceback.FrameSummary]:
+    """The frames of a stack below the last one of this module (the handler's own)."""
+    last = max((i for i, entry in enumerate(stack) if entry.filename == __file__), default=-1)
+    return list(stack)[last + 1 :]
+
+
+def _awaiting(coro: Any) -> list[traceback.FrameSummary]:
+    """Where a suspended coroutine is: each coroutine it awaits in turn, down
+    to the innermost (``Task.get_stack`` gives only the outermost frame)."""
+    entries = []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:
+            break
+        if frame.f_code.co_filename != __file__:
+            entries.append(
+                traceback.FrameSummary(
+                    frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name
+                )
+            )
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return entries
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -257,6 +346,13 @@ class _SyncCall:
                 self._state = "done"
                 if self._interrupted:
                     _set_async_exc(self._thread_id, _NO_EXCEPTION)  # type: ignore[misc]
+
+    def frame(self) -> Any:
+        """The handler's thread's current frame, while it runs (else None)."""
+        with self._lock:
+            if self._state != "running" or self._thread_id is None:
+                return None
+            return sys._current_frames().get(self._thread_id)
 
     def interrupt(self) -> None:
         """Stop the handler (once): tell it (``ctx.interrupted``), and with
