@@ -1,6 +1,6 @@
 """The agent runtime: write a worker in a few lines, run it with one call."""
 
-from .agent import Agent
+from .agent import Agent, AgentIdInUse
 from .attempts import AgentCounters
 from .context import TaskContext, TaskInterrupted
 from .handlers import ANY_TASK_TYPE
@@ -10,6 +10,7 @@ __all__ = [
     # the worker
     "Agent",
     "AgentCounters",
+    "AgentIdInUse",
     "ANY_TASK_TYPE",
     # what a handler sees
     "TaskContext",

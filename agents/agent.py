@@ -14,6 +14,12 @@ timeout or is cancelled is reported at once, whether or not its handler obeys,
 but its delivery is settled only when the handler has really ended: until
 then it holds its slot of the prefetch, so the agent never runs more than
 ``max_concurrent_tasks`` handlers.
+
+Through a lost link (the broker restarts, the connection drops) handlers go
+on running: their final events go out once the link is back, and a copy of
+their message that the broker gives back meanwhile is recognised as theirs
+(``agents.tasks``). One agent id is one live process: a second one is
+refused (``AgentIdInUse``).
 """
 
 from __future__ import annotations
@@ -36,12 +42,14 @@ from broker import (
     CommunicationBus,
     ConsumeQueues,
     Control,
+    ProceedTask,
     Reannounce,
     Subscription,
     TaskConsumer,
     TaskDelivery,
     Unregister,
 )
+from broker.errors import QueueInUse
 from broker.messages import CancelTasks
 
 from .attempts import AgentCounters, Attempts, StopReason
@@ -58,6 +66,12 @@ SETTLE_MARGIN = 2.0
 """``stop(drain_timeout=t)`` waits for that settling only until ``t`` (counted
 from the call) plus this margin, so it returns within about ``t + SETTLE_MARGIN``
 seconds, plus the time to say goodbye and close the connection."""
+
+
+class AgentIdInUse(ValueError):
+    """Raised by ``Agent.start`` when another live agent process has this id on
+    this prefix: two processes would share one record of the orchestrator's,
+    each taking the other's commands."""
 
 
 class Agent:
@@ -111,7 +125,7 @@ class Agent:
         handler's thread to end stops waiting."""
         self._stopped = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
-        self._attempts = Attempts(agent_id, self.counters, self._halted)
+        self._attempts = Attempts(agent_id, self.counters, self._halted, max_concurrent_tasks)
         self._deliveries = Deliveries(self._attempts)
         self._tasks = Tasks(self, self._handlers, self._runners, self._attempts, self._halted)
 
@@ -165,7 +179,10 @@ class Agent:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, bus: CommunicationBus | None = None) -> None:
-        """Connect (or use ``bus``), announce, and start taking tasks."""
+        """Connect (or use ``bus``), announce, and start taking tasks.
+
+        Raises ``AgentIdInUse`` if an agent of this id is live on this prefix
+        already (its control queue is exclusive to it)."""
         if bus is None:
             bus = CommunicationBus()
             self._owns_bus = True
@@ -178,11 +195,23 @@ class Agent:
         self._halted.clear()
         self._stopped.clear()
         self._runners.open(self.max_concurrent_tasks * 2, f"agent-{self.agent_id}")
-        self._control = await bus.subscribe_control(self.agent_id, self._on_control)
-        self._consumer = await bus.open_task_consumer(
-            self.agent_id, prefetch=self.max_concurrent_tasks, handler=self._on_delivery
-        )
-        await self._announce()
+        try:
+            try:
+                self._control = await bus.subscribe_control(self.agent_id, self._on_control)
+            except QueueInUse:
+                raise AgentIdInUse(
+                    f"agent id {self.agent_id!r} is already live on prefix"
+                    f" {bus.settings.prefix!r}: another agent holds its control queue"
+                    f" {bus.topology.agent_control_queue(self.agent_id)!r}; give each agent"
+                    " process its own id"
+                ) from None
+            self._consumer = await bus.open_task_consumer(
+                self.agent_id, prefetch=self.max_concurrent_tasks, handler=self._on_delivery
+            )
+            await self._announce()
+        except BaseException:
+            await self._shutdown()
+            raise
         self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
 
     async def stop(self, *, drain_timeout: float | None = None) -> None:
@@ -248,6 +277,7 @@ class Agent:
             await self._bus.close()
         self._runners.close()
         self._bus = self._tasks.bus = None
+        self._consumer = self._control = self._heartbeat = None
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
@@ -322,19 +352,57 @@ class Agent:
     async def _on_control(self, command: Control) -> None:
         if isinstance(command, ConsumeQueues):
             if self._consumer is not None and not self._halted.is_set():
+                if command.max_concurrent_tasks is not None:
+                    await self._adopt_limit(command.max_concurrent_tasks)
                 await self._consumer.consume(command.queue_keys, command.consumer_priority)
+        elif isinstance(command, ProceedTask):
+            if not self._attempts.proceed(command.task_id, command.attempt):
+                log.debug(
+                    "agent %s: a go-ahead for task %s attempt %d that nothing waits for",
+                    self.agent_id,
+                    command.task_id,
+                    command.attempt,
+                )
         elif isinstance(command, CancelTask):
             self._attempts.cancel(command.task_id, command.attempt)
         elif isinstance(command, CancelTasks):
             for task_id in command.task_ids:
                 self._attempts.cancel(task_id, command.attempt)
         elif isinstance(command, Unregister):
+            if command.agent_id != self.agent_id:
+                log.warning(
+                    "agent %s: ignored an Unregister for agent %r (not this agent)",
+                    self.agent_id,
+                    command.agent_id,
+                )
+                return
             log.warning("agent %s was unregistered by the orchestrator; stopping", self.agent_id)
             self._halted.set()
             self._attempts.stop_all(StopReason.UNREGISTERED)
             self._spawn(self._stop_after_unregister())
         elif isinstance(command, Reannounce):
             await self._announce()
+
+    async def _adopt_limit(self, limit: int) -> None:
+        """The orchestrator registered this agent with another limit: run that
+        many at once (the broker's prefetch too); a lower one lets running
+        tasks end, and takes no new one until fewer than ``limit`` run."""
+        if limit == self.max_concurrent_tasks:
+            return
+        log.info(
+            "agent %s: max_concurrent_tasks %d -> %d, as registered",
+            self.agent_id,
+            self.max_concurrent_tasks,
+            limit,
+        )
+        self.max_concurrent_tasks = limit
+        self._attempts.slots.resize(limit)
+        self._runners.resize(limit * 2)
+        assert self._consumer is not None
+        try:
+            await self._consumer.set_prefetch(limit)
+        except BusError as exc:
+            log.warning("agent %s: prefetch not changed: %s", self.agent_id, exc)
 
     async def _stop_after_unregister(self) -> None:
         await self._wait_jobs()
@@ -343,6 +411,14 @@ class Agent:
 
     # ------------------------------------------------------------------ tasks
     async def _on_delivery(self, delivery: TaskDelivery) -> None:
+        # Shielded: a bus that cancels its consumer's work when a link is lost
+        # (aiormq does, on a channel's close) must not stop the handler with it.
+        handling = asyncio.ensure_future(self._handle(delivery))
+        self._background.add(handling)
+        handling.add_done_callback(self._background.discard)
+        await asyncio.shield(handling)
+
+    async def _handle(self, delivery: TaskDelivery) -> None:
         # The one place a delivery is settled: whatever the handling decides,
         # or requeued if it fails.
         assert self._consumer is not None

@@ -13,7 +13,8 @@ An attempt that ran is settled with its bookkeeping, in this order: its
 handler has really ended (``Attempts.end``), it is no longer counted running,
 then it is settled, and it is forgotten before a requeue (the same attempt
 must run again when it comes back) but only after an ack (until then a
-redelivery of it is a duplicate).
+redelivery of it is a duplicate; after that, the memory of attempts
+reported here says so).
 """
 
 from __future__ import annotations
@@ -38,13 +39,16 @@ class Outcome(enum.Enum):
     ``broker.messages.Outcome``, which an ``ACK`` may follow any of)."""
 
     ACK = "ack"
-    """Done with: reported, a duplicate of an attempt known here, skipped as
-    cancelled, or re-published by the orchestrator (unregistered)."""
+    """Done with: reported (now or before), a duplicate of an attempt known
+    here, skipped as cancelled, ended as the orchestrator says (a redelivery
+    it answered with a cancel), or re-published by the orchestrator
+    (unregistered)."""
     REQUEUE = "requeue"
     """To run again: the agent stops, or the final event did not go out. Also
     what a handling that failed leaves, as a lost channel would."""
     DEAD_LETTER = "dead_letter"
-    """Not a task message: no agent could run it."""
+    """Not a task message (no agent could run it), or an attempt that came
+    back too often without a final event."""
     STEP_ASIDE = "step_aside"
     """A retry this agent was asked to avoid: given back, and its queue left
     alone for ``AVOID_PAUSE`` so that another agent takes it."""
@@ -88,6 +92,8 @@ class Settlement:
         attempt = self.attempt
         try:
             if attempt is not None:
+                if attempt.decided is not None and not attempt.decided.done():
+                    attempt.decided.set_result(self.outcome)  # a handling that raised
                 await attempts.end(attempt)
                 attempts.uncount(attempt)
                 if attempt.detached or self.outcome is not Outcome.ACK:

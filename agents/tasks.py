@@ -4,6 +4,17 @@ the attempt when it is to run.
 Deciding is all this module does about a delivery: the ``settle`` block the
 agent handles it in (``agents.settle``) carries the outcome out, so every way
 through here, the shortcuts included, ends in exactly one settling.
+
+The shortcuts, in order: not a task message (dead-lettered); the agent stops
+(given back); an attempt that runs or ran here (a duplicate, or a copy that
+a lost link brought back); a cancelled task (skipped); a retry this agent was
+asked to avoid (handed back). A delivery the broker marks redelivered may be
+of an attempt that ended elsewhere (a crashed broker brings back messages
+already acknowledged): it is run only once the orchestrator says so (a
+``TaskAssigned`` with ``confirm``, answered by ``ProceedTask`` or
+``CancelTask``), and past ``MAX_REDELIVERIES`` it is dead-lettered instead.
+A first delivery pays no such round trip. Then it waits for a free slot
+(saying ``TaskAssigned`` if it has to wait), and runs.
 """
 
 from __future__ import annotations
@@ -18,6 +29,9 @@ from broker import (
     BusError,
     CommunicationBus,
     InvalidMessage,
+    MessageTooLarge,
+    TaskAssigned,
+    TaskDelivery,
     TaskFinished,
     TaskMessage,
     TaskProgress,
@@ -25,15 +39,22 @@ from broker import (
     parse_task,
 )
 
-from .attempts import Attempts, StopReason
+from .attempts import MAX_REDELIVERIES, Attempt, Attempts, StopReason
 from .context import TaskContext
-from .handlers import Handlers, Runners
+from .handlers import Handlers, Runners, bounded
 from .settle import Outcome, Settlement
 
 if TYPE_CHECKING:
     from .agent import Agent
 
 log = logging.getLogger(__name__)
+
+CONFIRM_AGAIN = 30.0
+"""A redelivery waiting for the orchestrator's word asks again this often (a
+word lost on the way, an orchestrator that restarted meanwhile)."""
+SHORT_ERROR_CHARS = 1024
+"""What is kept of an error whose final event was too large to send."""
+_NO_WORD = object()
 
 
 class Tasks:
@@ -60,17 +81,64 @@ class Tasks:
     async def take(self, settlement: Settlement) -> Outcome:
         """What becomes of one delivery."""
         agent_id = self._agent.agent_id
+        delivery = settlement.delivery
         try:
-            message = parse_task(settlement.delivery.body)
+            message = parse_task(delivery.body)
         except InvalidMessage as exc:
             settlement.reason = f"agent {agent_id}: {exc}"
             return Outcome.DEAD_LETTER
+        stepped_aside = self._attempts.came_back(message)
+        if (outcome := await self._done_with(message)) is not None:
+            return outcome
+        if agent_id in message.avoid_agents and self._attempts.defer_once(message):
+            return Outcome.STEP_ASIDE  # a retry after failing here: another agent may take it
+        if delivery.redelivered and not stepped_aside:
+            count = self._attempts.count_redelivery(message)
+            if count > MAX_REDELIVERIES:
+                settlement.reason = (
+                    f"agent {agent_id}: task {message.task_id} attempt {message.attempt}"
+                    f" delivered again {count} times without a final event"
+                    f" (at most {MAX_REDELIVERIES})"
+                )
+                log.warning("%s: dead-lettered", settlement.reason)
+                return Outcome.DEAD_LETTER
+            word = await self._confirm(message, delivery)
+            if word is None:
+                return Outcome.REQUEUE  # the agent stops, or the link went with the delivery
+            if not word:
+                return Outcome.ACK  # ended, superseded or cancelled: the orchestrator said so
+            if (outcome := await self._done_with(message)) is not None:
+                return outcome
+        if not self._attempts.slots.try_take():
+            if not await self._wait_for_slot(message, delivery):
+                return Outcome.REQUEUE
+            if (outcome := await self._done_with(message)) is not None:
+                self._attempts.slots.release()
+                return outcome
+        settlement.attempt = self._attempts.begin(message, delivery)
+        return await self._attempt(settlement)
+
+    async def _done_with(self, message: TaskMessage) -> Outcome | None:
+        """The outcome of a delivery that is not to run here (now), or None.
+
+        Looked at again after each wait, as the answer may have changed since."""
         if self._halted.is_set():
             return Outcome.REQUEUE
-        if message in self._attempts:
-            return Outcome.ACK  # a duplicate of what runs here
+        known = self._attempts.get(message)
+        if known is not None:
+            return await self._again(known)
         # (Another attempt of the same task still running or ending here is no
         # reason to drop this one: the orchestrator has moved on to it.)
+        if self._attempts.was_reported(message):
+            # Reported here already: its acknowledgement was lost with a link, or
+            # a crashed broker brought it back.
+            log.info(
+                "agent %s: task %s attempt %d came again after it ended here: acknowledged",
+                self._agent.agent_id,
+                message.task_id,
+                message.attempt,
+            )
+            return Outcome.ACK
         if self._attempts.is_cancelled(message):
             # Say so, so that the orchestrator stops telling new agents about it.
             with contextlib.suppress(BusError):
@@ -79,15 +147,113 @@ class Tasks:
                     self._final(message, "cancelled", "skipped: cancelled before it started")
                 )
             return Outcome.ACK
-        if agent_id in message.avoid_agents and self._attempts.defer_once(message):
-            return Outcome.STEP_ASIDE  # a retry after failing here: another agent may take it
-        settlement.attempt = self._attempts.begin(message)
-        return await self._attempt(settlement)
+        return None
+
+    async def _again(self, known: Attempt) -> Outcome:
+        """A delivery of an attempt that runs here, or has ended here and is not
+        settled yet."""
+        original = known.delivery
+        if known.detached or known.reported or original is None or not original.lost:
+            # A duplicate of what runs here (its own delivery still held, or
+            # acknowledged already), or one done with whose handler lingers (it
+            # keeps its slot).
+            return Outcome.ACK
+        # Its own delivery went with a lost link, and the broker gave it back:
+        # this copy is the one to settle, the way the attempt's end decides.
+        log.info(
+            "agent %s: task %s attempt %d came back after a lost link while it runs here",
+            self._agent.agent_id,
+            known.message.task_id,
+            known.message.attempt,
+        )
+        assert known.decided is not None
+        outcome: Outcome = await asyncio.shield(known.decided)
+        return outcome
+
+    async def _confirm(self, message: TaskMessage, delivery: TaskDelivery) -> bool | None:
+        """Ask the orchestrator whether to run a redelivered attempt: True (run
+        it), False (done with), None (the agent stops, or the delivery is lost,
+        or the question cannot be sent: give it back)."""
+        assert self.bus is not None
+        word = self._attempts.expect_word(message)
+        try:
+            while True:
+                try:
+                    await self.bus.publish_event(self._assigned(message, confirm=True))
+                except BusError as exc:
+                    log.warning(
+                        "agent %s: cannot ask about redelivered task %s: %s",
+                        self._agent.agent_id,
+                        message.task_id,
+                        exc,
+                    )
+                    return None
+                answer = await self._first(word, delivery, CONFIRM_AGAIN)
+                if answer is not _NO_WORD:
+                    return answer  # type: ignore[return-value]
+        finally:
+            self._attempts.drop_word(message, word)
+
+    async def _wait_for_slot(self, message: TaskMessage, delivery: TaskDelivery) -> bool:
+        """Every slot is held (by handlers that outlived a lost link, or that do
+        not end): say the attempt is held here, and wait for one. False if the
+        agent stops or the delivery is lost meanwhile."""
+        slot = self._attempts.slots.ask()
+        if not slot.done():
+            with contextlib.suppress(BusError):
+                assert self.bus is not None
+                await self.bus.publish_event(self._assigned(message, confirm=False))
+        await self._first(slot, delivery, None)
+        if slot.done():
+            return True  # (even if a stop came too: the caller looks again)
+        self._attempts.slots.withdraw(slot)
+        return False
+
+    async def _first(
+        self, future: asyncio.Future[Any], delivery: TaskDelivery, timeout: float | None
+    ) -> Any:
+        """``future``'s result once it is done; None if the agent stops or the
+        delivery is lost first; ``_NO_WORD`` after ``timeout``."""
+        stopping = asyncio.ensure_future(self._halted.wait())
+        lost = asyncio.ensure_future(delivery.wait_lost())
+        try:
+            await asyncio.wait(
+                [future, stopping, lost], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            stopping.cancel()
+            lost.cancel()
+        if future.done():
+            return future.result()
+        if self._halted.is_set() or delivery.lost:
+            return None
+        return _NO_WORD
+
+    def _assigned(self, message: TaskMessage, *, confirm: bool) -> TaskAssigned:
+        return TaskAssigned(
+            task_id=message.task_id,
+            attempt=message.attempt,
+            agent_id=self._agent.agent_id,
+            confirm=confirm,
+        )
+
+    # ------------------------------------------------------------------ running
 
     async def _attempt(self, settlement: Settlement) -> Outcome:
-        """Run an attempt and report its end."""
+        """Run an attempt and report its end; the outcome is the attempt's
+        ``decided`` too (for a copy of it that a lost link brought back)."""
         attempt = settlement.attempt
-        assert attempt is not None and self.bus is not None
+        assert attempt is not None and attempt.decided is not None
+        outcome = Outcome.REQUEUE
+        try:
+            outcome = await self._run_and_report(attempt, settlement)
+            return outcome
+        finally:
+            if not attempt.decided.done():
+                attempt.decided.set_result(outcome)
+
+    async def _run_and_report(self, attempt: Attempt, settlement: Settlement) -> Outcome:
+        assert self.bus is not None
         job = attempt.job = asyncio.get_running_loop().create_task(self._run(settlement))
         try:
             with contextlib.suppress(asyncio.CancelledError):
@@ -97,14 +263,17 @@ class Tasks:
             elif attempt.stop_reason is StopReason.CANCELLED:
                 # Cancelled on request, maybe before its handler was waited for
                 # (while it said it started): reported cancelled, as a skipped one is.
-                finished = self._counted(attempt.message, "cancelled", "cancelled by request")
+                finished = self._final(attempt.message, "cancelled", "cancelled by request")
             else:
                 # Stopped before it ended (a stop it outlived, or unregistered): not
                 # reported. A job that did end is reported, even if a stop came since.
                 if attempt.stop_reason is StopReason.UNREGISTERED:
                     return Outcome.ACK  # the orchestrator has re-published it
                 return Outcome.REQUEUE
-            await self.bus.publish_event(finished)
+            self._log_end(attempt, finished)
+            # Counted before it goes out: who hears of its end may look at the counters.
+            self._attempts.count_end(finished.outcome)
+            await self._publish_final(attempt, finished)
         except BusError as exc:
             # The final event did not go out: the task must run again. Requeue it;
             # if the channel is gone, the broker has already given it back. One
@@ -116,7 +285,67 @@ class Tasks:
                 exc,
             )
             return Outcome.REQUEUE
+        self._attempts.reported(attempt)
         return Outcome.ACK
+
+    async def _publish_final(self, attempt: Attempt, finished: TaskFinished) -> TaskFinished:
+        """Publish the final event; one too large to send is replaced by one that
+        says so (a result too large fails the attempt, naming the size and the
+        limit). What was published."""
+        assert self.bus is not None
+        try:
+            await self.bus.publish_event(finished)
+            return finished
+        except MessageTooLarge as exc:
+            smaller = self._fitting(finished, exc)
+        self._attempts.count_end(finished.outcome, -1)
+        self._attempts.count_end(smaller.outcome)
+        message = attempt.message
+        log.warning(
+            "agent %s: task %s (type %s) attempt %d: its final event (%s) is too large"
+            " to send: %s; reported %s",
+            self._agent.agent_id,
+            message.task_id,
+            message.task_type,
+            message.attempt,
+            finished.outcome,
+            smaller.error,
+            smaller.outcome,
+        )
+        await self.bus.publish_event(smaller)  # too large still: a BusError, given back
+        return smaller
+
+    def _fitting(self, finished: TaskFinished, exc: MessageTooLarge) -> TaskFinished:
+        if finished.outcome == "completed":
+            outcome, error = "failed", f"the handler's result is too large to send: {exc}"
+        else:
+            outcome = finished.outcome
+            error = (
+                bounded(finished.error or "", SHORT_ERROR_CHARS)
+                + f" (its traceback was dropped: {exc})"
+            )
+        return finished.model_copy(
+            update={"outcome": outcome, "error": error, "result": None, "traceback": None}
+        )
+
+    def _log_end(self, attempt: Attempt, finished: TaskFinished) -> None:
+        """A failed or timed-out attempt is logged, with where its handler broke."""
+        if finished.outcome not in ("failed", "timeout"):
+            return
+        message = attempt.message
+        trace = attempt.trace
+        if trace and finished.outcome == "timeout":
+            trace = "its handler was at:\n" + trace
+        log.warning(
+            "agent %s: task %s (type %s) attempt %d %s: %s%s",
+            self._agent.agent_id,
+            message.task_id,
+            message.task_type,
+            message.attempt,
+            "failed" if finished.outcome == "failed" else "timed out",
+            finished.error,
+            "\n" + trace.rstrip("\n") if trace else "",
+        )
 
     async def _run(self, settlement: Settlement) -> TaskFinished:
         """Say the attempt started, run its handler, and make its final event."""
@@ -135,23 +364,29 @@ class Tasks:
         handler = self._handlers.find(message.task_type)
         if handler is None:
             error = f"agent {agent_id} has no handler for task_type {message.task_type!r}"
-            return self._counted(message, "failed", error)
+            return self._final(message, "failed", error)
         loop = asyncio.get_running_loop()
         ctx = TaskContext(message, agent_id, self._progress(message), loop)
         run = self._runners.start(handler, ctx)
         attempt.handler = run.future
         end = await run.wait(message.timeout)
-        return self._counted(message, end.outcome, end.error, end.result)
-
-    def _counted(
-        self, message: TaskMessage, outcome: str, error: str | None, result: Any = None
-    ) -> TaskFinished:
-        """The final event of an attempt run here, counted in the agent's counters."""
-        self._attempts.count_end(outcome)
-        return self._final(message, outcome, error, result)
+        attempt.trace = end.traceback
+        return self._final(
+            message,
+            end.outcome,
+            end.error,
+            end.result,
+            traceback=end.traceback if end.outcome == "failed" else None,
+        )
 
     def _final(
-        self, message: TaskMessage, outcome: str, error: str | None, result: Any = None
+        self,
+        message: TaskMessage,
+        outcome: str,
+        error: str | None,
+        result: Any = None,
+        *,
+        traceback: str | None = None,
     ) -> TaskFinished:
         return TaskFinished(
             task_id=message.task_id,
@@ -160,6 +395,7 @@ class Tasks:
             outcome=outcome,  # type: ignore[arg-type]
             result=result,
             error=error,
+            traceback=traceback,
         )
 
     def _progress(self, message: TaskMessage) -> Callable[[float], None]:
