@@ -38,16 +38,11 @@ from .retries import RetryPolicy
 from .settings import OrchestratorSettings
 from .stats import StatsTracker
 from .store import MemoryStore, StateStore
+from .submission import Submission
 from .validation import validate_submit
 from .watch import RETIRED_STATS, Watch
 
 log = logging.getLogger(__name__)
-
-
-def _why(exc: Exception, timeout: float) -> str:
-    if isinstance(exc, TimeoutError):
-        return f"the broker did not take the task within submit_timeout={timeout:g}s"
-    return str(exc) or type(exc).__name__
 
 
 class TaskOrchestrator:
@@ -85,6 +80,7 @@ class TaskOrchestrator:
             self.placement,
             tell_agents=lambda spec: self.registry.tell_new_queue(spec),
         )
+        self.submission = Submission(self.dispatch)
         self.registry = AgentRegistry(
             self.bus, self.store, self.lifecycle, self.placement, self.dispatch.queues
         )
@@ -275,84 +271,13 @@ class TaskOrchestrator:
             await self.store.flush()
             return task.task_id
         self.registry.warn_if_unrunnable(queue_key(task), QueueSpec.of(task))
-        bound = self.settings.submit_timeout
-        deadline = self.lifecycle.clock() + bound
-        if not self.bus.link_up and (self.store.durable or not await self._link_back(bound)):
-            # A durable store keeps it at once; without one it waited for the link.
-            await self._keep_or_refuse(task, "the broker cannot be reached")
-            return task.task_id
-        try:
-            left = max(0.01, deadline - self.lifecycle.clock())
-            await asyncio.wait_for(self.dispatch.publish(task), left)
-        except asyncio.CancelledError:
-            # The caller gave up, not the bus: the task is marked queued and watched
-            # (published again if it never reached its queue). Nothing is deleted.
-            raise
-        except Exception as exc:
-            if self.dispatch.certainly_unsent(task):
-                # Certainly in no queue (it failed before the bus was handed it, or the
-                # bus says so). A link that is down or too slow is no reason to lose a
-                # task a durable store holds; anything else is never publishable.
-                if isinstance(exc, ConnectionError | TimeoutError):
-                    await self._keep_or_refuse(task, _why(exc, self.settings.submit_timeout))
-                    return task.task_id
-                await self._withdraw(task)
-                raise
-            # The message may have been routed although the publish failed (a confirm
-            # lost or late, the connection lost after sending): an agent may have run
-            # it already, its events still waiting to be handled. It is accepted:
-            # withdrawing it would leave it running unknown, and a resubmission would
-            # run it twice. It stays watched: published again if it never reached its
-            # queue (the attempt fence makes a duplicate harmless).
-            log.warning(
-                "task %s: its publish failed (%s) but may have reached its queue"
-                " (%s at attempt %d): accepted, and watched",
-                task.task_id,
-                _why(exc, self.settings.submit_timeout),
-                task.status.value,
-                task.attempt,
-            )
+        await self.submission.publish(task, self.settings.submit_timeout, self._forget)
         return task.task_id
 
-    async def _link_back(self, timeout: float) -> bool:
-        """Whether the broker link comes back within ``timeout`` (a blip, a
-        reconnect under way)."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + timeout
-        while not self.bus.link_up:
-            if loop.time() >= end:
-                return False
-            await asyncio.sleep(0.05)
-        return True
-
-    async def _keep_or_refuse(self, task: Task, why: str) -> None:
-        """The bus cannot take ``task`` now: a durable store keeps it, marked
-        queued and watched, to be published once the link is back; otherwise it
-        is withdrawn and the submit raises ``ConnectionError``."""
-        if self.store.durable:
-            try:
-                if task.attempt == 0:
-                    await self.dispatch.publish(task, send=False)
-                await self.store.flush()
-            except Exception as exc:
-                await self._withdraw(task)
-                raise ConnectionError(f"{why}, and the task could not be stored: {exc}") from exc
-            log.warning(
-                "task %s: %s; kept in the store, published when it can be", task.task_id, why
-            )
-            return
-        await self._withdraw(task)
-        raise ConnectionError(f"{why}: the task was not accepted (no durable store to keep it)")
-
-    async def _withdraw(self, task: Task) -> None:
-        """Forget a task whose submission failed, as if it had never been submitted."""
+    def _forget(self, task: Task) -> None:
+        """Undo what a submit counted, for a task withdrawn after all."""
         self._stats.forget_task(task)
         self._finished.withdrawn(task)
-        await self.records.remove(task.task_id)
-        try:
-            await self.store.flush()
-        except Exception:
-            log.exception("task %s: its withdrawal is not saved yet", task.task_id)
 
     async def cancel_task(self, task_id: str) -> bool:
         """Cancel a task that has not finished; False if unknown or already finished."""
