@@ -41,8 +41,9 @@ class Desk:
         self.bus: CommunicationBus | None = None
         self.events: list[Event] = []
         self.dead: list[DeadLetter] = []
-        self.answer: Callable[[TaskAssigned], bool] = lambda event: True
-        """Whether to let a redelivered attempt run (else it is cancelled)."""
+        self.answer: Callable[[TaskAssigned], bool | None] = lambda event: True
+        """Whether to let a redelivered attempt run (else it is cancelled; None:
+        no answer, as an orchestrator that is down)."""
         self._changed = asyncio.Condition()
         self._subscriptions: list[Subscription] = []
 
@@ -64,10 +65,11 @@ class Desk:
         if isinstance(event, TaskAssigned) and event.confirm:
             assert self.bus is not None
             word = self.answer(event)
-            command = (ProceedTask if word else CancelTask)(
-                task_id=event.task_id, attempt=event.attempt
-            )
-            await self.bus.publish_control(command, agent_id=event.agent_id)
+            if word is not None:
+                command = (ProceedTask if word else CancelTask)(
+                    task_id=event.task_id, attempt=event.attempt
+                )
+                await self.bus.publish_control(command, agent_id=event.agent_id)
         await self._poke()
 
     async def _on_dead(self, letter: DeadLetter) -> None:

@@ -129,6 +129,35 @@ async def test_a_redelivery_new_to_its_agent_runs_only_on_the_orchestrators_word
     await wait_until(lambda: _settled(second), WAIT)
 
 
+async def test_a_redelivery_waiting_for_the_word_is_held_and_given_back_if_its_agent_stops(
+    harness: Harness,
+) -> None:
+    # Given an orchestrator that does not answer (it is down), and a redelivered
+    # message new to the agent that gets it
+    desk = await Desk(harness).open()
+    desk.answer = lambda event: None
+    first_runs: list[str] = []
+    first = await _agent(harness, "first", _recording(first_runs))
+    message = desk.message()
+    await _bring_back(harness, desk, message)
+    await desk.consume("first")
+
+    # When it asked, it holds the message without running it
+    await desk.wait_for(lambda: desk.assigned(message.task_id))
+    assert first.unsettled == 1 and first_runs == []
+
+    # And when it stops meanwhile, the message goes back to its queue, for the
+    # next agent (which asks too, and runs it on the word)
+    await first.stop(drain_timeout=1)
+    desk.answer = lambda event: True
+    runs: list[str] = []
+    await _agent(harness, "second", _recording(runs))
+    await desk.consume("second")
+    await desk.wait_for(lambda: desk.finished(message.task_id))
+    assert runs == [message.task_id] and first_runs == []
+    assert [e.agent_id for e in desk.assigned(message.task_id)] == ["first", "second"]
+
+
 class _FinalEventsLost:
     """An agent's bus on which no ``TaskFinished`` ever goes out."""
 
