@@ -200,6 +200,7 @@ class Dispatch:
             return
         if delay > 0:
             task.delivery = Delivery.DELAYED  # watched until its tier is over
+            await self.records.save(task)
             return
         # Confirmed: in its durable queue, it can no longer be lost, so nobody
         # watches it any more, not even an orchestrator that restarts before it

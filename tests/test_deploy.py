@@ -340,7 +340,7 @@ async def test_orchestrator_runs_on_definitions_loaded_through_the_management_ap
 
 
 def dynamic(prefix: str, queue: str, fixed_queues: set[str]) -> bool:
-    """A queue declared at run time, by design not in the definitions: a capability
+    """A queue declared at run time, by design not in the definitions: a task
     queue other than @any (declared at first use), an agent's control queue, a
     monitor's queue, a reply queue."""
     if queue in fixed_queues:
@@ -374,7 +374,7 @@ async def test_orchestrator_serve_declares_nothing_the_definitions_lack(prefix: 
         )  # fmt: skip
         assert retried.code == 4, retried
         assert json.loads(retried.out)["retry_count"] == 1
-        anyone = await deployment.run("submit", "job", "--wait")  # through the @any queue
+        anyone = await deployment.run("submit", "job", "--wait")  # through job.@any
         assert anyone.code == 0, anyone
         stats = await deployment.run("stats", "--json")
         assert stats.code == 0, stats
@@ -407,7 +407,7 @@ async def test_orchestrator_serve_declares_nothing_the_definitions_lack(prefix: 
     }
     assert on_broker == {queue_entry(q) for q in document["queues"]}
     seen = {q["name"] for q in queues if q["name"].startswith(f"{prefix}.")}
-    assert f"{prefix}.tasks.deploy_check" in seen  # the dynamic ones were there, and excluded
+    assert f"{prefix}.tasks.job.deploy_check" in seen  # the dynamic ones were there, excluded
     assert any(name.startswith(f"{prefix}.agent.") for name in seen)
     assert {(e["name"], e["type"], e["durable"], e["auto_delete"]) for e in exchanges
             if e["name"].startswith(f"{prefix}.")} == {
