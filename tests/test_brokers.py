@@ -102,6 +102,9 @@ async def test_fault_helpers_act_on_the_private_node_alone(
             routing_key=queue.name,
         )
     url = node.url
+    # Mnesia writes its log behind: a kill right after a declare can lose the
+    # queue (it did, on a loaded machine), so the test has it written first.
+    node.eval("mnesia:sync_log().")
     node.kill()
     assert not brokers.reachable(url, 0, timeout=1)
     node.start_again()
