@@ -115,6 +115,15 @@ class EventHandlers:
         task = await self._refuse_stale(event)
         if task is None:
             return
+        holder = task.assigned_agent
+        if event.confirm and holder not in (None, event.agent_id) and holder in self.registry:
+            # A copy of an attempt another live agent holds (its message came back
+            # after a broker restart while its handler runs on): it must not run
+            # beside it. If that agent is lost, its tasks are published again.
+            await self.bus.publish_control(
+                CancelTask(task_id=task.task_id, attempt=task.attempt), agent_id=event.agent_id
+            )
+            return
         if event.confirm:
             await self.bus.publish_control(
                 ProceedTask(task_id=task.task_id, attempt=task.attempt), agent_id=event.agent_id

@@ -187,3 +187,32 @@ async def test_an_attempt_started_again_and_again_without_a_final_event_fails(se
     status = await orchestrator.get_task_status(task_id)
     assert status["status"] == "failed"
     assert "started 6 times without a final event" in status["error_message"]
+
+
+async def test_a_copy_of_an_attempt_another_live_agent_runs_is_refused(setup) -> None:
+    # Given an attempt running on a live agent, and a second live agent that
+    # receives a copy of its message (a broker restart brought it back)
+    orchestrator, _, task_id = setup
+    await orchestrator.events.on_event(
+        AgentAnnounced(agent_id="other", capabilities=[], max_concurrent_tasks=1, task_types=["*"])
+    )
+    heard: list = []
+
+    async def control(command) -> None:
+        heard.append(command)
+
+    subscription = await orchestrator.bus.subscribe_control("other", control)
+
+    # When the second asks whether it may run it
+    await orchestrator.events.on_event(
+        TaskAssigned(task_id=task_id, attempt=1, agent_id="other", confirm=True)
+    )
+    await orchestrator.bus.join()
+    await subscription.close()
+
+    # Then it is told to drop it, and the task stays running on the first
+    assert [(c.kind, c.task_id) for c in heard if hasattr(c, "task_id")] == [
+        ("control.cancel", task_id)
+    ]
+    status = await orchestrator.get_task_status(task_id)
+    assert (status["status"], status["assigned_agent"]) == ("running", "worker")
