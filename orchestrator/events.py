@@ -9,6 +9,7 @@ makes through ``Lifecycle.transition`` (never by writing a status).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from broker import (
@@ -59,6 +60,9 @@ class EventHandlers:
         self.registry = registry
         self.outcomes = outcomes
         self.settings = settings
+        self._confirms: dict[str, tuple[int, str]] = {}
+        """Per task, the attempt and agent whose confirm waits for its holder."""
+        self._sending: set[asyncio.Task[None]] = set()
         self._starts: dict[str, tuple[int, int]] = {}
         """Per task, its current attempt and how often it started."""
         lifecycle.observe(self)
@@ -118,11 +122,10 @@ class EventHandlers:
         holder = task.assigned_agent
         if event.confirm and holder not in (None, event.agent_id) and holder in self.registry:
             # A copy of an attempt another live agent holds (its message came back
-            # after a broker restart while its handler runs on): it must not run
-            # beside it. If that agent is lost, its tasks are published again.
-            await self.bus.publish_control(
-                CancelTask(task_id=task.task_id, attempt=task.attempt), agent_id=event.agent_id
-            )
+            # after a broker restart while its handler runs on, or that agent is
+            # handing it back as it stops): it must not run beside it. The answer
+            # waits: proceed once the holder gives it up, cancel once it ends.
+            self._confirms[task.task_id] = (task.attempt, event.agent_id)
             return
         if event.confirm:
             await self.bus.publish_control(
@@ -168,6 +171,32 @@ class EventHandlers:
     def moved(self, task: Task, move: Move) -> None:
         if move.new.is_final or move.attempt != move.old_attempt:
             self._starts.pop(task.task_id, None)
+        waiting = self._confirms.get(task.task_id)
+        if waiting is None or move.agent == waiting[1]:
+            return
+        attempt, agent_id = waiting
+        if move.new.is_final or move.attempt != attempt:
+            answer: ProceedTask | CancelTask = CancelTask(task_id=task.task_id, attempt=attempt)
+        elif move.agent is None:
+            answer = ProceedTask(task_id=task.task_id, attempt=attempt)  # handed back
+        else:
+            return
+        del self._confirms[task.task_id]
+        self._answer(answer, agent_id)
+
+    def _answer(self, command: ProceedTask | CancelTask, agent_id: str) -> None:
+        """Send a held answer from an observer (which cannot wait); a lost one is
+        asked for again by the agent."""
+
+        async def send() -> None:
+            try:
+                await self.bus.publish_control(command, agent_id=agent_id)
+            except Exception as exc:
+                log.warning("answer to agent %s not sent (%s): it asks again", agent_id, exc)
+
+        sending = asyncio.get_running_loop().create_task(send())
+        self._sending.add(sending)
+        sending.add_done_callback(self._sending.discard)
 
     async def on_finished(self, event: TaskFinished) -> None:
         task = self.records.get(event.task_id)

@@ -13,12 +13,22 @@ import pytest
 from broker import (
     AgentAnnounced,
     AgentHeartbeat,
+    AgentLeft,
     BusSettings,
     MemoryBus,
     TaskAssigned,
+    TaskFinished,
     TaskStarted,
 )
 from orchestrator import OrchestratorSettings, TaskOrchestrator
+from tests.harness import wait_until
+
+
+def _heard_about_a_task(heard: list):
+    async def condition() -> bool:
+        return any(hasattr(c, "task_id") for c in heard)
+
+    return condition
 
 
 class Clock:
@@ -208,11 +218,41 @@ async def test_a_copy_of_an_attempt_another_live_agent_runs_is_refused(setup) ->
         TaskAssigned(task_id=task_id, attempt=1, agent_id="other", confirm=True)
     )
     await orchestrator.bus.join()
-    await subscription.close()
 
-    # Then it is told to drop it, and the task stays running on the first
+    # Then it hears nothing yet, and the task stays running on the first
+    assert [c for c in heard if hasattr(c, "task_id")] == []
+    status = await orchestrator.get_task_status(task_id)
+    assert (status["status"], status["assigned_agent"]) == ("running", "worker")
+
+    # When the first ends it, the copy is told to drop it
+    await orchestrator.events.on_event(
+        TaskFinished(task_id=task_id, attempt=1, agent_id="worker", outcome="completed")
+    )
+    await wait_until(_heard_about_a_task(heard), timeout=5)
+    await subscription.close()
     assert [(c.kind, c.task_id) for c in heard if hasattr(c, "task_id")] == [
         ("control.cancel", task_id)
     ]
-    status = await orchestrator.get_task_status(task_id)
-    assert (status["status"], status["assigned_agent"]) == ("running", "worker")
+
+
+async def test_a_copy_waiting_for_its_holder_runs_once_the_holder_hands_it_back(setup) -> None:
+    orchestrator, _, task_id = setup
+    await orchestrator.events.on_event(
+        AgentAnnounced(agent_id="other", capabilities=[], max_concurrent_tasks=1, task_types=["*"])
+    )
+    heard: list = []
+
+    async def control(command) -> None:
+        heard.append(command)
+
+    subscription = await orchestrator.bus.subscribe_control("other", control)
+    await orchestrator.events.on_event(
+        TaskAssigned(task_id=task_id, attempt=1, agent_id="other", confirm=True)
+    )
+    # the holder stops, handing its delivery back (its copy is the one waiting)
+    await orchestrator.events.on_event(AgentLeft(agent_id="worker"))
+    await wait_until(_heard_about_a_task(heard), timeout=5)
+    await subscription.close()
+    assert [(c.kind, c.task_id) for c in heard if hasattr(c, "task_id")] == [
+        ("control.proceed", task_id)
+    ]
