@@ -164,15 +164,13 @@ class Dispatch:
         self.lifecycle.transition(task, TaskStatus.PENDING, new_attempt=True)
         attempt = task.attempt
         task.retry_due = self.lifecycle.clock() + self.bus.arrival_bound(delay)
-        task.delivery = Delivery.UNSENT
+        # Being sent: saved (and flushed below) as publishing before the bus has
+        # it, so a restart that finds it so knows it may have been routed.
+        task.delivery = Delivery.PUBLISHING if send else Delivery.UNSENT
         self._watch(task)
         await self.records.save(task)
         if not send:
             return
-        # Saved (and flushed below) before the bus has it: a restart that finds
-        # it so knows it may have been routed.
-        task.delivery = Delivery.PUBLISHING
-        await self.records.save(task)
         handed = False
         try:
             # Written before published: events of this attempt must find it on restart.

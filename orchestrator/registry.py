@@ -79,6 +79,9 @@ class AgentRegistry:
         self._agents: dict[str, AgentCapability] = {}
         self._unrunnable: dict[str, QueueSpec] = {}
         """Queues warned of as no registered agent can run their tasks."""
+        self._runnable: set[str] = set()
+        """Queues some registered agent can run, as last found (a submit looks
+        here, not at every agent); forgotten whenever an agent changes or goes."""
         self._cancelled_in_queue: dict[str, None] = {}
         """Cancelled while their message waited in a queue: agents must skip them.
         New agents are told before they consume; an agent's skip report clears one."""
@@ -170,6 +173,7 @@ class AgentRegistry:
             # to announce itself, or it is removed (and leaves the utilisation).
             agent.last_seen = self.clock()
         await self.store.save_agent(agent)
+        self._runnable.clear()  # its capabilities or types may have shrunk
         for key, spec in list(self._unrunnable.items()):
             if can_run(agent, spec):
                 del self._unrunnable[key]
@@ -179,12 +183,14 @@ class AgentRegistry:
     def warn_if_unrunnable(self, key: str, spec: QueueSpec) -> None:
         """Log once (until an agent that can run them registers) that tasks wait
         in queue ``key`` for an agent nobody registered, naming what is missing."""
-        if key in self._unrunnable:
+        if key in self._unrunnable or key in self._runnable:
             return
         why = missing(self._agents.values(), spec)
-        if why is not None:
-            self._unrunnable[key] = spec
-            log.warning("tasks of queue %s wait for a capable agent: %s", key, why)
+        if why is None:
+            self._runnable.add(key)
+            return
+        self._unrunnable[key] = spec
+        log.warning("tasks of queue %s wait for a capable agent: %s", key, why)
 
     async def send_queues(self, agent: AgentCapability, *, replay: bool = False) -> None:
         """Tell an agent which queues to consume (those in use, and those being
@@ -247,6 +253,7 @@ class AgentRegistry:
         agent = self._agents.pop(agent_id, None)
         if agent is None:
             return None
+        self._runnable.clear()
         log.log(
             logging.INFO if returned else logging.WARNING,
             "agent %s removed (%s) with %d running task(s)",
