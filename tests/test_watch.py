@@ -24,6 +24,16 @@ from orchestrator import OrchestratorSettings, TaskOrchestrator
 from tests.harness import wait_until
 
 
+async def _listen(orchestrator: TaskOrchestrator, agent_id: str):
+    """The commands sent to ``agent_id`` from now on, and their subscription."""
+    heard: list = []
+
+    async def control(command) -> None:
+        heard.append(command)
+
+    return heard, await orchestrator.bus.subscribe_control(agent_id, control)
+
+
 def _heard_about_a_task(heard: list):
     async def condition() -> bool:
         return any(hasattr(c, "task_id") for c in heard)
@@ -110,12 +120,7 @@ async def test_queued_held_started_read_pending_assigned_running(setup) -> None:
     # Given a second task, queued: no agent holds it
     orchestrator, _, first = setup
     bus = orchestrator.bus
-    heard: list = []
-
-    async def control(command) -> None:
-        heard.append(command)
-
-    subscription = await bus.subscribe_control("worker", control)
+    heard, subscription = await _listen(orchestrator, "worker")
     task_id = await orchestrator.submit_task(name="t2", description="", task_type="j", payload={})
     status = await orchestrator.get_task_status(task_id)
     assert (status["status"], status["assigned_agent"]) == ("pending", None)
@@ -163,12 +168,7 @@ async def test_an_agent_registered_but_never_heard_from_goes_offline(setup) -> N
 
 async def test_registering_a_live_agent_again_changes_its_queues_and_limit(setup) -> None:
     orchestrator, _, _ = setup
-    heard: list = []
-
-    async def control(command) -> None:
-        heard.append(command)
-
-    subscription = await orchestrator.bus.subscribe_control("worker", control)
+    heard, subscription = await _listen(orchestrator, "worker")
     await orchestrator.submit_task(
         name="g", description="", task_type="j", payload={}, required_capabilities=["gpu"]
     )
@@ -206,12 +206,7 @@ async def test_a_copy_of_an_attempt_another_live_agent_runs_is_refused(setup) ->
     await orchestrator.events.on_event(
         AgentAnnounced(agent_id="other", capabilities=[], max_concurrent_tasks=1, task_types=["*"])
     )
-    heard: list = []
-
-    async def control(command) -> None:
-        heard.append(command)
-
-    subscription = await orchestrator.bus.subscribe_control("other", control)
+    heard, subscription = await _listen(orchestrator, "other")
 
     # When the second asks whether it may run it
     await orchestrator.events.on_event(
@@ -240,12 +235,7 @@ async def test_a_copy_waiting_for_its_holder_runs_once_the_holder_hands_it_back(
     await orchestrator.events.on_event(
         AgentAnnounced(agent_id="other", capabilities=[], max_concurrent_tasks=1, task_types=["*"])
     )
-    heard: list = []
-
-    async def control(command) -> None:
-        heard.append(command)
-
-    subscription = await orchestrator.bus.subscribe_control("other", control)
+    heard, subscription = await _listen(orchestrator, "other")
     await orchestrator.events.on_event(
         TaskAssigned(task_id=task_id, attempt=1, agent_id="other", confirm=True)
     )
