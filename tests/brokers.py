@@ -514,6 +514,20 @@ def docker_unavailable_reason() -> str | None:
     return None
 
 
+def _start_container(node: Any) -> None:
+    """Start ``node``'s testcontainers container; whatever did start is
+    removed (``node.stop()``) if it fails, and it is ``Unavailable``."""
+    _live.append(node)
+    node._started = True  # so that stop() removes whatever did start
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            node._container.start()
+    except Exception as exc:
+        node.stop()
+        raise Unavailable(f"the container did not start: {exc}") from exc
+
+
 class ContainerNode:
     """RabbitMQ in a Docker container (testcontainers), on a fixed host port so its
     URL survives a kill and a start."""
@@ -539,15 +553,7 @@ class ContainerNode:
 
     def start(self) -> ContainerNode:
         began = time.monotonic()
-        _live.append(self)
-        self._started = True  # so that stop() removes whatever did start
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self._container.start()
-        except Exception as exc:
-            self.stop()
-            raise Unavailable(f"the container did not start: {exc}") from exc
+        _start_container(self)
         self.name = self.eval("node().")
         self.startup_seconds = time.monotonic() - began
         return self
@@ -944,15 +950,7 @@ class ContainerPostgres:
 
     def start(self) -> ContainerPostgres:
         began = time.monotonic()
-        _live.append(self)
-        self._started = True  # so that stop() removes whatever did start
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self._container.start()
-        except Exception as exc:
-            self.stop()
-            raise Unavailable(f"the container did not start: {exc}") from exc
+        _start_container(self)
         self.startup_seconds = time.monotonic() - began
         return self
 
