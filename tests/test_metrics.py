@@ -1,0 +1,130 @@
+"""Prometheus figures and probes: a scrape agrees with ``get_stats``, and probes say what they should."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from agents import TaskContext
+from broker.probes import ProbeServer
+from orchestrator import TaskOrchestrator
+from orchestrator.metrics import OrchestratorMetrics
+
+from .harness import echo, wait_all
+
+
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    head, _, body = raw.decode().partition("\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+async def fails_once(ctx: TaskContext) -> dict[str, Any]:
+    if ctx.attempt == 1:
+        raise RuntimeError("first attempt fails")
+    return {"ok": True}
+
+
+async def test_scrape_counts_agree_with_stats(harness) -> None:
+    orch: TaskOrchestrator = await harness.start_orchestrator()
+    metrics = OrchestratorMetrics()
+    orch.lifecycle.observe(metrics)
+    await harness.start_agent(
+        "metrics-agent", ["compute"], handlers={"echo": echo, "flaky": fails_once}
+    )
+    ids = [await orch.submit_task(f"e{n}", "", "echo", {"n": n}) for n in range(5)]
+    ids.append(await orch.submit_task("f1", "", "flaky", {}, max_retries=2))
+    ids.append(await orch.submit_task("f2", "", "flaky", {}, max_retries=0))
+    await wait_all(orch, ids)
+    async with ProbeServer(metrics.registry, refresh=metrics.refresher(orch.get_stats)) as probe:
+        status, text = await http_get(probe.port, "/metrics")
+    assert status == 200
+    found = samples(text)
+    stats = await orch.get_stats()
+
+    def finished(kind: str, status: str) -> float:
+        key = (("status", status), ("task_type", kind))
+        return found.get(("orchestrator_tasks_finished_total", key), 0.0)
+
+    assert finished("echo", "completed") == 5
+    assert finished("flaky", "completed") == 1
+    assert finished("flaky", "failed") == 1
+    assert found[("orchestrator_task_retries_total", (("task_type", "flaky"),))] == 1
+    assert found[("orchestrator_tasks_submitted_total", ())] == stats["tasks_created"] == 7
+    assert found[("orchestrator_tasks", (("status", "completed"),))] == stats["completed_tasks"]
+    assert found[("orchestrator_tasks", (("status", "failed"),))] == stats["tasks_failed"] == 1
+    assert found[("orchestrator_agents", ())] == stats["registered_agents"] == 1
+    assert found[("orchestrator_task_run_seconds_count", (("task_type", "echo"),))] == 5
+    assert found[("orchestrator_task_wait_seconds_count", (("task_type", "echo"),))] == 5
+
+
+async def test_probes_answer_live_and_ready() -> None:
+    ready = {"value": (False, "connecting to the broker")}
+    metrics = OrchestratorMetrics()
+    async with ProbeServer(metrics.registry, ready=lambda: ready["value"]) as probe:
+        assert await http_get(probe.port, "/healthz") == (200, "ok\n")
+        assert await http_get(probe.port, "/readyz") == (503, "connecting to the broker\n")
+        ready["value"] = (True, "leading")
+        assert await http_get(probe.port, "/readyz") == (200, "leading\n")
+        assert (await http_get(probe.port, "/nope"))[0] == 404
+
+
+async def test_probe_ignores_garbage_requests() -> None:
+    """A port scanner's bytes neither crash the endpoint nor keep it busy."""
+    metrics = OrchestratorMetrics()
+    async with ProbeServer(metrics.registry) as probe:
+        reader, writer = await asyncio.open_connection("127.0.0.1", probe.port)
+        writer.write(b"\x16\x03\x01\x00\xff" + b"A" * 20000 + b"\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+        writer.close()
+        assert await http_get(probe.port, "/healthz") == (200, "ok\n")
+
+
+def test_task_type_labels_are_bounded() -> None:
+    from orchestrator.metrics import MAX_TASK_TYPES
+    from orchestrator.models import Task
+
+    metrics = OrchestratorMetrics()
+    names = set()
+    for n in range(MAX_TASK_TYPES + 50):
+        task = Task(
+            task_id=str(n), name="", description="", task_type=f"t{n}", priority=1, payload={}
+        )
+        names.add(metrics.task_type(task))
+    assert len(names) == MAX_TASK_TYPES + 1 and "other" in names
+
+
+async def test_agent_figures_match_what_it_ran(harness) -> None:
+    from agents.metrics import AgentMetrics
+
+    orch: TaskOrchestrator = await harness.start_orchestrator()
+    agent = await harness.start_agent(
+        "metrics-worker", ["compute"], max_concurrent_tasks=3, handlers={"echo": echo}
+    )
+    metrics = AgentMetrics(agent)
+    ids = [await orch.submit_task(f"e{n}", "", "echo", {"n": n}) for n in range(4)]
+    await wait_all(orch, ids)
+    async with ProbeServer(metrics.registry) as probe:
+        status, text = await http_get(probe.port, "/metrics")
+    assert status == 200
+    found = samples(text)
+    worker = ("agent_id", "metrics-worker")
+    assert found[("agent_tasks_total", (worker, ("outcome", "completed")))] == 4
+    assert found[("agent_tasks_total", (worker, ("outcome", "failed")))] == 0
+    assert found[("agent_concurrency", (worker,))] == 3
+    assert found[("agent_tasks_running", (worker,))] == 0
