@@ -31,6 +31,9 @@ from .messages import PRIORITIES, Priority, WireMessage, parse_with
 
 log = logging.getLogger(__name__)
 
+TaskState = Literal["pending", "assigned", "running", "completed", "failed", "cancelled", "timeout"]
+"""A task's status: the orchestrator's TaskStatus values (a test keeps them in step)."""
+
 # --- requests (-> <prefix>.rpc) --------------------------------------------------
 
 
@@ -111,13 +114,37 @@ class QueuesRequest(WireMessage):
     kind: Literal["request.queues"] = "request.queues"
 
 
+MAX_TASKS_LISTED = 1000
+"""The most tasks one ``request.tasks`` lists."""
+
+
+class TasksRequest(WireMessage):
+    """The tasks the orchestrator holds, most recently created first.
+
+    ``result`` is a list of ``TaskSummary``: at most ``limit``, of those that
+    match every filter given (a filter left out matches every task). Tasks
+    past their retention (``finished_task_ttl``) are no longer listed.
+    """
+
+    kind: Literal["request.tasks"] = "request.tasks"
+    status: list[TaskState] = Field(
+        default_factory=list, description="only tasks in one of these statuses; any when empty"
+    )
+    task_type: str | None = Field(default=None, description="only tasks of this type")
+    agent_id: str | None = Field(
+        default=None, description="only tasks this agent holds or ran (assigned_agent)"
+    )
+    limit: int = Field(default=50, ge=1, le=MAX_TASKS_LISTED, description="the most to list")
+
+
 Request = Annotated[
     SubmitTaskRequest
     | CancelTaskRequest
     | TaskStatusRequest
     | StatsRequest
     | AgentsRequest
-    | QueuesRequest,
+    | QueuesRequest
+    | TasksRequest,
     Field(discriminator="kind"),
 ]
 
@@ -128,6 +155,7 @@ REQUEST_TYPES: tuple[type[WireMessage], ...] = (
     StatsRequest,
     AgentsRequest,
     QueuesRequest,
+    TasksRequest,
 )
 
 ErrorType = str
@@ -154,7 +182,8 @@ class Reply(WireMessage):
     result: Any = Field(
         default=None,
         description="what the request asked for, when ok: SubmitResult, CancelResult,"
-        " TaskStatusResult, StatsResult, a list of AgentRecord or of QueueRecord",
+        " TaskStatusResult, StatsResult, a list of AgentRecord, of QueueRecord or of"
+        " TaskSummary",
     )
     error: ReplyError | None = Field(default=None, description="why it failed, when not ok")
 
@@ -174,9 +203,6 @@ class Reply(WireMessage):
 
 
 # --- what a successful reply's ``result`` holds, by request ---------------------------
-
-TaskState = Literal["pending", "assigned", "running", "completed", "failed", "cancelled", "timeout"]
-"""A task's status: the orchestrator's TaskStatus values (a test keeps them in step)."""
 
 
 class ReplyResult(BaseModel):
@@ -267,6 +293,23 @@ class QueueRecord(ReplyResult):
     depth: int = Field(ge=0, description="tasks waiting, not counting those an agent holds")
 
 
+class TaskSummary(ReplyResult):
+    """One task in the result of ``request.tasks``: what a list shows of it (its
+    payload and result only through ``request.status``)."""
+
+    task_id: str
+    name: str
+    task_type: str
+    status: TaskState
+    priority: Priority
+    assigned_agent: str | None = Field(description="the agent that holds or ran it")
+    created_at: float = Field(description="Unix time")
+    started_at: float | None = Field(description="Unix time its current attempt started")
+    completed_at: float | None = Field(description="Unix time it ended")
+    retry_count: int = Field(ge=0)
+    error_message: str | None = Field(description="why it failed, timed out or was cancelled")
+
+
 @dataclass(frozen=True)
 class ResultType:
     """What ``Reply.result`` holds when a request of one kind succeeds."""
@@ -294,6 +337,7 @@ RESULT_TYPES: dict[str, ResultType] = {
     "request.stats": ResultType(StatsResult),
     "request.agents": ResultType(AgentRecord, list_name="AgentsResult"),
     "request.queues": ResultType(QueueRecord, list_name="QueuesResult"),
+    "request.tasks": ResultType(TaskSummary, list_name="TasksResult"),
 }
 """The result of a successful reply, by request kind: the one table that the
 parser (``parse_result``) and the documents (``broker.schemas``) read."""

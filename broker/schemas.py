@@ -47,6 +47,7 @@ from .rpc import (
     ReplyResult,
     StatsRequest,
     SubmitTaskRequest,
+    TasksRequest,
     TaskStatusRequest,
 )
 from .topology import DIRECT_REPLY_TO, MAX_PRIORITY, Exchange, Queue, Topology
@@ -76,6 +77,7 @@ REQUESTS: tuple[type[WireMessage], ...] = (
     StatsRequest,
     AgentsRequest,
     QueuesRequest,
+    TasksRequest,
 )
 REPLIES: tuple[type[WireMessage], ...] = (Reply,)
 

@@ -10,9 +10,10 @@ the store is only a journal (see ``store``): written behind, read at start.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import heapq
+from collections.abc import Collection, Iterator
 
-from .models import Task
+from .models import Task, TaskStatus
 from .store import StateStore
 
 
@@ -29,6 +30,26 @@ class TaskRecords:
 
     def get(self, task_id: str | None) -> Task | None:
         return self._tasks.get(task_id) if task_id else None
+
+    def newest(
+        self,
+        limit: int,
+        *,
+        statuses: Collection[TaskStatus] = (),
+        task_type: str | None = None,
+        agent_id: str | None = None,
+    ) -> list[Task]:
+        """The ``limit`` most recently created tasks that match every filter given
+        (an empty ``statuses`` matches any): one pass, without sorting them all."""
+        wanted = frozenset(statuses)
+        matching = (
+            task
+            for task in self._tasks.values()
+            if (not wanted or task.status in wanted)
+            and (task_type is None or task.task_type == task_type)
+            and (agent_id is None or task.assigned_agent == agent_id)
+        )
+        return heapq.nlargest(limit, matching, key=lambda task: task.created_at)
 
     async def load(self) -> list[Task]:
         """Read every stored task, once, at start."""

@@ -1,7 +1,7 @@
 """The orchestrator's protocol for other services: requests on ``<prefix>.rpc``.
 
 ``OrchestratorService`` answers the request messages of ``broker.messages``
-(submit, cancel, status, stats, agents, queues) with the ``TaskOrchestrator``
+(submit, cancel, status, stats, agents, queues, tasks) with the ``TaskOrchestrator``
 API, so that a service in any language, and the command line, can use a
 running orchestrator. The bus does the AMQP part (reply_to, correlation_id);
 this module only maps requests to the API and its answers to replies:
@@ -30,6 +30,7 @@ from broker import (
     Subscription,
     TaskStatusRequest,
 )
+from broker.rpc import TasksRequest
 
 from .models import AgentCapability
 from .task_orchestrator import TaskOrchestrator
@@ -89,6 +90,10 @@ class OrchestratorService:
             return await orchestrator.get_stats()
         if isinstance(request, AgentsRequest):
             return [agent_record(a) for a in await orchestrator.get_agents()]
+        if isinstance(request, TasksRequest):
+            return await orchestrator.list_tasks(
+                request.status, request.task_type, request.agent_id, request.limit
+            )
         if isinstance(request, QueuesRequest):
             bus = orchestrator.bus
             return [

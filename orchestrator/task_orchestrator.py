@@ -25,6 +25,7 @@ from typing import Any
 
 from broker import CancelTask, CommunicationBus, Reannounce, Subscription
 
+from . import listing
 from .dispatch import Dispatch, queue_key
 from .events import EventHandlers
 from .lifecycle import Lifecycle, waiting_for_dependencies
@@ -332,6 +333,18 @@ class TaskOrchestrator:
         status = await self.get_task_status(task_id)
         assert status is not None
         return status
+
+    async def list_tasks(
+        self,
+        status: TaskStatus | str | list[TaskStatus | str] | None = None,
+        task_type: str | None = None,
+        agent_id: str | None = None,
+        limit: int = 50,
+    ) -> list[dict[str, Any]]:
+        """The tasks held, most recently created first, at most ``limit`` (1 to
+        1000): those in one of the statuses given, of ``task_type``, held or run
+        by ``agent_id`` (beyond the seed; see ``listing``)."""
+        return listing.list_tasks(self.records, status, task_type, agent_id, limit)
 
     async def get_stats(self) -> dict[str, Any]:
         return self._stats.snapshot(self.registry)

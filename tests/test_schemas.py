@@ -111,6 +111,7 @@ def test_asyncapi_document_is_consistent() -> None:
         "StatsRequest",
         "AgentsRequest",
         "QueuesRequest",
+        "TasksRequest",
     }
 
 
