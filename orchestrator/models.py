@@ -102,6 +102,9 @@ class Task:
     """Where the current attempt's message is (see ``Delivery``)."""
     traceback: str | None = None
     """The last failed attempt's traceback, as its agent reported it."""
+    idempotency_key: str | None = None
+    """The key it was submitted with: a submit repeating it gets this task's id
+    (see ``idempotency``). Kept, and forgotten, with the task."""
 
 
 @dataclass

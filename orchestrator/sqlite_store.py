@@ -78,6 +78,7 @@ def task_to_record(task: Task) -> str:
             "retry_due": task.retry_due,
             "delivery": task.delivery.value,
             "traceback": task.traceback,
+            "idempotency_key": task.idempotency_key,
         },
         separators=(",", ":"),
     )
