@@ -136,6 +136,11 @@ class Agent:
         return self._attempts.keys()
 
     @property
+    def task_types(self) -> list[str]:
+        """The task types this agent has handlers for ('*': any), as it announces them."""
+        return list(self._handlers.task_types)
+
+    @property
     def unsettled(self) -> int:
         """How many deliveries this agent received and has not settled yet."""
         return len(self._deliveries)
