@@ -44,6 +44,7 @@ __all__ = [
     "DeadLetter",
     "DeadLetterHandler",
     "EventHandler",
+    "Lease",
     "RequestHandler",
     "Subscription",
     "TaskConsumer",
@@ -142,6 +143,33 @@ class TaskConsumer(Subscription):
     @abc.abstractmethod
     def queue_keys(self) -> frozenset[str]:
         """The capability keys consumed now."""
+
+
+class Lease(abc.ABC):
+    """A lock the broker holds for one of several processes: the orchestrators'
+    leadership of a prefix (``Topology.leader_lease``).
+
+    The broker enforces it: it grants it to one connection at a time and
+    takes it back by itself when that connection ends, so a killed holder
+    loses it at once and a paused one once its heartbeats stop.
+    """
+
+    @property
+    @abc.abstractmethod
+    def held(self) -> bool:
+        """Acquired, and not lost or released since."""
+
+    @abc.abstractmethod
+    async def acquire(self) -> bool:
+        """Try once to take it; True if it is held now, False if another holds it."""
+
+    @abc.abstractmethod
+    async def wait_lost(self) -> None:
+        """Return once a held lease is gone (its connection ended, or ``release``)."""
+
+    @abc.abstractmethod
+    async def release(self) -> None:
+        """Give it up (idempotent); the next ``acquire`` of another may succeed."""
 
 
 class CommunicationBus(abc.ABC):
@@ -271,6 +299,12 @@ class CommunicationBus(abc.ABC):
     async def queue_depth(self, queue_key: str) -> int:
         """How many tasks wait in a capability queue (not counting those an
         agent holds); 0 for a queue that does not exist."""
+
+    # leadership ------------------------------------------------------------
+    def lease(self, holder: str) -> Lease:
+        """The leader lease of this prefix, for ``holder`` (a name the broker UI
+        shows); not acquired yet. Buses without one raise ``NotImplementedError``."""
+        raise NotImplementedError(f"{type(self).__name__} has no leader lease")
 
     # requests of other services ---------------------------------------------
     @abc.abstractmethod

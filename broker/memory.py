@@ -30,6 +30,7 @@ from .bus import (
     ControlHandler,
     DeadLetterHandler,
     EventHandler,
+    Lease,
     RequestHandler,
     Subscription,
     TaskConsumer,
@@ -89,6 +90,35 @@ class _Router:
         return sinks
 
 
+class MemoryLease(Lease):
+    """The leader lease on the in-process bus: one holder per bus, as one
+    connection holds RabbitMQ's exclusive queue; closing the bus ends it."""
+
+    def __init__(self, bus: MemoryBus, holder: str) -> None:
+        self._bus = bus
+        self.holder = holder
+        self._lost = asyncio.Event()
+
+    @property
+    def held(self) -> bool:
+        return self._bus._lease_holder is self and not self._lost.is_set()
+
+    async def acquire(self) -> bool:
+        self._bus._require()
+        if self._bus._lease_holder is None:
+            self._bus._lease_holder = self
+            self._lost = asyncio.Event()
+        return self.held
+
+    async def wait_lost(self) -> None:
+        await self._lost.wait()
+
+    async def release(self) -> None:
+        if self._bus._lease_holder is self:
+            self._bus._lease_holder = None
+        self._lost.set()
+
+
 class MemoryBus(CommunicationBus):
     """An in-process bus. Share one instance between the orchestrator and its agents."""
 
@@ -111,6 +141,7 @@ class MemoryBus(CommunicationBus):
         """Exclusive queues (agents' control queues) consumed now."""
         self.dead_letters: list[DeadLetter] = []
         """Every dead-lettered message, newest last (the ``<p>.dead`` queue)."""
+        self._lease_holder: MemoryLease | None = None
 
     # lifecycle -------------------------------------------------------------
     async def connect(self) -> None:
@@ -130,6 +161,8 @@ class MemoryBus(CommunicationBus):
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
+        if self._lease_holder is not None:
+            await self._lease_holder.release()
         self._connected = False
         self._poke()
 
@@ -406,6 +439,10 @@ class MemoryBus(CommunicationBus):
         )
         self._subscriptions.add(sub)
         return sub
+
+    # leadership ----------------------------------------------------------------
+    def lease(self, holder: str) -> Lease:
+        return MemoryLease(self, holder)
 
     # requests of other services ------------------------------------------------
     async def serve_requests(self, handler: RequestHandler) -> Subscription:

@@ -30,6 +30,7 @@ from .bus import (
     ControlHandler,
     DeadLetterHandler,
     EventHandler,
+    Lease,
     RequestHandler,
     Subscription,
     TaskConsumer,
@@ -46,6 +47,7 @@ from .rabbitmq_consume import (
     dead_letter_of,
 )
 from .rabbitmq_declare import Declarer, delete
+from .rabbitmq_lease import RabbitLease
 from .rabbitmq_link import CHANNEL_GONE, amqp_url, open_connection
 from .rabbitmq_publish import PUBLISH_RETRY_SECONDS, Publisher
 from .rabbitmq_rpc import RpcClient, request_server
@@ -321,6 +323,17 @@ class RabbitMQBus(CommunicationBus):
             no_reply=self._no_reply(timeout),
         )
         return parse_reply(reply)
+
+    # leadership ------------------------------------------------------------
+    def lease(self, holder: str) -> Lease:
+        """The exclusive queue ``<prefix>.orchestrator.leader``, on a connection of its own."""
+        return RabbitLease(
+            amqp_url(self.settings, default_broker_url()),
+            self.topology.leader_lease().queue,
+            holder=holder,
+            address=self.address,
+            connect_timeout=self.settings.connect_timeout,
+        )
 
     # control ---------------------------------------------------------------
     async def publish_control(self, command: Control, *, agent_id: str | None = None) -> None:

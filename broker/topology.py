@@ -365,6 +365,15 @@ class Topology:
         queue = Queue(self.orchestrator_dead_queue, arguments=_CLASSIC)
         return self._bound(queue, self.exchanges.dead, ("",))
 
+    def leader_lease(self) -> Declarations:
+        """The orchestrators' lease: whoever holds this queue leads the prefix.
+
+        Exclusive, so RabbitMQ refuses it to every other connection
+        (RESOURCE_LOCKED) and deletes it the moment its holder's connection
+        ends (a killed process included): the next orchestrator's declare
+        then succeeds. It carries no messages."""
+        return Declarations(queues=(Queue(self.leader_queue, durable=False, exclusive=True),))
+
     def rpc(self) -> Declarations:
         """The request queue; bound to the default exchange by its name, like every queue."""
         return Declarations(queues=(Queue(self.rpc_queue, arguments=self.rpc_queue_arguments()),))
@@ -439,6 +448,11 @@ class Topology:
     def orchestrator_events_queue(self) -> str:
         """The orchestrator's durable queue of events: results wait here while it is down."""
         return f"{self.prefix}.orchestrator.events"
+
+    @property
+    def leader_queue(self) -> str:
+        """The lease of the orchestrator that leads this prefix (see ``leader_lease``)."""
+        return f"{self.prefix}.orchestrator.leader"
 
     def agent_control_queue(self, agent_id: str) -> str:
         return f"{self.prefix}.agent.{agent_id}"

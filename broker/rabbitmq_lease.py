@@ -1,0 +1,117 @@
+"""The leader lease on RabbitMQ: an exclusive queue on a connection of its own.
+
+RabbitMQ lets one connection at a time hold an exclusive queue: a second
+connection's declare is refused with RESOURCE_LOCKED (405, which closes that
+channel only), and the queue is deleted as soon as its connection ends,
+however it ends: a SIGKILLed holder's socket closes at once, a paused one is
+dropped when its AMQP heartbeats stop. That is the lease.
+
+It lives on a plain (not robust) connection of its own, so that nothing
+declares it again behind our back after a reconnect: a lost connection is a
+lost lease (``wait_lost`` returns), and whoever held it must stop acting as
+the holder at once. The holder takes it again, if still free, only through a
+new ``acquire``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection
+from yarl import URL
+
+from .bus import Lease
+from .errors import BusConnectionError
+from .rabbitmq_link import TRANSIENT
+from .topology import Queue
+
+log = logging.getLogger(__name__)
+
+
+class RabbitLease(Lease):
+    """The lease ``queue`` (exclusive) for ``holder``, on its own connection to ``url``."""
+
+    def __init__(
+        self, url: str, queue: Queue, *, holder: str, address: str, connect_timeout: float
+    ) -> None:
+        assert queue.exclusive, "a lease is an exclusive queue"
+        self._url = url
+        self._queue = queue
+        self.holder = holder
+        self._address = address
+        self._timeout = connect_timeout
+        self._connection: AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._lost = asyncio.Event()
+        self._held = False
+
+    @property
+    def held(self) -> bool:
+        return self._held and not self._lost.is_set()
+
+    async def acquire(self) -> bool:
+        if self.held:
+            return True
+        connection = await self._connect()
+        channel = await connection.channel(publisher_confirms=False)
+        try:
+            await channel.declare_queue(
+                self._queue.name, durable=False, exclusive=True, auto_delete=False
+            )
+        except aiormq.exceptions.ChannelLockedResource:
+            return False  # held by another connection; the broker closed this channel
+        except TRANSIENT as exc:
+            await self._drop()
+            raise BusConnectionError(f"cannot take the lease {self._queue.name!r}: {exc}") from None
+        self._channel = channel
+        self._lost = asyncio.Event()
+        self._held = True
+        log.info("took the lease %s as %s", self._queue.name, self.holder)
+        return True
+
+    async def _connect(self) -> AbstractConnection:
+        if self._connection is not None and not self._connection.is_closed:
+            return self._connection
+        connection = aio_pika.Connection(
+            URL(self._url), client_properties={"connection_name": f"{self.holder}:lease"}
+        )
+        try:
+            await connection.connect(timeout=self._timeout)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await connection.close()
+            if isinstance(exc, TRANSIENT):
+                raise BusConnectionError(
+                    f"cannot reach RabbitMQ at {self._address} for the lease: {exc}"
+                ) from None
+            raise
+        connection.close_callbacks.add(self._on_close)
+        self._connection = connection
+        return connection
+
+    def _on_close(self, *_: Any) -> None:
+        if self._held and not self._lost.is_set():
+            log.warning("lost the lease %s: its connection closed", self._queue.name)
+        self._lost.set()
+        self._held = False
+        self._connection = None
+        self._channel = None
+
+    async def wait_lost(self) -> None:
+        await self._lost.wait()
+
+    async def release(self) -> None:
+        self._held = False
+        self._lost.set()
+        await self._drop()
+
+    async def _drop(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and not connection.is_closed:
+            with contextlib.suppress(Exception):
+                await connection.close()
