@@ -1,0 +1,112 @@
+"""deploy/k8s: valid Kubernetes, and in step with the code it deploys.
+
+The manifests are generated (deploy/kubernetes.py); these tests hold the
+committed files to the generator, every manifest to the Kubernetes schemas
+(kubernetes-validate, strict: an unknown field fails), and the parts that
+must agree with the code to the code: the queues KEDA scales on, grace
+periods above the agents' drain timeout, probe paths, and settings names.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from broker import BusSettings
+from broker.topology import Topology, route_key
+from deploy import kubernetes
+from orchestrator.cli.settings import CliSettings
+
+K8S = Path(kubernetes.__file__).resolve().parent / "k8s"
+KUBERNETES_VERSION = "1.29.0"
+"""The oldest release still in wide use that has every API used here."""
+
+
+def manifests() -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        docs.extend(doc for doc in yaml.safe_load_all(path.read_text()) if doc)
+    return docs
+
+
+def of_kind(kind: str) -> list[dict[str, Any]]:
+    return [doc for doc in manifests() if doc["kind"] == kind]
+
+
+def containers() -> list[dict[str, Any]]:
+    return [c for d in of_kind("Deployment") for c in d["spec"]["template"]["spec"]["containers"]]
+
+
+def test_committed_manifests_are_what_the_generator_writes() -> None:
+    assert kubernetes.main(["--check"]) == 0, "run python deploy/kubernetes.py"
+
+
+@pytest.mark.parametrize(
+    "doc", [d for d in manifests() if not d["apiVersion"].startswith("keda.sh/")],
+    ids=lambda d: f"{d['kind']}/{d['metadata']['name']}",
+)  # fmt: skip
+def test_every_manifest_is_valid_kubernetes(doc: dict[str, Any]) -> None:
+    kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_agents_are_given_longer_than_their_drain_timeout() -> None:
+    agents = kubernetes.example_agents()
+    for deployment in of_kind("Deployment"):
+        name = deployment["metadata"]["name"]
+        if not name.startswith("agent-"):
+            continue
+        agent = agents[name.removeprefix("agent-")]
+        grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert grace > agent.drain_timeout, name
+
+
+def test_keda_scales_each_agent_on_the_queues_of_its_task_types_only() -> None:
+    topology = Topology(kubernetes.PREFIX)
+    agents = kubernetes.example_agents()
+    scaled = {doc["spec"]["scaleTargetRef"]["name"]: doc for doc in of_kind("ScaledObject")}
+    assert set(scaled) == {f"agent-{role}" for role in agents}
+    for role in agents:
+        (trigger,) = scaled[f"agent-{role}"]["spec"]["triggers"]
+        pattern = re.compile(trigger["metadata"]["queueName"])
+        for other_role, other in agents.items():
+            for task_type in other.task_types:
+                for caps in ([], other.capabilities, other.capabilities[:1]):
+                    queue = topology.task_queue(route_key(task_type, caps))
+                    assert bool(pattern.match(queue)) == (other_role == role), (role, queue)
+        assert not pattern.match(topology.rpc_queue)
+        assert not pattern.match(topology.orchestrator_events_queue)
+
+
+def test_probes_and_settings_are_the_ones_the_processes_have() -> None:
+    known = {
+        f"ORCHESTRATOR_{name.upper()}"
+        for model in (BusSettings, CliSettings)
+        for name in model.model_fields
+    }
+    for container in containers():
+        args = container["args"]
+        port = int(args[args.index("--metrics-port") + 1])
+        assert container["ports"] == [{"name": "metrics", "containerPort": port}]
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        for env in container["env"]:
+            if env["name"].startswith("ORCHESTRATOR_"):
+                assert env["name"] in known, env["name"]
+
+
+def test_credentials_come_from_the_secret_and_nowhere_else() -> None:
+    (secret,) = of_kind("Secret")
+    keys = set(secret["stringData"])
+    for container in containers():
+        for env in container["env"]:
+            assert "CHANGE-ME" not in str(env.get("value", ""))
+            ref = env.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                assert ref["name"] == secret["metadata"]["name"] and ref["key"] in keys
+    (auth,) = of_kind("TriggerAuthentication")
+    assert {ref["key"] for ref in auth["spec"]["secretTargetRef"]} <= keys
