@@ -330,7 +330,7 @@ class Topology:
     def orchestrator_events(self) -> Declarations:
         """The orchestrator's durable queue of events: results wait here while it is down."""
         queue = Queue(self.orchestrator_events_queue, arguments=_CLASSIC)
-        return self._bound(queue, self.exchanges.events, self.ORCHESTRATOR_EVENT_PATTERNS)
+        return self._bound_events(queue, self.ORCHESTRATOR_EVENT_PATTERNS)
 
     def monitor(self, patterns: Sequence[str], suffix: str) -> Declarations:
         """A monitor's private queue of the events matching ``patterns``: it
@@ -338,7 +338,27 @@ class Topology:
         queue = Queue(
             f"{self.prefix}.monitor.{suffix}", durable=False, exclusive=True, auto_delete=True
         )
-        return self._bound(queue, self.exchanges.events, patterns)
+        return self._bound_events(queue, patterns)
+
+    @staticmethod
+    def event_key(kind: str, agent_id: str) -> str:
+        """The routing key of an event on the events exchange: ``<kind>.<agent id>``
+        (``task.finished.agent-7``). The sender's id is in the key so that
+        RabbitMQ's topic permissions can hold an agent's user to its own id
+        (``broker.permissions``); a kind is always two words."""
+        return f"{kind}.{agent_id}"
+
+    @staticmethod
+    def event_binding_key(pattern: str) -> str:
+        """The binding key of an events pattern written against kinds (``task.finished``,
+        ``task.*``, ``agent.#``): it matches ``event_key`` of those kinds from any
+        agent, and still the bare kind (``#`` matches zero words), which is what
+        the in-process bus routes by."""
+        return pattern if pattern == "#" or pattern.endswith(".#") else f"{pattern}.#"
+
+    def _bound_events(self, queue: Queue, patterns: Iterable[str]) -> Declarations:
+        keys = dict.fromkeys(self.event_binding_key(p) for p in patterns)
+        return self._bound(queue, self.exchanges.events, keys)
 
     def agent_control(self, agent_id: str) -> Declarations:
         """One agent's commands: those sent to it and those sent to all.
