@@ -2,8 +2,10 @@
 
 A broker URL is checked when the settings are made, before anything connects:
 ``amqp://`` or ``amqps://`` with a host, and the TLS files it names (aiormq's
-``cafile``, ``capath``, ``certfile`` and ``keyfile`` query options, the only
-TLS settings there are) present and readable. A bad one is a ``ValueError``
+``cafile``, ``capath``, ``certfile`` and ``keyfile`` query options, kept as
+fallbacks of the ``broker_ca_file``, ``broker_cert_file`` and
+``broker_key_file`` settings) present and readable; so are those settings'
+files and ``broker_password_file``. A bad one is a ``ValueError``
 (pydantic's ``ValidationError``) naming ``broker_url``, its message showing
 the URL without its password; the input is kept out of the error's text for
 the same reason.
@@ -14,8 +16,10 @@ from __future__ import annotations
 import os
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .tls import check_file, read_password_file
 
 AMQP_SCHEMES = ("amqp", "amqps")
 TLS_FILES = ("cafile", "certfile", "keyfile")
@@ -38,8 +42,8 @@ class BusSettings(BaseSettings):
 
     broker_url: str | None = Field(
         default=None,
-        description="amqp:// or amqps:// URL of RabbitMQ; unset = in-process bus. TLS files"
-        " go in its query: ?cafile=PATH&certfile=PATH&keyfile=PATH",
+        description="amqp:// or amqps:// URL of RabbitMQ; unset = in-process bus. Its"
+        " password may be left out and given by broker_password(_file) instead",
     )
     prefix: str = Field(
         default="orchestrator",
@@ -58,6 +62,30 @@ class BusSettings(BaseSettings):
     )
     connect_attempts: int = Field(default=3, ge=1, description="tries of the first connect")
     connect_timeout: float = Field(default=5.0, gt=0, description="seconds per connect try")
+    # The password and TLS (broker/tls.py): files, so that no secret is on a command line.
+    broker_password: SecretStr | None = Field(
+        default=None, description="password of the URL's user, for a URL without one"
+    )
+    broker_password_file: str | None = Field(
+        default=None,
+        description="file holding the password (a mounted secret), for a URL without one",
+    )
+    broker_ca_file: str | None = Field(
+        default=None,
+        description="PEM file of the CA(s) the broker's certificate must chain to; unset = the system's",
+    )
+    broker_cert_file: str | None = Field(
+        default=None, description="PEM file of our client certificate (the key too, if no key file)"
+    )
+    broker_key_file: str | None = Field(default=None, description="PEM file of our client key")
+    broker_key_password: SecretStr | None = Field(
+        default=None, description="password of an encrypted client key"
+    )
+    broker_tls_verify: bool = Field(
+        default=True,
+        description="check the broker's certificate and that it names the URL's host;"
+        " false is logged as a WARNING at each connect",
+    )
 
     @field_validator("broker_url")
     @classmethod
@@ -66,6 +94,46 @@ class BusSettings(BaseSettings):
             return None  # unset: the in-process bus (or the local broker, where one is needed)
         check_broker_url(value.strip())
         return value.strip()
+
+    @field_validator("broker_password")
+    @classmethod
+    def _one_password(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        if _url_password(info.data.get("broker_url")):
+            raise ValueError("the broker URL has a password too: give only one")
+        return value
+
+    @field_validator("broker_password_file")
+    @classmethod
+    def _a_password_file(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if not value:
+            return None
+        read_password_file(value)
+        if _url_password(info.data.get("broker_url")):
+            raise ValueError("the broker URL has a password too: give only one")
+        if info.data.get("broker_password") is not None:
+            raise ValueError("broker_password is set too: give only one")
+        return value
+
+    @field_validator("broker_ca_file", "broker_cert_file", "broker_key_file")
+    @classmethod
+    def _a_tls_file(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if not value:
+            return None
+        what = {"broker_ca_file": "CA file", "broker_cert_file": "certificate file"}
+        check_file(what.get(info.field_name or "", "key file"), value)
+        url = info.data.get("broker_url")
+        if url and urlsplit(url).scheme.lower() != "amqps":
+            raise ValueError(f"{value!r}: a TLS file, and TLS needs an amqps:// broker_url")
+        return value
+
+
+def _url_password(url: str | None) -> bool:
+    try:
+        return bool(url and urlsplit(url).password)
+    except ValueError:
+        return False
 
 
 def check_broker_url(url: str) -> None:
