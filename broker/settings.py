@@ -62,6 +62,11 @@ class BusSettings(BaseSettings):
     )
     connect_attempts: int = Field(default=3, ge=1, description="tries of the first connect")
     connect_timeout: float = Field(default=5.0, gt=0, description="seconds per connect try")
+    orchestrator_user: str | None = Field(
+        default=None,
+        description="the broker user whose commands an agent obeys (and whose task messages"
+        " the broker's own dead letters carry); unset: the bus's own user, one trust domain",
+    )
     # The password and TLS (broker/tls.py): files, so that no secret is on a command line.
     broker_password: SecretStr | None = Field(
         default=None, description="password of the URL's user, for a URL without one"
