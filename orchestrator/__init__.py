@@ -1,5 +1,14 @@
 """The task orchestrator: the seed's ``TaskOrchestrator`` API and what it needs."""
 
+from .client import (
+    Client,
+    ClientError,
+    InvalidRequest,
+    OrchestratorError,
+    OrchestratorUnavailable,
+    TaskHandle,
+    TaskNotFound,
+)
 from .dependencies import DependencyGraph
 from .models import AgentCapability, Task, TaskPriority, TaskStatus
 from .retries import RetryPolicy
@@ -8,6 +17,7 @@ from .settings import OrchestratorSettings
 from .sqlite_store import SQLiteStore
 from .stats import StatsTracker
 from .store import MemoryStore, StateStore
+from .sync_client import SyncClient, SyncTaskHandle
 from .task_orchestrator import TaskOrchestrator
 from .timeouts import RunDeadlines
 
@@ -18,8 +28,17 @@ __all__ = [
     "TaskStatus",
     "Task",
     "AgentCapability",
-    # the protocol for other services
+    # the protocol for other services, and its client
     "OrchestratorService",
+    "Client",
+    "SyncClient",
+    "TaskHandle",
+    "SyncTaskHandle",
+    "ClientError",
+    "InvalidRequest",
+    "TaskNotFound",
+    "OrchestratorUnavailable",
+    "OrchestratorError",
     # configuration and state
     "OrchestratorSettings",
     "StateStore",
