@@ -96,7 +96,7 @@ async def test_submit_and_result_wait_on_the_tasks_event(served) -> None:
 
 
 async def test_cancel_result_timeout_and_errors(served) -> None:
-    harness, gates = served
+    harness, _gates = served
     async with client_of(harness) as client:
         # Given a task no agent can run
         harness.queue_keys.add("nobody")
@@ -114,11 +114,11 @@ async def test_cancel_result_timeout_and_errors(served) -> None:
         assert await stuck.cancel() is False  # once
 
         # Errors are the seed's: a bad field is a ValueError naming it
-        with pytest.raises(ValueError, match="^priority: must be one of"):
+        with pytest.raises(ValueError, match=r"^priority: must be one of"):
             await client.submit("x", "", "analysis", {}, priority="urgent")
-        with pytest.raises(ValueError, match="^dependencies: unknown task id 'task_nope'"):
+        with pytest.raises(ValueError, match=r"^dependencies: unknown task id 'task_nope'"):
             await client.submit("x", "", "analysis", {}, dependencies=["task_nope"])
-        with pytest.raises(ValueError, match="^no_such_field: not a field of a submit"):
+        with pytest.raises(ValueError, match=r"^no_such_field: not a field of a submit"):
             await client.submit("x", "", "analysis", {}, no_such_field=1)
         # an unknown task a KeyError; the seed's get_task_status gives None
         with pytest.raises(KeyError, match="unknown task 'task_nope'"):
@@ -126,9 +126,9 @@ async def test_cancel_result_timeout_and_errors(served) -> None:
         with pytest.raises(KeyError):
             await client.cancel("task_nope")
         assert await client.get_task_status("task_nope") is None
-        with pytest.raises(ValueError, match="^status"):
+        with pytest.raises(ValueError, match=r"^status"):
             await client.tasks(status="sleeping")
-        with pytest.raises(ValueError, match="^limit"):
+        with pytest.raises(ValueError, match=r"^limit"):
             await client.tasks(limit=0)
 
 
