@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -349,8 +350,11 @@ async def run_rabbitmq(args: argparse.Namespace) -> Result:
                     print(text, file=sys.stderr)
         for log in logs:
             log.close()
-        keys = set(orchestrator._queue_caps)
+        keys: set[str] = set()
         try:
+            if connected:
+                with contextlib.suppress(Exception):  # it may not have started
+                    keys = set(await orchestrator.get_queues())
             await orchestrator.stop()
             await bus.close()  # ours: we connected it before start()
         finally:
