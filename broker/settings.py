@@ -14,6 +14,7 @@ the same reason.
 from __future__ import annotations
 
 import os
+from typing import Literal
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
@@ -62,6 +63,12 @@ class BusSettings(BaseSettings):
     )
     connect_attempts: int = Field(default=3, ge=1, description="tries of the first connect")
     connect_timeout: float = Field(default=5.0, gt=0, description="seconds per connect try")
+    declare: Literal["all", "own"] | None = Field(
+        default=None,
+        description="what the RabbitMQ bus declares: all = the shared topology (the"
+        " orchestrator); own = only its own queues, the rest checked passively (agents,"
+        " clients, monitors: see broker.permissions); unset = all where the user may",
+    )
     orchestrator_user: str | None = Field(
         default=None,
         description="the broker user whose commands an agent obeys (and whose task messages"
