@@ -14,6 +14,13 @@ Its semantics, which ``tests/test_store_contract.py`` holds every store to:
   events it handled, so a store may batch writes in between.
 - ``tasks`` / ``agents`` / ``get_meta`` / ``get_task`` read what was saved,
   as copies that the caller may change freely.
+
+Leader fencing: ``claim_epoch`` raises the store's leader epoch and makes the
+claiming store object write only under it. A store object whose epoch was
+overtaken (another process claimed since) writes nothing more: its
+``flush`` raises ``StoreFenced``. So an old leader that wakes up from a pause
+cannot overwrite what the new one wrote. A store object that never claimed
+is not fenced (one orchestrator per store, as before leadership existed).
 """
 
 from __future__ import annotations
@@ -38,6 +45,17 @@ def snapshot_task(task: Task) -> Task:
 def snapshot_agent(agent: AgentCapability) -> AgentCapability:
     """A copy that later changes of ``agent`` (its scores, its running set) do not reach."""
     return copy.deepcopy(agent)
+
+
+class StoreFenced(RuntimeError):
+    """A newer leader claimed the store: this store object may write nothing more."""
+
+    def __init__(self, where: str, epoch: int, current: int, holder: str | None) -> None:
+        self.epoch, self.current, self.holder = epoch, current, holder
+        super().__init__(
+            f"{where}: fenced: this orchestrator leads under epoch {epoch}, but"
+            f" {holder or 'another orchestrator'} claimed epoch {current}; nothing was written"
+        )
 
 
 class StateStore(abc.ABC):
@@ -85,6 +103,22 @@ class StateStore(abc.ABC):
 
     async def close(self) -> None:
         """Release resources (files, connections)."""
+
+    # Leader fencing. The default keeps the epoch in the object: right for a store
+    # no other process can reach (``MemoryStore``); a shared store overrides both.
+    _epoch_in_memory: tuple[int, str | None] = (0, None)
+
+    async def claim_epoch(self, holder: str) -> int:
+        """Raise the store's leader epoch by one and record ``holder`` as its
+        leader, atomically; from then on this object writes only under that epoch
+        (a ``flush`` after someone else claimed a newer one raises ``StoreFenced``)."""
+        epoch = self._epoch_in_memory[0] + 1
+        self._epoch_in_memory = (epoch, holder)
+        return epoch
+
+    async def current_epoch(self) -> tuple[int, str | None]:
+        """The store's latest leader epoch and its holder ((0, None): never claimed)."""
+        return self._epoch_in_memory
 
 
 class MemoryStore(StateStore):

@@ -2,8 +2,12 @@
 
 A store is a write-behind journal: a save takes the record as it is at the
 call, reads hand out copies, and a durable store gives back after a reopen
-exactly what was saved before its last flush. A new store (PostgreSQL) joins
-by adding a fixture param here.
+exactly what was saved before its last flush. Every store runs here:
+memory, SQLite and PostgreSQL (a database of the test's own).
+
+Leader fencing is part of the contract: ``claim_epoch`` raises the epoch,
+and a store object whose epoch was overtaken by another one on the same
+database writes nothing more (its flush raises ``StoreFenced``).
 """
 
 from __future__ import annotations
@@ -15,21 +19,27 @@ import pytest
 
 from orchestrator import AgentCapability, MemoryStore, SQLiteStore, StateStore, Task, TaskPriority
 from orchestrator.models import Delivery, TaskStatus
+from orchestrator.postgres_store import PostgresStore
+from orchestrator.store import StoreFenced
 
 Opener = Callable[[], Awaitable[StateStore]]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def opener(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
-    """Opens the store under test; for a durable store, again on the same data."""
+    """Opens the store under test; for a durable store, a new store object on the
+    same data each time (as another process would)."""
     opened: list[StateStore] = []
     memory = MemoryStore()
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else ""
 
     async def open_store() -> StateStore:
         if request.param == "memory":
             store: StateStore = memory
-        else:
+        elif request.param == "sqlite":
             store = SQLiteStore(tmp_path / "state.sqlite", flush_interval=60)
+        else:
+            store = PostgresStore(url, flush_interval=60)
         opened.append(store)
         return store
 
@@ -158,3 +168,82 @@ async def test_flush_with_nothing_written_and_a_second_close_are_harmless(opener
     await store.flush()
     await store.close()
     await store.close()
+
+
+async def test_the_unicode_and_odd_numbers_an_agent_may_send_are_kept(opener: Opener) -> None:
+    # An agent's result is untrusted: none of it may make a flush fail
+    store = await opener()
+    odd = {"nul": "a\u0000b", "emoji": "\U0001f600", "nan": float("inf"), "big": 2**70}
+    await store.save_task(_task(result=odd, error_message="\u0000"))
+    await store.flush()
+    assert (await store.get_task("t1")).result == odd
+    if opener.durable:  # type: ignore[attr-defined]
+        await store.close()
+        assert (await (await opener()).get_task("t1")).result == odd
+
+
+# ---------------------------------------------------------------- leader fencing
+
+
+async def test_each_claim_raises_the_epoch_and_names_its_holder(opener: Opener) -> None:
+    store = await opener()
+    assert await store.current_epoch() == (0, None)
+    first = await store.claim_epoch("orchestrator-a")
+    second = await store.claim_epoch("orchestrator-b")
+    assert second == first + 1
+    assert await store.current_epoch() == (second, "orchestrator-b")
+    # And the claimer writes on under its own epoch
+    await store.save_task(_task())
+    await store.flush()
+
+
+async def test_an_overtaken_store_writes_nothing_and_says_it_is_fenced(opener: Opener) -> None:
+    if not opener.durable:  # type: ignore[attr-defined]
+        pytest.skip("a memory store is one object: no other process can claim it")
+    # Given a leader that claimed the store and wrote to it
+    old = await opener()
+    old_epoch = await old.claim_epoch("old-leader")
+    await old.save_task(_task("before"))
+    await old.flush()
+
+    # When another store object on the same data claims it (a new leader)
+    new = await opener()
+    new_epoch = await new.claim_epoch("new-leader")
+    assert new_epoch > old_epoch
+    assert await old.current_epoch() == (new_epoch, "new-leader")
+
+    # Then the old leader's next flush raises StoreFenced, naming both epochs, every time
+    await old.save_task(_task("late", status=TaskStatus.COMPLETED))
+    await old.save_task(_task("before", status=TaskStatus.FAILED))
+    await old.delete_agent("nobody")
+    for _ in range(2):
+        with pytest.raises(StoreFenced) as fenced:
+            await old.flush()
+        assert (fenced.value.epoch, fenced.value.current) == (old_epoch, new_epoch)
+        assert "new-leader" in str(fenced.value)
+    # While the new leader writes on
+    await new.save_task(_task("after"))
+    await new.flush()
+    await old.close()  # closing a fenced store is no error, and writes nothing either
+
+    # And the data holds what the new leader sees, none of the old leader's late changes
+    reader = await opener()
+    stored = {t.task_id: t.status for t in await reader.tasks()}
+    assert stored == {"before": TaskStatus.PENDING, "after": TaskStatus.PENDING}
+
+
+async def test_a_store_that_never_claimed_is_not_fenced(opener: Opener) -> None:
+    if not opener.durable:  # type: ignore[attr-defined]
+        pytest.skip("a memory store is one object: no other process can claim it")
+    # Given a store object that never claimed an epoch (a single orchestrator, as before)
+    plain = await opener()
+    await plain.save_task(_task("a"))
+    await plain.flush()
+
+    # When another claims the data, then the first still writes (nothing fences it)
+    other = await opener()
+    await other.claim_epoch("leader")
+    await plain.save_task(_task("b"))
+    await plain.flush()
+    await plain.close()
+    assert {t.task_id for t in await (await opener()).tasks()} == {"a", "b"}
