@@ -23,7 +23,10 @@ class CliSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="ORCHESTRATOR_", extra="ignore")
 
-    store: str = Field(default="memory", description="state store of serve: memory | sqlite:PATH")
+    store: str = Field(
+        default="memory",
+        description="state store of serve: memory | sqlite:PATH | postgresql://HOST/DATABASE",
+    )
     request_timeout: float = Field(
         default=DEFAULT_REQUEST_TIMEOUT, gt=0, description="seconds to wait for a reply"
     )
