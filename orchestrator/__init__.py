@@ -11,12 +11,13 @@ from .client import (
 )
 from .dependencies import DependencyGraph
 from .models import AgentCapability, Task, TaskPriority, TaskStatus
+from .postgres_store import PostgresStore
 from .retries import RetryPolicy
 from .service import OrchestratorService
 from .settings import OrchestratorSettings
 from .sqlite_store import SQLiteStore
 from .stats import StatsTracker
-from .store import MemoryStore, StateStore
+from .store import MemoryStore, StateStore, StoreFenced
 from .sync_client import SyncClient, SyncTaskHandle
 from .task_orchestrator import TaskOrchestrator
 from .timeouts import RunDeadlines
@@ -44,6 +45,8 @@ __all__ = [
     "StateStore",
     "MemoryStore",
     "SQLiteStore",
+    "PostgresStore",
+    "StoreFenced",
     # building blocks
     "DependencyGraph",
     "RetryPolicy",
