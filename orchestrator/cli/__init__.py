@@ -20,9 +20,11 @@ errors become exit codes.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import sys
+from typing import Annotated
 
 import typer
 from pydantic import ValidationError
@@ -30,7 +32,7 @@ from pydantic import ValidationError
 from broker import BusError, NoReply, redact_url
 from broker.rabbitmq_link import BrokerRefused
 
-from . import agent, exports, requests, serve, watch
+from . import agent, exports, purge, requests, serve, watch
 from .connection import Interrupted
 from .errors import (
     EXIT_BAD_INPUT,
@@ -43,7 +45,7 @@ from .errors import (
     CliError,
 )
 from .logs import setup_logging
-from .output import err
+from .output import err, out
 from .redaction import remember_secret, scrub
 
 __all__ = [
@@ -61,6 +63,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+DISTRIBUTION = "rabbit-task-orchestrator"
+"""The name ``pip`` knows this project by (pyproject.toml)."""
 
 app = typer.Typer(
     name="orchestrator",
@@ -82,16 +87,17 @@ for _command in (
     requests.cancel,
     requests.stats,
     requests.agents,
+    requests.tasks,
     watch.watch,
     agent.demo,
     exports.topology,
     exports.schemas,
+    purge.purge,
 ):
     app.command(epilog=EXIT_CODES_HELP)(_command)
 agent_app.command("run", epilog=EXIT_CODES_HELP)(agent.agent_run)
 
 
-@app.callback(invoke_without_command=True)
 @agent_app.callback(invoke_without_command=True)
 def _help_without_a_command(context: typer.Context) -> None:
     if context.invoked_subcommand is None:
@@ -99,8 +105,42 @@ def _help_without_a_command(context: typer.Context) -> None:
         raise typer.Exit(EXIT_USAGE)
 
 
+def version() -> str:
+    """The installed distribution's version (the source tree's, when not installed)."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        print(f"orchestrator {version()}")
+        raise typer.Exit(EXIT_OK)
+
+
+@app.callback(invoke_without_command=True)
+def _top(
+    context: typer.Context,
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
+) -> None:
+    _help_without_a_command(context)
+
+
 # --- the boundary -------------------------------------------------------------------------------
 
+
+PIPED_WIDTH = 4096
+"""The width tables may take when stdout is not a terminal (``--json`` is the
+machine format; a table piped to ``grep`` or a file should still be whole)."""
 
 OPTIONS = {"broker_url": ("--broker", "-b"), "prefix": ("--prefix",)}
 """The option that gives a setting on every command that takes it."""
@@ -161,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             remember_secret(arg.partition("=")[2] if arg.startswith("--") else arg)
     if not logging.getLogger().handlers:
         setup_logging("warning")
+    if not out.is_terminal:  # piped: tables as wide as their cells, never cut to 80 columns
+        out.width = max(out.width, PIPED_WIDTH)
     try:
         result = app(args=args, prog_name="orchestrator", standalone_mode=False)
     except typer.TyperException as exc:  # the command line's own errors: usage

@@ -48,13 +48,22 @@ def topology(
 
 def schemas(
     out_dir: Annotated[
-        Path,
-        typer.Option("--out", metavar="DIR", help="Writes schemas/*.json and asyncapi.json here."),
-    ] = Path("docs"),
+        Path | None,
+        typer.Option(
+            "--out",
+            metavar="DIR",
+            help="Write schemas/*.json and asyncapi.json under DIR (the project's own are"
+            " docs/). Default: print the AsyncAPI document, which holds every schema.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Write the JSON Schemas of every wire message and the AsyncAPI document."""
-    from broker.schemas import write
+    """The JSON Schemas of every wire message and the AsyncAPI document."""
+    from broker.schemas import asyncapi, render, write
 
+    if out_dir is None:  # never into ./docs of whatever folder the user is in
+        sys.stdout.write(render(asyncapi()))
+        return
     try:
         written = write(out_dir)
     except OSError as exc:

@@ -1,4 +1,4 @@
-"""``submit``, ``status``, ``cancel``, ``stats`` and ``agents``: requests to a running ``serve``.
+"""``submit``, ``status``, ``cancel``, ``stats``, ``agents`` and ``tasks``: requests to a running ``serve``.
 
 They speak the request protocol on ``<prefix>.rpc`` (``broker.messages``)
 exactly as any other service would, so that whatever the command line does,
@@ -33,6 +33,7 @@ from broker import (
     TaskStatusRequest,
     WireMessage,
 )
+from broker.rpc import MAX_TASKS_LISTED, TasksRequest
 
 from ..models import TaskStatus
 from .connection import call, client, connected, run
@@ -397,3 +398,69 @@ async def _request(broker: str | None, prefix: str | None, request: WireMessage)
     settings, cli_settings = read_settings(broker, prefix)
     async with connected(client(settings)) as bus:
         return await call(bus, request, cli_settings.request_timeout)
+
+
+def tasks(
+    status_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--status",
+            "-s",
+            metavar="STATUS",
+            help="Only tasks in this status (pending, assigned, running, completed, failed,"
+            " cancelled, timeout); repeat it or separate with commas.",
+            show_default=False,
+        ),
+    ] = None,
+    task_type: Annotated[
+        str | None,
+        typer.Option("--type", "-t", metavar="TASK_TYPE", help="Only tasks of this type."),
+    ] = None,
+    agent_id: Annotated[
+        str | None,
+        typer.Option(
+            "--agent", "-a", metavar="AGENT_ID", help="Only tasks this agent holds or ran."
+        ),
+    ] = None,
+    limit: Annotated[
+        int,
+        typer.Option(
+            "--limit", "-n", metavar="N", help=f"At most this many (1 to {MAX_TASKS_LISTED})."
+        ),
+    ] = 50,
+    as_json: AsJson = False,
+    broker: Broker = None,
+    prefix: Prefix = None,
+) -> None:
+    """List the tasks the orchestrator holds, most recently created first."""
+    statuses = [s.lower() for s in _split(status_)]
+    try:
+        request = TasksRequest(status=statuses, task_type=task_type, agent_id=agent_id, limit=limit)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else ""
+        option = {"status": "--status", "task_type": "--type", "agent_id": "--agent"}.get(
+            field, f"--{field}" if field else "tasks"
+        )
+        message = str(first["msg"]).removeprefix("Value error, ")
+        given = first.get("input")
+        raise CliError(f"{option}: {message}, got {given!r}") from None
+    result = run(_request(broker, prefix, request))
+    if as_json:
+        print_json(result)
+        return
+    table = Table("task", "name", "type", "status", "agent", "created", "ended", "retries")
+    for task in result:
+        table.add_row(
+            task["task_id"],
+            Text(scrub_urls(task["name"])),
+            Text(task["task_type"]),
+            task["status"],
+            Text(task["assigned_agent"] or "-"),
+            _when(task["created_at"]),
+            _when(task["completed_at"]),
+            str(task["retry_count"]),
+        )
+    if not result:
+        table.add_row("(none)", "", "", "", "", "", "", "")
+    out.print(table)
