@@ -18,6 +18,10 @@ The semantics both must keep:
   The server handles them one at a time, in order, and answers each with one
   ``Reply`` (an unparseable request or a failing handler gets an error reply;
   neither stops the server).
+- Every publish carries the bus's user (AMQP ``user_id``, which RabbitMQ
+  checks against the connection's login); a handler learns who sent the
+  message it was called for from ``current_sender()``, a task delivery from
+  its ``sender``, a dead letter from its ``sender`` and ``by_broker``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from .envelope import DeadLetter
 from .errors import MessageTooLarge
@@ -51,6 +56,7 @@ __all__ = [
     "TaskDelivery",
     "TaskHandler",
     "default_broker_url",
+    "login_user",
 ]
 
 log = logging.getLogger(__name__)
@@ -69,6 +75,8 @@ class TaskDelivery(abc.ABC):
     body: bytes
     queue_key: str
     redelivered: bool
+    sender: str | None = None
+    """The user that published it (checked by the broker); None: it set none."""
 
     @property
     def lost(self) -> bool:
@@ -197,6 +205,19 @@ class CommunicationBus(abc.ABC):
     ) -> None:
         self.settings = _settings_from(broker_url, settings=settings)
         self.topology = Topology(self.settings.prefix)
+
+    # identity ----------------------------------------------------------------
+    @property
+    def user(self) -> str | None:
+        """The user this bus publishes as (every message's ``user_id``): the
+        broker login; None where it is not known here (a login by certificate)."""
+        return login_user(self.settings.broker_url or default_broker_url())
+
+    @property
+    def orchestrator_user(self) -> str | None:
+        """The user whose commands agents obey: ``settings.orchestrator_user``,
+        else this bus's own user (one user for everything is one trust domain)."""
+        return self.settings.orchestrator_user or self.user
 
     # lifecycle -------------------------------------------------------------
     @abc.abstractmethod
@@ -379,3 +400,13 @@ def _settings_from(
 def default_broker_url() -> str:
     """The broker tests and tools use when none is given: env, then localhost."""
     return os.environ.get("ORCHESTRATOR_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+def login_user(broker_url: str) -> str | None:
+    """The user a broker URL logs in as (aiormq's rule: ``guest`` when it names
+    none); None for a login by certificate (``auth=external``), whose user the
+    broker takes from the certificate."""
+    parts = urlsplit(broker_url)
+    if parse_qs(parts.query).get("auth", ["plain"])[-1].lower() == "external":
+        return None
+    return unquote(parts.username) if parts.username else "guest"

@@ -6,13 +6,22 @@ that the in-process bus carries exactly what RabbitMQ would: the identity of
 a task attempt (``message_id`` = ``<task_id>:<attempt>``, which lets a dead
 letter name its task even when its body cannot be parsed), the kind (AMQP
 ``type``), persistence, priority, expiration, and the reason and source queue
-of a dead letter.
+of a dead letter, and who published it (AMQP ``user_id``).
+
+Who sent a message is what the broker enforces, never what its body says:
+RabbitMQ refuses a publish whose ``user_id`` is not the login of the
+connection it came on, so a ``user_id`` that arrives is that publisher's
+user, and one missing means a publisher that chose not to say. Both buses
+stamp every publish with their user, and tell a handler the sender of the
+message it was called for (``current_sender``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
@@ -26,6 +35,10 @@ REASON_HEADER = "x-reason"
 
 SOURCE_QUEUE_HEADER = "x-source-queue"
 """The queue a dead letter was taken from."""
+
+DEATH_HEADER = "x-death"
+"""Set by RabbitMQ on a message it dead-lettered itself; it keeps the
+original publisher's ``user_id``."""
 
 MAX_REASON_LENGTH = 1000
 """Headers travel in every frame's header block: a reason is one line, not a dump."""
@@ -79,12 +92,18 @@ class Envelope:
     headers: Mapping[str, str] = field(default_factory=dict, hash=False)
     correlation_id: str | None = None
     reply_to: str | None = None
+    user_id: str | None = None
+    """The publisher's user: stamped by the bus, checked by the broker."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "headers", MappingProxyType(dict(self.headers)))
 
     def expiring(self, seconds: float | None) -> Envelope:
         return replace(self, expiration=seconds)
+
+    def stamped(self, user: str | None) -> Envelope:
+        """As published by ``user`` (the bus's login)."""
+        return replace(self, user_id=user)
 
     # what each kind of message travels with -------------------------------------------
     @classmethod
@@ -151,6 +170,44 @@ def header_text(headers: Mapping[str, Any] | None, name: str, default: str) -> s
 
 
 @dataclass(frozen=True)
+class Sender:
+    """Who published the message a bus handler was called for.
+
+    ``user`` is the AMQP ``user_id``: the broker checked it against the
+    publishing connection's login, so it cannot be forged; None when the
+    publisher set none (anyone can publish so). ``by_broker``: the broker
+    dead-lettered the message itself (``x-death``), and ``user`` is then its
+    original publisher's.
+    """
+
+    user: str | None
+    by_broker: bool = False
+
+    @classmethod
+    def of(cls, user_id: object, headers: Mapping[str, Any] | None) -> Sender:
+        return cls(user_id if isinstance(user_id, str) else None, DEATH_HEADER in (headers or {}))
+
+
+_SENDER: ContextVar[Sender | None] = ContextVar("sender", default=None)
+
+
+def current_sender() -> Sender | None:
+    """The sender of the message whose handler runs now, or None outside a
+    handler the bus called (an in-process caller, who is the process itself)."""
+    return _SENDER.get()
+
+
+@contextmanager
+def handling_from(sender: Sender) -> Iterator[None]:
+    """Run a handler with ``current_sender()`` = ``sender`` (for the buses)."""
+    token = _SENDER.set(sender)
+    try:
+        yield
+    finally:
+        _SENDER.reset(token)
+
+
+@dataclass(frozen=True)
 class DeadLetter:
     """A message nobody could process, with the reason it was given up on."""
 
@@ -159,13 +216,24 @@ class DeadLetter:
     message_id: str | None = None
     """For task messages: ``<task_id>:<attempt>``, so the task can be found
     even when the body cannot be parsed."""
+    sender: str | None = None
+    """Who published it (``Sender.user``): the client that dead-lettered it,
+    or, if ``by_broker``, the original message's publisher."""
+    by_broker: bool = False
+    """RabbitMQ dead-lettered it itself (it carries ``x-death``)."""
 
     @classmethod
     def of(
-        cls, body: bytes, headers: Mapping[str, Any] | None, message_id: str | None
+        cls,
+        body: bytes,
+        headers: Mapping[str, Any] | None,
+        message_id: str | None,
+        user_id: object = None,
     ) -> DeadLetter:
         """The dead letter a message of the dead-letter exchange carries."""
-        return cls(body, header_text(headers, REASON_HEADER, "unknown"), message_id)
+        sender = Sender.of(user_id, headers)
+        reason = header_text(headers, REASON_HEADER, "dead-lettered by the broker" if sender.by_broker else "unknown")
+        return cls(body, reason, message_id, sender.user, sender.by_broker)
 
     @property
     def task_id(self) -> str | None:

@@ -12,11 +12,17 @@ bodies encoded exactly as they would travel: size limits,
 
 ``join()`` waits until everything published has been handled, so that tests
 can wait for a state instead of polling for it.
+
+Identity: a bus publishes as its ``user`` (``guest`` unless told), stamped
+on every message as RabbitMQ's ``user_id``; ``as_user(name)`` joins the same
+in-process broker as another user, as a second connection with another login
+would, so that tests of who may say what run on this bus too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import heapq
 import logging
 import uuid
@@ -37,7 +43,7 @@ from .bus import (
     TaskHandler,
 )
 from .envelope import DeadLetter, Envelope
-from .errors import BusNotStarted, NoReply, QueueInUse, TopologyMissing, UnroutableMessage
+from .errors import BusError, BusNotStarted, NoReply, QueueInUse, TopologyMissing, UnroutableMessage
 from .memory_queues import (
     ConsumerChannel,
     DelayQueue,
@@ -122,8 +128,19 @@ class MemoryLease(Lease):
 class MemoryBus(CommunicationBus):
     """An in-process bus. Share one instance between the orchestrator and its agents."""
 
-    def __init__(self, broker_url: str | None = None, *, settings: BusSettings | None = None):
+    def __init__(
+        self,
+        broker_url: str | None = None,
+        *,
+        settings: BusSettings | None = None,
+        user: str = "guest",
+    ):
         super().__init__(broker_url, settings=settings)
+        self._user = user
+        self._root = self
+        """The bus that made the in-process broker; ``as_user`` views share it."""
+        self._own: set[_Consuming] = set()
+        """What this connection consumes (``close`` ends these; the root's ends all)."""
         self._connected = False
         self._router = _Router()
         self._exchanges = {e.name for e in self.topology.exchanges}
@@ -143,6 +160,26 @@ class MemoryBus(CommunicationBus):
         """Every dead-lettered message, newest last (the ``<p>.dead`` queue)."""
         self._lease_holder: MemoryLease | None = None
 
+    # identity ----------------------------------------------------------------
+    @property
+    def user(self) -> str:
+        return self._user
+
+    def as_user(self, user: str) -> MemoryBus:
+        """Another connection to this in-process broker, logged in as ``user``:
+        it shares every exchange, queue and consumer, and stamps its own
+        publishes with ``user``. Connect it before use; closing it ends only
+        what it consumes."""
+        view = copy.copy(self)  # shallow: the broker's containers are shared
+        view._user = user
+        view._own = set()
+        view._connected = False
+        return view
+
+    def _add(self, consuming: _Consuming) -> None:
+        self._subscriptions.add(consuming)
+        self._own.add(consuming)
+
     # lifecycle -------------------------------------------------------------
     async def connect(self) -> None:
         if self._connected:
@@ -155,6 +192,13 @@ class MemoryBus(CommunicationBus):
         self._declare(t.orchestrator_dead_letters(), lambda q: MessageQueue(q.name))
 
     async def close(self) -> None:
+        if self._root is not self:
+            for sub in list(self._own):
+                await sub.close()
+            self._own.clear()
+            self._connected = False
+            self._poke()
+            return
         for sub in list(self._subscriptions):
             await sub.close()
         self._subscriptions.clear()
@@ -204,11 +248,23 @@ class MemoryBus(CommunicationBus):
         *,
         message_id: str | None = None,
         priority: int | None = None,
+        user_id: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         """Put bytes on an exchange as any AMQP client can: for tests of what a
-        broken or foreign publisher sends, which no model would let through."""
+        broken or foreign publisher sends, which no model would let through.
+
+        Like a plain AMQP client it sets no ``user_id`` unless given one, and,
+        as RabbitMQ does, refuses one that is not this bus's user."""
         self._require()
-        envelope = Envelope(body, message_id=message_id, priority=priority)
+        if user_id is not None and user_id != self._user:
+            raise BusError(
+                f"PRECONDITION_FAILED - user_id property set to {user_id!r} but"
+                f" authenticated user was {self._user!r}"
+            )
+        envelope = Envelope(
+            body, message_id=message_id, priority=priority, user_id=user_id, headers=headers or {}
+        )
         self._route(exchange, routing_key, envelope)
 
     async def purge(self, queue: str) -> int:
@@ -232,7 +288,7 @@ class MemoryBus(CommunicationBus):
             message_id=message_id,
             max_bytes=self.settings.max_message_bytes,
         )
-        self._route(self.topology.dead_exchange, "", envelope)
+        self._route(self.topology.dead_exchange, "", envelope.stamped(self._user))
 
     # draining ----------------------------------------------------------------
     async def join(self, *, delayed: bool = False) -> None:
@@ -280,7 +336,7 @@ class MemoryBus(CommunicationBus):
         self, message: TaskMessage, *, queue_key: str, priority: int, delay: float = 0.0
     ) -> None:
         self._require()
-        envelope = Envelope.task(message, priority=priority)
+        envelope = Envelope.task(message, priority=priority).stamped(self._user)
         self._check_size(envelope.body)
         self._queue(queue_key)
         exchange = self.topology.tasks_exchange
@@ -302,7 +358,7 @@ class MemoryBus(CommunicationBus):
     ) -> TaskConsumer:
         self._require()
         consumer = MemoryTaskConsumer(self, prefetch, handler)
-        self._subscriptions.add(consumer)
+        self._add(consumer)
         return consumer
 
     async def queue_depth(self, queue_key: str) -> int:
@@ -355,7 +411,7 @@ class MemoryBus(CommunicationBus):
     # events ------------------------------------------------------------------
     async def publish_event(self, event: Event) -> None:
         self._require()
-        envelope = Envelope.event(event)
+        envelope = Envelope.event(event).stamped(self._user)
         self._check_size(envelope.body)
         self._route(self.topology.events_exchange, event.kind, envelope)
 
@@ -389,7 +445,7 @@ class MemoryBus(CommunicationBus):
             on_close=on_close,
             before_ack=before_ack,
         )
-        self._subscriptions.add(sub)
+        self._add(sub)
         return sub
 
     async def subscribe_dead_letters(
@@ -404,17 +460,17 @@ class MemoryBus(CommunicationBus):
             self,
             queue,
             handler,
-            lambda e: DeadLetter.of(e.body, e.headers, e.message_id),
+            lambda e: DeadLetter.of(e.body, e.headers, e.message_id, e.user_id),
             dead_letter_failures=False,
             before_ack=before_ack,
         )
-        self._subscriptions.add(sub)
+        self._add(sub)
         return sub
 
     # control -----------------------------------------------------------------
     async def publish_control(self, command: Control, *, agent_id: str | None = None) -> None:
         self._require()
-        envelope = Envelope.control(command)
+        envelope = Envelope.control(command).stamped(self._user)
         self._check_size(envelope.body)
         key = self.topology.control_key(agent_id)
         self._route(self.topology.control_exchange, key, envelope)
@@ -437,20 +493,21 @@ class MemoryBus(CommunicationBus):
         sub = MemorySubscription(
             self, queue, handler, lambda envelope: parse_control(envelope.body), on_close=on_close
         )
-        self._subscriptions.add(sub)
+        self._add(sub)
         return sub
 
     # leadership ----------------------------------------------------------------
     def lease(self, holder: str) -> Lease:
-        return MemoryLease(self, holder)
+        return MemoryLease(self._root, holder)
 
     # requests of other services ------------------------------------------------
     async def serve_requests(self, handler: RequestHandler) -> Subscription:
         self._require()
-        if self._request_server is not None:
+        root = self._root
+        if root._request_server is not None:
             raise RuntimeError("the request queue already has a server")
-        server = self._request_server = RequestServer(self, handler)
-        self._subscriptions.add(server)
+        server = root._request_server = RequestServer(self, handler)
+        self._add(server)
         return server
 
     async def request(

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .bus import BeforeAck, Subscription, TaskConsumer, TaskDelivery, TaskHandler
-from .envelope import DeadLetter, Envelope
+from .envelope import DeadLetter, Envelope, Sender, handling_from
 from .errors import BusNotStarted, InvalidMessage
 from .rpc import RequestHandler, answer
 from .topology import Queue
@@ -112,6 +112,7 @@ class MemoryDelivery(TaskDelivery):
         self.body = item[2].body
         self.queue_key = consumer.queue.key
         self.redelivered = redelivered
+        self.sender = item[2].user_id
         self._settled = False
         self._lost = asyncio.Event()
 
@@ -293,7 +294,9 @@ class KeptLetters:
         self.letters = letters
 
     def deliver(self, envelope: Envelope, routing_key: str) -> None:
-        letter = DeadLetter.of(envelope.body, envelope.headers, envelope.message_id)
+        letter = DeadLetter.of(
+            envelope.body, envelope.headers, envelope.message_id, envelope.user_id
+        )
         log.warning("dead-lettered a message: %s", letter.reason)
         self.letters.append(letter)
         if self._max_length is not None:
@@ -358,7 +361,8 @@ class MemorySubscription(Subscription):
             envelope = await self._queue.items.get()
             self._handling = True
             try:
-                await handler(parse(envelope))
+                with handling_from(Sender.of(envelope.user_id, envelope.headers)):
+                    await handler(parse(envelope))
             except asyncio.CancelledError:
                 raise
             except InvalidMessage as exc:
@@ -422,8 +426,9 @@ class RequestServer(Subscription):
             self._bus._poke()
 
     async def close(self) -> None:
-        if self._bus._request_server is self:
-            self._bus._request_server = None
+        root = self._bus._root
+        if root._request_server is self:
+            root._request_server = None
         self._bus._subscriptions.discard(self)
         self._worker.cancel()
         await asyncio.gather(self._worker, return_exceptions=True)

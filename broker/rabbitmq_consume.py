@@ -25,6 +25,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import ChannelInvalidStateError
 
 from .bus import BeforeAck, DeadLetter, Subscription, TaskConsumer, TaskDelivery, TaskHandler
+from .envelope import Sender, handling_from
 from .errors import BusConnectionError, InvalidMessage
 from .rabbitmq_declare import Declarer
 from .rabbitmq_link import CHANNEL_GONE
@@ -41,7 +42,7 @@ ACK_BATCH = 64
 
 def dead_letter_of(message: AbstractIncomingMessage) -> DeadLetter:
     """The dead letter a message of a dead-letter queue carries."""
-    return DeadLetter.of(message.body, message.headers, message.message_id)
+    return DeadLetter.of(message.body, message.headers, message.message_id, message.user_id)
 
 
 async def _quietly(operation: Callable[[], Awaitable[object]], what: str) -> None:
@@ -66,6 +67,7 @@ class RabbitDelivery(TaskDelivery):
         self.body = message.body
         self.queue_key = queue_key
         self.redelivered = bool(message.redelivered)
+        self.sender = message.user_id
 
     @property
     def lost(self) -> bool:
@@ -289,7 +291,8 @@ class RabbitSubscription(Subscription):
         while True:
             message = await self._inbox.get()
             try:
-                await self._handle(message)
+                with handling_from(Sender.of(message.user_id, message.headers)):
+                    await self._handle(message)
             except asyncio.CancelledError:
                 raise
             except InvalidMessage as exc:

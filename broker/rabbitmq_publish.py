@@ -5,6 +5,10 @@ connection reconnects, but does not replay a publish that failed meanwhile:
 that is retried here, for ``PUBLISH_RETRY_SECONDS`` at most. A mandatory
 publish that no queue took comes back from the broker and is an
 ``UnroutableMessage``: a confirm alone would not tell.
+
+Every message carries the login user as its ``user_id``: RabbitMQ refuses
+one that does not match the connection's user, so receivers can trust it
+(``broker.envelope.Sender``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import aiormq
 from aio_pika.abc import AbstractExchange
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
+from .bus import login_user
 from .envelope import CONTENT_TYPE, REASON_HEADER, Envelope
 from .errors import BusConnectionError, BusError, BusNotStarted, UnroutableMessage
 from .rabbitmq_link import TRANSIENT
@@ -44,6 +49,7 @@ def to_message(envelope: Envelope) -> aio_pika.Message:
         headers=dict(envelope.headers) or None,
         correlation_id=envelope.correlation_id,
         reply_to=envelope.reply_to,
+        user_id=envelope.user_id,
     )
 
 
@@ -63,6 +69,8 @@ class Publisher:
         self._exchanges = exchanges
         self._check_size = check_size
         self._address = address
+        self.user = login_user(address)
+        """Stamped on every message (the address keeps the URL's user and options)."""
 
     async def publish(
         self, exchange: str, routing_key: str, envelope: Envelope, *, mandatory: bool = False
@@ -70,7 +78,7 @@ class Publisher:
         if self._exchanges() is None:
             raise BusNotStarted("the bus is not connected: call connect() first")
         self._check_size(envelope.body)
-        message = to_message(envelope)
+        message = to_message(envelope.stamped(self.user))
 
         async def publish_once() -> None:
             exchanges = self._exchanges()

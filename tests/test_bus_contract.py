@@ -25,6 +25,7 @@ from broker import (
     CommunicationBus,
     ConsumeQueues,
     Control,
+    DeadLetter,
     Event,
     MemoryBus,
     MessageTooLarge,
@@ -37,6 +38,7 @@ from broker import (
     Unregister,
     parse_task,
 )
+from broker.envelope import Sender, current_sender
 from tests.harness import wait_until
 
 T = TypeVar("T")
@@ -842,3 +844,89 @@ def test_explicit_arguments_choose_the_bus(monkeypatch: pytest.MonkeyPatch) -> N
     assert memory.topology.prefix == "explicit"
     assert type(rabbit) is RabbitMQBus
     assert rabbit.settings.broker_url == "amqp://guest:guest@broker.invalid:5672/"
+
+
+# --- who sent it ----------------------------------------------------------------
+
+
+async def test_every_message_carries_its_publishers_user_and_handlers_see_it(
+    buses: Buses,
+) -> None:
+    # Given an orchestrator's bus and an agent's bus (in memory: logged in as
+    # another user; on RabbitMQ each its own connection, as the URL's user)
+    orchestrator = await buses.connect()
+    if isinstance(orchestrator, MemoryBus):
+        agent = orchestrator.as_user("agent-user")
+        await agent.connect()
+        buses.opened.append(agent)
+    else:
+        agent = await buses.connect()
+    assert agent.user and orchestrator.user
+    senders: Inbox[tuple[str, Any]] = Inbox()
+
+    async def on_event(event: Event) -> None:
+        await senders.put(("event", current_sender()))
+
+    async def on_control(command: Control) -> None:
+        await senders.put(("control", current_sender()))
+
+    async def on_dead(letter: DeadLetter) -> None:
+        await senders.put(("dead", (letter.sender, letter.by_broker)))
+
+    async def on_task(delivery: TaskDelivery) -> None:
+        await senders.put(("task", delivery.sender))
+        await delivery.dead_letter("unreadable here")
+
+    await orchestrator.subscribe_events(on_event)
+    await orchestrator.subscribe_dead_letters(on_dead)
+    await agent.subscribe_control("agent-1", on_control)
+    key = buses.key("analysis.@any")
+    consumer = await agent.open_task_consumer("agent-1", prefetch=1, handler=on_task)
+    await consumer.consume([key])
+
+    # When each publishes what it publishes
+    await agent.publish_event(AgentHeartbeat(agent_id="agent-1", running=0))
+    await orchestrator.publish_control(Reannounce(), agent_id="agent-1")
+    await orchestrator.publish_task(task("t1"), queue_key=key, priority=1)
+
+    # Then every handler is told the publisher's user, as the broker checked it;
+    # and outside a handler there is no sender
+    got = dict(await senders.wait_for(4))
+    assert got["event"] == Sender(agent.user)
+    assert got["control"] == Sender(orchestrator.user)
+    assert got["task"] == orchestrator.user
+    assert got["dead"] == (agent.user, False)  # the agent dead-lettered it
+    assert current_sender() is None
+
+
+async def test_a_message_published_without_a_user_has_no_sender(buses: Buses) -> None:
+    # Given an orchestrator's events subscription
+    orchestrator = await buses.connect()
+    senders: Inbox[Any] = Inbox()
+
+    async def on_event(event: Event) -> None:
+        await senders.put(current_sender())
+
+    await orchestrator.subscribe_events(on_event)
+
+    # When a plain AMQP client publishes an event without a user_id
+    body = AgentHeartbeat(agent_id="agent-1", running=0).encode()
+    if isinstance(orchestrator, MemoryBus):
+        await orchestrator.publish_raw(
+            orchestrator.topology.events_exchange, "agent.heartbeat", body
+        )
+        # (and one naming another user is refused, as RabbitMQ refuses it)
+        with pytest.raises(BusError, match="user_id"):
+            await orchestrator.publish_raw(
+                orchestrator.topology.events_exchange, "agent.heartbeat", body, user_id="root"
+            )
+    else:
+        assert orchestrator.settings.broker_url
+        connection = await aio_pika.connect(orchestrator.settings.broker_url)
+        async with connection:
+            channel = await connection.channel()
+            exchange = await channel.get_exchange(orchestrator.topology.events_exchange)
+            await exchange.publish(aio_pika.Message(body), routing_key="agent.heartbeat")
+
+    # Then its handler sees a sender without a user
+    assert await senders.wait_for(1) == [Sender(None)]
