@@ -182,6 +182,22 @@ def _reason(exc: BaseException) -> str:
 
 # --- what a failed handshake means ---------------------------------------------------------
 
+
+def _ssl_error(exc: BaseException) -> ssl.SSLError | None:
+    """The ``ssl.SSLError`` among ``exc`` and its causes and contexts (they may form a loop)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLError):
+            return current
+        todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return None
+
+
 _HOST_MISMATCH = (62, 64)
 """OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH."""
 
@@ -192,9 +208,7 @@ def handshake_failure(exc: BaseException) -> tuple[str, str] | None:
     aiormq wraps the ``ssl.SSLError`` in its own ``AMQPConnectionError``;
     the cause says what happened.
     """
-    seen: BaseException | None = exc
-    while seen is not None and not isinstance(seen, ssl.SSLError):
-        seen = seen.__cause__ or seen.__context__
+    seen = _ssl_error(exc)
     if seen is None:
         return None
     if isinstance(seen, ssl.SSLCertVerificationError):

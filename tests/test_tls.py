@@ -1,0 +1,314 @@
+"""TLS to the broker: a CA, a server and a client certificate of the test's own,
+a private node with a TLS listener that asks for the client's certificate, and
+the orchestrator, an agent and ``submit --wait`` on it over amqps:// (issue 11).
+
+The node boots once for the module (seconds). Its TLS listener has
+``verify_peer`` and ``fail_if_no_peer_cert``: a client without a certificate
+signed by the test's CA is refused. The processes get their TLS settings and
+the password from ``ORCHESTRATOR_BROKER_*`` (the password in a file), as a
+deployment gives them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from broker import BusSettings, RabbitMQBus
+from broker.rabbitmq_link import BrokerRefused
+from tests import brokers
+from tests.brokers import NodeConfig
+
+pytestmark = pytest.mark.rabbitmq
+
+# --- a CA and certificates ----------------------------------------------------------------------
+
+
+@dataclass
+class Issued:
+    cert: Path
+    key: Path
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _write(folder: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey,
+           password: bytes | None = None) -> Issued:  # fmt: skip
+    cert_path, key_path = folder / f"{name}.pem", folder / f"{name}-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    encryption = (
+        serialization.BestAvailableEncryption(password)
+        if password
+        else serialization.NoEncryption()
+    )
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+    )
+    key_path.chmod(0o600)
+    return Issued(cert_path, key_path)
+
+
+class TestCA:
+    """A certificate authority of the test's own."""
+
+    __test__ = False
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.folder = folder
+        self.key = _key()
+        self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = datetime.datetime.now(datetime.UTC)
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(self.name)
+            .issuer_name(self.name)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        self.path = folder / f"{name}.pem"
+        self.path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+
+    def issue(
+        self, name: str, *, server: bool, hosts: tuple[str, ...] = (), password: bytes | None = None
+    ) -> Issued:
+        key = _key()
+        now = datetime.datetime.now(datetime.UTC)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(self.name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+        )
+        if hosts:
+            names: list[x509.GeneralName] = []
+            for host in hosts:
+                try:
+                    names.append(x509.IPAddress(ipaddress.ip_address(host)))
+                except ValueError:
+                    names.append(x509.DNSName(host))
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return _write(self.folder, name, builder.sign(self.key, hashes.SHA256()), key, password)
+
+
+@dataclass
+class TlsBroker:
+    node: brokers.RabbitMQNode
+    port: int
+    other_port: int
+    """A TLS listener on 127.0.0.2, which the server certificate does not name."""
+    ca: TestCA
+    other_ca: TestCA
+    client: Issued
+    encrypted_client: Issued
+    password_file: Path
+
+    def url(self, host: str = "127.0.0.1") -> str:
+        """The amqps:// URL, without the password (it is in ``password_file``)."""
+        return f"amqps://guest@{host}:{self.port}/"
+
+    def settings(self, **overrides: object) -> BusSettings:
+        values: dict[str, object] = {
+            "broker_url": self.url(),
+            "broker_password_file": str(self.password_file),
+            "broker_ca_file": str(self.ca.path),
+            "broker_cert_file": str(self.client.cert),
+            "broker_key_file": str(self.client.key),
+            "connect_attempts": 1,
+            **overrides,
+        }
+        return BusSettings(**values)
+
+    def env(self) -> dict[str, str]:
+        return {
+            "ORCHESTRATOR_BROKER_PASSWORD_FILE": str(self.password_file),
+            "ORCHESTRATOR_BROKER_CA_FILE": str(self.ca.path),
+            "ORCHESTRATOR_BROKER_CERT_FILE": str(self.client.cert),
+            "ORCHESTRATOR_BROKER_KEY_FILE": str(self.client.key),
+        }
+
+
+@pytest.fixture(scope="module")
+def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
+    folder = tmp_path_factory.mktemp("tls")
+    ca = TestCA(folder, "test-ca")
+    other_ca = TestCA(folder, "other-ca")
+    server = ca.issue("rabbit", server=True, hosts=("127.0.0.1", "localhost"))
+    client = ca.issue("client", server=False)
+    encrypted = ca.issue("client-encrypted", server=False, password=b"key-s3cret")
+    password_file = folder / "broker-password"
+    password_file.write_text("guest\n")
+    port, other_port = brokers.free_port(), brokers.free_port()
+    config = NodeConfig(
+        conf={
+            "listeners.ssl.default": f"127.0.0.1:{port}",
+            "listeners.ssl.other": f"127.0.0.2:{other_port}",
+            "ssl_options.cacertfile": str(ca.path),
+            "ssl_options.certfile": str(server.cert),
+            "ssl_options.keyfile": str(server.key),
+            "ssl_options.verify": "verify_peer",
+            "ssl_options.fail_if_no_peer_cert": "true",
+        }
+    )
+    try:
+        node = brokers.new_node(config, label="tls")
+    except brokers.Unavailable as exc:
+        brokers.skip_or_fail(f"no private RabbitMQ node with a TLS listener: {exc}")
+        raise
+    try:
+        yield TlsBroker(node, port, other_port, ca, other_ca, client, encrypted, password_file)
+    finally:
+        node.stop()
+
+
+# --- the library ----------------------------------------------------------------------------
+
+
+async def test_a_bus_connects_over_tls_with_a_client_certificate(tls_broker: TlsBroker) -> None:
+    # Given the CA, a client certificate and the password in a file
+    bus = RabbitMQBus(settings=tls_broker.settings(prefix="tls-lib"), declare_topology=False)
+
+    # When the bus connects over amqps, then it is connected
+    await bus.connect()
+    try:
+        assert bus.is_connected
+    finally:
+        await bus.close()
+
+
+async def test_a_certificate_from_another_ca_is_refused_naming_the_ca_setting(
+    tls_broker: TlsBroker,
+) -> None:
+    bus = RabbitMQBus(
+        settings=tls_broker.settings(broker_ca_file=str(tls_broker.other_ca.path)),
+        declare_topology=False,
+    )
+    with pytest.raises(BrokerRefused) as refused:
+        await bus.connect()
+    assert refused.value.setting == "broker_ca_file"
+    assert str(refused.value).startswith("broker_ca_file: TLS to RabbitMQ at amqps://"), refused
+    assert "not signed by a CA we trust" in str(refused.value)
+
+
+async def test_a_host_the_certificate_does_not_name_is_refused(tls_broker: TlsBroker) -> None:
+    # Given a listener on 127.0.0.2 too, whose certificate names 127.0.0.1 and localhost only
+    named = RabbitMQBus(
+        settings=tls_broker.settings(broker_url=tls_broker.url("localhost")),
+        declare_topology=False,
+    )
+    await named.connect()  # a name it does carry: connected
+    await named.close()
+    unnamed = RabbitMQBus(
+        settings=tls_broker.settings(
+            broker_url=f"amqps://guest@127.0.0.2:{tls_broker.other_port}/"
+        ),
+        declare_topology=False,
+    )
+
+    # When a bus connects to 127.0.0.2, then the server name check refuses it, naming the URL
+    with pytest.raises(BrokerRefused) as refused:
+        await unnamed.connect()
+    assert refused.value.setting == "broker_url"
+    assert "its certificate does not name the host we connect to" in str(refused.value)
+    assert "127.0.0.2" in str(refused.value)
+
+
+async def test_no_client_certificate_is_refused_by_the_broker(tls_broker: TlsBroker) -> None:
+    bus = RabbitMQBus(
+        settings=tls_broker.settings(broker_cert_file=None, broker_key_file=None),
+        declare_topology=False,
+    )
+    # Then the error points at the setting: the broker's alert says it wants a certificate
+    # (TLS 1.3 sends it after the handshake: a reset may reach the client first, and then
+    # the error says what a reset over TLS may mean)
+    with pytest.raises(ConnectionError) as refused:
+        await bus.connect()
+    text = str(refused.value)
+    assert (
+        isinstance(refused.value, BrokerRefused)
+        and text.startswith("broker_cert_file: TLS to RabbitMQ at ")
+        and text.endswith("it refused our client certificate: tlsv13 alert certificate required")
+    ) or "does the broker require a client certificate, broker_cert_file?" in text, text
+
+
+async def test_an_encrypted_key_opens_with_its_password_only(tls_broker: TlsBroker) -> None:
+    files = {
+        "broker_cert_file": str(tls_broker.encrypted_client.cert),
+        "broker_key_file": str(tls_broker.encrypted_client.key),
+    }
+    without = RabbitMQBus(settings=tls_broker.settings(**files), declare_topology=False)
+    with pytest.raises(ValueError, match=r"^broker_key_password: the key .* is encrypted"):
+        await without.connect()
+    wrong = RabbitMQBus(
+        settings=tls_broker.settings(**files, broker_key_password="nope"), declare_topology=False
+    )
+    with pytest.raises(ValueError, match=r"^broker_key_password: it does not open the key"):
+        await wrong.connect()
+    right = RabbitMQBus(
+        settings=tls_broker.settings(**files, broker_key_password="key-s3cret"),
+        declare_topology=False,
+    )
+    await right.connect()
+    await right.close()
+
+
+async def test_verification_off_connects_and_warns_at_each_connect(
+    tls_broker: TlsBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = tls_broker.settings(
+        broker_ca_file=str(tls_broker.other_ca.path), broker_tls_verify=False
+    )
+    for _ in range(2):
+        bus = RabbitMQBus(settings=settings, declare_topology=False)
+        await bus.connect()
+        await bus.close()
+    warnings = [r for r in caplog.records if r.name == "broker.tls" and r.levelname == "WARNING"]
+    assert len(warnings) == 2, caplog.text
+    assert "verification is OFF" in warnings[0].getMessage()
+
+
+def test_the_context_checks_what_it_was_given(tls_broker: TlsBroker) -> None:
+    from broker.tls import client_context
+
+    context = client_context(tls_broker.settings(), tls_broker.url())
+    assert context is not None
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
