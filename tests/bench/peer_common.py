@@ -39,9 +39,11 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 TICKS = os.sysconf("SC_CLK_TCK")
-STATS_SETTLE = 1.5
-"""Seconds for the management plugin's counters to catch up (the private node
-emits them every 500 ms, see ``peers.start_node``)."""
+EMIT = 0.6
+"""Seconds within which a channel has sent its counters to the management
+plugin (the private node's channels emit every 500 ms, see ``peers.start_node``)."""
+TICK = 5.5
+"""The management plugin folds those into its overview totals once every 5 s."""
 
 
 # ---------------------------------------------------------------- CPU
@@ -126,6 +128,23 @@ def amqp_counters(management_url: str | None) -> dict[str, int] | None:
     return {name: int(stats.get(name, 0)) for name in AMQP_COUNTERS}
 
 
+def settled_counters(management_url: str | None) -> dict[str, int] | None:
+    """The counters once they hold everything done so far: after a fold of the
+    overview that came later than every channel's last emission (a change of
+    the totals seen after ``EMIT``; at most ``TICK`` later there was one)."""
+    if not management_url:
+        return None
+    time.sleep(EMIT)
+    first = amqp_counters(management_url)
+    deadline = time.monotonic() + TICK
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = amqp_counters(management_url)
+        if now != first:
+            return now
+    return amqp_counters(management_url)
+
+
 def per_task(before: dict[str, int] | None, after: dict[str, int] | None, tasks: int) -> Any:
     if before is None or after is None:
         return None
@@ -169,6 +188,17 @@ class Options:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def bench_env(options: Options, system: str, variant: str) -> dict[str, str]:
+    """What the peers' app modules are built from, in the client and in their
+    worker processes (which inherit it): set before the module is imported."""
+    return {
+        "BENCH_BROKER_URL": options.broker_url,
+        "BENCH_REDIS_URL": options.redis_url,
+        "BENCH_QUEUE": f"{options.prefix}_{system}".replace("-", "_"),
+        "BENCH_CONFIRMS": "1" if variant == "confirms" else "0",
+    }
+
+
 def pct(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:
@@ -188,17 +218,13 @@ def measure(runner: Runner, options: Options, uses_redis: bool) -> dict[str, Any
             kinds["broker"] = {options.broker_pid}
         if uses_redis and options.redis_pid:
             kinds["redis"] = {options.redis_pid}
-        if options.management_url:
-            time.sleep(STATS_SETTLE)
-        counters_before = amqp_counters(options.management_url)
+        counters_before = settled_counters(options.management_url)
         cpu_before = snapshot(kinds)
         began = time.monotonic()
         timed = runner.batch(options.tasks)
         ended = time.monotonic()
         cpu_after = snapshot(kinds)
-        if options.management_url:
-            time.sleep(STATS_SETTLE)
-        counters_after = amqp_counters(options.management_url)
+        counters_after = settled_counters(options.management_url)
     finally:
         runner.teardown()
     latencies = [done - sent for sent, done in timed]

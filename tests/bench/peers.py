@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from tests.bench.peer_common import ROOT, Options, flush_redis, measure
+from tests.bench.peer_common import ROOT, Options, bench_env, flush_redis, measure
 from tests.bench.peer_report import markdown_table, plot
 
 REQUIREMENTS = Path(__file__).with_name("requirements-peers.txt")
@@ -118,6 +118,7 @@ REFERENCE = "project-memory"
 
 def run_child_system(name: str, options: Options, out: Path) -> None:
     spec = SYSTEMS[name]
+    os.environ.update(bench_env(options, name, spec["variant"]))
     runner, uses_redis = importlib.import_module(spec["module"]).runner(options, spec["variant"])
     if uses_redis:
         flush_redis(options.redis_url)
