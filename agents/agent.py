@@ -20,6 +20,9 @@ on running: their final events go out once the link is back, and a copy of
 their message that the broker gives back meanwhile is recognised as theirs
 (``agents.tasks``). One agent id is one live process: a second one is
 refused (``AgentIdInUse``).
+
+Commands are obeyed only from the orchestrator's broker user, and a
+``ConsumeQueues`` only for queues this agent can run (``agents.trust``).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from broker import (
     TaskDelivery,
     Unregister,
 )
+from broker.envelope import current_sender
 from broker.errors import QueueInUse
 from broker.messages import CancelTasks
 
@@ -56,6 +60,7 @@ from .attempts import AgentCounters, Attempts, StopReason
 from .handlers import ANY_TASK_TYPE, Handler, Handlers, Runners
 from .settle import Deliveries
 from .tasks import Tasks
+from .trust import ControlGate
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +133,8 @@ class Agent:
         self._attempts = Attempts(agent_id, self.counters, self._halted, max_concurrent_tasks)
         self._deliveries = Deliveries(self._attempts)
         self._tasks = Tasks(self, self._handlers, self._runners, self._attempts, self._halted)
+        self.control_gate = ControlGate(agent_id)
+        """Commands refused (``refused``, by reason): not the orchestrator's, or not runnable."""
 
     @property
     def held_attempts(self) -> frozenset[tuple[str, int]]:
@@ -355,11 +362,20 @@ class Agent:
                 log.warning("agent %s: heartbeat not sent: %s", self.agent_id, exc)
 
     async def _on_control(self, command: Control) -> None:
+        bus = self._bus
+        orchestrator_user = bus.orchestrator_user if bus is not None else None
+        if not self.control_gate.from_orchestrator(
+            current_sender(), orchestrator_user, command.kind
+        ):
+            return
         if isinstance(command, ConsumeQueues):
             if self._consumer is not None and not self._halted.is_set():
+                keys = self.control_gate.runnable(
+                    command.queue_keys, self.capabilities, self._handlers.task_types
+                )
                 if command.max_concurrent_tasks is not None:
                     await self._adopt_limit(command.max_concurrent_tasks)
-                await self._consumer.consume(command.queue_keys, command.consumer_priority)
+                await self._consumer.consume(keys, command.consumer_priority)
         elif isinstance(command, ProceedTask):
             if not self._attempts.proceed(command.task_id, command.attempt):
                 log.debug(

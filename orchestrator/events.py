@@ -5,6 +5,17 @@ after a reconnect, late, and out of order, and only an event of the task's
 current attempt may move it. To add an event kind: a model in
 ``broker.messages``, a branch in ``EventHandlers.on_event``, and the moves it
 makes through ``Lifecycle.transition`` (never by writing a status).
+
+Every event passes one gate first (``EventHandlers.refusal``): the bus is
+shared with strangers, so an event is believed only from the broker user its
+agent id is bound to (``current_sender``: RabbitMQ's checked ``user_id``);
+an announcement must pass ``register_agent``'s own validation; a task event
+must come from an agent that is registered and can run the task's queue, and
+once the attempt has a live holder, from that holder alone. A dead letter
+fails its task only if the broker dead-lettered the task message itself
+(``x-death``, published by our own user) or the agent that held it sent it.
+What fails the gate is counted and logged (``refusals``), and does nothing
+else. Calls made in-process (not by the bus) have no sender and are trusted.
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ import asyncio
 import logging
 
 from broker import (
+    AGENT_ID_PATTERN,
     AgentAnnounced,
     AgentHeartbeat,
     AgentLeft,
@@ -26,12 +38,14 @@ from broker import (
     TaskProgress,
     TaskStarted,
 )
+from broker.envelope import Sender, current_sender
 
 from .lifecycle import Lifecycle, Move
 from .models import Task, TaskStatus
 from .outcomes import Outcomes
+from .placement import QueueSpec, can_run
 from .records import TaskRecords
-from .registry import AgentRegistry
+from .registry import AgentRegistry, validate_agent, validate_task_types
 from .settings import OrchestratorSettings
 
 log = logging.getLogger(__name__)
@@ -68,6 +82,10 @@ class EventHandlers:
         lifecycle.observe(self)
 
     async def on_event(self, event: Event) -> None:
+        refused = await self.refusal(event, current_sender())
+        if refused is not None:
+            self.registry.refusals.refuse(*refused)
+            return
         if isinstance(event, TaskStarted):
             await self.on_started(event)
         elif isinstance(event, TaskAssigned):
@@ -100,6 +118,82 @@ class EventHandlers:
                 await self.outcomes.agent_gone(
                     agent, returned=True, unfinished=set(event.unfinished)
                 )
+
+    # ------------------------------------------------------------------ the gate
+    async def refusal(self, event: Event, sender: Sender | None) -> tuple[str, str] | None:
+        """Why ``event`` (from ``sender``; None: an in-process call) is not to be
+        believed, as (reason, detail); None if it passes. Cheap for what fails:
+        a flood of them costs lookups, no publish and no write."""
+        agent_id = event.agent_id
+        if not AGENT_ID_PATTERN.match(agent_id):
+            return "invalid_agent_id", f"{event.kind} for agent id {agent_id[:140]!r}"
+        if isinstance(event, AgentAnnounced):
+            try:
+                validate_agent(agent_id, event.capabilities, event.max_concurrent_tasks)
+                validate_task_types(event.task_types)
+            except ValueError as exc:
+                return "invalid_announcement", f"agent {agent_id}: {exc}"
+        if sender is None:
+            return None  # in-process: trusted (the bus never calls without a sender)
+        known = agent_id in self.registry
+        user = sender.user
+        if user is None:
+            return "no_user", f"{event.kind} for agent {agent_id} without a user_id"
+        bound = self.registry.user_of(agent_id)
+        if bound is not None and bound != user:
+            return (
+                "wrong_user",
+                f"{event.kind} for agent {agent_id} from user {user!r}; it is {bound!r}'s",
+            )
+        if bound is None and (known or isinstance(event, AgentAnnounced)):
+            await self.registry.bind(agent_id, user)
+        if isinstance(event, AgentHeartbeat) and not known:
+            await self.registry.heard(agent_id)  # asked to announce itself, rate-limited
+            return "unknown_agent", f"heartbeat of agent {agent_id}, which is not registered"
+        if isinstance(event, (TaskAssigned, TaskStarted, TaskProgress, TaskFinished)):
+            return self._task_event_refusal(event)
+        return None
+
+    def _task_event_refusal(
+        self, event: TaskAssigned | TaskStarted | TaskProgress | TaskFinished
+    ) -> tuple[str, str] | None:
+        agent = self.registry.get(event.agent_id)
+        what = f"{event.kind} of task {event.task_id} attempt {event.attempt}"
+        if agent is None:
+            return "unknown_agent", f"{what} from agent {event.agent_id}, which is not registered"
+        task = self.records.get(event.task_id)
+        if task is None or task.status.is_final or task.attempt != event.attempt:
+            return None  # stale: its handler drops it (and tells a real agent to)
+        if not can_run(agent, QueueSpec.of(task)):
+            return "cannot_run", f"{what} from agent {event.agent_id}, which cannot run its queue"
+        holder = task.assigned_agent
+        confirm = isinstance(event, TaskAssigned) and event.confirm
+        if holder not in (None, event.agent_id) and holder in self.registry and not confirm:
+            # (A confirm of a copy waits for the holder: see on_assigned.)
+            return "not_holder", f"{what} from agent {event.agent_id}; agent {holder} holds it"
+        return None
+
+    def _dead_letter_refusal(self, letter: DeadLetter, task: Task) -> tuple[str, str] | None:
+        """Why a dead letter of ``task``'s current attempt is not to fail it."""
+        if current_sender() is None:
+            return None  # in-process
+        user = letter.sender
+        if letter.by_broker and user is not None and user == self.bus.user:
+            return None  # the broker dead-lettered our own task message
+        holder = self.registry.get(task.assigned_agent)
+        if holder is not None:
+            if user is not None and self.registry.user_of(holder.agent_id) == user:
+                return None
+        elif user is not None and any(
+            self.registry.user_of(a.agent_id) == user and can_run(a, QueueSpec.of(task))
+            for a in self.registry
+        ):
+            return None  # queued: an agent of this user that can take it gave it up
+        return (
+            "dead_letter_not_trusted",
+            f"dead letter of task {task.task_id} attempt {task.attempt} from user {user!r}"
+            f"{' (x-death)' if letter.by_broker else ''}: neither the broker's nor its agent's",
+        )
 
     async def _refuse_stale(self, event: TaskAssigned | TaskStarted) -> Task | None:
         """The task of an attempt an agent holds, or None after telling the agent
@@ -248,5 +342,9 @@ class EventHandlers:
                 task.attempt,
                 letter.reason,
             )
+            return
+        refused = self._dead_letter_refusal(letter, task)
+        if refused is not None:
+            self.registry.refusals.refuse(*refused)
             return
         await self.outcomes.finish(task, TaskStatus.FAILED, error=f"rejected: {letter.reason}")

@@ -6,6 +6,12 @@ consume (and, on an announcement, which queued tasks were cancelled: a
 restarted process knows nothing of what its predecessor heard). Liveness is
 the heartbeats: an agent silent past ``heartbeat_timeout`` is removed. An
 agent's load is kept from the lifecycle's moves, never by hand.
+
+Identity: an agent id is bound to the broker user first heard claiming it
+(its announcement, normally), and kept in the store's meta so that a
+restart keeps it; messages claiming it from another user are refused
+(``orchestrator.events``). A binding outlives the agent's removal (a
+restarted process of the same user comes back), until ``unbind``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from .dispatch import Queues
 from .lifecycle import Lifecycle, Move, held
 from .models import AgentCapability, Task, TaskStatus
 from .placement import PlacementPolicy, QueueSpec, can_run, missing
+from .refusals import RateLimit, Refusals
 from .store import StateStore
 
 log = logging.getLogger(__name__)
@@ -36,6 +43,13 @@ _HELD = (TaskStatus.ASSIGNED, TaskStatus.RUNNING)
 
 CANCELLED_IN_QUEUE_KEEP = 10_000
 """At most this many cancelled-in-queue ids are kept, and sent to a newly registered agent."""
+AGENT_USERS = "registry.agent_users"
+"""Store meta key: the broker user each agent id is bound to."""
+AGENT_USERS_KEEP = 10_000
+"""Bindings kept of agent ids not registered now (oldest dropped first)."""
+MAX_TASK_TYPES = 1000
+"""Task types an announcement may name."""
+
 CANCELLED_PER_MESSAGE = 1000
 """Ids per ``CancelTasks`` sent to a new agent (and at most half the bus's message limit)."""
 
@@ -62,6 +76,19 @@ def validate_agent(agent_id: object, capabilities: object, max_concurrent_tasks:
         )
 
 
+def validate_task_types(task_types: object) -> None:
+    """``ValueError`` naming a bad ``task_types`` of an announcement."""
+    if (
+        not isinstance(task_types, list)
+        or len(task_types) > MAX_TASK_TYPES
+        or not all(isinstance(t, str) and 0 < len(t) <= 255 and t.isprintable() for t in task_types)
+    ):
+        raise ValueError(
+            f"task_types: {str(task_types)[:200]!r} must be a list of at most {MAX_TASK_TYPES}"
+            " printable names of 1-255 characters"
+        )
+
+
 class AgentRegistry:
     def __init__(
         self,
@@ -82,6 +109,12 @@ class AgentRegistry:
         self._runnable: set[str] = set()
         """Queues some registered agent can run, as last found (a submit looks
         here, not at every agent); forgotten whenever an agent changes or goes."""
+        self.refusals = Refusals()
+        """Messages refused as untrusted, by reason (``orchestrator.events``)."""
+        self._reannounces = RateLimit()
+        """Answers to heartbeats of unknown ids: never one per message of a flood."""
+        self._users: dict[str, str] = {}
+        """The broker user each agent id is bound to (oldest first)."""
         self._cancelled_in_queue: dict[str, None] = {}
         """Cancelled while their message waited in a queue: agents must skip them.
         New agents are told before they consume; an agent's skip report clears one."""
@@ -100,6 +133,7 @@ class AgentRegistry:
         """The stored agents, after a restart, each with a fresh heartbeat
         window (nobody could be heard while no orchestrator ran) and its load
         recounted from the tasks it runs."""
+        self._users = dict(await self.store.get_meta(AGENT_USERS) or {})
         now = self.clock()
         for agent in await self.store.agents():
             if agent.last_seen is not None:
@@ -266,17 +300,43 @@ class AgentRegistry:
             await self.bus.publish_control(Unregister(agent_id=agent_id), agent_id=agent_id)
         return agent
 
+    # -------------------------------------------------------------- identity
+    def user_of(self, agent_id: str) -> str | None:
+        """The broker user ``agent_id`` is bound to; None if it is bound to none yet."""
+        return self._users.get(agent_id)
+
+    async def bind(self, agent_id: str, user: str) -> None:
+        """Bind an unbound agent id to ``user`` (the first user heard claiming it)."""
+        if agent_id in self._users:
+            return
+        self._users[agent_id] = user
+        if len(self._users) > AGENT_USERS_KEEP + len(self._agents):
+            for old in [a for a in self._users if a not in self._agents][: len(self._users) // 10]:
+                del self._users[old]
+        log.info("agent id %s is bound to broker user %r", agent_id, user)
+        await self.store.save_meta(AGENT_USERS, self._users)
+
+    async def unbind(self, agent_id: str) -> None:
+        """Free ``agent_id`` for another user (an operator unregistered it)."""
+        if self._users.pop(agent_id, None) is not None:
+            await self.store.save_meta(AGENT_USERS, self._users)
+
     # -------------------------------------------------------------- liveness
     async def heard(self, agent_id: str) -> None:
-        """A heartbeat: an unknown agent is asked to announce itself."""
+        """A heartbeat: an unknown agent is asked to announce itself, at most
+        once per ``RateLimit.per_key`` and a few per second in all."""
         agent = self._agents.get(agent_id)
         if agent is None:
-            await self.bus.publish_control(Reannounce(), agent_id=agent_id)
+            if self._reannounces.allow(agent_id):
+                await self.bus.publish_control(Reannounce(), agent_id=agent_id)
         else:
             agent.last_seen = self.clock()
 
     def silent(self, timeout: float) -> list[str]:
-        """Ids of the agents not heard from for ``timeout`` seconds."""
+        """Ids of the agents not heard from for ``timeout`` seconds; none while
+        a flood of refused messages is on (real heartbeats may wait behind it)."""
+        if self.refusals.flooded():
+            return []
         deadline = self.clock() - timeout
         return [
             a.agent_id
