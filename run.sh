@@ -3,7 +3,7 @@
 #   ./run.sh demo [--broker amqp://...]   the seed's workflow, end to end
 #   ./run.sh test [pytest args]           the test suite (starts the local RabbitMQ if needed)
 #   ./run.sh lint                          ruff
-#   ./run.sh bench [args]                  tasks/s through each bus
+#   ./run.sh bench [args]                  tasks/s through each bus (bench peers: beside Celery, ...)
 #   ./run.sh orchestrator COMMAND [args]   the command line (.venv/bin/orchestrator)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -50,7 +50,8 @@ case "$command" in
   demo) exec .venv/bin/python -m orchestrator demo "$@" ;;
   test) ensure_rabbitmq; exec .venv/bin/python -m pytest "$@" ;;
   lint) .venv/bin/ruff check . && .venv/bin/ruff format --check . ;;
-  bench) ensure_rabbitmq; exec .venv/bin/python tests/bench/throughput.py "$@" ;;
+  bench) ensure_rabbitmq; [ "${1:-}" = peers ] && shift && exec .venv/bin/python -m tests.bench.peers "$@"
+         exec .venv/bin/python tests/bench/throughput.py "$@" ;;
   orchestrator) exec .venv/bin/orchestrator "$@" ;;
   *) sed -n '2,7p' "$0" >&2; exit 2 ;;
 esac
