@@ -1,13 +1,44 @@
-"""Run an agent defined in user code: ``python -m agents package.module:agent``."""
+"""Run an agent defined in user code: ``python -m agents package.module:agent``.
+
+The flags are those of ``orchestrator agent run`` (which uses ``load_agent``,
+``configure`` and ``run_with_reload`` from here), and it exits the same way:
+0 after a graceful stop (SIGTERM, Ctrl-C, or the orchestrator's Unregister),
+1 for bad input (a spec that names no Agent, a bad flag value, an id in use),
+2 for a usage error, 3 when the broker cannot be reached; errors are one line
+on stderr. ``--id`` and ``--concurrency`` override what the code says, so
+that one module runs as many agents (one id each) as a deployment needs.
+``--reload`` (development only) runs the agent in a child process, started
+again whenever a ``.py`` file under the module's folder changes.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import importlib
+import importlib.util
 import logging
+import os
+import shlex
+import signal
 import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from broker import AGENT_ID_PATTERN, BusSettings, RabbitMQBus
+from broker.errors import BusError
 
 from .agent import Agent
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+"""The exit codes ``orchestrator agent run`` gives for the same ends."""
+
+RELOAD_STOP_SECONDS = 35
+"""How long ``--reload`` lets the old process drain (SIGINT) before killing it."""
 
 
 def load_agent(spec: str) -> Agent:
@@ -27,17 +58,183 @@ def load_agent(spec: str) -> Agent:
     return obj
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agents", description=__doc__)
-    parser.add_argument("agent", help="module:object naming an Agent")
-    parser.add_argument("--broker", help="amqp:// URL (default: ORCHESTRATOR_BROKER_URL)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    sys.path.insert(0, "")
+def configure(
+    agent: Agent, *, agent_id: str | None = None, concurrency: int | None = None
+) -> Agent:
+    """``agent`` with the id and limit of the command line, before it starts.
+
+    The same object, changed, rather than a copy: handlers that refer to
+    their agent (``agent.wait_stopping()``) keep referring to the one that runs.
+    """
+    if agent_id is not None:
+        if not AGENT_ID_PATTERN.match(agent_id):
+            raise ValueError(f"--id: {agent_id!r} must be 1-128 of A-Z a-z 0-9 _ . : -")
+        agent.agent_id = agent_id
+        agent._attempts._agent_id = agent_id
+    if concurrency is not None:
+        if concurrency < 1:
+            raise ValueError(f"--concurrency: must be at least 1, got {concurrency}")
+        agent.max_concurrent_tasks = concurrency
+        agent._attempts.slots.resize(concurrency)
+    return agent
+
+
+def module_folder(spec: str) -> Path:
+    """The folder holding the module of ``module:object`` (found without running it)."""
+    module_name = spec.partition(":")[0]
     try:
-        agent = load_agent(args.agent)
-        agent.run(args.broker)
-    except (ValueError, ImportError, ConnectionError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        found = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError) as exc:
+        raise ImportError(str(exc)) from None
+    if found is None or not found.origin or found.origin in ("built-in", "frozen"):
+        raise ImportError(f"no module named {module_name!r}")
+    return Path(found.origin).resolve().parent
+
+
+def run_with_reload(spec: str, child_args: list[str]) -> int:
+    """Run ``python -m agents spec child_args`` until SIGTERM or Ctrl-C, started
+    again whenever a ``.py`` file under the module's folder changes."""
+    from watchfiles import PythonFilter, run_process
+
+    folder = module_folder(spec)
+    command = shlex.join([sys.executable, "-m", "agents", spec, *child_args])
+    log.warning("--reload: watching %s for changes to .py files (development only)", folder)
+    run_process(
+        folder,
+        target=command,
+        target_type="command",
+        watch_filter=PythonFilter(),
+        callback=lambda changes: log.warning("--reload: %d change(s): restarting", len(changes)),
+        sigint_timeout=RELOAD_STOP_SECONDS,
+    )
+    return EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m agents",
+        description="Run an agent until SIGTERM or Ctrl-C; running tasks finish first.",
+    )
+    p.add_argument("agent", metavar="MODULE:OBJECT", help="an Agent, or a function returning one")
+    p.add_argument(
+        "--id", dest="agent_id", metavar="ID", help="the agent's id (default: the code's)"
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        metavar="N",
+        help="tasks it runs at once, its max_concurrent_tasks (default: the code's)",
+    )
+    p.add_argument("--broker", "-b", metavar="URL", help="amqp:// URL (ORCHESTRATOR_BROKER_URL)")
+    p.add_argument("--prefix", metavar="PREFIX", help="topology prefix (ORCHESTRATOR_PREFIX)")
+    p.add_argument(
+        "--reload",
+        action="store_true",
+        help="restart when a .py file under the module's folder changes (development only)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+    )
+    return p
+
+
+def child_arguments(
+    agent_id: str | None,
+    concurrency: int | None,
+    broker: str | None,
+    prefix: str | None,
+    log_level: str,
+) -> list[str]:
+    """The flags a ``--reload`` child is started with (all but ``--reload``).
+
+    The broker URL goes through the environment, not the command line, where
+    ``ps`` would show its password."""
+    if broker:
+        os.environ["ORCHESTRATOR_BROKER_URL"] = broker
+    args = ["--log-level", log_level]
+    for flag, value in (("--id", agent_id), ("--concurrency", concurrency), ("--prefix", prefix)):
+        if value is not None:
+            args += [flag, str(value)]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)  # a usage error exits 2 here
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    sys.path.insert(0, os.getcwd())  # modules beside the user, as `python -m` would
+    try:
+        if args.reload:
+            child = child_arguments(
+                args.agent_id, args.concurrency, args.broker, args.prefix, args.log_level
+            )
+            return run_with_reload(args.agent, child)
+        overrides = {k: v for k, v in (("broker_url", args.broker), ("prefix", args.prefix)) if v}
+        settings = BusSettings(**overrides)
+        agent = configure(_load(args.agent), agent_id=args.agent_id, concurrency=args.concurrency)
+        asyncio.run(_serve(agent, settings))
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except ValidationError as exc:  # a bad --broker, --prefix or ORCHESTRATOR_* value
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        option = {"broker_url": "--broker", "prefix": "--prefix"}.get(field, field)
+        return _fail(f"{option}: {str(first['msg']).removeprefix('Value error, ')}", EXIT_BAD_INPUT)
+    except ConnectionError as exc:
+        return _fail(exc, EXIT_UNREACHABLE)
+    except ImportError as exc:
+        return _fail(
+            f"agent: cannot import {args.agent.partition(':')[0]!r}: {exc}", EXIT_BAD_INPUT
+        )
+    except (ValueError, BusError) as exc:
+        return _fail(exc, EXIT_BAD_INPUT)
+    return EXIT_OK
+
+
+def _load(spec: str) -> Agent:
+    try:
+        return load_agent(spec)
+    except (ImportError, ValueError):
+        raise
+    except Exception as exc:  # the user's code failed while building the agent
+        raise ValueError(f"agent: {spec} failed: {type(exc).__name__}: {exc}") from None
+
+
+async def _serve(agent: Agent, settings: BusSettings) -> None:
+    """Serve until a graceful stop; a signal while connecting ends it at once."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Agent.serve installs its own once started
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, task.cancel)
+    bus = RabbitMQBus(settings=settings, connection_name=f"agent:{agent.agent_id}")
+    try:
+        with _transport_quiet():  # the bus says in one error why it cannot connect
+            await bus.connect()
+        await agent.serve(bus)
+    except asyncio.CancelledError:
+        return
+    finally:
+        await bus.close()
+
+
+@contextlib.contextmanager
+def _transport_quiet():
+    loggers = [logging.getLogger(name) for name in ("aiormq", "aio_pika")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _fail(message: object, code: int) -> int:
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    return code

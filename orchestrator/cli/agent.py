@@ -30,6 +30,31 @@ def agent_run(
             help="An Agent in your code, or a function returning one (my_agents:agent).",
         ),
     ],
+    agent_id: Annotated[
+        str | None,
+        typer.Option(
+            "--id",
+            metavar="ID",
+            help="The agent's id, instead of the one in the code: one per process.",
+            show_default=False,
+        ),
+    ] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            help="Tasks it runs at once (max_concurrent_tasks), instead of the code's.",
+            show_default=False,
+        ),
+    ] = None,
+    reload: Annotated[
+        bool,
+        typer.Option(
+            "--reload",
+            help="Restart the agent when a .py file under its module's folder changes"
+            " (development only).",
+        ),
+    ] = False,
     broker: Broker = None,
     prefix: Prefix = None,
     log_level: LogLevel = LogLevelName.info,
@@ -37,10 +62,24 @@ def agent_run(
     """Run an agent until SIGTERM or Ctrl-C; running tasks finish first."""
     setup_logging(log_level)
     settings, _ = read_settings(broker, prefix)
+    if concurrency is not None and concurrency < 1:
+        raise CliError(f"--concurrency: must be at least 1, got {concurrency}")
     # An entry point that runs agents: the one place besides demo that imports both.
     from agents import load_agent
+    from agents.runner import child_arguments, configure, run_with_reload
 
     sys.path.insert(0, os.getcwd())  # modules beside the user, as `python -m` would
+    if reload:
+        child = child_arguments(
+            agent_id, concurrency, settings.broker_url, settings.prefix, log_level.value
+        )
+        try:
+            run_with_reload(spec, child)
+        except ImportError as exc:
+            raise CliError(f"agent: cannot import {spec.partition(':')[0]!r}: {exc}") from None
+        except KeyboardInterrupt:
+            pass
+        return
     try:
         agent = load_agent(spec)
     except ImportError as exc:
@@ -49,6 +88,7 @@ def agent_run(
         raise
     except Exception as exc:  # the user's code failed while building the agent
         raise CliError(f"agent: {spec} failed: {type(exc).__name__}: {exc}") from None
+    configure(agent, agent_id=agent_id, concurrency=concurrency)
     # A signal while it connects ends it at once; then the agent's own graceful stop.
     run(_run_agent(agent, settings), ends_by_signal=True)
 
