@@ -48,7 +48,9 @@ from .messages import (
     parse_event,
     parse_task,
 )
-from .rabbitmq import RabbitMQBus
+from .permissions import ROLES, Permission, Role, RolePermissions, TopicPermission
+from .rabbitmq import DeclareMode, RabbitMQBus
+from .rabbitmq_declare import PermissionRefused
 from .rpc import (
     REQUEST_TYPES,
     RESULT_TYPES,
@@ -94,6 +96,14 @@ from .topology import (
 )
 
 __all__ = [
+    # permissions of each role (broker.permissions)
+    "ROLES",
+    "DeclareMode",
+    "Permission",
+    "PermissionRefused",
+    "Role",
+    "RolePermissions",
+    "TopicPermission",
     # buses
     "CommunicationBus",
     "DeadLetter",

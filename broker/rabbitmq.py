@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
@@ -46,7 +46,7 @@ from .rabbitmq_consume import (
     RabbitTaskConsumer,
     dead_letter_of,
 )
-from .rabbitmq_declare import Declarer, delete
+from .rabbitmq_declare import Declarer, PermissionRefused, delete
 from .rabbitmq_lease import RabbitLease
 from .rabbitmq_link import CHANNEL_GONE, amqp_url, open_connection
 from .rabbitmq_publish import PUBLISH_RETRY_SECONDS, Publisher
@@ -55,7 +55,9 @@ from .rpc import Reply, parse_reply
 from .settings import BusSettings, redact_url
 from .topology import ANY_CAPABILITY_KEY, Declarations
 
-__all__ = ["ACK_BATCH", "PUBLISH_RETRY_SECONDS", "RabbitMQBus"]
+__all__ = ["ACK_BATCH", "PUBLISH_RETRY_SECONDS", "DeclareMode", "RabbitMQBus"]
+
+DeclareMode = Literal["all", "own", "none"]
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +68,19 @@ class RabbitMQBus(CommunicationBus):
     ``broker_url`` (or ``ORCHESTRATOR_BROKER_URL``) defaults to the local
     broker, ``amqp://guest:guest@127.0.0.1:5672/``. ``connection_name`` shows
     in the management UI; the agent runtime sets it to the agent's id.
-    ``declare_topology`` False is for clients that only send requests: they
-    connect without declaring anything, so a mistyped prefix leaves nothing
-    behind on the broker.
+
+    What it declares (``declare``, else ``settings.declare``): only the
+    orchestrator declares the shared topology (``all``: the exchanges and
+    queues of ``Topology.fixed()`` when it connects, task queues and retry
+    tiers as it uses them). Agents, clients and monitors (``own``) declare
+    only their own, exclusive, queues (an agent's control queue, a monitor's
+    queue) and check the rest with passive declares, which need no
+    permission: when it connects, that the fixed topology exists, else a
+    ``TopologyMissing`` saying to start the orchestrator first. ``none``
+    (``declare_topology`` False, for clients that only send requests) checks
+    nothing when it connects, so a mistyped prefix leaves nothing behind.
+    Unset: ``all`` if the user may declare it, else ``own`` (so that an agent
+    with an agent's permissions starts without being told).
     """
 
     def __init__(
@@ -78,9 +90,15 @@ class RabbitMQBus(CommunicationBus):
         settings: BusSettings | None = None,
         connection_name: str | None = None,
         declare_topology: bool = True,
+        declare: DeclareMode | None = None,
     ) -> None:
         super().__init__(broker_url, settings=settings)
-        self.declare_topology = declare_topology
+        self.declare_topology = declare_topology and declare != "none"
+        self.declare_mode: DeclareMode | None = (
+            declare or (None if declare_topology else "none") or self.settings.declare
+        )
+        """As asked; ``declares`` is what the bus does once connected."""
+        self.declares: DeclareMode = self.declare_mode or "all"
         if not self.settings.broker_url:
             self.settings = self.settings.model_copy(update={"broker_url": default_broker_url()})
         self.connection_name = connection_name or f"{self.settings.prefix}:client"
@@ -117,16 +135,51 @@ class RabbitMQBus(CommunicationBus):
             address=self.address,
         )
         try:
+            self.declares = await self._declaring()
             channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-            self._main = Declarer(channel, self.address)
-            if self.declare_topology:
+            self._main = Declarer(channel, self.address, own_only=self.declares != "all")
+            if self.declares == "all":
                 await self._main.declare(self.topology.fixed())
                 self._declared.add(ANY_CAPABILITY_KEY)
+            elif self.declares == "own":
+                # Passive: registers the exchanges to publish to, and they are
+                # checked again (passively) when the robust channel reopens.
+                await self._main.check(self.topology.fixed())
         except BaseException:
             await self._connection.close()
             self._connection = None
             self._main = None
             raise
+
+    async def _declaring(self) -> DeclareMode:
+        """What this connection declares; for ``own``, the fixed topology checked.
+
+        The trial declare and the check run on a throwaway channel: RabbitMQ
+        closes the channel of a refused or missing declare."""
+        mode = self.declare_mode
+        if mode is None:
+            try:
+                await self._on_probe(lambda d: d.declare(self.topology.fixed()))
+                return "all"
+            except PermissionRefused as exc:
+                log.info(
+                    "declaring only this connection's own queues: the broker user may not"
+                    " declare the shared topology (%s)",
+                    exc,
+                )
+                mode = "own"
+        if mode == "own":
+            await self._on_probe(lambda d: d.check(self.topology.fixed()))
+        return mode
+
+    async def _on_probe(self, use: Callable[[Declarer], Awaitable[None]]) -> None:
+        assert self._connection is not None
+        channel = await self._connection.channel(publisher_confirms=False)
+        try:
+            await use(Declarer(channel, self.address))
+        finally:
+            if not channel.is_closed:
+                await channel.close()
 
     async def close(self) -> None:
         for sub in list(self._subscriptions):
@@ -163,7 +216,7 @@ class RabbitMQBus(CommunicationBus):
         channel = await self._require().channel(publisher_confirms=False)
         if prefetch is not None:
             await channel.set_qos(prefetch_count=prefetch)
-        return Declarer(channel, self.address)
+        return Declarer(channel, self.address, own_only=self.declares != "all")
 
     def _forget(self, subscription: Subscription) -> None:
         self._subscriptions.discard(subscription)
@@ -263,7 +316,9 @@ class RabbitMQBus(CommunicationBus):
     # events ----------------------------------------------------------------
     async def publish_event(self, event: Event) -> None:
         await self._publisher.publish(
-            self.topology.events_exchange, event.kind, Envelope.event(event)
+            self.topology.events_exchange,
+            self.topology.event_key(event.kind, event.agent_id),
+            Envelope.event(event),
         )
 
     async def subscribe_events(

@@ -5,6 +5,15 @@ and is declared here, with the arguments the definitions document gives it.
 A declare that meets a queue or exchange of that name with other arguments is
 a ``TopologyMismatch``: we never delete and re-declare, which would lose the
 messages in it.
+
+Only the orchestrator declares the shared topology. A declarer that is not
+the orchestrator's (``own_only``) declares only its own queues, the exclusive
+ones (an agent's control queue, a monitor's queue), and binds only those; it
+checks every other queue and exchange with a *passive* declare, which
+RabbitMQ allows without any permission, and a missing one is a
+``TopologyMissing`` that says to start the orchestrator first. A declare the
+user's permissions refuse is a ``PermissionRefused`` naming the user's
+missing right.
 """
 
 from __future__ import annotations
@@ -13,8 +22,26 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
-from .errors import QueueInUse, TopologyMismatch, TopologyMissing
+from .errors import BusError, QueueInUse, TopologyMismatch, TopologyMissing
 from .topology import Binding, Declarations, Exchange, Queue
+
+START_ORCHESTRATOR = "start `orchestrator serve` first"
+
+
+class PermissionRefused(BusError, PermissionError):
+    """Raised when RabbitMQ refuses an operation to the connection's user
+    (ACCESS_REFUSED): its permissions do not cover that queue or exchange
+    (see ``broker.permissions`` for what each role is granted)."""
+
+
+def missing(kind: str, name: str, address: str) -> TopologyMissing:
+    return TopologyMissing(
+        f"{kind} {name!r} does not exist on RabbitMQ at {address}: {START_ORCHESTRATOR}"
+    )
+
+
+def refused(what: str, exc: BaseException) -> PermissionRefused:
+    return PermissionRefused(f"RabbitMQ refused to {what}: {exc}")
 
 
 class Declarer:
@@ -22,12 +49,15 @@ class Declarer:
 
     The cache holds the value objects: equal objects declare the same thing,
     and a robust channel declares again by itself after a reconnect what it
-    declared before. ``queues`` keeps the declared queues, to consume from.
+    declared before (passively what it checked passively). ``queues`` keeps
+    the declared queues, to consume from. ``own_only``: declare only
+    exclusive queues, check the rest (see the module's docstring).
     """
 
-    def __init__(self, channel: AbstractChannel, address: str) -> None:
+    def __init__(self, channel: AbstractChannel, address: str, *, own_only: bool = False) -> None:
         self.channel = channel
         self._address = address
+        self.own_only = own_only
         self.exchanges: dict[str, AbstractExchange] = {"": channel.default_exchange}
         """Declared exchanges by name, to publish to; ``""`` is the default exchange."""
         self.queues: dict[Queue, AbstractQueue] = {}
@@ -41,11 +71,43 @@ class Declarer:
             if queue not in self.queues:
                 self.queues[queue] = await self._queue(queue)
         for binding in declarations.bindings:
-            if binding not in self._bound:
+            if binding not in self._bound and self._owns(binding.queue):
                 await self._bind(binding)
                 self._bound.add(binding)
 
+    async def check(self, declarations: Declarations) -> None:
+        """Check passively that the exchanges and queues of ``declarations`` exist
+        (nothing is created, no permission is needed); ``TopologyMissing`` for the
+        first that does not. The broker closes the channel then: use one of its own."""
+        for exchange in declarations.exchanges:
+            if exchange.name not in self.exchanges:
+                self.exchanges[exchange.name] = await self._check_exchange(exchange)
+        for queue in declarations.queues:
+            if queue not in self.queues:
+                self.queues[queue] = await self._check_queue(queue)
+
+    def _owns(self, queue: Queue) -> bool:
+        return not self.own_only or queue.exclusive
+
+    async def _check_exchange(self, exchange: Exchange) -> AbstractExchange:
+        try:
+            return await self.channel.declare_exchange(exchange.name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            raise missing("exchange", exchange.name, self._address) from None
+
+    async def _check_queue(self, queue: Queue) -> AbstractQueue:
+        try:
+            return await self.channel.declare_queue(queue.name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            raise missing("queue", queue.name, self._address) from None
+        except aiormq.exceptions.ChannelLockedResource as exc:
+            raise QueueInUse(
+                f"queue {queue.name!r} is exclusive to another connection: {exc}"
+            ) from None
+
     async def _exchange(self, exchange: Exchange) -> AbstractExchange:
+        if self.own_only:
+            return await self._check_exchange(exchange)
         try:
             return await self.channel.declare_exchange(
                 exchange.name,
@@ -58,8 +120,12 @@ class Declarer:
             raise TopologyMismatch(
                 f"exchange {exchange.name!r} exists with other arguments: {exc}"
             ) from None
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise refused(f"declare exchange {exchange.name!r}", exc) from None
 
     async def _queue(self, queue: Queue) -> AbstractQueue:
+        if not self._owns(queue):
+            return await self._check_queue(queue)
         try:
             return await self.channel.declare_queue(
                 queue.name,
@@ -76,6 +142,8 @@ class Declarer:
             raise QueueInUse(
                 f"queue {queue.name!r} is exclusive to another connection: {exc}"
             ) from None
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise refused(f"declare queue {queue.name!r}", exc) from None
 
     async def _bind(self, binding: Binding) -> None:
         queue = self.queues.get(binding.queue)
@@ -87,6 +155,12 @@ class Declarer:
             # The broker closed the channel: nobody declared the exchange.
             raise TopologyMissing(
                 f"no exchange {binding.exchange.name!r} on RabbitMQ at {self._address}"
+            ) from None
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise refused(
+                f"bind queue {binding.queue.name!r} to {binding.exchange.name!r}"
+                f" under {binding.routing_key!r}",
+                exc,
             ) from None
 
 
