@@ -255,14 +255,18 @@ class Client:
         estimated_duration: float = 300,
         timeout: float = 600,
         max_retries: int = 3,
+        idempotency_key: str | None = None,
         **extra: Any,
     ) -> TaskHandle:
         """Submit a task (the parameters of ``TaskOrchestrator.submit_task``); its handle.
 
-        ``extra`` passes fields a newer protocol adds to ``SubmitTaskRequest``
-        (``idempotency_key``, where the orchestrator has it); an unknown one is
-        a ``ValueError``.
+        ``idempotency_key``: a submit repeating the key of one the orchestrator
+        kept gets that task's id instead of a second task, so a submit retried
+        after a lost reply is safe. ``extra`` passes fields a newer protocol
+        adds to ``SubmitTaskRequest``; one it does not have is a ``ValueError``.
         """
+        if idempotency_key is not None:
+            extra["idempotency_key"] = idempotency_key
         unknown = set(extra) - set(SubmitTaskRequest.model_fields)
         if unknown:
             raise InvalidRequest(f"{sorted(unknown)[0]}: not a field of a submit")

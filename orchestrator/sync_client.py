@@ -97,6 +97,7 @@ class SyncClient:
         estimated_duration: float = 300,
         timeout: float = 600,
         max_retries: int = 3,
+        idempotency_key: str | None = None,
         **extra: Any,
     ) -> SyncTaskHandle:
         """Submit a task (the parameters of ``TaskOrchestrator.submit_task``); its handle."""
@@ -112,6 +113,7 @@ class SyncClient:
                 estimated_duration,
                 timeout,
                 max_retries,
+                idempotency_key,
                 **extra,
             )
         )
