@@ -26,7 +26,7 @@ import asyncpg
 import pytest
 
 from broker import QueuesRequest, SubmitTaskRequest, TaskStatusRequest
-from orchestrator import PostgresStore, Task, TaskPriority, TaskStatus
+from orchestrator import PostgresStore, StoreFenced, Task, TaskPriority, TaskStatus
 from orchestrator.postgres_store import MIGRATIONS, SCHEMA_VERSION
 from orchestrator.records_codec import task_to_record
 from tests.brokers import LocalPostgres, Unavailable, skip_or_fail
@@ -99,6 +99,43 @@ async def test_a_database_of_a_newer_schema_is_refused_by_name(postgres_url: str
     with pytest.raises(RuntimeError, match="schema version 99; this orchestrator reads up to"):
         await store.open()
     await store.close()
+
+
+async def test_a_flush_racing_a_claim_waits_for_it_and_then_writes_nothing(
+    postgres_url: str,
+) -> None:
+    # Given a leader's store, and a new leader's claim under way (its transaction
+    # has raised the epoch, not yet committed)
+    leader = PostgresStore(postgres_url, flush_interval=60)
+    epoch = await leader.claim_epoch("old-leader")
+    claim = await asyncpg.connect(postgres_url)
+    transaction = claim.transaction()
+    await transaction.start()
+    await claim.execute("UPDATE leader SET epoch = epoch + 1, holder = 'new-leader'")
+
+    # When the old leader flushes meanwhile
+    await leader.save_task(make_task("late"))
+    flushing = asyncio.ensure_future(leader.flush())
+
+    async def waits_on_the_epoch_row() -> bool:
+        rows = await query(
+            postgres_url,
+            "SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND query LIKE '%FROM leader%FOR UPDATE%'",
+        )
+        return bool(rows)
+
+    await wait_until(waits_on_the_epoch_row, timeout=10)
+    assert not flushing.done()
+
+    # Then once the claim commits, the flush sees the newer epoch and writes nothing
+    await transaction.commit()
+    await claim.close()
+    with pytest.raises(StoreFenced) as fenced:
+        await flushing
+    assert (fenced.value.epoch, fenced.value.current) == (epoch, epoch + 1)
+    assert await query(postgres_url, "SELECT task_id FROM tasks") == []
+    await leader.close()
 
 
 def test_a_url_that_is_not_postgresql_is_refused_naming_it() -> None:

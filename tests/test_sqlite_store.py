@@ -11,6 +11,7 @@ import pytest
 from agents import TaskContext
 from orchestrator import SQLiteStore, Task, TaskOrchestrator, TaskPriority, TaskStatus
 from orchestrator.models import AgentCapability
+from orchestrator.records_codec import task_to_record
 from orchestrator.sqlite_store import SCHEMA_VERSION
 from tests.harness import FAST, Harness, wait_until
 
@@ -217,3 +218,29 @@ async def test_a_result_sent_while_the_orchestrator_is_down_is_kept(
 async def running(orch: TaskOrchestrator, task_id: str) -> bool:
     status = await orch.get_task_status(task_id)
     return status is not None and status["status"] == "running"
+
+
+async def test_a_file_of_an_older_version_is_upgraded_and_keeps_its_records(
+    tmp_path: Path,
+) -> None:
+    # Given a file of schema version 2 (before the leader epoch) holding a task
+    path = tmp_path / "state.sqlite"
+    old = make_task("old", status=TaskStatus.COMPLETED, result={"r": 1})
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE tasks (task_id TEXT PRIMARY KEY, status TEXT, record TEXT)")
+        db.execute("CREATE TABLE agents (agent_id TEXT PRIMARY KEY, record TEXT NOT NULL)")
+        db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.execute("INSERT INTO tasks VALUES (?, ?, ?)", ("old", "completed", task_to_record(old)))
+        db.execute("PRAGMA user_version=2")
+    db.close()
+
+    # When a store opens it, then the task is there, the file is of this version,
+    # and the epoch it added works
+    store = SQLiteStore(path)
+    assert await store.get_task("old") == old
+    assert await store.claim_epoch("me") == 1
+    await store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert db.execute("SELECT epoch, holder FROM leader").fetchall() == [(1, "me")]
+    db.close()
