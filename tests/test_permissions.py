@@ -6,7 +6,10 @@ through all of them, and, with plain aio_pika, what each role cannot do."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import secrets
+import shlex
 import shutil
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,10 +34,8 @@ from broker.topology import Topology
 from orchestrator import TaskOrchestrator
 from orchestrator.service import OrchestratorService
 from tests.conftest import BROKER_URL, require_broker
-from tests.deployment import management_api, skip_or_fail
+from tests.deployment import management_api, run, skip_or_fail
 from tests.harness import FAST, wait_until
-
-pytestmark = pytest.mark.rabbitmq
 
 AGENT_ID = "perm-agent-1"
 OTHER_AGENT = "perm-agent-2"
@@ -187,6 +188,7 @@ def bind_own(
     return go
 
 
+@pytest.mark.rabbitmq
 async def test_each_role_does_its_part_of_a_task_and_nothing_else(
     users: Users, prefix: str
 ) -> None:
@@ -310,3 +312,81 @@ async def test_each_role_does_its_part_of_a_task_and_nothing_else(
         await service.stop()
         await orchestrator.stop()
         await orchestrator.bus.close()
+
+
+# --------------------------------------------------------------- derived, not listed
+
+
+def grants(pattern: str, name: str) -> bool:
+    """Whether a RabbitMQ permission pattern grants ``name`` (it searches, unanchored)."""
+    return re.search(pattern, name) is not None
+
+
+def test_permissions_follow_the_topology_objects() -> None:
+    # Whatever the topology holds (a queue added or split), the orchestrator may
+    # declare, write and read it, and no agent, client or monitor may declare it
+    t = Topology("shop")
+    orchestrator = perms.orchestrator(t).permission
+    others = [perms.agent(t, "a-1").permission, perms.client(t).permission]
+    others.append(perms.monitor(t).permission)
+    names = perms.names_of(perms.shared(t)) | {t.task_queue("report.pdf+finance")}
+    for name in names:
+        for pattern in (orchestrator.configure, orchestrator.write, orchestrator.read):
+            assert grants(pattern, name), name
+        for other in others:
+            assert not grants(other.configure, name), name
+    # Agents' and monitors' own queues are not the orchestrator's
+    for own in (t.agent_control_queue("a-1"), t.monitor((), "x").queue.name):
+        assert not grants(orchestrator.configure, own)
+
+    # An agent configures and reads its own control queue, not another's (nor a
+    # longer id that starts with its own), and reads the task queues
+    agent = perms.agent(t, "a-1").permission
+    assert grants(agent.configure, t.agent_control_queue("a-1"))
+    for other in ("a-2", "a-10", "a-1x", "a.1"):
+        assert not grants(agent.configure, t.agent_control_queue(other)), other
+        assert not grants(agent.read, t.agent_control_queue(other)), other
+    assert grants(agent.read, t.task_queue("report.@any"))
+    for queue in (t.rpc_queue, t.orchestrator_events_queue, t.orchestrator_dead_queue):
+        assert not grants(agent.read, queue)
+    # It publishes events and dead letters only: no commands, no tasks, no default exchange
+    assert grants(agent.write, t.events_exchange) and grants(agent.write, t.dead_exchange)
+    for exchange in (t.control_exchange, t.tasks_exchange, perms.DEFAULT_EXCHANGE):
+        assert not grants(agent.write, exchange)
+    (topic,) = perms.agent(t, "a-1").topic
+    own = topic.write.replace("{username}", "a-1")  # as RabbitMQ expands it
+    assert grants(own, t.event_key("task.finished", "a-1"))
+    assert not grants(own, t.event_key("task.finished", "a-2"))
+    assert not grants(own, "task.finished")
+
+    # A client may publish requests and read replies only through the default
+    # exchange and direct reply-to; a monitor publishes nothing
+    client = perms.client(t).permission
+    assert grants(client.write, perms.DEFAULT_EXCHANGE)
+    assert not grants(perms.monitor(t).permission.write, perms.DEFAULT_EXCHANGE)
+    with pytest.raises(ValueError, match="agent_id"):
+        perms.agent(t, "evil#agent.*")
+
+
+async def test_topology_command_exports_the_permissions_as_json_and_rabbitmqctl() -> None:
+    t = Topology("shop")
+    printed = await run("topology", "--prefix", "shop", "--permissions", "json", "--agent", "a-1")
+    assert printed.code == 0, printed
+    exported = json.loads(printed.out)
+    assert set(exported["roles"]) == {"orchestrator", "agent", "client", "monitor"}
+    (agent,) = exported["agents"]
+    assert agent == perms.agent(t, "a-1").as_json("/")
+    # The agent role as a template: its user is the agent's id
+    assert exported["roles"]["agent"]["user"] == "{agent_id}"
+
+    shell = await run(
+        "topology", "--prefix", "shop", "--vhost", "prod", "--permissions", "rabbitmqctl",
+        "--agent", "a-1",
+    )  # fmt: skip
+    assert shell.code == 0, shell
+    commands = [shlex.split(line) for line in shell.out.splitlines() if line.startswith("rabbitmq")]
+    expected = [c for role in perms.every_role(t, ["a-1"]) for c in role.commands("prod")]
+    assert commands == expected
+    # The definitions are still what it prints without --permissions
+    plain = await run("topology", "--prefix", "shop")
+    assert json.loads(plain.out) == t.definitions()

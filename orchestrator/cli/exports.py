@@ -1,24 +1,32 @@
 """``topology`` and ``schemas``: the documents other systems take from this code.
 
-RabbitMQ's definitions, the wire messages' JSON Schemas and the AsyncAPI
-document are generated from the code, never written by hand, so that they
-cannot drift from what the orchestrator and agents declare and send.
+RabbitMQ's definitions, each role's RabbitMQ permissions, the wire messages'
+JSON Schemas and the AsyncAPI document are generated from the code, never
+written by hand, so that they cannot drift from what the orchestrator and
+agents declare and send.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from broker import BusSettings, Topology
+from broker import permissions as role_permissions
 
 from .errors import CliError
 from .output import err
 from .settings import Prefix
+
+
+class PermissionsFormat(StrEnum):
+    json = "json"
+    rabbitmqctl = "rabbitmqctl"
 
 
 def topology(
@@ -32,10 +40,42 @@ def topology(
             metavar="FILE", help="Write the definitions to this file instead.", show_default=False
         ),
     ] = None,
+    permissions: Annotated[
+        PermissionsFormat | None,
+        typer.Option(
+            "--permissions",
+            help="Instead of the definitions, each role's RabbitMQ permissions (orchestrator,"
+            " agent, client, monitor): as JSON, or as the rabbitmqctl commands that grant them.",
+            show_default=False,
+        ),
+    ] = None,
+    agents: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--agent",
+            metavar="AGENT_ID",
+            help="With --permissions: the permissions of the user of this agent (named after"
+            " its id); repeat for more. Without it, the agent role is a template.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Print the RabbitMQ definitions of the fixed topology (importable by RabbitMQ)."""
+    """Print the RabbitMQ definitions of the fixed topology (importable by RabbitMQ),
+    or with --permissions what each role's user may do on it."""
     settings = BusSettings(**({"prefix": prefix} if prefix is not None else {}))
-    text = json.dumps(Topology(settings.prefix).definitions(vhost), indent=2) + "\n"
+    shape = Topology(settings.prefix)
+    if agents and permissions is None:
+        raise CliError("--agent: goes with --permissions json or --permissions rabbitmqctl")
+    try:
+        if permissions is PermissionsFormat.json:
+            exported = role_permissions.export(shape, vhost, agents or ())
+            text = json.dumps(exported, indent=2) + "\n"
+        elif permissions is PermissionsFormat.rabbitmqctl:
+            text = role_permissions.shell_script(shape, vhost, agents or ())
+        else:
+            text = json.dumps(shape.definitions(vhost), indent=2) + "\n"
+    except ValueError as exc:
+        raise CliError(f"--agent: {exc}") from None
     if export is None:
         sys.stdout.write(text)
         return
