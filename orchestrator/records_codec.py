@@ -44,25 +44,26 @@ _AGENT_FIELDS = tuple(
 _AGENT_ENUMS = _enum_fields(AgentCapability)
 
 
-def _plain(value: Any) -> Any:
-    return value.value if isinstance(value, enum.Enum) else value
-
-
-def _encode(record: object, names: tuple[str, ...]) -> str:
-    return json.dumps({n: _plain(getattr(record, n)) for n in names}, separators=(",", ":"))
+def _encode(record: object, names: tuple[str, ...], enums: dict[str, type[enum.Enum]]) -> str:
+    data = {n: getattr(record, n) for n in names}
+    for name in enums:
+        if data[name] is not None:
+            data[name] = data[name].value
+    return json.dumps(data, separators=(",", ":"))
 
 
 def _decode(text: str, names: tuple[str, ...], enums: dict[str, type[enum.Enum]]) -> dict:
     data: dict[str, Any] = json.loads(text)
-    known = {k: v for k, v in data.items() if k in names}
+    if len(data) != len(names) or not all(n in data for n in names):
+        data = {n: data[n] for n in names if n in data}  # older or newer: its known fields
     for name, kind in enums.items():
-        if known.get(name) is not None:
-            known[name] = kind(known[name])
-    return known
+        if data.get(name) is not None:
+            data[name] = kind(data[name])
+    return data
 
 
 def task_to_record(task: Task) -> str:
-    return _encode(task, _TASK_FIELDS)
+    return _encode(task, _TASK_FIELDS, _TASK_ENUMS)
 
 
 def task_from_record(text: str) -> Task:
@@ -76,7 +77,7 @@ def task_from_record(text: str) -> Task:
 
 
 def agent_to_record(agent: AgentCapability) -> str:
-    return _encode(agent, _AGENT_FIELDS)
+    return _encode(agent, _AGENT_FIELDS, _AGENT_ENUMS)
 
 
 def agent_from_record(text: str) -> AgentCapability:

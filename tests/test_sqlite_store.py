@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from pathlib import Path
 
@@ -10,8 +11,8 @@ import pytest
 
 from agents import TaskContext
 from orchestrator import SQLiteStore, Task, TaskOrchestrator, TaskPriority, TaskStatus
-from orchestrator.models import AgentCapability
-from orchestrator.records_codec import task_to_record
+from orchestrator.models import AgentCapability, Delivery
+from orchestrator.records_codec import task_from_record, task_to_record
 from orchestrator.sqlite_store import SCHEMA_VERSION
 from tests.harness import FAST, Harness, wait_until
 
@@ -244,3 +245,19 @@ async def test_a_file_of_an_older_version_is_upgraded_and_keeps_its_records(
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert db.execute("SELECT epoch, holder FROM leader").fetchall() == [(1, "me")]
     db.close()
+
+
+def test_a_record_of_an_older_or_newer_version_reads_with_the_fields_it_knows() -> None:
+    # An older record: no delivery (then "assigned" with no agent meant queued), no key
+    text = task_to_record(make_task("t", status=TaskStatus.ASSIGNED, idempotency_key="k"))
+    data = json.loads(text)
+    del data["delivery"], data["idempotency_key"]
+    old = task_from_record(json.dumps(data))
+    assert (old.status, old.delivery, old.idempotency_key) == (
+        TaskStatus.PENDING,
+        Delivery.NONE,
+        None,
+    )
+    # A newer record: a field this version does not know is left out
+    data = json.loads(text) | {"from_the_future": 1}
+    assert task_from_record(json.dumps(data)) == task_from_record(text)
