@@ -71,6 +71,9 @@ then the sender's id) with its own user name as the id."""
 TASK_EVENT_KEYS = r"^task\."
 """Topic read pattern of a client: it binds only to task events (``task.#``, ``task.finished.#``)."""
 
+REPLICA_SUFFIX = "[A-Za-z0-9_.:-]+"
+"""What may follow ``<agent id>-`` in a replica's id (the agent-id alphabet)."""
+
 AGENT_USER = "{agent_id}"
 """The user of an agent is named after its agent id (``{username}`` in its topic permission)."""
 
@@ -220,26 +223,34 @@ def orchestrator(topology: Topology, user: str = "orchestrator") -> RolePermissi
     )
 
 
-def agent(topology: Topology, agent_id: str) -> RolePermissions:
+def agent(topology: Topology, agent_id: str, *, replicas: bool = False) -> RolePermissions:
     """An agent's user, named after its id: the ordinary patterns name the id
-    literally (RabbitMQ expands ``{username}`` only in topic permissions)."""
+    literally (RabbitMQ expands ``{username}`` only in topic permissions).
+
+    ``replicas``: the user also runs the agents ``<agent_id>-<anything>``
+    (``analyst-3f2a``: replicas that take their host's name), each with its
+    own control queue and event keys."""
     if not AGENT_ID_PATTERN.match(agent_id):
         raise ValueError(f"agent_id: {agent_id!r} is not an agent id ({AGENT_ID_PATTERN.pattern})")
     own = topology.agent_control(agent_id)
     queues = {q.name for q in own.queues}
+    replica_queues = [re.escape(topology.agent_control_queue(f"{agent_id}-")) + REPLICA_SUFFIX]
+    mine = replica_queues if replicas else []
     bound_from = {b.exchange.name for b in own.bindings}
     publishes = {topology.events_exchange, topology.dead_exchange}
+    keys = OWN_EVENT_KEYS.replace("$", f"(-{REPLICA_SUFFIX})?$") if replicas else OWN_EVENT_KEYS
     return RolePermissions(
         role="agent",
         user=agent_id,
         permission=Permission(
-            configure=exactly(queues),
-            write=exactly(queues | publishes),
-            read=exactly(queues | bound_from, [capability_queues(topology)]),
+            configure=exactly(queues, mine),
+            write=exactly(queues | publishes, mine),
+            read=exactly(queues | bound_from, [*mine, capability_queues(topology)]),
         ),
-        topic=(TopicPermission(topology.events_exchange, write=OWN_EVENT_KEYS, read=NOTHING),),
+        topic=(TopicPermission(topology.events_exchange, write=keys, read=NOTHING),),
         description="declares its own control queue only; consumes task queues;"
-        " publishes events keyed with its own id, and dead letters",
+        " publishes events keyed with its own id, and dead letters"
+        + (f"; also runs the replicas {agent_id}-*" if replicas else ""),
     )
 
 

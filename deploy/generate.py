@@ -19,9 +19,20 @@ Users are not in ``definitions.json``: it is checked in, and a password (even
 hashed) does not belong there. But with definitions to load, RabbitMQ creates
 neither the default vhost nor the default user, so ``install`` writes them at
 start into the definitions directory the broker loads: ``topology.json`` (a
-copy of ``definitions.json``) and ``users.json``, the user ``RABBITMQ_USER``
-(default ``orchestrator``) with a salted SHA-256 hash of ``RABBITMQ_PASSWORD``,
-as RabbitMQ hashes passwords itself.
+copy of ``definitions.json``) and ``users.json``, one user per role, each with
+a salted SHA-256 hash of its password (as RabbitMQ hashes passwords itself)
+and the permissions ``broker.permissions`` derives for its role:
+
+- ``RABBITMQ_USER`` (default ``operator``, password ``RABBITMQ_PASSWORD``): the
+  operator, for the management UI; the only one with the ``administrator`` tag;
+- ``orchestrator`` (``ORCHESTRATOR_PASSWORD``): ``orchestrator serve``, which
+  alone declares the shared topology;
+- one user per example agent, named after it (``analyst``, ``risk``,
+  ``trader``; ``ANALYST_PASSWORD``...), which also runs its replicas
+  ``<name>-<host>``;
+- ``client`` and ``monitor`` (``CLIENT_PASSWORD``, ``MONITOR_PASSWORD``), for
+  services that submit and for ``orchestrator watch``: made only if their
+  password is set.
 """
 
 from __future__ import annotations
@@ -31,14 +42,17 @@ import base64
 import hashlib
 import json
 import os
+import re
 import secrets
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: import the project beside us
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from broker import permissions as role_permissions
 from broker.topology import Topology
 
 HERE = Path(__file__).resolve().parent
@@ -61,8 +75,17 @@ PLUGINS = ("rabbitmq_management", "rabbitmq_prometheus")
 MANAGEMENT_PORT = 15672
 PROMETHEUS_PORT = 15692
 
-USER_TAGS = ("administrator",)
-"""One user for the orchestrator, the agents and the management UI (see README.md)."""
+OPERATOR_TAGS = ("administrator",)
+"""The operator's user alone has a tag: the management UI; every other user has none."""
+
+OPERATOR = "operator"
+"""Default name of the operator's user (``RABBITMQ_USER``)."""
+
+AGENTS = ("analyst", "risk", "trader")
+"""The example agents' users (docker-compose.yml's services), each running its replicas."""
+
+OPTIONAL_ROLES = ("client", "monitor")
+"""Made only if their password is set."""
 
 HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
 """RabbitMQ's default since 3.6."""
@@ -169,42 +192,115 @@ def password_hash(password: str, salt: bytes | None = None) -> str:
     return base64.b64encode(salt + digest).decode()
 
 
+def password_variable(user: str) -> str:
+    """The environment variable that holds a role user's password (``ANALYST_PASSWORD``)."""
+    return re.sub(r"[^A-Z0-9]", "_", user.upper()) + "_PASSWORD"
+
+
+def role_users(
+    prefix: str = PREFIX, user_prefix: str = ""
+) -> dict[str, role_permissions.RolePermissions]:
+    """Every user of the deployment but the operator, with its role's permissions,
+    by its name without ``user_prefix`` (which tests use to keep theirs apart)."""
+    topology = Topology(prefix)
+    users = {
+        "orchestrator": role_permissions.orchestrator(topology, f"{user_prefix}orchestrator"),
+        **{
+            name: role_permissions.agent(topology, f"{user_prefix}{name}", replicas=True)
+            for name in AGENTS
+        },
+    }
+    for role in OPTIONAL_ROLES:
+        users[role] = role_permissions.role_permissions(topology, role, f"{user_prefix}{role}")
+    return users
+
+
+def passwords_from(environ: Mapping[str, str]) -> dict[str, str]:
+    """The role users' passwords from their variables, by user name (unset
+    optional roles left out); a required one unset is a ``ValueError``."""
+    found = {}
+    for name in role_users():
+        password = environ.get(password_variable(name), "")
+        if not password and name in OPTIONAL_ROLES:
+            continue
+        if not password:
+            raise ValueError(f"{password_variable(name)}: must be set (see deploy/.env.example)")
+        found[name] = password
+    return found
+
+
+def user_entry(name: str, password: str, tags: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {
+        "name": name,
+        "password_hash": password_hash(password),
+        "hashing_algorithm": HASHING_ALGORITHM,
+        "tags": list(tags),
+    }
+
+
 def users_definitions(
-    username: str, password: str, vhosts: list[dict[str, Any]] | None = None
+    operator: str,
+    password: str,
+    passwords: Mapping[str, str],
+    vhosts: list[dict[str, Any]] | None = None,
+    prefix: str = PREFIX,
+    user_prefix: str = "",
 ) -> dict[str, Any]:
-    """The vhosts and one user with every permission on them, for import at boot."""
-    if not username:
+    """The vhosts, the operator (administrator, every permission) and each role
+    user of ``passwords`` (by name without ``user_prefix``) with exactly its
+    role's permissions and no tag, for import at boot."""
+    if not operator:
         raise ValueError("RABBITMQ_USER: must not be empty")
     if not password:
         raise ValueError("RABBITMQ_PASSWORD: must be set (see deploy/.env.example)")
     vhosts = vhosts or [vhost_entry()]
+    known = role_users(prefix, user_prefix)
+    unknown = sorted(set(passwords) - set(known))
+    if unknown:
+        raise ValueError(f"no role user {unknown[0]!r}: the users are {', '.join(known)}")
+    roles = {name: known[name] for name in passwords}
+    if operator in {r.user for r in roles.values()}:
+        raise ValueError(f"RABBITMQ_USER: {operator!r} is a role's user; the operator is another")
+    users = [user_entry(operator, password, OPERATOR_TAGS)]
+    users += [user_entry(r.user, passwords[name]) for name, r in roles.items()]
+    permissions = [
+        {"user": operator, "vhost": v["name"], "configure": ".*", "write": ".*", "read": ".*"}
+        for v in vhosts
+    ]
+    topic_permissions = []
+    for v in vhosts:
+        for role in roles.values():
+            exported = role.as_json(v["name"])
+            permissions += exported["permissions"]
+            topic_permissions += exported["topic_permissions"]
     return {
-        "users": [
-            {
-                "name": username,
-                "password_hash": password_hash(password),
-                "hashing_algorithm": HASHING_ALGORITHM,
-                "tags": list(USER_TAGS),
-            }
-        ],
+        "users": users,
         # The vhosts again: the files of a directory are imported in no set order.
         "vhosts": vhosts,
-        "permissions": [
-            {"user": username, "vhost": v["name"], "configure": ".*", "write": ".*", "read": ".*"}
-            for v in vhosts
-        ],
+        "permissions": permissions,
+        "topic_permissions": topic_permissions,
     }
 
 
-def install(source: Path, out: Path, username: str, password: str) -> list[Path]:
+def install(
+    source: Path,
+    out: Path,
+    operator: str,
+    password: str,
+    passwords: Mapping[str, str] | None = None,
+    prefix: str = PREFIX,
+    user_prefix: str = "",
+) -> list[Path]:
     """Fill the broker's definitions directory: ``topology.json`` and ``users.json``.
 
-    The user gets every permission on the vhosts of ``source`` (``/`` if it names
-    none). RabbitMQ imports every file of that directory (sorted by name, whatever
-    its extension), so nothing else should be written there.
+    The users get their role's permissions on the vhosts of ``source`` (``/`` if
+    it names none). RabbitMQ imports every file of that directory (sorted by
+    name, whatever its extension), so nothing else should be written there.
     """
     topology = json.loads(source.read_text())  # fails here, not in the broker, if broken
-    users = users_definitions(username, password, topology.get("vhosts"))
+    users = users_definitions(
+        operator, password, passwords or {}, topology.get("vhosts"), prefix, user_prefix
+    )
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, document in (("topology.json", topology), ("users.json", users)):
@@ -238,8 +334,9 @@ def main(argv: list[str] | None = None) -> int:
             written = install(
                 args.definitions,
                 args.out,
-                os.environ.get("RABBITMQ_USER", "orchestrator"),
+                os.environ.get("RABBITMQ_USER", OPERATOR),
                 os.environ.get("RABBITMQ_PASSWORD", ""),
+                passwords_from(os.environ),
             )
         except (ValueError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -121,40 +121,69 @@ def test_enabled_plugins_is_an_erlang_list_of_management_and_prometheus() -> Non
     assert "rabbitmq_management" in plugins and "rabbitmq_prometheus" in plugins
 
 
-def test_users_file_holds_a_rabbitmq_sha256_hash_of_the_password(tmp_path: Path) -> None:
+ROLE_PASSWORDS = {
+    generate.password_variable(name): f"pw-{name}-{i}"
+    for i, name in enumerate(generate.role_users())
+}
+"""A password for every role user (the optional ones included), as deploy/.env holds them."""
+
+
+def test_users_file_holds_one_user_per_role_with_its_permissions(tmp_path: Path) -> None:
     source = tmp_path / "definitions.json"
     source.write_text(json.dumps(generate.definitions("p", vhost="/")))
     out = tmp_path / "definitions.d"
     command = ["deploy/generate.py", "install", "--definitions", str(source), "--out", str(out)]
+    env = {**os.environ, "RABBITMQ_USER": "ops", "RABBITMQ_PASSWORD": "pa55-word"}
     result = subprocess.run(
-        [sys.executable, *command],
-        cwd=ROOT,
-        env={**os.environ, "RABBITMQ_USER": "ops", "RABBITMQ_PASSWORD": "pa55-word"},
-        capture_output=True,
+        [sys.executable, *command], cwd=ROOT, env={**env, **ROLE_PASSWORDS}, capture_output=True
     )
     assert result.returncode == 0, result.stderr.decode()
     assert sorted(p.name for p in out.iterdir()) == ["topology.json", "users.json"]
     assert json.loads((out / "topology.json").read_text()) == json.loads(source.read_text())
     users = json.loads((out / "users.json").read_text())
-    (user,) = users["users"]
-    assert user["name"] == "ops" and user["hashing_algorithm"] == "rabbit_password_hashing_sha256"
-    raw = base64.b64decode(user["password_hash"])
-    salt, digest = raw[:4], raw[4:]
-    assert digest == hashlib.sha256(salt + b"pa55-word").digest()
-    assert "pa55-word" not in (out / "users.json").read_text()
-    assert users["permissions"] == [
-        {"user": "ops", "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"}
+    by_name = {u["name"]: u for u in users["users"]}
+
+    # The operator alone is an administrator, with every permission
+    assert by_name["ops"]["tags"] == ["administrator"]
+    assert {"user": "ops", "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"} in users[
+        "permissions"
     ]
+    # Every other user has no tag and exactly its role's permissions
+    roles = generate.role_users(generate.PREFIX)
+    assert set(by_name) == {"ops", *(r.user for r in roles.values())}
+    for role in roles.values():
+        assert by_name[role.user]["tags"] == []
+        exported = role.as_json("/")
+        mine = [p for p in users["permissions"] if p["user"] == role.user]
+        topics = [p for p in users["topic_permissions"] if p["user"] == role.user]
+        assert mine == exported["permissions"] and topics == exported["topic_permissions"]
+        assert all(p["configure"] != ".*" for p in mine)
+    # An agent's user runs its replicas <name>-<host> and publishes under their ids only
+    analyst = next(p for p in users["topic_permissions"] if p["user"] == "analyst")
+    keys = analyst["write"].replace("{username}", "analyst")
+    assert re.search(keys, "task.finished.analyst-3f2a") and not re.search(keys, "task.x.risk")
+
+    # Passwords are hashed as RabbitMQ hashes them, never written
+    for name, user in by_name.items():
+        secret = "pa55-word" if name == "ops" else ROLE_PASSWORDS[generate.password_variable(name)]
+        assert user["hashing_algorithm"] == "rabbit_password_hashing_sha256"
+        raw = base64.b64decode(user["password_hash"])
+        assert raw[4:] == hashlib.sha256(raw[:4] + secret.encode()).digest()
+        assert secret not in (out / "users.json").read_text()
     assert [v["name"] for v in users["vhosts"]] == ["/"]
 
     # Without a password it refuses, rather than create a user nobody can log in as
-    refused = subprocess.run(
-        [sys.executable, "deploy/generate.py", "install", "--out", str(tmp_path / "x")],
-        cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if k != "RABBITMQ_PASSWORD"},
-        capture_output=True,
-    )
-    assert refused.returncode == 1 and b"RABBITMQ_PASSWORD" in refused.stderr
+    for missing in ("RABBITMQ_PASSWORD", "ORCHESTRATOR_PASSWORD", "ANALYST_PASSWORD"):
+        refused = subprocess.run(
+            [sys.executable, "deploy/generate.py", "install", "--out", str(tmp_path / "x")],
+            cwd=ROOT,
+            env={k: v for k, v in {**env, **ROLE_PASSWORDS}.items() if k != missing},
+            capture_output=True,
+        )
+        assert refused.returncode == 1 and missing.encode() in refused.stderr, missing
+    # The optional users are left out when their password is
+    optional = {k: v for k, v in ROLE_PASSWORDS.items() if k != "MONITOR_PASSWORD"}
+    assert "monitor" not in generate.passwords_from(optional)
 
 
 # --------------------------------------------------------------- rabbitmq.conf and compose
@@ -210,11 +239,6 @@ def test_compose_runs_the_orchestrator_and_two_agents_from_one_image() -> None:
     orchestrator = services["orchestrator"]
     assert orchestrator["command"][:3] == ["serve", "--store", "sqlite:/data/state.sqlite"]
     assert "/data" in mounts(orchestrator)
-    environment = orchestrator["environment"]
-    assert environment["ORCHESTRATOR_PREFIX"] == generate.PREFIX
-    url = environment["ORCHESTRATOR_BROKER_URL"]
-    assert url.startswith("amqp://") and "@rabbitmq:5672/" in url
-    assert "${RABBITMQ_PASSWORD" in url
     agents = {
         name: service["command"][2]
         for name, service in services.items()
@@ -222,9 +246,30 @@ def test_compose_runs_the_orchestrator_and_two_agents_from_one_image() -> None:
     }
     default = [name for name in agents if not services[name].get("profiles")]
     assert len(default) >= 2
-    for name in agents:
-        assert services[name]["environment"] == environment
+
+    # Each process logs in as its role's user, whose password the init service
+    # hashes into users.json: the orchestrator declares, agents declare their own
+    init_env = services["rabbitmq-definitions"]["environment"]
+    users = generate.role_users()
+    for name in ["orchestrator", *agents]:
+        environment = services[name]["environment"]
+        assert environment["ORCHESTRATOR_PREFIX"] == generate.PREFIX
+        url = environment["ORCHESTRATOR_BROKER_URL"]
+        assert url.startswith(f"amqp://{users[name].user}:") and "@rabbitmq:5672/" in url
+        variable = generate.password_variable(name)
+        assert f"${{{variable}:?" in url and f"${{{variable}:?" in init_env[variable]
         assert services[name]["depends_on"]["rabbitmq"] == {"condition": "service_healthy"}
+        if name == "orchestrator":
+            assert environment["ORCHESTRATOR_DECLARE"] == "all"
+        else:
+            assert environment["ORCHESTRATOR_DECLARE"] == "own"
+            assert environment["ORCHESTRATOR_ORCHESTRATOR_USER"] == users["orchestrator"].user
+            assert users[name].role == "agent"
+    # Every password install reads is passed to it, and written in .env.example
+    for name in users:
+        variable = generate.password_variable(name)
+        assert variable in init_env
+        assert re.search(rf"^{variable}=$", example, re.MULTILINE), variable
     specs = list(agents.values())
     # Every agent the compose file runs is an Agent object, with its own capabilities
     loaded = [load_agent(spec) for spec in specs]
@@ -342,9 +387,12 @@ async def test_orchestrator_runs_on_definitions_loaded_through_the_management_ap
 def dynamic(prefix: str, queue: str, fixed_queues: set[str]) -> bool:
     """A queue declared at run time, by design not in the definitions: a task
     queue other than @any (declared at first use), an agent's control queue, a
-    monitor's queue, a reply queue."""
+    monitor's queue, a reply queue, the leading orchestrator's lease (exclusive
+    to its connection)."""
     if queue in fixed_queues:
         return False
+    if queue == getattr(Topology(prefix), "leader_queue", None):
+        return True
     return (
         queue.startswith((f"{prefix}.tasks.", f"{prefix}.agent.", f"{prefix}.monitor."))
         or queue.startswith("amq.")
@@ -429,19 +477,28 @@ async def test_orchestrator_serve_declares_nothing_the_definitions_lack(prefix: 
 async def test_users_file_and_definitions_make_a_vhost_the_deployment_can_log_into(
     tmp_path: Path, prefix: str
 ) -> None:
-    # Given what the compose file's init service writes, for a vhost and user of
+    # Given what the compose file's init service writes, for a vhost and users of
     # this test's own (as a fresh broker would import them at boot)
     api = management_api()
-    vhost, user = f"test-{uuid.uuid4().hex[:10]}", f"test-{uuid.uuid4().hex[:10]}"
+    token = uuid.uuid4().hex[:10]
+    vhost, operator, user_prefix = f"test-{token}", f"test-{token}-ops", f"test-{token}-"
+    passwords = {name: secrets.token_urlsafe(16) for name in generate.role_users()}
     password = secrets.token_urlsafe(16)
     source = tmp_path / "definitions.json"
     source.write_text(json.dumps(generate.definitions(prefix, vhost=vhost)))
-    written = generate.install(source, tmp_path / "definitions.d", user, password)
+    written = generate.install(
+        source, tmp_path / "definitions.d", operator, password, passwords, prefix, user_prefix
+    )
+    users = generate.role_users(prefix, user_prefix)
     parts = urlsplit(BROKER_URL)
     address = f"{parts.hostname or '127.0.0.1'}:{parts.port or 5672}"
 
-    def url(secret: str) -> str:
+    def url(user: str, secret: str) -> str:
         return f"amqp://{user}:{secret}@{address}/{quote(vhost, safe='')}"
+
+    def bus(user: str, secret: str) -> RabbitMQBus:
+        settings = BusSettings(broker_url=url(user, secret), prefix=prefix, connect_attempts=1)
+        return RabbitMQBus(settings=settings)
 
     try:
         for path in sorted(written):
@@ -449,27 +506,35 @@ async def test_users_file_and_definitions_make_a_vhost_the_deployment_can_log_in
                 api.call, "POST", "/api/definitions", json.loads(path.read_text())
             )
             assert status in (200, 201, 204), (path.name, body)
-        status, info = await asyncio.to_thread(api.call, "GET", f"/api/users/{q(user)}")
+        status, info = await asyncio.to_thread(api.call, "GET", f"/api/users/{q(operator)}")
         assert status == 200 and "administrator" in str(info["tags"])
+        for role in users.values():
+            status, info = await asyncio.to_thread(api.call, "GET", f"/api/users/{q(role.user)}")
+            assert status == 200 and not info["tags"], role.user
 
-        # Then the user logs in with the password (the hash is RabbitMQ's), and
-        # the bus finds its topology declared as it declares it
-        bus = RabbitMQBus(
-            settings=BusSettings(broker_url=url(password), prefix=prefix, connect_attempts=1)
-        )
-        await bus.connect()
+        # Then the orchestrator's user logs in with its password (the hash is
+        # RabbitMQ's) and declares the topology as the bus declares it
+        orchestrator = bus(users["orchestrator"].user, passwords["orchestrator"])
+        await orchestrator.connect()
         try:
-            await bus.declare(bus.topology.everything())
-            assert await bus.queue_depth(ANY_CAPABILITY_KEY) == 0
+            assert orchestrator.declares == "all"
+            await orchestrator.declare(orchestrator.topology.everything())
+            assert await orchestrator.queue_depth(ANY_CAPABILITY_KEY) == 0
         finally:
-            await bus.close()
+            await orchestrator.close()
+        # And an agent's user logs in and finds it, declaring nothing shared
+        analyst = bus(users["analyst"].user, passwords["analyst"])
+        await analyst.connect()
+        try:
+            assert analyst.declares == "own"
+        finally:
+            await analyst.close()
         # But not with another password
-        wrong = RabbitMQBus(
-            settings=BusSettings(broker_url=url("wrong"), prefix=prefix, connect_attempts=1)
-        )
+        wrong = bus(users["orchestrator"].user, "wrong")
         with pytest.raises(BusConnectionError):
             await wrong.connect()
         await wrong.close()
     finally:
         await asyncio.to_thread(api.call, "DELETE", f"/api/vhosts/{q(vhost)}")
-        await asyncio.to_thread(api.call, "DELETE", f"/api/users/{q(user)}")
+        for user in [operator, *(r.user for r in users.values())]:
+            await asyncio.to_thread(api.call, "DELETE", f"/api/users/{q(user)}")
