@@ -171,8 +171,10 @@ class PostgresStore(JournalStore):
                         agents=[r[0] for r in await con.fetch("SELECT record FROM agents")],
                         meta=[(r[0], r[1]) for r in await con.fetch("SELECT key, value FROM meta")],
                     )
-        except BaseException:
+        except BaseException as exc:
             await _close_pool(pool)
+            if isinstance(exc, asyncpg.PostgresError):  # a schema it may not create in...
+                raise RuntimeError(f"cannot prepare the tables: {exc}") from exc
             raise
         self._pool = pool
         return loaded

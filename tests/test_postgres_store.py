@@ -386,3 +386,28 @@ def _ends(run_log: Path) -> collections.Counter[str]:
         return collections.Counter()
     lines = run_log.read_text().splitlines()
     return collections.Counter(line.split()[1] for line in lines if line.startswith("end "))
+
+
+async def test_stores_in_two_schemas_of_one_database_keep_apart(postgres_url: str) -> None:
+    # Given two schemas, one per prefix, named by search_path in the URL
+    await query(postgres_url, "CREATE SCHEMA prefix_a")
+    await query(postgres_url, "CREATE SCHEMA prefix_b")
+    a = PostgresStore(f"{postgres_url}?search_path=prefix_a", flush_interval=60)
+    b = PostgresStore(f"{postgres_url}?search_path=prefix_b", flush_interval=60)
+    await a.save_task(make_task("in-a"))
+    await a.flush()
+    await b.claim_epoch("b-leader")
+
+    # Then each has its own tables, records and epoch
+    assert await b.tasks() == []
+    assert await a.current_epoch() == (0, None)
+    await a.close()
+    await b.close()
+    rows = await query(postgres_url, "SELECT task_id FROM prefix_a.tasks")
+    assert [r["task_id"] for r in rows] == ["in-a"]
+
+    # And a schema that is not there is one clear error
+    missing = PostgresStore(f"{postgres_url}?search_path=nowhere")
+    with pytest.raises(RuntimeError, match="cannot prepare the tables: no schema"):
+        await missing.open()
+    await missing.close()
