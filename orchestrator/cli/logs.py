@@ -1,4 +1,14 @@
-"""Logs on stderr, through one filter that keeps broker passwords out of every record."""
+"""Logs on stderr, through one filter that keeps broker passwords out of every record,
+and one formatter that keeps every record on its line.
+
+A record's message often holds what agents and other services sent (a task's
+name or type, an error, an agent id): a newline there must not start what
+reads as a record of its own, nor an escape sequence reach the terminal. So
+the message is escaped (``escaping.escape_line``), and the lines of a
+traceback or stack, which are a record's own, are indented under it with
+their other controls escaped: every line that starts at the margin starts
+a real record.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +17,7 @@ import sys
 from enum import Enum
 
 from . import redaction
+from .escaping import escape_line, escape_lines
 
 
 class LogFilter(logging.Filter):
@@ -49,6 +60,27 @@ def _scrub_record(record: logging.LogRecord) -> None:
         record.stack_info = redaction.scrub(record.stack_info)
 
 
+class EscapingFormatter(logging.Formatter):
+    """A ``logging.Formatter`` whose every record starts one line at the margin:
+    the message with its control characters escaped, a traceback or stack
+    indented beneath it."""
+
+    INDENT = "  "
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = escape_line(record.getMessage())
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        text = self.formatMessage(record)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        for block in (record.exc_text, record.stack_info and self.formatStack(record.stack_info)):
+            if block:
+                lines = escape_lines(block.rstrip("\n")).split("\n")
+                text += "".join(f"\n{self.INDENT}{line}" for line in lines)
+        return text
+
+
 log_filter = LogFilter()
 """One filter for the process: a command that has connected lets transport logs through."""
 
@@ -56,7 +88,7 @@ log_filter = LogFilter()
 def setup_logging(level: str | Enum) -> None:
     level = level.value if isinstance(level, Enum) else level
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(log_filter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -38,7 +38,8 @@ from broker.rpc import MAX_TASKS_LISTED, TasksRequest
 from ..models import TaskStatus
 from .connection import call, client, connected, run
 from .errors import EXIT_OK, EXIT_TASK_DID_NOT_COMPLETE, EXIT_WAIT_TIMED_OUT, CliError
-from .output import agents_table, err, out, print_json
+from .escaping import escape_line
+from .output import agents_table, block, cell, err, out, print_json
 from .redaction import scrub, scrub_urls
 from .settings import AsJson, Broker, Prefix, read_settings
 
@@ -217,7 +218,7 @@ async def _submit(
             took = f" after {time.time() - status['started_at']:.2f}s"
         outcome = json.dumps(status["result"]) if status["result"] else status["error_message"]
         agent = status["assigned_agent"] or "no agent"
-        print(scrub_urls(f"{status['status']}{took} on {agent}: {outcome}"))
+        print(escape_line(scrub_urls(f"{status['status']}{took} on {agent}: {outcome}")))
     if status["status"] != TaskStatus.COMPLETED.value:
         _error(f"error: task {task_id} ended {status['status']}: {status['error_message']}")
         return EXIT_TASK_DID_NOT_COMPLETE
@@ -225,7 +226,7 @@ async def _submit(
 
 
 def _error(line: str) -> None:
-    err.print(scrub(line), markup=False, highlight=False, soft_wrap=True)
+    err.print(escape_line(scrub(line)), markup=False, highlight=False, soft_wrap=True)
 
 
 def _gave_up(task_id: str, follow: Follow, as_json: bool) -> int:
@@ -262,8 +263,9 @@ async def _follow(
     with Progress(*columns, console=err) as progress:
 
         def note(text: str) -> None:  # above the bar, as it is (no markup)
-            progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
+            progress.console.print(escape_line(text), markup=False, highlight=False, soft_wrap=True)
 
+        name = escape_line(name)
         bar = progress.add_task(escape(name), total=1.0)
         while True:
             status = await call(bus, TaskStatusRequest(task_id=task_id), request_timeout)
@@ -342,11 +344,11 @@ def status(
             value = f"{value:.0%}"
         elif isinstance(value, dict | list):
             value = json.dumps(value)
-        table.add_row(key, Text("-" if value is None else scrub_urls(str(value))))
+        table.add_row(key, cell("-" if value is None else value))
     out.print(table)
-    if trace:  # as the agent sent it, lines and indents kept; no markup
+    if trace:  # as the agent sent it, lines and indents kept; no markup, no controls
         out.print(Text("traceback:"))
-        out.print(Text(scrub_urls(str(trace).rstrip("\n"))), soft_wrap=True)
+        out.print(block(str(trace).rstrip("\n")), soft_wrap=True)
 
 
 def cancel(
@@ -375,7 +377,7 @@ def stats(as_json: AsJson = False, broker: Broker = None, prefix: Prefix = None)
     for key, value in result.items():
         if key == "agent_utilization":
             for agent_id, use in sorted(value.items()):
-                table.add_row(f"utilization of {agent_id}", f"{use:.0%}")
+                table.add_row(cell(f"utilization of {agent_id}"), f"{use:.0%}")
         elif key.endswith("utilization"):
             table.add_row(key, f"{value:.0%}")
         elif isinstance(value, float):
@@ -386,12 +388,23 @@ def stats(as_json: AsJson = False, broker: Broker = None, prefix: Prefix = None)
 
 
 def agents(as_json: AsJson = False, broker: Broker = None, prefix: Prefix = None) -> None:
-    """List the registered agents and their load."""
-    result = run(_request(broker, prefix, AgentsRequest()))
+    """List the registered agents and their load, and which orchestrator leads."""
+    result, leader = run(_agents(broker, prefix))
     if as_json:
         print_json(result)
         return
     out.print(agents_table(result))
+    if isinstance(leader, dict) and leader.get("id"):
+        out.print(cell(f"leader: {leader['id']} (epoch {leader.get('epoch')})"))
+
+
+async def _agents(broker: str | None, prefix: str | None) -> tuple[Any, Any]:
+    """The agents, and the ``leader`` the answering orchestrator names (None from an old one)."""
+    settings, cli_settings = read_settings(broker, prefix)
+    async with connected(client(settings)) as bus:
+        agents = await call(bus, AgentsRequest(), cli_settings.request_timeout)
+        stats = await call(bus, StatsRequest(), cli_settings.request_timeout)
+    return agents, stats.get("leader") if isinstance(stats, dict) else None
 
 
 async def _request(broker: str | None, prefix: str | None, request: WireMessage) -> Any:
@@ -452,11 +465,11 @@ def tasks(
     table = Table("task", "name", "type", "status", "agent", "created", "ended", "retries")
     for task in result:
         table.add_row(
-            task["task_id"],
-            Text(scrub_urls(task["name"])),
-            Text(task["task_type"]),
-            task["status"],
-            Text(task["assigned_agent"] or "-"),
+            cell(task["task_id"]),
+            cell(task["name"]),
+            cell(task["task_type"]),
+            cell(task["status"]),
+            cell(task["assigned_agent"] or "-"),
             _when(task["created_at"]),
             _when(task["completed_at"]),
             str(task["retry_count"]),

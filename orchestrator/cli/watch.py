@@ -39,8 +39,9 @@ from broker import (
 
 from .connection import call, connected, run, stop_on_signals
 from .errors import EXIT_UNREACHABLE, CliError
-from .output import agents_table, out
-from .redaction import scrub, scrub_urls
+from .escaping import escape_line
+from .output import agents_table, cell, out
+from .redaction import scrub
 from .settings import Broker, Prefix, read_settings
 
 
@@ -98,14 +99,14 @@ class WatchView:
                 )
             )
         if self.note:  # an error: no password at all
-            parts.append(Text(scrub(self.note), style="yellow"))
+            parts.append(Text(escape_line(scrub(self.note)), style="yellow"))
         parts.append(agents_table(self.agents))
         queues = Table("queue", "task type", "capabilities", "waiting", title="task queues")
         for queue in self.queues:
             queues.add_row(
-                Text(queue["key"]),
-                Text(queue.get("task_type") or "-"),  # older orchestrators route by capabilities
-                ", ".join(queue["capabilities"]) or "(any)",
+                cell(queue["key"]),
+                cell(queue.get("task_type") or "-"),  # older orchestrators route by capabilities
+                cell(", ".join(queue["capabilities"]) or "(any)"),
                 str(queue["depth"]),
             )
         parts.append(queues)
@@ -114,9 +115,9 @@ class WatchView:
             subject, detail = _describe(event)
             events.add_row(
                 datetime.fromtimestamp(at).strftime("%H:%M:%S"),
-                event.kind,
-                Text(subject),
-                Text(scrub_urls(detail)),
+                cell(event.kind),
+                cell(subject),
+                cell(detail),
             )
         parts.append(events)
         return Group(*parts)
