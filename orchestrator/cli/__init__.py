@@ -47,6 +47,7 @@ from .errors import (
 from .logs import setup_logging
 from .output import err, out
 from .redaction import remember_secret, scrub
+from .settings import CONNECTION_OPTIONS, connection_options
 
 __all__ = [
     # the console script
@@ -94,8 +95,8 @@ for _command in (
     exports.schemas,
     purge.purge,
 ):
-    app.command(epilog=EXIT_CODES_HELP)(_command)
-agent_app.command("run", epilog=EXIT_CODES_HELP)(agent.agent_run)
+    app.command(epilog=EXIT_CODES_HELP)(connection_options(_command))
+agent_app.command("run", epilog=EXIT_CODES_HELP)(connection_options(agent.agent_run))
 
 
 @agent_app.callback(invoke_without_command=True)
@@ -142,7 +143,7 @@ PIPED_WIDTH = 4096
 """The width tables may take when stdout is not a terminal (``--json`` is the
 machine format; a table piped to ``grep`` or a file should still be whole)."""
 
-OPTIONS = {"broker_url": ("--broker", "-b"), "prefix": ("--prefix",)}
+OPTIONS = {"broker_url": ("--broker", "-b"), "prefix": ("--prefix",), **CONNECTION_OPTIONS}
 """The option that gives a setting on every command that takes it."""
 
 

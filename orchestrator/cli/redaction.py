@@ -1,6 +1,7 @@
 """The broker passwords this process has seen, and text without them.
 
-A password reaches the command line in a URL (an option, the environment) and
+A password reaches the command line in a URL (an option, the environment), or
+beside it (``ORCHESTRATOR_BROKER_PASSWORD``, a password file), and
 may come back in any text: an error, a log record, a task's result. Errors and
 logs lose it wherever it is (``scrub``); data loses it only as a URL's
 ``user:password@`` (``scrub_urls``), so that user data and JSON are never
@@ -27,6 +28,12 @@ def remember_secret(url: str | None) -> None:
         return
     if password:
         known_secrets.add((parts.username or "", password))
+
+
+def remember_password(username: str, password: str) -> None:
+    """Learn a password given beside the URL (a file, the environment)."""
+    if password:
+        known_secrets.add((username, password))
 
 
 def scrub(text: str) -> str:

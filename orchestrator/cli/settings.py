@@ -1,21 +1,50 @@
 """A command's settings: its options, else ``ORCHESTRATOR_*`` variables, else defaults.
 
 The options every command shares are declared once here, so that each command
-names, explains and defaults them alike.
+names, explains and defaults them alike: ``--broker`` and ``--prefix`` in each
+command's signature, and the TLS and password options of every command that
+takes ``--broker``, added by ``connection_options`` where the commands are
+registered.
+
+A password in ``--broker``'s URL is readable by every user of the machine in
+``ps``. It is warned about, and the process runs itself again at once (the same
+process id, ``os.execve``) with the password moved into its environment (which
+only the same user and root can read) and out of its command line, before
+anything connects; there ``read_settings`` puts it back into the URL, so the
+command goes on as it was given. Python cannot rewrite its
+visible command line in place (that takes a C extension such as
+``setproctitle``), and refusing the password would break every command line
+that works today; the warning names the settings that keep it off the command
+line from the start.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
+import os
+import sys
+import typing
+from collections.abc import Callable
+from contextvars import ContextVar
 from enum import StrEnum
 from typing import Annotated, Any
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import typer
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker import DEFAULT_REQUEST_TIMEOUT, BusSettings, default_broker_url
+from broker.rabbitmq_link import broker_password
+from broker.settings import check_broker_url
+from broker.tls import client_context
 
-from .redaction import remember_secret
+from .errors import CliError
+from .redaction import remember_password, remember_secret
+
+log = logging.getLogger("orchestrator.cli")
 
 
 class CliSettings(BaseSettings):
@@ -36,19 +65,221 @@ def read_settings(broker: str | None, prefix: str | None) -> tuple[BusSettings, 
     """Options over ``ORCHESTRATOR_*`` over defaults; the local broker if none is set.
 
     Read once per command, before anything connects: a bad ``ORCHESTRATOR_*``
-    value is an error of every command, whichever setting it uses.
+    value is an error of every command, whichever setting it uses. So is a TLS
+    file that is not a certificate or key, or a password file that cannot be
+    read: one line naming the option or variable that gave it.
     """
+    given = _given.get() or {}
     overrides: dict[str, Any] = {}
+    moved = os.environ.pop(MOVED_PASSWORD, None)  # children must not inherit it
+    if broker is not None and moved:
+        broker = _with_password(broker, moved)
     if broker is not None:
         overrides["broker_url"] = broker
     if prefix is not None:
         overrides["prefix"] = prefix
-    settings = BusSettings(**overrides)
+    for field in CONNECTION_OPTIONS:
+        if field in given:
+            overrides[field] = given[field]
+    try:
+        settings = BusSettings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else ""
+        if field not in SECRET_AND_TLS_FIELDS:
+            raise
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise CliError(f"{_named(field, given)}: {message}") from None
     cli_settings = CliSettings()
     if not settings.broker_url:
         settings = settings.model_copy(update={"broker_url": default_broker_url()})
     remember_secret(settings.broker_url)
+    try:
+        password = broker_password(settings)
+        client_context(settings, settings.broker_url or "", warn=False)
+    except ValueError as exc:
+        field, _, message = str(exc).partition(": ")
+        raise CliError(f"{_named(field, given)}: {message}") from None
+    if password is not None:
+        remember_password(urlsplit(settings.broker_url or "").username or "guest", password)
     return settings, cli_settings
+
+
+def _named(field: str, given: dict[str, Any]) -> str:
+    """How the user gave ``field``: its option, its ``ORCHESTRATOR_*`` variable, or its name."""
+    if field in given:
+        return CONNECTION_OPTIONS[field][0]
+    variable = f"ORCHESTRATOR_{field.upper()}"
+    return variable if os.environ.get(variable) else field
+
+
+# --- the password and TLS options of every command that connects -------------------------
+
+CONNECTION_OPTIONS: dict[str, tuple[str, ...]] = {
+    "broker_password_file": ("--broker-password-file",),
+    "broker_ca_file": ("--broker-ca-file",),
+    "broker_cert_file": ("--broker-cert-file",),
+    "broker_key_file": ("--broker-key-file",),
+    "broker_tls_verify": ("--tls-no-verify",),
+}
+"""The option that gives each of these ``BusSettings`` fields on every command that connects."""
+
+SECRET_AND_TLS_FIELDS = (*CONNECTION_OPTIONS, "broker_password", "broker_key_password")
+
+MOVED_PASSWORD = "ORCHESTRATOR_BROKER_URL_PASSWORD"
+"""Where the password of ``--broker``'s URL waits while the process runs itself again."""
+
+
+def _file_option(option: str, variable: str, what: str) -> Any:
+    return Annotated[
+        str | None,
+        typer.Option(option, metavar="FILE", show_default=False, help=f"{what} Env: {variable}."),
+    ]
+
+
+_OPTION_PARAMETERS: dict[str, Any] = {
+    "broker_password_file": _file_option(
+        "--broker-password-file",
+        "ORCHESTRATOR_BROKER_PASSWORD_FILE",
+        "File holding the broker password (for a URL without one), e.g. a mounted secret."
+        " Or ORCHESTRATOR_BROKER_PASSWORD.",
+    ),
+    "broker_ca_file": _file_option(
+        "--broker-ca-file",
+        "ORCHESTRATOR_BROKER_CA_FILE",
+        "amqps: PEM file of the CA the broker's certificate must chain to (default: the"
+        " system's CAs).",
+    ),
+    "broker_cert_file": _file_option(
+        "--broker-cert-file",
+        "ORCHESTRATOR_BROKER_CERT_FILE",
+        "amqps: PEM file of our client certificate (with its key, if no --broker-key-file).",
+    ),
+    "broker_key_file": _file_option(
+        "--broker-key-file",
+        "ORCHESTRATOR_BROKER_KEY_FILE",
+        "amqps: PEM file of our client key (an encrypted one: ORCHESTRATOR_BROKER_KEY_PASSWORD).",
+    ),
+    "tls_no_verify": Annotated[
+        bool,
+        typer.Option(
+            "--tls-no-verify",
+            help="amqps: do not check the broker's certificate or its host name (logged as a"
+            " WARNING at each connect). Env: ORCHESTRATOR_BROKER_TLS_VERIFY=false.",
+        ),
+    ],
+}
+
+_given: ContextVar[dict[str, Any] | None] = ContextVar("connection_options", default=None)
+"""The password and TLS options this command was given (read by ``read_settings``)."""
+
+
+def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``command`` with the password and TLS options too, if it takes ``--broker``.
+
+    Typer reads a command's options from its signature: the one returned has
+    those of ``command`` and these; it calls ``command`` with its own, and
+    ``read_settings`` gets these.
+    """
+    hints = typing.get_type_hints(command, include_extras=True)
+    if hints.get("broker") != Broker:
+        return command
+    signature = inspect.signature(command, eval_str=True)
+    extra = [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=False if name == "tls_no_verify" else None,
+            annotation=annotation,
+        )
+        for name, annotation in _OPTION_PARAMETERS.items()
+    ]
+
+    @functools.wraps(command)
+    def with_connection_options(*args: Any, **kwargs: Any) -> Any:
+        given: dict[str, Any] = {}
+        for name in _OPTION_PARAMETERS:
+            value = kwargs.pop(name, None)
+            if name == "tls_no_verify":
+                if value:
+                    given["broker_tls_verify"] = False
+            elif value is not None:
+                given[name] = value
+        token = _given.set(given)
+        try:
+            return command(*args, **kwargs)
+        finally:
+            _given.reset(token)
+
+    with_connection_options.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*signature.parameters.values(), *extra]
+    )
+    with_connection_options.__annotations__ = {**hints, **_OPTION_PARAMETERS}
+    return with_connection_options
+
+
+# --- a password on the command line ------------------------------------------------------
+
+
+def _out_of_ps(url: str | None) -> str | None:
+    """``--broker``'s check: warn about a password in it, and move it out of ``ps``.
+
+    Runs while the command line is parsed, before the command reads anything
+    (a payload on stdin) or connects; then the process runs itself again
+    (``os.execve``: the same process id) with the password in its environment.
+    Not where the password is not on this process's command line (``main``
+    called from Python).
+    """
+    try:
+        password = urlsplit(url).password if url else None
+        if url and password:
+            check_broker_url(url)
+    except ValueError:
+        return url  # not a broker URL: the settings say so, naming --broker
+    if not url or not password:
+        return url
+    argv = _argv_without(url)
+    log.warning(
+        "--broker: a password in the URL on a command line can be read by every user of"
+        " this machine (ps); give the URL without it and the password in"
+        " ORCHESTRATOR_BROKER_PASSWORD_FILE (or --broker-password-file) or"
+        " ORCHESTRATOR_BROKER_PASSWORD%s",
+        " (moved out of it now: this process runs again without it on its command line)"
+        if argv is not None
+        else "",
+    )
+    if argv is None:
+        return url
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, {**os.environ, MOVED_PASSWORD: unquote(password)})
+    raise AssertionError("unreachable: execve returns only by raising")
+
+
+def _with_password(url: str, password: str) -> str:
+    """``url`` with ``password`` (the URL given to ``--broker``, as it was)."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is not None or not parts.netloc:
+            return url
+    except ValueError:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    netloc = f"{user or 'guest'}:{quote(password, safe='')}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _argv_without(url: str) -> list[str] | None:
+    """This process's command line with ``url``'s password left out (None: it is not on it)."""
+    parts = urlsplit(url)
+    user_and_host = f"{parts.netloc.rpartition('@')[0].partition(':')[0]}@"
+    bare = urlunsplit(parts._replace(netloc=user_and_host + parts.netloc.rpartition("@")[2]))
+    argv = [arg.replace(url, bare) for arg in sys.orig_argv]
+    if argv == list(sys.orig_argv) or not argv:
+        return None
+    return argv
 
 
 # --- options shared by commands -------------------------------------------------------
@@ -59,8 +290,10 @@ Broker = Annotated[
         "--broker",
         "-b",
         metavar="URL",
-        help="amqp:// URL of RabbitMQ. Env: ORCHESTRATOR_BROKER_URL; default: the local broker.",
+        help="amqp:// or amqps:// URL of RabbitMQ, best without its password (see"
+        " --broker-password-file). Env: ORCHESTRATOR_BROKER_URL; default: the local broker.",
         show_default=False,
+        callback=_out_of_ps,
     ),
 ]
 Prefix = Annotated[
