@@ -53,6 +53,7 @@ from .rabbitmq_publish import PUBLISH_RETRY_SECONDS, Publisher
 from .rabbitmq_rpc import RpcClient, request_server
 from .rpc import Reply, parse_reply
 from .settings import BusSettings, redact_url
+from .tls import client_context
 from .topology import ANY_CAPABILITY_KEY, Declarations
 
 __all__ = ["ACK_BATCH", "PUBLISH_RETRY_SECONDS", "DeclareMode", "RabbitMQBus"]
@@ -382,12 +383,14 @@ class RabbitMQBus(CommunicationBus):
     # leadership ------------------------------------------------------------
     def lease(self, holder: str) -> Lease:
         """The exclusive queue ``<prefix>.orchestrator.leader``, on a connection of its own."""
+        url = amqp_url(self.settings, default_broker_url())
         return RabbitLease(
-            amqp_url(self.settings, default_broker_url()),
+            url,
             self.topology.leader_lease().queue,
             holder=holder,
             address=self.address,
             connect_timeout=self.settings.connect_timeout,
+            ssl_context=client_context(self.settings, url, warn=False),
         )
 
     # control ---------------------------------------------------------------

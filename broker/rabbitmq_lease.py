@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from typing import Any
 
 import aio_pika
@@ -37,7 +38,14 @@ class RabbitLease(Lease):
     """The lease ``queue`` (exclusive) for ``holder``, on its own connection to ``url``."""
 
     def __init__(
-        self, url: str, queue: Queue, *, holder: str, address: str, connect_timeout: float
+        self,
+        url: str,
+        queue: Queue,
+        *,
+        holder: str,
+        address: str,
+        connect_timeout: float,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         assert queue.exclusive, "a lease is an exclusive queue"
         self._url = url
@@ -45,6 +53,8 @@ class RabbitLease(Lease):
         self.holder = holder
         self._address = address
         self._timeout = connect_timeout
+        self._ssl_context = ssl_context
+        """The bus's TLS (broker.tls), for an amqps:// URL."""
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._lost = asyncio.Event()
@@ -78,7 +88,9 @@ class RabbitLease(Lease):
         if self._connection is not None and not self._connection.is_closed:
             return self._connection
         connection = aio_pika.Connection(
-            URL(self._url), client_properties={"connection_name": f"{self.holder}:lease"}
+            URL(self._url),
+            ssl_context=self._ssl_context,
+            client_properties={"connection_name": f"{self.holder}:lease"},
         )
         try:
             await connection.connect(timeout=self._timeout)
