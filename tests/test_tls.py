@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
+import logging
 import ssl
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from broker import BusSettings, RabbitMQBus
 from broker.rabbitmq_link import BrokerRefused
 from tests import brokers
 from tests.brokers import NodeConfig
+from tests.deployment import Deployment
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -312,3 +315,122 @@ def test_the_context_checks_what_it_was_given(tls_broker: TlsBroker) -> None:
     context = client_context(tls_broker.settings(), tls_broker.url())
     assert context is not None
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+
+
+# --- the processes, as a deployment runs them -----------------------------------------------
+
+
+@pytest.fixture
+async def tls_deployment(tls_broker: TlsBroker, prefix: str) -> AsyncIterator[Deployment]:
+    """Serve and agents of this test on the TLS listener, set up by ORCHESTRATOR_BROKER_*."""
+    deployment = Deployment(prefix, tls_broker.url())
+    deployment.env.update(tls_broker.env())
+    deployment.client = RabbitMQBus(
+        settings=tls_broker.settings(prefix=prefix), declare_topology=False
+    )
+    try:
+        yield deployment
+    finally:
+        await deployment.close()
+
+
+async def test_serve_an_agent_and_submit_wait_run_a_task_over_tls(
+    tls_broker: TlsBroker, tls_deployment: Deployment
+) -> None:
+    # Given serve and an agent on amqps://, each with the CA, a client certificate and the
+    # password file from the environment
+    await tls_deployment.serve()
+    await tls_deployment.agent("tls_agent", "analysis")
+
+    # When a client submits a task with the TLS settings as options, and waits for it
+    options = {
+        "ORCHESTRATOR_BROKER_CA_FILE": "",
+        "ORCHESTRATOR_BROKER_CERT_FILE": "",
+        "ORCHESTRATOR_BROKER_KEY_FILE": "",
+    }
+    done = await tls_deployment.run(
+        "submit", "analysis", "-r", "analysis", "-p", '{"over": "tls"}', "--wait", "--json",
+        "--broker-ca-file", str(tls_broker.ca.path),
+        "--broker-cert-file", str(tls_broker.client.cert),
+        "--broker-key-file", str(tls_broker.client.key),
+        **options,
+    )  # fmt: skip
+
+    # Then the task completed on the agent, with its result
+    assert done.code == 0, done
+    task = json.loads(done.out)
+    assert task["status"] == "completed", task
+    assert task["assigned_agent"] == "tls_agent"
+    assert task["result"]["echo"] == {"over": "tls"}
+    # And nothing warned: verification was on all along
+    assert "WARNING" not in done.err + tls_deployment.log("serve"), done.err
+
+
+async def test_a_command_with_the_wrong_ca_fails_in_one_line_naming_the_ca(
+    tls_broker: TlsBroker, tls_deployment: Deployment
+) -> None:
+    # When a command trusts another CA than the one that signed the broker's certificate
+    result = await tls_deployment.run(
+        "stats", "--broker-ca-file", str(tls_broker.other_ca.path), timeout=30
+    )
+
+    # Then it says so in one line naming the option, exit 1 (a setting to fix, not an outage)
+    assert result.code == 1, result
+    assert result.error == (
+        f"error: --broker-ca-file: TLS to RabbitMQ at {tls_broker.url()}: its certificate is"
+        " not signed by a CA we trust: self-signed certificate in certificate chain"
+        " (broker_ca_file names the CA that signed it)"
+    )
+    # And from the environment, it names the variable
+    by_env = await tls_deployment.run(
+        "stats", ORCHESTRATOR_BROKER_CA_FILE=str(tls_broker.other_ca.path), timeout=30
+    )
+    assert by_env.code == 1, by_env
+    assert by_env.error.startswith("error: ORCHESTRATOR_BROKER_CA_FILE: TLS to RabbitMQ at ")
+
+
+async def test_verification_turned_off_is_a_warning_each_time(
+    tls_broker: TlsBroker, tls_deployment: Deployment
+) -> None:
+    # Given a running orchestrator
+    await tls_deployment.serve()
+
+    # When a command turns verification off (trusting the wrong CA: only that makes it work)
+    for args, env in [
+        (["--tls-no-verify"], {}),
+        ([], {"ORCHESTRATOR_BROKER_TLS_VERIFY": "false"}),
+    ]:
+        result = await tls_deployment.run(
+            "stats", "--json", *args,
+            ORCHESTRATOR_BROKER_CA_FILE=str(tls_broker.other_ca.path), **env,
+        )  # fmt: skip
+
+        # Then it works, and says on stderr, as a WARNING, that verification is off
+        assert result.code == 0, result
+        assert json.loads(result.out)["tasks_created"] == 0
+        warnings = [line for line in result.err.splitlines() if " WARNING " in line]
+        assert len(warnings) == 1, result.err
+        assert "WARNING broker.tls: TLS certificate verification is OFF" in warnings[0]
+        setting = "broker_tls_verify"
+        assert f"({setting}) for 127.0.0.1" in warnings[0], warnings
+
+
+async def test_the_url_s_no_verify_ssl_is_warned_about_too(tls_broker: TlsBroker) -> None:
+    # aiormq's own URL option, which used to turn verification off silently
+    url = f"{tls_broker.url()}?no_verify_ssl=1"
+    bus = RabbitMQBus(
+        settings=tls_broker.settings(broker_url=url, broker_ca_file=str(tls_broker.other_ca.path)),
+        declare_topology=False,
+    )
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("broker.tls").addHandler(handler)
+    try:
+        await bus.connect()
+        await bus.close()
+    finally:
+        logging.getLogger("broker.tls").removeHandler(handler)
+    assert [r.levelname for r in records] == ["WARNING"]
+    assert "(no_verify_ssl)" in records[0].getMessage()
