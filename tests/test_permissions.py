@@ -359,6 +359,16 @@ def test_permissions_follow_the_topology_objects() -> None:
     assert not grants(own, t.event_key("task.finished", "a-2"))
     assert not grants(own, "task.finished")
 
+    # An agent's user that runs replicas has theirs too, named <id>-<anything>, and no more
+    replicas = perms.agent(t, "analyst", replicas=True)
+    for queue in ("analyst", "analyst-3f2a", "analyst-host.local"):
+        assert grants(replicas.permission.configure, t.agent_control_queue(queue)), queue
+    for queue in ("analystx", "risk-1", "analyst-"):
+        assert not grants(replicas.permission.configure, t.agent_control_queue(queue)), queue
+    keys = replicas.topic[0].write.replace("{username}", "analyst")
+    assert grants(keys, t.event_key("task.started", "analyst-3f2a"))
+    assert not grants(keys, t.event_key("task.started", "risk-1"))
+
     # A client may publish requests and read replies only through the default
     # exchange and direct reply-to; a monitor publishes nothing
     client = perms.client(t).permission
