@@ -431,7 +431,7 @@ class MemoryBus(CommunicationBus):
             on_close: Callable[[], None] = lambda: None  # noqa: E731 - durable: it stays bound
         else:
             declarations = self.topology.monitor(patterns, uuid.uuid4().hex[:12])
-            queue = MessageQueue(declarations.queue.name)
+            queue = MessageQueue(declarations.queue.name, declarations.queue.max_length)
             self._router.bind(declarations, queue)
 
             def on_close() -> None:

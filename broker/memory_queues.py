@@ -312,14 +312,20 @@ class KeptLetters:
 
 
 class MessageQueue:
-    """An ordered queue of messages, consumed by one handler at a time."""
+    """An ordered queue of messages, consumed by one handler at a time; with
+    ``max_length``, the oldest waiting is dropped for a new one (``drop-head``)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, max_length: int | None = None) -> None:
         self.name = name
+        self.max_length = max_length
         self.items: asyncio.Queue[Envelope] = asyncio.Queue()
         self.worker: asyncio.Task[None] | None = None
+        self.dropped = 0
 
     def deliver(self, envelope: Envelope, routing_key: str) -> None:
+        if self.max_length is not None and self.items.qsize() >= self.max_length:
+            self.items.get_nowait()
+            self.dropped += 1
         self.items.put_nowait(envelope)
 
     def purge(self) -> int:

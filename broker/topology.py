@@ -61,6 +61,11 @@ short delay can be held up behind a longer one to the tier's width."""
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 """RabbitMQ's pseudo-queue for replies to the channel that published a request."""
 
+MONITOR_MAX_LENGTH = 10_000
+"""Events a monitor's queue keeps; past it the oldest are dropped (``x-overflow``
+``drop-head``): a monitor that stalls, or a flood, cannot fill the broker, and
+what a monitor reads is the newest."""
+
 DEAD_LETTER_KEEP = 10_000
 """How many dead letters ``<p>.dead`` keeps for people to inspect (oldest dropped)."""
 
@@ -336,7 +341,11 @@ class Topology:
         """A monitor's private queue of the events matching ``patterns``: it
         lives as long as its one consumer."""
         queue = Queue(
-            f"{self.prefix}.monitor.{suffix}", durable=False, exclusive=True, auto_delete=True
+            f"{self.prefix}.monitor.{suffix}",
+            durable=False,
+            exclusive=True,
+            auto_delete=True,
+            arguments=self.monitor_queue_arguments(),
         )
         return self._bound_events(queue, patterns)
 
@@ -515,6 +524,10 @@ class Topology:
             "x-dead-letter-exchange": self.tasks_exchange,
             **_CLASSIC,
         }
+
+    @staticmethod
+    def monitor_queue_arguments() -> dict[str, Any]:
+        return {"x-max-length": MONITOR_MAX_LENGTH, "x-overflow": "drop-head"}
 
     @staticmethod
     def dead_queue_arguments() -> dict[str, Any]:

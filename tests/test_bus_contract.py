@@ -35,6 +35,7 @@ from broker import (
     TaskFinished,
     TaskMessage,
     TaskStarted,
+    Topology,
     Unregister,
     parse_task,
 )
@@ -930,3 +931,36 @@ async def test_a_message_published_without_a_user_has_no_sender(buses: Buses) ->
 
     # Then its handler sees a sender without a user
     assert await senders.wait_for(1) == [Sender(None)]
+
+
+async def test_a_monitor_that_falls_behind_loses_the_oldest_events_not_the_broker(
+    buses: Buses, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a monitor whose queue keeps 100 events, and whose handler is stuck
+    monkeypatch.setattr(
+        Topology,
+        "monitor_queue_arguments",
+        staticmethod(lambda: {"x-max-length": 100, "x-overflow": "drop-head"}),
+    )
+    monitor = await buses.connect()
+    stuck = asyncio.Event()
+    seen: Inbox[Event] = Inbox()
+
+    async def slow(event: Event) -> None:
+        await stuck.wait()
+        await seen.put(event)
+
+    await monitor.subscribe_events(slow, patterns=["agent.heartbeat"])
+
+    # When 1,500 events are published meanwhile
+    agent = await buses.connect()
+    events = [AgentHeartbeat(agent_id="agent-1", running=i) for i in range(1500)]
+    for event in events:
+        await agent.publish_event(event)
+    stuck.set()
+
+    # Then it gets the newest last, and no more than the queue kept (plus what the
+    # bus had taken from the broker already: its prefetch)
+    received = await seen.wait_until(lambda got: got and got[-1] == events[-1], "the newest")
+    assert len(received) <= 100 + 512 + 1
+    assert received == sorted(received, key=lambda e: e.running)
