@@ -344,6 +344,13 @@ class Client:
         return await self.request(request)
 
     # waiting ------------------------------------------------------------------------------
+    @property
+    def follows_events(self) -> bool:
+        """Whether waits are woken by their task's events: False before the first
+        submit or wait, and when the broker refused the client a queue of its
+        own on the events exchange (waits then ask every ``POLL_SECONDS``)."""
+        return self._events is not None
+
     async def wait(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Until the task has ended: its status (see ``TaskHandle.result``)."""
         await self._follow_events()
