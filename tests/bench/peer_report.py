@@ -26,7 +26,7 @@ def systems_table(report: dict[str, Any]) -> list[str]:
         + ["load p50 ms", "load p99 ms", "idle start p50 ms", "idle result p50 ms"]
         + [f"CPU ms/task {k}" for k in kinds]
         + ["CPU ms/task total", "x project CPU"]
-        + ["AMQP publishes/task", "deliveries/task", "acks/task"]
+        + ["AMQP publishes/task", "confirms/task", "deliveries/task", "acks/task"]
     )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in systems.values():
@@ -45,6 +45,7 @@ def systems_table(report: dict[str, Any]) -> list[str]:
             _f(s["cpu_ms_per_task"]["total"], 2),
             _f(ratio.get("cpu_ms_per_task"), 2),
             _f(amqp.get("publish"), 2),
+            _f(amqp.get("confirm"), 2),
             _f(amqp.get("deliver_get"), 2),
             _f(amqp.get("ack"), 2),
         ]
@@ -68,8 +69,12 @@ def in_process_table(report: dict[str, Any]) -> list[str]:
             f"| submit cost, most pending / fewest | x{_f(figures['submit_cost_ratio'], 2)} |"
         )
     lines.append(
-        f"| peak memory per retained finished task, bytes "
-        f"({figures['retained_tasks']:,} tasks) | {_f(figures['bytes_per_finished_task'], 0)} |"
+        f"| memory retained per finished task, bytes (tracemalloc, "
+        f"{figures['retained_tasks']:,} tasks kept) | {_f(figures['bytes_per_finished_task'], 0)} |"
+    )
+    lines.append(
+        f"| peak traced memory during that run, bytes per task "
+        f"| {_f(figures['peak_bytes_per_task'], 0)} |"
     )
     return lines
 
@@ -80,7 +85,8 @@ def markdown_table(report: dict[str, Any]) -> str:
         lines.append("")
         lines.append(
             f"{report['tasks']:,} tasks per run, medians of {report['rounds']} interleaved rounds, "
-            f"{report['workers']} worker processes where configurable, {report['cpus']} CPUs, "
+            f"{report['workers']} worker processes where configurable, {report['cpus']} CPUs "
+            f"({report['machine']}), "
             f"Python {report['python']}, {report.get('broker', '')}, {report['date']}"
         )
     return "\n".join(lines + in_process_table(report))
@@ -98,8 +104,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
     colors = ["tab:blue" if n.startswith("project") else "tab:gray" for n in names]
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 0.55 * len(names) + 2))
     rows = list(range(len(names)))
-    left.barh(rows, [systems[n]["tasks_per_s"] for n in names], color=colors)
-    left.set_yticks(rows, [systems[n]["label"] for n in names], fontsize=8)
+    bars = left.barh(rows, [systems[n]["tasks_per_s"] for n in names], color=colors)
+    left.bar_label(bars, fmt="%.0f", fontsize=8, padding=2)
+    labels = [
+        systems[n]["label"] + (" [equal durability]" if systems[n]["durable"] else "")
+        for n in names
+    ]
+    left.set_yticks(rows, labels, fontsize=8)
     left.invert_yaxis()
     left.set_xlabel("tasks/s (higher is better)")
     height = 0.4

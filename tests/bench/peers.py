@@ -224,6 +224,16 @@ def redis_pid(url: str) -> int | None:
     return None
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def missing_packages(names: list[str]) -> list[str]:
     needs = {module for name in names for module in SYSTEMS[name].get("needs", ())}
     return sorted(m for m in needs if importlib.util.find_spec(m) is None)
@@ -303,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
-        "machine": platform.machine(),
+        "machine": f"{platform.machine()}, {cpu_model()}",
         "tasks": args.tasks,
         "rounds": args.rounds,
         "workers": args.workers,
