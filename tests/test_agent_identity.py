@@ -89,7 +89,7 @@ async def test_a_second_agent_process_with_a_live_id_exits_with_a_clear_error(
     second = harness.spawn_agent("twin", ["work"])
 
     # Then it exits at once with an error naming the id, and the first runs on
-    assert await asyncio.to_thread(second.wait, WAIT) == 2
+    assert await asyncio.to_thread(second.wait, WAIT) == 1  # bad input, as agent run says
     log = _read(harness.logs[1].name)
     assert "agent id 'twin' is already live" in log, log
     assert first.poll() is None
