@@ -378,7 +378,10 @@ async def test_usage_errors_are_one_line_and_exit_2(args: list[str], message: st
 async def test_help_lists_commands_and_exit_codes() -> None:
     result = await run("--help")
     assert result.code == 0
-    for command in ("serve", "agent", "submit", "status", "cancel", "stats", "agents", "watch"):
+    for command in (
+        "serve", "agent", "submit", "status", "cancel", "stats", "agents", "tasks", "watch",
+        "purge",
+    ):  # fmt: skip
         assert f"  {command} " in result.out
     assert "3 broker unreachable" in " ".join(result.out.split())
 
