@@ -1,11 +1,12 @@
 """The command line, installed as ``orchestrator`` (also ``python -m orchestrator``).
 
 ``serve`` runs the orchestrator; ``agent run`` runs an agent from user code;
-``submit``, ``status``, ``cancel``, ``stats`` and ``agents`` talk to a running
-``serve`` with the request protocol on ``<prefix>.rpc`` (``broker.messages``),
-exactly as any other service would; ``watch`` shows events, queue depths and
-agent load live; ``demo`` runs the seed's workflow; ``topology`` and
-``schemas`` export the RabbitMQ definitions and the wire-message schemas.
+``submit``, ``status``, ``cancel``, ``stats``, ``agents`` and ``tasks`` talk to
+a running ``serve`` with the request protocol on ``<prefix>.rpc``
+(``broker.rpc``), exactly as any other service would; ``watch`` shows events,
+queue depths and agent load live; ``demo`` runs the seed's workflow;
+``topology`` and ``schemas`` export the RabbitMQ definitions and the
+wire-message schemas; ``purge`` deletes a prefix's queues and exchanges.
 
 Settings come from options, else ``ORCHESTRATOR_*`` environment variables
 (pydantic-settings), else defaults. Every error is caught here and printed as
@@ -14,7 +15,7 @@ in data (results, ``--json``) only a URL's ``user:password@`` is, so that the
 password as a plain word in a task's result is printed as it is.
 
 Each command is a module (``serve``, ``agent``, ``requests``, ``watch``,
-``exports``); this one wires them into one parser and is the boundary where
+``exports``, ``purge``); this one wires them into one parser and is the boundary where
 errors become exit codes.
 """
 
