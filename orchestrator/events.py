@@ -12,8 +12,9 @@ agent id is bound to (``current_sender``: RabbitMQ's checked ``user_id``);
 an announcement must pass ``register_agent``'s own validation; a task event
 must come from an agent that is registered and can run the task's queue, and
 once the attempt has a live holder, from that holder alone. A dead letter
-fails its task only if the broker dead-lettered the task message itself
-(``x-death``, published by our own user) or the agent that held it sent it.
+fails its task only if it comes from our own user (the broker's own
+dead-lettering keeps our task message's ``user_id``) or from the user of the
+agent that held it (of one that could take it, for a queued task).
 What fails the gate is counted and logged (``refusals``), and does nothing
 else. Calls made in-process (not by the bus) have no sender and are trusted.
 """
@@ -145,10 +146,17 @@ class EventHandlers:
                 "wrong_user",
                 f"{event.kind} for agent {agent_id} from user {user!r}; it is {bound!r}'s",
             )
-        if bound is None and (known or isinstance(event, AgentAnnounced)):
-            await self.registry.bind(agent_id, user)
+        if bound is None:
+            if isinstance(event, AgentAnnounced):
+                await self.registry.bind(agent_id, user)
+            elif known:
+                # Registered by API (or stored before identities were): it is
+                # believed once it announces itself, which binds it to its user.
+                if isinstance(event, AgentHeartbeat):
+                    await self.registry.ask_to_announce(agent_id)
+                return "unannounced", f"{event.kind} for agent {agent_id}, not announced yet"
         if isinstance(event, AgentHeartbeat) and not known:
-            await self.registry.heard(agent_id)  # asked to announce itself, rate-limited
+            await self.registry.ask_to_announce(agent_id)
             return "unknown_agent", f"heartbeat of agent {agent_id}, which is not registered"
         if isinstance(event, (TaskAssigned, TaskStarted, TaskProgress, TaskFinished)):
             return self._task_event_refusal(event)
@@ -178,8 +186,10 @@ class EventHandlers:
         if current_sender() is None:
             return None  # in-process
         user = letter.sender
-        if letter.by_broker and user is not None and user == self.bus.user:
-            return None  # the broker dead-lettered our own task message
+        if user is not None and user == self.bus.user:
+            # Our own user: the broker dead-lettered our task message (x-death keeps
+            # its user_id), or a process with our login (one trust domain) did.
+            return None
         holder = self.registry.get(task.assigned_agent)
         if holder is not None:
             if user is not None and self.registry.user_of(holder.agent_id) == user:

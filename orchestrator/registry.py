@@ -7,11 +7,12 @@ restarted process knows nothing of what its predecessor heard). Liveness is
 the heartbeats: an agent silent past ``heartbeat_timeout`` is removed. An
 agent's load is kept from the lifecycle's moves, never by hand.
 
-Identity: an agent id is bound to the broker user first heard claiming it
-(its announcement, normally), and kept in the store's meta so that a
-restart keeps it; messages claiming it from another user are refused
-(``orchestrator.events``). A binding outlives the agent's removal (a
-restarted process of the same user comes back), until ``unbind``.
+Identity: an agent id is bound to the broker user of its first
+announcement, kept in the store's meta so that a restart keeps it; messages
+claiming it from another user are refused, and those of an agent registered
+by API are believed once it announced itself (``orchestrator.events``). A
+binding outlives the agent's removal (a restarted process of the same user
+comes back), until ``unbind``.
 """
 
 from __future__ import annotations
@@ -306,7 +307,7 @@ class AgentRegistry:
         return self._users.get(agent_id)
 
     async def bind(self, agent_id: str, user: str) -> None:
-        """Bind an unbound agent id to ``user`` (the first user heard claiming it)."""
+        """Bind an unbound agent id to ``user`` (that of its first announcement)."""
         if agent_id in self._users:
             return
         self._users[agent_id] = user
@@ -321,14 +322,19 @@ class AgentRegistry:
         if self._users.pop(agent_id, None) is not None:
             await self.store.save_meta(AGENT_USERS, self._users)
 
+    async def ask_to_announce(self, agent_id: str) -> None:
+        """Ask an agent we do not know (or not as announced) to announce itself:
+        at most once per ``RateLimit.per_key`` and a few per second in all, so
+        that a flood of heartbeats is never answered in kind."""
+        if self._reannounces.allow(agent_id):
+            await self.bus.publish_control(Reannounce(), agent_id=agent_id)
+
     # -------------------------------------------------------------- liveness
     async def heard(self, agent_id: str) -> None:
-        """A heartbeat: an unknown agent is asked to announce itself, at most
-        once per ``RateLimit.per_key`` and a few per second in all."""
+        """A heartbeat: an unknown agent is asked to announce itself."""
         agent = self._agents.get(agent_id)
         if agent is None:
-            if self._reannounces.allow(agent_id):
-                await self.bus.publish_control(Reannounce(), agent_id=agent_id)
+            await self.ask_to_announce(agent_id)
         else:
             agent.last_seen = self.clock()
 
