@@ -90,11 +90,12 @@ async def _purge(
         settings=settings, connection_name=f"{settings.prefix}:purge", declare_topology=False
     )
     async with connected(bus):
-        rpc = await find(bus, [topology.rpc_queue], [])
-        if any(q.consumers for q in rpc.queues):
+        live = await find(bus, [topology.rpc_queue, topology.leader_queue], [])
+        if any(q.consumers for q in live.queues) or live.locked:
+            held = live.locked[0] if live.locked else topology.rpc_queue
             raise CliError(
-                f"an orchestrator serves prefix {settings.prefix!r} now (it consumes"
-                f" {topology.rpc_queue!r}): stop it first, or it declares its queues again"
+                f"an orchestrator serves prefix {settings.prefix!r} now (it holds"
+                f" {held!r}): stop it first, or it declares its queues again"
             )
         found = await find(
             bus, [q.name for q in everything.queues], [e.name for e in everything.exchanges]
