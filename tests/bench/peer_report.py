@@ -64,6 +64,10 @@ def in_process_table(report: dict[str, Any]) -> list[str]:
     )
     for pending, micros in figures["submit_us_by_pending"].items():
         lines.append(f"| one submit with {int(pending):,} tasks pending, µs | {_f(micros, 1)} |")
+    for pending, micros in (figures.get("bulk_submit_us_by_pending") or {}).items():
+        lines.append(
+            f"| mean submit filling up to {int(pending):,} pending, µs | {_f(micros, 1)} |"
+        )
     if figures.get("submit_cost_ratio") is not None:
         lines.append(
             f"| submit cost, most pending / fewest | x{_f(figures['submit_cost_ratio'], 2)} |"
