@@ -169,7 +169,7 @@ class Client:
     ``ORCHESTRATOR_PREFIX`` (then the local broker and ``orchestrator``);
     ``settings`` gives every bus setting at once. ``bus`` uses a bus of the
     caller's (an in-process ``MemoryBus`` beside an orchestrator), which the
-    client neither connects nor closes.
+    client connects if it is not, and never closes.
     """
 
     def __init__(
