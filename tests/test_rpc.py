@@ -36,6 +36,7 @@ from broker import (
     parse_reply,
 )
 from broker.messages import parse_result
+from broker.rpc import TasksRequest
 from orchestrator import OrchestratorService
 from tests.harness import Harness, wait_until
 
@@ -339,6 +340,8 @@ async def test_replies_are_what_the_result_schemas_document(harness: Harness) ->
     assert (await ask(TaskStatusRequest(task_id=done)))["status"] == "completed"
     assert (await ask(CancelTaskRequest(task_id=waiting["task_id"])))["cancelled"] is True
     assert (await ask(TaskStatusRequest(task_id=waiting["task_id"])))["status"] == "cancelled"
+    listed = await ask(TasksRequest(limit=5))
+    assert [t["task_id"] for t in listed] == [waiting["task_id"], done]
     assert (await ask(StatsRequest()))["tasks_created"] == 2
     assert [a["agent_id"] for a in await ask(AgentsRequest())] == ["worker"]
     queues = await ask(QueuesRequest())
