@@ -96,7 +96,7 @@ class RateLimit:
         self,
         *,
         per_key: float = 5.0,
-        burst: int = 20,
+        burst: int = 5,
         window: float = 1.0,
         keep: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
