@@ -99,6 +99,11 @@ class JournalStore(StateStore):
         self._epoch: int | None = None
         """The epoch this object claimed, which its writes are fenced by (None: unfenced)."""
         self._fenced: StoreFenced | None = None
+        # Group commit: changes are numbered as they are saved; ``_written`` is the
+        # number of the last one durable. A flush is done once its caller's last
+        # change is, whoever wrote it.
+        self._saved = 0
+        self._written = 0
 
     # ------------------------------------------------------------ the backend
     @property
@@ -209,6 +214,11 @@ class JournalStore(StateStore):
         if self._wake is not None:
             self._wake.set()
 
+    def _changed(self) -> None:
+        """A record became dirty: one more change for a flush to make durable."""
+        self._saved += 1
+        self._touch()
+
     # ---------------------------------------------------------------- fencing
     async def claim_epoch(self, holder: str) -> int:
         await self.open()
@@ -226,10 +236,14 @@ class JournalStore(StateStore):
         """Commit every change made so far, in one transaction.
 
         Concurrent callers share a commit: whoever holds the lock writes what
-        all of them changed, and the others find nothing left to write.
+        all of them changed, and a caller whose changes a write took returns
+        when that write is done, not behind the next one.
         """
         if not self._opened or self._flush_lock is None:
             return
+        target = self._saved
+        if self._written >= target:
+            return  # what this caller saved is durable already (written with others')
         async with self._flush_lock:
             if self._writing is not None:
                 # A write whose caller was cancelled goes on; it must end first.
@@ -237,7 +251,10 @@ class JournalStore(StateStore):
                 if not self._writing.cancelled():
                     self._writing.exception()  # retrieved: its records are dirty again
                 self._writing = None
+            if self._written >= target:
+                return  # the write this caller waited for took its changes
             if not self._dirty:
+                self._written = max(self._written, target)  # no write under way: all durable
                 return
             if self._fenced is not None:
                 raise self._fenced
@@ -275,6 +292,7 @@ class JournalStore(StateStore):
         ids = _Dirty()
         while True:
             ids.add(self._dirty.take())
+            version = self._saved  # every change up to this one is in ``ids``
             try:
                 await self._transaction(self._batch(ids), self._epoch)
             except StoreFenced as exc:
@@ -306,6 +324,7 @@ class JournalStore(StateStore):
                     pass
                 delay = min(delay * 2, 1.0)
                 continue
+            self._written = max(self._written, version)
             if failed_since is not None:
                 log.warning(
                     "state written to %s again, after %.1fs", self.where, loop.time() - failed_since
@@ -316,31 +335,31 @@ class JournalStore(StateStore):
         await self.open()
         self._tasks[task.task_id] = snapshot_task(task)
         self._dirty.tasks.add(task.task_id)
-        self._touch()
+        self._changed()
 
     async def delete_task(self, task_id: str) -> None:
         await self.open()
         if self._tasks.pop(task_id, None) is not None:
             self._dirty.tasks.add(task_id)
-            self._touch()
+            self._changed()
 
     async def save_agent(self, agent: AgentCapability) -> None:
         await self.open()
         self._agents[agent.agent_id] = snapshot_agent(agent)
         self._dirty.agents.add(agent.agent_id)
-        self._touch()
+        self._changed()
 
     async def delete_agent(self, agent_id: str) -> None:
         await self.open()
         if self._agents.pop(agent_id, None) is not None:
             self._dirty.agents.add(agent_id)
-            self._touch()
+            self._changed()
 
     async def save_meta(self, key: str, value: Any) -> None:
         await self.open()
         self._meta[key] = json.loads(json.dumps(value))  # a copy, and JSON or an error now
         self._dirty.meta.add(key)
-        self._touch()
+        self._changed()
 
     # ----------------------------------------------------------------- reads
     async def get_meta(self, key: str) -> Any:
