@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from broker import BusSettings, MemoryBus
-from orchestrator import TaskOrchestrator
+from orchestrator import OrchestratorSettings, TaskOrchestrator
 from tests.bench import throughput
 from tests.bench.peer_common import ROOT
 
@@ -97,7 +97,9 @@ async def retained_bytes(tasks: int) -> tuple[float, float]:
     """(bytes retained per finished task, peak bytes per task) over ``tasks`` no-op tasks."""
     bus = MemoryBus(settings=BusSettings(prefix=throughput.new_prefix()))
     await bus.connect()
-    orchestrator = TaskOrchestrator(bus)
+    # tracemalloc slows everything several times over: an agent's heartbeat
+    # must not be judged late meanwhile.
+    orchestrator = TaskOrchestrator(bus, settings=OrchestratorSettings(heartbeat_timeout=3600))
     agent = throughput.noop_agent("retain-agent", 50)
     try:
         await orchestrator.start()
