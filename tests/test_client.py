@@ -19,11 +19,18 @@ from typing import Any
 
 import pytest
 
-from agents import TaskContext
-from orchestrator import Client, OrchestratorService, TaskPriority
+from agents import Agent, TaskContext
+from orchestrator import (
+    Client,
+    OrchestratorService,
+    TaskOrchestrator,
+    TaskPriority,
+    TaskStatus,
+)
 from tests.conftest import require_broker
 from tests.deployment import ROOT, Deployment, base_env
-from tests.harness import Harness, wait_until
+from tests.harness import FAST, Harness, wait_until
+from tests.test_permissions import AGENT_ID, Users, bus, users  # noqa: F401 - the fixture
 
 HOUR = 3600.0
 
@@ -68,6 +75,7 @@ async def test_submit_and_result_wait_on_the_tasks_event(served) -> None:
             priority=TaskPriority.HIGH, required_capabilities=["analysis"],
         )  # fmt: skip
         assert handle.task_id.startswith("task_")
+        assert client.follows_events
         waiting = asyncio.create_task(handle.result(timeout=20))
 
         async def running() -> bool:
@@ -132,6 +140,26 @@ async def test_cancel_result_timeout_and_errors(served) -> None:
             await client.tasks(limit=0)
 
 
+async def test_an_end_no_event_announces_is_seen_at_the_next_re_check(served) -> None:
+    harness, gates = served
+    client = client_of(harness)
+    client.resync_interval = 0.3
+    async with client:
+        # Given a task that runs until released, and one that depends on it
+        first = await client.submit("first", "", "analysis", {"gate": "g3", "fail": "no"},
+                                    max_retries=0)  # fmt: skip
+        second = await client.submit("second", "", "analysis", {}, dependencies=[first.task_id])
+        waiting = asyncio.create_task(second.result(timeout=20))
+
+        # When the first fails, then the second ends failed too, though no agent
+        # ran it to say so: the handle's re-check sees it
+        gates.setdefault("g3", asyncio.Event()).set()
+        assert (await first.result(timeout=20))["status"] == "failed"
+        ended = await waiting
+        assert ended["status"] == "failed"
+        assert ended["assigned_agent"] is None
+
+
 async def test_stats_agents_and_task_lists_with_filters(served) -> None:
     harness, gates = served
     async with client_of(harness) as client:
@@ -172,6 +200,13 @@ async def test_stats_agents_and_task_lists_with_filters(served) -> None:
         assert await orchestrator.list_tasks(status="running") == await client.tasks(
             status="running"
         )
+        assert await orchestrator.list_tasks(TaskStatus.FAILED, "report") == await client.tasks(
+            "failed", "report"
+        )
+        with pytest.raises(ValueError, match=r"^limit: must be an integer from 1 to 1000"):
+            await orchestrator.list_tasks(limit=1001)
+        with pytest.raises(ValueError, match=r"^status: must be one of pending, "):
+            await orchestrator.list_tasks(status=["running", "asleep"])
 
         # And stats and agents are get_stats and the registered agents
         stats = await client.stats()
@@ -262,3 +297,72 @@ async def test_a_service_in_another_process_submits_waits_cancels_and_lists(
         assert out["stats"]["tasks_created"] == 3
     finally:
         await deployment.close()
+
+
+@pytest.mark.rabbitmq
+async def test_the_readmes_client_example_runs_as_written(prefix: str, tmp_path) -> None:
+    # Given serve and an agent with the README's capability, handling any task type
+    from tests.test_readme import code_block
+
+    deployment = Deployment(prefix, require_broker())
+    try:
+        await deployment.serve()
+        await deployment.agent("readme_client_agent", "technical_analysis")
+        script = tmp_path / "example.py"
+        script.write_text(code_block("Submitting from another service", "python"))
+
+        # When the README's example runs, with the broker and prefix in its environment
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, str(script), cwd=tmp_path, env=deployment.env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 90)
+
+        # Then both of its tasks completed
+        assert process.returncode == 0, stderr.decode()
+        lines = stdout.decode().splitlines()
+        assert lines[0].startswith("completed {"), lines
+        assert "'symbol': 'BTC'" in lines[0]
+        assert lines[-1] == "completed"
+    finally:
+        await deployment.close()
+
+
+@pytest.mark.rabbitmq
+async def test_the_client_needs_only_a_clients_permissions(users: Users, prefix: str) -> None:  # noqa: F811
+    # Given the orchestrator and an agent as their users, on a vhost of the test's own
+    orchestrator = TaskOrchestrator(bus(users, "orchestrator", prefix), settings=FAST)
+    await orchestrator.start()
+    service = OrchestratorService(orchestrator)
+    await service.start()
+    agent = Agent(AGENT_ID, ["perm"], 2, heartbeat_interval=0.3)
+
+    async def double(ctx: TaskContext) -> dict[str, Any]:
+        return {"doubled": ctx.payload["n"] * 2}
+
+    agent.add_handler("*", double)
+    try:
+        await agent.start(bus(users, "agent", prefix))
+
+        async def registered() -> bool:
+            return AGENT_ID in {a.agent_id for a in await orchestrator.get_agents()}
+
+        await wait_until(registered, timeout=15)
+
+        # When a service submits and waits as the client user
+        async with Client(users.urls["client"], prefix=prefix, resync_interval=HOUR) as client:
+            handle = await client.submit(
+                "double", "", "math", {"n": 21}, required_capabilities=["perm"]
+            )
+            final = await handle.result(timeout=20)
+
+            # Then its result came on the task's event, through its own monitor queue
+            assert client.follows_events
+            assert (final["status"], final["result"]) == ("completed", {"doubled": 42})
+            assert [t["task_id"] for t in await client.tasks()] == [handle.task_id]
+            assert [a["agent_id"] for a in await client.agents()] == [AGENT_ID]
+    finally:
+        await agent.stop(drain_timeout=0.5)
+        await service.stop()
+        await orchestrator.stop()
+        await orchestrator.bus.close()
