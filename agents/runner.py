@@ -25,7 +25,7 @@ import signal
 import sys
 from pathlib import Path
 
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from broker import AGENT_ID_PATTERN, BusSettings, RabbitMQBus
 from broker.errors import BusError
@@ -141,23 +141,36 @@ def parser() -> argparse.ArgumentParser:
 
 
 def child_arguments(
-    agent_id: str | None,
-    concurrency: int | None,
-    broker: str | None,
-    prefix: str | None,
-    log_level: str,
+    agent_id: str | None, concurrency: int | None, log_level: str, settings: BusSettings
 ) -> list[str]:
     """The flags a ``--reload`` child is started with (all but ``--reload``).
 
-    The broker URL goes through the environment, not the command line, where
-    ``ps`` would show its password."""
-    if broker:
-        os.environ["ORCHESTRATOR_BROKER_URL"] = broker
+    Its bus settings (the broker URL, the prefix, TLS files and passwords,
+    however they were given) go through the environment the child inherits,
+    as ``ORCHESTRATOR_*``: not on its command line, where ``ps`` would show
+    a password."""
+    os.environ.update(settings_environment(settings))
     args = ["--log-level", log_level]
-    for flag, value in (("--id", agent_id), ("--concurrency", concurrency), ("--prefix", prefix)):
+    for flag, value in (("--id", agent_id), ("--concurrency", concurrency)):
         if value is not None:
             args += [flag, str(value)]
     return args
+
+
+def settings_environment(settings: BusSettings) -> dict[str, str]:
+    """The ``ORCHESTRATOR_*`` variables that give ``settings`` where they differ
+    from the defaults."""
+    environment = {}
+    for name, field in BusSettings.model_fields.items():
+        value = getattr(settings, name)
+        if value is None or value == field.default:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        environment[f"ORCHESTRATOR_{name.upper()}"] = str(value)
+    return environment
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,13 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     sys.path.insert(0, os.getcwd())  # modules beside the user, as `python -m` would
     try:
-        if args.reload:
-            child = child_arguments(
-                args.agent_id, args.concurrency, args.broker, args.prefix, args.log_level
-            )
-            return run_with_reload(args.agent, child)
         overrides = {k: v for k, v in (("broker_url", args.broker), ("prefix", args.prefix)) if v}
         settings = BusSettings(**overrides)
+        if args.reload:
+            child = child_arguments(args.agent_id, args.concurrency, args.log_level, settings)
+            return run_with_reload(args.agent, child)
         agent = configure(_load(args.agent), agent_id=args.agent_id, concurrency=args.concurrency)
         asyncio.run(_serve(agent, settings))
     except KeyboardInterrupt:

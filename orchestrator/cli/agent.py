@@ -70,9 +70,7 @@ def agent_run(
 
     sys.path.insert(0, os.getcwd())  # modules beside the user, as `python -m` would
     if reload:
-        child = child_arguments(
-            agent_id, concurrency, settings.broker_url, settings.prefix, log_level.value
-        )
+        child = child_arguments(agent_id, concurrency, log_level.value, settings)
         try:
             run_with_reload(spec, child)
         except ImportError as exc:
