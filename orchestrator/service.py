@@ -32,6 +32,7 @@ from broker import (
 )
 from broker.rpc import TasksRequest
 
+from .leadership import Role
 from .models import AgentCapability
 from .task_orchestrator import TaskOrchestrator
 
@@ -44,17 +45,43 @@ class OrchestratorService:
     def __init__(self, orchestrator: TaskOrchestrator) -> None:
         self.orchestrator = orchestrator
         self._subscription: Subscription | None = None
+        self._running = False
 
     async def start(self) -> None:
-        """Start answering requests (start the orchestrator first)."""
+        """Answer requests while the orchestrator leads (start it first).
+
+        A standby's service consumes nothing, so that every request reaches
+        the leader; it starts answering when its orchestrator takes over, and
+        stops if it steps down.
+        """
+        if self._running:
+            return
+        self._running = True
+        self.orchestrator.leadership.observe(self._role_changed)
+        if self.orchestrator.leadership.is_leader:
+            await self._serve()
+
+    async def _role_changed(self, role: Role) -> None:
+        if not self._running:
+            return
+        if role is Role.LEADER:
+            await self._serve()
+        else:
+            await self._unserve()
+
+    async def _serve(self) -> None:
         if self._subscription is None:
             self._subscription = await self.orchestrator.bus.serve_requests(self.handle)
 
-    async def stop(self) -> None:
-        """Stop answering; requests wait in the queue for the next server."""
+    async def _unserve(self) -> None:
         subscription, self._subscription = self._subscription, None
         if subscription is not None:
             await subscription.close()
+
+    async def stop(self) -> None:
+        """Stop answering; requests wait in the queue for the next server."""
+        self._running = False
+        await self._unserve()
 
     async def __aenter__(self) -> OrchestratorService:
         await self.start()

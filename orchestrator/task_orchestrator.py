@@ -28,6 +28,8 @@ from broker import CancelTask, CommunicationBus, Reannounce, Subscription
 from . import listing
 from .dispatch import Dispatch, queue_key
 from .events import EventHandlers
+from .idempotency import IdempotentSubmits, check_key
+from .leadership import Leadership
 from .lifecycle import Lifecycle, waiting_for_dependencies
 from .models import AgentCapability, Task, TaskPriority, TaskStatus
 from .outcomes import Outcomes
@@ -40,7 +42,7 @@ from .settings import OrchestratorSettings
 from .stats import StatsTracker
 from .store import MemoryStore, StateStore
 from .submission import Submission
-from .validation import validate_submit
+from .validation import SubmitRequest, validate_submit
 from .watch import RETIRED_STATS, Watch
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ class TaskOrchestrator:
             tell_agents=lambda spec: self.registry.tell_new_queue(spec),
         )
         self.submission = Submission(self.dispatch)
+        self.idempotent = IdempotentSubmits(self.records)
         self.registry = AgentRegistry(
             self.bus, self.store, self.lifecycle, self.placement, self.dispatch.queues
         )
@@ -111,18 +114,33 @@ class TaskOrchestrator:
         self._monitor: asyncio.Task[None] | None = None
         self._owns_bus = False
         self._started = False
+        self.leadership = Leadership(self.bus, self.store)
+        """One leader per prefix: a second orchestrator stands by (``leadership``)."""
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        """Connect the bus, reload stored state and start following events.
+        """Connect the bus; lead the prefix, or stand by while another orchestrator leads.
 
-        Raises ``ConnectionError`` when the bus cannot reach its broker.
+        Leading: reload stored state and start following events. Standing by
+        (``leadership.role``), the API raises ``NotLeader`` until the leader goes;
+        then this one takes over. Raises ``ConnectionError`` when the bus
+        cannot reach its broker.
         """
         if self._started:
             return
         if not self.bus.is_connected:
             await self.bus.connect()
             self._owns_bus = True
+        try:
+            await self.leadership.start(self._lead, self._step_down)
+        except BaseException:
+            if self._owns_bus:
+                await self.bus.close()
+            raise
+        self._started = True
+
+    async def _lead(self) -> None:
+        """Leading (lease and epoch held): reload the stored state, follow events."""
         await self.outcomes.settle_reloaded(await self._reload())
         # What the bus acknowledges must be in the store first.
         self._subscriptions = [
@@ -132,20 +150,26 @@ class TaskOrchestrator:
             ),
         ]
         self._monitor = asyncio.get_running_loop().create_task(self.watch.run())
-        self._started = True
         # Agents that outlived a previous orchestrator announce themselves again.
         await self.bus.publish_control(Reannounce())
 
+    async def _step_down(self) -> None:
+        """No longer leading: stop following events and watching (publishing ends with them)."""
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None and monitor is not asyncio.current_task():
+            monitor.cancel()
+            await asyncio.gather(monitor, return_exceptions=True)
+        subscriptions, self._subscriptions = self._subscriptions, []
+        for subscription in subscriptions:
+            await subscription.close()
+
     async def stop(self) -> None:
-        """Stop following events; close the bus if ``start`` opened it."""
+        """Stop following events (or standing by); close the bus if ``start`` opened it."""
         if not self._started:
             return
         self._started = False
-        if self._monitor is not None:
-            self._monitor.cancel()
-            await asyncio.gather(self._monitor, return_exceptions=True)
-        for subscription in self._subscriptions:
-            await subscription.close()
+        await self._step_down()
+        await self.leadership.stop()
         if self._owns_bus:
             await self.bus.close()
         await self.store.close()
@@ -188,6 +212,7 @@ class TaskOrchestrator:
     def _require_started(self) -> None:
         if not self._started:
             raise ConnectionError("the orchestrator is not started: call await start() first")
+        self.leadership.require_leader()
 
     # ------------------------------------------------------------------ agents
     async def register_agent(
@@ -218,8 +243,14 @@ class TaskOrchestrator:
         estimated_duration: int = 300,
         timeout: int = 600,
         max_retries: int = 3,
+        idempotency_key: str | None = None,
     ) -> str:
-        """Submit a task; returns its id. ``ValueError`` names a bad field."""
+        """Submit a task; returns its id. ``ValueError`` names a bad field.
+
+        Beyond the seed: while the task submitted with ``idempotency_key`` is
+        kept, a submit with that key returns its id and creates nothing (with
+        other parameters it is refused: see ``idempotency``).
+        """
         request = validate_submit(
             self.settings.max_payload_bytes,
             name=name,
@@ -233,7 +264,14 @@ class TaskOrchestrator:
             timeout=timeout,
             max_retries=max_retries,
         )
+        key = check_key(idempotency_key)
         self._require_started()
+        if key is not None:
+            return await self.idempotent.once(key, request, lambda: self._submit(request, key))
+        return await self._submit(request, None)
+
+    async def _submit(self, request: SubmitRequest, key: str | None) -> str:
+        """Record, and publish or hold, a new task for a checked request."""
         deps = []
         for dep_id in request.dependencies:
             dep = self.records.get(dep_id)
@@ -254,6 +292,7 @@ class TaskOrchestrator:
             max_retries=request.max_retries,
             timeout=request.timeout,
             created_at=self.lifecycle.clock(),
+            idempotency_key=key,
         )
         await self.records.add(task)
         self._stats.created_task(task)
@@ -301,6 +340,7 @@ class TaskOrchestrator:
         return True
 
     async def get_task_status(self, task_id: str) -> dict[str, Any] | None:
+        self.leadership.require_leader()
         task = self.records.get(task_id)
         if task is None:
             return None
@@ -326,6 +366,7 @@ class TaskOrchestrator:
 
         Raises ``ValueError`` for an unknown id and ``TimeoutError`` after ``timeout``.
         """
+        self.leadership.require_leader()
         task = self.records.get(task_id)
         if task is None:
             raise ValueError(f"task_id: unknown task {task_id!r}")
@@ -347,7 +388,8 @@ class TaskOrchestrator:
         return listing.list_tasks(self.records, status, task_type, agent_id, limit)
 
     async def get_stats(self) -> dict[str, Any]:
-        return self._stats.snapshot(self.registry)
+        """The seed's statistics, and (beyond it) ``role`` and who is ``leader``."""
+        return {**self._stats.snapshot(self.registry), **self.leadership.describe()}
 
     async def get_agents(self) -> list[AgentCapability]:
         """The registered agents (beyond the seed: for tools and tests)."""

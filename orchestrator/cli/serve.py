@@ -9,9 +9,11 @@ closed, so that ``serve`` started again on the same store goes on from there.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import tempfile
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -36,7 +38,8 @@ def serve(
         str | None,
         typer.Option(
             metavar="STORE",
-            help="Where task records live: memory, or sqlite:PATH. Env: ORCHESTRATOR_STORE.",
+            help="Where task records live: memory, sqlite:PATH or postgresql://HOST/DATABASE."
+            " Env: ORCHESTRATOR_STORE.",
             show_default=False,
         ),
     ] = None,
@@ -46,17 +49,17 @@ def serve(
     setup_logging(log_level)
     settings, cli_settings = read_settings(broker, prefix)
     spec = store if store is not None else cli_settings.store
-    setting = "--store" if store is not None else f"ORCHESTRATOR_STORE={spec!r}"
-    state = open_store(spec, setting)
-    run(_serve(settings, state, setting), ends_by_signal=True)
+    setting = "--store" if store is not None else f"ORCHESTRATOR_STORE={redact_url(spec)!r}"
+    open_store(spec, setting)  # a bad value is refused before anything starts
+    run(_serve(settings, lambda: open_store(spec, setting), setting), ends_by_signal=True)
 
 
 def open_store(spec: str, setting: str = "--store") -> Any:
     """The ``StateStore`` a ``--store`` value names (None: the orchestrator's memory store).
 
     A SQLite path that cannot hold a store (a folder, a file that is not
-    SQLite, a folder or file that cannot be written) is a ``CliError`` naming
-    ``setting``; nothing is created yet.
+    SQLite, a folder or file that cannot be written), or a PostgreSQL URL that
+    is not one, is a ``CliError`` naming ``setting``; nothing is created yet.
     """
     kind, _, path = spec.partition(":")
     if spec == "memory":
@@ -66,7 +69,18 @@ def open_store(spec: str, setting: str = "--store") -> Any:
 
         check_sqlite_path(Path(path), setting)
         return SQLiteStore(path)
-    raise CliError(f"{setting}: expected 'memory' or 'sqlite:PATH', got {spec!r}")
+    if spec.startswith(("postgresql://", "postgres://")):
+        from ..postgres_store import PostgresStore, check_url
+
+        try:  # reachability is tried when it opens, before the broker
+            check_url(spec)
+        except ValueError as exc:
+            raise CliError(f"{setting}: {exc}") from None
+        return PostgresStore(spec)
+    raise CliError(
+        f"{setting}: expected 'memory' or 'sqlite:PATH' or 'postgresql://HOST/DATABASE',"
+        f" got {redact_url(spec)!r}"
+    )
 
 
 def check_sqlite_path(path: Path, setting: str) -> None:
@@ -125,33 +139,64 @@ async def _open(store: Any, setting: str) -> None:
         raise CliError(f"{setting}: {problem}") from None
 
 
-async def _serve(settings: BusSettings, store: Any, setting: str) -> None:
+async def _serve(settings: BusSettings, make_store: Callable[[], Any], setting: str) -> None:
+    """Lead the prefix, or stand by while another orchestrator leads it, until a signal.
+
+    A standby opens its store only when it takes over (a store read earlier
+    would be stale by then); the store is checked once at the start all the
+    same, so that a store it cannot use is an error before anything connects.
+    An orchestrator that steps down (it lost the lease, or a newer leader
+    fenced its store) is replaced by a fresh one that stands by.
+    """
     from ..service import OrchestratorService
     from ..task_orchestrator import TaskOrchestrator
 
-    if store is not None:
-        await _open(store, setting)
+    probe = make_store()
+    if probe is not None:
+        await _open(probe, setting)
+        await probe.close()
     bus = RabbitMQBus(settings=settings, connection_name=f"{settings.prefix}:orchestrator")
-    orchestrator = TaskOrchestrator(bus, store=store)
-    service = OrchestratorService(orchestrator)
     try:
-        await orchestrator.start()
+        await bus.connect()
     except BaseException:  # a failed connect, or a signal while connecting
         await bus.close()
-        await orchestrator.store.close()
         raise
     stop = stop_on_signals()
     log_filter.transport_quiet = False
     try:
-        await service.start()
-        log.info(
-            "serving prefix %r on %s; requests on %s",
-            settings.prefix,
-            redact_url(settings.broker_url or ""),
-            bus.topology.rpc_queue,
-        )
-        await stop.wait()
+        while not stop.is_set():
+            orchestrator = TaskOrchestrator(bus, store=make_store())
+            service = OrchestratorService(orchestrator)
+            leadership = orchestrator.leadership
+            try:
+                await orchestrator.start()
+                await service.start()
+                if await _first(stop.wait(), leadership.wait_leading()) == 1:
+                    log.info(
+                        "serving prefix %r on %s; requests on %s (leader %s, epoch %s)",
+                        settings.prefix,
+                        redact_url(settings.broker_url or ""),
+                        bus.topology.rpc_queue,
+                        *leadership.leader_pair,
+                    )
+                    await _first(stop.wait(), leadership.stepped_down.wait())
+            finally:
+                await service.stop()
+                await orchestrator.stop()
+            if not stop.is_set():
+                log.info("stepped down; standing by again with a fresh orchestrator")
         log.info("stopping")
     finally:
-        await service.stop()
-        await orchestrator.stop()
+        await bus.close()
+
+
+async def _first(*waits: Coroutine[Any, Any, Any]) -> int:
+    """Wait until one of ``waits`` ends; its index (the others are cancelled)."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return next(i for i, task in enumerate(tasks) if task in done)
