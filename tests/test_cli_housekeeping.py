@@ -184,16 +184,17 @@ def make():
 
 
 @pytest.mark.rabbitmq
+@pytest.mark.parametrize("how", list(ENTRY_POINTS))
 async def test_agent_run_reload_restarts_the_agent_when_its_code_changes(
-    deployment: Deployment, tmp_path: Path
+    deployment: Deployment, tmp_path: Path, how: str
 ) -> None:
     # Given serve, and an agent from a module in a folder of its own, run with --reload
     await deployment.serve()
     module = tmp_path / "reloading_agent.py"
     module.write_text(AGENT_MODULE.format(agent_id="before_edit"))
     deployment.queue_keys.add("reloading")
-    process = await deployment.start(
-        "reloading", "agent", "run", "reloading_agent:make", "--reload",
+    process = await start_agent(
+        deployment, how, "reloading", "reloading_agent:make", "--reload",
         PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}",
     )  # fmt: skip
 
