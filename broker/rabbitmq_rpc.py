@@ -10,6 +10,7 @@ waiting, so that a server that starts later does not act on it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -39,7 +40,7 @@ def request_server(
     """What a server does with one request message: answer it to its ``reply_to``."""
 
     async def handle(message: AbstractIncomingMessage) -> None:
-        reply = await answer(handler, message.body)
+        reply = await answer(handler, message.body, message.message_id)
         if not message.reply_to:
             if reply.error is not None:  # nobody to tell: keep it for people to see
                 await dead(message.body, reply.error.message, source, None)
@@ -116,6 +117,9 @@ class RpcClient:
             correlation_id=correlation_id,
             timeout=timeout,
         )
+        # Its message_id is what a submit takes as its idempotency key by default:
+        # delivered again after a server died mid-way, it maps to the task it made.
+        envelope = dataclasses.replace(envelope, message_id=correlation_id)
         waiting = asyncio.get_running_loop().create_future()
         self._pending[correlation_id] = waiting
         try:

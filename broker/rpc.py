@@ -40,7 +40,10 @@ TaskState = Literal["pending", "assigned", "running", "completed", "failed", "ca
 class SubmitTaskRequest(WireMessage):
     """Submit a task: the arguments of ``TaskOrchestrator.submit_task``.
 
-    Replied with ``result`` = ``{"task_id": "..."}``.
+    Replied with ``result`` = ``{"task_id": "..."}``. While the task first
+    submitted with an ``idempotency_key`` is kept, a request repeating the key
+    is answered with that task's id and creates nothing; the key defaults to
+    the request's AMQP ``message_id``.
     """
 
     kind: Literal["request.submit"] = "request.submit"
@@ -60,6 +63,13 @@ class SubmitTaskRequest(WireMessage):
     estimated_duration: float = Field(default=300, description="seconds")
     timeout: float = Field(default=600, description="seconds one attempt may run")
     max_retries: int = 3
+    idempotency_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=255,
+        description="a repeat of the key returns the first task's id (with other parameters:"
+        " invalid_request); default: the request's AMQP message_id",
+    )
 
     @field_validator("priority", mode="before")
     @classmethod
@@ -374,13 +384,19 @@ def parse_reply(body: bytes) -> Reply:
 RequestHandler = Callable[[Request], Awaitable[Reply]]
 
 
-async def answer(handler: RequestHandler, body: bytes) -> Reply:
+async def answer(handler: RequestHandler, body: bytes, message_id: str | None = None) -> Reply:
     """The reply to one request body: the handler's, or an error reply, so that
-    neither a body that is not a request nor a failing handler stops a server."""
+    neither a body that is not a request nor a failing handler stops a server.
+
+    A submit without an ``idempotency_key`` takes the message's ``message_id``
+    as its key, so that the same message delivered again (its first handler
+    was killed before it acknowledged it) maps to the task it made."""
     try:
         request = parse_request(body)
     except InvalidMessage as exc:
         return Reply.failure("invalid_request", str(exc))
+    if isinstance(request, SubmitTaskRequest) and request.idempotency_key is None and message_id:
+        request = request.model_copy(update={"idempotency_key": message_id[:255]})
     try:
         return await handler(request)
     except Exception as exc:  # a handler bug must not stop the server

@@ -118,6 +118,14 @@ def submit(
         float, typer.Option(metavar="SECONDS", help="A short task ranks higher in its class.")
     ] = 300,
     max_retries: Annotated[int, typer.Option(metavar="N")] = 3,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option(
+            metavar="KEY",
+            help="Submitting again with this key gives the first task's id, and makes no new task.",
+            show_default=False,
+        ),
+    ] = None,
     wait: Annotated[
         bool, typer.Option("--wait", "-w", help="Follow the task to its end with a progress bar.")
     ] = False,
@@ -146,6 +154,7 @@ def submit(
             estimated_duration=estimated_duration,
             timeout=timeout,
             max_retries=max_retries,
+            idempotency_key=idempotency_key,
         )
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -171,6 +180,7 @@ _SUBMIT_OPTIONS = {
     "estimated_duration": "--estimated-duration",
     "timeout": "--timeout",
     "max_retries": "--max-retries",
+    "idempotency_key": "--idempotency-key",
 }
 """The option of ``submit`` that gives each field of ``SubmitTaskRequest``."""
 
