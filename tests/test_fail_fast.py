@@ -144,6 +144,53 @@ async def test_a_missing_ca_file_is_one_line_naming_its_path(tmp_path: Path) -> 
     assert result.error == f"error: --broker: cafile '{missing}' does not exist"
 
 
+TLS_FILES = [
+    ("--broker-ca-file", "ORCHESTRATOR_BROKER_CA_FILE", "CA file"),
+    ("--broker-cert-file", "ORCHESTRATOR_BROKER_CERT_FILE", "certificate file"),
+    ("--broker-key-file", "ORCHESTRATOR_BROKER_KEY_FILE", "key file"),
+]
+
+
+@pytest.mark.parametrize(("option", "variable", "what"), TLS_FILES)
+@pytest.mark.parametrize("given_by", ["option", "environment"])
+async def test_a_missing_tls_file_setting_is_one_line_naming_it_and_its_path(
+    tmp_path: Path, option: str, variable: str, what: str, given_by: str
+) -> None:
+    # Given a TLS file that is not there, or a folder, by option or in the environment
+    missing = tmp_path / "certs" / "x.pem"
+    for path, problem in [(missing, "does not exist"), (tmp_path, "is a folder, not a file")]:
+        env = base_env(ORCHESTRATOR_BROKER_URL="amqps://guest@127.0.0.1:1/")
+        args = ["agents"]
+        if given_by == "option":
+            args += [option, str(path)]
+        else:
+            env[variable] = str(path)
+
+        # When a command starts, then it names the setting and the path in one line, exit 1
+        result = await run_bounded(*args, env=env, timeout=10)
+        assert result.code == 1, result
+        setting = option if given_by == "option" else variable
+        assert result.error == f"error: {setting}: {what} '{path}' {problem}", result.error
+
+
+async def test_a_file_that_is_not_a_certificate_is_refused_before_connecting(
+    tmp_path: Path,
+) -> None:
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("not a certificate\n")
+    env = base_env(ORCHESTRATOR_BROKER_URL="amqps://guest@127.0.0.1:1/")
+    result = await run_bounded("stats", "--broker-ca-file", str(not_pem), env=env, timeout=10)
+    assert result.code == 1, result  # 3 would mean it tried the broker
+    assert result.error.startswith(
+        f"error: --broker-ca-file: '{not_pem}' holds no CA certificate we can read"
+    ), result.error
+    cert_only = await run_bounded("stats", "--broker-key-file", str(not_pem), env=env, timeout=10)
+    assert cert_only.code == 1, cert_only
+    assert cert_only.error == (
+        "error: --broker-key-file: a client key needs its certificate, broker_cert_file"
+    )
+
+
 def _with(url: str, *, path: str | None = None, password: str | None = None) -> str:
     parts = urlsplit(url)
     netloc = parts.netloc
@@ -229,7 +276,8 @@ async def test_a_store_serve_cannot_use_is_one_line_exit_1_before_connecting(
         (["--store", f"sqlite:{path}"], base_env(), "--store"),
         ([], base_env(ORCHESTRATOR_STORE=f"sqlite:{path}"), f"ORCHESTRATOR_STORE='sqlite:{path}'"),
     ]:
-        result = await run_bounded("serve", *args, "--broker", UNREACHABLE, env=env)
+        env["ORCHESTRATOR_BROKER_URL"] = UNREACHABLE  # (in --broker its password is warned about)
+        result = await run_bounded("serve", *args, env=env)
 
         # Then it names the setting and what is wrong in one line, exit 1: the broker
         # was never tried

@@ -228,7 +228,8 @@ def _out_of_ps(url: str | None) -> str | None:
     (a payload on stdin) or connects; then the process runs itself again
     (``os.execve``: the same process id) with the password in its environment.
     Not where the password is not on this process's command line (``main``
-    called from Python).
+    called from Python), and not for a password that is the user name
+    (RabbitMQ's ``guest:guest``): ``ps`` shows it whatever is done.
     """
     try:
         password = urlsplit(url).password if url else None
@@ -236,8 +237,8 @@ def _out_of_ps(url: str | None) -> str | None:
             check_broker_url(url)
     except ValueError:
         return url  # not a broker URL: the settings say so, naming --broker
-    if not url or not password:
-        return url
+    if not url or not password or password == urlsplit(url).username:
+        return url  # guest:guest: ps shows the user name, which says the password
     argv = _argv_without(url)
     log.warning(
         "--broker: a password in the URL on a command line can be read by every user of"
