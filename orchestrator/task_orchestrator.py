@@ -29,6 +29,7 @@ from . import listing
 from .dispatch import Dispatch, queue_key
 from .events import EventHandlers
 from .idempotency import IdempotentSubmits, check_key
+from .leadership import Leadership
 from .lifecycle import Lifecycle, waiting_for_dependencies
 from .models import AgentCapability, Task, TaskPriority, TaskStatus
 from .outcomes import Outcomes
@@ -113,18 +114,33 @@ class TaskOrchestrator:
         self._monitor: asyncio.Task[None] | None = None
         self._owns_bus = False
         self._started = False
+        self.leadership = Leadership(self.bus, self.store)
+        """One leader per prefix: a second orchestrator stands by (``leadership``)."""
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        """Connect the bus, reload stored state and start following events.
+        """Connect the bus; lead the prefix, or stand by while another orchestrator leads.
 
-        Raises ``ConnectionError`` when the bus cannot reach its broker.
+        Leading: reload stored state and start following events. Standing by
+        (``leadership.role``), the API raises ``NotLeader`` until the leader goes;
+        then this one takes over. Raises ``ConnectionError`` when the bus
+        cannot reach its broker.
         """
         if self._started:
             return
         if not self.bus.is_connected:
             await self.bus.connect()
             self._owns_bus = True
+        try:
+            await self.leadership.start(self._lead, self._step_down)
+        except BaseException:
+            if self._owns_bus:
+                await self.bus.close()
+            raise
+        self._started = True
+
+    async def _lead(self) -> None:
+        """Leading (lease and epoch held): reload the stored state, follow events."""
         await self.outcomes.settle_reloaded(await self._reload())
         # What the bus acknowledges must be in the store first.
         self._subscriptions = [
@@ -134,20 +150,26 @@ class TaskOrchestrator:
             ),
         ]
         self._monitor = asyncio.get_running_loop().create_task(self.watch.run())
-        self._started = True
         # Agents that outlived a previous orchestrator announce themselves again.
         await self.bus.publish_control(Reannounce())
 
+    async def _step_down(self) -> None:
+        """No longer leading: stop following events and watching (publishing ends with them)."""
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None and monitor is not asyncio.current_task():
+            monitor.cancel()
+            await asyncio.gather(monitor, return_exceptions=True)
+        subscriptions, self._subscriptions = self._subscriptions, []
+        for subscription in subscriptions:
+            await subscription.close()
+
     async def stop(self) -> None:
-        """Stop following events; close the bus if ``start`` opened it."""
+        """Stop following events (or standing by); close the bus if ``start`` opened it."""
         if not self._started:
             return
         self._started = False
-        if self._monitor is not None:
-            self._monitor.cancel()
-            await asyncio.gather(self._monitor, return_exceptions=True)
-        for subscription in self._subscriptions:
-            await subscription.close()
+        await self._step_down()
+        await self.leadership.stop()
         if self._owns_bus:
             await self.bus.close()
         await self.store.close()
@@ -190,6 +212,7 @@ class TaskOrchestrator:
     def _require_started(self) -> None:
         if not self._started:
             raise ConnectionError("the orchestrator is not started: call await start() first")
+        self.leadership.require_leader()
 
     # ------------------------------------------------------------------ agents
     async def register_agent(
@@ -317,6 +340,7 @@ class TaskOrchestrator:
         return True
 
     async def get_task_status(self, task_id: str) -> dict[str, Any] | None:
+        self.leadership.require_leader()
         task = self.records.get(task_id)
         if task is None:
             return None
@@ -342,6 +366,7 @@ class TaskOrchestrator:
 
         Raises ``ValueError`` for an unknown id and ``TimeoutError`` after ``timeout``.
         """
+        self.leadership.require_leader()
         task = self.records.get(task_id)
         if task is None:
             raise ValueError(f"task_id: unknown task {task_id!r}")
@@ -363,7 +388,8 @@ class TaskOrchestrator:
         return listing.list_tasks(self.records, status, task_type, agent_id, limit)
 
     async def get_stats(self) -> dict[str, Any]:
-        return self._stats.snapshot(self.registry)
+        """The seed's statistics, and (beyond it) ``role`` and who is ``leader``."""
+        return {**self._stats.snapshot(self.registry), **self.leadership.describe()}
 
     async def get_agents(self) -> list[AgentCapability]:
         """The registered agents (beyond the seed: for tools and tests)."""
