@@ -112,8 +112,12 @@ class JournalStore(StateStore):
         """The database, for messages (no password)."""
 
     @abc.abstractmethod
-    async def _connect(self) -> Loaded:
-        """Connect, bring the schema up to date, and read every record."""
+    async def _connect(self) -> None:
+        """Connect and bring the schema up to date."""
+
+    @abc.abstractmethod
+    async def _load(self) -> Loaded:
+        """Read every record (one consistent snapshot)."""
 
     @abc.abstractmethod
     async def _transaction(self, batch: Batch, fence: int | None) -> None:
@@ -143,25 +147,25 @@ class JournalStore(StateStore):
     # ------------------------------------------------------------- lifecycle
     async def open(self) -> None:
         """Connect, migrate, and read every record; idempotent."""
+        await self._open(None)
+
+    async def _open(self, holder: str | None) -> int | None:
+        """Open; claiming the epoch for ``holder`` first, if given, so that the
+        records read are the ones of this epoch (the epoch claimed; None if it
+        was open already)."""
         if self._opened:
-            return
+            return None
         if self._closed:
             raise RuntimeError(f"the store on {self.where} is closed")
         if self._opening is None:
             self._opening = asyncio.Lock()
         async with self._opening:
             if self._opened:
-                return
-            loaded = await self._connect()
+                return None
+            await self._connect()
             try:
-                for text in loaded.tasks:
-                    task = task_from_record(text)
-                    self._tasks[task.task_id] = task
-                for text in loaded.agents:
-                    agent = agent_from_record(text)
-                    self._agents[agent.agent_id] = agent
-                for key, text in loaded.meta:
-                    self._meta[key] = json.loads(text)
+                epoch = None if holder is None else await self._claim(holder)
+                self._take(await self._load())
             except BaseException:
                 await self._disconnect()
                 raise
@@ -176,6 +180,15 @@ class JournalStore(StateStore):
                 len(self._tasks),
                 len(self._agents),
             )
+            return epoch
+
+    def _take(self, loaded: Loaded) -> None:
+        """Hold the records ``loaded`` (decoded) as the store's memory."""
+        tasks = [task_from_record(text) for text in loaded.tasks]
+        agents = [agent_from_record(text) for text in loaded.agents]
+        self._tasks = {task.task_id: task for task in tasks}
+        self._agents = {agent.agent_id: agent for agent in agents}
+        self._meta = {key: json.loads(text) for key, text in loaded.meta}
 
     async def close(self) -> None:
         """Write what is pending (trying once, not waiting out an outage) and disconnect."""
@@ -221,8 +234,25 @@ class JournalStore(StateStore):
 
     # ---------------------------------------------------------------- fencing
     async def claim_epoch(self, holder: str) -> int:
-        await self.open()
-        epoch = await self._claim(holder)
+        """Claim the epoch, then read the records: a leader must not start from
+        records read before its claim (the last leader could still write then).
+        A store opened before its claim reads them again, unless it holds
+        changes of its own not yet flushed (those it keeps, and writes)."""
+        epoch = await self._open(holder)
+        if epoch is None:  # open already
+            assert self._flush_lock is not None
+            async with self._flush_lock:
+                if self._writing is not None:
+                    await asyncio.wait([self._writing])
+                epoch = await self._claim(holder)
+                if not self._dirty:
+                    self._take(await self._load())
+                else:
+                    log.warning(
+                        "state store %s: claimed with changes not yet written; its records"
+                        " are kept as they are, not read again",
+                        self.where,
+                    )
         self._epoch, self._fenced = epoch, None
         log.info("state store %s: %s leads under epoch %d", self.where, holder, epoch)
         return epoch

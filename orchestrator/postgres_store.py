@@ -141,7 +141,7 @@ class PostgresStore(JournalStore):
         return parts.netloc.rpartition("@")[2] or "the default host"
 
     # ------------------------------------------------------------- lifecycle
-    async def _connect(self) -> Loaded:
+    async def _connect(self) -> None:
         try:
             pool = await asyncpg.create_pool(
                 self.url,
@@ -165,19 +165,21 @@ class PostgresStore(JournalStore):
         try:
             async with pool.acquire() as con:
                 await self._migrate(con)
-                async with con.transaction(isolation="repeatable_read", readonly=True):
-                    loaded = Loaded(
-                        tasks=[r[0] for r in await con.fetch("SELECT record FROM tasks")],
-                        agents=[r[0] for r in await con.fetch("SELECT record FROM agents")],
-                        meta=[(r[0], r[1]) for r in await con.fetch("SELECT key, value FROM meta")],
-                    )
         except BaseException as exc:
             await _close_pool(pool)
             if isinstance(exc, asyncpg.PostgresError):  # a schema it may not create in...
                 raise RuntimeError(f"cannot prepare the tables: {exc}") from exc
             raise
         self._pool = pool
-        return loaded
+
+    async def _load(self) -> Loaded:
+        async with self._acquire() as con:
+            async with con.transaction(isolation="repeatable_read", readonly=True):
+                return Loaded(
+                    tasks=[r[0] for r in await con.fetch("SELECT record FROM tasks")],
+                    agents=[r[0] for r in await con.fetch("SELECT record FROM agents")],
+                    meta=[(r[0], r[1]) for r in await con.fetch("SELECT key, value FROM meta")],
+                )
 
     async def _migrate(self, con: asyncpg.Connection) -> None:
         async with con.transaction():

@@ -66,22 +66,31 @@ class SQLiteStore(JournalStore):
         return str(self.path)
 
     # ------------------------------------------------------------- lifecycle
-    async def _connect(self) -> Loaded:
+    async def _connect(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(self.path, isolation_level=None)
         try:
             await self._prepare(db)
-            loaded = Loaded()
-            async with db.execute("SELECT record FROM tasks") as cursor:
-                loaded.tasks = [text for (text,) in await cursor.fetchall()]
-            async with db.execute("SELECT record FROM agents") as cursor:
-                loaded.agents = [text for (text,) in await cursor.fetchall()]
-            async with db.execute("SELECT key, value FROM meta") as cursor:
-                loaded.meta = [(key, text) for key, text in await cursor.fetchall()]
         except BaseException:
             await db.close()
             raise
         self._db = db
+
+    async def _load(self) -> Loaded:
+        db = self._db
+        assert db is not None
+        loaded = Loaded()
+        async with self._db_lock:
+            await db.execute("BEGIN")  # one snapshot of the three tables
+            try:
+                async with db.execute("SELECT record FROM tasks") as cursor:
+                    loaded.tasks = [text for (text,) in await cursor.fetchall()]
+                async with db.execute("SELECT record FROM agents") as cursor:
+                    loaded.agents = [text for (text,) in await cursor.fetchall()]
+                async with db.execute("SELECT key, value FROM meta") as cursor:
+                    loaded.meta = [(key, text) for key, text in await cursor.fetchall()]
+            finally:
+                await db.execute("COMMIT")
         return loaded
 
     async def _version(self, db: aiosqlite.Connection) -> int:

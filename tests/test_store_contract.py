@@ -247,3 +247,28 @@ async def test_a_store_that_never_claimed_is_not_fenced(opener: Opener) -> None:
     await plain.flush()
     await plain.close()
     assert {t.task_id for t in await (await opener()).tasks()} == {"a", "b"}
+
+
+async def test_a_claim_reads_the_records_as_they_are_at_the_claim(opener: Opener) -> None:
+    if not opener.durable:  # type: ignore[attr-defined]
+        pytest.skip("a memory store is one object: no other process can claim it")
+    # Given a leader writing, and a standby's store that read the records early
+    leader = await opener()
+    await leader.claim_epoch("leader")
+    await leader.save_task(_task("early"))
+    await leader.flush()
+    standby = await opener()
+    assert [t.task_id for t in await standby.tasks()] == ["early"]
+
+    # When the leader writes more, then the standby claims
+    await leader.save_task(_task("late", status=TaskStatus.RUNNING))
+    await leader.save_meta("stats", {"created": 2})
+    await leader.flush()
+    await standby.claim_epoch("standby")
+
+    # Then the new leader holds the records as the claim found them, not as it read them
+    assert {t.task_id: t.status for t in await standby.tasks()} == {
+        "early": TaskStatus.PENDING,
+        "late": TaskStatus.RUNNING,
+    }
+    assert await standby.get_meta("stats") == {"created": 2}
