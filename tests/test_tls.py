@@ -11,8 +11,6 @@ deployment gives them.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import logging
 import ssl
@@ -21,116 +19,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+import yaml
 
 from broker import BusSettings, RabbitMQBus
 from broker.rabbitmq_link import BrokerRefused
+from deploy.tls.make_certs import CertificateAuthority, Issued
 from tests import brokers
 from tests.brokers import NodeConfig
-from tests.deployment import Deployment
+from tests.deployment import ROOT, Deployment
+
+TLS_DEPLOY = ROOT / "deploy" / "tls"
+
+
+def shipped_conf() -> dict[str, str]:
+    """deploy/tls/rabbitmq-tls.conf as keys and values."""
+    lines = (TLS_DEPLOY / "rabbitmq-tls.conf").read_text().splitlines()
+    pairs = [line.partition("=") for line in lines if line.strip() and not line.startswith("#")]
+    return {key.strip(): value.strip() for key, _, value in pairs}
+
 
 pytestmark = pytest.mark.rabbitmq
-
-# --- a CA and certificates ----------------------------------------------------------------------
-
-
-@dataclass
-class Issued:
-    cert: Path
-    key: Path
-
-
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _write(folder: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey,
-           password: bytes | None = None) -> Issued:  # fmt: skip
-    cert_path, key_path = folder / f"{name}.pem", folder / f"{name}-key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    encryption = (
-        serialization.BestAvailableEncryption(password)
-        if password
-        else serialization.NoEncryption()
-    )
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
-    )
-    key_path.chmod(0o600)
-    return Issued(cert_path, key_path)
-
-
-class TestCA:
-    """A certificate authority of the test's own."""
-
-    __test__ = False
-
-    def __init__(self, folder: Path, name: str) -> None:
-        self.folder = folder
-        self.key = _key()
-        self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.datetime.now(datetime.UTC)
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(self.name)
-            .issuer_name(self.name)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .sign(self.key, hashes.SHA256())
-        )
-        self.path = folder / f"{name}.pem"
-        self.path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
-
-    def issue(
-        self, name: str, *, server: bool, hosts: tuple[str, ...] = (), password: bytes | None = None
-    ) -> Issued:
-        key = _key()
-        now = datetime.datetime.now(datetime.UTC)
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(self.name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-        )
-        if hosts:
-            names: list[x509.GeneralName] = []
-            for host in hosts:
-                try:
-                    names.append(x509.IPAddress(ipaddress.ip_address(host)))
-                except ValueError:
-                    names.append(x509.DNSName(host))
-            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-        return _write(self.folder, name, builder.sign(self.key, hashes.SHA256()), key, password)
 
 
 @dataclass
@@ -139,8 +47,8 @@ class TlsBroker:
     port: int
     other_port: int
     """A TLS listener on 127.0.0.2, which the server certificate does not name."""
-    ca: TestCA
-    other_ca: TestCA
+    ca: CertificateAuthority
+    other_ca: CertificateAuthority
     client: Issued
     encrypted_client: Issued
     password_file: Path
@@ -173,25 +81,23 @@ class TlsBroker:
 @pytest.fixture(scope="module")
 def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
     folder = tmp_path_factory.mktemp("tls")
-    ca = TestCA(folder, "test-ca")
-    other_ca = TestCA(folder, "other-ca")
+    ca = CertificateAuthority(folder, "test-ca")
+    other_ca = CertificateAuthority(folder, "other-ca")  # signed nothing of the broker's
     server = ca.issue("rabbit", server=True, hosts=("127.0.0.1", "localhost"))
     client = ca.issue("client", server=False)
     encrypted = ca.issue("client-encrypted", server=False, password=b"key-s3cret")
     password_file = folder / "broker-password"
     password_file.write_text("guest\n")
     port, other_port = brokers.free_port(), brokers.free_port()
-    config = NodeConfig(
-        conf={
-            "listeners.ssl.default": f"127.0.0.1:{port}",
-            "listeners.ssl.other": f"127.0.0.2:{other_port}",
-            "ssl_options.cacertfile": str(ca.path),
-            "ssl_options.certfile": str(server.cert),
-            "ssl_options.keyfile": str(server.key),
-            "ssl_options.verify": "verify_peer",
-            "ssl_options.fail_if_no_peer_cert": "true",
-        }
-    )
+    # The listener deploy/ ships, with this test's files and ports
+    ours = {
+        "listeners.ssl.default": f"127.0.0.1:{port}",
+        "/etc/rabbitmq/tls/ca.pem": str(ca.path),
+        "/etc/rabbitmq/tls/server.pem": str(server.cert),
+        "/etc/rabbitmq/tls/server-key.pem": str(server.key),
+    }
+    conf = {key: ours.get(key, ours.get(value, value)) for key, value in shipped_conf().items()}
+    config = NodeConfig(conf={**conf, "listeners.ssl.other": f"127.0.0.2:{other_port}"})
     try:
         node = brokers.new_node(config, label="tls")
     except brokers.Unavailable as exc:
@@ -434,3 +340,39 @@ async def test_the_url_s_no_verify_ssl_is_warned_about_too(tls_broker: TlsBroker
         logging.getLogger("broker.tls").removeHandler(handler)
     assert [r.levelname for r in records] == ["WARNING"]
     assert "(no_verify_ssl)" in records[0].getMessage()
+
+
+# --- deploy/tls -------------------------------------------------------------------------------
+
+
+def test_deploy_shows_the_tls_listener_and_points_every_process_at_it() -> None:
+    # The listener asks for client certificates (the fixture above boots it)
+    conf = shipped_conf()
+    assert conf["listeners.ssl.default"] == "5671"
+    assert conf["ssl_options.verify"] == "verify_peer"
+    assert conf["ssl_options.fail_if_no_peer_cert"] == "true"
+    # And the compose override gives every process of deploy/docker-compose.yml amqps://
+    # and the TLS files, on services that exist there
+    base = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())["services"]
+    tls = yaml.safe_load((TLS_DEPLOY / "docker-compose.tls.yml").read_text())["services"]
+    assert set(tls) <= set(base), set(tls) - set(base)
+    processes = {name for name, s in base.items() if "ORCHESTRATOR_BROKER_URL" in str(s)}
+    assert processes and processes <= set(tls), processes - set(tls)
+    for name in processes:
+        env = tls[name]["environment"]
+        assert env["ORCHESTRATOR_BROKER_URL"].startswith("amqps://"), name
+        assert env["ORCHESTRATOR_BROKER_URL"].endswith("@rabbitmq:5671/"), name
+        assert env["ORCHESTRATOR_BROKER_CA_FILE"] == "/tls/ca.pem", name
+        assert {"ORCHESTRATOR_BROKER_CERT_FILE", "ORCHESTRATOR_BROKER_KEY_FILE"} <= set(env)
+
+
+def test_make_certs_writes_what_the_listener_and_the_processes_read(tmp_path: Path) -> None:
+    from deploy.tls.make_certs import main
+
+    assert main([str(tmp_path / "certs")]) == 0
+    written = {p.name for p in (tmp_path / "certs").iterdir()}
+    assert written == {"ca.pem", "server.pem", "server-key.pem", "client.pem", "client-key.pem"}
+    context = ssl.create_default_context(cafile=str(tmp_path / "certs" / "ca.pem"))
+    context.load_cert_chain(
+        tmp_path / "certs" / "client.pem", tmp_path / "certs" / "client-key.pem"
+    )
