@@ -324,6 +324,7 @@ KILL_AFTER = 150
 
 
 @pytest.mark.fault
+@pytest.mark.hostile
 @pytest.mark.rabbitmq
 async def test_a_serve_killed_during_400_submits_makes_no_second_task(
     broker_url: str, prefix: str, tmp_path: Path

@@ -99,6 +99,7 @@ def test_a_record_with_hostile_text_is_one_line_and_its_traceback_indented() -> 
     assert f"evil\\x1b[2J\\n{FORGED}" in lines[1]
 
 
+@pytest.mark.hostile
 @pytest.mark.rabbitmq
 async def test_serve_logs_a_hostile_submit_without_a_forged_line(prefix: str) -> None:
     # Given `orchestrator serve`, logging at info
@@ -185,6 +186,7 @@ async def hostile_answer(request: Any) -> Reply:
     return Reply.success([])  # queues
 
 
+@pytest.mark.hostile
 @pytest.mark.rabbitmq
 async def test_tables_escape_hostile_fields_and_json_keeps_them_exact(prefix: str) -> None:
     # Given a service on the prefix whose answers hold hostile names, errors, results
@@ -225,6 +227,7 @@ async def test_tables_escape_hostile_fields_and_json_keeps_them_exact(prefix: st
     assert json.loads(as_json["tasks"].out) == [SUMMARY]
 
 
+@pytest.mark.hostile
 @pytest.mark.rabbitmq
 async def test_watch_escapes_hostile_events_and_agents(prefix: str) -> None:
     # Given a service on the prefix with a hostile agent, and events of it
