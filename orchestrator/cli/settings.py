@@ -4,18 +4,7 @@ The options every command shares are declared once here, so that each command
 names, explains and defaults them alike: ``--broker`` and ``--prefix`` in each
 command's signature, and the TLS and password options of every command that
 takes ``--broker``, added by ``connection_options`` where the commands are
-registered.
-
-A password in ``--broker``'s URL is readable by every user of the machine in
-``ps``. It is warned about, and the process runs itself again at once (the same
-process id, ``os.execve``) with the password moved into its environment (which
-only the same user and root can read) and out of its command line, before
-anything connects; there ``read_settings`` puts it back into the URL, so the
-command goes on as it was given. Python cannot rewrite its
-visible command line in place (that takes a C extension such as
-``setproctitle``), and refusing the password would break every command line
-that works today; the warning names the settings that keep it off the command
-line from the start.
+registered. A password in ``--broker`` is kept out of ``ps`` by ``redaction``.
 """
 
 from __future__ import annotations
@@ -24,13 +13,12 @@ import functools
 import inspect
 import logging
 import os
-import sys
 import typing
 from collections.abc import Callable
 from contextvars import ContextVar
 from enum import StrEnum
 from typing import Annotated, Any
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import typer
 from pydantic import Field, ValidationError
@@ -38,11 +26,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker import DEFAULT_REQUEST_TIMEOUT, BusSettings, default_broker_url
 from broker.rabbitmq_link import broker_password
-from broker.settings import check_broker_url
 from broker.tls import client_context
 
 from .errors import CliError
-from .redaction import remember_password, remember_secret
+from .redaction import out_of_ps, remember_password, remember_secret, restore_password
 
 log = logging.getLogger("orchestrator.cli")
 
@@ -71,11 +58,8 @@ def read_settings(broker: str | None, prefix: str | None) -> tuple[BusSettings, 
     """
     given = _given.get() or {}
     overrides: dict[str, Any] = {}
-    moved = os.environ.pop(MOVED_PASSWORD, None)  # children must not inherit it
-    if broker is not None and moved:
-        broker = _with_password(broker, moved)
-    if broker is not None:
-        overrides["broker_url"] = broker
+    if broker is not None:  # with its password, if it was moved out of the command line
+        overrides["broker_url"] = restore_password(broker)
     if prefix is not None:
         overrides["prefix"] = prefix
     for field in CONNECTION_OPTIONS:
@@ -125,9 +109,6 @@ CONNECTION_OPTIONS: dict[str, tuple[str, ...]] = {
 """The option that gives each of these ``BusSettings`` fields on every command that connects."""
 
 SECRET_AND_TLS_FIELDS = (*CONNECTION_OPTIONS, "broker_password", "broker_key_password")
-
-MOVED_PASSWORD = "ORCHESTRATOR_BROKER_URL_PASSWORD"
-"""Where the password of ``--broker``'s URL waits while the process runs itself again."""
 
 
 def _file_option(option: str, variable: str, what: str) -> Any:
@@ -218,71 +199,6 @@ def connection_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return with_connection_options
 
 
-# --- a password on the command line ------------------------------------------------------
-
-
-def _out_of_ps(url: str | None) -> str | None:
-    """``--broker``'s check: warn about a password in it, and move it out of ``ps``.
-
-    Runs while the command line is parsed, before the command reads anything
-    (a payload on stdin) or connects; then the process runs itself again
-    (``os.execve``: the same process id) with the password in its environment.
-    Not where the password is not on this process's command line (``main``
-    called from Python), and not for a password that is the user name
-    (RabbitMQ's ``guest:guest``): ``ps`` shows it whatever is done.
-    """
-    try:
-        password = urlsplit(url).password if url else None
-        if url and password:
-            check_broker_url(url)
-    except ValueError:
-        return url  # not a broker URL: the settings say so, naming --broker
-    if not url or not password or password == urlsplit(url).username:
-        return url  # guest:guest: ps shows the user name, which says the password
-    argv = _argv_without(url)
-    log.warning(
-        "--broker: a password in the URL on a command line can be read by every user of"
-        " this machine (ps); give the URL without it and the password in"
-        " ORCHESTRATOR_BROKER_PASSWORD_FILE (or --broker-password-file) or"
-        " ORCHESTRATOR_BROKER_PASSWORD%s",
-        " (moved out of it now: this process runs again without it on its command line)"
-        if argv is not None
-        else "",
-    )
-    if argv is None:
-        return url
-    for handler in logging.getLogger().handlers:
-        handler.flush()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, argv, {**os.environ, MOVED_PASSWORD: unquote(password)})
-    raise AssertionError("unreachable: execve returns only by raising")
-
-
-def _with_password(url: str, password: str) -> str:
-    """``url`` with ``password`` (the URL given to ``--broker``, as it was)."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is not None or not parts.netloc:
-            return url
-    except ValueError:
-        return url
-    user, _, host = parts.netloc.rpartition("@")
-    netloc = f"{user or 'guest'}:{quote(password, safe='')}@{host}"
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def _argv_without(url: str) -> list[str] | None:
-    """This process's command line with ``url``'s password left out (None: it is not on it)."""
-    parts = urlsplit(url)
-    user_and_host = f"{parts.netloc.rpartition('@')[0].partition(':')[0]}@"
-    bare = urlunsplit(parts._replace(netloc=user_and_host + parts.netloc.rpartition("@")[2]))
-    argv = [arg.replace(url, bare) for arg in sys.orig_argv]
-    if argv == list(sys.orig_argv) or not argv:
-        return None
-    return argv
-
-
 # --- options shared by commands -------------------------------------------------------
 
 Broker = Annotated[
@@ -294,7 +210,7 @@ Broker = Annotated[
         help="amqp:// or amqps:// URL of RabbitMQ, best without its password (see"
         " --broker-password-file). Env: ORCHESTRATOR_BROKER_URL; default: the local broker.",
         show_default=False,
-        callback=_out_of_ps,
+        callback=out_of_ps,
     ),
 ]
 Prefix = Annotated[
