@@ -20,6 +20,7 @@ A stopped async handler's task is cancelled. A stopped sync handler's
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ctypes
 import inspect
 import json
@@ -204,7 +205,8 @@ class Runners:
             future.add_done_callback(self._async.discard)  # type: ignore[arg-type]
         else:
             call = _SyncCall(handler.fn, ctx, raise_in_thread=handler.interrupt)
-            future = loop.run_in_executor(self._executor, call)
+            # The thread runs in a copy of our context: its records name the task too.
+            future = loop.run_in_executor(self._executor, contextvars.copy_context().run, call)
         future.add_done_callback(_retrieve)
         return HandlerRun(future, ctx, call)
 

@@ -11,11 +11,15 @@ agent's ``agent_id`` so that several agents' series can be summed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from broker import CommunicationBus
+from broker.probes import ProbeServer
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -53,3 +57,24 @@ class AgentMetrics:
         )
         use.add_metric([agent.agent_id], counters.running / max(1, agent.max_concurrent_tasks))
         yield use
+
+
+@contextlib.asynccontextmanager
+async def serving_metrics(
+    agent: Agent, bus: CommunicationBus, port: int | None, host: str = "0.0.0.0"
+) -> AsyncIterator[ProbeServer | None]:
+    """``/metrics``, ``/healthz`` and ``/readyz`` (ready while its link is up) on ``port``;
+    nothing when ``port`` is None. All interfaces: a probe comes from outside the pod."""
+    if port is None:
+        yield None
+        return
+
+    def ready() -> tuple[bool, str]:
+        if bus.is_connected:
+            return True, f"agent {agent.agent_id}: connected"
+        return False, f"agent {agent.agent_id}: not connected to the broker"
+
+    async with ProbeServer(
+        AgentMetrics(agent).registry, ready=ready, host=host, port=port
+    ) as probe:
+        yield probe

@@ -29,8 +29,10 @@ from pydantic import SecretStr, ValidationError
 
 from broker import AGENT_ID_PATTERN, BusSettings, RabbitMQBus
 from broker.errors import BusError
+from broker.log_records import ContextFilter, JsonFormatter
 
 from .agent import Agent
+from .metrics import serving_metrics
 
 log = logging.getLogger(__name__)
 
@@ -137,11 +139,29 @@ def parser() -> argparse.ArgumentParser:
         default="info",
         choices=("debug", "info", "warning", "error"),
     )
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=("text", "json"),
+        help="json: one object per line (time, level, logger, task_id, agent_id, message)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve /metrics, /healthz and /readyz on this port (all interfaces)",
+    )
     return p
 
 
 def child_arguments(
-    agent_id: str | None, concurrency: int | None, log_level: str, settings: BusSettings
+    agent_id: str | None,
+    concurrency: int | None,
+    log_level: str,
+    settings: BusSettings,
+    *,
+    log_format: str = "text",
+    metrics_port: int | None = None,
 ) -> list[str]:
     """The flags a ``--reload`` child is started with (all but ``--reload``).
 
@@ -150,8 +170,9 @@ def child_arguments(
     as ``ORCHESTRATOR_*``: not on its command line, where ``ps`` would show
     a password."""
     os.environ.update(settings_environment(settings))
-    args = ["--log-level", log_level]
-    for flag, value in (("--id", agent_id), ("--concurrency", concurrency)):
+    args = ["--log-level", log_level, "--log-format", log_format]
+    options = (("--id", agent_id), ("--concurrency", concurrency), ("--metrics-port", metrics_port))
+    for flag, value in options:
         if value is not None:
             args += [flag, str(value)]
     return args
@@ -175,18 +196,23 @@ def settings_environment(settings: BusSettings) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)  # a usage error exits 2 here
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    setup_agent_logging(args.log_level, args.log_format)
     sys.path.insert(0, os.getcwd())  # modules beside the user, as `python -m` would
     try:
         overrides = {k: v for k, v in (("broker_url", args.broker), ("prefix", args.prefix)) if v}
         settings = BusSettings(**overrides)
         if args.reload:
-            child = child_arguments(args.agent_id, args.concurrency, args.log_level, settings)
+            child = child_arguments(
+                args.agent_id,
+                args.concurrency,
+                args.log_level,
+                settings,
+                log_format=args.log_format,
+                metrics_port=args.metrics_port,
+            )
             return run_with_reload(args.agent, child)
         agent = configure(_load(args.agent), agent_id=args.agent_id, concurrency=args.concurrency)
-        asyncio.run(_serve(agent, settings))
+        asyncio.run(_serve(agent, settings, args.metrics_port))
     except KeyboardInterrupt:
         return EXIT_OK
     except ValidationError as exc:  # a bad --broker, --prefix or ORCHESTRATOR_* value
@@ -214,7 +240,20 @@ def _load(spec: str) -> Agent:
         raise ValueError(f"agent: {spec} failed: {type(exc).__name__}: {exc}") from None
 
 
-async def _serve(agent: Agent, settings: BusSettings) -> None:
+def setup_agent_logging(level: str, log_format: str) -> None:
+    """Logs on stderr, as text or one JSON object per line; each record names its task."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    handler.addFilter(ContextFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+async def _serve(agent: Agent, settings: BusSettings, metrics_port: int | None = None) -> None:
     """Serve until a graceful stop; a signal while connecting ends it at once."""
     task = asyncio.current_task()
     assert task is not None
@@ -226,7 +265,8 @@ async def _serve(agent: Agent, settings: BusSettings) -> None:
     try:
         with _transport_quiet():  # the bus says in one error why it cannot connect
             await bus.connect()
-        await agent.serve(bus)
+        async with serving_metrics(agent, bus, metrics_port):
+            await agent.serve(bus)
     except asyncio.CancelledError:
         return
     finally:

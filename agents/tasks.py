@@ -38,6 +38,7 @@ from broker import (
     TaskStarted,
     parse_task,
 )
+from broker.log_records import about
 
 from .attempts import MAX_REDELIVERIES, Attempt, Attempts, StopReason
 from .context import TaskContext
@@ -253,6 +254,11 @@ class Tasks:
                 attempt.decided.set_result(outcome)
 
     async def _run_and_report(self, attempt: Attempt, settlement: Settlement) -> Outcome:
+        # What is logged from here on (the handler's own records too) names the task.
+        with about(task_id=attempt.message.task_id, agent_id=self._agent.agent_id):
+            return await self._run_and_report_in_context(attempt, settlement)
+
+    async def _run_and_report_in_context(self, attempt: Attempt, settlement: Settlement) -> Outcome:
         assert self.bus is not None
         job = attempt.job = asyncio.get_running_loop().create_task(self._run(settlement))
         try:

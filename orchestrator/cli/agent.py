@@ -17,7 +17,7 @@ from broker import BusSettings, RabbitMQBus
 
 from .connection import run
 from .errors import CliError
-from .logs import log_filter, setup_logging
+from .logs import LogFormat, LogFormatOption, log_filter, setup_logging
 from .redaction import remember_secret
 from .settings import Broker, LogLevel, LogLevelName, Prefix, read_settings
 
@@ -58,9 +58,18 @@ def agent_run(
     broker: Broker = None,
     prefix: Prefix = None,
     log_level: LogLevel = LogLevelName.info,
+    log_format: LogFormatOption = LogFormat.text,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            metavar="PORT",
+            help="Serve /metrics, /healthz and /readyz on this port (all interfaces).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run an agent until SIGTERM or Ctrl-C; running tasks finish first."""
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     settings, _ = read_settings(broker, prefix)
     if concurrency is not None and concurrency < 1:
         raise CliError(f"--concurrency: must be at least 1, got {concurrency}")
@@ -70,7 +79,14 @@ def agent_run(
 
     sys.path.insert(0, os.getcwd())  # modules beside the user, as `python -m` would
     if reload:
-        child = child_arguments(agent_id, concurrency, log_level.value, settings)
+        child = child_arguments(
+            agent_id,
+            concurrency,
+            log_level.value,
+            settings,
+            log_format=log_format.value,
+            metrics_port=metrics_port,
+        )
         try:
             run_with_reload(spec, child)
         except ImportError as exc:
@@ -88,15 +104,18 @@ def agent_run(
         raise CliError(f"agent: {spec} failed: {type(exc).__name__}: {exc}") from None
     configure(agent, agent_id=agent_id, concurrency=concurrency)
     # A signal while it connects ends it at once; then the agent's own graceful stop.
-    run(_run_agent(agent, settings), ends_by_signal=True)
+    run(_run_agent(agent, settings, metrics_port), ends_by_signal=True)
 
 
-async def _run_agent(agent: Any, settings: BusSettings) -> None:
+async def _run_agent(agent: Any, settings: BusSettings, metrics_port: int | None) -> None:
+    from agents.metrics import serving_metrics
+
     bus = RabbitMQBus(settings=settings, connection_name=f"agent:{agent.agent_id}")
     await bus.connect()
     log_filter.transport_quiet = False
     try:
-        await agent.serve(bus)
+        async with serving_metrics(agent, bus, metrics_port):
+            await agent.serve(bus)
     finally:
         await bus.close()
 

@@ -14,7 +14,12 @@ from __future__ import annotations
 
 import logging
 import sys
-from enum import Enum
+from enum import Enum, StrEnum
+from typing import Annotated
+
+import typer
+
+from broker.log_records import ContextFilter, JsonFormatter
 
 from . import redaction
 from .escaping import escape_line, escape_lines
@@ -85,11 +90,30 @@ log_filter = LogFilter()
 """One filter for the process: a command that has connected lets transport logs through."""
 
 
-def setup_logging(level: str | Enum) -> None:
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
+LogFormatOption = Annotated[
+    LogFormat,
+    typer.Option(
+        "--log-format",
+        help="text, or json: one object per line (time, level, logger, task_id, agent_id, message).",
+    ),
+]
+
+
+def setup_logging(level: str | Enum, log_format: str | Enum = LogFormat.text) -> None:
     level = level.value if isinstance(level, Enum) else level
+    log_format = log_format.value if isinstance(log_format, Enum) else log_format
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if log_format == LogFormat.json.value:
+        handler.setFormatter(JsonFormatter())  # JSON escapes every control character itself
+    else:
+        handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(log_filter)
+    handler.addFilter(ContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
