@@ -171,6 +171,12 @@ class Lease(abc.ABC):
     async def acquire(self) -> bool:
         """Try once to take it; True if it is held now, False if another holds it."""
 
+    async def confirm(self) -> bool:
+        """Whether it is still held, asked of the broker where it can be (a
+        round trip): after a pause, the broker may have taken it back before
+        this process has read that news."""
+        return self.held
+
     @abc.abstractmethod
     async def wait_lost(self) -> None:
         """Return once a held lease is gone (its connection ended, or ``release``)."""

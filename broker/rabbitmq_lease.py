@@ -106,6 +106,23 @@ class RabbitLease(Lease):
         self._connection = connection
         return connection
 
+    async def confirm(self) -> bool:
+        """A passive declare of the lease on its own channel: it fails if the
+        broker has dropped the connection (and with it the lease)."""
+        channel = self._channel
+        if not self.held or channel is None:
+            return False
+        try:
+            await asyncio.wait_for(
+                channel.declare_queue(self._queue.name, passive=True), self._timeout
+            )
+        except Exception as exc:  # the link is gone, or the queue with it
+            log.warning("the lease %s is not confirmed: %s", self._queue.name, exc)
+            await self._drop()
+            self._on_close()
+            return False
+        return True
+
     def _on_close(self, *_: Any) -> None:
         if self._held and not self._lost.is_set():
             log.warning("lost the lease %s: its connection closed", self._queue.name)
@@ -123,7 +140,11 @@ class RabbitLease(Lease):
         await self._drop()
 
     async def _drop(self) -> None:
-        connection, self._connection, self._channel = self._connection, None, None
-        if connection is not None and not connection.is_closed:
-            with contextlib.suppress(Exception):
-                await connection.close()
+        connection, self._connection = self._connection, None
+        channel, self._channel = self._channel, None
+        # The channel first: aio-pika finishes its close callbacks then, rather than
+        # leaving them pending in the loop after the connection is gone.
+        for closable in (channel, connection):
+            if closable is not None and not closable.is_closed:
+                with contextlib.suppress(Exception):
+                    await closable.close()

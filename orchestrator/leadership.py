@@ -141,6 +141,17 @@ class Leadership:
             why = ": it stepped down" if self.stepped_down.is_set() else ""
             raise NotLeader(self.holder, self.leader, why)
 
+    async def confirm(self) -> bool:
+        """Whether this orchestrator still leads, with the lease confirmed by the
+        broker: what a leader asks before it judges anyone by their silence (after
+        a pause, it may have lost the lease without having heard yet)."""
+        if self.role is not Role.LEADER:
+            return False
+        if self._lease is None or await self._lease.confirm():
+            return True
+        await self._step_down("the broker no longer holds its lease")
+        return False
+
     async def wait_leading(self) -> None:
         await self._leading.wait()
 

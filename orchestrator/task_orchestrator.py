@@ -149,9 +149,19 @@ class TaskOrchestrator:
                 self.events.on_dead_letter, before_ack=self.store.flush
             ),
         ]
-        self._monitor = asyncio.get_running_loop().create_task(self.watch.run())
+        self._monitor = asyncio.get_running_loop().create_task(self._watch_while_leading())
         # Agents that outlived a previous orchestrator announce themselves again.
         await self.bus.publish_control(Reannounce())
+
+    async def _watch_while_leading(self) -> None:
+        """The watch's rounds (``Watch.run``), each once the lease is confirmed ours:
+        a leader that was paused must not judge the silence of agents and tasks
+        that a newer leader follows now (it would tell them to stop)."""
+        while True:
+            await asyncio.sleep(self.settings.monitor_interval)
+            if not await self.leadership.confirm():
+                return
+            await self.watch.round()
 
     async def _step_down(self) -> None:
         """No longer leading: stop following events and watching (publishing ends with them)."""

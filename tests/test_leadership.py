@@ -55,6 +55,33 @@ def orchestrator_on(bus: Any, path: Path) -> TaskOrchestrator:
 # --------------------------------------------------------------------- in one process
 
 
+async def test_the_lease_is_held_by_one_bus_at_a_time_and_freed_by_its_holder(
+    harness: Harness,
+) -> None:
+    # Given two buses (two connections) on one prefix
+    first, second = harness.new_bus(), harness.new_bus()
+    for bus in (first, second):
+        if not bus.is_connected:
+            await bus.connect()
+    mine, theirs = first.lease("first"), second.lease("second")
+
+    # When the first takes the lease, then the second is refused while it holds it
+    assert await mine.acquire()
+    assert await mine.confirm()
+    assert not await theirs.acquire()
+    assert not theirs.held and not await theirs.confirm()
+
+    # When the first gives it up, then it knows, and the second takes it
+    await mine.release()
+    await asyncio.wait_for(mine.wait_lost(), 5)
+    assert not mine.held
+    assert await theirs.acquire()
+    assert await theirs.confirm()
+    assert not await mine.acquire()
+    for lease in (mine, theirs):
+        await lease.release()
+
+
 async def test_a_second_orchestrator_stands_by_never_breaks_the_first_and_takes_over(
     harness: Harness, tmp_path: Path
 ) -> None:
