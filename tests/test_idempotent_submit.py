@@ -20,6 +20,7 @@ import pytest
 
 from broker import MessageTooLarge, RabbitMQBus, StatsRequest, SubmitTaskRequest, parse_reply
 from orchestrator import OrchestratorService, TaskOrchestrator
+from orchestrator.postgres_store import PostgresStore
 from orchestrator.sqlite_store import SQLiteStore
 from tests.conftest import require_broker
 from tests.deployment import Deployment
@@ -173,17 +174,30 @@ async def test_a_key_is_kept_as_long_as_its_task(harness: Harness) -> None:
     assert await orchestrator.get_task_status(second) is not None
 
 
-async def test_a_key_outlives_a_restart_on_a_sqlite_store(harness: Harness, tmp_path: Path) -> None:
-    # Given a task submitted with a key to an orchestrator on a SQLite store, which stops
-    path = tmp_path / "state.sqlite"
+@pytest.mark.parametrize("store_kind", ["sqlite", "postgres"])
+async def test_a_key_outlives_a_restart_on_a_durable_store(
+    harness: Harness, tmp_path: Path, store_kind: str, request: pytest.FixtureRequest
+) -> None:
+    # Given a task submitted with a key to an orchestrator on a durable store, which stops
+    if store_kind == "sqlite":
+        path = tmp_path / "state.sqlite"
+
+        def open_store() -> Any:
+            return SQLiteStore(path)
+    else:
+        url = request.getfixturevalue("postgres_url")
+
+        def open_store() -> Any:
+            return PostgresStore(url)
+
     bus = await harness.connected_bus()
-    first_run = TaskOrchestrator(bus, settings=FAST, store=SQLiteStore(path))
+    first_run = TaskOrchestrator(bus, settings=FAST, store=open_store())
     await first_run.start()
     first = await first_run.submit_task(**TASK, idempotency_key="survives")
     await first_run.stop()
 
     # When a new orchestrator starts on that store and the submit comes again
-    second_run = TaskOrchestrator(bus, settings=FAST, store=SQLiteStore(path))
+    second_run = TaskOrchestrator(bus, settings=FAST, store=open_store())
     harness.orchestrator = second_run
     await second_run.start()
     again = await second_run.submit_task(**TASK, idempotency_key="survives")
