@@ -148,6 +148,8 @@ class EventHandlers:
             )
         if bound is None:
             if isinstance(event, AgentAnnounced):
+                if not self.registry.may_bind(user):
+                    return "too_many_agents", f"announcement of agent {agent_id} by user {user!r}"
                 await self.registry.bind(agent_id, user)
             elif known:
                 # Registered by API (or stored before identities were): it is

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterable
 
 from broker import (
@@ -48,6 +49,9 @@ AGENT_USERS = "registry.agent_users"
 """Store meta key: the broker user each agent id is bound to."""
 AGENT_USERS_KEEP = 10_000
 """Bindings kept of agent ids not registered now (oldest dropped first)."""
+MAX_AGENTS_PER_USER = 5000
+"""Agent ids one broker user may have bound: a stranger's flood of valid
+announcements of new ids registers no more than this."""
 MAX_TASK_TYPES = 1000
 """Task types an announcement may name."""
 
@@ -116,6 +120,8 @@ class AgentRegistry:
         """Answers to heartbeats of unknown ids: never one per message of a flood."""
         self._users: dict[str, str] = {}
         """The broker user each agent id is bound to (oldest first)."""
+        self._per_user: Counter[str] = Counter()
+        """How many agent ids each user has bound."""
         self._cancelled_in_queue: dict[str, None] = {}
         """Cancelled while their message waited in a queue: agents must skip them.
         New agents are told before they consume; an agent's skip report clears one."""
@@ -135,6 +141,7 @@ class AgentRegistry:
         window (nobody could be heard while no orchestrator ran) and its load
         recounted from the tasks it runs."""
         self._users = dict(await self.store.get_meta(AGENT_USERS) or {})
+        self._per_user = Counter(self._users.values())
         now = self.clock()
         for agent in await self.store.agents():
             if agent.last_seen is not None:
@@ -306,20 +313,27 @@ class AgentRegistry:
         """The broker user ``agent_id`` is bound to; None if it is bound to none yet."""
         return self._users.get(agent_id)
 
+    def may_bind(self, user: str) -> bool:
+        """Whether ``user`` may have one more agent id (``MAX_AGENTS_PER_USER``)."""
+        return self._per_user[user] < MAX_AGENTS_PER_USER
+
     async def bind(self, agent_id: str, user: str) -> None:
         """Bind an unbound agent id to ``user`` (that of its first announcement)."""
         if agent_id in self._users:
             return
         self._users[agent_id] = user
+        self._per_user[user] += 1
         if len(self._users) > AGENT_USERS_KEEP + len(self._agents):
             for old in [a for a in self._users if a not in self._agents][: len(self._users) // 10]:
-                del self._users[old]
+                self._per_user[self._users.pop(old)] -= 1
         log.info("agent id %s is bound to broker user %r", agent_id, user)
         await self.store.save_meta(AGENT_USERS, self._users)
 
     async def unbind(self, agent_id: str) -> None:
         """Free ``agent_id`` for another user (an operator unregistered it)."""
-        if self._users.pop(agent_id, None) is not None:
+        user = self._users.pop(agent_id, None)
+        if user is not None:
+            self._per_user[user] -= 1
             await self.store.save_meta(AGENT_USERS, self._users)
 
     async def ask_to_announce(self, agent_id: str) -> None:

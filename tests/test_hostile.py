@@ -429,7 +429,7 @@ async def test_a_reannounce_with_an_extra_capability_widens_nothing(scene: Scene
 # --------------------------------------------------------------- floods
 
 
-FLOOD = int(os.environ.get("HOSTILE_FLOOD", "20000"))
+FLOOD = int(os.environ.get("HOSTILE_FLOOD", "10000"))
 """Heartbeats in the flood (HOSTILE_FLOOD=100000 for the figure the README quotes)."""
 FLOOD_IDS = 100
 
@@ -524,6 +524,49 @@ async def test_a_heartbeat_flood_removes_no_agent_and_delays_no_result(scene: Sc
     await _agents_untouched(scene)
 
 
+async def test_a_backlog_of_bogus_events_drains_in_seconds(prefix: str) -> None:
+    """The worst case of a flood: it is all in the orchestrator's queue (published
+    while the orchestrator was down, or faster than it reads), a real agent's
+    announcement behind it."""
+    url = require_broker()
+    settings = BusSettings(broker_url=url, prefix=prefix, amqp_heartbeat=5, connect_attempts=1)
+    harness = Harness("rabbitmq", settings)
+    try:
+        # Given FLOOD bogus heartbeats of unknown ids (half without a user_id, half
+        # under the publisher's own), then a real agent's announcement, waiting in
+        # the orchestrator's queue
+        bus = await harness.connected_bus()
+        user = bus.user or "guest"
+        flooder = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", FLOODER, url, user, bus.topology.events_exchange,
+            str(FLOOD), str(FLOOD_IDS),
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        await flooder.communicate()
+        agent = await harness.start_agent("late", ["work"], 1, wait_registered=False)
+        assert agent is not None
+
+        # When the orchestrator starts
+        started = time.monotonic()
+        orchestrator = await harness.start_orchestrator(FAST)
+
+        async def registered() -> bool:
+            return "late" in {a.agent_id for a in await orchestrator.get_agents()}
+
+        await wait_until(registered, 300)
+        registered_after = time.monotonic() - started
+        refused = orchestrator.registry.refusals.counts
+        print(
+            f"\nbacklog: {FLOOD} bogus heartbeats ahead of a real announcement; it was"
+            f" registered {registered_after:.1f}s after the orchestrator started"
+            f" ({FLOOD / registered_after:.0f} refused/s); refused: {dict(refused)}"
+        )
+        # Then every bogus one was refused, and the real agent is registered
+        assert refused["unknown_agent"] == FLOOD
+    finally:
+        await harness.close()
+
+
 def _events_waiting(scene: Scene) -> int | str:
     """How many events wait in the orchestrator's queue (management API), or '?'."""
     try:
@@ -582,3 +625,29 @@ def test_refusals_log_once_per_interval_and_count_every_one(caplog) -> None:
     assert len(lines) == 2, lines
     assert "999 more" in lines[1]
     assert json.dumps(refusals.snapshot())
+
+
+async def test_a_user_binds_a_bounded_number_of_agent_ids(
+    prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an orchestrator that lets one user bind 3 agent ids
+    monkeypatch.setattr("orchestrator.registry.MAX_AGENTS_PER_USER", 3)
+    harness = Harness("memory", BusSettings(prefix=prefix))
+    try:
+        orchestrator = await harness.start_orchestrator(FAST)
+        stranger = harness.new_bus().as_user("stranger")  # type: ignore[attr-defined]
+        await stranger.connect()
+
+        # When that user announces 5 valid agents
+        for n in range(5):
+            await stranger.publish_event(
+                AgentAnnounced(agent_id=f"a{n}", capabilities=[], max_concurrent_tasks=1)
+            )
+        await harness.new_bus().join()  # type: ignore[attr-defined]
+
+        # Then 3 are registered, and the others refused
+        assert sorted(a.agent_id for a in await orchestrator.get_agents()) == ["a0", "a1", "a2"]
+        assert orchestrator.registry.refusals.counts["too_many_agents"] == 2
+        await stranger.close()
+    finally:
+        await harness.close()
