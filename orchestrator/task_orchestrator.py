@@ -27,7 +27,7 @@ from broker import CancelTask, CommunicationBus, Reannounce, Subscription
 
 from . import listing
 from .dispatch import Dispatch, queue_key
-from .events import EventHandlers
+from .events import HEARTBEATS, EventHandlers
 from .idempotency import IdempotentSubmits, check_key
 from .leadership import Leadership
 from .lifecycle import Lifecycle, waiting_for_dependencies
@@ -145,6 +145,8 @@ class TaskOrchestrator:
         # What the bus acknowledges must be in the store first.
         self._subscriptions = [
             await self.bus.subscribe_events(self.events.on_event, before_ack=self.store.flush),
+            # Heartbeats on a bounded queue of their own: a flood delays no result.
+            await self.bus.subscribe_events(self.events.on_event, patterns=HEARTBEATS),
             await self.bus.subscribe_dead_letters(
                 self.events.on_dead_letter, before_ack=self.store.flush
             ),
@@ -239,6 +241,7 @@ class TaskOrchestrator:
         if agent_id not in self.registry:
             raise ValueError(f"agent_id: unknown agent {agent_id!r}")
         await self.watch.remove_agent(agent_id, "unregistered")
+        await self.registry.unbind(agent_id)  # its id may be another user's now
 
     # ------------------------------------------------------------------ tasks
     async def submit_task(

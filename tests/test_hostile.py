@@ -562,7 +562,7 @@ async def test_a_backlog_of_bogus_events_drains_in_seconds(prefix: str) -> None:
             f" ({FLOOD / registered_after:.0f} refused/s); refused: {dict(refused)}"
         )
         # Then every bogus one was refused, and the real agent is registered
-        assert refused["unknown_agent"] == FLOOD
+        assert refused["unknown_agent"] >= FLOOD  # (and the late agent's own, before it announced)
     finally:
         await harness.close()
 
