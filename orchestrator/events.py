@@ -51,10 +51,6 @@ from .settings import OrchestratorSettings
 
 log = logging.getLogger(__name__)
 
-HEARTBEATS = ("agent.heartbeat",)
-"""The events the orchestrator reads from a monitor queue of their own, bounded
-(``Topology.monitor``, drop-head): a flood of them cannot delay a result."""
-
 OUTCOME_STATUS = {
     "completed": TaskStatus.COMPLETED,
     "failed": TaskStatus.FAILED,

@@ -27,7 +27,7 @@ from broker import CancelTask, CommunicationBus, Reannounce, Subscription
 
 from . import listing
 from .dispatch import Dispatch, queue_key
-from .events import HEARTBEATS, EventHandlers
+from .events import EventHandlers
 from .idempotency import IdempotentSubmits, check_key
 from .leadership import Leadership
 from .lifecycle import Lifecycle, waiting_for_dependencies
@@ -145,8 +145,6 @@ class TaskOrchestrator:
         # What the bus acknowledges must be in the store first.
         self._subscriptions = [
             await self.bus.subscribe_events(self.events.on_event, before_ack=self.store.flush),
-            # Heartbeats on a bounded queue of their own: a flood delays no result.
-            await self.bus.subscribe_events(self.events.on_event, patterns=HEARTBEATS),
             await self.bus.subscribe_dead_letters(
                 self.events.on_dead_letter, before_ack=self.store.flush
             ),
