@@ -35,11 +35,10 @@ variables (``{username}``, ``{vhost}``): the ordinary patterns of an agent
 name its id literally. A user with no topic permission on an exchange may use
 every routing key, so every role here has one on the events exchange.
 
-Known limits, stated rather than hidden: write on ``amq.default`` (clients,
-for their requests) is write to every queue by name, so a client can put a
-message into any queue; what stops a forged event, command or task there is
-that its sender is checked (the validated ``user_id``), not the broker's
-permissions. Read on the task queues lets an agent purge them. An agent may
+Clients write to the requests exchange only, never to ``amq.default``, which
+is write to every queue by name (only the orchestrator has it, for replies).
+Known limits, stated rather than hidden: read on the task queues lets an
+agent purge them. An agent may
 bind its control queue under another agent's id and hear its commands.
 """
 
@@ -261,8 +260,8 @@ def client(topology: Topology, user: str = "client") -> RolePermissions:
         user=user,
         permission=Permission(
             configure=exactly((), monitors),
-            # amq.default: requests go to the request queue through the default exchange
-            write=exactly({DEFAULT_EXCHANGE}, monitors),
+            # The requests exchange only: never amq.default, which reaches every queue
+            write=exactly({topology.requests_exchange}, monitors),
             read=exactly({topology.events_exchange}, monitors),
         ),
         topic=(TopicPermission(topology.events_exchange, write=NOTHING, read=TASK_EVENT_KEYS),),

@@ -117,6 +117,7 @@ class RabbitMQBus(CommunicationBus):
         self._rpc = RpcClient(
             self._require,
             rpc_queue=self.topology.rpc_queue,
+            requests_exchange=self.topology.requests_exchange,
             address=self.address,
             prefix=self.settings.prefix,
         )

@@ -1,8 +1,11 @@
 """Requests of other services on RabbitMQ: the client's side and the server's.
 
-A request goes through the default exchange to ``<prefix>.rpc`` with
+A request goes through ``<prefix>.requests`` to ``<prefix>.rpc`` with
 ``reply_to`` and ``correlation_id``; the reply comes back through the default
-exchange to ``reply_to``. The client uses RabbitMQ's direct reply-to, so it
+exchange to ``reply_to``. Not the other way round: a client allowed to write
+to the default exchange could put a message into any queue by its name
+(forged tasks, events into the orchestrator's queue), so clients may write to
+the requests exchange only (``broker.permissions``). The client uses RabbitMQ's direct reply-to, so it
 declares no queue of its own; the request expires when the client stops
 waiting, so that a server that starts later does not act on it.
 """
@@ -16,7 +19,12 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+)
 
 from .envelope import Envelope
 from .errors import BusConnectionError, BusError, NoReply
@@ -65,11 +73,14 @@ class RpcClient:
         connection: Callable[[], AbstractRobustConnection],
         *,
         rpc_queue: str,
+        requests_exchange: str,
         address: str,
         prefix: str,
     ) -> None:
         self._connection = connection
         self._rpc_queue = rpc_queue
+        self._exchange_name = requests_exchange
+        self._exchange: AbstractExchange | None = None
         self._address = address
         self._prefix = prefix
         self._channel: AbstractChannel | None = None
@@ -93,6 +104,8 @@ class RpcClient:
                 # after a reconnect.
                 replies = await channel.declare_queue(DIRECT_REPLY_TO, passive=True)
                 await replies.consume(self._on_reply, no_ack=True)
+                # Not declared: the orchestrator does; a missing one is reported below.
+                self._exchange = await channel.get_exchange(self._exchange_name, ensure=False)
                 self._channel = channel
             return self._channel
 
@@ -106,7 +119,7 @@ class RpcClient:
     ) -> bytes:
         """The reply's body; ``NoReply`` with ``no_reply`` when none comes in time."""
         try:
-            channel = await self._open()
+            await self._open()
         except aiormq.exceptions.AMQPError as exc:
             raise BusConnectionError(f"cannot open a channel for requests: {exc}") from None
         correlation_id = uuid.uuid4().hex
@@ -124,11 +137,13 @@ class RpcClient:
         self._pending[correlation_id] = waiting
         try:
             async with asyncio.timeout(timeout):
+                assert self._exchange is not None
                 try:
-                    await channel.default_exchange.publish(
+                    await self._exchange.publish(
                         to_message(envelope), routing_key=self._rpc_queue, mandatory=True
                     )
-                except aiormq.exceptions.PublishError:
+                except (aiormq.exceptions.PublishError, aiormq.exceptions.ChannelNotFoundEntity):
+                    # Returned (no queue bound), or no such exchange (it closed the channel).
                     raise NoReply(
                         f"no queue {self._rpc_queue!r} on RabbitMQ at {self._address}: no"
                         f" orchestrator has served prefix {self._prefix!r} there"

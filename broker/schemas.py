@@ -244,8 +244,8 @@ def asyncapi() -> dict[str, Any]:
     channels: dict[str, Any] = {
         t.rpc_queue: {
             "description": (
-                "Requests of other services to the orchestrator. Publish through the default"
-                " exchange (amq.default) with this queue's name as routing key, with the AMQP"
+                "Requests of other services to the orchestrator. Publish to the exchange"
+                f" {t.requests_exchange} with this queue's name as routing key, with the AMQP"
                 " properties reply_to (a queue of yours, or amq.rabbitmq.reply-to) and"
                 " correlation_id; set expiration to how long you wait, so that a request"
                 " nobody took in time is dropped. Each request gets one Reply."
@@ -300,8 +300,9 @@ def asyncapi() -> dict[str, Any]:
         },
         t.events_exchange: {
             "description": (
-                "Topic exchange of status events; routing key = the event's kind. Bind your"
-                " own queue (task.#, agent.#) to watch them."
+                "Topic exchange of status events; routing key = <kind>.<agent id> (for"
+                " example task.finished.agent-7). Bind your own queue (task.finished.#,"
+                " task.#, agent.#) to watch them."
             ),
             "parameters": prefix,
             "bindings": _exchange(t.exchanges.events),

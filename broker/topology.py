@@ -289,7 +289,7 @@ def combine(groups: Iterable[Declarations]) -> Declarations:
 
 
 class Exchanges(NamedTuple):
-    """The four exchanges every deployment has, declared by whoever connects first."""
+    """The exchanges every deployment has, declared by the orchestrator."""
 
     tasks: Exchange
     """Direct; routing key = capability key."""
@@ -299,6 +299,9 @@ class Exchanges(NamedTuple):
     """Direct; routing key = agent id, or ``BROADCAST_KEY``."""
     dead: Exchange
     """Fanout to the dead-letter queues."""
+    requests: Exchange
+    """Direct into the request queue: a client writes here, not to the default
+    exchange, which would let it put messages into every queue by name."""
 
 
 # --- one deployment's topology ------------------------------------------------------
@@ -325,6 +328,7 @@ class Topology:
             events=Exchange(f"{p}.events", "topic"),
             control=Exchange(f"{p}.control", "direct"),
             dead=Exchange(f"{p}.dead", "fanout"),
+            requests=Exchange(f"{p}.requests", "direct"),
         )
 
     def capability(self, key: str) -> Declarations:
@@ -404,8 +408,9 @@ class Topology:
         return Declarations(queues=(Queue(self.leader_queue, durable=False, exclusive=True),))
 
     def rpc(self) -> Declarations:
-        """The request queue; bound to the default exchange by its name, like every queue."""
-        return Declarations(queues=(Queue(self.rpc_queue, arguments=self.rpc_queue_arguments()),))
+        """The request queue, bound to the requests exchange by its own name."""
+        queue = Queue(self.rpc_queue, arguments=self.rpc_queue_arguments())
+        return self._bound(queue, self.exchanges.requests, (self.rpc_queue,))
 
     def retry_tier(self, tier_ms: int) -> Declarations:
         """A fanout exchange into a TTL queue that dead-letters to the tasks exchange.
@@ -457,6 +462,10 @@ class Topology:
         return self.exchanges.tasks.name
 
     @property
+    def requests_exchange(self) -> str:
+        return self.exchanges.requests.name
+
+    @property
     def events_exchange(self) -> str:
         """Topic exchange of status events; routing key = the event's kind."""
         return self.exchanges.events.name
@@ -490,9 +499,8 @@ class Topology:
     def rpc_queue(self) -> str:
         """Requests of other services to the orchestrator (submit, cancel, status, stats...).
 
-        Published through the default exchange (``""``, ``amq.default`` in the
-        management API) with the queue's name as routing key, so it has no
-        binding of its own. Each request carries ``reply_to`` and
+        Published to the requests exchange (``requests_exchange``) with the
+        queue's name as routing key. Each request carries ``reply_to`` and
         ``correlation_id``; the reply goes to ``reply_to`` through the default
         exchange, with the request's correlation id.
         """

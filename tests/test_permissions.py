@@ -285,6 +285,9 @@ async def test_each_role_does_its_part_of_a_task_and_nothing_else(
         )
         assert await refused(client_url, publish(t.control_exchange, AGENT_ID))
         assert await refused(client_url, publish(t.tasks_exchange, task_queue))
+        # nor put anything into a queue by name through the default exchange
+        for queue in (t.orchestrator_events_queue, t.task_queue(task_queue), t.rpc_queue):
+            assert await refused(client_url, publish("", queue)), queue
         assert await refused(client_url, delete(t.rpc_queue))
         assert await refused(client_url, declare(t.task_queue("evil")))
         monitor_queue = t.monitor((), secrets.token_hex(4)).queue.name
@@ -369,11 +372,13 @@ def test_permissions_follow_the_topology_objects() -> None:
     assert grants(keys, t.event_key("task.started", "analyst-3f2a"))
     assert not grants(keys, t.event_key("task.started", "risk-1"))
 
-    # A client may publish requests and read replies only through the default
-    # exchange and direct reply-to; a monitor publishes nothing
+    # A client may publish requests to the requests exchange only (the default
+    # exchange reaches every queue by name); a monitor publishes nothing
     client = perms.client(t).permission
-    assert grants(client.write, perms.DEFAULT_EXCHANGE)
+    assert grants(client.write, t.requests_exchange)
+    assert not grants(client.write, perms.DEFAULT_EXCHANGE)
     assert not grants(perms.monitor(t).permission.write, perms.DEFAULT_EXCHANGE)
+    assert not grants(perms.monitor(t).permission.write, t.requests_exchange)
     with pytest.raises(ValueError, match="agent_id"):
         perms.agent(t, "evil#agent.*")
 

@@ -47,8 +47,9 @@ request() { # REQUEST_JSON: prints the reply; a request nobody takes in time exp
       routing_key: $key, payload: $body, payload_encoding: "string",
       properties: {reply_to: $queue, correlation_id: $id, expiration: $ttl,
                    content_type: "application/json"}}')
-  # Through the default exchange, whose routing key is the queue's name.
-  routed=$(http POST "/exchanges/$vhost/amq.default/publish" "$message" | jq .routed)
+  # Through the requests exchange, bound to the request queue by the queue's name.
+  routed=$(http POST "/exchanges/$vhost/$prefix.requests/publish" "$message" 2>/dev/null |
+    jq .routed) || routed=false
   if [ "$routed" != true ]; then
     echo "error: no queue $prefix.rpc: is an orchestrator serving prefix $prefix?" >&2
     exit 3
