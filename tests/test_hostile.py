@@ -30,6 +30,7 @@ from broker import (
     BusSettings,
     CancelTask,
     ConsumeQueues,
+    MemoryBus,
     TaskAssigned,
     TaskFinished,
     TaskProgress,
@@ -655,3 +656,54 @@ async def test_a_user_binds_a_bounded_number_of_agent_ids(
         await stranger.close()
     finally:
         await harness.close()
+
+
+async def test_an_agent_ids_user_is_kept_across_a_restart(prefix: str, tmp_path) -> None:
+    from orchestrator import SQLiteStore
+
+    # Given an agent announced by its user to an orchestrator with a durable store
+    bus = MemoryBus(settings=BusSettings(prefix=prefix), user="orch")
+    await bus.connect()
+    agent_bus = bus.as_user("agent-user")
+    stranger = bus.as_user("stranger")
+    await agent_bus.connect()
+    await stranger.connect()
+    path = tmp_path / "state.db"
+    first = TaskOrchestrator(bus, settings=FAST, store=SQLiteStore(path))
+    await first.start()
+    await agent_bus.publish_event(
+        AgentAnnounced(agent_id="worker", capabilities=[], max_concurrent_tasks=1)
+    )
+    await bus.join()
+    await first.stop()
+
+    # When the orchestrator restarts on that store and a stranger speaks for the agent
+    second = TaskOrchestrator(bus, settings=FAST, store=SQLiteStore(path))
+    await second.start()
+    try:
+        await stranger.publish_event(
+            AgentAnnounced(agent_id="worker", capabilities=["extra"], max_concurrent_tasks=9)
+        )
+        await bus.join()
+
+        # Then it is refused: the id is still its first user's
+        assert second.registry.refusals.counts["wrong_user"] == 1
+        (agent,) = await second.get_agents()
+        assert (agent.capabilities, agent.max_concurrent_tasks) == ([], 1)
+    finally:
+        await second.stop()
+        await bus.close()
+
+
+def test_silence_proves_nothing_during_a_flood_of_refusals() -> None:
+    from orchestrator.refusals import FLOOD_THRESHOLD, FLOOD_WINDOW, Refusals
+
+    now = [1000.0]
+    refusals = Refusals(clock=lambda: now[0])
+    for _ in range(FLOOD_THRESHOLD - 1):
+        refusals.refuse("unknown_agent", "x")
+    assert not refusals.flooded()
+    refusals.refuse("unknown_agent", "x")
+    assert refusals.flooded()
+    now[0] += FLOOD_WINDOW + 1.5
+    assert not refusals.flooded()
