@@ -261,3 +261,43 @@ def test_a_record_of_an_older_or_newer_version_reads_with_the_fields_it_knows() 
     # A newer record: a field this version does not know is left out
     data = json.loads(text) | {"from_the_future": 1}
     assert task_from_record(json.dumps(data)) == task_from_record(text)
+
+
+async def test_callers_waiting_behind_a_write_share_the_next_one(tmp_path: Path) -> None:
+    # Given a write under way (each held until we let it go) ...
+    entered = [asyncio.Event(), asyncio.Event()]
+    release = [asyncio.Event(), asyncio.Event()]
+    writes: list[int] = []
+
+    class HeldStore(SQLiteStore):
+        async def _transaction(self, batch, fence) -> None:
+            writes.append(len(batch.task_rows))
+            if len(writes) <= 2:
+                entered[len(writes) - 1].set()
+                await release[len(writes) - 1].wait()
+            await super()._transaction(batch, fence)
+
+    store = HeldStore(tmp_path / "state.sqlite", flush_interval=60)
+    await store.save_task(make_task("first"))
+    first = asyncio.ensure_future(store.flush())
+    await asyncio.wait_for(entered[0].wait(), 10)
+
+    # ... and 50 callers that each save a task and flush meanwhile
+    async def save_and_flush(i: int) -> None:
+        await store.save_task(make_task(f"t{i}"))
+        await store.flush()
+
+    callers = [asyncio.ensure_future(save_and_flush(i)) for i in range(50)]
+
+    # When the write ends, the next one takes all 50, and a save comes in during it
+    release[0].set()
+    await asyncio.wait_for(entered[1].wait(), 10)
+    await store.save_task(make_task("during"))
+    release[1].set()
+
+    # Then every caller returns with that second write: none writes again for a
+    # change that is not its own (one transaction each, behind one another)
+    await asyncio.wait_for(asyncio.gather(first, *callers), 10)
+    assert writes == [1, 50]
+    await store.close()  # which writes the last save
+    assert rows(tmp_path / "state.sqlite", "tasks") == 52
