@@ -205,6 +205,12 @@ class JournalStore(StateStore):
             await self.flush()
         except StoreFenced as exc:
             log.warning("%s; closing without writing", exc)
+        except Exception as exc:
+            lost = len(self._dirty.tasks) + len(self._dirty.agents) + len(self._dirty.meta)
+            log.error(
+                "state store %s closed with %d record(s) not written: %s", self.where, lost, exc
+            )
+            raise
         finally:
             self._opened = False
             self._closed = True

@@ -411,3 +411,21 @@ async def test_stores_in_two_schemas_of_one_database_keep_apart(postgres_url: st
     with pytest.raises(RuntimeError, match="cannot prepare the tables: no schema"):
         await missing.open()
     await missing.close()
+
+
+@pytest.mark.fault
+async def test_closing_during_an_outage_tries_once_and_says_what_was_not_written(
+    private_postgres: LocalPostgres, private_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a store with changes, and its server down
+    store = PostgresStore(private_database, flush_interval=60, retry_for=600)
+    await store.save_task(make_task("a"))
+    await store.save_task(make_task("b"))
+    await asyncio.to_thread(stop_server, private_postgres)
+
+    # When it closes, then it does not wait out the outage (retry_for): it raises,
+    # and logs how many records were not written
+    with pytest.raises((OSError, asyncpg.PostgresError, asyncpg.InterfaceError)):
+        await asyncio.wait_for(store.close(), 60)
+    assert "closed with 2 record(s) not written" in caplog.text
+    await asyncio.to_thread(start_server, private_postgres)
