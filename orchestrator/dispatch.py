@@ -85,8 +85,12 @@ class Queues:
         return {**self.in_use, **self.declaring}
 
     def note(self, task: Task) -> None:
-        """A stored task's queue, after a restart: declared by the last orchestrator."""
-        self.in_use.setdefault(queue_key(task), QueueSpec.of(task))
+        """A stored unfinished task's queue, after a restart (declared again by
+        ``Dispatch.redeclare``: it may have gone meanwhile, purged or lost with
+        a broker's data). A finished task's queue is declared by the next
+        submit that needs it."""
+        if not task.status.is_final:
+            self.in_use.setdefault(queue_key(task), QueueSpec.of(task))
 
 
 class Dispatch:
@@ -216,6 +220,16 @@ class Dispatch:
             # a stop racing this publish) is no failed publish. Unsaved, a restart
             # watches it again, as it does any publish it never saw confirmed.
             log.exception("task %s: saving its confirmed publish failed", task.task_id)
+
+    async def redeclare(self) -> None:
+        """Declare again the queues of the stored unfinished tasks (idempotent).
+
+        The last orchestrator declared them, but agents only check them
+        passively: one deleted while no orchestrator ran would leave its agents
+        unable to consume it and its tasks (published again by the watch) with
+        nowhere to go."""
+        for key in list(self.queues.in_use):
+            await self.bus.declare_task_queue(key)
 
     async def ensure_queue(self, task: Task) -> None:
         """Declare the queue of a task's type and capabilities if it is new to this

@@ -141,7 +141,9 @@ class TaskOrchestrator:
 
     async def _lead(self) -> None:
         """Leading (lease and epoch held): reload the stored state, follow events."""
-        await self.outcomes.settle_reloaded(await self._reload())
+        reloaded = await self._reload()
+        await self.dispatch.redeclare()
+        await self.outcomes.settle_reloaded(reloaded)
         # What the bus acknowledges must be in the store first.
         self._subscriptions = [
             await self.bus.subscribe_events(self.events.on_event, before_ack=self.store.flush),
