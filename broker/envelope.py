@@ -232,7 +232,9 @@ class DeadLetter:
     ) -> DeadLetter:
         """The dead letter a message of the dead-letter exchange carries."""
         sender = Sender.of(user_id, headers)
-        reason = header_text(headers, REASON_HEADER, "dead-lettered by the broker" if sender.by_broker else "unknown")
+        reason = header_text(
+            headers, REASON_HEADER, "dead-lettered by the broker" if sender.by_broker else "unknown"
+        )
         return cls(body, reason, message_id, sender.user, sender.by_broker)
 
     @property
