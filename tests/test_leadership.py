@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -373,6 +374,59 @@ async def test_two_serves_started_at_once_one_leads_and_every_task_completes_onc
     # And `orchestrator agents` says who leads
     agents = await deployment.run("agents")
     assert f"leader: {lead['id']} (epoch {lead['epoch']})" in agents.out, agents
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.fault
+@pytest.mark.slow
+async def test_a_leader_paused_past_its_heartbeat_wakes_up_and_changes_nothing(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    # Given a leader and a standby on one SQLite file, with short AMQP heartbeats
+    # (the broker drops a silent connection, and the lease with it, in seconds)
+    # and agents judged silent after 3 s, running tasks
+    deployment.env["ORCHESTRATOR_STORE"] = f"sqlite:{tmp_path / 'state.sqlite'}"
+    deployment.env["ORCHESTRATOR_AMQP_HEARTBEAT"] = "2"
+    run_log = tmp_path / "runs.log"
+    old = await deployment.start("old", "serve")
+    await wait_until(lambda: answers(deployment, "old"), timeout=30, interval=0.1)
+    first = await leader_of(deployment)
+    await deployment.start("new", "serve")
+    await wait_until(seen(deployment, "new", "standing by"), timeout=30)
+    env = {"AGENT_RUN_LOG": str(run_log), "AGENT_MAX": "10", "AGENT_SLEEP": "0.05"}
+    await deployment.agent("p_1", "paused", **env)
+    await deployment.agent("p_2", "paused", **env)
+    finished = await count_finished(deployment)
+    ids = await submit_all(deployment, TWO_SERVES_TASKS, "paused")
+
+    # When the leader is paused (SIGSTOP) until the broker gave its lease to the
+    # standby, and wakes up (SIGCONT) long after it last heard its agents (a
+    # SQLite leader paused in a write holds the file's lock: the standby can
+    # claim the store only once the old one is awake or dead)
+    old.send_signal(signal.SIGSTOP)
+    try:
+        await wait_until(seen(deployment, "new", "took the lease"), timeout=60)
+        await asyncio.sleep(4)  # the agents' heartbeat timeout (3 s) passes in its sleep
+    finally:
+        old.send_signal(signal.SIGCONT)
+
+    async def taken_over() -> bool:
+        try:
+            stats = await deployment.rpc(StatsRequest(), timeout=0.5)
+        except TimeoutError:
+            return False
+        return stats["leader"]["id"] != first["id"]
+
+    await wait_until(taken_over, timeout=60, interval=0.1)
+
+    # Then it steps down (and stands by again) without telling any agent to stop,
+    # and every task completes once with its result
+    await wait_until(seen(deployment, "old", "standing by again"), timeout=30)
+    completed, twice = await outcome(deployment, "leader-sigstop-then-wakes", ids, run_log)
+    assert (completed, twice) == (TWO_SERVES_TASKS, 0)
+    no_agent_told_to_exit(deployment, "p_1", "p_2")
+    assert "missed heartbeats" not in deployment.log("old")
+    assert finished[0] >= TWO_SERVES_TASKS
 
 
 async def answers(deployment: Deployment, name: str) -> bool:

@@ -5,6 +5,8 @@ exit 1 before anything connects; then the orchestrator connects and serves.
 A signal ends it at any stage within about two seconds: while connecting it
 just gives up; once serving, the service stops consuming and the store is
 closed, so that ``serve`` started again on the same store goes on from there.
+While another orchestrator leads the prefix it stands by, and takes over
+when that one goes (``orchestrator.leadership``).
 """
 
 from __future__ import annotations
@@ -155,12 +157,7 @@ async def _serve(settings: BusSettings, make_store: Callable[[], Any], setting: 
     if probe is not None:
         await _open(probe, setting)
         await probe.close()
-    bus = RabbitMQBus(settings=settings, connection_name=f"{settings.prefix}:orchestrator")
-    try:
-        await bus.connect()
-    except BaseException:  # a failed connect, or a signal while connecting
-        await bus.close()
-        raise
+    bus = await _connected(settings)
     stop = stop_on_signals()
     log_filter.transport_quiet = False
     try:
@@ -184,10 +181,24 @@ async def _serve(settings: BusSettings, make_store: Callable[[], Any], setting: 
                 await service.stop()
                 await orchestrator.stop()
             if not stop.is_set():
+                # A new connection too: the old one, if it was lost meanwhile, would
+                # restore the consumers of the closed subscriptions on reconnecting.
+                await bus.close()
                 log.info("stepped down; standing by again with a fresh orchestrator")
+                bus = await _connected(settings)
         log.info("stopping")
     finally:
         await bus.close()
+
+
+async def _connected(settings: BusSettings) -> RabbitMQBus:
+    bus = RabbitMQBus(settings=settings, connection_name=f"{settings.prefix}:orchestrator")
+    try:
+        await bus.connect()
+    except BaseException:  # a failed connect, or a signal while connecting
+        await bus.close()
+        raise
+    return bus
 
 
 async def _first(*waits: Coroutine[Any, Any, Any]) -> int:
