@@ -24,6 +24,7 @@ import shlex
 import signal
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import SecretStr, ValidationError
 
@@ -199,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_agent_logging(args.log_level, args.log_format)
     sys.path.insert(0, os.getcwd())  # modules beside the user, as `python -m` would
     try:
+        refuse_password_in_argv(args.broker)
         overrides = {k: v for k, v in (("broker_url", args.broker), ("prefix", args.prefix)) if v}
         settings = BusSettings(**overrides)
         if args.reload:
@@ -238,6 +240,24 @@ def _load(spec: str) -> Agent:
         raise
     except Exception as exc:  # the user's code failed while building the agent
         raise ValueError(f"agent: {spec} failed: {type(exc).__name__}: {exc}") from None
+
+
+def refuse_password_in_argv(url: str | None) -> None:
+    """A password in ``--broker`` is readable by every user of the machine (``ps``):
+    refused, naming the safer settings (``orchestrator agent run`` moves it out
+    of ``ps`` instead; this entry point does not import the command line). A
+    password that is the user name (``guest:guest``) is shown by the user name anyway."""
+    try:
+        parts = urlsplit(url) if url else None
+        password, username = (parts.password, parts.username) if parts else (None, None)
+    except ValueError:
+        return  # not a URL: the settings say so, naming --broker
+    if password and password != username:
+        raise ValueError(
+            "--broker: a password on the command line can be read by every user of this"
+            " machine (ps); give the URL without it and the password in"
+            " ORCHESTRATOR_BROKER_PASSWORD_FILE or ORCHESTRATOR_BROKER_PASSWORD"
+        )
 
 
 def setup_agent_logging(level: str, log_format: str) -> None:

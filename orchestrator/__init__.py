@@ -10,6 +10,9 @@ from .client import (
     TaskNotFound,
 )
 from .dependencies import DependencyGraph
+from .idempotency import IdempotencyConflict
+from .leadership import NotLeader
+from .metrics import OrchestratorMetrics
 from .models import AgentCapability, Task, TaskPriority, TaskStatus
 from .postgres_store import PostgresStore
 from .retries import RetryPolicy
@@ -40,6 +43,8 @@ __all__ = [
     "TaskNotFound",
     "OrchestratorUnavailable",
     "OrchestratorError",
+    "IdempotencyConflict",
+    "NotLeader",
     # configuration and state
     "OrchestratorSettings",
     "StateStore",
@@ -52,4 +57,5 @@ __all__ = [
     "RetryPolicy",
     "RunDeadlines",
     "StatsTracker",
+    "OrchestratorMetrics",
 ]

@@ -780,3 +780,14 @@ async def test_a_shell_script_with_curl_submits_a_task_that_completes(
     # And the command line sees the same task
     seen = await deployment.run("status", task_id, "--json")
     assert json.loads(seen.out)["name"] == "analysis from curl"
+
+
+def test_a_short_password_is_blanked_as_a_word_not_inside_other_words(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from orchestrator.cli import redaction
+
+    monkeypatch.setattr(redaction, "known_secrets", set())
+    redaction.remember_secret("amqp://ops:y@rabbit:5672/")
+    scrubbed = redaction.scrub("every user: password y refused at amqp://ops:y@rabbit:5672/")
+    assert scrubbed == "every user: password *** refused at amqp://ops:***@rabbit:5672/"

@@ -175,3 +175,19 @@ async def test_a_password_given_to_main_in_process_is_warned_about(
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warnings == [WARNING.removeprefix("WARNING orchestrator.cli: ")], caplog.text
     assert user.password not in caplog.text
+
+
+def test_python_m_agents_refuses_a_password_in_broker() -> None:
+    """The entry point without the command line's re-run refuses what it cannot hide."""
+    import sys
+
+    from tests.deployment import ROOT, base_env
+
+    done = subprocess.run(
+        [sys.executable, "-m", "agents", "tests.agent_app:make_agent",
+         "--broker", "amqp://someone:s3cret-pw@127.0.0.1:1/"],
+        cwd=ROOT, env=base_env(AGENT_ID="a"), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1, done
+    assert "ORCHESTRATOR_BROKER_PASSWORD_FILE" in done.stderr
+    assert "s3cret-pw" not in done.stderr + done.stdout

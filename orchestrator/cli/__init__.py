@@ -45,6 +45,7 @@ from .errors import (
     EXIT_WAIT_TIMED_OUT,
     CliError,
 )
+from .escaping import escape_line
 from .logs import setup_logging
 from .output import err, out
 from .redaction import remember_secret, scrub
@@ -190,7 +191,8 @@ def _one_line(exc: BaseException, args: list[str]) -> str:
 
 
 def _fail(message: str, code: int) -> int:
-    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    # An error may quote what the bus sent (a task's field): one line, controls escaped.
+    err.print(f"error: {escape_line(str(message))}", markup=False, highlight=False, soft_wrap=True)
     return code
 
 

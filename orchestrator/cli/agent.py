@@ -18,7 +18,7 @@ from broker import BusSettings, RabbitMQBus
 from .connection import run
 from .errors import CliError
 from .logs import LogFormat, LogFormatOption, log_filter, setup_logging
-from .redaction import remember_secret
+from .redaction import out_of_ps, remember_secret, restore_password
 from .settings import Broker, LogLevel, LogLevelName, Prefix, read_settings
 
 
@@ -129,6 +129,7 @@ def demo(
             metavar="URL",
             help="amqp:// URL of RabbitMQ; default: everything in this process.",
             show_default=False,
+            callback=out_of_ps,  # a password in it is warned about and kept out of ps
         ),
     ] = None,
     workflows: Annotated[int, typer.Option(metavar="N", help="How many workflows to run.")] = 3,
@@ -145,6 +146,7 @@ def demo(
     ] = None,
 ) -> None:
     """Run the seed's trading workflow with example agents; ends with a summary."""
+    broker = restore_password(broker) if broker else broker
     remember_secret(broker)
     if prefix is not None and not broker:
         raise CliError("--prefix: only with --broker (in-process there is nothing to follow)")

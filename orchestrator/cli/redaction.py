@@ -55,11 +55,15 @@ def remember_password(username: str, password: str) -> None:
 
 
 def scrub(text: str) -> str:
-    """``text`` without any broker password we know of: for errors and logs."""
+    """``text`` without any broker password we know of: for errors and logs.
+
+    Blanked where it stands as a token of its own, not inside a longer word: a
+    short password ("y") must not turn "every" into "ever***" (and so give
+    itself away), while "password y refused" still loses it."""
     for username, password in known_secrets:
         text = text.replace(f":{password}@", ":***@")
         if password != username:  # a password equal to the user name is shown anyway
-            text = text.replace(password, "***")
+            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(password)}(?![A-Za-z0-9])", "***", text)
     return text
 
 
