@@ -38,7 +38,7 @@ from .envelope import DeadLetter
 from .errors import MessageTooLarge
 from .messages import Control, Event, TaskMessage, WireMessage
 from .rpc import Reply, RequestHandler
-from .settings import BusSettings
+from .settings import BusSettings, first_address
 from .topology import Topology, retry_tier_ms
 
 __all__ = [
@@ -210,7 +210,7 @@ class CommunicationBus(abc.ABC):
         self, broker_url: str | None = None, *, settings: BusSettings | None = None
     ) -> None:
         self.settings = _settings_from(broker_url, settings=settings)
-        self.topology = Topology(self.settings.prefix)
+        self.topology = Topology(self.settings.prefix, quorum=self.settings.quorum_queues)
 
     # identity ----------------------------------------------------------------
     @property
@@ -306,28 +306,6 @@ class CommunicationBus(abc.ABC):
         subscription acknowledges what it has handled (a store makes its
         writes durable there); if it raises, nothing is acknowledged yet.
         """
-
-    @abc.abstractmethod
-    async def subscribe_heartbeats(self, handler: EventHandler) -> Subscription:
-        """Handle the orchestrator's queue of heartbeats, one at a time.
-
-        Heartbeats have a queue of their own beside the durable events queue
-        (``Topology.orchestrator_heartbeats``), bounded with drop-head: a flood
-        of them cannot delay a result, nor a backlog of results starve
-        liveness. Nothing is written for a heartbeat, so there is no ``before_ack``.
-        """
-
-    @abc.abstractmethod
-    async def agent_connected(self, agent_id: str) -> bool:
-        """Whether the broker holds ``agent_id``'s control queue now.
-
-        That queue is exclusive and auto-delete: it exists exactly while the
-        agent's connection lives (and keeps its consumer), and the broker
-        deletes it the moment that connection dies, a SIGKILL included. So it
-        is the broker's word on a silent agent: gone means dead at once (the
-        broker has given its unacknowledged tasks back already), there means
-        its silence is the bus's (heartbeats delayed or dropped by a flood).
-        ``BusConnectionError`` when the broker cannot be asked."""
 
     @abc.abstractmethod
     async def subscribe_dead_letters(
@@ -434,7 +412,7 @@ def login_user(broker_url: str) -> str | None:
     """The user a broker URL logs in as (aiormq's rule: ``guest`` when it names
     none); None for a login by certificate (``auth=external``), whose user the
     broker takes from the certificate."""
-    parts = urlsplit(broker_url)
+    parts = urlsplit(first_address(broker_url))
     if parse_qs(parts.query).get("auth", ["plain"])[-1].lower() == "external":
         return None
     return unquote(parts.username) if parts.username else "guest"

@@ -15,6 +15,7 @@ in those modules and never leak out.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -46,7 +47,7 @@ from .rabbitmq_consume import (
     RabbitTaskConsumer,
     dead_letter_of,
 )
-from .rabbitmq_declare import Declarer, PermissionRefused, delete
+from .rabbitmq_declare import Declarer, PermissionRefused, QueueUnavailable, delete
 from .rabbitmq_lease import RabbitLease
 from .rabbitmq_link import CHANNEL_GONE, amqp_url, open_connection
 from .rabbitmq_publish import PUBLISH_RETRY_SECONDS, Publisher
@@ -61,6 +62,9 @@ __all__ = ["ACK_BATCH", "PUBLISH_RETRY_SECONDS", "DeclareMode", "RabbitMQBus"]
 DeclareMode = Literal["all", "own", "none"]
 
 log = logging.getLogger(__name__)
+
+UNAVAILABLE_RETRY_SECONDS = 2.0
+"""How often a connect tries again while a queue's cluster node is down."""
 
 
 class RabbitMQBus(CommunicationBus):
@@ -128,6 +132,21 @@ class RabbitMQBus(CommunicationBus):
 
     # lifecycle -------------------------------------------------------------
     async def connect(self) -> None:
+        """Connect and declare (or check) the fixed topology.
+
+        In a cluster whose node holding a classic queue of the fixed topology
+        (``@any``) is down, that queue is unavailable, not missing: the
+        connect tries again every ``UNAVAILABLE_RETRY_SECONDS`` until the node
+        is back (a signal or a timeout cancels it), saying so each time.
+        """
+        while True:
+            try:
+                return await self._connect_once()
+            except QueueUnavailable as exc:
+                log.warning("%s: trying again in %s s", exc, UNAVAILABLE_RETRY_SECONDS)
+                await asyncio.sleep(UNAVAILABLE_RETRY_SECONDS)
+
+    async def _connect_once(self) -> None:
         if self._connection is not None and not self._connection.is_closed:
             return
         self._connection = await open_connection(
@@ -340,38 +359,6 @@ class RabbitMQBus(CommunicationBus):
 
         declarer = await self._own_channel(prefetch=512)
         return await self._subscribe(declarer, declarations, handle, before_ack=before_ack)
-
-    async def subscribe_heartbeats(self, handler: EventHandler) -> Subscription:
-        async def handle(message: AbstractIncomingMessage) -> None:
-            await handler(parse_event(message.body))
-
-        declarer = await self._own_channel(prefetch=512)
-        return await self._subscribe(declarer, self.topology.orchestrator_heartbeats(), handle)
-
-    async def agent_connected(self, agent_id: str) -> bool:
-        connection = self._require()
-        transport = connection.transport
-        what = f"cannot ask the broker about agent {agent_id!r}"
-        if transport is None or not connection.connected.is_set():
-            raise BusConnectionError(f"{what}: the link is down")
-        try:
-            # A bare channel: the broker closes it on a 404 or 405, and a robust
-            # one would reopen itself.
-            channel = await transport.connection.channel()
-        except CHANNEL_GONE as exc:
-            raise BusConnectionError(f"{what}: {exc}") from None
-        try:
-            await channel.queue_declare(self.topology.agent_control_queue(agent_id), passive=True)
-            return True  # (a declare on the agent's own connection: an in-process agent)
-        except aiormq.exceptions.ChannelLockedResource:
-            return True  # exclusive to another connection, which lives: the agent's
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            return False
-        except CHANNEL_GONE as exc:
-            raise BusConnectionError(f"{what}: {exc}") from None
-        finally:
-            if not channel.is_closed:
-                await channel.close()
 
     async def subscribe_dead_letters(
         self, handler: DeadLetterHandler, *, before_ack: BeforeAck | None = None

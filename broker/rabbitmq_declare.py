@@ -22,7 +22,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
-from .errors import BusError, QueueInUse, TopologyMismatch, TopologyMissing
+from .errors import BusConnectionError, BusError, QueueInUse, TopologyMismatch, TopologyMissing
 from .topology import Binding, Declarations, Exchange, Queue
 
 START_ORCHESTRATOR = "start `orchestrator serve` first"
@@ -32,6 +32,23 @@ class PermissionRefused(BusError, PermissionError):
     """Raised when RabbitMQ refuses an operation to the connection's user
     (ACCESS_REFUSED): its permissions do not cover that queue or exchange
     (see ``broker.permissions`` for what each role is granted)."""
+
+
+class QueueUnavailable(BusConnectionError):
+    """Raised when a queue exists but its node is down (a cluster): a classic
+    queue lives on one node, the one whose connection declared it, and is
+    unavailable, not gone, until that node is back. Transient, like a lost link."""
+
+
+def _unavailable(queue: Queue, exc: BaseException) -> QueueUnavailable | None:
+    """RabbitMQ 3.x's NOT_FOUND for a durable queue whose home node is down."""
+    text = str(exc)
+    if "home node" not in text:
+        return None
+    return QueueUnavailable(
+        f"queue {queue.name!r} is unavailable: {text.split(' - ', 1)[-1].rstrip(chr(39))}"
+        " (a classic queue is not replicated: it is back when its node is)"
+    )
 
 
 def missing(kind: str, name: str, address: str) -> TopologyMissing:
@@ -98,8 +115,8 @@ class Declarer:
     async def _check_queue(self, queue: Queue) -> AbstractQueue:
         try:
             return await self.channel.declare_queue(queue.name, passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            raise missing("queue", queue.name, self._address) from None
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise _unavailable(queue, exc) or missing("queue", queue.name, self._address) from None
         except aiormq.exceptions.ChannelLockedResource as exc:
             raise QueueInUse(
                 f"queue {queue.name!r} is exclusive to another connection: {exc}"
@@ -134,9 +151,11 @@ class Declarer:
                 auto_delete=queue.auto_delete,
                 arguments=dict(queue.arguments) or None,
             )
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise _unavailable(queue, exc) or exc from None
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
             raise TopologyMismatch(
-                f"queue {queue.name!r} exists with other arguments: {exc}"
+                f"queue {queue.name!r} exists with other arguments: {exc}{_type_hint(queue, exc)}"
             ) from None
         except aiormq.exceptions.ChannelLockedResource as exc:
             raise QueueInUse(
@@ -162,6 +181,20 @@ class Declarer:
                 f" under {binding.routing_key!r}",
                 exc,
             ) from None
+
+
+def _type_hint(queue: Queue, exc: BaseException) -> str:
+    """What to do when the broker's queue is of the other type (classic or quorum):
+    a queue cannot change type, and only the setting decides which we declare."""
+    if "x-queue-type" not in str(exc):
+        return ""
+    wanted = queue.arguments.get("x-queue-type", "classic")
+    return (
+        f"\nORCHESTRATOR_QUORUM_QUEUES={'true' if wanted == 'quorum' else 'false'} declares"
+        f" {queue.name!r} as a {wanted} queue and RabbitMQ cannot change a queue's type:"
+        " set the setting back, or move to the other type as the README's"
+        " 'A RabbitMQ cluster' says (drain the queue, delete it, start again)"
+    )
 
 
 async def delete(channel: AbstractChannel, declarations: Declarations) -> None:

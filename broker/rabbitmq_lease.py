@@ -10,7 +10,10 @@ It lives on a plain (not robust) connection of its own, so that nothing
 declares it again behind our back after a reconnect: a lost connection is a
 lost lease (``wait_lost`` returns), and whoever held it must stop acting as
 the holder at once. The holder takes it again, if still free, only through a
-new ``acquire``.
+new ``acquire``. With several node addresses (a cluster), each ``acquire``
+connects to the first that answers, in order: an exclusive queue lives on
+the node its connection is on, and dies with that node, which is a lost
+lease like any other.
 """
 
 from __future__ import annotations
@@ -29,13 +32,15 @@ from yarl import URL
 from .bus import Lease
 from .errors import BusConnectionError
 from .rabbitmq_link import TRANSIENT
+from .settings import broker_addresses
 from .topology import Queue
 
 log = logging.getLogger(__name__)
 
 
 class RabbitLease(Lease):
-    """The lease ``queue`` (exclusive) for ``holder``, on its own connection to ``url``."""
+    """The lease ``queue`` (exclusive) for ``holder``, on its own connection to ``url``
+    (to the first of its node addresses that answers)."""
 
     def __init__(
         self,
@@ -87,21 +92,26 @@ class RabbitLease(Lease):
     async def _connect(self) -> AbstractConnection:
         if self._connection is not None and not self._connection.is_closed:
             return self._connection
-        connection = aio_pika.Connection(
-            URL(self._url),
-            ssl_context=self._ssl_context,
-            client_properties={"connection_name": f"{self.holder}:lease"},
-        )
-        try:
-            await connection.connect(timeout=self._timeout)
-        except BaseException as exc:
-            with contextlib.suppress(Exception):
-                await connection.close()
-            if isinstance(exc, TRANSIENT):
-                raise BusConnectionError(
-                    f"cannot reach RabbitMQ at {self._address} for the lease: {exc}"
-                ) from None
-            raise
+        failure: BaseException | None = None
+        for url in broker_addresses(self._url):
+            connection = aio_pika.Connection(
+                URL(url),
+                ssl_context=self._ssl_context,
+                client_properties={"connection_name": f"{self.holder}:lease"},
+            )
+            try:
+                await connection.connect(timeout=self._timeout)
+                break
+            except BaseException as exc:
+                with contextlib.suppress(Exception):
+                    await connection.close()
+                if not isinstance(exc, TRANSIENT):
+                    raise
+                failure = exc
+        else:
+            raise BusConnectionError(
+                f"cannot reach RabbitMQ at {self._address} for the lease: {failure}"
+            ) from None
         connection.close_callbacks.add(self._on_close)
         self._connection = connection
         return connection

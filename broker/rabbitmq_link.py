@@ -10,13 +10,25 @@ failed TLS handshake means (a ``BrokerRefused`` naming the TLS setting to fix).
 The URL connected to carries the password of ``broker_password`` or
 ``broker_password_file`` when it has none of its own; the TLS context comes
 from ``broker.tls`` and goes to aio-pika's ``ssl_context`` argument.
+
+Several node addresses (a cluster; ``broker_url`` lists them separated by
+commas): the first connect tries them in turn and keeps the first that
+answers; after that, ``FailoverConnection`` moves on to the next address at
+each reconnect try. aio-pika's robust connection reconnects to its one URL
+only (aio-pika issue #141, "Robust connect to multiple hosts", is open), and
+everything the bus relies on across a reconnect (channels reopened, queues
+and consumers declared again, publisher confirms) lives in that connection,
+so the failover is a subclass of it rather than a connection of our own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
+from collections.abc import Sequence
+from typing import Any
 from urllib.parse import unquote
 
 import aio_pika
@@ -27,8 +39,10 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 from yarl import URL
 
 from .errors import BusConnectionError
-from .settings import BusSettings, check_broker_url
+from .settings import BusSettings, broker_addresses, check_broker_url, redact_url
 from .tls import client_context, handshake_failure, read_password_file, tls_files
+
+log = logging.getLogger(__name__)
 
 TRANSIENT = (
     ConnectionError,
@@ -62,7 +76,8 @@ class BrokerRefused(BusConnectionError):
 
 
 def amqp_url(settings: BusSettings, default: str) -> str:
-    """The broker URL with our heartbeat and reconnect interval, unless it sets its own.
+    """The broker URL with our heartbeat and reconnect interval, unless it sets its own;
+    each node address so, for a list of them (still separated by commas).
 
     Raises ``ValueError`` for a URL that is not an AMQP address (settings made
     with ``model_copy`` skip the check ``BusSettings`` makes).
@@ -72,8 +87,12 @@ def amqp_url(settings: BusSettings, default: str) -> str:
         check_broker_url(raw)
     except ValueError as exc:
         raise ValueError(f"broker_url: {exc}") from None
-    url = URL(raw)
     password = broker_password(settings)
+    return ",".join(_one_url(one, settings, password) for one in broker_addresses(raw))
+
+
+def _one_url(raw: str, settings: BusSettings, password: str | None) -> str:
+    url = URL(raw)
     if password is not None and not url.password:
         url = url.with_user(url.user or "guest").with_password(password)
     if "heartbeat" not in url.query:
@@ -143,18 +162,69 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, TRANSIENT)
 
 
+_CONNECT_TRY = getattr(aio_pika.RobustConnection, "_RobustConnection__connect_transport", None)
+if _CONNECT_TRY is None:  # pragma: no cover - a check of the aio-pika this was written against
+    raise ImportError(
+        "aio-pika's RobustConnection has no __connect_transport (aio-pika 10 has):"
+        " broker.rabbitmq_link.FailoverConnection must be adapted to this aio-pika"
+    )
+
+
+class FailoverConnection(aio_pika.RobustConnection):
+    """A robust connection over several node addresses: each reconnect try goes to the next.
+
+    aio-pika's reconnect loop makes every try through the private
+    ``__connect_transport``, which connects to ``self.url``; this class
+    overrides that one name to move ``url`` on to the next address before
+    each try but the first, and keeps everything else aio-pika does after a
+    reconnect (channels reopened, declares, consumers, confirms) as it is.
+    The import fails loudly if that name goes away in another aio-pika.
+    """
+
+    def __init__(self, urls: Sequence[str], *, start: int = 0, **kwargs: Any) -> None:
+        self._urls = [URL(one) for one in urls]
+        self._at = start % len(self._urls)
+        self._tries = 0
+        super().__init__(self._urls[self._at], **kwargs)
+
+    @property  # type: ignore[override]
+    def url(self) -> URL:
+        """The address connected to, or being tried."""
+        return self._urls[self._at]
+
+    @url.setter
+    def url(self, value: URL) -> None:  # aio-pika sets it at __init__ and in update_secret
+        self._urls[self._at] = URL(value)
+
+    async def _RobustConnection__connect_transport(self) -> None:  # aio-pika's private name
+        if self._tries and len(self._urls) > 1:
+            self._at = (self._at + 1) % len(self._urls)
+            log.info("reconnecting to the next RabbitMQ node, %s", redact_url(str(self.url)))
+        self._tries += 1
+        await _CONNECT_TRY(self)
+        if self._tries > 1:
+            log.warning("reconnected to RabbitMQ at %s", redact_url(str(self.url)))
+
+
 async def _connect_once(
-    url: str, timeout: float, connection_name: str, context: ssl.SSLContext | None
+    urls: Sequence[str],
+    start: int,
+    timeout: float,
+    connection_name: str,
+    context: ssl.SSLContext | None,
 ) -> AbstractRobustConnection:
-    """One try of ``connect_robust``, closed again unless it succeeds.
+    """One try of a robust connection to ``urls[start]``, closed again unless it succeeds.
 
     ``connect_robust`` connects in a task of its own that survives a
     cancelled connect and tries again for ever, which kept a process that
     was told to stop from ending: a try that is cancelled or fails closes
     its connection, and that task with it.
     """
-    connection = aio_pika.RobustConnection(
-        URL(url), ssl_context=context, client_properties={"connection_name": connection_name}
+    connection = FailoverConnection(
+        urls,
+        start=start,
+        ssl_context=context,
+        client_properties={"connection_name": connection_name},
     )
     try:
         await connection.connect(timeout=timeout)
@@ -165,10 +235,30 @@ async def _connect_once(
     return connection
 
 
+async def _connect_any(
+    urls: Sequence[str], timeout: float, connection_name: str, context: ssl.SSLContext | None
+) -> AbstractRobustConnection:
+    """The first of ``urls`` that answers, tried in order; a refusal ends the round at once
+    (the nodes of one cluster share their users), else the last failure is raised."""
+    failure: BaseException | None = None
+    for start in range(len(urls)):
+        try:
+            return await _connect_once(urls, start, timeout, connection_name, context)
+        except Exception as exc:
+            if not _retryable(exc):
+                raise
+            failure = exc
+            if len(urls) > 1:
+                log.info("RabbitMQ at %s does not answer: %s", redact_url(urls[start]), exc)
+    assert failure is not None
+    raise failure
+
+
 async def open_connection(
     url: str, settings: BusSettings, *, connection_name: str, address: str
 ) -> AbstractRobustConnection:
-    """A robust connection, after ``connect_attempts`` tries at most.
+    """A robust connection, after ``connect_attempts`` tries at most (each try
+    goes through every node address of ``url`` in turn).
 
     Raises ``BrokerRefused`` at once when the broker refuses the login or the
     virtual host, else ``BusConnectionError`` naming the broker by ``address``
@@ -177,7 +267,8 @@ async def open_connection(
     stops it at once, between tries too. A TLS setting that cannot be used
     (``broker.tls.client_context``) is a ``ValueError`` naming it, before any try.
     """
-    context = client_context(settings, url)
+    urls = broker_addresses(url)
+    context = client_context(settings, urls[0])
     try:
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(settings.connect_attempts),
@@ -186,17 +277,18 @@ async def open_connection(
             reraise=True,
         ):
             with attempt:
-                return await _connect_once(url, settings.connect_timeout, connection_name, context)
+                return await _connect_any(urls, settings.connect_timeout, connection_name, context)
     except Exception as exc:
-        refused = _refusal(exc, URL(url), address, _password_setting(settings))
+        refused = _refusal(exc, URL(urls[0]), address, _password_setting(settings))
         if refused is not None:
             raise refused from None
         detail = str(exc)
-        password = URL(url).password
-        if password:
-            detail = detail.replace(password, "***")
+        for one in urls:
+            password = URL(one).password
+            if password:
+                detail = detail.replace(password, "***")
         hint = ""
-        if context is not None and not tls_files(settings, url).cert_file and "reset" in detail:
+        if context is not None and not tls_files(settings, urls[0]).cert_file and "reset" in detail:
             # TLS 1.3: a broker that requires a client certificate just drops the connection.
             hint = " (over TLS: does the broker require a client certificate, broker_cert_file?)"
         raise BusConnectionError(

@@ -9,11 +9,19 @@ files and ``broker_password_file``. A bad one is a ``ValueError``
 (pydantic's ``ValidationError``) naming ``broker_url``, its message showing
 the URL without its password; the input is kept out of the error's text for
 the same reason.
+
+``broker_url`` may list several nodes of one RabbitMQ cluster, separated by
+commas (``amqp://u@h1:5672/,amqp://u@h2:5672/``): the bus connects to the
+first that answers and, when it loses that one, to the next ones in turn
+(``broker.rabbitmq_link``). Every address is checked alike; they must agree on
+the scheme, the user and the virtual host (one cluster, one login), and the
+password and TLS settings apply to each of them.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Literal
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
@@ -28,6 +36,9 @@ TLS_FILES = ("cafile", "certfile", "keyfile")
 TLS_FOLDERS = ("capath",)
 """URL query options that name a folder of CA certificates."""
 URL_EXAMPLE = "amqp://user:password@host:5672/vhost"
+_NEXT_ADDRESS = re.compile(r",\s*(?=amqps?://)", re.IGNORECASE)
+"""Where a list of node addresses splits: a comma before the next scheme (a
+comma elsewhere, in a query option for instance, stays part of its URL)."""
 
 
 class BusSettings(BaseSettings):
@@ -44,7 +55,14 @@ class BusSettings(BaseSettings):
     broker_url: str | None = Field(
         default=None,
         description="amqp:// or amqps:// URL of RabbitMQ; unset = in-process bus. Its"
-        " password may be left out and given by broker_password(_file) instead",
+        " password may be left out and given by broker_password(_file) instead. Several"
+        " nodes of one cluster: their URLs separated by commas, tried in turn",
+    )
+    quorum_queues: bool = Field(
+        default=False,
+        description="declare the orchestrator's own queues (events, requests, its dead"
+        " letters) as quorum queues, replicated across a cluster's nodes; task queues stay"
+        " classic (priorities). An existing classic queue cannot change type: see the README",
     )
     prefix: str = Field(
         default="orchestrator",
@@ -143,16 +161,54 @@ class BusSettings(BaseSettings):
 
 def _url_password(url: str | None) -> bool:
     try:
-        return bool(url and urlsplit(url).password)
+        return bool(url and any(urlsplit(one).password for one in broker_addresses(url)))
     except ValueError:
         return False
 
 
+def broker_addresses(url: str) -> list[str]:
+    """The node addresses of a ``broker_url``: one, or several separated by commas."""
+    return [one for one in _NEXT_ADDRESS.split(url.strip()) if one]
+
+
+def first_address(url: str) -> str:
+    """The first node address of a ``broker_url`` (what its user and vhost are read from)."""
+    addresses = broker_addresses(url)
+    return addresses[0] if addresses else url
+
+
 def check_broker_url(url: str) -> None:
-    """Raise ``ValueError`` saying what is wrong with ``url`` as a RabbitMQ address.
+    """Raise ``ValueError`` saying what is wrong with ``url`` as a RabbitMQ address,
+    or with one of its node addresses (they must agree on scheme, user and vhost).
 
     The message shows the URL without its password. Nothing connects.
     """
+    addresses = broker_addresses(url) or [url]
+    for one in addresses:
+        other = re.search(r",\s*([A-Za-z][\w+.-]*)://", one)
+        if other:
+            raise ValueError(
+                f"scheme {other[1] + '://'!r} of a node address in the list is not AMQP:"
+                f" expected URLs such as {URL_EXAMPLE} separated by commas, got {_shown(url)!r}"
+            )
+        _check_one_url(one)
+    if len(addresses) > 1:
+        first = urlsplit(addresses[0])
+        for one in addresses[1:]:
+            other = urlsplit(one)
+            for what, mine, theirs in (
+                ("scheme", first.scheme.lower(), other.scheme.lower()),
+                ("user", first.username, other.username),
+                ("virtual host", first.path or "/", other.path or "/"),
+            ):
+                if mine != theirs:
+                    raise ValueError(
+                        f"the node addresses of one cluster must have one {what}:"
+                        f" {_shown(addresses[0])!r} and {_shown(one)!r} differ"
+                    )
+
+
+def _check_one_url(url: str) -> None:
     shown = _shown(url)
     parts = urlsplit(url.strip())
     if parts.scheme.lower() not in AMQP_SCHEMES or not url.strip().lower().startswith(
@@ -208,7 +264,15 @@ def _shown(url: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """The URL with its password replaced, for messages and logs."""
+    """The URL with its password replaced, for messages and logs; every
+    address's, for a list of cluster nodes."""
+    addresses = broker_addresses(url)
+    if len(addresses) > 1:
+        return ",".join(_redact_one(one) for one in addresses)
+    return _redact_one(url)
+
+
+def _redact_one(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url

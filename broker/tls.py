@@ -87,8 +87,13 @@ class TlsFiles:
 
 
 def tls_files(settings: BusSettings, url: str) -> TlsFiles:
-    """The TLS files of ``settings`` and of ``url``'s query (settings win)."""
-    query = {name: values[-1] for name, values in parse_qs(urlsplit(url).query).items()}
+    """The TLS files of ``settings`` and of ``url``'s query (settings win); of its
+    first node address's query, for a list of cluster nodes."""
+    from .settings import first_address  # it imports this module
+
+    query = {
+        name: values[-1] for name, values in parse_qs(urlsplit(first_address(url)).query).items()
+    }
     url_verify = query.get("no_verify_ssl", "0") == "0"  # as aiormq reads it
     cadata = query.get("cadata")
     return TlsFiles(

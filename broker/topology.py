@@ -66,13 +66,6 @@ MONITOR_MAX_LENGTH = 10_000
 ``drop-head``): a monitor that stalls, or a flood, cannot fill the broker, and
 what a monitor reads is the newest."""
 
-HEARTBEATS_KEEP = 10_000
-"""Heartbeats the orchestrator's heartbeat queue keeps; past it the oldest are
-dropped (``x-overflow`` ``drop-head``): a heartbeat only says "alive at that
-moment", so the newest are the ones worth keeping, and a flood of them can
-neither fill the broker nor wait ahead of a result (those have a queue of
-their own)."""
-
 DEAD_LETTER_KEEP = 10_000
 """How many dead letters ``<p>.dead`` keeps for people to inspect (oldest dropped)."""
 
@@ -154,6 +147,15 @@ ExchangeType = Literal["direct", "topic", "fanout"]
 _CLASSIC = {"x-queue-type": "classic"}
 """Stated even where it is the default, so that a policy or a node default of
 quorum queues cannot silently give us queues without priorities."""
+
+_QUORUM = {"x-queue-type": "quorum"}
+"""The orchestrator's own queues under ``quorum_queues``: replicated across a
+cluster's nodes (a majority must be up). They take no priorities on RabbitMQ
+3.x, which is why the task queues stay classic."""
+
+
+def _own_queue(quorum: bool) -> dict[str, Any]:
+    return dict(_QUORUM if quorum else _CLASSIC)
 
 
 def _frozen(arguments: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -319,16 +321,16 @@ class Topology:
     """The exchanges, queues and bindings of one deployment (one prefix)."""
 
     prefix: str = "orchestrator"
+    quorum: bool = False
+    """The orchestrator's own durable queues (events, requests, its dead
+    letters) as quorum queues (``BusSettings.quorum_queues``); task queues,
+    retry tiers and the kept dead letters stay classic."""
 
     BROADCAST_KEY = "@all"
     """Outside the agent-id alphabet, so no agent's own key can equal it."""
 
-    ORCHESTRATOR_EVENT_PATTERNS = ("task.#", "agent.announce", "agent.goodbye")
-    """What the orchestrator's durable events queue is bound with: every event
-    but heartbeats (``ORCHESTRATOR_HEARTBEAT_PATTERNS``)."""
-
-    ORCHESTRATOR_HEARTBEAT_PATTERNS = ("agent.heartbeat",)
-    """What the orchestrator's bounded heartbeat queue is bound with."""
+    ORCHESTRATOR_EVENT_PATTERNS = ("task.#", "agent.#")
+    """What the orchestrator's own events queue is bound with: every event."""
 
     # value objects ---------------------------------------------------------------
     @functools.cached_property
@@ -349,19 +351,8 @@ class Topology:
 
     def orchestrator_events(self) -> Declarations:
         """The orchestrator's durable queue of events: results wait here while it is down."""
-        queue = Queue(self.orchestrator_events_queue, arguments=_CLASSIC)
+        queue = Queue(self.orchestrator_events_queue, arguments=_own_queue(self.quorum))
         return self._bound_events(queue, self.ORCHESTRATOR_EVENT_PATTERNS)
-
-    def orchestrator_heartbeats(self) -> Declarations:
-        """The orchestrator's queue of heartbeats, beside the events queue: a
-        flood of heartbeats cannot delay a result, and a backlog of results
-        cannot starve liveness. Bounded (``HEARTBEATS_KEEP``, drop-head).
-        Durable like the rest of the fixed topology (agents check it passively,
-        and a definitions import holds it), though what it carries is transient."""
-        queue = Queue(
-            self.orchestrator_heartbeats_queue, arguments=self.heartbeat_queue_arguments()
-        )
-        return self._bound_events(queue, self.ORCHESTRATOR_HEARTBEAT_PATTERNS)
 
     def monitor(self, patterns: Sequence[str], suffix: str) -> Declarations:
         """A monitor's private queue of the events matching ``patterns``: it
@@ -417,7 +408,7 @@ class Topology:
 
     def orchestrator_dead_letters(self) -> Declarations:
         """The orchestrator's copy of every dead letter: it fails the task named in it."""
-        queue = Queue(self.orchestrator_dead_queue, arguments=_CLASSIC)
+        queue = Queue(self.orchestrator_dead_queue, arguments=_own_queue(self.quorum))
         return self._bound(queue, self.exchanges.dead, ("",))
 
     def leader_lease(self) -> Declarations:
@@ -431,7 +422,7 @@ class Topology:
 
     def rpc(self) -> Declarations:
         """The request queue, bound to the requests exchange by its own name."""
-        queue = Queue(self.rpc_queue, arguments=self.rpc_queue_arguments())
+        queue = Queue(self.rpc_queue, arguments=self.rpc_queue_arguments(self.quorum))
         return self._bound(queue, self.exchanges.requests, (self.rpc_queue,))
 
     def retry_tier(self, tier_ms: int) -> Declarations:
@@ -449,7 +440,6 @@ class Topology:
             Declarations(exchanges=tuple(self.exchanges))
             + self.capability(ANY_CAPABILITY_KEY)
             + self.orchestrator_events()
-            + self.orchestrator_heartbeats()
             + self.kept_dead_letters()
             + self.orchestrator_dead_letters()
         )
@@ -511,11 +501,6 @@ class Topology:
         return f"{self.prefix}.orchestrator.events"
 
     @property
-    def orchestrator_heartbeats_queue(self) -> str:
-        """The orchestrator's bounded queue of heartbeats (see ``orchestrator_heartbeats``)."""
-        return f"{self.prefix}.orchestrator.heartbeats"
-
-    @property
     def leader_queue(self) -> str:
         """The lease of the orchestrator that leads this prefix (see ``leader_lease``)."""
         return f"{self.prefix}.orchestrator.leader"
@@ -535,8 +520,8 @@ class Topology:
         return f"{self.prefix}.rpc"
 
     @staticmethod
-    def rpc_queue_arguments() -> dict[str, Any]:
-        return dict(_CLASSIC)
+    def rpc_queue_arguments(quorum: bool = False) -> dict[str, Any]:
+        return _own_queue(quorum)
 
     @property
     def dead_queue(self) -> str:
@@ -564,10 +549,6 @@ class Topology:
     @staticmethod
     def monitor_queue_arguments() -> dict[str, Any]:
         return {"x-max-length": MONITOR_MAX_LENGTH, "x-overflow": "drop-head"}
-
-    @staticmethod
-    def heartbeat_queue_arguments() -> dict[str, Any]:
-        return {**_CLASSIC, "x-max-length": HEARTBEATS_KEEP, "x-overflow": "drop-head"}
 
     @staticmethod
     def dead_queue_arguments() -> dict[str, Any]:

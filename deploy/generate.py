@@ -101,14 +101,17 @@ def vhost_entry(vhost: str = VHOST) -> dict[str, Any]:
     return {"name": vhost, "description": description, "tags": []}
 
 
-def definitions(prefix: str = PREFIX, vhost: str = VHOST) -> dict[str, Any]:
+def definitions(prefix: str = PREFIX, vhost: str = VHOST, quorum: bool = False) -> dict[str, Any]:
     """The definitions document of a deployment: what the bus declares, pre-declared.
 
     ``Topology.definitions()`` (the fixed exchanges and queues, ``@any``, the
     request queue, the retry tiers: ``Topology.everything()``) with the vhost
-    they live in.
+    they live in. ``quorum``: the orchestrator's own queues as quorum queues, as
+    ``ORCHESTRATOR_QUORUM_QUEUES=true`` declares them (a cluster's; the files
+    written here are the single broker's, classic).
     """
-    return {"vhosts": [vhost_entry(vhost)], **Topology(prefix).definitions(vhost)}
+    topology = Topology(prefix, quorum=quorum)
+    return {"vhosts": [vhost_entry(vhost)], **topology.definitions(vhost)}
 
 
 # --- rabbitmq.conf and enabled_plugins ---------------------------------------------------

@@ -61,9 +61,10 @@ def topology(
     ] = None,
 ) -> None:
     """Print the RabbitMQ definitions of the fixed topology (importable by RabbitMQ),
-    or with --permissions what each role's user may do on it."""
+    or with --permissions what each role's user may do on it. Under
+    ORCHESTRATOR_QUORUM_QUEUES=true the orchestrator's own queues are quorum queues."""
     settings = BusSettings(**({"prefix": prefix} if prefix is not None else {}))
-    shape = Topology(settings.prefix)
+    shape = Topology(settings.prefix, quorum=settings.quorum_queues)
     if agents and permissions is None:
         raise CliError("--agent: goes with --permissions json or --permissions rabbitmqctl")
     try:
