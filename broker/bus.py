@@ -308,6 +308,28 @@ class CommunicationBus(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def subscribe_heartbeats(self, handler: EventHandler) -> Subscription:
+        """Handle the orchestrator's queue of heartbeats, one at a time.
+
+        Heartbeats have a queue of their own beside the durable events queue
+        (``Topology.orchestrator_heartbeats``), bounded with drop-head: a flood
+        of them cannot delay a result, nor a backlog of results starve
+        liveness. Nothing is written for a heartbeat, so there is no ``before_ack``.
+        """
+
+    @abc.abstractmethod
+    async def agent_connected(self, agent_id: str) -> bool:
+        """Whether the broker holds ``agent_id``'s control queue now.
+
+        That queue is exclusive and auto-delete: it exists exactly while the
+        agent's connection lives (and keeps its consumer), and the broker
+        deletes it the moment that connection dies, a SIGKILL included. So it
+        is the broker's word on a silent agent: gone means dead at once (the
+        broker has given its unacknowledged tasks back already), there means
+        its silence is the bus's (heartbeats delayed or dropped by a flood).
+        ``BusConnectionError`` when the broker cannot be asked."""
+
+    @abc.abstractmethod
     async def subscribe_dead_letters(
         self, handler: DeadLetterHandler, *, before_ack: BeforeAck | None = None
     ) -> Subscription:

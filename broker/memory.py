@@ -188,6 +188,7 @@ class MemoryBus(CommunicationBus):
         t = self.topology
         self._queue(ANY_CAPABILITY_KEY)
         self._declare(t.orchestrator_events(), lambda q: MessageQueue(q.name))
+        self._declare(t.orchestrator_heartbeats(), lambda q: MessageQueue(q.name, q.max_length))
         self._declare(t.kept_dead_letters(), lambda q: KeptLetters(q, self.dead_letters))
         self._declare(t.orchestrator_dead_letters(), lambda q: MessageQueue(q.name))
 
@@ -447,6 +448,21 @@ class MemoryBus(CommunicationBus):
         )
         self._add(sub)
         return sub
+
+    async def subscribe_heartbeats(self, handler: EventHandler) -> Subscription:
+        self._require()
+        queue = self._queues[self.topology.orchestrator_heartbeats_queue]
+        assert isinstance(queue, MessageQueue)
+        if queue.worker is not None:
+            raise RuntimeError("the orchestrator heartbeat queue already has a consumer")
+        sub = MemorySubscription(self, queue, handler, lambda e: parse_event(e.body))
+        self._add(sub)
+        return sub
+
+    async def agent_connected(self, agent_id: str) -> bool:
+        self._require()
+        # Its control queue is consumed exactly while its bus holds the subscription.
+        return self.topology.agent_control_queue(agent_id) in self._exclusive
 
     async def subscribe_dead_letters(
         self, handler: DeadLetterHandler, *, before_ack: BeforeAck | None = None

@@ -360,6 +360,38 @@ class RabbitMQBus(CommunicationBus):
         declarer = await self._own_channel(prefetch=512)
         return await self._subscribe(declarer, declarations, handle, before_ack=before_ack)
 
+    async def subscribe_heartbeats(self, handler: EventHandler) -> Subscription:
+        async def handle(message: AbstractIncomingMessage) -> None:
+            await handler(parse_event(message.body))
+
+        declarer = await self._own_channel(prefetch=512)
+        return await self._subscribe(declarer, self.topology.orchestrator_heartbeats(), handle)
+
+    async def agent_connected(self, agent_id: str) -> bool:
+        connection = self._require()
+        transport = connection.transport
+        what = f"cannot ask the broker about agent {agent_id!r}"
+        if transport is None or not connection.connected.is_set():
+            raise BusConnectionError(f"{what}: the link is down")
+        try:
+            # A bare channel: the broker closes it on a 404 or 405, and a robust
+            # one would reopen itself.
+            channel = await transport.connection.channel()
+        except CHANNEL_GONE as exc:
+            raise BusConnectionError(f"{what}: {exc}") from None
+        try:
+            await channel.queue_declare(self.topology.agent_control_queue(agent_id), passive=True)
+            return True  # (a declare on the agent's own connection: an in-process agent)
+        except aiormq.exceptions.ChannelLockedResource:
+            return True  # exclusive to another connection, which lives: the agent's
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        except CHANNEL_GONE as exc:
+            raise BusConnectionError(f"{what}: {exc}") from None
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
     async def subscribe_dead_letters(
         self, handler: DeadLetterHandler, *, before_ack: BeforeAck | None = None
     ) -> Subscription:

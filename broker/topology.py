@@ -66,6 +66,13 @@ MONITOR_MAX_LENGTH = 10_000
 ``drop-head``): a monitor that stalls, or a flood, cannot fill the broker, and
 what a monitor reads is the newest."""
 
+HEARTBEATS_KEEP = 10_000
+"""Heartbeats the orchestrator's heartbeat queue keeps; past it the oldest are
+dropped (``x-overflow`` ``drop-head``): a heartbeat only says "alive at that
+moment", so the newest are the ones worth keeping, and a flood of them can
+neither fill the broker nor wait ahead of a result (those have a queue of
+their own)."""
+
 DEAD_LETTER_KEEP = 10_000
 """How many dead letters ``<p>.dead`` keeps for people to inspect (oldest dropped)."""
 
@@ -329,8 +336,12 @@ class Topology:
     BROADCAST_KEY = "@all"
     """Outside the agent-id alphabet, so no agent's own key can equal it."""
 
-    ORCHESTRATOR_EVENT_PATTERNS = ("task.#", "agent.#")
-    """What the orchestrator's own events queue is bound with: every event."""
+    ORCHESTRATOR_EVENT_PATTERNS = ("task.#", "agent.announce", "agent.goodbye")
+    """What the orchestrator's durable events queue is bound with: every event
+    but heartbeats (``ORCHESTRATOR_HEARTBEAT_PATTERNS``)."""
+
+    ORCHESTRATOR_HEARTBEAT_PATTERNS = ("agent.heartbeat",)
+    """What the orchestrator's bounded heartbeat queue is bound with."""
 
     # value objects ---------------------------------------------------------------
     @functools.cached_property
@@ -353,6 +364,17 @@ class Topology:
         """The orchestrator's durable queue of events: results wait here while it is down."""
         queue = Queue(self.orchestrator_events_queue, arguments=_own_queue(self.quorum))
         return self._bound_events(queue, self.ORCHESTRATOR_EVENT_PATTERNS)
+
+    def orchestrator_heartbeats(self) -> Declarations:
+        """The orchestrator's queue of heartbeats, beside the events queue: a
+        flood of heartbeats cannot delay a result, and a backlog of results
+        cannot starve liveness. Bounded (``HEARTBEATS_KEEP``, drop-head).
+        Durable like the rest of the fixed topology (agents check it passively,
+        and a definitions import holds it), though what it carries is transient."""
+        queue = Queue(
+            self.orchestrator_heartbeats_queue, arguments=self.heartbeat_queue_arguments()
+        )
+        return self._bound_events(queue, self.ORCHESTRATOR_HEARTBEAT_PATTERNS)
 
     def monitor(self, patterns: Sequence[str], suffix: str) -> Declarations:
         """A monitor's private queue of the events matching ``patterns``: it
@@ -440,6 +462,7 @@ class Topology:
             Declarations(exchanges=tuple(self.exchanges))
             + self.capability(ANY_CAPABILITY_KEY)
             + self.orchestrator_events()
+            + self.orchestrator_heartbeats()
             + self.kept_dead_letters()
             + self.orchestrator_dead_letters()
         )
@@ -501,6 +524,11 @@ class Topology:
         return f"{self.prefix}.orchestrator.events"
 
     @property
+    def orchestrator_heartbeats_queue(self) -> str:
+        """The orchestrator's bounded queue of heartbeats (see ``orchestrator_heartbeats``)."""
+        return f"{self.prefix}.orchestrator.heartbeats"
+
+    @property
     def leader_queue(self) -> str:
         """The lease of the orchestrator that leads this prefix (see ``leader_lease``)."""
         return f"{self.prefix}.orchestrator.leader"
@@ -549,6 +577,10 @@ class Topology:
     @staticmethod
     def monitor_queue_arguments() -> dict[str, Any]:
         return {"x-max-length": MONITOR_MAX_LENGTH, "x-overflow": "drop-head"}
+
+    @staticmethod
+    def heartbeat_queue_arguments() -> dict[str, Any]:
+        return {**_CLASSIC, "x-max-length": HEARTBEATS_KEEP, "x-overflow": "drop-head"}
 
     @staticmethod
     def dead_queue_arguments() -> dict[str, Any]:

@@ -4,8 +4,13 @@ Agents register by API or by announcing themselves; either way they go
 through ``register``, which tells the agent which capability queues to
 consume (and, on an announcement, which queued tasks were cancelled: a
 restarted process knows nothing of what its predecessor heard). Liveness is
-the heartbeats: an agent silent past ``heartbeat_timeout`` is removed. An
-agent's load is kept from the lifecycle's moves, never by hand.
+the heartbeats, checked against the broker's word (``lost``): an agent that
+missed two of its heartbeats is asked about at the broker, and one whose
+control queue is gone (its connection died: a SIGKILL, a crash) is removed at
+once; one silent past ``heartbeat_timeout`` is removed too, unless its
+connection lives while a flood of refused messages is on (its heartbeats may
+be waiting, or dropped, behind it). An agent's load is kept from the
+lifecycle's moves, never by hand.
 
 Identity: an agent id is bound to the broker user of its first
 announcement, kept in the store's meta so that a restart keeps it; messages
@@ -25,6 +30,7 @@ from collections.abc import Iterable
 from broker import (
     AGENT_ID_PATTERN,
     CAPABILITY_PATTERN,
+    BusError,
     CommunicationBus,
     ConsumeQueues,
     Reannounce,
@@ -54,6 +60,13 @@ MAX_AGENTS_PER_USER = 5000
 announcements of new ids registers no more than this."""
 MAX_TASK_TYPES = 1000
 """Task types an announcement may name."""
+
+MISSED_BEATS = 2
+"""Heartbeats an agent may miss before the broker is asked whether it is connected."""
+MIN_PROBE_SILENCE = 1.0
+"""Seconds of silence before any such question, and between two about one agent."""
+PROBES_PER_ROUND = 200
+"""Questions to the broker per watch round at most (the rest wait for the next)."""
 
 CANCELLED_PER_MESSAGE = 1000
 """Ids per ``CancelTasks`` sent to a new agent (and at most half the bus's message limit)."""
@@ -122,6 +135,11 @@ class AgentRegistry:
         """The broker user each agent id is bound to (oldest first)."""
         self._per_user: Counter[str] = Counter()
         """How many agent ids each user has bound."""
+        self._beats: dict[str, tuple[float, float | None]] = {}
+        """Per agent heard from: its last heartbeat (or announcement) and the
+        interval between its heartbeats as seen here (None until two came)."""
+        self._probed: dict[str, tuple[float, bool | None]] = {}
+        """Per agent, when the broker was last asked about it and what it said."""
         self._cancelled_in_queue: dict[str, None] = {}
         """Cancelled while their message waited in a queue: agents must skip them.
         New agents are told before they consume; an agent's skip report clears one."""
@@ -146,6 +164,7 @@ class AgentRegistry:
         for agent in await self.store.agents():
             if agent.last_seen is not None:
                 agent.last_seen = now
+                self._beats[agent.agent_id] = (now, None)  # heard before: asked about too
             agent.running.clear()
             self._agents[agent.agent_id] = agent
         for task in tasks:
@@ -209,6 +228,7 @@ class AgentRegistry:
             agent.specialization_score.update(specialization)
         if announced:
             agent.last_seen = self.clock()
+            self._beats[agent_id] = (agent.last_seen, self._beats.get(agent_id, (0.0, None))[1])
             agent.task_types = sorted(set(task_types or []))
         elif agent.last_seen is None:
             # Registered by API and never heard from: it has one heartbeat timeout
@@ -293,6 +313,8 @@ class AgentRegistry:
         told to drop what it holds and stop, in case it still runs.
         """
         agent = self._agents.pop(agent_id, None)
+        self._beats.pop(agent_id, None)
+        self._probed.pop(agent_id, None)
         if agent is None:
             return None
         self._runnable.clear()
@@ -345,24 +367,86 @@ class AgentRegistry:
 
     # -------------------------------------------------------------- liveness
     async def heard(self, agent_id: str) -> None:
-        """A heartbeat: an unknown agent is asked to announce itself."""
+        """A heartbeat: an unknown agent is asked to announce itself; a known
+        one's interval is learnt (smoothed: heartbeats bunched behind a flood
+        move it slowly)."""
         agent = self._agents.get(agent_id)
         if agent is None:
             await self.ask_to_announce(agent_id)
-        else:
-            agent.last_seen = self.clock()
+            return
+        now = agent.last_seen = self.clock()
+        last, interval = self._beats.get(agent_id, (None, None))
+        if last is not None and now > last:
+            gap = now - last
+            interval = gap if interval is None else 0.7 * interval + 0.3 * gap
+        self._beats[agent_id] = (now, interval)
 
-    def silent(self, timeout: float) -> list[str]:
-        """Ids of the agents not heard from for ``timeout`` seconds; none while
-        a flood of refused messages is on (real heartbeats may wait behind it)."""
-        if self.refusals.flooded():
-            return []
-        deadline = self.clock() - timeout
-        return [
-            a.agent_id
-            for a in self._agents.values()
-            if a.last_seen is not None and a.last_seen < deadline
-        ]
+    async def lost(self, timeout: float) -> list[tuple[str, str]]:
+        """The agents to remove now, each with why.
+
+        An agent heard from that missed ``MISSED_BEATS`` heartbeats (a third of
+        ``timeout`` until its interval is known) is asked about at the broker
+        (``CommunicationBus.agent_connected``), at most once per interval: if
+        its control queue is gone, its connection died and the broker already
+        gave its unacknowledged tasks back, so it is removed at once, flood or
+        not. Silent past ``timeout`` it is removed too, unless a flood of
+        refused messages is on and its connection lives (or the broker cannot
+        say): then its heartbeats may be waiting, or dropped, behind the flood.
+        """
+        now = self.clock()
+        found: list[tuple[str, str]] = []
+        asked = 0
+        flooded: bool | None = None
+        for agent in list(self._agents.values()):
+            if agent.last_seen is None:
+                continue
+            silence = now - agent.last_seen
+            connected = None
+            beat = self._beats.get(agent.agent_id)
+            if beat is not None and silence >= self._ask_after(beat[1], timeout):
+                connected, fresh = await self._connected(agent.agent_id, beat[1], now, asked)
+                asked += fresh
+                if connected is False:
+                    found.append(
+                        (
+                            agent.agent_id,
+                            f"connection gone: the broker deleted its control queue"
+                            f" ({silence:.1f}s silent)",
+                        )
+                    )
+                    continue
+            if silence < timeout:
+                continue
+            if flooded is None:
+                flooded = self.refusals.flooded()
+            if flooded and connected is not False:
+                continue
+            found.append((agent.agent_id, "missed heartbeats"))
+        return found
+
+    @staticmethod
+    def _ask_after(interval: float | None, timeout: float) -> float:
+        if interval is None:
+            return max(MIN_PROBE_SILENCE, timeout / 3)
+        return min(max(MIN_PROBE_SILENCE, MISSED_BEATS * interval), timeout)
+
+    async def _connected(
+        self, agent_id: str, interval: float | None, now: float, asked: int
+    ) -> tuple[bool | None, bool]:
+        """What the broker says of ``agent_id``'s connection (None: it cannot
+        say), asked again only once per interval; and whether it was asked now."""
+        when, said = self._probed.get(agent_id, (None, None))
+        if when is not None and now - when < max(MIN_PROBE_SILENCE, interval or 0.0):
+            return said, False
+        if asked >= PROBES_PER_ROUND:
+            return said, False
+        try:
+            said = await self.bus.agent_connected(agent_id)
+        except BusError as exc:
+            log.info("cannot ask the broker whether agent %s is connected: %s", agent_id, exc)
+            said = None
+        self._probed[agent_id] = (now, said)
+        return said, True
 
     def postpone(self, seconds: float) -> None:
         """Nobody could be heard for ``seconds``: every agent gets as long."""

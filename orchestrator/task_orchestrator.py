@@ -147,6 +147,7 @@ class TaskOrchestrator:
         # What the bus acknowledges must be in the store first.
         self._subscriptions = [
             await self.bus.subscribe_events(self.events.on_event, before_ack=self.store.flush),
+            await self.bus.subscribe_heartbeats(self.events.on_event),
             await self.bus.subscribe_dead_letters(
                 self.events.on_dead_letter, before_ack=self.store.flush
             ),

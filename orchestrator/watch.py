@@ -1,7 +1,8 @@
 """The periodic watch: what the orchestrator notices from silence rather than events.
 
-Each round it removes agents whose heartbeats stopped (their tasks go back
-to the queue), times out running tasks whose agent went silent past their
+Each round it removes agents whose heartbeats stopped, or whose connection
+the broker says is gone (``AgentRegistry.lost``; their tasks go back to the
+queue), times out running tasks whose agent went silent past their
 deadline, has the outbox republish attempts that never reached their queue,
 and forgets finished tasks past their retention. While the broker link is
 down nobody can be heard, so silence means nothing: the round is skipped,
@@ -80,8 +81,8 @@ class Watch:
         if not self._hearing():
             return
         try:
-            for agent_id in self.registry.silent(self.settings.heartbeat_timeout):
-                await self.remove_agent(agent_id, "missed heartbeats")
+            for agent_id, why in await self.registry.lost(self.settings.heartbeat_timeout):
+                await self.remove_agent(agent_id, why)
             await self._check_deadlines()
             await self.dispatch.check_lost(self.outcomes.not_published)
             await self._forget_finished()

@@ -585,14 +585,74 @@ async def test_orchestrator_queue_keeps_events_published_before_it_subscribed(
     for event in events:
         await agent.publish_event(event)
 
-    # When the orchestrator subscribes to its durable queue
+    # When the orchestrator subscribes to its durable queue and its heartbeat queue
     orchestrator = await buses.connect()
     seen: Inbox[Event] = Inbox()
     await orchestrator.subscribe_events(seen.put)
+    beats: Inbox[Event] = Inbox()
+    await orchestrator.subscribe_heartbeats(beats.put)
 
-    # Then it receives every task and agent event, in publish order
-    assert await seen.wait_for(len(events)) == events
-    await seen.stays_at(len(events))
+    # Then it receives every task and agent event in publish order, the
+    # heartbeats on their own queue
+    others = [e for e in events if not isinstance(e, AgentHeartbeat)]
+    assert await seen.wait_for(len(others)) == others
+    await seen.stays_at(len(others))
+    heartbeats = [e for e in events if isinstance(e, AgentHeartbeat)]
+    assert await beats.wait_for(len(heartbeats)) == heartbeats
+    await beats.stays_at(len(heartbeats))
+
+
+async def test_heartbeats_have_a_bounded_queue_of_their_own(
+    monkeypatch: pytest.MonkeyPatch, buses: Buses
+) -> None:
+    # Given an orchestrator's heartbeat queue that keeps 100 (drop-head; patched
+    # first, so that it holds until the buses' teardown is done)
+    monkeypatch.setattr(
+        Topology,
+        "heartbeat_queue_arguments",
+        staticmethod(lambda: {"x-queue-type": "classic", "x-max-length": 100,
+                              "x-overflow": "drop-head"}),
+    )  # fmt: skip
+    agent = await buses.connect()
+    orchestrator = await buses.connect()
+
+    # When 1,000 heartbeats, then a result, are published while nobody consumes
+    beats = [AgentHeartbeat(agent_id="agent-1", running=i) for i in range(1000)]
+    for event in beats:
+        await agent.publish_event(event)
+    result = TaskFinished(task_id="t1", attempt=1, agent_id="agent-1", outcome="completed")
+    await agent.publish_event(result)
+
+    # Then the events queue holds the result alone, and the heartbeat queue
+    # only the newest 100 heartbeats
+    seen: Inbox[Event] = Inbox()
+    await orchestrator.subscribe_events(seen.put)
+    assert await seen.wait_for(1) == [result]
+    kept: Inbox[Event] = Inbox()
+    await orchestrator.subscribe_heartbeats(kept.put)
+    assert await kept.wait_for(100) == beats[-100:]
+    await kept.stays_at(100)
+    await seen.stays_at(1)
+
+
+async def test_the_broker_says_whether_an_agent_is_connected(buses: Buses) -> None:
+    # Given an agent consuming its control queue
+    agent = await buses.connect()
+    subscription = await agent.subscribe_control("agent-1", Inbox[Control]().put)
+    orchestrator = await buses.connect()
+
+    # Then the broker says it is connected, and that an agent never seen is not
+    assert await orchestrator.agent_connected("agent-1") is True
+    assert await orchestrator.agent_connected("agent-2") is False
+
+    # When its subscription ends (as its connection does when it dies)
+    await subscription.close()
+
+    # Then it is connected no more (the exclusive queue went with it), and asking
+    # again still works (a refused passive declare closes only a channel of its own)
+    assert await orchestrator.agent_connected("agent-1") is False
+    assert await orchestrator.agent_connected("agent-1") is False
+    await orchestrator.publish_control(Reannounce(), agent_id="agent-1")
 
 
 async def test_orchestrator_queue_keeps_events_while_the_orchestrator_is_down(
@@ -611,7 +671,7 @@ async def test_orchestrator_queue_keeps_events_while_the_orchestrator_is_down(
     # When events are published while it is down, and it comes back
     later = [
         TaskFinished(task_id="t1", attempt=1, agent_id="agent-1", outcome="completed"),
-        AgentHeartbeat(agent_id="agent-1", running=0),
+        AgentLeft(agent_id="agent-1"),
     ]
     for event in later:
         await agent.publish_event(event)
@@ -879,6 +939,7 @@ async def test_every_message_carries_its_publishers_user_and_handlers_see_it(
         await delivery.dead_letter("unreadable here")
 
     await orchestrator.subscribe_events(on_event)
+    await orchestrator.subscribe_heartbeats(on_event)
     await orchestrator.subscribe_dead_letters(on_dead)
     await agent.subscribe_control("agent-1", on_control)
     key = buses.key("analysis.@any")
@@ -909,6 +970,7 @@ async def test_a_message_published_without_a_user_has_no_sender(buses: Buses) ->
         await senders.put(current_sender())
 
     await orchestrator.subscribe_events(on_event)
+    await orchestrator.subscribe_heartbeats(on_event)
 
     # When a plain AMQP client publishes an event without a user_id
     body = AgentHeartbeat(agent_id="agent-1", running=0).encode()
