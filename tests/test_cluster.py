@@ -115,12 +115,14 @@ def fault_table(scenario: str, tasks: int, completed: int, twice: int) -> None:
     )
 
 
-async def start(deployment: Deployment, cluster: LocalCluster, run_log: Path) -> None:
-    """serve on node 0, agent c_1 on node 1, agent c_2 on node 2."""
+async def start(deployment: Deployment, cluster: LocalCluster, run_log: Path) -> list[str]:
+    """serve on node 0, 1,000 tasks queued, then agent c_1 on node 1 and c_2 on node 2."""
     await deployment.serve()
-    env = {"AGENT_RUN_LOG": str(run_log), "AGENT_MAX": "20", "AGENT_SLEEP": "0.02"}
+    ids = await submit_all(deployment, TASKS)
+    env = {"AGENT_RUN_LOG": str(run_log), "AGENT_MAX": "10", "AGENT_SLEEP": "0.05"}
     await deployment.agent("c_1", "cl", ORCHESTRATOR_BROKER_URL=addresses(cluster, 1), **env)
     await deployment.agent("c_2", "cl", ORCHESTRATOR_BROKER_URL=addresses(cluster, 2), **env)
+    return ids
 
 
 async def submit_all(deployment: Deployment, count: int) -> list[str]:
@@ -196,10 +198,9 @@ def alive(deployment: Deployment, *names: str) -> None:
 async def test_a_node_without_task_queues_killed_loses_no_task(
     cluster: LocalCluster, deployment: Deployment, tmp_path: Path
 ) -> None:
-    # Given serve on node 0 (the task queues' node), agents on nodes 1 and 2, 1,000 tasks
+    # Given serve on node 0 (the task queues' node), 1,000 tasks, agents on nodes 1 and 2
     run_log = tmp_path / "runs.log"
-    await start(deployment, cluster, run_log)
-    ids = await submit_all(deployment, TASKS)
+    ids = await start(deployment, cluster, run_log)
 
     # When node 1, agent c_1's, is SIGKILLed while they run
     await in_flight(deployment, ids)
@@ -219,10 +220,9 @@ async def test_a_node_without_task_queues_killed_loses_no_task(
 async def test_the_task_queues_node_killed_waits_for_it_and_loses_no_task(
     cluster: LocalCluster, deployment: Deployment, tmp_path: Path
 ) -> None:
-    # Given serve on node 0 (the task queues' node), agents on nodes 1 and 2, 1,000 tasks
+    # Given serve on node 0 (the task queues' node), 1,000 tasks, agents on nodes 1 and 2
     run_log = tmp_path / "runs.log"
-    await start(deployment, cluster, run_log)
-    ids = await submit_all(deployment, TASKS)
+    ids = await start(deployment, cluster, run_log)
 
     # When node 0, the serve's and the task queues', is SIGKILLed while they run
     await in_flight(deployment, ids)
