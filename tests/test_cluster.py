@@ -273,6 +273,14 @@ def test_every_address_is_checked_and_every_password_hidden() -> None:
         assert "pw" not in str(caught.value)
 
 
+def test_the_command_line_scrubs_the_password_of_every_address() -> None:
+    from orchestrator.cli.redaction import remember_secret, scrub
+
+    remember_secret("amqp://u:first-secret@h1:5672/,amqp://u:second-secret@h2:5673/")
+    said = scrub("login refused with second-secret; first-secret too")
+    assert "secret" not in said.replace("***", ""), said
+
+
 def test_quorum_queues_are_the_orchestrators_own_and_task_queues_stay_classic() -> None:
     classic, quorum = Topology("p"), Topology("p", quorum=True)
     own = ("p.orchestrator.events", "p.rpc", "p.orchestrator.dead")

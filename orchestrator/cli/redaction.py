@@ -27,7 +27,7 @@ import re
 import sys
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from broker.settings import check_broker_url
+from broker.settings import broker_addresses, check_broker_url
 
 log = logging.getLogger("orchestrator.cli")
 
@@ -36,16 +36,18 @@ known_secrets: set[tuple[str, str]] = set()
 
 
 def remember_secret(url: str | None) -> None:
-    """Learn ``url``'s password, if it has one, before anything can print it."""
+    """Learn ``url``'s password, if it has one, before anything can print it
+    (each node address's, for a list of a cluster's nodes)."""
     if not url:
         return
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return
-    if password:
-        known_secrets.add((parts.username or "", password))
+    for one in broker_addresses(url):
+        try:
+            parts = urlsplit(one)
+            password = parts.password
+        except ValueError:
+            continue
+        if password:
+            known_secrets.add((parts.username or "", password))
 
 
 def remember_password(username: str, password: str) -> None:
