@@ -27,6 +27,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .messages import Control, Event, TaskMessage
+from .tracing import trace_headers, with_current_context
 
 CONTENT_TYPE = "application/json"
 
@@ -102,8 +103,12 @@ class Envelope:
         return replace(self, expiration=seconds)
 
     def stamped(self, user: str | None) -> Envelope:
-        """As published by ``user`` (the bus's login)."""
-        return replace(self, user_id=user)
+        """As published by ``user`` (the bus's login), with the publisher's trace
+        context in its headers when it traces (``broker.tracing``)."""
+        headers = with_current_context(self.headers)
+        if headers is self.headers:
+            return replace(self, user_id=user)
+        return replace(self, user_id=user, headers=headers)
 
     # what each kind of message travels with -------------------------------------------
     @classmethod
@@ -182,10 +187,16 @@ class Sender:
 
     user: str | None
     by_broker: bool = False
+    trace: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
+    """The trace context it came with (``broker.tracing``): its handler's span joins it."""
 
     @classmethod
     def of(cls, user_id: object, headers: Mapping[str, Any] | None) -> Sender:
-        return cls(user_id if isinstance(user_id, str) else None, DEATH_HEADER in (headers or {}))
+        return cls(
+            user_id if isinstance(user_id, str) else None,
+            DEATH_HEADER in (headers or {}),
+            trace_headers(headers),
+        )
 
 
 _SENDER: ContextVar[Sender | None] = ContextVar("sender", default=None)

@@ -26,6 +26,7 @@ from .envelope import DeadLetter, Envelope, Sender, handling_from
 from .errors import BusNotStarted, InvalidMessage
 from .rpc import RequestHandler, answer
 from .topology import Queue
+from .tracing import trace_headers
 
 if TYPE_CHECKING:
     from .memory import MemoryBus
@@ -113,6 +114,7 @@ class MemoryDelivery(TaskDelivery):
         self.queue_key = consumer.queue.key
         self.redelivered = redelivered
         self.sender = item[2].user_id
+        self.trace = trace_headers(item[2].headers)
         self._settled = False
         self._lost = asyncio.Event()
 

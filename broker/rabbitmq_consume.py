@@ -30,6 +30,7 @@ from .errors import BusConnectionError, InvalidMessage
 from .rabbitmq_declare import Declarer
 from .rabbitmq_link import CHANNEL_GONE
 from .topology import Topology
+from .tracing import trace_headers
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class RabbitDelivery(TaskDelivery):
         self.queue_key = queue_key
         self.redelivered = bool(message.redelivered)
         self.sender = message.user_id
+        self.trace = trace_headers(message.headers)
 
     @property
     def lost(self) -> bool:

@@ -26,6 +26,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
+from . import tracing
 from .envelope import Envelope
 from .errors import BusConnectionError, BusError, NoReply
 from .rabbitmq_consume import DeadLetterPublish
@@ -48,7 +49,14 @@ def request_server(
     """What a server does with one request message: answer it to its ``reply_to``."""
 
     async def handle(message: AbstractIncomingMessage) -> None:
-        reply = await answer(handler, message.body, message.message_id)
+        # A submit made here joins the trace of the client that sent the request.
+        with tracing.process_span(
+            message.headers,
+            message.exchange or "",
+            message.routing_key or "",
+            message_id=message.message_id,
+        ):
+            reply = await answer(handler, message.body, message.message_id)
         if not message.reply_to:
             if reply.error is not None:  # nobody to tell: keep it for people to see
                 await dead(message.body, reply.error.message, source, None)
@@ -133,6 +141,17 @@ class RpcClient:
         # Its message_id is what a submit takes as its idempotency key by default:
         # delivered again after a server died mid-way, it maps to the task it made.
         envelope = dataclasses.replace(envelope, message_id=correlation_id)
+        # When tracing: one span around the publish and the wait for its reply,
+        # whose context the request carries to the orchestrator.
+        with tracing.send_span({}, self._exchange_name, self._rpc_queue, message_id=correlation_id):
+            envelope = dataclasses.replace(
+                envelope, headers=tracing.with_current_context(envelope.headers)
+            )
+            return await self._send(envelope, correlation_id, timeout, no_reply)
+
+    async def _send(
+        self, envelope: Envelope, correlation_id: str, timeout: float, no_reply: str
+    ) -> bytes:
         waiting = asyncio.get_running_loop().create_future()
         self._pending[correlation_id] = waiting
         try:

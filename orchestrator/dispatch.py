@@ -29,6 +29,8 @@ from broker import (
     TopologyMissing,
     UnroutableMessage,
     route_key,
+    task_message_id,
+    tracing,
 )
 
 from .lifecycle import Lifecycle, Move
@@ -186,12 +188,20 @@ class Dispatch:
             if not self.bus.is_connected:
                 raise BusNotStarted("the bus is not connected")
             handed = True
-            await self.bus.publish_task(
-                message,
-                queue_key=queue_key(task),
-                priority=self.placement.message_priority(task),
-                delay=delay,
-            )
+            key = queue_key(task)
+            with tracing.send_span(
+                {},  # the bus stamps the span's context on the message
+                self.bus.topology.tasks_exchange,
+                key,
+                message_id=task_message_id(task.task_id, attempt),
+                parent=task.trace_context,
+            ):
+                await self.bus.publish_task(
+                    message,
+                    queue_key=key,
+                    priority=self.placement.message_priority(task),
+                    delay=delay,
+                )
         except BaseException as exc:
             if in_flight(task, attempt):
                 sure = not handed or isinstance(exc, NOT_ROUTED)

@@ -105,6 +105,9 @@ class Task:
     idempotency_key: str | None = None
     """The key it was submitted with: a submit repeating it gets this task's id
     (see ``idempotency``). Kept, and forgotten, with the task."""
+    trace_context: dict[str, str] = field(default_factory=dict)
+    """The W3C trace context it was submitted in (``broker.tracing``; empty when
+    nobody traces): every attempt's publish joins that trace, a retry too."""
 
 
 @dataclass

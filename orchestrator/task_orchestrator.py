@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from broker import CancelTask, CommunicationBus, Reannounce, Subscription
+from broker import CancelTask, CommunicationBus, Reannounce, Subscription, tracing
 
 from . import listing
 from .dispatch import Dispatch, queue_key
@@ -307,6 +307,7 @@ class TaskOrchestrator:
             timeout=request.timeout,
             created_at=self.lifecycle.clock(),
             idempotency_key=key,
+            trace_context=tracing.current_context(),
         )
         await self.records.add(task)
         self._stats.created_task(task)

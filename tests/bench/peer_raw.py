@@ -19,7 +19,6 @@ from typing import Any
 
 import aio_pika
 
-from broker import event_loop
 from tests.bench.peer_common import Options, Workers, delete_topology, wait_consumers
 
 PREFETCH = 100
@@ -58,7 +57,7 @@ class RawRunner:
         self.queue = f"{options.prefix}.raw.tasks"
         self.replies = f"{options.prefix}.raw.replies"
         self.workers = Workers()
-        self.loop = event_loop.new_event_loop()  # uvloop where installed, as the project
+        self.loop = asyncio.new_event_loop()
         self.waiting: dict[str, asyncio.Future[tuple[float, float]]] = {}
         self.counter = 0
         self.connection: Any = None
@@ -142,7 +141,7 @@ def runner(options: Options, variant: str) -> tuple[RawRunner, bool]:
 
 def main(argv: list[str]) -> Any:
     if argv[:1] == ["worker"]:
-        event_loop.run(worker(argv[1], argv[2]))
+        asyncio.run(worker(argv[1], argv[2]))
     else:
         raise SystemExit("usage: python -m tests.bench.peer_raw worker URL QUEUE")
 
