@@ -66,6 +66,10 @@ MISSED_BEATS = 2
 MIN_PROBE_SILENCE = 1.0
 """Seconds of silence before any such question, and between two about one agent."""
 PROBES_PER_ROUND = 200
+GONE_GRACE = 3.0
+"""Seconds an agent's control queue must stay gone before it is removed (at least
+three of the bus's reconnect intervals): an agent reconnecting after a blip, or
+after a broker restart, declares it again within that."""
 """Questions to the broker per watch round at most (the rest wait for the next)."""
 
 CANCELLED_PER_MESSAGE = 1000
@@ -140,6 +144,9 @@ class AgentRegistry:
         interval between its heartbeats as seen here (None until two came)."""
         self._probed: dict[str, tuple[float, bool | None]] = {}
         """Per agent, when the broker was last asked about it and what it said."""
+        self._gone_since: dict[str, float] = {}
+        """Per agent, when the broker first said its control queue was gone
+        (since it was last heard of)."""
         self._cancelled_in_queue: dict[str, None] = {}
         """Cancelled while their message waited in a queue: agents must skip them.
         New agents are told before they consume; an agent's skip report clears one."""
@@ -315,6 +322,7 @@ class AgentRegistry:
         agent = self._agents.pop(agent_id, None)
         self._beats.pop(agent_id, None)
         self._probed.pop(agent_id, None)
+        self._gone_since.pop(agent_id, None)
         if agent is None:
             return None
         self._runnable.clear()
@@ -375,11 +383,16 @@ class AgentRegistry:
             await self.ask_to_announce(agent_id)
             return
         now = agent.last_seen = self.clock()
+        self._gone_since.pop(agent_id, None)
         last, interval = self._beats.get(agent_id, (None, None))
         if last is not None and now > last:
             gap = now - last
             interval = gap if interval is None else 0.7 * interval + 0.3 * gap
         self._beats[agent_id] = (now, interval)
+
+    def heartbeat_interval(self, agent_id: str) -> float | None:
+        """The interval seen between ``agent_id``'s heartbeats; None until two came."""
+        return self._beats.get(agent_id, (0.0, None))[1]
 
     async def lost(self, timeout: float) -> list[tuple[str, str]]:
         """The agents to remove now, each with why.
@@ -387,11 +400,13 @@ class AgentRegistry:
         An agent heard from that missed ``MISSED_BEATS`` heartbeats (a third of
         ``timeout`` until its interval is known) is asked about at the broker
         (``CommunicationBus.agent_connected``), at most once per interval: if
-        its control queue is gone, its connection died and the broker already
-        gave its unacknowledged tasks back, so it is removed at once, flood or
-        not. Silent past ``timeout`` it is removed too, unless a flood of
-        refused messages is on and its connection lives (or the broker cannot
-        say): then its heartbeats may be waiting, or dropped, behind the flood.
+        its control queue is gone, and still gone ``GONE_GRACE`` later (asked
+        every round meanwhile: a reconnecting agent declares it again), its
+        connection died and the broker already gave its unacknowledged tasks
+        back, so it is removed then, flood or not. Silent past ``timeout`` it
+        is removed too, unless a flood of refused messages is on and its
+        connection lives (or the broker cannot say): then its heartbeats may be
+        waiting, or dropped, behind the flood.
         """
         now = self.clock()
         found: list[tuple[str, str]] = []
@@ -406,7 +421,7 @@ class AgentRegistry:
             if beat is not None and silence >= self._ask_after(beat[1], timeout):
                 connected, fresh = await self._connected(agent.agent_id, beat[1], now, asked)
                 asked += fresh
-                if connected is False:
+                if connected is False and self._gone_for(agent.agent_id, now):
                     found.append(
                         (
                             agent.agent_id,
@@ -424,6 +439,12 @@ class AgentRegistry:
             found.append((agent.agent_id, "missed heartbeats"))
         return found
 
+    def _gone_for(self, agent_id: str, now: float) -> bool:
+        """The broker says ``agent_id``'s queue is gone: whether it has been for the grace."""
+        since = self._gone_since.setdefault(agent_id, now)
+        grace = max(GONE_GRACE, 3 * self.bus.settings.reconnect_interval)
+        return now - since >= grace
+
     @staticmethod
     def _ask_after(interval: float | None, timeout: float) -> float:
         if interval is None:
@@ -436,7 +457,8 @@ class AgentRegistry:
         """What the broker says of ``agent_id``'s connection (None: it cannot
         say), asked again only once per interval; and whether it was asked now."""
         when, said = self._probed.get(agent_id, (None, None))
-        if when is not None and now - when < max(MIN_PROBE_SILENCE, interval or 0.0):
+        again = max(MIN_PROBE_SILENCE, interval or 0.0)
+        if when is not None and now - when < again and agent_id not in self._gone_since:
             return said, False
         if asked >= PROBES_PER_ROUND:
             return said, False
@@ -445,11 +467,16 @@ class AgentRegistry:
         except BusError as exc:
             log.info("cannot ask the broker whether agent %s is connected: %s", agent_id, exc)
             said = None
+        if said is True:
+            self._gone_since.pop(agent_id, None)
         self._probed[agent_id] = (now, said)
         return said, True
 
     def postpone(self, seconds: float) -> None:
-        """Nobody could be heard for ``seconds``: every agent gets as long."""
+        """Nobody could be heard for ``seconds``: every agent gets as long (and
+        what the broker said of their connections before is forgotten)."""
+        self._gone_since.clear()
+        self._probed.clear()
         now = self.clock()
         for agent in self._agents.values():
             if agent.last_seen is not None:

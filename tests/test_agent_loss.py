@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
 from agents import TaskContext
 from orchestrator import TaskStatus
-from tests.harness import Harness, gone, registered, running_on, wait_until
+from tests.harness import FAST, Harness, gone, registered, running_on, wait_until
 
 
 @pytest.mark.rabbitmq
@@ -106,3 +107,64 @@ async def test_unregister_agent_moves_its_task_to_another(harness: Harness) -> N
     assert await registered(orchestrator) == {"second"}
     with pytest.raises(ValueError, match="agent_id"):
         await orchestrator.unregister_agent("first")
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("bus_kind", ["rabbitmq"], indirect=True)
+async def test_a_killed_agents_task_reads_pending_long_before_the_heartbeat_timeout(
+    harness: Harness, tmp_path
+) -> None:
+    # Given an orchestrator that waits a minute of silence before it gives up on an
+    # agent, and a task running in an agent process that heartbeats every second
+    timeout = 60.0
+    orchestrator = await harness.start_orchestrator(
+        FAST.model_copy(update={"heartbeat_timeout": timeout})
+    )
+    runs = tmp_path / "runs"
+    victim = harness.spawn_agent("victim", ["work"], AGENT_HEARTBEAT=1.0, AGENT_RUN_LOG=runs)
+    await harness.wait_agents("victim")
+    task_id = await orchestrator.submit_task(
+        name="long",
+        description="",
+        task_type="job",
+        payload={"hang_on": "victim"},
+        required_capabilities=["work"],
+    )
+    await wait_until(lambda: running_on(orchestrator, task_id, "victim"), timeout=15)
+
+    async def interval_known() -> bool:
+        return orchestrator.registry.heartbeat_interval("victim") is not None
+
+    await wait_until(interval_known, 15)
+    harness.spawn_agent("survivor", ["work"], AGENT_HEARTBEAT=1.0, AGENT_RUN_LOG=runs)
+    await harness.wait_agents("survivor")
+
+    # When the victim is killed with SIGKILL (no goodbye; the broker sees its
+    # connection die and deletes its exclusive control queue)
+    os.kill(victim.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    victim.wait(timeout=10)
+
+    # Then, well within the heartbeat timeout, the victim is removed and its task
+    # no longer reads running on it: pending, or held by the survivor
+    async def moved_off() -> bool:
+        status = await orchestrator.get_task_status(task_id)
+        assert status is not None
+        return status["assigned_agent"] != "victim"
+
+    await wait_until(moved_off, timeout / 3)
+    detected = time.monotonic() - killed
+    await wait_until(lambda: gone(orchestrator, "victim"), timeout / 3)
+    print(
+        f"\nSIGKILLed agent (heartbeat every 1 s, heartbeat_timeout {timeout:g} s):"
+        f" its task left it {detected:.2f}s after the kill"
+    )
+
+    # And the task completes once, on the survivor
+    status = await orchestrator.wait_for_task(task_id, timeout=30)
+    assert (status["status"], status["assigned_agent"]) == ("completed", "survivor")
+    assert status["result"]["agent"] == "survivor"
+    stats = await orchestrator.get_stats()
+    assert (stats["completed_tasks"], stats["registered_agents"]) == (1, 1)
+    ends = [line for line in runs.read_text().splitlines() if line.startswith("end ")]
+    assert len(ends) == 1, runs.read_text()

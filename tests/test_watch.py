@@ -98,13 +98,16 @@ async def test_a_running_task_silent_past_its_timeout_and_grace_is_retried(setup
 async def test_an_agent_silent_past_the_heartbeat_timeout_is_removed_and_its_task_requeued(
     setup,
 ) -> None:
+    # (its connection lives: the broker holds its control queue, a hung process's)
     orchestrator, clock, task_id = setup
+    _, subscription = await _listen(orchestrator, "worker")
     clock.now += 14.9
     await orchestrator.watch.round()
     assert [a.agent_id for a in await orchestrator.get_agents()] == ["worker"]
 
     clock.now += 0.2
     await orchestrator.watch.round()
+    await subscription.close()
     assert await orchestrator.get_agents() == []
     status = await orchestrator.get_task_status(task_id)
     assert (status["status"], status["assigned_agent"], status["retry_count"]) == (
@@ -114,6 +117,58 @@ async def test_an_agent_silent_past_the_heartbeat_timeout_is_removed_and_its_tas
     )
     stats = await orchestrator.get_stats()
     assert (stats["running_tasks"], stats["pending_tasks"]) == (0, 1)
+
+
+async def test_an_agent_whose_connection_is_gone_is_removed_once_it_missed_two_heartbeats(
+    setup,
+) -> None:
+    # Given an agent heard every 2 s, whose connection then dies (the broker
+    # deletes its exclusive control queue)
+    orchestrator, clock, task_id = setup
+    _, subscription = await _listen(orchestrator, "worker")
+    for _ in range(3):
+        clock.now += 2
+        await orchestrator.events.on_event(AgentHeartbeat(agent_id="worker", running=1))
+    await subscription.close()
+
+    # When it missed one heartbeat, it stays
+    clock.now += 3.9
+    await orchestrator.watch.round()
+    assert [a.agent_id for a in await orchestrator.get_agents()] == ["worker"]
+
+    # Once it missed two, the broker is asked, and it is removed once its control
+    # queue stayed gone for the grace a reconnect has (long before the heartbeat
+    # timeout of 15 s), its task pending again
+    clock.now += 0.2
+    await orchestrator.watch.round()
+    assert [a.agent_id for a in await orchestrator.get_agents()] == ["worker"]
+    clock.now += 3.0
+    await orchestrator.watch.round()
+    assert await orchestrator.get_agents() == []
+    status = await orchestrator.get_task_status(task_id)
+    assert (status["status"], status["assigned_agent"]) == ("pending", None)
+
+
+async def test_an_agent_whose_control_queue_comes_back_within_the_grace_stays(setup) -> None:
+    # Given an agent heard every 2 s, found gone by the broker after two missed
+    # heartbeats (its connection is being re-established)
+    orchestrator, clock, task_id = setup
+    for _ in range(3):
+        clock.now += 2
+        await orchestrator.events.on_event(AgentHeartbeat(agent_id="worker", running=1))
+    clock.now += 4.1
+    await orchestrator.watch.round()
+
+    # When its control queue is back within the grace
+    _, subscription = await _listen(orchestrator, "worker")
+    clock.now += 3.0
+    await orchestrator.watch.round()
+    await subscription.close()
+
+    # Then it is still registered and its task still runs on it
+    assert [a.agent_id for a in await orchestrator.get_agents()] == ["worker"]
+    status = await orchestrator.get_task_status(task_id)
+    assert (status["status"], status["assigned_agent"]) == ("running", "worker")
 
 
 async def test_queued_held_started_read_pending_assigned_running(setup) -> None:
