@@ -39,6 +39,13 @@ DeadLetterPublish = Callable[[bytes, str, str, "str | None"], Awaitable[None]]
 
 ACK_BATCH = 64
 """Events handled before one cumulative ack (the prefetch is larger)."""
+ACK_RETRY_MIN = 0.5
+ACK_RETRY_MAX = 10.0
+"""A subscription whose before-ack hook failed (a store outage past its own
+retry) tries hook and ack again after this long, doubling up to the maximum,
+until it succeeds or another message comes: nothing may be acknowledged before
+its effects are durable, and a prefetch full of unacknowledged messages would
+bring nothing else."""
 
 
 def dead_letter_of(message: AbstractIncomingMessage) -> DeadLetter:
@@ -306,16 +313,26 @@ class RabbitSubscription(Subscription):
             # Handled in order, so one ack with multiple=True settles all before it:
             # ack when the inbox runs dry or every ACK_BATCH messages.
             unacked += 1
+            pending = message
             if self._inbox.empty() or unacked >= ACK_BATCH:
-                if self._before_ack is not None:
-                    try:
-                        await self._before_ack()
-                    except Exception:
-                        # Unacknowledged, they come back if we die; the next ack covers them.
-                        log.exception("before-ack hook of %s failed", source)
-                        continue
-                unacked = 0
+                if not await self._flushed(source):
+                    continue  # unacknowledged: they come back if we die; retried
+                pending, unacked, retry = None, 0, ACK_RETRY_MIN
                 await _quietly(partial(message.ack, multiple=True), f"acknowledge {source}")
+
+    async def _flushed(self, source: str) -> bool:
+        """Run the before-ack hook; whether what was handled may be acknowledged."""
+        if self._before_ack is None:
+            return True
+        try:
+            await self._before_ack()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The next ack covers them, after the next message or the retry timer.
+            log.exception("before-ack hook of %s failed", source)
+            return False
+        return True
 
     async def close(self) -> None:
         self._on_close(self)
