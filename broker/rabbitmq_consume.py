@@ -297,8 +297,24 @@ class RabbitSubscription(Subscription):
     async def _run(self) -> None:
         unacked = 0
         source = self._queue.name
+        # The last message handled and not acknowledged (its hook failed):
+        pending: AbstractIncomingMessage | None = None
+        retry = ACK_RETRY_MIN
         while True:
-            message = await self._inbox.get()
+            if pending is not None and self._inbox.empty():
+                # The hook failed and nothing else comes to retry it (the prefetch
+                # may be full of what it left unacknowledged): retry on a timer.
+                try:
+                    message = await asyncio.wait_for(self._inbox.get(), retry)
+                except TimeoutError:
+                    if await self._flushed(source):
+                        await _quietly(partial(pending.ack, multiple=True), f"acknowledge {source}")
+                        pending, unacked, retry = None, 0, ACK_RETRY_MIN
+                    else:
+                        retry = min(retry * 2, ACK_RETRY_MAX)
+                    continue
+            else:
+                message = await self._inbox.get()
             try:
                 with handling_from(Sender.of(message.user_id, message.headers)):
                     await self._handle(message)
