@@ -110,3 +110,21 @@ def test_credentials_come_from_the_secret_and_nowhere_else() -> None:
                 assert ref["name"] == secret["metadata"]["name"] and ref["key"] in keys
     (auth,) = of_kind("TriggerAuthentication")
     assert {ref["key"] for ref in auth["spec"]["secretTargetRef"]} <= keys
+
+
+def test_the_flags_the_manifests_pass_are_the_commands_own() -> None:
+    import subprocess
+    import sys
+
+    for container in containers():
+        args = container["args"]
+        command = args[: args.index("--metrics-port")]
+        if command[:2] == ["agent", "run"]:
+            command = command[:2]
+        shown = subprocess.run(
+            [sys.executable, "-m", "orchestrator", *command, "--help"],
+            capture_output=True, text=True, timeout=60,
+            env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+        )  # fmt: skip
+        assert shown.returncode == 0, shown.stderr
+        assert "--metrics-port" in shown.stdout, command

@@ -78,3 +78,52 @@ async def test_agent_run_logs_json_naming_tasks_and_serves_its_figures(
     assert failure, records
     assert failure[0]["agent_id"] == "observed"
     assert "boom" in failure[0]["message"] or "boom" in failure[0].get("exc_info", "")
+
+
+async def test_serve_metrics_agree_with_get_stats_and_a_standby_reads_ready(
+    deployment: Deployment,
+) -> None:
+    # Given a leading serve and a standby, each with a metrics port, and an agent
+    ports = {"serve": free_port(), "standby": free_port()}
+    await deployment.start("serve", "serve", "--metrics-port", str(ports["serve"]))
+    await wait_until(deployment.answers, timeout=30, interval=0.1)
+    await deployment.start("standby", "serve", "--metrics-port", str(ports["standby"]))
+    await deployment.agent("metered", "meter")
+
+    # When tasks run, one of them failing
+    for payload in ('{"n": 1}', '{"n": 2}', '{"n": 3}', '{"fail": "no"}'):
+        done = await deployment.run(
+            "submit", "work", "-r", "meter", "-p", payload, "--max-retries", "0", "--wait"
+        )
+        assert done.code in (0, 4), done  # 4: the task failed, as asked
+
+    # Then the leader's scrape counts what get_stats counts
+    status, text = await http_get(ports["serve"], "/metrics")
+    assert status == 200
+    found = samples(text)
+    stats = await deployment.rpc(StatsRequest())
+    assert found[("orchestrator_tasks_submitted_total", ())] == stats["tasks_created"] == 4
+    assert found[("orchestrator_tasks", (("status", "completed"),))] == stats["tasks_completed"]
+    assert found[("orchestrator_tasks", (("status", "failed"),))] == stats["tasks_failed"] == 1
+    finished = found[
+        ("orchestrator_tasks_finished_total", (("status", "completed"), ("task_type", "work")))
+    ]
+    assert finished == 3
+    assert found[("orchestrator_leader", ())] == 1
+    assert found[("orchestrator_agents", ())] == stats["registered_agents"]
+
+    # And both read ready: the leader leading, the standby standing by
+    assert await http_get(ports["serve"], "/readyz") == (
+        200, f"leading on prefix {deployment.prefix!r}\n",
+    )  # fmt: skip
+
+    async def standby_ready() -> bool:
+        try:
+            return (await http_get(ports["standby"], "/readyz"))[0] == 200
+        except OSError:
+            return False
+
+    await wait_until(standby_ready, timeout=20, interval=0.1)
+    assert "standing by" in (await http_get(ports["standby"], "/readyz"))[1]
+    standby = samples((await http_get(ports["standby"], "/metrics"))[1])
+    assert standby.get(("orchestrator_leader", ()), 0) == 0

@@ -22,10 +22,12 @@ from typing import Annotated, Any
 import typer
 
 from broker import BusSettings, RabbitMQBus, redact_url
+from broker.probes import ProbeServer
 
+from ..metrics import OrchestratorMetrics
 from .connection import run, stop_on_signals
 from .errors import CliError
-from .logs import log_filter, setup_logging
+from .logs import LogFormat, LogFormatOption, log_filter, setup_logging
 from .settings import Broker, LogLevel, LogLevelName, Prefix, read_settings
 
 log = logging.getLogger("orchestrator.cli")  # the command line's one logger name
@@ -46,14 +48,26 @@ def serve(
         ),
     ] = None,
     log_level: LogLevel = LogLevelName.info,
+    log_format: LogFormatOption = LogFormat.text,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            metavar="PORT",
+            help="Serve /metrics, /healthz and /readyz on this port (all interfaces).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the orchestrator and answer requests on <prefix>.rpc until SIGTERM or Ctrl-C."""
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     settings, cli_settings = read_settings(broker, prefix)
     spec = store if store is not None else cli_settings.store
     setting = "--store" if store is not None else f"ORCHESTRATOR_STORE={redact_url(spec)!r}"
     open_store(spec, setting)  # a bad value is refused before anything starts
-    run(_serve(settings, lambda: open_store(spec, setting), setting), ends_by_signal=True)
+    run(
+        _serve(settings, lambda: open_store(spec, setting), setting, metrics_port),
+        ends_by_signal=True,
+    )
 
 
 def open_store(spec: str, setting: str = "--store") -> Any:
@@ -141,7 +155,12 @@ async def _open(store: Any, setting: str) -> None:
         raise CliError(f"{setting}: {problem}") from None
 
 
-async def _serve(settings: BusSettings, make_store: Callable[[], Any], setting: str) -> None:
+async def _serve(
+    settings: BusSettings,
+    make_store: Callable[[], Any],
+    setting: str,
+    metrics_port: int | None = None,
+) -> None:
     """Lead the prefix, or stand by while another orchestrator leads it, until a signal.
 
     A standby opens its store only when it takes over (a store read earlier
@@ -160,9 +179,12 @@ async def _serve(settings: BusSettings, make_store: Callable[[], Any], setting: 
     bus = await _connected(settings)
     stop = stop_on_signals()
     log_filter.transport_quiet = False
+    probes = _Probes(metrics_port)
+    await probes.start()
     try:
         while not stop.is_set():
             orchestrator = TaskOrchestrator(bus, store=make_store())
+            probes.follow(orchestrator, bus)
             service = OrchestratorService(orchestrator)
             leadership = orchestrator.leadership
             try:
@@ -188,7 +210,54 @@ async def _serve(settings: BusSettings, make_store: Callable[[], Any], setting: 
                 bus = await _connected(settings)
         log.info("stopping")
     finally:
+        await probes.stop()
         await bus.close()
+
+
+class _Probes:
+    """``--metrics-port``: one endpoint for the process, following whichever
+    orchestrator object serves (a new one after each step-down). Ready while
+    connected and leading or standing by: a standby is ready, it is what takes
+    over; counters from lifecycle moves go on across step-downs."""
+
+    def __init__(self, port: int | None) -> None:
+        self.port = port
+        self.metrics = OrchestratorMetrics() if port is not None else None
+        self.server: ProbeServer | None = None
+        self.orchestrator: Any = None
+        self.bus: RabbitMQBus | None = None
+
+    def follow(self, orchestrator: Any, bus: RabbitMQBus) -> None:
+        self.orchestrator, self.bus = orchestrator, bus
+        if self.metrics is not None:
+            orchestrator.lifecycle.observe(self.metrics)
+
+    def ready(self) -> tuple[bool, str]:
+        if self.bus is None or not self.bus.is_connected:
+            return False, "not connected to the broker"
+        if self.orchestrator is None:
+            return False, "starting"
+        role = "leading" if self.orchestrator.leadership.is_leader else "standing by"
+        return True, f"{role} on prefix {self.bus.settings.prefix!r}"
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.orchestrator.get_stats() if self.orchestrator is not None else {}
+
+    async def start(self) -> None:
+        if self.metrics is None:
+            return
+        self.server = ProbeServer(
+            self.metrics.registry,
+            ready=self.ready,
+            refresh=self.metrics.refresher(self.stats),
+            host="0.0.0.0",
+            port=self.port or 0,
+        )
+        await self.server.start()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
 
 
 async def _connected(settings: BusSettings) -> RabbitMQBus:
