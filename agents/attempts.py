@@ -100,6 +100,9 @@ class Attempt:
     """Its final event went out."""
     trace: str | None = None
     """Where its handler broke, or was when its time ran out (for the log)."""
+    notice: Any = None
+    """Its ``agents.started.StartNotice``, once it runs: dropped once its final
+    event went out or it stopped."""
     decided: asyncio.Future[Any] | None = None
     """The ``Outcome`` its delivery is settled with, once decided: a copy of it
     redelivered after its link was lost is settled the same way."""

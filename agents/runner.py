@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from pydantic import SecretStr, ValidationError
 
-from broker import AGENT_ID_PATTERN, BusSettings, RabbitMQBus
+from broker import AGENT_ID_PATTERN, BusSettings, RabbitMQBus, event_loop
 from broker.errors import BusError
 from broker.log_records import ContextFilter, JsonFormatter
 
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return run_with_reload(args.agent, child)
         agent = configure(_load(args.agent), agent_id=args.agent_id, concurrency=args.concurrency)
-        asyncio.run(_serve(agent, settings, args.metrics_port))
+        event_loop.run(_serve(agent, settings, args.metrics_port))  # uvloop where installed
     except KeyboardInterrupt:
         return EXIT_OK
     except ValidationError as exc:  # a bad --broker, --prefix or ORCHESTRATOR_* value

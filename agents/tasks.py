@@ -46,6 +46,7 @@ from .attempts import MAX_REDELIVERIES, Attempt, Attempts, StopReason
 from .context import TaskContext
 from .handlers import Handlers, Runners, bounded
 from .settle import Outcome, Settlement
+from .started import StartNotice
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -275,6 +276,14 @@ class Tasks:
         assert self.bus is not None
         job = attempt.job = asyncio.get_running_loop().create_task(self._run(settlement))
         try:
+            return await self._report(attempt, job)
+        finally:
+            if attempt.notice is not None:
+                attempt.notice.drop()  # reported, or never to be
+
+    async def _report(self, attempt: Attempt, job: asyncio.Task[TaskFinished]) -> Outcome:
+        assert self.bus is not None
+        try:
             with contextlib.suppress(asyncio.CancelledError):
                 await job
             if not job.cancelled():
@@ -367,35 +376,53 @@ class Tasks:
         )
 
     async def _run(self, settlement: Settlement) -> TaskFinished:
-        """Say the attempt started, run its handler, and make its final event."""
+        """Say the attempt started (now, or once it outlasts the agent's
+        ``report_started_after``: see ``agents.started``), run its handler, and
+        make its final event, which says when it started."""
         attempt = settlement.attempt
         assert attempt is not None and self.bus is not None
         message = attempt.message
         agent_id = self._agent.agent_id
-        # Confirmed before the handler starts: the orchestrator sees events in order.
-        await self.bus.publish_event(
-            TaskStarted(task_id=message.task_id, attempt=message.attempt, agent_id=agent_id)
-        )
         long_task_after = self._agent.long_task_after
-        if long_task_after is not None and message.timeout > long_task_after:
-            # The orchestrator knows it runs here, and will re-publish it if we vanish.
-            await asyncio.shield(settlement.detach())  # never half done
-        handler = self._handlers.find(message.task_type)
-        if handler is None:
-            error = f"agent {agent_id} has no handler for task_type {message.task_type!r}"
-            return self._final(message, "failed", error)
-        loop = asyncio.get_running_loop()
-        ctx = TaskContext(message, agent_id, self._progress(message), loop)
-        run = self._runners.start(handler, ctx)
-        attempt.handler = run.future
-        end = await run.wait(message.timeout)
-        attempt.trace = end.traceback
+        long_task = long_task_after is not None and message.timeout > long_task_after
+        # A long task is acknowledged once the orchestrator knows it runs here;
+        # the starts of a redelivery are counted by the orchestrator (a message
+        # that keeps coming back, killing its agents, is given up): told at once.
+        at_once = long_task or settlement.delivery.redelivered
+        notice = attempt.notice = StartNotice(
+            TaskStarted(task_id=message.task_id, attempt=message.attempt, agent_id=agent_id),
+            self.bus.publish_event,
+            None if at_once else self._agent.report_started_after,
+        )
+        try:
+            if at_once or not self._agent.report_started_after:
+                # Confirmed before the handler starts: the orchestrator sees events in order.
+                await notice.now()
+            if long_task:
+                # The orchestrator knows it runs here, and will re-publish it if we vanish.
+                await asyncio.shield(settlement.detach())  # never half done
+            handler = self._handlers.find(message.task_type)
+            if handler is None:
+                error = f"agent {agent_id} has no handler for task_type {message.task_type!r}"
+                await notice.settle()
+                return self._final(message, "failed", error, started_at=notice.at)
+            loop = asyncio.get_running_loop()
+            ctx = TaskContext(message, agent_id, self._progress(message, notice), loop)
+            run = self._runners.start(handler, ctx)
+            attempt.handler = run.future
+            end = await run.wait(message.timeout)
+            attempt.trace = end.traceback
+            await notice.settle()
+        except BaseException:
+            notice.drop()  # stopped before it ended: not reported
+            raise
         return self._final(
             message,
             end.outcome,
             end.error,
             end.result,
             traceback=end.traceback if end.outcome == "failed" else None,
+            started_at=notice.at,
         )
 
     def _final(
@@ -406,6 +433,7 @@ class Tasks:
         result: Any = None,
         *,
         traceback: str | None = None,
+        started_at: float | None = None,
     ) -> TaskFinished:
         return TaskFinished(
             task_id=message.task_id,
@@ -415,11 +443,13 @@ class Tasks:
             result=result,
             error=error,
             traceback=traceback,
+            started_at=started_at,
         )
 
-    def _progress(self, message: TaskMessage) -> Callable[[float], None]:
+    def _progress(self, message: TaskMessage, notice: StartNotice) -> Callable[[float], None]:
         """How a handler's ``ctx.progress`` reaches the bus: in the background,
-        lost quietly (a progress report is transient)."""
+        lost quietly (a progress report is transient), after the attempt's
+        start (the orchestrator keeps the progress of a running task only)."""
 
         def report(fraction: float) -> None:
             event = TaskProgress(
@@ -428,16 +458,17 @@ class Tasks:
                 agent_id=self._agent.agent_id,
                 progress=fraction,
             )
-            job = asyncio.get_running_loop().create_task(self._send_quietly(event))
+            job = asyncio.get_running_loop().create_task(self._send_quietly(event, notice))
             self._background.add(job)  # held, so that it is not collected
             job.add_done_callback(self._background.discard)
 
         return report
 
-    async def _send_quietly(self, event: TaskProgress) -> None:
+    async def _send_quietly(self, event: TaskProgress, notice: StartNotice) -> None:
         if self.bus is None:
             return
         try:
+            await notice.now()
             await self.bus.publish_event(event)
         except BusError as exc:
             log.debug("progress not sent: %s", exc)

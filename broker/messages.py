@@ -112,7 +112,12 @@ class TaskProgress(WireMessage):
 
 
 class TaskFinished(WireMessage):
-    """The final event of one attempt: its outcome with the result or the error."""
+    """The final event of one attempt: its outcome with the result or the error.
+
+    ``started_at`` is when its handler started. An attempt that ends within a
+    short delay of its start sends no ``TaskStarted`` (``agents.Agent``'s
+    ``report_started_after``): this event says both. Agents before it leave it
+    None, and their ``TaskStarted`` says when."""
 
     kind: Literal["task.finished"] = "task.finished"
     task_id: str
@@ -123,6 +128,11 @@ class TaskFinished(WireMessage):
     error: str | None = None
     traceback: str | None = Field(
         default=None, description="the handler's traceback when it raised (its last lines)"
+    )
+    started_at: float | None = Field(
+        default=None,
+        allow_inf_nan=False,
+        description="when the handler started (its TaskStarted may not have been sent)",
     )
     at: float = Field(default_factory=time.time)
 

@@ -190,7 +190,7 @@ def _type_hint(queue: Queue, exc: BaseException) -> str:
         return ""
     wanted = queue.arguments.get("x-queue-type", "classic")
     return (
-        f"\nORCHESTRATOR_QUORUM_QUEUES={'true' if wanted == 'quorum' else 'false'} declares"
+        f"; ORCHESTRATOR_QUORUM_QUEUES={'true' if wanted == 'quorum' else 'false'} declares"
         f" {queue.name!r} as a {wanted} queue and RabbitMQ cannot change a queue's type:"
         " set the setting back, or move to the other type as the README's"
         " 'A RabbitMQ cluster' says (drain the queue, delete it, start again)"

@@ -254,6 +254,16 @@ class EventHandlers:
         await self.records.save(task)
 
     async def on_started(self, event: TaskStarted) -> None:
+        task = self.records.get(event.task_id)
+        if (
+            task is not None
+            and task.status.is_final
+            and task.attempt == event.attempt
+            and task.assigned_agent == event.agent_id
+        ):
+            # Late: the agent that ended it told its start after its final event
+            # (a start it defers goes out if that event is slow to be confirmed).
+            return
         task = await self._refuse_stale(event)
         if task is None:
             return
@@ -321,6 +331,8 @@ class EventHandlers:
                     self.registry.skipped(task.task_id)
             return
         status = OUTCOME_STATUS[event.outcome]
+        if event.started_at is not None and status is not TaskStatus.CANCELLED:
+            self._started_by_final(task, event)
         if status is not TaskStatus.CANCELLED:
             await self.registry.scored(event.agent_id, task, status is TaskStatus.COMPLETED)
         if status in (TaskStatus.FAILED, TaskStatus.TIMEOUT):
@@ -330,6 +342,18 @@ class EventHandlers:
             return
         await self.outcomes.finish(
             task, status, result=event.result, error=event.error, at=event.at, agent=event.agent_id
+        )
+
+    def _started_by_final(self, task: Task, event: TaskFinished) -> None:
+        """An attempt that ended before its agent said it started (a quick one:
+        its final event says when it started): it ran, from ``started_at``, and
+        every observer hears so before it hears of its end. Not saved here: the
+        end is, with it."""
+        if task.status is TaskStatus.RUNNING and task.assigned_agent == event.agent_id:
+            return  # its start was told
+        assert event.started_at is not None
+        self.lifecycle.transition(
+            task, TaskStatus.RUNNING, agent=event.agent_id, at=min(event.started_at, event.at)
         )
 
     async def on_dead_letter(self, letter: DeadLetter) -> None:

@@ -118,7 +118,29 @@ class Desk:
         ]
 
     def started(self, task_id: str | None = None) -> list[TaskStarted]:
-        return self.of(TaskStarted, task_id)
+        """The starts told: each ``TaskStarted``, and each attempt whose final
+        event says when it started and that had none (a quick one: its agent
+        folds its start into its final event), in the order heard."""
+        told: list[TaskStarted] = []
+        seen: set[tuple[str, int]] = set()
+        for e in self.events:
+            if task_id is not None and getattr(e, "task_id", None) != task_id:
+                continue
+            if isinstance(e, TaskStarted):
+                told.append(e)
+                seen.add((e.task_id, e.attempt))
+            elif isinstance(e, TaskFinished) and e.started_at is not None:
+                if (e.task_id, e.attempt) not in seen:
+                    seen.add((e.task_id, e.attempt))
+                    told.append(
+                        TaskStarted(
+                            task_id=e.task_id,
+                            attempt=e.attempt,
+                            agent_id=e.agent_id,
+                            at=e.started_at,
+                        )
+                    )
+        return told
 
     def finished(self, task_id: str | None = None) -> list[TaskFinished]:
         return self.of(TaskFinished, task_id)

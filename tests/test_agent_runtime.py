@@ -594,9 +594,9 @@ class _FaultyFinalEvent:
 
 
 async def _start_agent_on(
-    harness: Harness, bus: _FaultyFinalEvent, agent_id: str, handler: Any
+    harness: Harness, bus: _FaultyFinalEvent, agent_id: str, handler: Any, **settings: Any
 ) -> Agent:
-    agent = Agent(agent_id, ["work"], 1, heartbeat_interval=0.3)
+    agent = Agent(agent_id, ["work"], 1, heartbeat_interval=0.3, **settings)
     agent.add_handler("*", handler)
     await agent.start(bus)  # type: ignore[arg-type]
     harness.agents.append(agent)
@@ -757,7 +757,8 @@ async def test_a_cancel_while_the_agent_says_it_started_is_reported_cancelled(
     if not bus.is_connected:
         await bus.connect()
     held = _HeldEvents(bus, hold_started=True)
-    agent = await _start_agent_on(harness, held, "worker", handler)
+    # (its start told before its handler runs, as every start of a slower task is)
+    agent = await _start_agent_on(harness, held, "worker", handler, report_started_after=None)
     task_id = await _submit(orchestrator)
     await asyncio.wait_for(held.holding.wait(), WAIT)
 

@@ -601,6 +601,8 @@ async def test_late_result_of_a_superseded_attempt_is_ignored(
         if superseded_by == "unregister":
             await orchestrator.unregister_agent("silent")
         await asyncio.wait_for(second_started.wait(), 20)
+        # (its start is told once it outlasts the agent's report_started_after)
+        await wait_until(lambda: _status_is(orchestrator, task_id, "running"))
         stale = TaskFinished(
             task_id=task_id,
             attempt=1,

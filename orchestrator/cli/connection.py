@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Coroutine
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
-from broker import BusSettings, RabbitMQBus, WireMessage
+from broker import BusSettings, RabbitMQBus, WireMessage, event_loop
 
 from .errors import EXIT_BAD_INPUT, EXIT_UNREACHABLE, CliError
 
@@ -122,7 +122,7 @@ def run(main: Coroutine[Any, Any, T], *, ends_by_signal: bool = False) -> T | No
     watch, agent run) then returns None, whatever stage it was at; any other
     raises ``Interrupted``.
     """
-    return asyncio.run(_guarded(main, ends_by_signal))
+    return event_loop.run(_guarded(main, ends_by_signal))  # uvloop where installed
 
 
 async def _guarded(main: Coroutine[Any, Any, T], ends_by_signal: bool) -> T | None:

@@ -26,6 +26,7 @@ import typer
 
 from broker import BusSettings, RabbitMQBus, Topology, route_key
 from broker.rabbitmq_purge import Found, delete, find
+from broker.settings import first_address
 
 from .connection import connected, run
 from .errors import CliError
@@ -161,7 +162,7 @@ def _listed_by_management(settings: BusSettings, url: str | None) -> set[str] | 
     them; None when it does not answer."""
     import os
 
-    parts = urllib.parse.urlsplit(settings.broker_url or "")
+    parts = urllib.parse.urlsplit(first_address(settings.broker_url or ""))  # a cluster: its first
     base = url or os.environ.get("RABBITMQ_MANAGEMENT_URL")
     base = base or f"http://{parts.hostname or '127.0.0.1'}:15672"
     vhost = urllib.parse.unquote(parts.path[1:]) if len(parts.path) > 1 else "/"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from agents import Agent, TaskContext
-from broker import BusSettings, RabbitMQBus
+from broker import BusSettings, RabbitMQBus, event_loop
 from orchestrator import SQLiteStore, TaskOrchestrator
 from tests.bench.peer_common import Options, Workers
 from tests.bench.throughput import delete_topology, wait_agents
@@ -46,7 +46,7 @@ class ProjectRunner:
         self.store = store
         self.settings = BusSettings(broker_url=options.broker_url, prefix=options.prefix)
         self.workers = Workers()
-        self.loop = asyncio.new_event_loop()
+        self.loop = event_loop.new_event_loop()  # as serve runs: uvloop where installed
         self.directory = tempfile.TemporaryDirectory()
         self.orchestrator: TaskOrchestrator | None = None
         self.bus: RabbitMQBus | None = None

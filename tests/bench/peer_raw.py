@@ -19,6 +19,7 @@ from typing import Any
 
 import aio_pika
 
+from broker import event_loop
 from tests.bench.peer_common import Options, Workers, delete_topology, wait_consumers
 
 PREFETCH = 100
@@ -57,7 +58,7 @@ class RawRunner:
         self.queue = f"{options.prefix}.raw.tasks"
         self.replies = f"{options.prefix}.raw.replies"
         self.workers = Workers()
-        self.loop = asyncio.new_event_loop()
+        self.loop = event_loop.new_event_loop()  # uvloop where installed, as the project
         self.waiting: dict[str, asyncio.Future[tuple[float, float]]] = {}
         self.counter = 0
         self.connection: Any = None
@@ -141,7 +142,7 @@ def runner(options: Options, variant: str) -> tuple[RawRunner, bool]:
 
 def main(argv: list[str]) -> Any:
     if argv[:1] == ["worker"]:
-        asyncio.run(worker(argv[1], argv[2]))
+        event_loop.run(worker(argv[1], argv[2]))
     else:
         raise SystemExit("usage: python -m tests.bench.peer_raw worker URL QUEUE")
 
