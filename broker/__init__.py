@@ -11,7 +11,7 @@ from .bus import (
     TaskDelivery,
     default_broker_url,
 )
-from .envelope import Envelope, parse_message_id, task_message_id
+from .envelope import Envelope, Sender, current_sender, parse_message_id, task_message_id
 from .errors import (
     BusConnectionError,
     BusError,
@@ -58,6 +58,7 @@ from .rpc import (
     AgentsRequest,
     CancelResult,
     CancelTaskRequest,
+    LeaderRecord,
     QueueRecord,
     QueuesRequest,
     Reply,
@@ -68,8 +69,10 @@ from .rpc import (
     StatsResult,
     SubmitResult,
     SubmitTaskRequest,
+    TasksRequest,
     TaskStatusRequest,
     TaskStatusResult,
+    TaskSummary,
     parse_reply,
     parse_request,
     parse_result,
@@ -80,6 +83,7 @@ from .topology import (
     ANY_CAPABILITY_KEY,
     CAPABILITY_PATTERN,
     DIRECT_REPLY_TO,
+    HEARTBEATS_KEEP,
     MAX_PRIORITY,
     RETRY_TIERS_MS,
     Binding,
@@ -156,6 +160,7 @@ __all__ = [
     "CancelTaskRequest",
     "CancelTasks",
     "TaskStatusRequest",
+    "TasksRequest",
     "StatsRequest",
     "AgentsRequest",
     "QueuesRequest",
@@ -169,12 +174,16 @@ __all__ = [
     "CancelResult",
     "TaskStatusResult",
     "StatsResult",
+    "LeaderRecord",
+    "TaskSummary",
     "AgentRecord",
     "QueueRecord",
     "RESULT_TYPES",
     "parse_result",
     # what travels around a message body
     "Envelope",
+    "Sender",
+    "current_sender",
     "task_message_id",
     "parse_message_id",
     # topology
@@ -186,6 +195,7 @@ __all__ = [
     "CAPABILITY_PATTERN",
     "AGENT_ID_PATTERN",
     "DIRECT_REPLY_TO",
+    "HEARTBEATS_KEEP",
     "MAX_PRIORITY",
     "RETRY_TIERS_MS",
     "retry_tier_ms",

@@ -257,6 +257,13 @@ class CancelResult(ReplyResult):
     status: TaskState = Field(description="the task's status after the request")
 
 
+class LeaderRecord(ReplyResult):
+    """Who leads a prefix, in the result of ``request.stats``."""
+
+    id: str | None = Field(description="the leader's orchestrator_id; None: not known")
+    epoch: int | None = Field(description="its store epoch; None: not known")
+
+
 class StatsResult(ReplyResult):
     """The result of ``request.stats``: what ``get_stats`` returns."""
 
@@ -270,6 +277,20 @@ class StatsResult(ReplyResult):
     registered_agents: int = Field(ge=0)
     agent_utilization: dict[str, float] = Field(description="current load / capacity, by agent")
     overall_utilization: float = Field(ge=0, description="all agents' load / capacity")
+    refused_messages: dict[str, int] = Field(
+        default={},
+        description="untrusted messages refused (and dropped), by reason: wrong_user,"
+        " unknown_agent, not_holder...",
+    )
+    role: Literal["leader", "standby", "stopped"] | None = Field(
+        default=None, description="this orchestrator's role in its prefix"
+    )
+    orchestrator_id: str | None = Field(
+        default=None, description="this orchestrator's name in the lease and the store"
+    )
+    leader: LeaderRecord | None = Field(
+        default=None, description="who leads the prefix, as far as this orchestrator knows"
+    )
 
 
 class AgentRecord(ReplyResult):

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .lifecycle import Move
@@ -81,7 +81,11 @@ class StatsTracker:
             if task.status is TaskStatus.COMPLETED:
                 self._count_completion(task)
 
-    def snapshot(self, agents: Iterable[AgentCapability]) -> dict[str, Any]:
+    def snapshot(
+        self, agents: Iterable[AgentCapability], refused: Mapping[str, int] | None = None
+    ) -> dict[str, Any]:
+        """The seed's figures, and (beyond it) ``refused_messages``: the untrusted
+        messages refused, by reason (``orchestrator.refusals``)."""
         agents = list(agents)
         capacity = sum(a.max_concurrent_tasks for a in agents)
         load = sum(a.current_load for a in agents)
@@ -99,4 +103,5 @@ class StatsTracker:
             "registered_agents": len(agents),
             "agent_utilization": {a.agent_id: a.utilization for a in agents},
             "overall_utilization": load / capacity if capacity else 0.0,
+            "refused_messages": dict(refused or {}),
         }

@@ -403,8 +403,10 @@ class TaskOrchestrator:
         return listing.list_tasks(self.records, status, task_type, agent_id, limit)
 
     async def get_stats(self) -> dict[str, Any]:
-        """The seed's statistics, and (beyond it) ``role`` and who is ``leader``."""
-        return {**self._stats.snapshot(self.registry), **self.leadership.describe()}
+        """The seed's statistics, and (beyond it) ``refused_messages`` by reason,
+        ``role`` and who is ``leader``."""
+        refused = self.registry.refusals.snapshot()
+        return {**self._stats.snapshot(self.registry, refused), **self.leadership.describe()}
 
     async def get_agents(self) -> list[AgentCapability]:
         """The registered agents (beyond the seed: for tools and tests)."""

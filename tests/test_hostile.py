@@ -40,6 +40,7 @@ from broker import (
     WireMessage,
 )
 from broker.messages import CancelTasks
+from broker.topology import HEARTBEATS_KEEP
 from orchestrator import TaskOrchestrator
 from tests.conftest import require_broker
 from tests.deployment import broker_user, management_api
@@ -498,7 +499,7 @@ async def test_a_heartbeat_flood_removes_no_agent_and_delays_no_result(scene: Sc
             return scene.refused().get("unknown_agent", 0) >= min(2000, FLOOD // 2)
 
         await wait_until(flooding, 120)
-        behind = _events_waiting(scene)
+        behind = _waiting(scene, scene.attacker.topology.orchestrator_heartbeats_queue)
         scene.gate.set()
         released = time.monotonic()
         status = await scene.orchestrator.wait_for_task(task_id, 120)
@@ -519,7 +520,7 @@ async def test_a_heartbeat_flood_removes_no_agent_and_delays_no_result(scene: Sc
         f"\nheartbeat flood: {FLOOD} heartbeats of {FLOOD_IDS} unknown ids, published in"
         f" {published:.1f}s ({FLOOD / published:.0f}/s); {last} refused (the rest dropped"
         f" by the bounded queue) by {drained_after:.1f}s after it began; the real result, sent with"
-        f" {behind} events waiting before it, was recorded {result_delay:.2f}s later;"
+        f" {behind} heartbeats waiting beside it, was recorded {result_delay:.2f}s later;"
         f" Reannounce answers: {answers}"
     )
     # Then the task completed with its real result, worker is still registered,
@@ -572,11 +573,80 @@ async def test_a_backlog_of_bogus_events_drains_in_seconds(prefix: str) -> None:
         await harness.close()
 
 
-def _events_waiting(scene: Scene) -> int | str:
-    """How many events wait in the orchestrator's queue (management API), or '?'."""
+async def test_a_heartbeat_backlog_delays_no_result(prefix: str) -> None:
+    """Heartbeats have a bounded queue of their own (drop-head): a backlog of
+    them, published while the orchestrator was down or faster than it reads,
+    waits beside the results, not ahead of them, and removes no agent."""
+    url = require_broker()
+    settings = BusSettings(broker_url=url, prefix=prefix, amqp_heartbeat=5, connect_attempts=1)
+    harness = Harness("rabbitmq", settings)
+    backlog = 2 * FLOOD
+    try:
+        # Given 2 x FLOOD bogus heartbeats of unknown ids published while no
+        # orchestrator ran (the queue keeps the newest it may), and a real agent
+        bus = await harness.connected_bus()
+        user = bus.user or "guest"
+        flooder = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", FLOODER, url, user, bus.topology.events_exchange,
+            str(backlog), str(FLOOD_IDS), "agent.heartbeat",
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        await flooder.communicate()
+        kept = await _depth(url, bus.topology.orchestrator_heartbeats_queue)
+        assert 0 < kept <= HEARTBEATS_KEEP
+        await harness.start_agent("late", ["work"], 1, wait_registered=False)
+
+        # When the orchestrator starts and a task is submitted at once
+        started = time.monotonic()
+        orchestrator = await harness.start_orchestrator(FAST)
+        refused = orchestrator.registry.refusals.counts
+
+        async def registered() -> bool:
+            return "late" in {a.agent_id for a in await orchestrator.get_agents()}
+
+        await wait_until(registered, 60)
+        task_id = await orchestrator.submit_task(
+            name="t", description="", task_type="job", payload={"n": 1},
+            required_capabilities=["work"],
+        )  # fmt: skip
+        status = await orchestrator.wait_for_task(task_id, 60)
+        done_after = time.monotonic() - started
+        refused_by_then = refused["unknown_agent"]
+
+        async def drained() -> bool:
+            return refused["unknown_agent"] >= kept
+
+        await wait_until(drained, 300)
+        drained_after = time.monotonic() - started
+        print(
+            f"\nheartbeat backlog: {backlog} bogus heartbeats published, {kept} kept by the"
+            f" bounded queue; a task submitted after the orchestrator started completed"
+            f" {done_after:.2f}s after its start, with {refused_by_then} of them refused by"
+            f" then; the backlog drained {drained_after:.1f}s after the start"
+            f" ({kept / drained_after:.0f} refused/s)"
+        )
+        # Then the result was recorded while most of the backlog still waited,
+        # no retry was spent, and the real agent is still registered
+        assert (status["status"], status["retry_count"]) == ("completed", 0)
+        assert refused_by_then < kept
+        assert "late" in {a.agent_id for a in await orchestrator.get_agents()}
+    finally:
+        await harness.close()
+
+
+async def _depth(url: str, queue: str) -> int:
+    """Messages waiting in ``queue`` (a passive declare)."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return declared.declaration_result.message_count or 0
+
+
+def _waiting(scene: Scene, name: str) -> int | str:
+    """How many messages wait in queue ``name`` (management API), or '?'."""
     try:
         api = management_api(scene.harness.settings.broker_url)
-        name = scene.attacker.topology.orchestrator_events_queue
         status, body = api.call("GET", f"/api/queues/%2F/{name}")
         return int(body["messages"]) if status == 200 else "?"
     except Exception:

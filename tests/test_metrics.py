@@ -8,6 +8,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from agents import TaskContext
+from broker import AgentHeartbeat
 from broker.probes import ProbeServer
 from orchestrator import TaskOrchestrator
 from orchestrator.metrics import OrchestratorMetrics
@@ -50,6 +51,8 @@ async def test_scrape_counts_agree_with_stats(harness) -> None:
     ids.append(await orch.submit_task("f1", "", "flaky", {}, max_retries=2))
     ids.append(await orch.submit_task("f2", "", "flaky", {}, max_retries=0))
     await wait_all(orch, ids)
+    # (and one event refused: an agent id outside the alphabet)
+    await orch.events.on_event(AgentHeartbeat(agent_id="not an id", running=0))
     async with ProbeServer(metrics.registry, refresh=metrics.refresher(orch.get_stats)) as probe:
         status, text = await http_get(probe.port, "/metrics")
     assert status == 200
@@ -70,6 +73,9 @@ async def test_scrape_counts_agree_with_stats(harness) -> None:
     assert found[("orchestrator_agents", ())] == stats["registered_agents"] == 1
     assert found[("orchestrator_task_run_seconds_count", (("task_type", "echo"),))] == 5
     assert found[("orchestrator_task_wait_seconds_count", (("task_type", "echo"),))] == 5
+    refused = (("reason", "invalid_agent_id"),)
+    assert found[("orchestrator_refused_messages_total", refused)] == 1
+    assert stats["refused_messages"] == {"invalid_agent_id": 1}
 
 
 async def test_probes_answer_live_and_ready() -> None:

@@ -41,6 +41,7 @@ from broker import (
     TaskFinished,
     TaskMessage,
     TaskProgress,
+    TasksRequest,
     TaskStarted,
     TaskStatusRequest,
     Topology,
@@ -147,6 +148,7 @@ SAMPLES: list[tuple[WireMessage, Parser]] = [
     (StatsRequest(), parse_request),
     (AgentsRequest(), parse_request),
     (QueuesRequest(), parse_request),
+    (TasksRequest(status=["running"], task_type="t", agent_id="a-1", limit=5), parse_request),
     (Reply.success({"task_id": "t-1"}), parse_reply),
     (Reply.failure("not_found", "task_id: unknown task 't-9'"), parse_reply),
 ]
@@ -600,7 +602,16 @@ def test_every_binding_binds_a_queue_its_group_declares() -> None:
     ("declarations", "routed", "not_routed"),
     [
         (Topology("p").capability("a+b"), ["a+b"], ["a", "b", "@any"]),
-        (Topology("p").orchestrator_events(), ["task.finished", "agent.heartbeat"], ["control"]),
+        (
+            Topology("p").orchestrator_events(),
+            ["task.finished", "agent.announce.a-1", "agent.goodbye"],
+            ["control", "agent.heartbeat", "agent.heartbeat.a-1"],
+        ),
+        (
+            Topology("p").orchestrator_heartbeats(),
+            ["agent.heartbeat", "agent.heartbeat.a-1"],
+            ["task.finished", "agent.announce"],
+        ),
         (Topology("p").agent_control("a"), ["a", Topology.BROADCAST_KEY], ["b", "all"]),
         (Topology("p").kept_dead_letters(), ["", "anything"], []),
         (Topology("p").retry_tier(100), ["a+b", "@any"], []),
