@@ -350,8 +350,14 @@ def test_permissions_follow_the_topology_objects() -> None:
         assert not grants(agent.configure, t.agent_control_queue(other)), other
         assert not grants(agent.read, t.agent_control_queue(other)), other
     assert grants(agent.read, t.task_queue("report.@any"))
-    for queue in (t.rpc_queue, t.orchestrator_events_queue, t.orchestrator_dead_queue):
+    for queue in (
+        t.rpc_queue,
+        t.orchestrator_events_queue,
+        t.orchestrator_heartbeats_queue,
+        t.orchestrator_dead_queue,
+    ):
         assert not grants(agent.read, queue)
+    assert t.orchestrator_heartbeats_queue in names  # the orchestrator's to declare and read
     # It publishes events and dead letters only: no commands, no tasks, no default exchange
     assert grants(agent.write, t.events_exchange) and grants(agent.write, t.dead_exchange)
     for exchange in (t.control_exchange, t.tasks_exchange, perms.DEFAULT_EXCHANGE):
