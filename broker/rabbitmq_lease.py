@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
 from typing import Any
@@ -112,7 +113,7 @@ class RabbitLease(Lease):
             raise BusConnectionError(
                 f"cannot reach RabbitMQ at {self._address} for the lease: {failure}"
             ) from None
-        connection.close_callbacks.add(self._on_close)
+        connection.close_callbacks.add(functools.partial(self._closed, connection))
         self._connection = connection
         return connection
 
@@ -132,6 +133,12 @@ class RabbitLease(Lease):
             self._on_close()
             return False
         return True
+
+    def _closed(self, connection: AbstractConnection, *_: Any) -> None:
+        """A connection's close: the lease's, unless a newer one holds the lease by now
+        (an old connection's close that comes late must not take the new lease)."""
+        if connection is self._connection or self._connection is None:
+            self._on_close()
 
     def _on_close(self, *_: Any) -> None:
         if self._held and not self._lost.is_set():

@@ -116,6 +116,8 @@ class Leadership:
         self._on_lead: Hook | None = None
         self._on_step_down: Hook | None = None
         self._observers: list[Observer] = []
+        self._reclaiming = False
+        """The lease's connection ended and we are taking it back (see ``_reclaim``)."""
         self._fence_flush(store)
 
     # ----------------------------------------------------------------- roles
@@ -145,11 +147,11 @@ class Leadership:
         """Whether this orchestrator still leads, with the lease confirmed by the
         broker: what a leader asks before it judges anyone by their silence (after
         a pause, it may have lost the lease without having heard yet)."""
-        if self.role is not Role.LEADER:
+        if self.role is not Role.LEADER or self._reclaiming:
             return False
         if self._lease is None or await self._lease.confirm():
             return True
-        await self._step_down("the broker no longer holds its lease")
+        # Lost with its connection: ``_hold`` takes it back, or steps down.
         return False
 
     async def wait_leading(self) -> None:
@@ -249,8 +251,48 @@ class Leadership:
         return False
 
     async def _hold(self, lease: Lease) -> None:
-        await lease.wait_lost()
-        await self._step_down("the broker took the lease back (its connection ended)")
+        while True:
+            await lease.wait_lost()
+            if not await self._reclaim(lease):
+                await self._step_down("the broker took the lease back (its connection ended)")
+                return
+
+    async def _reclaim(self, lease: Lease) -> bool:
+        """Take the lease back after its connection ended; whether we still lead.
+
+        A broker restart or a network blip ends the lease's connection without
+        anyone else leading: stepping down for it would leave the prefix with
+        no leader (an in-process ``TaskOrchestrator`` does not lead again) and
+        cost every waiter its answer. So the leader tries the lease again as
+        soon as the broker answers, and goes on leading if it gets it with the
+        store's epoch still its own: nobody led meanwhile, its state is
+        current. Another connection holding the lease, or a newer epoch,
+        means another orchestrator led: then it steps down. Meanwhile its watch
+        judges nobody (``confirm`` is False) and a write under a newer epoch is
+        fenced as always."""
+        self._reclaiming = True
+        log.warning(
+            "the lease of prefix %r was lost with its connection: taking it back",
+            self.bus.settings.prefix,
+        )
+        try:
+            while self.role is Role.LEADER:
+                await asyncio.sleep(self.poll_interval)
+                try:
+                    if not await lease.acquire():
+                        return False  # held by another connection: another orchestrator
+                    epoch, holder = await self.store.current_epoch()
+                except (BusError, ConnectionError, OSError):
+                    continue  # the broker (or the store) is not back yet
+                if (epoch, holder) == (self.epoch, self.holder):
+                    log.info("took the lease of prefix %r back", self.bus.settings.prefix)
+                    return True
+                with contextlib.suppress(Exception):
+                    await lease.release()
+                return False
+            return False
+        finally:
+            self._reclaiming = False
 
     # ----------------------------------------------------------- stepping down
     def _fence_flush(self, store: StateStore) -> None:
