@@ -241,6 +241,19 @@ class EventHandlers:
             # waits: proceed once the holder gives it up, cancel once it ends.
             self._confirms[task.task_id] = (task.attempt, event.agent_id)
             return
+        if event.confirm and holder is None and task.status is TaskStatus.PENDING:
+            # A copy of an attempt nobody is known to hold: its message came back,
+            # so an agent had it, and may have ended it quickly (a quick attempt
+            # tells no start) with its final event lost in a link that broke, to
+            # be reported on the next one. The copy waits that long: proceed then,
+            # cancel if the attempt's end arrives meanwhile (``moved``).
+            if self._confirms.get(task.task_id) != (task.attempt, event.agent_id):
+                self._confirms[task.task_id] = (task.attempt, event.agent_id)
+                self._proceed_later(task.task_id, task.attempt, event.agent_id)
+            return
+        await self._proceed(task, event)
+
+    async def _proceed(self, task: Task, event: TaskAssigned) -> None:
         if event.confirm:
             await self.bus.publish_control(
                 ProceedTask(task_id=task.task_id, attempt=task.attempt), agent_id=event.agent_id
@@ -307,6 +320,31 @@ class EventHandlers:
             return
         del self._confirms[task.task_id]
         self._answer(answer, agent_id)
+
+    def _proceed_later(self, task_id: str, attempt: int, agent_id: str) -> None:
+        """After ``unseen_holder_grace``: let a waiting copy run, if it still waits
+        and still nobody holds its attempt."""
+
+        async def later() -> None:
+            await asyncio.sleep(self.settings.unseen_holder_grace)
+            if self._confirms.get(task_id) != (attempt, agent_id):
+                return  # answered meanwhile
+            task = self.records.get(task_id)
+            if task is None or task.attempt != attempt or task.assigned_agent is not None:
+                return  # moved on: ``moved`` answers it
+            del self._confirms[task_id]
+            if task.status is TaskStatus.PENDING:
+                event = TaskAssigned(
+                    task_id=task_id, attempt=attempt, agent_id=agent_id, confirm=True
+                )
+                try:
+                    await self._proceed(task, event)
+                except Exception as exc:  # the agent asks again
+                    log.warning("task %s: proceeding agent %s failed: %s", task_id, agent_id, exc)
+
+        job = asyncio.get_running_loop().create_task(later())
+        self._sending.add(job)
+        job.add_done_callback(self._sending.discard)
 
     def _answer(self, command: ProceedTask | CancelTask, agent_id: str) -> None:
         """Send a held answer from an observer (which cannot wait); a lost one is

@@ -36,6 +36,13 @@ class OrchestratorSettings(BaseSettings):
         ge=0,
         description="a running task silent this long past its timeout is timed out here",
     )
+    unseen_holder_grace: float = Field(
+        default=3.0,
+        ge=0,
+        description="a redelivered copy of a queued attempt waits this long before it may"
+        " run: an agent that took it and ended it quickly (telling no start) may have"
+        " lost its final event with its link, and reports it on its new one",
+    )
     max_deliveries: int = Field(
         default=5,
         ge=1,
