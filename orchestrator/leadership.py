@@ -99,8 +99,10 @@ class Leadership:
         *,
         holder: str | None = None,
         poll_interval: float = LEASE_POLL_INTERVAL,
+        reclaim: bool = True,
     ) -> None:
         self.bus = bus
+        self.reclaim = reclaim
         self.store = store
         self.holder = holder or default_holder()
         self.poll_interval = poll_interval
@@ -253,7 +255,7 @@ class Leadership:
     async def _hold(self, lease: Lease) -> None:
         while True:
             await lease.wait_lost()
-            if not await self._reclaim(lease):
+            if not self.reclaim or not await self._reclaim(lease):
                 await self._step_down("the broker took the lease back (its connection ended)")
                 return
 

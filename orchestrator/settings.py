@@ -36,6 +36,12 @@ class OrchestratorSettings(BaseSettings):
         ge=0,
         description="a running task silent this long past its timeout is timed out here",
     )
+    reclaim_lease: bool = Field(
+        default=True,
+        description="a leader whose lease's connection ends (a broker restart, a blip) takes"
+        " it back and leads on if nobody led meanwhile; off, it steps down (serve: it then"
+        " stands by again with a fresh orchestrator on a fresh connection)",
+    )
     unseen_holder_grace: float = Field(
         default=3.0,
         ge=0,

@@ -114,7 +114,7 @@ class TaskOrchestrator:
         self._monitor: asyncio.Task[None] | None = None
         self._owns_bus = False
         self._started = False
-        self.leadership = Leadership(self.bus, self.store)
+        self.leadership = Leadership(self.bus, self.store, reclaim=self.settings.reclaim_lease)
         """One leader per prefix: a second orchestrator stands by (``leadership``)."""
 
     # ------------------------------------------------------------------ lifecycle

@@ -9,6 +9,7 @@ from pathlib import Path
 from agents import TaskContext
 from orchestrator import SQLiteStore, Task, TaskOrchestrator, TaskPriority
 from orchestrator.retention import FinishedTasks
+from orchestrator.sqlite_store import SCHEMA_VERSION
 from tests.harness import FAST, Harness, wait_until
 
 TTL = FAST.model_copy(update={"finished_task_ttl": 0.3})
@@ -113,7 +114,7 @@ async def test_a_version_1_file_gains_the_meta_table(tmp_path: Path) -> None:
     assert await again.get_meta("k") == {"v": 1}
     await again.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION  # upgraded
 
 
 def test_finished_tasks_expire_in_order_unless_a_dependent_still_needs_them() -> None:

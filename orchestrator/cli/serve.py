@@ -25,6 +25,7 @@ from broker import BusSettings, RabbitMQBus, redact_url
 from broker.probes import ProbeServer
 
 from ..metrics import OrchestratorMetrics
+from ..settings import OrchestratorSettings
 from .connection import run, stop_on_signals
 from .errors import CliError
 from .logs import LogFormat, LogFormatOption, log_filter, setup_logging
@@ -64,8 +65,18 @@ def serve(
     spec = store if store is not None else cli_settings.store
     setting = "--store" if store is not None else f"ORCHESTRATOR_STORE={redact_url(spec)!r}"
     open_store(spec, setting)  # a bad value is refused before anything starts
+    # Read now, so that a bad ORCHESTRATOR_* value is refused before anything connects.
+    # A serve that loses its lease stands by again, fresh (see _serve), rather than
+    # leading on with the state it held through the outage.
+    orchestrator_settings = OrchestratorSettings(reclaim_lease=False)
     run(
-        _serve(settings, lambda: open_store(spec, setting), setting, metrics_port),
+        _serve(
+            settings,
+            lambda: open_store(spec, setting),
+            setting,
+            metrics_port,
+            orchestrator_settings,
+        ),
         ends_by_signal=True,
     )
 
@@ -160,6 +171,7 @@ async def _serve(
     make_store: Callable[[], Any],
     setting: str,
     metrics_port: int | None = None,
+    orchestrator_settings: OrchestratorSettings | None = None,
 ) -> None:
     """Lead the prefix, or stand by while another orchestrator leads it, until a signal.
 
@@ -183,7 +195,11 @@ async def _serve(
     await probes.start()
     try:
         while not stop.is_set():
-            orchestrator = TaskOrchestrator(bus, store=make_store())
+            orchestrator = TaskOrchestrator(
+                bus,
+                settings=orchestrator_settings or OrchestratorSettings(reclaim_lease=False),
+                store=make_store(),
+            )
             probes.follow(orchestrator, bus)
             service = OrchestratorService(orchestrator)
             leadership = orchestrator.leadership
