@@ -44,6 +44,7 @@ from .bus import (
 )
 from .envelope import DeadLetter, Envelope
 from .errors import BusError, BusNotStarted, NoReply, QueueInUse, TopologyMissing, UnroutableMessage
+from .memory_lease import MemoryLease
 from .memory_queues import (
     ConsumerChannel,
     DelayQueue,
@@ -55,13 +56,14 @@ from .memory_queues import (
     MessageQueue,
     PendingRequest,
     RequestServer,
+    Router,
     Sink,
     TaskQueue,
 )
 from .messages import Control, Event, TaskMessage, WireMessage, parse_control, parse_event
 from .rpc import Reply, parse_reply
 from .settings import BusSettings
-from .topology import ANY_CAPABILITY_KEY, Binding, Declarations, Queue, topic_matches
+from .topology import ANY_CAPABILITY_KEY, Declarations, Queue, topic_matches
 
 __all__ = ["MemoryBus", "topic_matches"]
 
@@ -71,58 +73,6 @@ S = TypeVar("S", bound=Sink)
 
 _Consuming = MemoryTaskConsumer | MemorySubscription | RequestServer
 """What consumes from this bus; each says whether it is still handling something."""
-
-
-class _Router:
-    """The exchanges of the in-process bus: which queues each binding feeds."""
-
-    def __init__(self) -> None:
-        self._routes: dict[str, list[tuple[Binding, Sink]]] = {}
-
-    def bind(self, declarations: Declarations, sink: Sink) -> None:
-        for binding in declarations.bindings:
-            self._routes.setdefault(binding.exchange.name, []).append((binding, sink))
-
-    def unbind(self, sink: Sink) -> None:
-        for exchange, routes in self._routes.items():
-            self._routes[exchange] = [(b, s) for b, s in routes if s is not sink]
-
-    def route(self, exchange: str, routing_key: str) -> list[Sink]:
-        """The queues a message reaches, each once, even if several of its bindings match."""
-        sinks: list[Sink] = []
-        for binding, sink in self._routes.get(exchange, ()):
-            if binding.matches(routing_key) and not any(s is sink for s in sinks):
-                sinks.append(sink)
-        return sinks
-
-
-class MemoryLease(Lease):
-    """The leader lease on the in-process bus: one holder per bus, as one
-    connection holds RabbitMQ's exclusive queue; closing the bus ends it."""
-
-    def __init__(self, bus: MemoryBus, holder: str) -> None:
-        self._bus = bus
-        self.holder = holder
-        self._lost = asyncio.Event()
-
-    @property
-    def held(self) -> bool:
-        return self._bus._lease_holder is self and not self._lost.is_set()
-
-    async def acquire(self) -> bool:
-        self._bus._require()
-        if self._bus._lease_holder is None:
-            self._bus._lease_holder = self
-            self._lost = asyncio.Event()
-        return self.held
-
-    async def wait_lost(self) -> None:
-        await self._lost.wait()
-
-    async def release(self) -> None:
-        if self._bus._lease_holder is self:
-            self._bus._lease_holder = None
-        self._lost.set()
 
 
 class MemoryBus(CommunicationBus):
@@ -142,7 +92,7 @@ class MemoryBus(CommunicationBus):
         self._own: set[_Consuming] = set()
         """What this connection consumes (``close`` ends these; the root's ends all)."""
         self._connected = False
-        self._router = _Router()
+        self._router = Router()
         self._exchanges = {e.name for e in self.topology.exchanges}
         self._queues: dict[str, Sink] = {}
         """The durable queues, by name: they outlive ``close``, as on a broker."""

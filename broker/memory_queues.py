@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .bus import BeforeAck, Subscription, TaskConsumer, TaskDelivery, TaskHandler
+from .declarations import Binding, Declarations, Queue
 from .envelope import DeadLetter, Envelope, Sender, handling_from
 from .errors import BusNotStarted, InvalidMessage
 from .rpc import RequestHandler, answer
-from .topology import Queue
 from .tracing import trace_headers
 
 if TYPE_CHECKING:
@@ -442,3 +442,26 @@ class RequestServer(Subscription):
         await asyncio.gather(self._worker, return_exceptions=True)
         self._handling = False
         self._bus._poke()
+
+
+class Router:
+    """The exchanges of the in-process bus: which queues each binding feeds."""
+
+    def __init__(self) -> None:
+        self._routes: dict[str, list[tuple[Binding, Sink]]] = {}
+
+    def bind(self, declarations: Declarations, sink: Sink) -> None:
+        for binding in declarations.bindings:
+            self._routes.setdefault(binding.exchange.name, []).append((binding, sink))
+
+    def unbind(self, sink: Sink) -> None:
+        for exchange, routes in self._routes.items():
+            self._routes[exchange] = [(b, s) for b, s in routes if s is not sink]
+
+    def route(self, exchange: str, routing_key: str) -> list[Sink]:
+        """The queues a message reaches, each once, even if several of its bindings match."""
+        sinks: list[Sink] = []
+        for binding, sink in self._routes.get(exchange, ()):
+            if binding.matches(routing_key) and not any(s is sink for s in sinks):
+                sinks.append(sink)
+        return sinks
