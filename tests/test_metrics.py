@@ -13,7 +13,7 @@ from broker.probes import ProbeServer
 from orchestrator import TaskOrchestrator
 from orchestrator.metrics import OrchestratorMetrics
 
-from .harness import echo, wait_all
+from .harness import echo, wait_all, wait_until
 
 
 async def http_get(port: int, path: str) -> tuple[int, str]:
@@ -125,6 +125,13 @@ async def test_agent_figures_match_what_it_ran(harness) -> None:
     metrics = AgentMetrics(agent)
     ids = [await orch.submit_task(f"e{n}", "", "echo", {"n": n}) for n in range(4)]
     await wait_all(orch, ids)
+
+    # A task reads completed once its final event is in; the agent stops
+    # counting it running a moment later, before it settles the delivery.
+    async def settled() -> bool:
+        return agent.unsettled == 0
+
+    await wait_until(settled)
     async with ProbeServer(metrics.registry) as probe:
         status, text = await http_get(probe.port, "/metrics")
     assert status == 200
