@@ -186,8 +186,12 @@ class Deployment:
         with contextlib.suppress(Exception):
             if any(p.returncode is None for p, _ in self.processes.values()):
                 self.queue_keys.update(q["key"] for q in await self.rpc(QueuesRequest(), 2))
+        keep = os.environ.get("DEPLOYMENT_LOGS")  # a folder: each process's log kept there
         for name in reversed(list(self.processes)):  # agents before the orchestrator
             await self.stop(name)
+            if keep:
+                Path(keep).mkdir(parents=True, exist_ok=True)
+                (Path(keep) / f"{self.prefix}-{name}.log").write_text(self.log(name))
             self.processes[name][1].close()
         if not self.client.is_connected:
             await self.client.connect()

@@ -41,6 +41,18 @@ async def _submit(orch: TaskOrchestrator, **kwargs: Any) -> str:
     return await orch.submit_task(**kwargs)
 
 
+async def _waits_in_its_queue(orchestrator: TaskOrchestrator, key: str = "job.work") -> None:
+    """Until a task is ready in queue ``key`` while the agent consumes it: the
+    broker hands a ready message to a consumer with room at once, so one seen
+    waiting there means the agent had no free slot (no fixed sleep guessing
+    how long a freed slot would take to be used)."""
+
+    async def ready() -> bool:
+        return await orchestrator.bus.queue_depth(key) == 1
+
+    await wait_until(ready, WAIT)
+
+
 # ---------------------------------------------------------------- progress
 
 
@@ -285,7 +297,7 @@ async def test_sync_handler_stuck_past_its_timeout_keeps_its_slot(harness: Harne
 
         # When a second task comes while the stuck thread still runs
         second = await _submit(orchestrator)
-        await asyncio.sleep(1.0)  # (time for an agent that freed the slot to take it)
+        await _waits_in_its_queue(orchestrator)
 
         # Then it waits in its queue: the timed-out task still holds the only slot
         assert not stuck_ended.is_set()
@@ -358,7 +370,7 @@ async def test_async_handler_ignoring_its_cancel_is_reported_and_keeps_its_slot(
 
         # And a second task waits in its queue: the handler still holds the only slot
         second = await _submit(orchestrator)
-        await asyncio.sleep(1.0)  # (time for an agent that freed the slot to take it)
+        await _waits_in_its_queue(orchestrator)
         assert (await orchestrator.get_task_status(second))["status"] in ("pending", "assigned")
         assert agent.counters.received == 1
         assert agent.counters.running == 1
