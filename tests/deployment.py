@@ -190,8 +190,7 @@ class Deployment:
         for name in reversed(list(self.processes)):  # agents before the orchestrator
             await self.stop(name)
             if keep:
-                Path(keep).mkdir(parents=True, exist_ok=True)
-                (Path(keep) / f"{self.prefix}-{name}.log").write_text(self.log(name))
+                _keep_log(Path(keep) / f"{self.prefix}-{name}.log", self.log(name))
             self.processes[name][1].close()
         if not self.client.is_connected:
             await self.client.connect()
@@ -199,6 +198,11 @@ class Deployment:
             await self.client.delete_topology(self.queue_keys)
         finally:
             await self.client.close()
+
+
+def _keep_log(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 # --- the management HTTP API --------------------------------------------------------------
