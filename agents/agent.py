@@ -48,8 +48,10 @@ from broker import (
     ProceedTask,
     Reannounce,
     Subscription,
+    SyncReports,
     TaskConsumer,
     TaskDelivery,
+    TasksReported,
     Unregister,
     event_loop,
 )
@@ -68,6 +70,9 @@ log = logging.getLogger(__name__)
 SETTLE_TIMEOUT = 15.0
 """How long a stopping agent waits, at most, for its ended tasks to be reported
 and settled (and for its cancelled async handlers to end)."""
+SYNC_TIMEOUT = 10.0
+"""How long a ``SyncReports`` may wait for this agent's reports to go out;
+past it the round goes unanswered (the orchestrator's grace then applies)."""
 SETTLE_MARGIN = 2.0
 """``stop(drain_timeout=t)`` waits for that settling only until ``t`` (counted
 from the call) plus this margin, so it returns within about ``t + SETTLE_MARGIN``
@@ -413,6 +418,20 @@ class Agent:
             self._spawn(self._stop_after_unregister())
         elif isinstance(command, Reannounce):
             await self._announce()
+        elif isinstance(command, SyncReports):
+            self._spawn(self._answer_sync(command.round))
+
+    async def _answer_sync(self, round_: int) -> None:
+        """``TasksReported`` once what this agent ran is told; no answer if that
+        takes long or fails (the orchestrator then waits its grace, as for an
+        agent whose link is down)."""
+        try:
+            async with asyncio.timeout(SYNC_TIMEOUT):
+                await self._tasks.told()
+                assert self._bus is not None
+                await self._bus.publish_event(TasksReported(agent_id=self.agent_id, round=round_))
+        except (TimeoutError, BusError, AssertionError) as exc:
+            log.info("agent %s: reports round %d not answered: %r", self.agent_id, round_, exc)
 
     async def _adopt_limit(self, limit: int) -> None:
         """The orchestrator registered this agent with another limit: run that

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from broker import (
@@ -121,6 +121,28 @@ class Tasks:
                 return outcome
         settlement.attempt = self._attempts.begin(message, delivery)
         return await self._attempt(settlement)
+
+    async def told(self) -> None:
+        """Until every attempt held here has told the orchestrator it runs (a
+        start deferred is sent now) and every one that ended has its final event
+        confirmed (``SyncReports``). Raises ``BusError`` if a start cannot go out:
+        then nothing may be answered."""
+        for _ in range(100):  # an attempt just taken makes its notice within a step
+            held = [a for a in self._attempts.all() if a.decided is not None]
+            if all(a.job is not None and a.notice is not None for a in held if a.counted):
+                break
+            await asyncio.sleep(0.01)
+        waits: list[Awaitable[Any]] = []
+        for attempt in self._attempts.all():
+            decided = attempt.decided
+            if decided is None or decided.done():
+                continue
+            if attempt.job is not None and not attempt.job.done():
+                if attempt.notice is not None:
+                    waits.append(attempt.notice.now())  # at once if told already
+            else:
+                waits.append(asyncio.shield(decided))  # ended: its report on the way
+        await asyncio.gather(*waits)
 
     async def _done_with(self, message: TaskMessage) -> Outcome | None:
         """The outcome of a delivery that is not to run here (now), or None.

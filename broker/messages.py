@@ -164,11 +164,24 @@ class AgentLeft(WireMessage):
     )
 
 
+class TasksReported(WireMessage):
+    """The answer to a ``SyncReports``: every attempt this agent holds has told
+    its start, and every one that ended here has its final event out (each
+    confirmed before this was sent, on the same channel, so the orchestrator
+    reads them first). A redelivered copy of an attempt nobody is known to hold
+    may then run at once, instead of after ``unseen_holder_grace``."""
+
+    kind: Literal["task.reported"] = "task.reported"
+    agent_id: str
+    round: int = Field(ge=1)
+
+
 Event = Annotated[
     TaskAssigned
     | TaskStarted
     | TaskProgress
     | TaskFinished
+    | TasksReported
     | AgentAnnounced
     | AgentHeartbeat
     | AgentLeft,
@@ -236,8 +249,22 @@ class Reannounce(WireMessage):
     kind: Literal["control.reannounce"] = "control.reannounce"
 
 
+class SyncReports(WireMessage):
+    """To every agent: answer with ``TasksReported`` once what you ran is told.
+
+    Sent when a redelivered copy asks to run an attempt nobody is known to
+    hold (after a broker node's restart every message of its queues comes
+    back marked redelivered): an agent that ran it quickly, telling no start,
+    may still have its final event on the way, and the copy must not run
+    beside it. Once every registered agent answered, none has; one that does
+    not answer (its link is down) is waited for ``unseen_holder_grace``."""
+
+    kind: Literal["control.sync"] = "control.sync"
+    round: int = Field(ge=1)
+
+
 Control = Annotated[
-    ConsumeQueues | ProceedTask | CancelTask | CancelTasks | Unregister | Reannounce,
+    ConsumeQueues | ProceedTask | CancelTask | CancelTasks | Unregister | Reannounce | SyncReports,
     Field(discriminator="kind"),
 ]
 

@@ -30,10 +30,12 @@ from .messages import (
     ConsumeQueues,
     ProceedTask,
     Reannounce,
+    SyncReports,
     TaskAssigned,
     TaskFinished,
     TaskMessage,
     TaskProgress,
+    TasksReported,
     TaskStarted,
     Unregister,
     WireMessage,
@@ -58,6 +60,7 @@ EVENTS: tuple[type[WireMessage], ...] = (
     TaskStarted,
     TaskProgress,
     TaskFinished,
+    TasksReported,
     AgentAnnounced,
     AgentHeartbeat,
     AgentLeft,
@@ -69,6 +72,7 @@ CONTROLS: tuple[type[WireMessage], ...] = (
     CancelTasks,
     Unregister,
     Reannounce,
+    SyncReports,
 )
 REQUESTS: tuple[type[WireMessage], ...] = (
     SubmitTaskRequest,

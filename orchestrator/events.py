@@ -37,11 +37,13 @@ from broker import (
     TaskAssigned,
     TaskFinished,
     TaskProgress,
+    TasksReported,
     TaskStarted,
     tracing,
 )
 from broker.envelope import Sender, current_sender
 
+from .copies import CopyRounds
 from .lifecycle import Lifecycle, Move
 from .models import Task, TaskStatus
 from .outcomes import Outcomes
@@ -81,7 +83,21 @@ class EventHandlers:
         self._sending: set[asyncio.Task[None]] = set()
         self._starts: dict[str, tuple[int, int]] = {}
         """Per task, its current attempt and how often it started."""
+        self.copies = CopyRounds(
+            bus,
+            lambda: [agent.agent_id for agent in registry],
+            self._proceed_copy,
+            lambda: settings.unseen_holder_grace,
+        )
         lifecycle.observe(self)
+
+    async def stop(self) -> None:
+        """Nothing answered or proceeded after the orchestrator stops leading."""
+        await self.copies.stop()
+        sending = list(self._sending)
+        for job in sending:
+            job.cancel()
+        await asyncio.gather(*sending, return_exceptions=True)
 
     async def on_event(self, event: Event) -> None:
         refused = await self.refusal(event, current_sender())
@@ -110,6 +126,8 @@ class EventHandlers:
             ):
                 task.progress = event.progress
                 await self.records.save(task)
+        elif isinstance(event, TasksReported):
+            self.copies.reported(event.agent_id, event.round)
         elif isinstance(event, AgentHeartbeat):
             await self.registry.heard(event.agent_id)
         elif isinstance(event, AgentAnnounced):
@@ -168,6 +186,8 @@ class EventHandlers:
         if isinstance(event, AgentHeartbeat) and not known:
             await self.registry.ask_to_announce(agent_id)
             return "unknown_agent", f"heartbeat of agent {agent_id}, which is not registered"
+        if isinstance(event, TasksReported) and not known:
+            return "unknown_agent", f"{event.kind} of agent {agent_id}, which is not registered"
         if isinstance(event, (TaskAssigned, TaskStarted, TaskProgress, TaskFinished)):
             return self._task_event_refusal(event)
         return None
@@ -244,12 +264,12 @@ class EventHandlers:
         if event.confirm and holder is None and task.status is TaskStatus.PENDING:
             # A copy of an attempt nobody is known to hold: its message came back,
             # so an agent had it, and may have ended it quickly (a quick attempt
-            # tells no start) with its final event lost in a link that broke, to
-            # be reported on the next one. The copy waits that long: proceed then,
-            # cancel if the attempt's end arrives meanwhile (``moved``).
+            # tells no start) with its final event still on the way. The copy
+            # waits until every agent has told what it ran (``copies``): proceed
+            # then, cancel if the attempt's end arrives meanwhile (``moved``).
             if self._confirms.get(task.task_id) != (task.attempt, event.agent_id):
                 self._confirms[task.task_id] = (task.attempt, event.agent_id)
-                self._proceed_later(task.task_id, task.attempt, event.agent_id)
+                self.copies.wait(task.task_id, task.attempt, event.agent_id)
             return
         await self._proceed(task, event)
 
@@ -321,30 +341,18 @@ class EventHandlers:
         del self._confirms[task.task_id]
         self._answer(answer, agent_id)
 
-    def _proceed_later(self, task_id: str, attempt: int, agent_id: str) -> None:
-        """After ``unseen_holder_grace``: let a waiting copy run, if it still waits
-        and still nobody holds its attempt."""
-
-        async def later() -> None:
-            await asyncio.sleep(self.settings.unseen_holder_grace)
-            if self._confirms.get(task_id) != (attempt, agent_id):
-                return  # answered meanwhile
-            task = self.records.get(task_id)
-            if task is None or task.attempt != attempt or task.assigned_agent is not None:
-                return  # moved on: ``moved`` answers it
-            del self._confirms[task_id]
-            if task.status is TaskStatus.PENDING:
-                event = TaskAssigned(
-                    task_id=task_id, attempt=attempt, agent_id=agent_id, confirm=True
-                )
-                try:
-                    await self._proceed(task, event)
-                except Exception as exc:  # the agent asks again
-                    log.warning("task %s: proceeding agent %s failed: %s", task_id, agent_id, exc)
-
-        job = asyncio.get_running_loop().create_task(later())
-        self._sending.add(job)
-        job.add_done_callback(self._sending.discard)
+    async def _proceed_copy(self, task_id: str, attempt: int, agent_id: str) -> None:
+        """Once every agent told what it ran (or the grace passed): let a waiting
+        copy run, if it still waits and still nobody holds its attempt."""
+        if self._confirms.get(task_id) != (attempt, agent_id):
+            return  # answered meanwhile
+        task = self.records.get(task_id)
+        if task is None or task.attempt != attempt or task.assigned_agent is not None:
+            return  # moved on: ``moved`` answers it
+        del self._confirms[task_id]
+        if task.status is TaskStatus.PENDING:
+            event = TaskAssigned(task_id=task_id, attempt=attempt, agent_id=agent_id, confirm=True)
+            await self._proceed(task, event)
 
     def _answer(self, command: ProceedTask | CancelTask, agent_id: str) -> None:
         """Send a held answer from an observer (which cannot wait); a lost one is

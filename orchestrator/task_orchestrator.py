@@ -175,6 +175,7 @@ class TaskOrchestrator:
         subscriptions, self._subscriptions = self._subscriptions, []
         for subscription in subscriptions:
             await subscription.close()
+        await self.events.stop()
 
     async def stop(self) -> None:
         """Stop following events (or standing by); close the bus if ``start`` opened it."""

@@ -37,10 +37,12 @@ from broker import (
     Reply,
     StatsRequest,
     SubmitTaskRequest,
+    SyncReports,
     TaskAssigned,
     TaskFinished,
     TaskMessage,
     TaskProgress,
+    TasksReported,
     TasksRequest,
     TaskStarted,
     TaskStatusRequest,
@@ -123,6 +125,7 @@ SAMPLES: list[tuple[WireMessage, Parser]] = [
     ),
     (AgentHeartbeat(agent_id="agent-1", running=2), parse_event),
     (AgentLeft(agent_id="agent-1"), parse_event),
+    (TasksReported(agent_id="agent-1", round=3), parse_event),
     (ConsumeQueues(queue_keys=["a+b", ANY_CAPABILITY_KEY], consumer_priority=4), parse_control),
     (ConsumeQueues(queue_keys=[], max_concurrent_tasks=2), parse_control),
     (ProceedTask(task_id="t-1", attempt=2), parse_control),
@@ -131,6 +134,7 @@ SAMPLES: list[tuple[WireMessage, Parser]] = [
     (CancelTasks(task_ids=["t-1", "t-2"]), parse_control),
     (Unregister(agent_id="agent-1"), parse_control),
     (Reannounce(), parse_control),
+    (SyncReports(round=3), parse_control),
     (
         SubmitTaskRequest(
             name="BTC Analysis",
