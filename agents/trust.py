@@ -5,7 +5,9 @@ obeys a command only when the broker says it came from the orchestrator's
 user (``current_sender``: RabbitMQ's checked ``user_id``, compared with
 ``bus.orchestrator_user``, which is the agent's own user unless
 ``ORCHESTRATOR_ORCHESTRATOR_USER`` says otherwise: one user for everything
-is one trust domain). A ``ConsumeQueues`` naming a queue whose task type or
+is one trust domain), and not from a leader older than one it has heard
+(the epoch every command carries: a paused leader that wakes up after a
+takeover is fenced here as in the store). A ``ConsumeQueues`` naming a queue whose task type or
 capabilities the agent lacks has that queue refused (the rest are consumed).
 Refused commands are counted by reason (``ControlGate.refused``) and logged
 at WARNING at most once per reason every ``LOG_INTERVAL`` seconds.
@@ -33,6 +35,8 @@ class ControlGate:
     def __init__(self, agent_id: str) -> None:
         self.agent_id = agent_id
         self.refused: Counter[str] = Counter()
+        self.leader: tuple[str, int] | None = None
+        """The (lineage, epoch) of the newest leader heard."""
         self._logged: dict[str, float] = {}
         self._unlogged: Counter[str] = Counter()
 
@@ -43,13 +47,29 @@ class ControlGate:
         an in-process call, not the bus's: trusted)."""
         if sender is None:
             return True
-        if orchestrator_user is not None and sender.user == orchestrator_user:
+        if orchestrator_user is None or sender.user != orchestrator_user:
+            self.refuse(
+                "not_orchestrator",
+                f"{kind} from user {sender.user!r}; commands are obeyed from {orchestrator_user!r}",
+            )
+            return False
+        return self._from_current_leader(sender.leader, kind)
+
+    def _from_current_leader(self, leader: tuple[str, int] | None, kind: str) -> bool:
+        """A command of an older epoch of the store than one heard is a paused
+        leader's that woke after a takeover: refused. One of another store (an
+        orchestrator restarted on a fresh one), or carrying none, is obeyed."""
+        if leader is None:
             return True
-        self.refuse(
-            "not_orchestrator",
-            f"{kind} from user {sender.user!r}; commands are obeyed from {orchestrator_user!r}",
-        )
-        return False
+        lineage, epoch = leader
+        if self.leader is not None and lineage == self.leader[0] and epoch < self.leader[1]:
+            self.refuse(
+                "stale_leader",
+                f"{kind} from the leader of epoch {epoch}; epoch {self.leader[1]} leads now",
+            )
+            return False
+        self.leader = leader
+        return True
 
     def refuse(self, reason: str, detail: str) -> None:
         self.refused[reason] += 1

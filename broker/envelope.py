@@ -40,6 +40,12 @@ SOURCE_QUEUE_HEADER = "x-source-queue"
 DEATH_HEADER = "x-death"
 """Set by RabbitMQ on a message it dead-lettered itself; it keeps the
 original publisher's ``user_id``."""
+LEADER_HEADER = "x-leader"
+"""On a command: ``<lineage>:<epoch>`` of the orchestrator that sent it
+(``orchestrator.leadership``). The lineage names the state store the epochs
+count in; an agent obeys no command of an older epoch of a lineage than one it
+has heard, so a leader that was paused and wakes up after a takeover can
+change nothing on the agents."""
 
 MAX_REASON_LENGTH = 1000
 """Headers travel in every frame's header block: a reason is one line, not a dump."""
@@ -125,9 +131,10 @@ class Envelope:
         return cls(event.encode(), type=event.kind, persistent=event.kind not in TRANSIENT_EVENTS)
 
     @classmethod
-    def control(cls, command: Control) -> Envelope:
+    def control(cls, command: Control, leader: str | None = None) -> Envelope:
         # A command matters to the agents listening now: one that restarts hears anew.
-        return cls(command.encode(), type=command.kind, persistent=False)
+        headers = {LEADER_HEADER: leader} if leader else {}
+        return cls(command.encode(), type=command.kind, persistent=False, headers=headers)
 
     @classmethod
     def dead(
@@ -189,6 +196,8 @@ class Sender:
     by_broker: bool = False
     trace: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
     """The trace context it came with (``broker.tracing``): its handler's span joins it."""
+    leader: tuple[str, int] | None = None
+    """A command's (lineage, epoch) (``LEADER_HEADER``); None if it carries none."""
 
     @classmethod
     def of(cls, user_id: object, headers: Mapping[str, Any] | None) -> Sender:
@@ -196,7 +205,21 @@ class Sender:
             user_id if isinstance(user_id, str) else None,
             DEATH_HEADER in (headers or {}),
             trace_headers(headers),
+            leader_of(headers),
         )
+
+
+def leader_of(headers: Mapping[str, Any] | None) -> tuple[str, int] | None:
+    """``LEADER_HEADER`` read back; None if absent or malformed (anyone may publish)."""
+    value = (headers or {}).get(LEADER_HEADER)
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    if not isinstance(value, str) or len(value) > 200:
+        return None
+    lineage, _, epoch = value.rpartition(":")
+    if not lineage or not epoch.isdigit() or len(epoch) > 18:
+        return None
+    return lineage, int(epoch)
 
 
 _SENDER: ContextVar[Sender | None] = ContextVar("sender", default=None)

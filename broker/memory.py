@@ -436,7 +436,7 @@ class MemoryBus(CommunicationBus):
     # control -----------------------------------------------------------------
     async def publish_control(self, command: Control, *, agent_id: str | None = None) -> None:
         self._require()
-        envelope = Envelope.control(command).stamped(self._user)
+        envelope = Envelope.control(command, self.leader).stamped(self._user)
         self._check_size(envelope.body)
         key = self.topology.control_key(agent_id)
         self._route(self.topology.control_exchange, key, envelope)

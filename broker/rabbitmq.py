@@ -450,7 +450,7 @@ class RabbitMQBus(CommunicationBus):
         await self._publisher.publish(
             self.topology.control_exchange,
             self.topology.control_key(agent_id),
-            Envelope.control(command),
+            Envelope.control(command, self.leader),
         )
 
     async def subscribe_control(self, agent_id: str, handler: ControlHandler) -> Subscription:

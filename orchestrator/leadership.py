@@ -44,6 +44,8 @@ from .store import StateStore, StoreFenced
 
 log = logging.getLogger(__name__)
 
+LINEAGE = "leader_lineage"
+"""The store's meta key naming it among stores (see ``Leadership._lineage``)."""
 LEASE_POLL_INTERVAL = 1.0
 """Seconds between a standby's tries of the lease: the takeover delay after a
 leader's death (RabbitMQ logs each refused try as a channel error)."""
@@ -195,6 +197,9 @@ class Leadership:
         try:
             self.epoch = await self.store.claim_epoch(self.holder)
             self.leader = LeaderInfo(self.holder, self.epoch)
+            # Every command now says which epoch of which store sent it: an agent
+            # that has heard this one obeys no older leader of that store.
+            self.bus.leader = f"{await self._lineage()}:{self.epoch}"
             self.role = Role.LEADER
             assert self._on_lead is not None
             await self._on_lead()
@@ -210,6 +215,16 @@ class Leadership:
             self._task = asyncio.get_running_loop().create_task(self._hold(lease))
         await self._notify()
         return True
+
+    async def _lineage(self) -> str:
+        """The name of the store the epochs count in, made by its first leader:
+        epochs of another store (a fresh in-memory one after a restart) start
+        again at 1, and an agent must not take them for old ones."""
+        lineage = await self.store.get_meta(LINEAGE)
+        if not isinstance(lineage, str):
+            lineage = uuid.uuid4().hex[:12]
+            await self.store.save_meta(LINEAGE, lineage)
+        return lineage
 
     @property
     def leader_pair(self) -> tuple[str | None, int | None]:

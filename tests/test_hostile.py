@@ -31,6 +31,7 @@ from broker import (
     CancelTask,
     ConsumeQueues,
     MemoryBus,
+    Reannounce,
     TaskAssigned,
     TaskFinished,
     TaskProgress,
@@ -351,6 +352,39 @@ async def test_forged_commands_stop_cancel_or_redirect_no_agent(scene: Scene) ->
     assert agent.held_attempts == {(t, 1) for t in ids}
     assert agent._consumer is not None and "job.secret" not in agent._consumer.queue_keys
     scene.gate.set()
+    for task_id in ids:
+        await _ends_real(scene, task_id)
+    await _agents_untouched(scene)
+
+
+async def test_a_paused_leaders_commands_after_a_takeover_stop_nothing(scene: Scene) -> None:
+    # Given three tasks running on worker, and worker has heard a newer leader
+    # of the same store (the orchestrator's user, the next epoch)
+    ids = await _running(scene, 3, required_capabilities=["work"])
+    (agent,) = scene.harness.agents
+    old = scene.orchestrator.bus
+    assert old.leader is not None
+    lineage, _, epoch = old.leader.rpartition(":")
+    newer = await scene.harness.connected_bus()  # the orchestrator's user too
+    newer.leader = f"{lineage}:{int(epoch) + 1}"
+    await newer.publish_control(Reannounce(), agent_id="worker")
+
+    async def heard_newer() -> bool:
+        return agent.control_gate.leader == (lineage, int(epoch) + 1)
+
+    await wait_until(heard_newer, WAIT)
+
+    # When the old leader, paused through the takeover, wakes and tells worker to
+    # drop its tasks and to stop
+    await old.publish_control(CancelTasks(task_ids=ids), agent_id="worker")
+    await old.publish_control(Unregister(agent_id="worker"), agent_id="worker")
+
+    # Then worker refuses both (the epoch is older) and runs on
+    async def refused() -> bool:
+        return agent.control_gate.refused["stale_leader"] >= 2
+
+    await wait_until(refused, WAIT)
+    assert agent.held_attempts == {(t, 1) for t in ids}
     for task_id in ids:
         await _ends_real(scene, task_id)
     await _agents_untouched(scene)
