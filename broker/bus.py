@@ -41,6 +41,11 @@ from .rpc import Reply, RequestHandler
 from .settings import BusSettings, first_address
 from .topology import Topology, retry_tier_ms
 
+CLOSE_WAIT = 5.0
+"""Seconds a subscription's ``close`` lets the message being handled finish
+(a handler cut half-way leaves in memory what it has not written yet); past
+them it is cancelled, and what was not acknowledged comes again."""
+
 __all__ = [
     "DEFAULT_REQUEST_TIMEOUT",
     "BeforeAck",

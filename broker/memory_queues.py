@@ -13,6 +13,7 @@ publishes, with their bodies encoded exactly as they would travel.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
@@ -21,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .bus import BeforeAck, Subscription, TaskConsumer, TaskDelivery, TaskHandler
+from .bus import CLOSE_WAIT, BeforeAck, Subscription, TaskConsumer, TaskDelivery, TaskHandler
 from .declarations import Binding, Declarations, Queue
 from .envelope import DeadLetter, Envelope, Sender, handling_from
 from .errors import BusNotStarted, InvalidMessage
@@ -356,6 +357,9 @@ class MemorySubscription(Subscription):
         self._dead_letter_failures = dead_letter_failures
         self._before_ack = before_ack
         self._handling = False
+        self._idle = asyncio.Event()
+        """Set while no message is being handled (``close`` lets one finish, as on RabbitMQ)."""
+        self._idle.set()
         queue.worker = asyncio.get_running_loop().create_task(self._run(handler, parse))
 
     @property
@@ -368,6 +372,7 @@ class MemorySubscription(Subscription):
         while True:
             envelope = await self._queue.items.get()
             self._handling = True
+            self._idle.clear()
             try:
                 with handling_from(Sender.of(envelope.user_id, envelope.headers)):
                     await handler(parse(envelope))
@@ -386,10 +391,14 @@ class MemorySubscription(Subscription):
                 except Exception:
                     log.exception("before-ack hook of %s failed", source)
             self._handling = False
+            self._idle.set()
             self._bus._poke()
 
     async def close(self) -> None:
         worker = self._queue.worker
+        if worker is not None and worker is not asyncio.current_task():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), CLOSE_WAIT)
         self._queue.worker = None
         if worker is not None:
             worker.cancel()

@@ -45,6 +45,7 @@ from .rabbitmq_consume import (
     ACK_BATCH,
     RabbitSubscription,
     RabbitTaskConsumer,
+    close_for_good,
     dead_letter_of,
 )
 from .rabbitmq_declare import Declarer, PermissionRefused, QueueUnavailable, delete
@@ -199,8 +200,7 @@ class RabbitMQBus(CommunicationBus):
         try:
             await use(Declarer(channel, self.address))
         finally:
-            if not channel.is_closed:
-                await channel.close()
+            await close_for_good(channel, "a probe channel")
 
     async def close(self) -> None:
         for sub in list(self._subscriptions):
@@ -331,8 +331,7 @@ class RabbitMQBus(CommunicationBus):
         except CHANNEL_GONE as exc:
             raise BusConnectionError(f"cannot read the depth of {queue_key!r}: {exc}") from None
         finally:
-            if not channel.is_closed:
-                await channel.close()
+            await close_for_good(channel, "a probe channel")
 
     # events ----------------------------------------------------------------
     async def publish_event(self, event: Event) -> None:
@@ -389,8 +388,7 @@ class RabbitMQBus(CommunicationBus):
         except CHANNEL_GONE as exc:
             raise BusConnectionError(f"{what}: {exc}") from None
         finally:
-            if not channel.is_closed:
-                await channel.close()
+            await close_for_good(channel, "a probe channel")
 
     async def subscribe_dead_letters(
         self, handler: DeadLetterHandler, *, before_ack: BeforeAck | None = None

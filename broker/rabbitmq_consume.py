@@ -15,6 +15,7 @@ comes again, marked redelivered, once the robust channel consumes again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
@@ -24,7 +25,15 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import ChannelInvalidStateError
 
-from .bus import BeforeAck, DeadLetter, Subscription, TaskConsumer, TaskDelivery, TaskHandler
+from .bus import (
+    CLOSE_WAIT,
+    BeforeAck,
+    DeadLetter,
+    Subscription,
+    TaskConsumer,
+    TaskDelivery,
+    TaskHandler,
+)
 from .envelope import Sender, handling_from
 from .errors import BusConnectionError, InvalidMessage
 from .rabbitmq_declare import Declarer
@@ -39,6 +48,8 @@ DeadLetterPublish = Callable[[bytes, str, str, "str | None"], Awaitable[None]]
 
 ACK_BATCH = 64
 """Events handled before one cumulative ack (the prefetch is larger)."""
+CLOSE_TIMEOUT = 5.0
+"""Seconds a channel's close may take before it is left to the connection."""
 ACK_RETRY_MIN = 0.5
 ACK_RETRY_MAX = 10.0
 """A subscription whose before-ack hook failed (a store outage past its own
@@ -63,6 +74,17 @@ async def _quietly(operation: Callable[[], Awaitable[object]], what: str) -> Non
         await operation()
     except CHANNEL_GONE as exc:
         log.info("could not %s (%s)", what, exc)
+
+
+async def close_for_good(channel: AbstractChannel, what: str) -> None:
+    """Close ``channel`` so that no reconnect brings it back, even while the
+    link is down: a robust channel restores, with its consumers, every channel
+    not closed through it, and one left alone "because it is closed already"
+    came back as a ghost consumer that took messages nobody read."""
+    try:
+        await asyncio.wait_for(channel.close(), CLOSE_TIMEOUT)
+    except Exception as exc:
+        log.debug("closing %s: %s", what, exc)
 
 
 class RabbitDelivery(TaskDelivery):
@@ -256,12 +278,8 @@ class RabbitTaskConsumer(TaskConsumer):
 
     async def close(self) -> None:
         self._on_close(self)
-        if not self._channel.is_closed:
-            try:
-                # Closing the channel hands every unacknowledged task back to its queue.
-                await self._channel.close()
-            except Exception as exc:
-                log.debug("closing task channel: %s", exc)
+        # Closing the channel hands every unacknowledged task back to its queue.
+        await close_for_good(self._channel, "task channel")
 
 
 class RabbitSubscription(Subscription):
@@ -286,6 +304,9 @@ class RabbitSubscription(Subscription):
         self._dead_letter_failures = dead_letter_failures
         self._before_ack = before_ack
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._idle = asyncio.Event()
+        """Set while the worker handles no message (``close`` lets one finish)."""
+        self._idle.set()
         self._worker = asyncio.get_running_loop().create_task(self._run())
 
     async def start(self) -> None:
@@ -315,6 +336,7 @@ class RabbitSubscription(Subscription):
                     continue
             else:
                 message = await self._inbox.get()
+            self._idle.clear()
             try:
                 with handling_from(Sender.of(message.user_id, message.headers)):
                     await self._handle(message)
@@ -326,6 +348,8 @@ class RabbitSubscription(Subscription):
                 log.exception("handler of %s failed", source)
                 if self._dead_letter_failures:  # never for dead letters: that would loop
                     await self._dead(message.body, f"handler error: {exc!r}", source, None)
+            finally:
+                self._idle.set()
             # Handled in order, so one ack with multiple=True settles all before it:
             # ack when the inbox runs dry or every ACK_BATCH messages.
             unacked += 1
@@ -352,10 +376,11 @@ class RabbitSubscription(Subscription):
 
     async def close(self) -> None:
         self._on_close(self)
+        # A message being handled is let finish (a handler cut half-way leaves
+        # in memory what it did not write); what is not acknowledged comes again.
+        if asyncio.current_task() is not self._worker:  # (not from its own handler)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), CLOSE_WAIT)
         self._worker.cancel()
         await asyncio.gather(self._worker, return_exceptions=True)
-        if not self._channel.is_closed:
-            try:
-                await self._channel.close()
-            except Exception as exc:
-                log.debug("closing subscription channel: %s", exc)
+        await close_for_good(self._channel, "subscription channel")
