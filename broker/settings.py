@@ -20,7 +20,6 @@ password and TLS settings apply to each of them.
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Literal
 from urllib.parse import parse_qs, urlsplit, urlunsplit
@@ -235,25 +234,7 @@ def _check_one_url(url: str) -> None:
     if tls and parts.scheme.lower() != "amqps":
         raise ValueError(f"{tls[0]} is a TLS option, and TLS needs amqps://: got {shown!r}")
     for name in tls:
-        _check_readable(name, options[name][-1], folder=name in TLS_FOLDERS)
-
-
-def _check_readable(option: str, path: str, *, folder: bool) -> None:
-    if folder:
-        if not os.path.isdir(path):
-            raise ValueError(f"{option} {path!r} is not a folder")
-        if not os.access(path, os.R_OK | os.X_OK):
-            raise ValueError(f"{option} {path!r} cannot be read: permission denied")
-        return
-    if os.path.isdir(path):
-        raise ValueError(f"{option} {path!r} is a folder, not a file")
-    try:
-        with open(path, "rb"):
-            pass
-    except FileNotFoundError:
-        raise ValueError(f"{option} {path!r} does not exist") from None
-    except OSError as exc:
-        raise ValueError(f"{option} {path!r} cannot be read: {exc.strerror or exc}") from None
+        check_file(name, options[name][-1], folder=name in TLS_FOLDERS)
 
 
 def _shown(url: str) -> str:
