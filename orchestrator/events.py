@@ -79,9 +79,26 @@ class EventHandlers:
         self._confirms: dict[str, tuple[int, str]] = {}
         """Per task, the attempt and agent whose confirm waits for its holder."""
         self._sending: set[asyncio.Task[None]] = set()
+        """Answers being sent and copies waiting out the grace: ended by ``stop``."""
         self._starts: dict[str, tuple[int, int]] = {}
         """Per task, its current attempt and how often it started."""
         lifecycle.observe(self)
+
+    async def stop(self) -> None:
+        """No longer leading: nothing answers an agent from now on.
+
+        A copy waiting out ``unseen_holder_grace`` would otherwise be told to
+        proceed by an orchestrator that stopped (or one no longer leading,
+        beside the one that leads now); its agent asks again, of whoever leads.
+        What waits for an answer is forgotten with them, so that a leader
+        starting again answers those that ask again afresh.
+        """
+        jobs, self._sending = self._sending, set()
+        jobs.discard(asyncio.current_task())  # type: ignore[arg-type]
+        for job in jobs:
+            job.cancel()
+        await asyncio.gather(*jobs, return_exceptions=True)
+        self._confirms.clear()
 
     async def on_event(self, event: Event) -> None:
         refused = await self.refusal(event, current_sender())

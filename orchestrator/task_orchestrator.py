@@ -176,6 +176,7 @@ class TaskOrchestrator:
         subscriptions, self._subscriptions = self._subscriptions, []
         for subscription in subscriptions:
             await subscription.close()
+        await self.events.stop()  # after the subscriptions: no event starts another answer
 
     async def stop(self) -> None:
         """Stop following events (or standing by); close the bus if ``start`` opened it."""

@@ -10,6 +10,8 @@ new link moments later. The copy must not run beside it: it waits
 
 from __future__ import annotations
 
+import pytest
+
 from broker import (
     AgentAnnounced,
     BusSettings,
@@ -105,6 +107,34 @@ async def test_a_copy_runs_after_the_grace_when_no_holder_speaks(prefix: str) ->
         assert [type(c) for c in answers(heard["b"], task_id)] == [ProceedTask]
         status = await orch.get_task_status(task_id)
         assert (status["status"], status["assigned_agent"]) == ("assigned", "b")
+    finally:
+        await orch.stop()
+        await bus.close()
+
+
+async def test_a_copy_waiting_out_the_grace_is_not_answered_after_the_orchestrator_stops(
+    prefix: str,
+) -> None:
+    bus, agents, heard, orch, task_id = await _setup(prefix)
+    try:
+        # Given b's copy waiting out the grace
+        await agents["b"].publish_event(
+            TaskAssigned(task_id=task_id, attempt=1, agent_id="b", confirm=True)
+        )
+        await bus.join()
+        assert answers(heard["b"], task_id) == []
+
+        # When the orchestrator stops before the grace is over (the bus stays open)
+        await orch.stop()
+
+        # Then b is told nothing, by then nor after the grace has passed twice over
+        async def answered() -> bool:
+            await bus.join()
+            return bool(answers(heard["b"], task_id))
+
+        with pytest.raises(AssertionError, match="not met"):
+            await wait_until(answered, timeout=2 * GRACE.unseen_holder_grace)
+        assert answers(heard["b"], task_id) == []
     finally:
         await orch.stop()
         await bus.close()
