@@ -111,10 +111,10 @@ class EventHandlers:
             await self.on_assigned(event)
         elif isinstance(event, TaskFinished):
             sender = current_sender()
-            with tracing.process_span(
+            with tracing.event_process_span(
+                self.bus.topology,
                 sender.trace if sender is not None else None,
-                self.bus.topology.events_exchange,
-                self.bus.topology.event_key(event.kind, event.agent_id),
+                event,
                 attributes={"task.id": event.task_id, "task.outcome": event.outcome},
             ):
                 await self.on_finished(event)
