@@ -41,6 +41,17 @@ def shipped_conf() -> dict[str, str]:
     return {key.strip(): value.strip() for key, _, value in pairs}
 
 
+def shipped_listener(ca: CertificateAuthority, server: Issued, port: int) -> dict[str, str]:
+    """The listener deploy/ ships, with this test's files and port."""
+    ours = {
+        "listeners.ssl.default": f"127.0.0.1:{port}",
+        "/etc/rabbitmq/tls/ca.pem": str(ca.path),
+        "/etc/rabbitmq/tls/server.pem": str(server.cert),
+        "/etc/rabbitmq/tls/server-key.pem": str(server.key),
+    }
+    return {key: ours.get(key, ours.get(value, value)) for key, value in shipped_conf().items()}
+
+
 pytestmark = pytest.mark.rabbitmq
 
 
@@ -92,14 +103,7 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
     password_file = folder / "broker-password"
     password_file.write_text("guest\n")
     port, other_port = brokers.free_port(), brokers.free_port()
-    # The listener deploy/ ships, with this test's files and ports
-    ours = {
-        "listeners.ssl.default": f"127.0.0.1:{port}",
-        "/etc/rabbitmq/tls/ca.pem": str(ca.path),
-        "/etc/rabbitmq/tls/server.pem": str(server.cert),
-        "/etc/rabbitmq/tls/server-key.pem": str(server.key),
-    }
-    conf = {key: ours.get(key, ours.get(value, value)) for key, value in shipped_conf().items()}
+    conf = shipped_listener(ca, server, port)
     config = NodeConfig(conf={**conf, "listeners.ssl.other": f"127.0.0.2:{other_port}"})
     try:
         node = brokers.new_node(config, label="tls")
@@ -260,13 +264,7 @@ def external_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Extern
     server = ca.issue("rabbit", server=True, hosts=("127.0.0.1", "localhost"))
     client = ca.issue(EXTERNAL_USER, server=False, organization="Example Org")
     port = brokers.free_port()
-    ours = {
-        "listeners.ssl.default": f"127.0.0.1:{port}",
-        "/etc/rabbitmq/tls/ca.pem": str(ca.path),
-        "/etc/rabbitmq/tls/server.pem": str(server.cert),
-        "/etc/rabbitmq/tls/server-key.pem": str(server.key),
-    }
-    conf = {key: ours.get(key, ours.get(value, value)) for key, value in shipped_conf().items()}
+    conf = shipped_listener(ca, server, port)
     conf.update(
         {
             "auth_mechanisms.1": "PLAIN",
