@@ -106,4 +106,8 @@ takes_submit_arguments = _parameters_of(SubmitArguments, extra=False)
 """For ``def m(self, arguments: SubmitArguments)``: callers pass the fields."""
 
 takes_submit_arguments_and_extra = _parameters_of(SubmitArguments, extra=True)
-"""Also ``**extra`` (fields a newer wire protocol has): ``m(self, arguments, extra)``."""
+"""Also ``**extra`` (fields a newer wire protocol has): ``m(self, arguments, extra)``.
+
+``inspect`` shows ``**extra``; type checkers show the fields only (a
+``ParamSpec`` cannot grow a ``**kwargs``), so a typed caller passing a field
+this version does not know is told so before the orchestrator would be."""
