@@ -1,7 +1,11 @@
 """Run an agent defined in user code: ``python -m agents package.module:agent``.
 
-The flags are those of ``orchestrator agent run`` (which uses ``load_agent``,
-``configure`` and ``run_with_reload`` from here), and it exits the same way:
+The flags are those of ``orchestrator agent run``, and what they do is
+written once, here: ``AgentOptions`` holds them and ``run_agent`` acts on
+them for both entry points (each parses them its own way: the orchestrator's
+command line with its help and usage errors, this one with ``argparse`` so
+that an agent needs none of the command line's dependencies). It exits the
+same way:
 0 after a graceful stop (SIGTERM, Ctrl-C, or the orchestrator's Unregister),
 1 for bad input (a spec that names no Agent, a bad flag value, an id in use),
 2 for a usage error, 3 when the broker cannot be reached; errors are one line
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import logging
@@ -23,6 +28,7 @@ import os
 import shlex
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -155,15 +161,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def child_arguments(
-    agent_id: str | None,
-    concurrency: int | None,
-    log_level: str,
-    settings: BusSettings,
-    *,
-    log_format: str = "text",
-    metrics_port: int | None = None,
-) -> list[str]:
+def child_arguments(options: AgentOptions, settings: BusSettings) -> list[str]:
     """The flags a ``--reload`` child is started with (all but ``--reload``).
 
     Its bus settings (the broker URL, the prefix, TLS files and passwords,
@@ -171,9 +169,13 @@ def child_arguments(
     as ``ORCHESTRATOR_*``: not on its command line, where ``ps`` would show
     a password."""
     os.environ.update(settings_environment(settings))
-    args = ["--log-level", log_level, "--log-format", log_format]
-    options = (("--id", agent_id), ("--concurrency", concurrency), ("--metrics-port", metrics_port))
-    for flag, value in options:
+    args = ["--log-level", options.log_level, "--log-format", options.log_format]
+    flags = (
+        ("--id", options.agent_id),
+        ("--concurrency", options.concurrency),
+        ("--metrics-port", options.metrics_port),
+    )
+    for flag, value in flags:
         if value is not None:
             args += [flag, str(value)]
     return args
@@ -198,23 +200,20 @@ def settings_environment(settings: BusSettings) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)  # a usage error exits 2 here
     setup_agent_logging(args.log_level, args.log_format)
-    sys.path.insert(0, os.getcwd())  # modules beside the user, as `python -m` would
+    options = AgentOptions(
+        spec=args.agent,
+        agent_id=args.agent_id,
+        concurrency=args.concurrency,
+        reload=args.reload,
+        log_level=args.log_level,
+        log_format=args.log_format,
+        metrics_port=args.metrics_port,
+    )
     try:
         refuse_password_in_argv(args.broker)
         overrides = {k: v for k, v in (("broker_url", args.broker), ("prefix", args.prefix)) if v}
         settings = BusSettings(**overrides)
-        if args.reload:
-            child = child_arguments(
-                args.agent_id,
-                args.concurrency,
-                args.log_level,
-                settings,
-                log_format=args.log_format,
-                metrics_port=args.metrics_port,
-            )
-            return run_with_reload(args.agent, child)
-        agent = configure(_load(args.agent), agent_id=args.agent_id, concurrency=args.concurrency)
-        event_loop.run(_serve(agent, settings, args.metrics_port))  # uvloop where installed
+        run_agent(options, settings, lambda agent: event_loop.run(_serve(agent, settings, options)))
     except KeyboardInterrupt:
         return EXIT_OK
     except ValidationError as exc:  # a bad --broker, --prefix or ORCHESTRATOR_* value
@@ -224,13 +223,51 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{option}: {str(first['msg']).removeprefix('Value error, ')}", EXIT_BAD_INPUT)
     except ConnectionError as exc:
         return _fail(exc, EXIT_UNREACHABLE)
-    except ImportError as exc:
-        return _fail(
-            f"agent: cannot import {args.agent.partition(':')[0]!r}: {exc}", EXIT_BAD_INPUT
-        )
     except (ValueError, BusError) as exc:
         return _fail(exc, EXIT_BAD_INPUT)
     return EXIT_OK
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentOptions:
+    """The flags of both entry points but the broker's (those are ``BusSettings``)."""
+
+    spec: str
+    agent_id: str | None = None
+    concurrency: int | None = None
+    reload: bool = False
+    log_level: str = "info"
+    log_format: str = "text"
+    metrics_port: int | None = None
+
+
+def run_agent(
+    options: AgentOptions, settings: BusSettings, serve: Callable[[Agent], object]
+) -> None:
+    """What both entry points do with their flags, once parsed and logging set up.
+
+    Bad input (a bad ``--id`` or ``--concurrency``, a spec that names no
+    Agent, code that fails to import or to build it) is a ``ValueError``
+    saying so in one line, before anything connects; ``--reload`` runs the
+    agent in a child instead (until SIGTERM or Ctrl-C); otherwise the loaded
+    and configured agent is handed to ``serve``, the entry point's own way of
+    running it until it stops.
+    """
+    if options.concurrency is not None and options.concurrency < 1:
+        raise ValueError(f"--concurrency: must be at least 1, got {options.concurrency}")
+    sys.path.insert(0, os.getcwd())  # modules beside the user, as `python -m` would
+    try:
+        if options.reload:
+            run_with_reload(options.spec, child_arguments(options, settings))
+            return
+        agent = configure(
+            _load(options.spec), agent_id=options.agent_id, concurrency=options.concurrency
+        )
+    except ImportError as exc:
+        raise ValueError(
+            f"agent: cannot import {options.spec.partition(':')[0]!r}: {exc}"
+        ) from None
+    serve(agent)
 
 
 def _load(spec: str) -> Agent:
@@ -273,7 +310,7 @@ def setup_agent_logging(level: str, log_format: str) -> None:
     root.setLevel(level.upper())
 
 
-async def _serve(agent: Agent, settings: BusSettings, metrics_port: int | None = None) -> None:
+async def _serve(agent: Agent, settings: BusSettings, options: AgentOptions) -> None:
     """Serve until a graceful stop; a signal while connecting ends it at once."""
     task = asyncio.current_task()
     assert task is not None
@@ -281,14 +318,30 @@ async def _serve(agent: Agent, settings: BusSettings, metrics_port: int | None =
     for sig in (signal.SIGINT, signal.SIGTERM):  # Agent.serve installs its own once started
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, task.cancel)
+    try:
+        await serve_agent(agent, settings, options.metrics_port)
+    except asyncio.CancelledError:
+        return
+
+
+async def serve_agent(
+    agent: Agent,
+    settings: BusSettings,
+    metrics_port: int | None,
+    connecting: Callable[[], contextlib.AbstractContextManager[object]] | None = None,
+) -> None:
+    """Connect, serve ``--metrics-port`` if given, and ``agent`` until it stops.
+
+    ``connecting`` is the context the connect runs in (default: the transport
+    libraries' own logs silenced, since the bus says in one error why it
+    cannot connect).
+    """
     bus = RabbitMQBus(settings=settings, connection_name=f"agent:{agent.agent_id}")
     try:
-        with _transport_quiet():  # the bus says in one error why it cannot connect
+        with (connecting or _transport_quiet)():
             await bus.connect()
         async with serving_metrics(agent, bus, metrics_port):
             await agent.serve(bus)
-    except asyncio.CancelledError:
-        return
     finally:
         await bus.close()
 

@@ -284,9 +284,9 @@ class Tasks:
         message = attempt.message
         with (
             about(task_id=message.task_id, agent_id=self._agent.agent_id),
-            tracing.process_span(
+            tracing.task_process_span(
+                self.bus.topology if self.bus is not None else None,
                 getattr(settlement.delivery, "trace", None),
-                self.bus.topology.tasks_exchange if self.bus is not None else "",
                 settlement.delivery.queue_key,
                 message_id=task_message_id(message.task_id, message.attempt),
                 attributes={"task.type": message.task_type, "agent.id": self._agent.agent_id},

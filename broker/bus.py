@@ -32,13 +32,15 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
+from .cert_login import certificate_user, external_login
 from .envelope import DeadLetter
 from .errors import MessageTooLarge
 from .messages import Control, Event, TaskMessage, WireMessage
 from .rpc import Reply, RequestHandler
 from .settings import BusSettings, first_address
+from .tls import tls_files
 from .topology import Topology, retry_tier_ms
 
 CLOSE_WAIT = 5.0
@@ -62,6 +64,7 @@ __all__ = [
     "TaskHandler",
     "default_broker_url",
     "login_user",
+    "settings_user",
 ]
 
 log = logging.getLogger(__name__)
@@ -224,8 +227,8 @@ class CommunicationBus(abc.ABC):
     @property
     def user(self) -> str | None:
         """The user this bus publishes as (every message's ``user_id``): the
-        broker login; None where it is not known here (a login by certificate)."""
-        return login_user(self.settings.broker_url or default_broker_url())
+        broker login (see ``settings_user``)."""
+        return settings_user(self.settings)
 
     @property
     def orchestrator_user(self) -> str | None:
@@ -438,11 +441,35 @@ def default_broker_url() -> str:
     return os.environ.get("ORCHESTRATOR_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
+def settings_user(settings: BusSettings) -> str | None:
+    """The user a bus of ``settings`` logs in as: the URL's (``login_user``); for
+    a login by client certificate (``auth=external``), ``broker_user``, else the
+    name the broker takes from ``broker_cert_file`` (``broker.cert_login``).
+
+    ``ValueError`` naming ``broker_cert_file`` when that name cannot be read.
+    """
+    url = settings.broker_url or default_broker_url()
+    if not external_login(first_address(url)):
+        return login_user(url)
+    if settings.broker_user:
+        return settings.broker_user
+    cert_file = tls_files(settings, url).cert_file
+    if not cert_file:
+        raise ValueError(
+            "broker_cert_file: auth=external logs in by client certificate, and none is set"
+            " (or set broker_user to the name the broker takes from it)"
+        )
+    try:
+        return certificate_user(cert_file, settings.broker_cert_login_from)
+    except ValueError as exc:
+        raise ValueError(f"broker_cert_file: {exc}") from None
+
+
 def login_user(broker_url: str) -> str | None:
     """The user a broker URL logs in as (aiormq's rule: ``guest`` when it names
     none); None for a login by certificate (``auth=external``), whose user the
     broker takes from the certificate."""
     parts = urlsplit(first_address(broker_url))
-    if parse_qs(parts.query).get("auth", ["plain"])[-1].lower() == "external":
+    if external_login(first_address(broker_url)):
         return None
     return unquote(parts.username) if parts.username else "guest"

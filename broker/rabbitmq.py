@@ -118,6 +118,7 @@ class RabbitMQBus(CommunicationBus):
             lambda: self._main.exchanges if self._main is not None else None,
             self._check_size,
             self.address,
+            self.user,  # a certificate's user is read now: a bad one fails before connecting
         )
         self._rpc = RpcClient(
             self._require,

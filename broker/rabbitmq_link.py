@@ -38,6 +38,7 @@ from aio_pika.exceptions import ChannelInvalidStateError
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 from yarl import URL
 
+from .cert_login import external_login
 from .errors import BusConnectionError
 from .settings import BusSettings, broker_addresses, check_broker_url, redact_url
 from .tls import client_context, handshake_failure, read_password_file, tls_files
@@ -127,7 +128,11 @@ def _password_setting(settings: BusSettings) -> str:
 
 
 def _refusal(
-    exc: BaseException, url: URL, address: str, password_setting: str = "broker_url"
+    exc: BaseException,
+    url: URL,
+    address: str,
+    password_setting: str = "broker_url",
+    settings: BusSettings | None = None,
 ) -> BrokerRefused | None:
     """What the broker refused, when ``exc`` is a refusal rather than a broken link."""
     tls = handshake_failure(exc)
@@ -135,6 +140,18 @@ def _refusal(
         setting, problem = tls
         return BrokerRefused(f"{setting}: TLS to RabbitMQ at {address}: {problem}", setting)
     user = unquote(url.user or "guest")
+    external = settings is not None and external_login(str(url))
+    if external and isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+        from .bus import settings_user  # it imports the buses, which import this module
+
+        setting = "broker_user" if settings and settings.broker_user else "broker_cert_file"
+        return BrokerRefused(
+            f"{setting}: RabbitMQ at {address} refused the certificate login of user"
+            f" {settings_user(settings) if settings else None!r}: it has no such user, or"
+            " names the certificate's user otherwise (its ssl_cert_login_from:"
+            " broker_cert_login_from)",
+            setting,
+        )
     if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
         return BrokerRefused(
             f"{password_setting}: RabbitMQ at {address} refused the login of user {user!r}:"
@@ -279,7 +296,7 @@ async def open_connection(
             with attempt:
                 return await _connect_any(urls, settings.connect_timeout, connection_name, context)
     except Exception as exc:
-        refused = _refusal(exc, URL(urls[0]), address, _password_setting(settings))
+        refused = _refusal(exc, URL(urls[0]), address, _password_setting(settings), settings)
         if refused is not None:
             raise refused from None
         detail = str(exc)

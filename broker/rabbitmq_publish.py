@@ -21,7 +21,6 @@ import aiormq
 from aio_pika.abc import AbstractExchange
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from .bus import login_user
 from .envelope import CONTENT_TYPE, REASON_HEADER, Envelope
 from .errors import BusConnectionError, BusError, BusNotStarted, UnroutableMessage
 from .rabbitmq_link import TRANSIENT
@@ -65,12 +64,13 @@ class Publisher:
         exchanges: Callable[[], Mapping[str, AbstractExchange] | None],
         check_size: Callable[[bytes], bytes],
         address: str,
+        user: str | None,
     ) -> None:
         self._exchanges = exchanges
         self._check_size = check_size
         self._address = address
-        self.user = login_user(address)
-        """Stamped on every message (the address keeps the URL's user and options)."""
+        self.user = user
+        """Stamped on every message: the bus's login (``settings_user``)."""
 
     async def publish(
         self, exchange: str, routing_key: str, envelope: Envelope, *, mandatory: bool = False

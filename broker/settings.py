@@ -20,7 +20,6 @@ password and TLS settings apply to each of them.
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Literal
 from urllib.parse import parse_qs, urlsplit, urlunsplit
@@ -28,6 +27,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .cert_login import LoginFrom, external_login
 from .tls import check_file, read_password_file
 
 AMQP_SCHEMES = ("amqp", "amqps")
@@ -116,6 +116,20 @@ class BusSettings(BaseSettings):
         description="check the broker's certificate and that it names the URL's host;"
         " false is logged as a WARNING at each connect",
     )
+    # A login by client certificate (auth=external in the URL): broker/cert_login.py
+    broker_user: str | None = Field(
+        default=None,
+        min_length=1,
+        description="with auth=external in broker_url: the user the broker takes from the"
+        " client certificate (stamped on every message as its user_id); unset: read from"
+        " broker_cert_file as broker_cert_login_from says",
+    )
+    broker_cert_login_from: LoginFrom = Field(
+        default="common_name",
+        description="with auth=external: how the broker names the certificate's user, as its"
+        " ssl_cert_login_from: common_name (the subject's CN) or distinguished_name"
+        " (RabbitMQ's default: the whole subject, CN=...,O=...)",
+    )
 
     @field_validator("broker_url")
     @classmethod
@@ -156,6 +170,19 @@ class BusSettings(BaseSettings):
         url = info.data.get("broker_url")
         if url and urlsplit(url).scheme.lower() != "amqps":
             raise ValueError(f"{value!r}: a TLS file, and TLS needs an amqps:// broker_url")
+        return value
+
+    @field_validator("broker_user")
+    @classmethod
+    def _a_certificate_login(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        url = info.data.get("broker_url")
+        if url and not external_login(first_address(url)):
+            raise ValueError(
+                "only for a login by client certificate (auth=external in broker_url);"
+                " a password login's user is the URL's"
+            )
         return value
 
 
@@ -235,25 +262,7 @@ def _check_one_url(url: str) -> None:
     if tls and parts.scheme.lower() != "amqps":
         raise ValueError(f"{tls[0]} is a TLS option, and TLS needs amqps://: got {shown!r}")
     for name in tls:
-        _check_readable(name, options[name][-1], folder=name in TLS_FOLDERS)
-
-
-def _check_readable(option: str, path: str, *, folder: bool) -> None:
-    if folder:
-        if not os.path.isdir(path):
-            raise ValueError(f"{option} {path!r} is not a folder")
-        if not os.access(path, os.R_OK | os.X_OK):
-            raise ValueError(f"{option} {path!r} cannot be read: permission denied")
-        return
-    if os.path.isdir(path):
-        raise ValueError(f"{option} {path!r} is a folder, not a file")
-    try:
-        with open(path, "rb"):
-            pass
-    except FileNotFoundError:
-        raise ValueError(f"{option} {path!r} does not exist") from None
-    except OSError as exc:
-        raise ValueError(f"{option} {path!r} cannot be read: {exc.strerror or exc}") from None
+        check_file(name, options[name][-1], folder=name in TLS_FOLDERS)
 
 
 def _shown(url: str) -> str:

@@ -37,10 +37,22 @@ TLS_SETTINGS = ("broker_ca_file", "broker_cert_file", "broker_key_file")
 """The settings that name a TLS file; each needs an amqps:// URL."""
 
 
-def check_file(what: str, path: str) -> str:
-    """``path`` if it is a file we can read; else ``ValueError`` saying what is wrong with it."""
+def check_file(what: str, path: str, *, folder: bool = False) -> str:
+    """``path`` if it is a file (``folder``: a folder) we can read; else ``ValueError``
+    saying what is wrong with it, ``what`` first (a setting's or URL option's name).
+
+    The one check of every file the bus reads (TLS files and folders, the
+    password file), whether a setting or the URL's query names it, so that
+    each is refused with the same words before anything connects.
+    """
     if not path.strip():
         raise ValueError(f"{what}: empty path")
+    if folder:
+        if not os.path.isdir(path):
+            raise ValueError(f"{what} {path!r} is not a folder")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ValueError(f"{what} {path!r} cannot be read: permission denied")
+        return path
     if os.path.isdir(path):
         raise ValueError(f"{what} {path!r} is a folder, not a file")
     try:

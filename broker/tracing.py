@@ -15,17 +15,27 @@ Spans follow the OpenTelemetry messaging conventions: a PRODUCER span
 ``messaging.system = rabbitmq``, ``messaging.destination.name =
 <exchange>:<routing key>``, ``messaging.operation.type`` / ``.name``,
 ``messaging.message.id`` and ``messaging.rabbitmq.destination.routing_key``.
+
+Which exchange and routing key name a span is the topology's business, so
+the spans of the orchestrator's and the agents' own messages are made here
+from a ``Topology`` (``task_send_span``, ``task_process_span``,
+``event_process_span``): the packages above the bus name a task's queue key
+or an event, never an exchange.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import ProxyTracerProvider, SpanKind
+
+if TYPE_CHECKING:
+    from .messages import Event
+    from .topology import Topology
 
 TRACE_HEADERS = ("traceparent", "tracestate")
 """The headers the W3C propagator reads and writes (the default propagator)."""
@@ -126,6 +136,43 @@ def process_span(
         },
     ) as span:
         yield span
+
+
+def task_send_span(
+    topology: Topology,
+    queue_key: str,
+    *,
+    message_id: str | None = None,
+    parent: Mapping[str, Any] | None = None,
+) -> contextlib.AbstractContextManager[None]:
+    """``send_span`` around publishing a task to ``queue_key`` (the bus stamps the
+    span's context on the message)."""
+    return send_span({}, topology.tasks_exchange, queue_key, message_id=message_id, parent=parent)
+
+
+def task_process_span(
+    topology: Topology | None,
+    headers: Mapping[str, Any] | None,
+    queue_key: str,
+    *,
+    message_id: str | None = None,
+    attributes: Mapping[str, Any] | None = None,
+) -> contextlib.AbstractContextManager[trace.Span | None]:
+    """``process_span`` around running a task delivered from ``queue_key``."""
+    exchange = topology.tasks_exchange if topology is not None else ""
+    return process_span(headers, exchange, queue_key, message_id=message_id, attributes=attributes)
+
+
+def event_process_span(
+    topology: Topology,
+    headers: Mapping[str, Any] | None,
+    event: Event,
+    *,
+    attributes: Mapping[str, Any] | None = None,
+) -> contextlib.AbstractContextManager[trace.Span | None]:
+    """``process_span`` around handling an agent's event (named by its routing key)."""
+    key = topology.event_key(event.kind, event.agent_id)
+    return process_span(headers, topology.events_exchange, key, attributes=attributes)
 
 
 def trace_headers(headers: Mapping[str, Any] | None) -> dict[str, str]:

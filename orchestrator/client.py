@@ -55,7 +55,8 @@ from broker import (
 )
 from broker.rpc import TasksRequest
 
-from .models import TaskPriority, TaskStatus
+from .models import TaskStatus
+from .submit_arguments import SubmitArguments, takes_submit_arguments_and_extra
 
 __all__ = [
     "Client",
@@ -243,21 +244,8 @@ class Client:
         """The result of one request; its error reply as the exception of its type."""
         return result_of(await self.bus.request(message, timeout=self.request_timeout))
 
-    async def submit(
-        self,
-        name: str,
-        description: str,
-        task_type: str,
-        payload: dict[str, Any],
-        priority: TaskPriority | str = TaskPriority.MEDIUM,
-        dependencies: list[str] | None = None,
-        required_capabilities: list[str] | None = None,
-        estimated_duration: float = 300,
-        timeout: float = 600,
-        max_retries: int = 3,
-        idempotency_key: str | None = None,
-        **extra: Any,
-    ) -> TaskHandle:
+    @takes_submit_arguments_and_extra
+    async def submit(self, arguments: SubmitArguments, extra: dict[str, Any]) -> TaskHandle:
         """Submit a task (the parameters of ``TaskOrchestrator.submit_task``); its handle.
 
         ``idempotency_key``: a submit repeating the key of one the orchestrator
@@ -265,25 +253,14 @@ class Client:
         after a lost reply is safe. ``extra`` passes fields a newer protocol
         adds to ``SubmitTaskRequest``; one it does not have is a ``ValueError``.
         """
-        if idempotency_key is not None:
-            extra["idempotency_key"] = idempotency_key
+        fields = arguments.fields()
+        if fields["idempotency_key"] is None:
+            del fields["idempotency_key"]  # the request's message id stands in
         unknown = set(extra) - set(SubmitTaskRequest.model_fields)
         if unknown:
             raise InvalidRequest(f"{sorted(unknown)[0]}: not a field of a submit")
         try:
-            request = SubmitTaskRequest(
-                name=name,
-                description=description,
-                task_type=task_type,
-                payload=payload,
-                priority=priority,
-                dependencies=list(dependencies or ()),
-                required_capabilities=list(required_capabilities or ()),
-                estimated_duration=estimated_duration,
-                timeout=timeout,
-                max_retries=max_retries,
-                **extra,
-            )
+            request = SubmitTaskRequest(**fields, **extra)
         except ValidationError as exc:
             raise _invalid(exc) from None
         await self._follow_events()  # before the task exists: no event of it is missed

@@ -189,9 +189,8 @@ class Dispatch:
                 raise BusNotStarted("the bus is not connected")
             handed = True
             key = queue_key(task)
-            with tracing.send_span(
-                {},  # the bus stamps the span's context on the message
-                self.bus.topology.tasks_exchange,
+            with tracing.task_send_span(
+                self.bus.topology,
                 key,
                 message_id=task_message_id(task.task_id, attempt),
                 parent=task.trace_context,

@@ -81,6 +81,7 @@ class EventHandlers:
         self._confirms: dict[str, tuple[int, str]] = {}
         """Per task, the attempt and agent whose confirm waits for its holder."""
         self._sending: set[asyncio.Task[None]] = set()
+        """Answers being sent and copies waiting out the grace: ended by ``stop``."""
         self._starts: dict[str, tuple[int, int]] = {}
         """Per task, its current attempt and how often it started."""
         self.copies = CopyRounds(
@@ -92,12 +93,21 @@ class EventHandlers:
         lifecycle.observe(self)
 
     async def stop(self) -> None:
-        """Nothing answered or proceeded after the orchestrator stops leading."""
+        """No longer leading: nothing answers an agent from now on.
+
+        A copy waiting for its round (``copies``) would otherwise be told to
+        proceed by an orchestrator that stopped (or one no longer leading,
+        beside the one that leads now); its agent asks again, of whoever leads.
+        What waits for an answer is forgotten with them, so that a leader
+        starting again answers those that ask again afresh.
+        """
         await self.copies.stop()
-        sending = list(self._sending)
-        for job in sending:
+        jobs, self._sending = self._sending, set()
+        jobs.discard(asyncio.current_task())  # type: ignore[arg-type]
+        for job in jobs:
             job.cancel()
-        await asyncio.gather(*sending, return_exceptions=True)
+        await asyncio.gather(*jobs, return_exceptions=True)
+        self._confirms.clear()
 
     async def on_event(self, event: Event) -> None:
         refused = await self.refusal(event, current_sender())
@@ -110,10 +120,10 @@ class EventHandlers:
             await self.on_assigned(event)
         elif isinstance(event, TaskFinished):
             sender = current_sender()
-            with tracing.process_span(
+            with tracing.event_process_span(
+                self.bus.topology,
                 sender.trace if sender is not None else None,
-                self.bus.topology.events_exchange,
-                self.bus.topology.event_key(event.kind, event.agent_id),
+                event,
                 attributes={"task.id": event.task_id, "task.outcome": event.outcome},
             ):
                 await self.on_finished(event)

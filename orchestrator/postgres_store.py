@@ -33,6 +33,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 
 from .journal import Batch, JournalStore, Loaded
+from .store_sql import changes, newer_schema
 
 SCHEMES = ("postgresql", "postgres")
 
@@ -190,10 +191,7 @@ class PostgresStore(JournalStore):
             )
             version = await con.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
             if version > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{self.where} holds state of schema version {version}; "
-                    f"this orchestrator reads up to version {SCHEMA_VERSION}: upgrade it"
-                )
+                raise newer_schema(self.where, version, SCHEMA_VERSION)
             for migration in MIGRATIONS:
                 if migration.version <= version:
                     continue
@@ -227,42 +225,15 @@ class PostgresStore(JournalStore):
             if fence is not None:
                 row = await con.fetchrow("SELECT epoch, holder FROM leader WHERE id = 1 FOR UPDATE")
                 self._fence(fence, int(row["epoch"]), row["holder"])
-            if batch.task_rows:
-                ids, statuses, records = zip(*batch.task_rows, strict=True)
-                await con.execute(
-                    "INSERT INTO tasks (task_id, status, record)"
-                    " SELECT * FROM unnest($1::text[], $2::text[], $3::text[])"
-                    " ON CONFLICT (task_id) DO UPDATE SET"
-                    " status = excluded.status, record = excluded.record",
-                    ids,
-                    statuses,
-                    records,
-                )
-            if batch.task_gone:
-                await con.execute(
-                    "DELETE FROM tasks WHERE task_id = ANY($1::text[])", batch.task_gone
-                )
-            if batch.agent_rows:
-                ids, records = zip(*batch.agent_rows, strict=True)
-                await con.execute(
-                    "INSERT INTO agents (agent_id, record)"
-                    " SELECT * FROM unnest($1::text[], $2::text[])"
-                    " ON CONFLICT (agent_id) DO UPDATE SET record = excluded.record",
-                    ids,
-                    records,
-                )
-            if batch.agent_gone:
-                await con.execute(
-                    "DELETE FROM agents WHERE agent_id = ANY($1::text[])", batch.agent_gone
-                )
-            if batch.meta_rows:
-                keys, values = zip(*batch.meta_rows, strict=True)
-                await con.execute(
-                    "INSERT INTO meta (key, value) SELECT * FROM unnest($1::text[], $2::text[])"
-                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    keys,
-                    values,
-                )
+            for table, rows, gone in changes(batch):
+                if rows:  # one statement: each column an array, unnest makes them rows
+                    columns = list(zip(*rows, strict=True))
+                    arrays = ", ".join(f"${n}::text[]" for n in range(1, len(columns) + 1))
+                    await con.execute(table.upsert(f"SELECT * FROM unnest({arrays})"), *columns)
+                if gone:
+                    await con.execute(
+                        f"DELETE FROM {table.name} WHERE {table.key} = ANY($1::text[])", list(gone)
+                    )
 
     # ---------------------------------------------------------------- fencing
     async def _claim(self, holder: str) -> int:

@@ -15,12 +15,15 @@ standby taking over) cannot slip in between the epoch check and the write.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiosqlite
 
 from .journal import Batch, JournalStore, Loaded
+from .store_sql import changes, newer_schema
 
 SCHEMA_VERSION = 3
 """Kept in ``PRAGMA user_version``; a file from a newer version is refused.
@@ -98,29 +101,20 @@ class SQLiteStore(JournalStore):
             row = await cursor.fetchone()
         version = row[0] if row else 0
         if version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"{self.path} holds state of schema version {version}; "
-                f"this orchestrator reads up to version {SCHEMA_VERSION}: upgrade it"
-            )
+            raise newer_schema(str(self.path), version, SCHEMA_VERSION)
         return version
 
     async def _prepare(self, db: aiosqlite.Connection) -> None:
         await self._version(db)  # refused before anything is changed
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute(f"PRAGMA synchronous={self._synchronous}")
-        await db.execute("BEGIN IMMEDIATE")  # two processes opening one file: one migrates
-        try:
+        async with _immediate(db):  # two processes opening one file: one migrates
             version = await self._version(db)
             for step in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in _MIGRATIONS[step]:
                     await db.execute(statement)
             if version < SCHEMA_VERSION:
                 await db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            await db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                await db.execute("ROLLBACK")
-            raise
 
     async def _disconnect(self) -> None:
         db, self._db = self._db, None
@@ -131,48 +125,22 @@ class SQLiteStore(JournalStore):
     async def _transaction(self, batch: Batch, fence: int | None) -> None:
         db = self._db
         assert db is not None
-        async with self._db_lock:
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                if fence is not None:
-                    epoch, holder = await self._epoch_row(db)
-                    self._fence(fence, epoch, holder)
-                await self._apply(db, batch)
-                await db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    await db.execute("ROLLBACK")
-                raise
+        async with self._db_lock, _immediate(db):
+            if fence is not None:
+                epoch, holder = await self._epoch_row(db)
+                self._fence(fence, epoch, holder)
+            await self._apply(db, batch)
 
     @staticmethod
     async def _apply(db: aiosqlite.Connection, batch: Batch) -> None:
-        if batch.task_rows:
-            await db.executemany(
-                "INSERT INTO tasks (task_id, status, record) VALUES (?, ?, ?) "
-                "ON CONFLICT (task_id) DO UPDATE SET "
-                "status = excluded.status, record = excluded.record",
-                batch.task_rows,
-            )
-        if batch.task_gone:
-            await db.executemany(
-                "DELETE FROM tasks WHERE task_id = ?", [(i,) for i in batch.task_gone]
-            )
-        if batch.agent_rows:
-            await db.executemany(
-                "INSERT INTO agents (agent_id, record) VALUES (?, ?) "
-                "ON CONFLICT (agent_id) DO UPDATE SET record = excluded.record",
-                batch.agent_rows,
-            )
-        if batch.agent_gone:
-            await db.executemany(
-                "DELETE FROM agents WHERE agent_id = ?", [(i,) for i in batch.agent_gone]
-            )
-        if batch.meta_rows:
-            await db.executemany(
-                "INSERT INTO meta (key, value) VALUES (?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                batch.meta_rows,
-            )
+        for table, rows, gone in changes(batch):
+            if rows:
+                places = ", ".join("?" * len(table.all_columns))
+                await db.executemany(table.upsert(f"VALUES ({places})"), rows)
+            if gone:
+                await db.executemany(
+                    f"DELETE FROM {table.name} WHERE {table.key} = ?", [(key,) for key in gone]
+                )
 
     # ---------------------------------------------------------------- fencing
     @staticmethod
@@ -184,19 +152,12 @@ class SQLiteStore(JournalStore):
     async def _claim(self, holder: str) -> int:
         db = self._db
         assert db is not None
-        async with self._db_lock:
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                await db.execute(
-                    "UPDATE leader SET epoch = epoch + 1, holder = ?, claimed_at = ? WHERE id = 1",
-                    (holder, time.time()),
-                )
-                epoch, _ = await self._epoch_row(db)
-                await db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    await db.execute("ROLLBACK")
-                raise
+        async with self._db_lock, _immediate(db):
+            await db.execute(
+                "UPDATE leader SET epoch = epoch + 1, holder = ?, claimed_at = ? WHERE id = 1",
+                (holder, time.time()),
+            )
+            epoch, _ = await self._epoch_row(db)
         return epoch
 
     async def _read_epoch(self) -> tuple[int, str | None]:
@@ -204,3 +165,17 @@ class SQLiteStore(JournalStore):
         assert db is not None
         async with self._db_lock:
             return await self._epoch_row(db)
+
+
+@contextlib.asynccontextmanager
+async def _immediate(db: aiosqlite.Connection) -> AsyncIterator[None]:
+    """A write transaction holding the file's write lock from its start (see above):
+    committed when the block ends, rolled back when it raises (or is cancelled)."""
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        await db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            await db.execute("ROLLBACK")
+        raise

@@ -20,7 +20,8 @@ from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
 from .client import Client
-from .models import TaskPriority, TaskStatus
+from .models import TaskStatus
+from .submit_arguments import SubmitArguments, takes_submit_arguments_and_extra
 
 __all__ = ["SyncClient", "SyncTaskHandle"]
 
@@ -85,38 +86,10 @@ class SyncClient:
         """The async client underneath (its methods run only on the client's loop)."""
         return self._client
 
-    def submit(
-        self,
-        name: str,
-        description: str,
-        task_type: str,
-        payload: dict[str, Any],
-        priority: TaskPriority | str = TaskPriority.MEDIUM,
-        dependencies: list[str] | None = None,
-        required_capabilities: list[str] | None = None,
-        estimated_duration: float = 300,
-        timeout: float = 600,
-        max_retries: int = 3,
-        idempotency_key: str | None = None,
-        **extra: Any,
-    ) -> SyncTaskHandle:
+    @takes_submit_arguments_and_extra
+    def submit(self, arguments: SubmitArguments, extra: dict[str, Any]) -> SyncTaskHandle:
         """Submit a task (the parameters of ``TaskOrchestrator.submit_task``); its handle."""
-        handle = self._call(
-            self._client.submit(
-                name,
-                description,
-                task_type,
-                payload,
-                priority,
-                dependencies,
-                required_capabilities,
-                estimated_duration,
-                timeout,
-                max_retries,
-                idempotency_key,
-                **extra,
-            )
-        )
+        handle = self._call(self._client.submit(**arguments.fields(), **extra))
         return SyncTaskHandle(self, handle.task_id)
 
     def handle(self, task_id: str) -> SyncTaskHandle:

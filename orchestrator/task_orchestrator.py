@@ -31,7 +31,7 @@ from .events import EventHandlers
 from .idempotency import IdempotentSubmits, check_key
 from .leadership import Leadership
 from .lifecycle import Lifecycle, waiting_for_dependencies
-from .models import AgentCapability, Task, TaskPriority, TaskStatus
+from .models import AgentCapability, Task, TaskStatus
 from .outcomes import Outcomes
 from .placement import PlacementPolicy, QueueSpec
 from .records import TaskRecords
@@ -42,6 +42,7 @@ from .settings import OrchestratorSettings
 from .stats import StatsTracker
 from .store import MemoryStore, StateStore
 from .submission import Submission
+from .submit_arguments import SubmitArguments, takes_submit_arguments
 from .validation import SubmitRequest, validate_submit
 from .watch import RETIRED_STATS, Watch
 
@@ -175,7 +176,7 @@ class TaskOrchestrator:
         subscriptions, self._subscriptions = self._subscriptions, []
         for subscription in subscriptions:
             await subscription.close()
-        await self.events.stop()
+        await self.events.stop()  # after the subscriptions: no event starts another answer
 
     async def stop(self) -> None:
         """Stop following events (or standing by); close the bus if ``start`` opened it."""
@@ -246,39 +247,21 @@ class TaskOrchestrator:
         await self.registry.unbind(agent_id)  # its id may be another user's now
 
     # ------------------------------------------------------------------ tasks
-    async def submit_task(
-        self,
-        name: str,
-        description: str,
-        task_type: str,
-        payload: dict[str, Any],
-        priority: TaskPriority | str = TaskPriority.MEDIUM,
-        dependencies: list[str] | None = None,
-        required_capabilities: list[str] | None = None,
-        estimated_duration: int = 300,
-        timeout: int = 600,
-        max_retries: int = 3,
-        idempotency_key: str | None = None,
-    ) -> str:
+    @takes_submit_arguments
+    async def submit_task(self, arguments: SubmitArguments) -> str:
         """Submit a task; returns its id. ``ValueError`` names a bad field.
 
-        Beyond the seed: while the task submitted with ``idempotency_key`` is
-        kept, a submit with that key returns its id and creates nothing (with
-        other parameters it is refused: see ``idempotency``).
+        The parameters are ``SubmitArguments``'s fields, the seed's
+        ``(name, description, task_type, payload, priority=..., dependencies=...,
+        required_capabilities=..., estimated_duration=300, timeout=600)`` then
+        ``max_retries=3`` and ``idempotency_key=None``. Beyond the seed: while the
+        task submitted with ``idempotency_key`` is kept, a submit with that key
+        returns its id and creates nothing (with other parameters it is refused:
+        see ``idempotency``).
         """
-        request = validate_submit(
-            self.settings.max_payload_bytes,
-            name=name,
-            description=description,
-            task_type=task_type,
-            payload=payload,
-            priority=priority,
-            dependencies=dependencies or [],
-            required_capabilities=required_capabilities or [],
-            estimated_duration=estimated_duration,
-            timeout=timeout,
-            max_retries=max_retries,
-        )
+        fields = arguments.fields()
+        idempotency_key = fields.pop("idempotency_key")
+        request = validate_submit(self.settings.max_payload_bytes, **fields)
         key = check_key(idempotency_key)
         self._require_started()
         if key is not None:

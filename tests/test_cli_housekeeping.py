@@ -146,6 +146,27 @@ async def test_agent_run_takes_its_id_and_concurrency_from_flags(
         assert await deployment.stop(name) == 0
 
 
+def test_both_agent_entry_points_declare_the_same_flags() -> None:
+    """``orchestrator agent run`` and ``python -m agents`` parse the flags each its own way."""
+    import typer.main
+
+    from agents.runner import parser
+    from orchestrator.cli import app
+
+    # Given the flags each declares
+    command = typer.main.get_command(app).commands["agent"].commands["run"]  # type: ignore[attr-defined]
+    cli = {opt for param in command.params for opt in param.opts if opt.startswith("-")}
+    module = {opt for action in parser()._actions for opt in action.option_strings}
+
+    # Then python -m agents has each of the command's but the broker's files (it reads
+    # those from ORCHESTRATOR_* only), and nothing else but its -h
+    assert module - {"-h", "--help"} <= cli
+    assert cli - module == {
+        "--broker-ca-file", "--broker-cert-file", "--broker-key-file",
+        "--broker-password-file", "--tls-no-verify",
+    }  # fmt: skip
+
+
 @pytest.mark.parametrize("how", list(ENTRY_POINTS))
 def test_agent_flags_refuse_bad_values_alike(how: str) -> None:
     command = ENTRY_POINTS[how] or [

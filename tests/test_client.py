@@ -11,6 +11,7 @@ came only by asking again would time out.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import subprocess
 import sys
@@ -20,9 +21,11 @@ from typing import Any
 import pytest
 
 from agents import Agent, TaskContext
+from broker import MemoryBus, SubmitTaskRequest
 from orchestrator import (
     Client,
     OrchestratorService,
+    SyncClient,
     TaskOrchestrator,
     TaskPriority,
     TaskStatus,
@@ -366,3 +369,53 @@ async def test_the_client_needs_only_a_clients_permissions(users: Users, prefix:
         await service.stop()
         await orchestrator.stop()
         await orchestrator.bus.close()
+
+
+def test_the_three_submits_take_the_same_parameters() -> None:
+    """One parameter list (``SubmitArguments``) for the orchestrator and both clients."""
+
+    # Given the parameters each of the three shows (to inspect, help and editors)
+    def shown(method: Any) -> list[tuple[str, Any, Any]]:
+        parameters = list(inspect.signature(method).parameters.values())[1:]  # not self
+        return [(p.name, p.kind, p.default) for p in parameters if p.name != "extra"]
+
+    seed = shown(TaskOrchestrator.submit_task)
+    # Then they are the same, the seed's first, in its order and with its defaults
+    assert shown(Client.submit) == seed
+    assert shown(SyncClient.submit) == seed
+    assert [name for name, _, _ in seed] == [
+        "name", "description", "task_type", "payload", "priority", "dependencies",
+        "required_capabilities", "estimated_duration", "timeout", "max_retries",
+        "idempotency_key",
+    ]  # fmt: skip
+    defaults = {name: default for name, _, default in seed}
+    assert defaults["priority"] is TaskPriority.MEDIUM
+    assert (defaults["estimated_duration"], defaults["timeout"], defaults["max_retries"]) == (
+        300,
+        600,
+        3,
+    )
+    # and the wire's request has a field for each, with the same defaults
+    wire = {
+        name: field
+        for name, field in SubmitTaskRequest.model_fields.items()
+        if name not in {"v", "kind"}
+    }
+    assert set(wire) == set(defaults)
+    for name in ("estimated_duration", "timeout", "max_retries", "idempotency_key"):
+        assert wire[name].default == defaults[name], name
+    # the clients also take fields a newer protocol may add; the orchestrator does not
+    assert "extra" in inspect.signature(Client.submit).parameters
+    assert "extra" not in inspect.signature(TaskOrchestrator.submit_task).parameters
+
+
+async def test_submit_task_binds_as_its_written_signature() -> None:
+    """Positions, keywords and an unknown name behave as in the seed's signature."""
+    orchestrator = TaskOrchestrator(MemoryBus())
+    # When a call names a parameter there is not, then it is a TypeError (not a ValueError)
+    with pytest.raises(TypeError, match="urgency"):
+        await orchestrator.submit_task("x", "", "analysis", {}, urgency="high")
+    with pytest.raises(TypeError, match="multiple values"):
+        await orchestrator.submit_task("x", "", "analysis", {}, name="y")
+    with pytest.raises(TypeError, match="payload"):
+        await orchestrator.submit_task("x", "", "analysis")

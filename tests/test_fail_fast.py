@@ -86,6 +86,8 @@ def test_tls_files_named_in_the_url_must_be_there(tmp_path: Path) -> None:
         BusSettings(broker_url=f"amqps://rabbit:5671/?cafile={missing}")
     with pytest.raises(ValueError, match=f"certfile '{tmp_path}' is a folder"):
         BusSettings(broker_url=f"amqps://rabbit:5671/?certfile={tmp_path}")
+    with pytest.raises(ValueError, match=f"capath '{ca}' is not a folder"):
+        BusSettings(broker_url=f"amqps://rabbit:5671/?capath={ca}")
     with pytest.raises(ValueError, match="cafile is a TLS option, and TLS needs amqps://"):
         BusSettings(broker_url=f"amqp://rabbit:5672/?cafile={ca}")
     # And a file that is there is taken

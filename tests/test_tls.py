@@ -11,8 +11,10 @@ deployment gives them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import secrets
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -21,12 +23,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from broker import BusSettings, RabbitMQBus
+from broker import AgentAnnounced, BusSettings, Event, RabbitMQBus, current_sender
 from broker.rabbitmq_link import BrokerRefused
 from deploy.tls.make_certs import CertificateAuthority, Issued
 from tests import brokers
 from tests.brokers import NodeConfig
 from tests.deployment import ROOT, Deployment
+from tests.harness import wait_until
 
 TLS_DEPLOY = ROOT / "deploy" / "tls"
 
@@ -36,6 +39,17 @@ def shipped_conf() -> dict[str, str]:
     lines = (TLS_DEPLOY / "rabbitmq-tls.conf").read_text().splitlines()
     pairs = [line.partition("=") for line in lines if line.strip() and not line.startswith("#")]
     return {key.strip(): value.strip() for key, _, value in pairs}
+
+
+def shipped_listener(ca: CertificateAuthority, server: Issued, port: int) -> dict[str, str]:
+    """The listener deploy/ ships, with this test's files and port."""
+    ours = {
+        "listeners.ssl.default": f"127.0.0.1:{port}",
+        "/etc/rabbitmq/tls/ca.pem": str(ca.path),
+        "/etc/rabbitmq/tls/server.pem": str(server.cert),
+        "/etc/rabbitmq/tls/server-key.pem": str(server.key),
+    }
+    return {key: ours.get(key, ours.get(value, value)) for key, value in shipped_conf().items()}
 
 
 pytestmark = pytest.mark.rabbitmq
@@ -89,14 +103,7 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
     password_file = folder / "broker-password"
     password_file.write_text("guest\n")
     port, other_port = brokers.free_port(), brokers.free_port()
-    # The listener deploy/ ships, with this test's files and ports
-    ours = {
-        "listeners.ssl.default": f"127.0.0.1:{port}",
-        "/etc/rabbitmq/tls/ca.pem": str(ca.path),
-        "/etc/rabbitmq/tls/server.pem": str(server.cert),
-        "/etc/rabbitmq/tls/server-key.pem": str(server.key),
-    }
-    conf = {key: ours.get(key, ours.get(value, value)) for key, value in shipped_conf().items()}
+    conf = shipped_listener(ca, server, port)
     config = NodeConfig(conf={**conf, "listeners.ssl.other": f"127.0.0.2:{other_port}"})
     try:
         node = brokers.new_node(config, label="tls")
@@ -221,6 +228,137 @@ def test_the_context_checks_what_it_was_given(tls_broker: TlsBroker) -> None:
     context = client_context(tls_broker.settings(), tls_broker.url())
     assert context is not None
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+
+
+# --- a login by client certificate (RabbitMQ's EXTERNAL mechanism) --------------------------
+
+EXTERNAL_USER = "ext-agent"
+
+
+@dataclass
+class ExternalBroker:
+    node: brokers.RabbitMQNode
+    port: int
+    ca: CertificateAuthority
+    client: Issued
+    """CN=ext-agent, O=Example Org: a user of that common name exists, without a password login."""
+
+    def settings(self, **overrides: object) -> BusSettings:
+        values: dict[str, object] = {
+            "broker_url": f"amqps://127.0.0.1:{self.port}/?auth=external",
+            "broker_ca_file": str(self.ca.path),
+            "broker_cert_file": str(self.client.cert),
+            "broker_key_file": str(self.client.key),
+            "connect_attempts": 1,
+            **overrides,
+        }
+        return BusSettings(**values)
+
+
+@pytest.fixture(scope="module")
+def external_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExternalBroker]:
+    """A node whose TLS listener (the shipped one) also takes EXTERNAL logins, the user
+    named by the certificate's common name (``ssl_cert_login_from = common_name``)."""
+    folder = tmp_path_factory.mktemp("tls-external")
+    ca = CertificateAuthority(folder, "test-ca")
+    server = ca.issue("rabbit", server=True, hosts=("127.0.0.1", "localhost"))
+    client = ca.issue(EXTERNAL_USER, server=False, organization="Example Org")
+    port = brokers.free_port()
+    conf = shipped_listener(ca, server, port)
+    conf.update(
+        {
+            "auth_mechanisms.1": "PLAIN",
+            "auth_mechanisms.2": "AMQPLAIN",
+            "auth_mechanisms.3": "EXTERNAL",
+            "ssl_cert_login_from": "common_name",
+        }
+    )
+    config = NodeConfig(conf=conf, plugins=("rabbitmq_auth_mechanism_ssl",))
+    try:
+        node = brokers.new_node(config, label="tls-external")
+    except brokers.Unavailable as exc:
+        brokers.skip_or_fail(f"no private RabbitMQ node with EXTERNAL logins: {exc}")
+        raise
+    try:
+        node.ctl("add_user", EXTERNAL_USER, secrets.token_hex(16))  # its password is never used
+        node.ctl("set_permissions", "-p", "/", EXTERNAL_USER, ".*", ".*", ".*")
+        yield ExternalBroker(node, port, ca, client)
+    finally:
+        node.stop()
+
+
+async def test_a_certificate_login_publishes_as_the_certificate_s_user(
+    external_broker: ExternalBroker, prefix: str
+) -> None:
+    # Given a bus that logs in by its certificate: no user name, no password
+    bus = RabbitMQBus(settings=external_broker.settings(prefix=prefix))
+    assert bus.user == EXTERNAL_USER  # read from the certificate, as the broker does
+    heard: list[tuple[str, str | None]] = []
+    await bus.connect()
+    try:
+
+        async def on_event(event: Event) -> None:
+            sender = current_sender()
+            heard.append((event.agent_id, sender.user if sender is not None else None))
+
+        await bus.subscribe_events(on_event)
+
+        # When it publishes (every message stamped with that user, which the broker checks)
+        await bus.publish_event(
+            AgentAnnounced(agent_id=EXTERNAL_USER, capabilities=[], max_concurrent_tasks=1)
+        )
+
+        # Then the broker took it, and it arrives as the certificate's user's
+        async def arrived() -> bool:
+            return bool(heard)
+
+        await wait_until(arrived, timeout=20)
+        assert heard == [(EXTERNAL_USER, EXTERNAL_USER)]
+    finally:
+        await bus.close()
+
+
+async def test_a_certificate_of_a_user_the_broker_lacks_is_one_line_naming_it(
+    external_broker: ExternalBroker, prefix: str
+) -> None:
+    # Given a certificate of the right CA for a user the broker does not have
+    stranger = external_broker.ca.issue("stranger", server=False)
+    settings = external_broker.settings(
+        prefix=prefix, broker_cert_file=str(stranger.cert), broker_key_file=str(stranger.key)
+    )
+
+    # When a bus logs in with it, then the refusal names the certificate and its user
+    with pytest.raises(BrokerRefused) as refused:
+        await RabbitMQBus(settings=settings).connect()
+    assert str(refused.value).startswith("broker_cert_file: RabbitMQ at "), refused.value
+    assert "refused the certificate login of user 'stranger'" in str(refused.value)
+
+
+async def test_a_certificate_login_as_another_user_is_refused_by_the_broker(
+    external_broker: ExternalBroker, prefix: str
+) -> None:
+    # Given a bus told (wrongly) that the broker names it otherwise
+    bus = RabbitMQBus(
+        settings=external_broker.settings(
+            prefix=prefix, broker_cert_login_from="distinguished_name"
+        )
+    )
+    assert bus.user == f"CN={EXTERNAL_USER},O=Example Org"
+    await bus.connect()
+    try:
+        # When it publishes, then the broker refuses the message's user_id
+        with pytest.raises(Exception) as refused:
+            await asyncio.wait_for(
+                bus.publish_event(
+                    AgentAnnounced(agent_id=EXTERNAL_USER, capabilities=[], max_concurrent_tasks=1)
+                ),
+                30,
+            )
+        assert "user_id" in str(refused.value) or "PRECONDITION" in str(refused.value), repr(
+            refused.value
+        )
+    finally:
+        await bus.close()
 
 
 # --- the processes, as a deployment runs them -----------------------------------------------

@@ -95,13 +95,24 @@ class CertificateAuthority:
         self.path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
     def issue(
-        self, name: str, *, server: bool, hosts: tuple[str, ...] = (), password: bytes | None = None
+        self,
+        name: str,
+        *,
+        server: bool,
+        hosts: tuple[str, ...] = (),
+        password: bytes | None = None,
+        organization: str | None = None,
     ) -> Issued:
+        """A certificate of subject ``CN=name`` (``O=organization`` before it, where given),
+        and its key: ``name.pem`` and ``name-key.pem`` in the folder."""
         key = _key()
         now = datetime.datetime.now(datetime.UTC)
+        subject = [x509.NameAttribute(NameOID.COMMON_NAME, name)]
+        if organization is not None:
+            subject.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
         builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .subject_name(x509.Name(subject))
             .issuer_name(self.name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())

@@ -7,19 +7,19 @@ only when they run.
 
 from __future__ import annotations
 
-import os
-import sys
+import contextlib
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import typer
 
-from broker import BusSettings, RabbitMQBus
+from broker import BusSettings
 
 from .connection import run
 from .errors import CliError
 from .logs import LogFormat, LogFormatOption, log_filter, setup_logging
 from .redaction import out_of_ps, remember_secret, restore_password
-from .settings import Broker, LogLevel, LogLevelName, Prefix, read_settings
+from .settings import Broker, LogLevel, LogLevelName, MetricsPort, Prefix, read_settings
 
 
 def agent_run(
@@ -59,65 +59,41 @@ def agent_run(
     prefix: Prefix = None,
     log_level: LogLevel = LogLevelName.info,
     log_format: LogFormatOption = LogFormat.text,
-    metrics_port: Annotated[
-        int | None,
-        typer.Option(
-            metavar="PORT",
-            help="Serve /metrics, /healthz and /readyz on this port (all interfaces).",
-            show_default=False,
-        ),
-    ] = None,
+    metrics_port: MetricsPort = None,
 ) -> None:
     """Run an agent until SIGTERM or Ctrl-C; running tasks finish first."""
     setup_logging(log_level, log_format)
     settings, _ = read_settings(broker, prefix)
-    if concurrency is not None and concurrency < 1:
-        raise CliError(f"--concurrency: must be at least 1, got {concurrency}")
     # An entry point that runs agents: the one place besides demo that imports both.
-    from agents import load_agent
-    from agents.runner import child_arguments, configure, run_with_reload
+    from agents.runner import AgentOptions, run_agent, serve_agent
 
-    sys.path.insert(0, os.getcwd())  # modules beside the user, as `python -m` would
-    if reload:
-        child = child_arguments(
-            agent_id,
-            concurrency,
-            log_level.value,
-            settings,
-            log_format=log_format.value,
-            metrics_port=metrics_port,
-        )
-        try:
-            run_with_reload(spec, child)
-        except ImportError as exc:
-            raise CliError(f"agent: cannot import {spec.partition(':')[0]!r}: {exc}") from None
-        except KeyboardInterrupt:
-            pass
-        return
+    options = AgentOptions(
+        spec=spec,
+        agent_id=agent_id,
+        concurrency=concurrency,
+        reload=reload,
+        log_level=log_level.value,
+        log_format=log_format.value,
+        metrics_port=metrics_port,
+    )
+
+    def serve(agent: Any) -> None:
+        # A signal while it connects ends it at once; then the agent's own graceful stop.
+        run(serve_agent(agent, settings, metrics_port, _transport_logs_after), ends_by_signal=True)
+
     try:
-        agent = load_agent(spec)
-    except ImportError as exc:
-        raise CliError(f"agent: cannot import {spec.partition(':')[0]!r}: {exc}") from None
-    except ValueError:
-        raise
-    except Exception as exc:  # the user's code failed while building the agent
-        raise CliError(f"agent: {spec} failed: {type(exc).__name__}: {exc}") from None
-    configure(agent, agent_id=agent_id, concurrency=concurrency)
-    # A signal while it connects ends it at once; then the agent's own graceful stop.
-    run(_run_agent(agent, settings, metrics_port), ends_by_signal=True)
+        run_agent(options, settings, serve)  # bad input: a ValueError, exit 1
+    except KeyboardInterrupt:
+        if not reload:
+            raise
+        # --reload: Ctrl-C stops the child and ends the command, as a graceful stop
 
 
-async def _run_agent(agent: Any, settings: BusSettings, metrics_port: int | None) -> None:
-    from agents.metrics import serving_metrics
-
-    bus = RabbitMQBus(settings=settings, connection_name=f"agent:{agent.agent_id}")
-    await bus.connect()
+@contextlib.contextmanager
+def _transport_logs_after() -> Iterator[None]:
+    """The transport's own logs are kept quiet until the bus has connected."""
+    yield
     log_filter.transport_quiet = False
-    try:
-        async with serving_metrics(agent, bus, metrics_port):
-            await agent.serve(bus)
-    finally:
-        await bus.close()
 
 
 def demo(

@@ -29,7 +29,7 @@ from ..settings import OrchestratorSettings
 from .connection import run, stop_on_signals
 from .errors import CliError
 from .logs import LogFormat, LogFormatOption, log_filter, setup_logging
-from .settings import Broker, LogLevel, LogLevelName, Prefix, read_settings
+from .settings import Broker, LogLevel, LogLevelName, MetricsPort, Prefix, read_settings
 
 log = logging.getLogger("orchestrator.cli")  # the command line's one logger name
 
@@ -50,14 +50,7 @@ def serve(
     ] = None,
     log_level: LogLevel = LogLevelName.info,
     log_format: LogFormatOption = LogFormat.text,
-    metrics_port: Annotated[
-        int | None,
-        typer.Option(
-            metavar="PORT",
-            help="Serve /metrics, /healthz and /readyz on this port (all interfaces).",
-            show_default=False,
-        ),
-    ] = None,
+    metrics_port: MetricsPort = None,
 ) -> None:
     """Run the orchestrator and answer requests on <prefix>.rpc until SIGTERM or Ctrl-C."""
     setup_logging(log_level, log_format)
