@@ -385,7 +385,11 @@ class Agent:
                 )
                 if command.max_concurrent_tasks is not None:
                     await self._adopt_limit(command.max_concurrent_tasks)
-                await self._consumer.consume(keys, command.consumer_priority)
+                await self._consumer.consume(
+                    keys,
+                    command.consumer_priority,
+                    {key: command.priority_of(key) for key in keys},
+                )
         elif isinstance(command, ProceedTask):
             if not self._attempts.proceed(command.task_id, command.attempt):
                 log.debug(
