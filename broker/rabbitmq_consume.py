@@ -177,7 +177,8 @@ class RabbitTaskConsumer(TaskConsumer):
         this agent's; a message the old one was given meanwhile is held as any."""
         queue, tag, _ = self._queues.pop(key)
         await self._start(key)
-        await queue.cancel(tag)
+        # If the channel is gone, so is the old consumer (and it is not restored).
+        await _quietly(partial(queue.cancel, tag), f"stop consuming {key} at its old priority")
 
     def _handled(self, handling: asyncio.Task[None]) -> None:
         self._handlings.discard(handling)
