@@ -104,8 +104,14 @@ class Agent:
         drain_timeout: float = 30.0,
         long_task_after: float | None = 1500.0,
         report_started_after: float | None = 0.075,
+        specialization: dict[str, float] | None = None,
     ) -> None:
-        """``long_task_after``: a task whose timeout is longer (seconds) is
+        """``specialization``: a score in 0..1 per task type this agent is
+        known to be good at, announced; the orchestrator offers a type's tasks
+        to its specialists first (``orchestrator.placement``), and moves the
+        scores with every outcome.
+
+        ``long_task_after``: a task whose timeout is longer (seconds) is
         acknowledged once it has started, not when it ends. RabbitMQ closes a
         channel holding a delivery unacknowledged past its ``consumer_timeout``
         (30 min by default) and requeues all of it; for those tasks the
@@ -132,6 +138,9 @@ class Agent:
         if report_started_after is not None and report_started_after < 0:
             raise ValueError("report_started_after: must be >= 0 or None")
         self.report_started_after = report_started_after
+        self.specialization = dict(specialization or {})
+        if not all(0.0 <= score <= 1.0 for score in self.specialization.values()):
+            raise ValueError(f"specialization: scores must be in 0..1, got {specialization!r}")
         self.counters = AgentCounters()
         self._handlers = Handlers()
         self._runners = Runners()
@@ -150,6 +159,7 @@ class Agent:
         self._tasks = Tasks(self, self._handlers, self._runners, self._attempts, self._halted)
         self.control_gate = ControlGate(agent_id)
         """Commands refused (``refused``, by reason): not the orchestrator's, or not runnable."""
+        self._priorities: dict[str, int] = {}
 
     @property
     def held_attempts(self) -> frozenset[tuple[str, int]]:
@@ -161,6 +171,12 @@ class Agent:
     def task_types(self) -> list[str]:
         """The task types this agent has handlers for ('*': any), as it announces them."""
         return list(self._handlers.task_types)
+
+    @property
+    def consumer_priorities(self) -> dict[str, int]:
+        """The queues this agent was told to consume and runs, each with the
+        consumer priority it consumes it at (the orchestrator's last word)."""
+        return dict(self._priorities)
 
     @property
     def unsettled(self) -> int:
@@ -362,6 +378,7 @@ class Agent:
                 capabilities=self.capabilities,
                 max_concurrent_tasks=self.max_concurrent_tasks,
                 task_types=self._handlers.task_types,
+                specialization_score=self.specialization,
             )
         )
 
@@ -390,7 +407,12 @@ class Agent:
                 )
                 if command.max_concurrent_tasks is not None:
                     await self._adopt_limit(command.max_concurrent_tasks)
-                await self._consumer.consume(keys, command.consumer_priority)
+                priorities = {key: command.priority_of(key) for key in keys}
+                await self._consumer.consume(keys, command.consumer_priority, priorities)
+                self._priorities = {
+                    **dict.fromkeys(self._priorities, command.consumer_priority),
+                    **priorities,
+                }
         elif isinstance(command, ProceedTask):
             if not self._attempts.proceed(command.task_id, command.attempt):
                 log.debug(

@@ -26,6 +26,7 @@ from .errors import (
 )
 from .memory import MemoryBus
 from .messages import (
+    MAX_CONSUMER_PRIORITY,
     SCHEMA_VERSION,
     AgentAnnounced,
     AgentHeartbeat,
@@ -200,6 +201,7 @@ __all__ = [
     "AGENT_ID_PATTERN",
     "DIRECT_REPLY_TO",
     "HEARTBEATS_KEEP",
+    "MAX_CONSUMER_PRIORITY",
     "MAX_PRIORITY",
     "RETRY_TIERS_MS",
     "retry_tier_ms",

@@ -30,7 +30,7 @@ import abc
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -127,8 +127,21 @@ class TaskConsumer(Subscription):
     """One agent's consumption of task queues: one prefetch across all of them."""
 
     @abc.abstractmethod
-    async def consume(self, queue_keys: Iterable[str], consumer_priority: int = 0) -> None:
-        """Consume these capability queues too (idempotent); a new priority applies to all."""
+    async def consume(
+        self,
+        queue_keys: Iterable[str],
+        consumer_priority: int = 0,
+        priorities: Mapping[str, int] | None = None,
+    ) -> None:
+        """Consume these capability queues too (idempotent).
+
+        Afterwards every queue consumed has the ``x-priority``
+        ``priorities.get(key, consumer_priority)``. RabbitMQ fixes a
+        consumer's priority when it starts, so a queue whose priority changes
+        is consumed anew, and only that queue: the others keep their
+        consumers (and their place in the broker's turns); what was delivered
+        meanwhile stays held and is settled as ever.
+        """
 
     @abc.abstractmethod
     async def step_aside(self, delivery: TaskDelivery, seconds: float) -> None:

@@ -18,7 +18,7 @@ import heapq
 import itertools
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -165,7 +165,9 @@ class MemoryTaskConsumer(TaskConsumer):
         self._bus = bus
         self._channel = ConsumerChannel(prefetch=prefetch)
         self._handler = handler
-        self._priority = 0
+        self._default_priority = 0
+        self._priorities: dict[str, int] = {}
+        """The x-priority each key is to be consumed with (``consume``)."""
         self._closed = False
         self._paused = False
         """Set by ``pause`` (a stop): a step aside that ends then does not resume."""
@@ -179,34 +181,54 @@ class MemoryTaskConsumer(TaskConsumer):
         """It holds deliveries it has not settled."""
         return bool(self._channel.deliveries)
 
-    async def consume(self, queue_keys: Iterable[str], consumer_priority: int = 0) -> None:
+    async def consume(
+        self,
+        queue_keys: Iterable[str],
+        consumer_priority: int = 0,
+        priorities: Mapping[str, int] | None = None,
+    ) -> None:
         if self._closed:
             raise BusNotStarted("task consumer is closed")
+        queue_keys = list(queue_keys)
+        wanted = priorities or {}
         self._paused = False
-        self._priority = consumer_priority
-        for consumer in self._channel.consumers:
-            consumer.priority = consumer_priority
+        self._default_priority = consumer_priority
+        for key in {*self._priorities, *queue_keys}:
+            self._priorities[key] = wanted.get(key, consumer_priority)
+        for consumer in list(self._channel.consumers):
+            if consumer.priority != self._priorities[consumer.queue.key]:
+                # As RabbitMQ: a new consumer under the new priority, at the back of the turns.
+                self._remove(consumer)
+                self._add(consumer.queue.key)
         have = self.queue_keys
         for key in queue_keys:
-            if key in have:
-                continue
-            queue = self._bus._queue(key)
-            consumer = _Consumer(queue, self._channel, consumer_priority, self._handler)
-            queue.consumers.append(consumer)
-            self._channel.consumers.append(consumer)
-        for consumer in self._channel.consumers:
+            if key not in have:
+                self._add(key)
+        for consumer in list(self._channel.consumers):
             self._bus._dispatch(consumer.queue)
+
+    def _add(self, key: str) -> None:
+        queue = self._bus._queue(key)
+        priority = self._priorities.get(key, self._default_priority)
+        consumer = _Consumer(queue, self._channel, priority, self._handler)
+        queue.consumers.append(consumer)
+        self._channel.consumers.append(consumer)
+
+    def _remove(self, consumer: _Consumer) -> None:
+        """Stop a consumer; what it was given stays held (settled through the channel)."""
+        consumer.queue.consumers.remove(consumer)
+        self._channel.consumers.remove(consumer)
 
     async def step_aside(self, delivery: TaskDelivery, seconds: float) -> None:
         key = delivery.queue_key
         mine = [c for c in self._channel.consumers if c.queue.key == key]
         for consumer in mine:
-            consumer.queue.consumers.remove(consumer)
-            self._channel.consumers.remove(consumer)
+            self._remove(consumer)
         await delivery.requeue()
         await asyncio.sleep(seconds)
         if not (self._closed or self._paused) and mine and key not in self.queue_keys:
-            await self.consume([key], self._priority)
+            self._add(key)
+            self._bus._dispatch(self._bus._queue(key))
 
     async def pause(self) -> None:
         self._paused = True

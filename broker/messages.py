@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from .errors import InvalidMessage
 
@@ -192,17 +192,49 @@ Event = Annotated[
 # --- control (orchestrator -> one agent, or all agents) ---------------------
 
 
+MAX_CONSUMER_PRIORITY = 100
+"""The highest consumer priority (``x-priority``) a ``ConsumeQueues`` may carry:
+RabbitMQ takes any integer, but a few levels say all a placement policy can
+mean, and a bound keeps a forged command from outranking every honest number."""
+
+ConsumerPriority = Annotated[int, Field(ge=0, le=MAX_CONSUMER_PRIORITY)]
+
+
 class ConsumeQueues(WireMessage):
-    """Tells an agent which capability queues to consume, and how eagerly."""
+    """Tells an agent which capability queues to consume, and how eagerly on each.
+
+    The broker compares the priorities of one queue's consumers only, so a
+    priority is per queue (``priorities``). ``consumer_priority`` is the one
+    for a queue without one there: it is all an agent older than
+    ``priorities`` reads (extra fields are ignored), and all an orchestrator
+    older than them sends, so either side may be upgraded first.
+    """
 
     kind: Literal["control.consume"] = "control.consume"
     queue_keys: list[str]
-    consumer_priority: int = 0
+    consumer_priority: ConsumerPriority = Field(
+        default=0, description="the x-priority of every queue without one in priorities"
+    )
+    priorities: dict[str, ConsumerPriority] = Field(
+        default={},
+        description="the x-priority per queue key, each one of queue_keys (the broker prefers,"
+        " among one queue's consumers with a free slot, the highest)",
+    )
     max_concurrent_tasks: int | None = Field(
         default=None,
         ge=1,
         description="the agent's limit (its prefetch) as registered; None keeps its own",
     )
+
+    @model_validator(mode="after")
+    def _priorities_are_of_its_queues(self) -> ConsumeQueues:
+        if stray := set(self.priorities) - set(self.queue_keys):
+            raise ValueError(f"priorities of queues not in queue_keys: {sorted(stray)[:5]}")
+        return self
+
+    def priority_of(self, queue_key: str) -> int:
+        """The x-priority to consume ``queue_key`` with."""
+        return self.priorities.get(queue_key, self.consumer_priority)
 
 
 class ProceedTask(WireMessage):

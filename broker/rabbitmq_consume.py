@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from functools import partial
 
 import aiormq
@@ -156,8 +156,11 @@ class RabbitTaskConsumer(TaskConsumer):
         self._dead = dead
         self._on_close = on_close
         self._detached = 0
-        self._priority = 0
-        self._queues: dict[str, tuple[AbstractQueue, str]] = {}
+        self._default_priority = 0
+        self._priorities: dict[str, int] = {}
+        """The x-priority each key is to be consumed with (``consume``)."""
+        self._queues: dict[str, tuple[AbstractQueue, str, int]] = {}
+        """Per key consumed: its queue, the consumer's tag and the x-priority it started with."""
         self._parked: set[str] = set()
         """Keys not consumed while every place is held by detached tasks
         (a prefetch of 0 would mean no limit at all)."""
@@ -182,29 +185,46 @@ class RabbitTaskConsumer(TaskConsumer):
             self._handlings.add(handling)
             handling.add_done_callback(self._handled)
 
+        priority = self._priorities.get(key, self._default_priority)
         tag = await queue.consume(
             on_message,
-            arguments={"x-priority": self._priority},
+            arguments={"x-priority": priority},
             consumer_tag=f"{self._id}:{key}:{uuid.uuid4().hex[:8]}",
         )
-        self._queues[key] = (queue, tag)
+        self._queues[key] = (queue, tag, priority)
+
+    async def _restart(self, key: str) -> None:
+        """Consume ``key`` anew under its new priority: the new consumer starts
+        before the old one is cancelled, so the queue is never without one of
+        this agent's; a message the old one was given meanwhile is held as any."""
+        queue, tag, _ = self._queues.pop(key)
+        await self._start(key)
+        # If the channel is gone, so is the old consumer (and it is not restored).
+        await _quietly(partial(queue.cancel, tag), f"stop consuming {key} at its old priority")
 
     def _handled(self, handling: asyncio.Task[None]) -> None:
         self._handlings.discard(handling)
         if not handling.cancelled() and (exc := handling.exception()) is not None:
             log.error("handler of a task delivery of %s failed", self._id, exc_info=exc)
 
-    async def consume(self, queue_keys: Iterable[str], consumer_priority: int = 0) -> None:
+    async def consume(
+        self,
+        queue_keys: Iterable[str],
+        consumer_priority: int = 0,
+        priorities: Mapping[str, int] | None = None,
+    ) -> None:
+        queue_keys = list(queue_keys)
+        wanted = priorities or {}
         async with self._lock:
             self._paused = False
+            self._default_priority = consumer_priority
+            for key in {*self._priorities, *queue_keys}:
+                self._priorities[key] = wanted.get(key, consumer_priority)
             try:
-                if consumer_priority != self._priority:
-                    # x-priority is fixed per consumer: re-consume under the new one.
-                    self._priority = consumer_priority
-                    for key, (queue, tag) in list(self._queues.items()):
-                        await queue.cancel(tag)
-                        del self._queues[key]
-                        await self._start(key)
+                for key, (_, _, priority) in list(self._queues.items()):
+                    if priority != self._priorities[key]:
+                        # x-priority is fixed per consumer: re-consume under the new one.
+                        await self._restart(key)
                 for key in queue_keys:
                     if self._detached >= self._prefetch:
                         self._parked.add(key)
@@ -218,7 +238,8 @@ class RabbitTaskConsumer(TaskConsumer):
         async with self._lock:
             entry = self._queues.pop(key, None)
             if entry is not None:
-                await _quietly(partial(entry[0].cancel, entry[1]), f"stop consuming {key}")
+                queue, tag, _ = entry
+                await _quietly(partial(queue.cancel, tag), f"stop consuming {key}")
         await delivery.requeue()
         await asyncio.sleep(seconds)
         if entry is not None:
@@ -233,7 +254,7 @@ class RabbitTaskConsumer(TaskConsumer):
     async def pause(self) -> None:
         async with self._lock:
             self._paused = True
-            for key, (queue, tag) in list(self._queues.items()):
+            for key, (queue, tag, _) in list(self._queues.items()):
                 # If the channel is gone, so is the consumer.
                 await _quietly(partial(queue.cancel, tag), f"stop consuming {key}")
                 del self._queues[key]
@@ -269,7 +290,7 @@ class RabbitTaskConsumer(TaskConsumer):
                         if key not in self._queues:
                             await self._start(key)
             else:
-                for key, (queue, tag) in list(self._queues.items()):
+                for key, (queue, tag, _) in list(self._queues.items()):
                     await queue.cancel(tag)
                     del self._queues[key]
                     self._parked.add(key)

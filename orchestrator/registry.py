@@ -41,7 +41,7 @@ from broker.messages import CancelTasks
 from .dispatch import Queues
 from .lifecycle import Lifecycle, Move, held
 from .models import AgentCapability, Task, TaskStatus
-from .placement import PlacementPolicy, QueueSpec, can_run, missing
+from .placement import PlacementPolicy, QueueSpec, can_run, missing, wire_priorities
 from .refusals import RateLimit, Refusals
 from .store import StateStore
 
@@ -150,6 +150,8 @@ class AgentRegistry:
         self._cancelled_in_queue: dict[str, None] = {}
         """Cancelled while their message waited in a queue: agents must skip them.
         New agents are told before they consume; an agent's skip report clears one."""
+        self._told: dict[str, dict[str, int]] = {}
+        """Per agent, the consumer priority of each queue it was last told to consume."""
         lifecycle.observe(self)
 
     def get(self, agent_id: str | None) -> AgentCapability | None:
@@ -266,7 +268,13 @@ class AgentRegistry:
         declared); with ``replay`` it first hears which queued tasks were
         cancelled, before it consumes anything, oldest first, in chunks well
         under the bus's size limit."""
-        keys = self.placement.queues_for(agent, self.queues.known())
+        known = self.queues.known()
+        keys = self.placement.queues_for(agent, known)
+        default, priorities = wire_priorities(
+            keys,
+            self.placement.consumer_priorities(agent, {k: known[k] for k in keys}),
+            self.placement.consumer_priority(agent),
+        )
         if replay and self._cancelled_in_queue:
             budget = self.bus.settings.max_message_bytes // 2
             chunk: list[str] = []
@@ -284,12 +292,14 @@ class AgentRegistry:
         await self.bus.publish_control(
             ConsumeQueues(
                 queue_keys=keys,
-                consumer_priority=self.placement.consumer_priority(agent),
+                consumer_priority=default,
+                priorities=priorities,
                 # register_agent may change a live agent's limit: it adopts it as its prefetch
                 max_concurrent_tasks=agent.max_concurrent_tasks,
             ),
             agent_id=agent.agent_id,
         )
+        self._told[agent.agent_id] = {k: priorities.get(k, default) for k in keys}
 
     async def tell_new_queue(self, spec: QueueSpec) -> None:
         """Tell every agent that can run the tasks of a (new) queue to consume
@@ -306,9 +316,17 @@ class AgentRegistry:
                 told.add(agent.agent_id)
 
     async def scored(self, agent_id: str | None, task: Task, success: bool) -> None:
-        """An agent's attempt ended: its scores move, and it hears its new priority."""
+        """An agent's attempt ended: its scores move, and it hears its new
+        priorities if that changed any of the queues it consumes."""
         agent = self.get(agent_id)
-        if agent is not None and self.placement.record_outcome(agent, task, success):
+        if agent is None:
+            return
+        consumed = {}
+        for key in self._told.get(agent.agent_id, ()):
+            spec = self.queues.in_use.get(key) or self.queues.declaring.get(key)
+            if spec is not None:
+                consumed[key] = spec
+        if self.placement.record_outcome(agent, task, success, consumed):
             await self.send_queues(agent)
 
     # -------------------------------------------------------------- removing
@@ -320,6 +338,7 @@ class AgentRegistry:
         told to drop what it holds and stop, in case it still runs.
         """
         agent = self._agents.pop(agent_id, None)
+        self._told.pop(agent_id, None)
         self._beats.pop(agent_id, None)
         self._probed.pop(agent_id, None)
         self._gone_since.pop(agent_id, None)

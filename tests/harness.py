@@ -77,11 +77,16 @@ class Harness:
         heartbeat_interval: float = 0.3,
         wait_registered: bool = True,
         handlers: dict[str, Callable[[TaskContext], Any]] | None = None,
+        specialization: dict[str, float] | None = None,
     ) -> Agent:
         """An agent with ``handler`` for ``task_type`` (or the ``handlers`` by
         type), started: it announces the types it handles."""
         agent = Agent(
-            agent_id, capabilities, max_concurrent_tasks, heartbeat_interval=heartbeat_interval
+            agent_id,
+            capabilities,
+            max_concurrent_tasks,
+            heartbeat_interval=heartbeat_interval,
+            specialization=specialization,
         )
         for type_, fn in (handlers or {task_type: handler or echo}).items():
             agent.add_handler(type_, fn)

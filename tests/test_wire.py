@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from broker import (
     ANY_CAPABILITY_KEY,
     CAPABILITY_PATTERN,
+    MAX_CONSUMER_PRIORITY,
     RETRY_TIERS_MS,
     AgentAnnounced,
     AgentHeartbeat,
@@ -128,6 +129,12 @@ SAMPLES: list[tuple[WireMessage, Parser]] = [
     (TasksReported(agent_id="agent-1", round=3), parse_event),
     (ConsumeQueues(queue_keys=["a+b", ANY_CAPABILITY_KEY], consumer_priority=4), parse_control),
     (ConsumeQueues(queue_keys=[], max_concurrent_tasks=2), parse_control),
+    (
+        ConsumeQueues(
+            queue_keys=["t.a+b", "u.@any"], consumer_priority=2, priorities={"t.a+b": 19}
+        ),
+        parse_control,
+    ),
     (ProceedTask(task_id="t-1", attempt=2), parse_control),
     (CancelTask(task_id="t-1"), parse_control),
     (CancelTask(task_id="t-1", attempt=2), parse_control),
@@ -293,6 +300,41 @@ def test_unknown_fields_from_a_newer_producer_are_ignored() -> None:
 
     # When it is parsed, then it is the known message
     assert parse_event(json.dumps(data).encode()) == AgentHeartbeat(agent_id="a", running=1, at=5.0)
+
+
+def test_per_queue_priorities_and_the_default_for_the_others() -> None:
+    # Given a consume command with a priority for one of its two queues
+    command = ConsumeQueues(queue_keys=["t.a", "u.a"], consumer_priority=2, priorities={"t.a": 7})
+
+    # Then that queue has its own, the other the default
+    assert (command.priority_of("t.a"), command.priority_of("u.a")) == (7, 2)
+
+
+def test_a_consume_command_of_an_older_orchestrator_gives_every_queue_its_priority() -> None:
+    # Given the command as an orchestrator that predates per-queue priorities sends it
+    body = json.dumps(
+        {"v": 1, "kind": "control.consume", "queue_keys": ["t.a"], "consumer_priority": 3}
+    )
+
+    # When it is parsed, then every queue is consumed at that priority
+    assert parse_control(body.encode()).priority_of("t.a") == 3  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("fields", "why"),
+    [
+        ({"queue_keys": ["t.a"], "priorities": {"t.b": 1}}, "not in queue_keys"),
+        ({"queue_keys": ["t.a"], "priorities": {"t.a": -1}}, "greater than or equal"),
+        ({"queue_keys": ["t.a"], "priorities": {"t.a": MAX_CONSUMER_PRIORITY + 1}}, "less than"),
+        ({"queue_keys": ["t.a"], "consumer_priority": MAX_CONSUMER_PRIORITY + 1}, "less than"),
+    ],
+)
+def test_a_consume_command_with_stray_or_unbounded_priorities_is_rejected(
+    fields: dict[str, Any], why: str
+) -> None:
+    body = json.dumps({"v": 1, "kind": "control.consume", **fields}).encode()
+    with pytest.raises(InvalidMessage, match=why):
+        parse_control(body)
 
 
 # --- envelopes: what travels around a body -------------------------------------------
