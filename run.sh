@@ -48,7 +48,9 @@ command=${1:-}
 [ $# -gt 0 ] && shift
 case "$command" in
   demo) exec .venv/bin/python -m orchestrator demo "$@" ;;
-  test) ensure_rabbitmq; exec .venv/bin/python -m pytest "$@" ;;
+  # Two workers, a test file at a time each (module fixtures such as the cluster
+  # stay in one process); PYTEST_WORKERS=0 runs it in this one process.
+  test) ensure_rabbitmq; exec .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@" ;;
   lint) .venv/bin/ruff check . && .venv/bin/ruff format --check . ;;
   bench) ensure_rabbitmq; [ "${1:-}" = peers ] && shift && exec .venv/bin/python -m tests.bench.peers "$@"
          exec .venv/bin/python tests/bench/throughput.py "$@" ;;

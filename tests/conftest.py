@@ -77,7 +77,41 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         FAULT_TESTS_RUN.append(report.nodeid)
 
 
+def _controls_workers(config: pytest.Config) -> bool:
+    """This process hands the tests to pytest-xdist workers and runs none itself."""
+    return not hasattr(config, "workerinput") and bool(getattr(config.option, "numprocesses", 0))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Under pytest-xdist the test above runs in one worker and sees only that
+    # worker's fault tests; the controller, which hears every test's report,
+    # checks the whole run at its end (``pytest_sessionfinish``).
+    if _controls_workers(session.config) and BROKERS.use_shared:
+        try:
+            SHARED_BEFORE.append(brokers.shared_node_identity(BROKERS.shared_url))
+        except brokers.Unavailable as exc:
+            SHARED_BEFORE.append(str(exc))
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    if _controls_workers(session.config) and FAULT_TESTS_RUN and SHARED_BEFORE:
+        before = SHARED_BEFORE[0]
+        if not isinstance(before, str):
+            changes = brokers.same_node_since(
+                before, brokers.shared_node_identity(BROKERS.shared_url)
+            )
+            reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+            line = (
+                f"the shared broker restarted while {len(FAULT_TESTS_RUN)} fault tests ran:"
+                f" {'; '.join(changes)}"
+                if changes
+                else f"shared broker unchanged across {len(FAULT_TESTS_RUN)} fault tests"
+            )
+            if reporter is not None:
+                reporter.ensure_newline()
+                reporter.write_line(line, red=bool(changes))
+            if changes:
+                session.exitstatus = pytest.ExitCode.TESTS_FAILED
     BROKERS.stop()
     POSTGRES.stop()
     brokers.stop_all()
