@@ -179,6 +179,17 @@ class Agent:
         return dict(self._priorities)
 
     @property
+    def consuming(self) -> frozenset[str]:
+        """The keys of the task queues this agent consumes now (none before it
+        starts, while every slot is held by detached tasks, or once it stops)."""
+        return self._consumer.queue_keys if self._consumer is not None else frozenset()
+
+    @property
+    def serving(self) -> bool:
+        """Started on a bus and not stopping (nor unregistered)."""
+        return self._bus is not None and not self._halted.is_set()
+
+    @property
     def unsettled(self) -> int:
         """How many deliveries this agent received and has not settled yet."""
         return len(self._deliveries)

@@ -183,7 +183,7 @@ async def _agents_untouched(scene: Scene) -> None:
     (agent,) = await scene.orchestrator.get_agents()
     assert (agent.agent_id, agent.capabilities) == ("worker", ["work"])
     (real,) = scene.harness.agents
-    assert real._bus is not None and not real._halted.is_set(), "the agent stopped"
+    assert real.serving, "the agent stopped"
 
 
 # --------------------------------------------------------------- forged results
@@ -350,7 +350,7 @@ async def test_forged_commands_stop_cancel_or_redirect_no_agent(scene: Scene) ->
 
     await wait_until(all_refused, WAIT)
     assert agent.held_attempts == {(t, 1) for t in ids}
-    assert agent._consumer is not None and "job.secret" not in agent._consumer.queue_keys
+    assert "job.secret" not in agent.consuming
     scene.gate.set()
     for task_id in ids:
         await _ends_real(scene, task_id)
@@ -403,12 +403,11 @@ async def test_an_agent_consumes_only_queues_it_can_run_even_when_the_orchestrat
 
     # Then it consumes the one it can run, and refuses the other
     async def consumed() -> bool:
-        assert agent._consumer is not None
-        return "job.work" in agent._consumer.queue_keys
+        return "job.work" in agent.consuming
 
     await wait_until(consumed, WAIT)
     assert agent.control_gate.refused["cannot_run"] == 1
-    assert "job.secret" not in agent._consumer.queue_keys
+    assert "job.secret" not in agent.consuming
 
 
 # --------------------------------------------------------------- announcements
@@ -457,8 +456,7 @@ async def test_a_reannounce_with_an_extra_capability_widens_nothing(scene: Scene
     (agent,) = await scene.orchestrator.get_agents()
     assert (agent.capabilities, agent.max_concurrent_tasks) == (["work"], 5)
     (real,) = scene.harness.agents
-    assert real._consumer is not None
-    assert not any("secret" in key for key in real._consumer.queue_keys)
+    assert not any("secret" in key for key in real.consuming)
     assert (await scene.status(task_id))["status"] == "pending"
 
 
@@ -713,7 +711,7 @@ async def test_the_in_process_bus_applies_the_same_rules_to_another_user(prefix:
         assert (await orchestrator.get_task_status(task_id))["status"] == "pending"
         (agent,) = harness.agents
         assert agent.control_gate.refused["not_orchestrator"] == 1
-        assert agent._bus is not None
+        assert agent.serving
         await stranger.close()
     finally:
         await harness.close()
