@@ -40,6 +40,13 @@ class Harness:
         self.queue_keys: set[str] = set()
         self.logs: list[Any] = []
 
+    def use_memory_bus(self, bus: MemoryBus) -> MemoryBus:
+        """Make ``bus`` (a ``MemoryBus`` subclass that injects faults) the shared
+        in-process bus every ``new_bus()`` returns; closed with the harness."""
+        self._memory_bus = bus
+        self.buses.append(bus)
+        return bus
+
     def new_bus(self) -> CommunicationBus:
         """The shared in-process bus, or a new connection to the broker."""
         if self.bus_kind == "memory":

@@ -159,9 +159,7 @@ async def test_dependents_released_while_the_bus_fails_are_published_later(
 ) -> None:
     # Given a task with three dependents, on a bus whose next task publish fails
     harness = Harness("memory", BusSettings(prefix=prefix))
-    bus = _FailingPublishes(settings=harness.settings)
-    harness._memory_bus = bus
-    harness.buses.append(bus)
+    bus = harness.use_memory_bus(_FailingPublishes(settings=harness.settings))
     try:
         orchestrator = await harness.start_orchestrator(
             FAST.model_copy(update={"lost_retry_grace": 0.2})
@@ -243,9 +241,7 @@ class _BrokerDown(MemoryBus):
 
 async def _on_failing_bus(prefix: str, bus_class: type[MemoryBus] = _BrokerDown) -> Harness:
     harness = Harness("memory", BusSettings(prefix=prefix))
-    bus = bus_class(settings=harness.settings)
-    harness._memory_bus = bus
-    harness.buses.append(bus)
+    harness.use_memory_bus(bus_class(settings=harness.settings))
     return harness
 
 
@@ -255,7 +251,7 @@ async def test_dependents_released_while_the_broker_is_down_reach_their_new_queu
     # Given a task with three dependents, two of them needing a capability no
     # task needed yet (a workflow's second stage: a new queue), and an agent for both
     harness = await _on_failing_bus(prefix)
-    bus = harness._memory_bus
+    bus = harness.new_bus()  # the failing bus
     try:
         orchestrator = await harness.start_orchestrator(
             FAST.model_copy(update={"lost_retry_grace": 0.2})
@@ -305,7 +301,7 @@ async def test_dependents_released_while_the_broker_is_down_reach_their_new_queu
 async def test_agents_not_told_of_a_new_queue_are_told_by_the_next_publish(prefix: str) -> None:
     # Given an agent, and a broker that loses the next order to consume queues
     harness = await _on_failing_bus(prefix)
-    bus = harness._memory_bus
+    bus = harness.new_bus()  # the failing bus
     try:
         orchestrator = await harness.start_orchestrator()
         await harness.start_agent("worker", ["stage2"], 1)
@@ -443,7 +439,7 @@ async def test_a_submission_whose_confirm_is_lost_is_accepted_and_runs_once(
     # events still waiting to be handled (ran-unseen), or once the orchestrator
     # saw it start (running) or end (completed)
     harness = await _on_failing_bus(prefix, _ConfirmLost)
-    bus = harness._memory_bus
+    bus = harness.new_bus()  # the failing bus
     try:
         orchestrator = await harness.start_orchestrator()
         gate = asyncio.Event()
@@ -506,9 +502,7 @@ async def test_a_submission_whose_publish_fails_unsure_is_published_again_by_the
     # Given an agent, and a bus whose next task publish fails with a connection
     # error without the message reaching any queue (the caller cannot know that)
     harness = Harness("memory", BusSettings(prefix=prefix))
-    bus = _FailingPublishes(settings=harness.settings)
-    harness._memory_bus = bus
-    harness.buses.append(bus)
+    bus = harness.use_memory_bus(_FailingPublishes(settings=harness.settings))
     try:
         orchestrator = await harness.start_orchestrator(
             FAST.model_copy(update={"lost_retry_grace": 0.2})
@@ -629,7 +623,7 @@ async def test_a_submission_whose_store_fails_after_the_confirm_is_accepted(
 async def test_a_submission_cancelled_while_it_publishes_is_kept_and_runs(prefix: str) -> None:
     # Given a bus that routes the next task but never confirms it (no agent yet)
     harness = await _on_failing_bus(prefix, _ConfirmLost)
-    bus = harness._memory_bus
+    bus = harness.new_bus()  # the failing bus
     try:
         orchestrator = await harness.start_orchestrator()
         bus.hang = True

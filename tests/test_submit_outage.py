@@ -45,8 +45,7 @@ def outage(harness: Harness) -> _Outage:
     if harness.bus_kind != "memory":
         pytest.skip("an outage switched on in-process; the broker's own outage is below")
     bus = _Outage(settings=harness.settings)
-    harness._memory_bus = bus
-    harness.buses.append(bus)
+    harness.use_memory_bus(bus)
     return bus
 
 
