@@ -49,8 +49,9 @@ from .models import Task, TaskStatus
 from .outcomes import Outcomes
 from .placement import QueueSpec, can_run
 from .records import TaskRecords
-from .registry import AgentRegistry, validate_agent, validate_task_types
+from .registry import AgentRegistry
 from .settings import OrchestratorSettings
+from .validation import validate_agent, validate_task_types
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,6 @@ from collections import Counter
 from collections.abc import Iterable
 
 from broker import (
-    AGENT_ID_PATTERN,
-    CAPABILITY_PATTERN,
     BusError,
     CommunicationBus,
     ConsumeQueues,
@@ -58,57 +56,20 @@ AGENT_USERS_KEEP = 10_000
 MAX_AGENTS_PER_USER = 5000
 """Agent ids one broker user may have bound: a stranger's flood of valid
 announcements of new ids registers no more than this."""
-MAX_TASK_TYPES = 1000
-"""Task types an announcement may name."""
 
 MISSED_BEATS = 2
 """Heartbeats an agent may miss before the broker is asked whether it is connected."""
 MIN_PROBE_SILENCE = 1.0
 """Seconds of silence before any such question, and between two about one agent."""
 PROBES_PER_ROUND = 200
+"""Questions to the broker per watch round at most (the rest wait for the next)."""
 GONE_GRACE = 3.0
 """Seconds an agent's control queue must stay gone before it is removed (at least
 three of the bus's reconnect intervals): an agent reconnecting after a blip, or
 after a broker restart, declares it again within that."""
-"""Questions to the broker per watch round at most (the rest wait for the next)."""
 
 CANCELLED_PER_MESSAGE = 1000
 """Ids per ``CancelTasks`` sent to a new agent (and at most half the bus's message limit)."""
-
-
-def validate_agent(agent_id: object, capabilities: object, max_concurrent_tasks: object) -> None:
-    """``ValueError`` naming the first bad argument of ``register_agent``."""
-    if not isinstance(agent_id, str) or not AGENT_ID_PATTERN.match(agent_id):
-        raise ValueError(f"agent_id: {agent_id!r} must be 1-128 of A-Z a-z 0-9 _ . : -")
-    if (
-        isinstance(capabilities, str)
-        or not isinstance(capabilities, Iterable)
-        or not all(isinstance(c, str) and CAPABILITY_PATTERN.match(c) for c in capabilities)
-    ):
-        raise ValueError(
-            f"capabilities: {capabilities!r} must be a list of names of 1-64 of A-Z a-z 0-9 _ -"
-        )
-    if (
-        not isinstance(max_concurrent_tasks, int)
-        or isinstance(max_concurrent_tasks, bool)
-        or max_concurrent_tasks < 1
-    ):
-        raise ValueError(
-            f"max_concurrent_tasks: must be a whole number >= 1, got {max_concurrent_tasks!r}"
-        )
-
-
-def validate_task_types(task_types: object) -> None:
-    """``ValueError`` naming a bad ``task_types`` of an announcement."""
-    if (
-        not isinstance(task_types, list)
-        or len(task_types) > MAX_TASK_TYPES
-        or not all(isinstance(t, str) and 0 < len(t) <= 255 and t.isprintable() for t in task_types)
-    ):
-        raise ValueError(
-            f"task_types: {str(task_types)[:200]!r} must be a list of at most {MAX_TASK_TYPES}"
-            " printable names of 1-255 characters"
-        )
 
 
 class AgentRegistry:

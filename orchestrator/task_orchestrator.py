@@ -35,7 +35,7 @@ from .models import AgentCapability, Task, TaskStatus
 from .outcomes import Outcomes
 from .placement import PlacementPolicy, QueueSpec
 from .records import TaskRecords
-from .registry import AgentRegistry, validate_agent
+from .registry import AgentRegistry
 from .retention import FinishedTasks
 from .retries import RetryPolicy
 from .settings import OrchestratorSettings
@@ -43,7 +43,7 @@ from .stats import StatsTracker
 from .store import MemoryStore, StateStore
 from .submission import Submission
 from .submit_arguments import SubmitArguments, takes_submit_arguments
-from .validation import SubmitRequest, validate_submit
+from .validation import SubmitRequest, validate_agent, validate_submit
 from .watch import RETIRED_STATS, Watch
 
 log = logging.getLogger(__name__)

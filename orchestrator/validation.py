@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from broker.topology import CAPABILITY_PATTERN
+from broker.topology import AGENT_ID_PATTERN, CAPABILITY_PATTERN
 
 from .models import TaskPriority
 
@@ -94,3 +95,44 @@ def validate_submit(max_payload_bytes: int, **arguments: Any) -> SubmitRequest:
             f"payload: {len(encoded.encode())} bytes exceeds max_payload_bytes={max_payload_bytes}"
         )
     return request
+
+
+# --- agents -----------------------------------------------------------------
+
+MAX_TASK_TYPES = 1000
+"""Task types an announcement may name."""
+
+
+def validate_agent(agent_id: object, capabilities: object, max_concurrent_tasks: object) -> None:
+    """``ValueError`` naming the first bad argument of ``register_agent``."""
+    if not isinstance(agent_id, str) or not AGENT_ID_PATTERN.match(agent_id):
+        raise ValueError(f"agent_id: {agent_id!r} must be 1-128 of A-Z a-z 0-9 _ . : -")
+    if (
+        isinstance(capabilities, str)
+        or not isinstance(capabilities, Iterable)
+        or not all(isinstance(c, str) and CAPABILITY_PATTERN.match(c) for c in capabilities)
+    ):
+        raise ValueError(
+            f"capabilities: {capabilities!r} must be a list of names of 1-64 of A-Z a-z 0-9 _ -"
+        )
+    if (
+        not isinstance(max_concurrent_tasks, int)
+        or isinstance(max_concurrent_tasks, bool)
+        or max_concurrent_tasks < 1
+    ):
+        raise ValueError(
+            f"max_concurrent_tasks: must be a whole number >= 1, got {max_concurrent_tasks!r}"
+        )
+
+
+def validate_task_types(task_types: object) -> None:
+    """``ValueError`` naming a bad ``task_types`` of an announcement."""
+    if (
+        not isinstance(task_types, list)
+        or len(task_types) > MAX_TASK_TYPES
+        or not all(isinstance(t, str) and 0 < len(t) <= 255 and t.isprintable() for t in task_types)
+    ):
+        raise ValueError(
+            f"task_types: {str(task_types)[:200]!r} must be a list of at most {MAX_TASK_TYPES}"
+            " printable names of 1-255 characters"
+        )
