@@ -21,7 +21,7 @@ their message that the broker gives back meanwhile is recognised as theirs
 (``agents.tasks``). One agent id is one live process: a second one is
 refused (``AgentIdInUse``).
 
-Commands are obeyed only from the orchestrator's broker user, and a
+Commands are obeyed (``agents.commands``) only from the orchestrator's broker user, and a
 ``ConsumeQueues`` only for queues this agent can run (``agents.trust``).
 """
 
@@ -41,25 +41,16 @@ from broker import (
     AgentHeartbeat,
     AgentLeft,
     BusError,
-    CancelTask,
     CommunicationBus,
-    ConsumeQueues,
-    Control,
-    ProceedTask,
-    Reannounce,
     Subscription,
-    SyncReports,
     TaskConsumer,
     TaskDelivery,
-    TasksReported,
-    Unregister,
     event_loop,
 )
-from broker.envelope import current_sender
 from broker.errors import QueueInUse
-from broker.messages import CancelTasks
 
 from .attempts import AgentCounters, Attempts, StopReason
+from .commands import Commands
 from .handlers import ANY_TASK_TYPE, Handler, Handlers, Runners
 from .settle import Deliveries
 from .tasks import Tasks
@@ -70,9 +61,6 @@ log = logging.getLogger(__name__)
 SETTLE_TIMEOUT = 15.0
 """How long a stopping agent waits, at most, for its ended tasks to be reported
 and settled (and for its cancelled async handlers to end)."""
-SYNC_TIMEOUT = 10.0
-"""How long a ``SyncReports`` may wait for this agent's reports to go out;
-past it the round goes unanswered (the orchestrator's grace then applies)."""
 SETTLE_MARGIN = 2.0
 """``stop(drain_timeout=t)`` waits for that settling only until ``t`` (counted
 from the call) plus this margin, so it returns within about ``t + SETTLE_MARGIN``
@@ -160,6 +148,7 @@ class Agent:
         self.control_gate = ControlGate(agent_id)
         """Commands refused (``refused``, by reason): not the orchestrator's, or not runnable."""
         self._priorities: dict[str, int] = {}
+        self._commands = Commands(self)
 
     @property
     def held_attempts(self) -> frozenset[tuple[str, int]]:
@@ -251,7 +240,7 @@ class Agent:
         self._runners.open(self.max_concurrent_tasks * 2, f"agent-{self.agent_id}")
         try:
             try:
-                self._control = await bus.subscribe_control(self.agent_id, self._on_control)
+                self._control = await bus.subscribe_control(self.agent_id, self._commands.obey)
             except QueueInUse:
                 raise AgentIdInUse(
                     f"agent id {self.agent_id!r} is already live on prefix"
@@ -403,89 +392,6 @@ class Agent:
                 )
             except BusError as exc:
                 log.warning("agent %s: heartbeat not sent: %s", self.agent_id, exc)
-
-    async def _on_control(self, command: Control) -> None:
-        bus = self._bus
-        orchestrator_user = bus.orchestrator_user if bus is not None else None
-        if not self.control_gate.from_orchestrator(
-            current_sender(), orchestrator_user, command.kind
-        ):
-            return
-        if isinstance(command, ConsumeQueues):
-            if self._consumer is not None and not self._halted.is_set():
-                keys = self.control_gate.runnable(
-                    command.queue_keys, self.capabilities, self._handlers.task_types
-                )
-                if command.max_concurrent_tasks is not None:
-                    await self._adopt_limit(command.max_concurrent_tasks)
-                priorities = {key: command.priority_of(key) for key in keys}
-                await self._consumer.consume(keys, command.consumer_priority, priorities)
-                self._priorities = {
-                    **dict.fromkeys(self._priorities, command.consumer_priority),
-                    **priorities,
-                }
-        elif isinstance(command, ProceedTask):
-            if not self._attempts.proceed(command.task_id, command.attempt):
-                log.debug(
-                    "agent %s: a go-ahead for task %s attempt %d that nothing waits for",
-                    self.agent_id,
-                    command.task_id,
-                    command.attempt,
-                )
-        elif isinstance(command, CancelTask):
-            self._attempts.cancel(command.task_id, command.attempt)
-        elif isinstance(command, CancelTasks):
-            for task_id in command.task_ids:
-                self._attempts.cancel(task_id, command.attempt)
-        elif isinstance(command, Unregister):
-            if command.agent_id != self.agent_id:
-                log.warning(
-                    "agent %s: ignored an Unregister for agent %r (not this agent)",
-                    self.agent_id,
-                    command.agent_id,
-                )
-                return
-            log.warning("agent %s was unregistered by the orchestrator; stopping", self.agent_id)
-            self._halted.set()
-            self._attempts.stop_all(StopReason.UNREGISTERED)
-            self._spawn(self._stop_after_unregister())
-        elif isinstance(command, Reannounce):
-            await self._announce()
-        elif isinstance(command, SyncReports):
-            self._spawn(self._answer_sync(command.round))
-
-    async def _answer_sync(self, round_: int) -> None:
-        """``TasksReported`` once what this agent ran is told; no answer if that
-        takes long or fails (the orchestrator then waits its grace, as for an
-        agent whose link is down)."""
-        try:
-            async with asyncio.timeout(SYNC_TIMEOUT):
-                await self._tasks.told()
-                assert self._bus is not None
-                await self._bus.publish_event(TasksReported(agent_id=self.agent_id, round=round_))
-        except (TimeoutError, BusError, AssertionError) as exc:
-            log.info("agent %s: reports round %d not answered: %r", self.agent_id, round_, exc)
-
-    async def _adopt_limit(self, limit: int) -> None:
-        """The orchestrator registered this agent with another limit: run that
-        many at once (the broker's prefetch too); a lower one lets running
-        tasks end, and takes no new one until fewer than ``limit`` run."""
-        if limit == self.max_concurrent_tasks:
-            return
-        log.info(
-            "agent %s: max_concurrent_tasks %d -> %d, as registered",
-            self.agent_id,
-            self.max_concurrent_tasks,
-            limit,
-        )
-        self.max_concurrent_tasks = limit
-        self._attempts.slots.resize(limit)
-        self._runners.resize(limit * 2)
-        assert self._consumer is not None
-        try:
-            await self._consumer.set_prefetch(limit)
-        except BusError as exc:
-            log.warning("agent %s: prefetch not changed: %s", self.agent_id, exc)
 
     async def _stop_after_unregister(self) -> None:
         await self._wait_jobs()
