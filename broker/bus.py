@@ -123,6 +123,18 @@ class Subscription(abc.ABC):
         """Stop consuming. Unsettled deliveries go back to their queue."""
 
 
+def priorities_after(
+    known: Mapping[str, int],
+    queue_keys: Iterable[str],
+    consumer_priority: int,
+    priorities: Mapping[str, int] | None,
+) -> dict[str, int]:
+    """Each queue's ``x-priority`` after ``TaskConsumer.consume``: the one given
+    for it, else ``consumer_priority``; queues consumed before included."""
+    wanted = priorities or {}
+    return {key: wanted.get(key, consumer_priority) for key in {*known, *queue_keys}}
+
+
 class TaskConsumer(Subscription):
     """One agent's consumption of task queues: one prefetch across all of them."""
 

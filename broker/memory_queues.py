@@ -22,7 +22,15 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .bus import CLOSE_WAIT, BeforeAck, Subscription, TaskConsumer, TaskDelivery, TaskHandler
+from .bus import (
+    CLOSE_WAIT,
+    BeforeAck,
+    Subscription,
+    TaskConsumer,
+    TaskDelivery,
+    TaskHandler,
+    priorities_after,
+)
 from .declarations import Binding, Declarations, Queue
 from .envelope import DeadLetter, Envelope, Sender, handling_from
 from .errors import BusNotStarted, InvalidMessage
@@ -190,11 +198,11 @@ class MemoryTaskConsumer(TaskConsumer):
         if self._closed:
             raise BusNotStarted("task consumer is closed")
         queue_keys = list(queue_keys)
-        wanted = priorities or {}
         self._paused = False
         self._default_priority = consumer_priority
-        for key in {*self._priorities, *queue_keys}:
-            self._priorities[key] = wanted.get(key, consumer_priority)
+        self._priorities = priorities_after(
+            self._priorities, queue_keys, consumer_priority, priorities
+        )
         for consumer in list(self._channel.consumers):
             if consumer.priority != self._priorities[consumer.queue.key]:
                 # As RabbitMQ: a new consumer under the new priority, at the back of the turns.

@@ -33,6 +33,7 @@ from .bus import (
     TaskConsumer,
     TaskDelivery,
     TaskHandler,
+    priorities_after,
 )
 from .envelope import Sender, handling_from
 from .errors import BusConnectionError, InvalidMessage
@@ -214,12 +215,12 @@ class RabbitTaskConsumer(TaskConsumer):
         priorities: Mapping[str, int] | None = None,
     ) -> None:
         queue_keys = list(queue_keys)
-        wanted = priorities or {}
         async with self._lock:
             self._paused = False
             self._default_priority = consumer_priority
-            for key in {*self._priorities, *queue_keys}:
-                self._priorities[key] = wanted.get(key, consumer_priority)
+            self._priorities = priorities_after(
+                self._priorities, queue_keys, consumer_priority, priorities
+            )
             try:
                 for key, (_, _, priority) in list(self._queues.items()):
                     if priority != self._priorities[key]:
