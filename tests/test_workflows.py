@@ -594,7 +594,9 @@ async def test_late_result_of_a_superseded_attempt_is_ignored(
     await harness.start_agent("silent", [], 1, handler)
     try:
         task_id = await orchestrator.submit_task(
-            **job(timeout=0.3 if superseded_by == "orchestrator_timeout" else 30, max_retries=1)
+            # (1 s: attempt 2 runs under the same timeout while the stale result
+            # is handled, and must not time out on a loaded machine meanwhile)
+            **job(timeout=1.0 if superseded_by == "orchestrator_timeout" else 30, max_retries=1)
         )
         await wait_until(lambda: _status_is(orchestrator, task_id, "running"))
         await harness.start_agent("rescuer", [], 1, handler)
