@@ -244,8 +244,8 @@ class CommunicationBus(abc.ABC):
     ) -> None:
         self.settings = _settings_from(broker_url, settings=settings)
         self.topology = Topology(self.settings.prefix, quorum=self.settings.quorum_queues)
-        self.leader: str | None = None
-        """``<lineage>:<epoch>``, stamped on every command this bus publishes
+        self.leader: tuple[str, int] | None = None
+        """(lineage, epoch), stamped on every command this bus publishes
         (``envelope.LEADER_HEADER``); set by the orchestrator while it leads."""
 
     # identity ----------------------------------------------------------------

@@ -131,9 +131,10 @@ class Envelope:
         return cls(event.encode(), type=event.kind, persistent=event.kind not in TRANSIENT_EVENTS)
 
     @classmethod
-    def control(cls, command: Control, leader: str | None = None) -> Envelope:
+    def control(cls, command: Control, leader: tuple[str, int] | None = None) -> Envelope:
+        """``leader``: the (lineage, epoch) of the orchestrator sending it."""
         # A command matters to the agents listening now: one that restarts hears anew.
-        headers = {LEADER_HEADER: leader} if leader else {}
+        headers = {LEADER_HEADER: f"{leader[0]}:{leader[1]}"} if leader else {}
         return cls(command.encode(), type=command.kind, persistent=False, headers=headers)
 
     @classmethod

@@ -199,7 +199,7 @@ class Leadership:
             self.leader = LeaderInfo(self.holder, self.epoch)
             # Every command now says which epoch of which store sent it: an agent
             # that has heard this one obeys no older leader of that store.
-            self.bus.leader = f"{await self._lineage()}:{self.epoch}"
+            self.bus.leader = (await self._lineage(), self.epoch)
             self.role = Role.LEADER
             assert self._on_lead is not None
             await self._on_lead()

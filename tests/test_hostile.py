@@ -364,13 +364,13 @@ async def test_a_paused_leaders_commands_after_a_takeover_stop_nothing(scene: Sc
     (agent,) = scene.harness.agents
     old = scene.orchestrator.bus
     assert old.leader is not None
-    lineage, _, epoch = old.leader.rpartition(":")
+    lineage, epoch = old.leader
     newer = await scene.harness.connected_bus()  # the orchestrator's user too
-    newer.leader = f"{lineage}:{int(epoch) + 1}"
+    newer.leader = (lineage, epoch + 1)
     await newer.publish_control(Reannounce(), agent_id="worker")
 
     async def heard_newer() -> bool:
-        return agent.control_gate.leader == (lineage, int(epoch) + 1)
+        return agent.control_gate.leader == (lineage, epoch + 1)
 
     await wait_until(heard_newer, WAIT)
 
