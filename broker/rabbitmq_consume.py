@@ -343,7 +343,13 @@ class RabbitSubscription(Subscription):
         # The last message handled and not acknowledged (its hook failed):
         pending: AbstractIncomingMessage | None = None
         retry = ACK_RETRY_MIN
+        worker = asyncio.current_task()
         while True:
+            if worker is not None and worker.cancelling():
+                # ``close`` cancelled us while an AMQP call of a handler ran: aiormq
+                # may have turned the cancellation into a channel error, caught as
+                # a failure; the worker must end all the same.
+                raise asyncio.CancelledError()
             if pending is not None and self._inbox.empty():
                 # The hook failed and nothing else comes to retry it (the prefetch
                 # may be full of what it left unacknowledged): retry on a timer.

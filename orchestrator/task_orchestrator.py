@@ -161,11 +161,16 @@ class TaskOrchestrator:
         """The watch's rounds (``Watch.run``), each once the lease is confirmed ours:
         a leader that was paused must not judge the silence of agents and tasks
         that a newer leader follows now (it would tell them to stop)."""
+        me = asyncio.current_task()
         while True:
             await asyncio.sleep(self.settings.monitor_interval)
             if not await self.leadership.confirm():
                 return
             await self.watch.round()
+            if me is not None and me.cancelling():
+                # Stepping down cancelled a round's AMQP call, which aiormq may have
+                # turned into a channel error the round caught: end all the same.
+                raise asyncio.CancelledError()
 
     async def _step_down(self) -> None:
         """No longer leading: stop following events and watching (publishing ends with them)."""

@@ -629,7 +629,9 @@ async def test_watch_shows_events_queue_depths_and_agent_load(deployment: Deploy
     assert "completed on watched_agent" in result.out
     loads = [int(n) for n in AGENT_ROW.findall(result.out)]
     assert loads, result.out
-    assert 1 in loads and 0 not in loads, loads  # the long task holds one of its five slots
+    # the long task holds one of its five slots in every refresh (a short task
+    # may hold another at the moment one is drawn)
+    assert min(loads) >= 1, loads
     assert re.search(r"│ idle\.unserved +│ idle +│ unserved +│ 1 +│", result.out), result.out
     assert (await deployment.rpc(TaskStatusRequest(task_id=long_id)))["status"] == "running"
 
