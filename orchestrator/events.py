@@ -270,7 +270,10 @@ class EventHandlers:
             # after a broker restart while its handler runs on, or that agent is
             # handing it back as it stops): it must not run beside it. The answer
             # waits: proceed once the holder gives it up, cancel once it ends.
+            # Or once the holder is removed: its message came back, so its
+            # connection may be dead, which the broker can tell at once.
             self._confirms[task.task_id] = (task.attempt, event.agent_id)
+            self.registry.suspect(holder)
             return
         if event.confirm and holder is None and task.status is TaskStatus.PENDING:
             # A copy of an attempt nobody is known to hold: its message came back,

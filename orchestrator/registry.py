@@ -108,6 +108,9 @@ class AgentRegistry:
         self._gone_since: dict[str, float] = {}
         """Per agent, when the broker first said its control queue was gone
         (since it was last heard of)."""
+        self._suspects: set[str] = set()
+        """Agents whose held task came back to another agent (``suspect``): asked
+        about at the broker every round, silent or not, until it says they live."""
         self._cancelled_in_queue: dict[str, None] = {}
         """Cancelled while their message waited in a queue: agents must skip them.
         New agents are told before they consume; an agent's skip report clears one."""
@@ -303,6 +306,7 @@ class AgentRegistry:
         self._beats.pop(agent_id, None)
         self._probed.pop(agent_id, None)
         self._gone_since.pop(agent_id, None)
+        self._suspects.discard(agent_id)
         if agent is None:
             return None
         self._runnable.clear()
@@ -374,6 +378,17 @@ class AgentRegistry:
         """The interval seen between ``agent_id``'s heartbeats; None until two came."""
         return self._beats.get(agent_id, (0.0, None))[1]
 
+    def suspect(self, agent_id: str) -> None:
+        """A task ``agent_id`` holds came back to another agent: the broker gives
+        a delivery back when its channel or connection closes, so the holder may
+        be dead though its last heartbeat is recent. From the next round on it
+        is asked about at the broker without waiting for its silence (then, as
+        for a silent agent, gone for ``GONE_GRACE`` means removed), instead of
+        the copy waiting up to ``MISSED_BEATS`` intervals plus the grace."""
+        if agent_id in self._agents:
+            self._suspects.add(agent_id)
+            self._probed.pop(agent_id, None)  # what it said before the delivery came back
+
     async def lost(self, timeout: float) -> list[tuple[str, str]]:
         """The agents to remove now, each with why.
 
@@ -386,7 +401,7 @@ class AgentRegistry:
         back, so it is removed then, flood or not. Silent past ``timeout`` it
         is removed too, unless a flood of refused messages is on and its
         connection lives (or the broker cannot say): then its heartbeats may be
-        waiting, or dropped, behind the flood.
+        waiting, or dropped, behind the flood. A ``suspect`` is asked about at once.
         """
         now = self.clock()
         found: list[tuple[str, str]] = []
@@ -398,9 +413,13 @@ class AgentRegistry:
             silence = now - agent.last_seen
             connected = None
             beat = self._beats.get(agent.agent_id)
-            if beat is not None and silence >= self._ask_after(beat[1], timeout):
-                connected, fresh = await self._connected(agent.agent_id, beat[1], now, asked)
+            suspect = agent.agent_id in self._suspects
+            if suspect or (beat is not None and silence >= self._ask_after(beat[1], timeout)):
+                interval = beat[1] if beat is not None else None
+                connected, fresh = await self._connected(agent.agent_id, interval, now, asked)
                 asked += fresh
+                if connected is True:
+                    self._suspects.discard(agent.agent_id)
                 if connected is False and self._gone_for(agent.agent_id, now):
                     found.append(
                         (

@@ -168,3 +168,93 @@ async def test_a_killed_agents_task_reads_pending_long_before_the_heartbeat_time
     assert (stats["completed_tasks"], stats["registered_agents"]) == (1, 1)
     ends = [line for line in runs.read_text().splitlines() if line.startswith("end ")]
     assert len(ends) == 1, runs.read_text()
+
+
+async def _moved_to(orchestrator, task_id: str, agent_id: str, since: float) -> float:
+    """Seconds from ``since`` until the task reads running on ``agent_id``."""
+    await wait_until(lambda: running_on(orchestrator, task_id, agent_id), timeout=60, interval=0.05)
+    return time.monotonic() - since
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("bus_kind", ["rabbitmq"], indirect=True)
+async def test_a_killed_agents_task_runs_on_another_within_seconds_of_the_kill(
+    harness: Harness, tmp_path
+) -> None:
+    # Given agent processes that heartbeat every 5 s (the default) and an
+    # orchestrator that waits a minute of silence, with a task running on one
+    orchestrator = await harness.start_orchestrator(
+        FAST.model_copy(update={"heartbeat_timeout": 60.0})
+    )
+    runs = tmp_path / "runs"
+    victim = harness.spawn_agent("victim", ["work"], AGENT_HEARTBEAT=5.0, AGENT_RUN_LOG=runs)
+    await harness.wait_agents("victim")
+    task_id = await orchestrator.submit_task(
+        name="long",
+        description="",
+        task_type="job",
+        payload={"hang_on": "victim", "sleep": 0.5},
+        required_capabilities=["work"],
+    )
+    await wait_until(lambda: running_on(orchestrator, task_id, "victim"), timeout=15)
+    harness.spawn_agent("survivor", ["work"], AGENT_HEARTBEAT=5.0, AGENT_RUN_LOG=runs)
+    await harness.wait_agents("survivor")
+
+    async def interval_known() -> bool:  # steady state: its heartbeats' pace is known
+        return orchestrator.registry.heartbeat_interval("victim") is not None
+
+    await wait_until(interval_known, 20)
+
+    # When the victim is SIGKILLed: the broker hands its message to the survivor
+    # at once, which asks the orchestrator before it runs the copy
+    os.kill(victim.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    victim.wait(timeout=10)
+
+    # Then the task reads running on the survivor within a few seconds, long
+    # before two of the victim's heartbeats would have been missed (10 s)
+    moved = await _moved_to(orchestrator, task_id, "survivor", killed)
+    print(f"\nSIGKILL -> running on the survivor: {moved:.2f}s (heartbeat every 5 s)")
+    assert moved < 8.0
+    assert not await running_on(orchestrator, task_id, "victim")
+    assert await gone(orchestrator, "victim")
+
+    # And it completes once, on the survivor
+    status = await orchestrator.wait_for_task(task_id, timeout=30)
+    assert (status["status"], status["result"]["agent"]) == ("completed", "survivor")
+    ends = [line for line in runs.read_text().splitlines() if line.startswith("end ")]
+    assert len(ends) == 1, runs.read_text()
+
+
+async def test_a_crashed_agents_task_runs_on_another_within_seconds(harness: Harness) -> None:
+    # Given agents that heartbeat every 5 s, an orchestrator that waits a minute
+    # of silence, and a task running on the victim
+    orchestrator = await harness.start_orchestrator(
+        FAST.model_copy(update={"heartbeat_timeout": 60.0})
+    )
+
+    async def hang_on_victim(ctx: TaskContext) -> dict:
+        if ctx.agent_id == "victim":
+            import asyncio
+
+            await asyncio.sleep(3600)
+        return {"agent": ctx.agent_id}
+
+    victim = await harness.start_agent("victim", ["work"], 1, hang_on_victim, heartbeat_interval=5)
+    task_id = await orchestrator.submit_task(
+        name="long", description="", task_type="job", payload={}, required_capabilities=["work"]
+    )
+    await wait_until(lambda: running_on(orchestrator, task_id, "victim"), timeout=15)
+    await harness.start_agent("survivor", ["work"], 1, hang_on_victim, heartbeat_interval=5)
+
+    # When the victim crashes: its delivery goes back and the survivor asks to run it
+    await victim.kill()
+    killed = time.monotonic()
+
+    # Then its task leaves the victim within seconds (well before 10 s of silence)
+    status = await orchestrator.wait_for_task(task_id, timeout=30)
+    moved = time.monotonic() - killed
+    print(f"\ncrash -> completed on the survivor: {moved:.2f}s (heartbeat every 5 s)")
+    assert (status["status"], status["assigned_agent"]) == ("completed", "survivor")
+    assert moved < 8.0
+    assert await gone(orchestrator, "victim")
