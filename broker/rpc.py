@@ -282,6 +282,11 @@ class StatsResult(ReplyResult):
         description="untrusted messages refused (and dropped), by reason: wrong_user,"
         " unknown_agent, not_holder...",
     )
+    dead_letters: dict[str, int] = Field(
+        default={},
+        description="dead letters received since this orchestrator started, by what they"
+        " were: task, event, control or other",
+    )
     role: Literal["leader", "standby", "stopped"] | None = Field(
         default=None, description="this orchestrator's role in its prefix"
     )

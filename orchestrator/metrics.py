@@ -6,7 +6,7 @@ Two sources, so that nothing is counted twice and nothing scans the tasks:
   type and status, retries, and the wait (submitted to started) and run
   (started to ended) times as histograms;
 - ``get_stats()`` read at scrape time: tasks by status, agents, their load and
-  utilisation, refused messages, and who leads. These are what ``get_stats``
+  utilisation, refused messages, dead letters, and who leads. These are what ``get_stats``
   answers, so a scrape and a stats call never disagree.
 
 Names (``orchestrator_`` like ``celery_task_`` / ``dramatiq_messages_``):
@@ -22,6 +22,7 @@ Names (``orchestrator_`` like ``celery_task_`` / ``dramatiq_messages_``):
 ``orchestrator_agent_utilization``           gauge      running / concurrency, by ``agent_id``
 ``orchestrator_utilization``                 gauge      running / concurrency, all agents
 ``orchestrator_refused_messages_total``      counter    messages refused, by ``reason``
+``orchestrator_dead_letters_total``          counter    dead letters received, by ``kind``
 ``orchestrator_leader``                      gauge      1 while this process leads its prefix
 ==========================================  =========  =================================
 """
@@ -36,6 +37,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from .lifecycle import Move
 from .models import Task, TaskStatus
+from .stats import DEAD_LETTER_KINDS
 
 TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 """From a no-op task (milliseconds) to a long job (an hour)."""
@@ -158,6 +160,16 @@ class _StatsCollector:
             for reason, count in sorted(refused.items()):
                 if isinstance(count, int | float):
                     family.add_metric([str(reason)], count)
+            yield family
+        dead = stats.get("dead_letters")
+        if isinstance(dead, Mapping):
+            family = CounterMetricFamily(
+                "orchestrator_dead_letters",
+                "Dead letters received, by what they were (task, event, control, other).",
+                labels=["kind"],
+            )
+            for kind in DEAD_LETTER_KINDS:  # every kind, 0 until one comes: rate() needs a start
+                family.add_metric([kind], dead.get(kind, 0))
             yield family
         leader = stats.get("leader")
         if leader is not None or "role" in stats:

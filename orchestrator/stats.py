@@ -9,11 +9,31 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from broker import DeadLetter
+
 from .lifecycle import Move
 from .models import AgentCapability, Task, TaskStatus
 
 _WAITING = (TaskStatus.PENDING, TaskStatus.ASSIGNED)
 _FAILED = (TaskStatus.FAILED, TaskStatus.TIMEOUT)
+
+
+DEAD_LETTER_KINDS = ("task", "event", "control", "other")
+"""What a dead letter was, as counted: a task message, an agent's event, a command, or
+anything else (unparseable). The body's own ``kind`` is input, so it is not a label."""
+
+
+def dead_letter_kind(letter: DeadLetter) -> str:
+    """``DEAD_LETTER_KINDS``' word for ``letter``: what its body says it is, or a
+    task message when only its message id (``<task_id>:<attempt>``) says so."""
+    kind = letter.kind
+    if kind == "task" or (kind is None and letter.attempt is not None):
+        return "task"
+    if kind is not None and kind.startswith(("task.", "agent.")):
+        return "event"
+    if kind is not None and kind.startswith("control."):
+        return "control"
+    return "other"
 
 
 class StatsTracker:
@@ -24,6 +44,12 @@ class StatsTracker:
         self._completion_count = 0
         self.retired: dict[str, Any] = {}
         """What the forgotten tasks add to the counts (kept in the store's meta)."""
+        self.dead_letters: Counter[str] = Counter()
+        """Dead letters received since start, by ``dead_letter_kind``."""
+
+    def dead_lettered(self, letter: DeadLetter) -> None:
+        """A dead letter arrived (counted whatever then becomes of it)."""
+        self.dead_letters[dead_letter_kind(letter)] += 1
 
     def created_task(self, task: Task) -> None:
         self.created += 1
@@ -68,7 +94,9 @@ class StatsTracker:
     def rebuild(self, tasks: Iterable[Task], retired: dict[str, Any] | None = None) -> None:
         """Recount from stored records and what forgotten ones added (after a
         restart with a persistent store)."""
+        dead_letters = self.dead_letters
         self.__init__()
+        self.dead_letters = dead_letters
         self.retired = dict(retired or {})
         self.created = self.retired.get("created", 0)
         for status, count in self.retired.get("by_status", {}).items():
@@ -85,7 +113,8 @@ class StatsTracker:
         self, agents: Iterable[AgentCapability], refused: Mapping[str, int] | None = None
     ) -> dict[str, Any]:
         """The seed's figures, and (beyond it) ``refused_messages``: the untrusted
-        messages refused, by reason (``orchestrator.refusals``)."""
+        messages refused, by reason (``orchestrator.refusals``), and
+        ``dead_letters``: the dead letters received, by what they were."""
         agents = list(agents)
         capacity = sum(a.max_concurrent_tasks for a in agents)
         load = sum(a.current_load for a in agents)
@@ -104,4 +133,5 @@ class StatsTracker:
             "agent_utilization": {a.agent_id: a.utilization for a in agents},
             "overall_utilization": load / capacity if capacity else 0.0,
             "refused_messages": dict(refused or {}),
+            "dead_letters": dict(self.dead_letters),
         }

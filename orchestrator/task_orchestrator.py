@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from broker import CancelTask, CommunicationBus, Reannounce, Subscription, tracing
+from broker import CancelTask, CommunicationBus, DeadLetter, Reannounce, Subscription, tracing
 
 from . import listing
 from .dispatch import Dispatch, queue_key
@@ -150,12 +150,17 @@ class TaskOrchestrator:
             await self.bus.subscribe_events(self.events.on_event, before_ack=self.store.flush),
             await self.bus.subscribe_heartbeats(self.events.on_event),
             await self.bus.subscribe_dead_letters(
-                self.events.on_dead_letter, before_ack=self.store.flush
+                self._on_dead_letter, before_ack=self.store.flush
             ),
         ]
         self._monitor = asyncio.get_running_loop().create_task(self._watch_while_leading())
         # Agents that outlived a previous orchestrator announce themselves again.
         await self.bus.publish_control(Reannounce())
+
+    async def _on_dead_letter(self, letter: DeadLetter) -> None:
+        """Count it (``get_stats``' ``dead_letters``), then handle it."""
+        self._stats.dead_lettered(letter)
+        await self.events.on_dead_letter(letter)
 
     async def _watch_while_leading(self) -> None:
         """The watch's rounds (``Watch.run``), each once the lease is confirmed ours:
@@ -393,7 +398,7 @@ class TaskOrchestrator:
 
     async def get_stats(self) -> dict[str, Any]:
         """The seed's statistics, and (beyond it) ``refused_messages`` by reason,
-        ``role`` and who is ``leader``."""
+        ``dead_letters`` by what they were, ``role`` and who is ``leader``."""
         refused = self.registry.refusals.snapshot()
         return {**self._stats.snapshot(self.registry, refused), **self.leadership.describe()}
 

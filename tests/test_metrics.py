@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
+import aio_pika
 from prometheus_client.parser import text_string_to_metric_families
 
 from agents import TaskContext
-from broker import AgentHeartbeat
+from broker import AgentHeartbeat, MemoryBus
 from broker.probes import ProbeServer
 from orchestrator import TaskOrchestrator
 from orchestrator.metrics import OrchestratorMetrics
@@ -34,6 +36,19 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return found
 
 
+async def inject_event(harness, routing_key: str, body: bytes) -> None:
+    """Raw bytes on the events exchange, as a broken publisher would put them."""
+    bus = harness.orchestrator.bus
+    if isinstance(bus, MemoryBus):
+        await bus.publish_raw(bus.topology.events_exchange, routing_key, body)
+        return
+    connection = await aio_pika.connect(harness.settings.broker_url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(bus.topology.events_exchange)
+        await exchange.publish(aio_pika.Message(body), routing_key=routing_key)
+
+
 async def fails_once(ctx: TaskContext) -> dict[str, Any]:
     if ctx.attempt == 1:
         raise RuntimeError("first attempt fails")
@@ -44,8 +59,14 @@ async def test_scrape_counts_agree_with_stats(harness) -> None:
     orch: TaskOrchestrator = await harness.start_orchestrator()
     metrics = OrchestratorMetrics()
     orch.lifecycle.observe(metrics)
+    release = asyncio.Event()
+
+    async def held(ctx: TaskContext) -> dict[str, Any]:
+        await release.wait()
+        return {"held": True}
+
     await harness.start_agent(
-        "metrics-agent", ["compute"], handlers={"echo": echo, "flaky": fails_once}
+        "metrics-agent", ["compute"], 4, handlers={"echo": echo, "flaky": fails_once, "held": held}
     )
     ids = [await orch.submit_task(f"e{n}", "", "echo", {"n": n}) for n in range(5)]
     ids.append(await orch.submit_task("f1", "", "flaky", {}, max_retries=2))
@@ -53,6 +74,23 @@ async def test_scrape_counts_agree_with_stats(harness) -> None:
     await wait_all(orch, ids)
     # (and one event refused: an agent id outside the alphabet)
     await orch.events.on_event(AgentHeartbeat(agent_id="not an id", running=0))
+    # (and two dead letters: an event that does not parse, and bytes that are no message)
+    bad_event = {"v": 1, "kind": "task.finished", "task_id": ids[0], "attempt": 1,
+                 "agent_id": "metrics-agent", "outcome": "exploded"}  # fmt: skip
+    await inject_event(harness, "task.finished", json.dumps(bad_event).encode())
+    await inject_event(harness, "task.finished", b"\xff not json")
+
+    async def dead_lettered() -> bool:
+        return (await orch.get_stats())["dead_letters"] == {"event": 1, "other": 1}
+
+    await wait_until(dead_lettered, timeout=15)
+    # and, while the scrape is taken, one task running
+    running = await orch.submit_task("h", "", "held", {})
+
+    async def is_running() -> bool:
+        return (await orch.get_task_status(running))["status"] == "running"
+
+    await wait_until(is_running, timeout=15)
     async with ProbeServer(metrics.registry, refresh=metrics.refresher(orch.get_stats)) as probe:
         status, text = await http_get(probe.port, "/metrics")
     assert status == 200
@@ -67,15 +105,27 @@ async def test_scrape_counts_agree_with_stats(harness) -> None:
     assert finished("flaky", "completed") == 1
     assert finished("flaky", "failed") == 1
     assert found[("orchestrator_task_retries_total", (("task_type", "flaky"),))] == 1
-    assert found[("orchestrator_tasks_submitted_total", ())] == stats["tasks_created"] == 7
+    assert found[("orchestrator_tasks_submitted_total", ())] == stats["tasks_created"] == 8
     assert found[("orchestrator_tasks", (("status", "completed"),))] == stats["completed_tasks"]
     assert found[("orchestrator_tasks", (("status", "failed"),))] == stats["tasks_failed"] == 1
+    assert found[("orchestrator_tasks", (("status", "running"),))] == stats["running_tasks"] == 1
     assert found[("orchestrator_agents", ())] == stats["registered_agents"] == 1
+    utilization = (("agent_id", "metrics-agent"),)
+    assert found[("orchestrator_agent_utilization", utilization)] == 0.25
+    assert stats["agent_utilization"] == {"metrics-agent": 0.25}
     assert found[("orchestrator_task_run_seconds_count", (("task_type", "echo"),))] == 5
     assert found[("orchestrator_task_wait_seconds_count", (("task_type", "echo"),))] == 5
     refused = (("reason", "invalid_agent_id"),)
     assert found[("orchestrator_refused_messages_total", refused)] == 1
     assert stats["refused_messages"] == {"invalid_agent_id": 1}
+    dead = {
+        labels[0][1]: value
+        for (name, labels), value in found.items()
+        if name == "orchestrator_dead_letters_total"
+    }
+    assert dead == {"task": 0, "event": 1, "control": 0, "other": 1}
+    release.set()
+    assert (await orch.wait_for_task(running, 15))["status"] == "completed"
 
 
 async def test_probes_answer_live_and_ready() -> None:

@@ -41,7 +41,8 @@ async def test_stats_follow_the_tasks(harness: Harness) -> None:
 
     agents = [await harness.start_agent(f"agent_{i}", ["work"], 2, handler) for i in range(2)]
     stats = await orchestrator.get_stats()
-    assert set(stats) == SEED_KEYS | {"refused_messages", "role", "orchestrator_id", "leader"}
+    beyond = {"refused_messages", "dead_letters", "role", "orchestrator_id", "leader"}
+    assert set(stats) == SEED_KEYS | beyond
     assert stats["registered_agents"] == 2
     assert stats["overall_utilization"] == 0.0
 
