@@ -37,8 +37,6 @@ from typing import Any
 from broker import (
     AGENT_ID_PATTERN,
     CAPABILITY_PATTERN,
-    AgentAnnounced,
-    AgentHeartbeat,
     AgentLeft,
     BusError,
     CommunicationBus,
@@ -49,6 +47,7 @@ from broker import (
 )
 from broker.errors import QueueInUse
 
+from . import presence
 from .attempts import AgentCounters, Attempts, StopReason
 from .commands import Commands
 from .handlers import ANY_TASK_TYPE, Handler, Handlers, Runners
@@ -255,7 +254,9 @@ class Agent:
         except BaseException:
             await self._shutdown()
             raise
-        self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+        self._heartbeat = asyncio.get_running_loop().create_task(
+            presence.beat(self.agent_id, self.heartbeat_interval, bus, self._attempts)
+        )
 
     async def stop(self, *, drain_timeout: float | None = None) -> None:
         """Graceful stop: take no more tasks, let running ones finish (up to the
@@ -372,26 +373,7 @@ class Agent:
     # ------------------------------------------------------------------ control
     async def _announce(self) -> None:
         assert self._bus is not None
-        await self._bus.publish_event(
-            AgentAnnounced(
-                agent_id=self.agent_id,
-                capabilities=self.capabilities,
-                max_concurrent_tasks=self.max_concurrent_tasks,
-                task_types=self._handlers.task_types,
-                specialization_score=self.specialization,
-            )
-        )
-
-    async def _beat(self) -> None:
-        while True:
-            await asyncio.sleep(self.heartbeat_interval)
-            try:
-                assert self._bus is not None
-                await self._bus.publish_event(
-                    AgentHeartbeat(agent_id=self.agent_id, running=self._attempts.running)
-                )
-            except BusError as exc:
-                log.warning("agent %s: heartbeat not sent: %s", self.agent_id, exc)
+        await self._bus.publish_event(presence.announcement(self))
 
     async def _stop_after_unregister(self) -> None:
         await self._wait_jobs()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import itertools
 import logging
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -204,6 +205,11 @@ class Attempts:
     def running(self) -> int:
         """Those whose handler has not ended here (what a heartbeat tells)."""
         return sum(1 for attempt in self._known.values() if not attempt.ending)
+
+    def unended(self, limit: int) -> list[tuple[str, int]]:
+        """The oldest ``limit`` of those, as (task id, attempt)."""
+        keys = (key for key, attempt in self._known.items() if not attempt.ending)
+        return list(itertools.islice(keys, limit))
 
     def begin(self, message: TaskMessage, delivery: TaskDelivery | None = None) -> Attempt:
         """Known and counted from now on; the caller has taken its slot."""

@@ -74,6 +74,12 @@ class Commands:
                     command.attempt,
                 )
         elif isinstance(command, CancelTask):
+            log.debug(
+                "agent %s: cancel of task %s%s",
+                agent.agent_id,
+                command.task_id,
+                "" if command.attempt is None else f" attempt {command.attempt}",
+            )
             agent._attempts.cancel(command.task_id, command.attempt)
         elif isinstance(command, CancelTasks):
             for task_id in command.task_ids:

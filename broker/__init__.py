@@ -26,6 +26,7 @@ from .errors import (
 )
 from .memory import MemoryBus
 from .messages import (
+    HELD_IN_HEARTBEAT,
     MAX_CONSUMER_PRIORITY,
     SCHEMA_VERSION,
     AgentAnnounced,
@@ -146,6 +147,7 @@ __all__ = [
     "TaskFinished",
     "AgentAnnounced",
     "AgentHeartbeat",
+    "HELD_IN_HEARTBEAT",
     "AgentLeft",
     "Control",
     "ConsumeQueues",

@@ -28,6 +28,10 @@ Priority = Literal["low", "medium", "high", "critical"]
 """The orchestrator's TaskPriority values, lowest first (a test keeps them in step)."""
 PRIORITIES: tuple[str, ...] = get_args(Priority)
 
+HELD_IN_HEARTBEAT = 1_000
+"""The most attempts a heartbeat lists (``AgentHeartbeat.holding``): it stays a
+small message whatever an agent's concurrency; one with more lists the oldest."""
+
 
 def _kind_is_required(schema: dict[str, Any]) -> None:
     """In the JSON Schema: ``kind`` has a default in Python, but parsers need it."""
@@ -151,6 +155,13 @@ class AgentHeartbeat(WireMessage):
     kind: Literal["agent.heartbeat"] = "agent.heartbeat"
     agent_id: str
     running: int = Field(ge=0, description="tasks the agent is running now")
+    holding: list[tuple[str, int]] = Field(
+        default=[],
+        max_length=HELD_IN_HEARTBEAT,
+        description="the attempts (task id, attempt) whose handlers run there: the"
+        " orchestrator cancels again any that ended or were superseded, so a lost"
+        " cancel is repaired within a heartbeat",
+    )
     at: float = Field(default_factory=time.time)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 
 from broker import (
     AGENT_ID_PATTERN,
@@ -63,6 +64,11 @@ OUTCOME_STATUS = {
 }
 
 
+RECANCELS = 3
+"""How often one stale attempt is cancelled again on an agent's heartbeats."""
+RECANCEL_MEMORY = 10_000
+
+
 class EventHandlers:
     def __init__(
         self,
@@ -85,6 +91,9 @@ class EventHandlers:
         """Answers being sent and copies waiting out the grace: ended by ``stop``."""
         self._starts: dict[str, tuple[int, int]] = {}
         """Per task, its current attempt and how often it started."""
+        self._recancelled: OrderedDict[tuple[str, str, int], int] = OrderedDict()
+        """Per (agent, task, attempt), the cancels a heartbeat made us send again
+        (at most ``RECANCELS``; the newest ``RECANCEL_MEMORY`` remembered)."""
         self.copies = CopyRounds(
             bus,
             lambda: [agent.agent_id for agent in registry],
@@ -141,6 +150,8 @@ class EventHandlers:
             self.copies.reported(event.agent_id, event.round)
         elif isinstance(event, AgentHeartbeat):
             await self.registry.heard(event.agent_id)
+            if event.holding and self.registry.get(event.agent_id) is not None:
+                await self.cancel_stale(event.agent_id, event.holding)
         elif isinstance(event, AgentAnnounced):
             await self.registry.register(
                 event.agent_id,
@@ -245,6 +256,34 @@ class EventHandlers:
             f"dead letter of task {task.task_id} attempt {task.attempt} from user {user!r}"
             f"{' (x-death)' if letter.by_broker else ''}: neither the broker's nor its agent's",
         )
+
+    async def cancel_stale(self, agent_id: str, holding: list[tuple[str, int]]) -> None:
+        """Cancel again, on ``agent_id``, each attempt its heartbeat says it runs
+        whose task has ended or moved on to a later attempt: the cancel sent when
+        it became so may have been lost (commands are not queued for an agent
+        whose control queue is being declared again after a reconnect). An
+        attempt not yet started here (a heartbeat may overtake its start) is
+        not stale."""
+        for task_id, attempt in holding:
+            task = self.records.get(task_id)
+            if task is None or not (task.status.is_final or attempt != task.attempt):
+                continue  # unknown ids cost a lookup: a heartbeat is not amplified
+            key = (agent_id, task_id, attempt)
+            sent = self._recancelled.pop(key, 0)
+            self._recancelled[key] = sent + 1
+            if len(self._recancelled) > RECANCEL_MEMORY:
+                self._recancelled.popitem(last=False)
+            if sent < RECANCELS:
+                log.info(
+                    "agent %s still runs task %s attempt %d (%s): cancelled again",
+                    agent_id,
+                    task_id,
+                    attempt,
+                    task.status.value if attempt == task.attempt else f"now {task.attempt}",
+                )
+                await self.bus.publish_control(
+                    CancelTask(task_id=task_id, attempt=attempt), agent_id=agent_id
+                )
 
     async def _refuse_stale(self, event: TaskAssigned | TaskStarted) -> Task | None:
         """The task of an attempt an agent holds, or None after telling the agent
