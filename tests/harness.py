@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -163,8 +164,11 @@ class Harness:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        keep = os.environ.get("DEPLOYMENT_LOGS")  # a folder: agent process logs kept there
         for log in self.logs:
             log.close()
+            if keep:
+                shutil.copy(log.name, Path(keep) / Path(log.name).name)
             os.unlink(log.name)
         if self.orchestrator is not None:
             keys = set(await self.orchestrator.get_queues())

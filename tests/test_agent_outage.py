@@ -114,6 +114,13 @@ async def test_handlers_run_on_through_a_broker_restart_and_each_task_runs_once(
     # link): a task cancelled while it runs there is stopped
     cancelled = await _submit(orchestrator, {"until_file": str(tmp_path / "never")})
     await wait_until(lambda: running_on(orchestrator, cancelled, "steady"), WAIT)
+
+    async def handler_started() -> bool:
+        # A long task reports its start before its handler begins (it is then
+        # acknowledged): a cancel in between is obeyed before the handler runs.
+        return ("start", cancelled, 1) in _runs(run_log)
+
+    await wait_until(handler_started, WAIT)
     assert await orchestrator.cancel_task(cancelled) is True
 
     async def stopped() -> bool:
