@@ -44,15 +44,13 @@ from .bus import (
 )
 from .envelope import DeadLetter, Envelope
 from .errors import BusError, BusNotStarted, NoReply, QueueInUse, TopologyMissing, UnroutableMessage
+from .memory_consumers import ConsumerChannel, MemoryDelivery, MemoryTaskConsumer, next_consumer
 from .memory_lease import MemoryLease
 from .memory_queues import (
-    ConsumerChannel,
     DelayQueue,
     Item,
     KeptLetters,
-    MemoryDelivery,
     MemorySubscription,
-    MemoryTaskConsumer,
     MessageQueue,
     PendingRequest,
     RequestServer,
@@ -333,17 +331,9 @@ class MemoryBus(CommunicationBus):
         """Hand waiting messages to consumers with room, best priority first, in turns."""
         loop = asyncio.get_running_loop()
         while queue.heap and queue.consumers:
-            chosen = None
-            for consumer in queue.consumers:
-                if consumer.channel.has_room and (
-                    chosen is None or consumer.priority > chosen.priority
-                ):
-                    chosen = consumer
+            chosen = next_consumer(queue.consumers)
             if chosen is None:
                 break
-            # The chosen consumer goes to the back: equal consumers take turns.
-            queue.consumers.remove(chosen)
-            queue.consumers.append(chosen)
             item = heapq.heappop(queue.heap)
             was_redelivered = item[1] in queue.redelivered
             queue.redelivered.discard(item[1])

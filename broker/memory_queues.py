@@ -1,10 +1,11 @@
 """The queues of the in-process bus and their consumers.
 
 What RabbitMQ does inside the broker is done here, for ``MemoryBus``:
-priority queues with consumer priorities and turn-taking, a prefetch shared
-across a consumer's queues, requeue on consumer loss, TTL queues that
-dead-letter to another exchange, a length-limited queue of kept dead
-letters, and ordered queues consumed by one handler at a time. Each queue is
+priority queues, requeue on consumer loss, TTL queues that dead-letter to
+another exchange, a length-limited queue of kept dead letters, and ordered
+queues consumed by one handler at a time. Which consumer of a task queue
+gets a message (consumer priorities, turn-taking, a prefetch shared across
+a consumer's queues) is ``broker.memory_consumers``. Each queue is
 made from the ``broker.topology`` value object it stands for, and reads how
 to behave from that object's arguments. Messages are the envelopes the bus
 publishes, with their bodies encoded exactly as they would travel.
@@ -18,27 +19,19 @@ import heapq
 import itertools
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .bus import (
-    CLOSE_WAIT,
-    BeforeAck,
-    Subscription,
-    TaskConsumer,
-    TaskDelivery,
-    TaskHandler,
-    priorities_after,
-)
+from .bus import CLOSE_WAIT, BeforeAck, Subscription
 from .declarations import Binding, Declarations, Queue
 from .envelope import DeadLetter, Envelope, Sender, handling_from
-from .errors import BusNotStarted, InvalidMessage
+from .errors import InvalidMessage
 from .rpc import RequestHandler, answer
-from .tracing import trace_headers
 
 if TYPE_CHECKING:
     from .memory import MemoryBus
+    from .memory_consumers import QueueConsumer
 
 log = logging.getLogger(__name__)
 
@@ -61,28 +54,6 @@ class Sink(Protocol):
 # --- task queues --------------------------------------------------------------------
 
 
-@dataclass(eq=False)
-class ConsumerChannel:
-    prefetch: int
-    unacked: int = 0
-    detached: int = 0
-    """Acknowledged deliveries whose tasks still run: they keep their place."""
-    consumers: list[_Consumer] = field(default_factory=list)
-    deliveries: set[MemoryDelivery] = field(default_factory=set)
-
-    @property
-    def has_room(self) -> bool:
-        return self.prefetch <= 0 or self.unacked + self.detached < self.prefetch
-
-
-@dataclass(eq=False)
-class _Consumer:
-    queue: TaskQueue
-    channel: ConsumerChannel
-    priority: int
-    handler: TaskHandler
-
-
 class TaskQueue:
     """A priority queue of tasks (``x-max-priority``) for one capability key."""
 
@@ -91,7 +62,7 @@ class TaskQueue:
         self.name = queue.name
         self.max_priority = queue.max_priority or 0
         self.heap: list[Item] = []
-        self.consumers: deque[_Consumer] = deque()
+        self.consumers: deque[QueueConsumer] = deque()
         self.redelivered: set[int] = set()
         self._on_arrival = on_arrival
 
@@ -112,164 +83,6 @@ class TaskQueue:
         self.heap.clear()
         self.redelivered.clear()
         return count
-
-
-class MemoryDelivery(TaskDelivery):
-    def __init__(self, bus: MemoryBus, consumer: _Consumer, item: Item, redelivered: bool) -> None:
-        self._bus = bus
-        self._consumer = consumer
-        self._item = item
-        self.body = item[2].body
-        self.queue_key = consumer.queue.key
-        self.redelivered = redelivered
-        self.sender = item[2].user_id
-        self.trace = trace_headers(item[2].headers)
-        self._settled = False
-        self._lost = asyncio.Event()
-
-    @property
-    def lost(self) -> bool:
-        return self._lost.is_set()
-
-    async def wait_lost(self) -> None:
-        await self._lost.wait()
-
-    def give_back(self) -> None:
-        """Its consumer went away: back to its queue, as a closed channel's are."""
-        if self._settle():
-            self._lost.set()
-            self._bus._requeue(self._consumer.queue, self._item)
-            self._bus._after_settle(self._consumer.channel)
-
-    def _settle(self) -> bool:
-        if self._settled:
-            return False
-        self._settled = True
-        channel = self._consumer.channel
-        channel.unacked -= 1
-        channel.deliveries.discard(self)
-        return True
-
-    async def ack(self) -> None:
-        if self._settle():
-            self._bus._after_settle(self._consumer.channel)
-
-    async def requeue(self) -> None:
-        if self._settle():
-            self._bus._requeue(self._consumer.queue, self._item)
-            self._bus._after_settle(self._consumer.channel)
-
-    async def dead_letter(self, reason: str) -> None:
-        if self._settle():
-            queue = self._consumer.queue
-            self._bus._dead_letter(
-                self.body, reason, source=queue.name, message_id=self._item[2].message_id
-            )
-            self._bus._after_settle(self._consumer.channel)
-
-
-class MemoryTaskConsumer(TaskConsumer):
-    def __init__(self, bus: MemoryBus, prefetch: int, handler: TaskHandler) -> None:
-        self._bus = bus
-        self._channel = ConsumerChannel(prefetch=prefetch)
-        self._handler = handler
-        self._default_priority = 0
-        self._priorities: dict[str, int] = {}
-        """The x-priority each key is to be consumed with (``consume``)."""
-        self._closed = False
-        self._paused = False
-        """Set by ``pause`` (a stop): a step aside that ends then does not resume."""
-
-    @property
-    def queue_keys(self) -> frozenset[str]:
-        return frozenset(c.queue.key for c in self._channel.consumers)
-
-    @property
-    def busy(self) -> bool:
-        """It holds deliveries it has not settled."""
-        return bool(self._channel.deliveries)
-
-    async def consume(
-        self,
-        queue_keys: Iterable[str],
-        consumer_priority: int = 0,
-        priorities: Mapping[str, int] | None = None,
-    ) -> None:
-        if self._closed:
-            raise BusNotStarted("task consumer is closed")
-        queue_keys = list(queue_keys)
-        self._paused = False
-        self._default_priority = consumer_priority
-        self._priorities = priorities_after(
-            self._priorities, queue_keys, consumer_priority, priorities
-        )
-        for consumer in list(self._channel.consumers):
-            if consumer.priority != self._priorities[consumer.queue.key]:
-                # As RabbitMQ: a new consumer under the new priority, at the back of the turns.
-                self._remove(consumer)
-                self._add(consumer.queue.key)
-        have = self.queue_keys
-        for key in queue_keys:
-            if key not in have:
-                self._add(key)
-        for consumer in list(self._channel.consumers):
-            self._bus._dispatch(consumer.queue)
-
-    def _add(self, key: str) -> None:
-        queue = self._bus._queue(key)
-        priority = self._priorities.get(key, self._default_priority)
-        consumer = _Consumer(queue, self._channel, priority, self._handler)
-        queue.consumers.append(consumer)
-        self._channel.consumers.append(consumer)
-
-    def _remove(self, consumer: _Consumer) -> None:
-        """Stop a consumer; what it was given stays held (settled through the channel)."""
-        consumer.queue.consumers.remove(consumer)
-        self._channel.consumers.remove(consumer)
-
-    async def step_aside(self, delivery: TaskDelivery, seconds: float) -> None:
-        key = delivery.queue_key
-        mine = [c for c in self._channel.consumers if c.queue.key == key]
-        for consumer in mine:
-            self._remove(consumer)
-        await delivery.requeue()
-        await asyncio.sleep(seconds)
-        if not (self._closed or self._paused) and mine and key not in self.queue_keys:
-            self._add(key)
-            self._bus._dispatch(self._bus._queue(key))
-
-    async def pause(self) -> None:
-        self._paused = True
-        for consumer in self._channel.consumers:
-            consumer.queue.consumers.remove(consumer)
-        self._channel.consumers.clear()
-        self._bus._poke()
-
-    async def detach(self, delivery: TaskDelivery) -> None:
-        self._channel.detached += 1
-        await delivery.ack()
-
-    async def reattach(self) -> None:
-        self._channel.detached = max(0, self._channel.detached - 1)
-        for consumer in list(self._channel.consumers):
-            self._bus._dispatch(consumer.queue)
-
-    async def set_prefetch(self, prefetch: int) -> None:
-        self._channel.prefetch = prefetch
-        for consumer in list(self._channel.consumers):
-            self._bus._dispatch(consumer.queue)
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        queues = [c.queue for c in self._channel.consumers]
-        await self.pause()
-        for delivery in list(self._channel.deliveries):
-            delivery.give_back()
-        for queue in queues:
-            self._bus._dispatch(queue)
-        self._bus._subscriptions.discard(self)
 
 
 # --- TTL queues and kept dead letters -------------------------------------------------

@@ -9,8 +9,9 @@ missed two of its heartbeats is asked about at the broker, and one whose
 control queue is gone (its connection died: a SIGKILL, a crash) is removed at
 once; one silent past ``heartbeat_timeout`` is removed too, unless its
 connection lives while a flood of refused messages is on (its heartbeats may
-be waiting, or dropped, behind it). An agent's load is kept from the
-lifecycle's moves, never by hand.
+be waiting, or dropped, behind it). When and how the broker is asked is
+``orchestrator.agent_probe``. An agent's load is kept from the lifecycle's
+moves, never by hand.
 
 Identity: an agent id is bound to the broker user of its first
 announcement, kept in the store's meta so that a restart keeps it; messages
@@ -27,15 +28,10 @@ import logging
 from collections import Counter
 from collections.abc import Iterable
 
-from broker import (
-    BusError,
-    CommunicationBus,
-    ConsumeQueues,
-    Reannounce,
-    Unregister,
-)
+from broker import CommunicationBus, ConsumeQueues, Reannounce, Unregister
 from broker.messages import CancelTasks
 
+from .agent_probe import AgentProbe
 from .dispatch import Queues
 from .lifecycle import Lifecycle, Move, held
 from .models import AgentCapability, Task, TaskStatus
@@ -56,17 +52,6 @@ AGENT_USERS_KEEP = 10_000
 MAX_AGENTS_PER_USER = 5000
 """Agent ids one broker user may have bound: a stranger's flood of valid
 announcements of new ids registers no more than this."""
-
-MISSED_BEATS = 2
-"""Heartbeats an agent may miss before the broker is asked whether it is connected."""
-MIN_PROBE_SILENCE = 1.0
-"""Seconds of silence before any such question, and between two about one agent."""
-PROBES_PER_ROUND = 200
-"""Questions to the broker per watch round at most (the rest wait for the next)."""
-GONE_GRACE = 3.0
-"""Seconds an agent's control queue must stay gone before it is removed (at least
-three of the bus's reconnect intervals): an agent reconnecting after a blip, or
-after a broker restart, declares it again within that."""
 
 CANCELLED_PER_MESSAGE = 1000
 """Ids per ``CancelTasks`` sent to a new agent (and at most half the bus's message limit)."""
@@ -103,14 +88,8 @@ class AgentRegistry:
         self._beats: dict[str, tuple[float, float | None]] = {}
         """Per agent heard from: its last heartbeat (or announcement) and the
         interval between its heartbeats as seen here (None until two came)."""
-        self._probed: dict[str, tuple[float, bool | None]] = {}
-        """Per agent, when the broker was last asked about it and what it said."""
-        self._gone_since: dict[str, float] = {}
-        """Per agent, when the broker first said its control queue was gone
-        (since it was last heard of)."""
-        self._suspects: set[str] = set()
-        """Agents whose held task came back to another agent (``suspect``): asked
-        about at the broker every round, silent or not, until it says they live."""
+        self.probe = AgentProbe(bus)
+        """Whether the broker says an agent's connection lives (``lost``)."""
         self._cancelled_in_queue: dict[str, None] = {}
         """Cancelled while their message waited in a queue: agents must skip them.
         New agents are told before they consume; an agent's skip report clears one."""
@@ -304,9 +283,7 @@ class AgentRegistry:
         agent = self._agents.pop(agent_id, None)
         self._told.pop(agent_id, None)
         self._beats.pop(agent_id, None)
-        self._probed.pop(agent_id, None)
-        self._gone_since.pop(agent_id, None)
-        self._suspects.discard(agent_id)
+        self.probe.forget(agent_id)
         if agent is None:
             return None
         self._runnable.clear()
@@ -367,7 +344,7 @@ class AgentRegistry:
             await self.ask_to_announce(agent_id)
             return
         now = agent.last_seen = self.clock()
-        self._gone_since.pop(agent_id, None)
+        self.probe.heard(agent_id)
         last, interval = self._beats.get(agent_id, (None, None))
         if last is not None and now > last:
             gap = now - last
@@ -381,20 +358,17 @@ class AgentRegistry:
     def suspect(self, agent_id: str) -> None:
         """A task ``agent_id`` holds came back to another agent: the broker gives
         a delivery back when its channel or connection closes, so the holder may
-        be dead though its last heartbeat is recent. From the next round on it
-        is asked about at the broker without waiting for its silence (then, as
-        for a silent agent, gone for ``GONE_GRACE`` means removed), instead of
-        the copy waiting up to ``MISSED_BEATS`` intervals plus the grace."""
+        be dead though its last heartbeat is recent: it is asked about at the
+        broker from the next round on (``AgentProbe.suspect``)."""
         if agent_id in self._agents:
-            self._suspects.add(agent_id)
-            self._probed.pop(agent_id, None)  # what it said before the delivery came back
+            self.probe.suspect(agent_id)
 
     async def lost(self, timeout: float) -> list[tuple[str, str]]:
         """The agents to remove now, each with why.
 
         An agent heard from that missed ``MISSED_BEATS`` heartbeats (a third of
         ``timeout`` until its interval is known) is asked about at the broker
-        (``CommunicationBus.agent_connected``), at most once per interval: if
+        (``AgentProbe.ask``), at most once per interval: if
         its control queue is gone, and still gone ``GONE_GRACE`` later (asked
         every round meanwhile: a reconnecting agent declares it again), its
         connection died and the broker already gave its unacknowledged tasks
@@ -405,30 +379,28 @@ class AgentRegistry:
         """
         now = self.clock()
         found: list[tuple[str, str]] = []
-        asked = 0
+        self.probe.new_round()
         flooded: bool | None = None
         for agent in list(self._agents.values()):
             if agent.last_seen is None:
                 continue
             silence = now - agent.last_seen
-            connected = None
-            beat = self._beats.get(agent.agent_id)
-            suspect = agent.agent_id in self._suspects
-            if suspect or (beat is not None and silence >= self._ask_after(beat[1], timeout)):
-                interval = beat[1] if beat is not None else None
-                connected, fresh = await self._connected(agent.agent_id, interval, now, asked)
-                asked += fresh
-                if connected is True:
-                    self._suspects.discard(agent.agent_id)
-                if connected is False and self._gone_for(agent.agent_id, now):
-                    found.append(
-                        (
-                            agent.agent_id,
-                            f"connection gone: the broker deleted its control queue"
-                            f" ({silence:.1f}s silent)",
-                        )
+            connected = await self.probe.ask(
+                agent.agent_id,
+                beat=self._beats.get(agent.agent_id),
+                silence=silence,
+                timeout=timeout,
+                now=now,
+            )
+            if connected is False and self.probe.gone_for_grace(agent.agent_id, now):
+                found.append(
+                    (
+                        agent.agent_id,
+                        f"connection gone: the broker deleted its control queue"
+                        f" ({silence:.1f}s silent)",
                     )
-                    continue
+                )
+                continue
             if silence < timeout:
                 continue
             if flooded is None:
@@ -438,44 +410,10 @@ class AgentRegistry:
             found.append((agent.agent_id, "missed heartbeats"))
         return found
 
-    def _gone_for(self, agent_id: str, now: float) -> bool:
-        """The broker says ``agent_id``'s queue is gone: whether it has been for the grace."""
-        since = self._gone_since.setdefault(agent_id, now)
-        grace = max(GONE_GRACE, 3 * self.bus.settings.reconnect_interval)
-        return now - since >= grace
-
-    @staticmethod
-    def _ask_after(interval: float | None, timeout: float) -> float:
-        if interval is None:
-            return max(MIN_PROBE_SILENCE, timeout / 3)
-        return min(max(MIN_PROBE_SILENCE, MISSED_BEATS * interval), timeout)
-
-    async def _connected(
-        self, agent_id: str, interval: float | None, now: float, asked: int
-    ) -> tuple[bool | None, bool]:
-        """What the broker says of ``agent_id``'s connection (None: it cannot
-        say), asked again only once per interval; and whether it was asked now."""
-        when, said = self._probed.get(agent_id, (None, None))
-        again = max(MIN_PROBE_SILENCE, interval or 0.0)
-        if when is not None and now - when < again and agent_id not in self._gone_since:
-            return said, False
-        if asked >= PROBES_PER_ROUND:
-            return said, False
-        try:
-            said = await self.bus.agent_connected(agent_id)
-        except BusError as exc:
-            log.info("cannot ask the broker whether agent %s is connected: %s", agent_id, exc)
-            said = None
-        if said is True:
-            self._gone_since.pop(agent_id, None)
-        self._probed[agent_id] = (now, said)
-        return said, True
-
     def postpone(self, seconds: float) -> None:
         """Nobody could be heard for ``seconds``: every agent gets as long (and
         what the broker said of their connections before is forgotten)."""
-        self._gone_since.clear()
-        self._probed.clear()
+        self.probe.postpone()
         now = self.clock()
         for agent in self._agents.values():
             if agent.last_seen is not None:

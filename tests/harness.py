@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aio_pika
+
 from agents import Agent, TaskContext
 from broker import BusSettings, CommunicationBus, MemoryBus, RabbitMQBus
 from orchestrator import OrchestratorSettings, TaskOrchestrator
@@ -148,6 +150,19 @@ class Harness:
         )
         self.logs.append(log)
         return log
+
+    async def inject_event(self, routing_key: str, body: bytes) -> None:
+        """Put raw bytes on the orchestrator's events exchange, as a broken
+        publisher would (they reach it as a dead letter, not as an event)."""
+        bus = self.orchestrator.bus
+        if isinstance(bus, MemoryBus):
+            await bus.publish_raw(bus.topology.events_exchange, routing_key, body)
+            return
+        connection = await aio_pika.connect(self.settings.broker_url)
+        async with connection:
+            channel = await connection.channel()
+            exchange = await channel.get_exchange(bus.topology.events_exchange)
+            await exchange.publish(aio_pika.Message(body), routing_key=routing_key)
 
     async def close(self) -> None:
         for process in self.processes:

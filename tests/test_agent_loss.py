@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from agents import TaskContext
-from orchestrator import TaskStatus
+from orchestrator import TaskOrchestrator, TaskStatus
 from tests.harness import FAST, Harness, gone, registered, running_on, wait_until
 
 
@@ -109,6 +112,62 @@ async def test_unregister_agent_moves_its_task_to_another(harness: Harness) -> N
         await orchestrator.unregister_agent("first")
 
 
+@dataclass
+class _KillScene:
+    """A task running in agent process "victim", agent process "survivor"
+    beside it, both heartbeating and logging the handler's runs."""
+
+    orchestrator: TaskOrchestrator
+    victim: subprocess.Popen[bytes]
+    task_id: str
+    runs: Path
+    timeout: float
+    """The orchestrator's heartbeat timeout: far longer than detection should take."""
+
+    def kill_victim(self) -> float:
+        """SIGKILL the victim (no goodbye); when, on the monotonic clock."""
+        os.kill(self.victim.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        self.victim.wait(timeout=10)
+        return killed
+
+    def assert_ran_to_the_end_once(self) -> None:
+        ends = [line for line in self.runs.read_text().splitlines() if line.startswith("end ")]
+        assert len(ends) == 1, self.runs.read_text()
+
+
+async def _task_on_a_victim(
+    harness: Harness, tmp_path: Path, *, heartbeat: float, payload: dict
+) -> _KillScene:
+    """An orchestrator that waits a minute of silence before it gives up on an
+    agent; a task (``payload`` beside ``hang_on``) running on the victim, the
+    survivor registered, the victim's heartbeat interval learnt."""
+    timeout = 60.0
+    orchestrator = await harness.start_orchestrator(
+        FAST.model_copy(update={"heartbeat_timeout": timeout})
+    )
+    runs = tmp_path / "runs"
+    env = {"AGENT_HEARTBEAT": heartbeat, "AGENT_RUN_LOG": runs}
+    victim = harness.spawn_agent("victim", ["work"], **env)
+    await harness.wait_agents("victim")
+    task_id = await orchestrator.submit_task(
+        name="long",
+        description="",
+        task_type="job",
+        payload={"hang_on": "victim", **payload},
+        required_capabilities=["work"],
+    )
+    await wait_until(lambda: running_on(orchestrator, task_id, "victim"), timeout=15)
+    harness.spawn_agent("survivor", ["work"], **env)
+    await harness.wait_agents("survivor")
+
+    async def interval_known() -> bool:  # steady state: its heartbeats' pace is known
+        return orchestrator.registry.heartbeat_interval("victim") is not None
+
+    await wait_until(interval_known, 20)
+    return _KillScene(orchestrator, victim, task_id, runs, timeout)
+
+
 @pytest.mark.rabbitmq
 @pytest.mark.parametrize("bus_kind", ["rabbitmq"], indirect=True)
 async def test_a_killed_agents_task_reads_pending_long_before_the_heartbeat_timeout(
@@ -116,34 +175,12 @@ async def test_a_killed_agents_task_reads_pending_long_before_the_heartbeat_time
 ) -> None:
     # Given an orchestrator that waits a minute of silence before it gives up on an
     # agent, and a task running in an agent process that heartbeats every second
-    timeout = 60.0
-    orchestrator = await harness.start_orchestrator(
-        FAST.model_copy(update={"heartbeat_timeout": timeout})
-    )
-    runs = tmp_path / "runs"
-    victim = harness.spawn_agent("victim", ["work"], AGENT_HEARTBEAT=1.0, AGENT_RUN_LOG=runs)
-    await harness.wait_agents("victim")
-    task_id = await orchestrator.submit_task(
-        name="long",
-        description="",
-        task_type="job",
-        payload={"hang_on": "victim"},
-        required_capabilities=["work"],
-    )
-    await wait_until(lambda: running_on(orchestrator, task_id, "victim"), timeout=15)
-
-    async def interval_known() -> bool:
-        return orchestrator.registry.heartbeat_interval("victim") is not None
-
-    await wait_until(interval_known, 15)
-    harness.spawn_agent("survivor", ["work"], AGENT_HEARTBEAT=1.0, AGENT_RUN_LOG=runs)
-    await harness.wait_agents("survivor")
+    scene = await _task_on_a_victim(harness, tmp_path, heartbeat=1.0, payload={})
+    orchestrator, task_id, timeout = scene.orchestrator, scene.task_id, scene.timeout
 
     # When the victim is killed with SIGKILL (no goodbye; the broker sees its
     # connection die and deletes its exclusive control queue)
-    os.kill(victim.pid, signal.SIGKILL)
-    killed = time.monotonic()
-    victim.wait(timeout=10)
+    killed = scene.kill_victim()
 
     # Then, well within the heartbeat timeout, the victim is removed and its task
     # no longer reads running on it: pending, or held by the survivor
@@ -166,8 +203,7 @@ async def test_a_killed_agents_task_reads_pending_long_before_the_heartbeat_time
     assert status["result"]["agent"] == "survivor"
     stats = await orchestrator.get_stats()
     assert (stats["completed_tasks"], stats["registered_agents"]) == (1, 1)
-    ends = [line for line in runs.read_text().splitlines() if line.startswith("end ")]
-    assert len(ends) == 1, runs.read_text()
+    scene.assert_ran_to_the_end_once()
 
 
 async def _moved_to(orchestrator, task_id: str, agent_id: str, since: float) -> float:
@@ -183,33 +219,12 @@ async def test_a_killed_agents_task_runs_on_another_within_seconds_of_the_kill(
 ) -> None:
     # Given agent processes that heartbeat every 5 s (the default) and an
     # orchestrator that waits a minute of silence, with a task running on one
-    orchestrator = await harness.start_orchestrator(
-        FAST.model_copy(update={"heartbeat_timeout": 60.0})
-    )
-    runs = tmp_path / "runs"
-    victim = harness.spawn_agent("victim", ["work"], AGENT_HEARTBEAT=5.0, AGENT_RUN_LOG=runs)
-    await harness.wait_agents("victim")
-    task_id = await orchestrator.submit_task(
-        name="long",
-        description="",
-        task_type="job",
-        payload={"hang_on": "victim", "sleep": 0.5},
-        required_capabilities=["work"],
-    )
-    await wait_until(lambda: running_on(orchestrator, task_id, "victim"), timeout=15)
-    harness.spawn_agent("survivor", ["work"], AGENT_HEARTBEAT=5.0, AGENT_RUN_LOG=runs)
-    await harness.wait_agents("survivor")
-
-    async def interval_known() -> bool:  # steady state: its heartbeats' pace is known
-        return orchestrator.registry.heartbeat_interval("victim") is not None
-
-    await wait_until(interval_known, 20)
+    scene = await _task_on_a_victim(harness, tmp_path, heartbeat=5.0, payload={"sleep": 0.5})
+    orchestrator, task_id = scene.orchestrator, scene.task_id
 
     # When the victim is SIGKILLed: the broker hands its message to the survivor
     # at once, which asks the orchestrator before it runs the copy
-    os.kill(victim.pid, signal.SIGKILL)
-    killed = time.monotonic()
-    victim.wait(timeout=10)
+    killed = scene.kill_victim()
 
     # Then the task reads running on the survivor within a few seconds, long
     # before two of the victim's heartbeats would have been missed (10 s)
@@ -222,8 +237,7 @@ async def test_a_killed_agents_task_runs_on_another_within_seconds_of_the_kill(
     # And it completes once, on the survivor
     status = await orchestrator.wait_for_task(task_id, timeout=30)
     assert (status["status"], status["result"]["agent"]) == ("completed", "survivor")
-    ends = [line for line in runs.read_text().splitlines() if line.startswith("end ")]
-    assert len(ends) == 1, runs.read_text()
+    scene.assert_ran_to_the_end_once()
 
 
 async def test_a_crashed_agents_task_runs_on_another_within_seconds(harness: Harness) -> None:

@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 
-import aio_pika
 import pytest
 
 from agents import TaskContext
@@ -28,19 +27,6 @@ from broker import (
 from orchestrator import MemoryStore, Task, TaskStatus
 from orchestrator.models import Delivery
 from tests.harness import FAST, Harness, wait_until
-
-
-async def _inject_event(harness: Harness, routing_key: str, body: bytes) -> None:
-    """Put raw bytes on the events exchange, as a broken publisher would."""
-    bus = harness.orchestrator.bus
-    if isinstance(bus, MemoryBus):
-        await bus.publish_raw(bus.topology.events_exchange, routing_key, body)
-        return
-    connection = await aio_pika.connect(harness.settings.broker_url)
-    async with connection:
-        channel = await connection.channel()
-        exchange = await channel.get_exchange(bus.topology.events_exchange)
-        await exchange.publish(aio_pika.Message(body), routing_key=routing_key)
 
 
 @pytest.mark.parametrize(
@@ -83,7 +69,7 @@ async def test_unparseable_event_naming_a_running_task_leaves_it_running(
         "agent_id": "worker",
         **shape,
     }
-    await _inject_event(harness, "task.finished", json.dumps(body).encode())
+    await harness.inject_event("task.finished", json.dumps(body).encode())
 
     # Then the orchestrator gets its dead letter and only logs it
     def ignored() -> bool:

@@ -6,11 +6,10 @@ import asyncio
 import json
 from typing import Any
 
-import aio_pika
 from prometheus_client.parser import text_string_to_metric_families
 
 from agents import TaskContext
-from broker import AgentHeartbeat, MemoryBus
+from broker import AgentHeartbeat
 from broker.probes import ProbeServer
 from orchestrator import TaskOrchestrator
 from orchestrator.metrics import OrchestratorMetrics
@@ -34,19 +33,6 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for sample in family.samples:
             found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return found
-
-
-async def inject_event(harness, routing_key: str, body: bytes) -> None:
-    """Raw bytes on the events exchange, as a broken publisher would put them."""
-    bus = harness.orchestrator.bus
-    if isinstance(bus, MemoryBus):
-        await bus.publish_raw(bus.topology.events_exchange, routing_key, body)
-        return
-    connection = await aio_pika.connect(harness.settings.broker_url)
-    async with connection:
-        channel = await connection.channel()
-        exchange = await channel.get_exchange(bus.topology.events_exchange)
-        await exchange.publish(aio_pika.Message(body), routing_key=routing_key)
 
 
 async def fails_once(ctx: TaskContext) -> dict[str, Any]:
@@ -77,8 +63,8 @@ async def test_scrape_counts_agree_with_stats(harness) -> None:
     # (and two dead letters: an event that does not parse, and bytes that are no message)
     bad_event = {"v": 1, "kind": "task.finished", "task_id": ids[0], "attempt": 1,
                  "agent_id": "metrics-agent", "outcome": "exploded"}  # fmt: skip
-    await inject_event(harness, "task.finished", json.dumps(bad_event).encode())
-    await inject_event(harness, "task.finished", b"\xff not json")
+    await harness.inject_event("task.finished", json.dumps(bad_event).encode())
+    await harness.inject_event("task.finished", b"\xff not json")
 
     async def dead_lettered() -> bool:
         return (await orch.get_stats())["dead_letters"] == {"event": 1, "other": 1}
