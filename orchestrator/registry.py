@@ -95,6 +95,8 @@ class AgentRegistry:
         New agents are told before they consume; an agent's skip report clears one."""
         self._told: dict[str, dict[str, int]] = {}
         """Per agent, the consumer priority of each queue it was last told to consume."""
+        self._announced: dict[str, frozenset[str]] = {}
+        """Per agent that announced itself, the capabilities it announced."""
         lifecycle.observe(self)
 
     def get(self, agent_id: str | None) -> AgentCapability | None:
@@ -166,6 +168,17 @@ class AgentRegistry:
         an orchestrator start, a heartbeat from an unknown agent).
         """
         agent = self._agents.get(agent_id)
+        if announced:
+            self._announced[agent_id] = frozenset(capabilities)
+        elif agent is not None and agent_id in self._announced:
+            # A live agent refuses queues it lacks capabilities for (agents.trust):
+            # the registry would say it runs tasks that stay queued for ever.
+            if lacks := sorted(set(capabilities) - self._announced[agent_id]):
+                raise ValueError(
+                    f"capabilities: agent {agent_id!r} announced"
+                    f" {sorted(self._announced[agent_id])} and cannot take on {lacks};"
+                    " restart it with them"
+                )
         replay = agent is None or announced
         if agent is None:
             agent = AgentCapability(
@@ -282,6 +295,7 @@ class AgentRegistry:
         """
         agent = self._agents.pop(agent_id, None)
         self._told.pop(agent_id, None)
+        self._announced.pop(agent_id, None)
         self._beats.pop(agent_id, None)
         self.probe.forget(agent_id)
         if agent is None:

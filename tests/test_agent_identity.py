@@ -17,7 +17,7 @@ import pytest
 from agents import Agent, AgentIdInUse, TaskContext
 from broker import AgentAnnounced, Reannounce, Unregister
 from tests.agent_desk import Desk
-from tests.harness import Harness
+from tests.harness import Harness, wait_until
 
 WAIT = 60
 
@@ -188,3 +188,50 @@ async def test_an_unregister_for_another_agent_is_ignored(
     # And an Unregister naming it stops it, as before
     await desk.bus.publish_control(Unregister(agent_id="worker"), agent_id="worker")
     await asyncio.wait_for(agent.wait_stopped(), WAIT)
+
+
+# ---------------------------------------------------------------- register_agent on a live agent
+
+
+async def test_register_agent_on_a_live_agent_changes_what_it_runs_and_no_more(
+    harness: Harness,
+) -> None:
+    # Given a live agent with a limit of 1 whose tasks run until released, and
+    # three tasks for it
+    orchestrator = await harness.start_orchestrator()
+    release = asyncio.Event()
+    running: set[str] = set()
+
+    async def handler(ctx: TaskContext) -> dict:
+        running.add(ctx.task_id)
+        await release.wait()
+        return {}
+
+    await harness.start_agent("worker", ["work"], 1, handler)
+    submit = {"description": "", "task_type": "job", "payload": {}}
+    ids = [
+        await orchestrator.submit_task(name=f"t{n}", required_capabilities=["work"], **submit)
+        for n in range(3)
+    ]
+
+    # When the seed's register_agent gives it a limit of 3
+    await orchestrator.register_agent("worker", ["work"], 3)
+
+    # Then it runs all three at once, and the orchestrator says it is full
+    async def all_three() -> bool:
+        agents = await orchestrator.get_agents()
+        return running == set(ids) and agents[0].current_load == 3
+
+    await wait_until(all_three, WAIT)
+    (agent,) = await orchestrator.get_agents()
+    assert (agent.max_concurrent_tasks, agent.utilization) == (3, 1.0)
+
+    # And a capability it never announced is refused with an error naming the
+    # field: the agent would refuse that queue, its tasks would wait for ever
+    with pytest.raises(ValueError, match=r"capabilities: .*gpu"):
+        await orchestrator.register_agent("worker", ["gpu", "work"], 3)
+    (agent,) = await orchestrator.get_agents()
+    assert agent.capabilities == ["work"]
+    release.set()
+    for task_id in ids:
+        assert (await orchestrator.wait_for_task(task_id, WAIT))["status"] == "completed"

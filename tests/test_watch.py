@@ -186,8 +186,12 @@ async def test_queued_held_started_read_pending_assigned_running(setup) -> None:
     assert (status["status"], status["assigned_agent"]) == ("assigned", "worker")
     (agent,) = await orchestrator.get_agents()
     assert agent.current_load == 2  # it holds both: its prefetch is taken
+    stats = await orchestrator.get_stats()  # pending_tasks counts pending and assigned
+    assert (stats["pending_tasks"], stats["running_tasks"]) == (1, 1)
     await orchestrator.events.on_event(TaskStarted(task_id=task_id, attempt=1, agent_id="worker"))
     assert (await orchestrator.get_task_status(task_id))["status"] == "running"
+    stats = await orchestrator.get_stats()
+    assert (stats["pending_tasks"], stats["running_tasks"]) == (0, 2)
 
     # And a redelivery of an attempt that ended is refused, a live one confirmed
     assert await orchestrator.cancel_task(first)
@@ -223,16 +227,22 @@ async def test_an_agent_registered_but_never_heard_from_goes_offline(setup) -> N
 
 async def test_registering_a_live_agent_again_changes_its_queues_and_limit(setup) -> None:
     orchestrator, _, _ = setup
-    heard, subscription = await _listen(orchestrator, "worker")
-    await orchestrator.submit_task(
-        name="g", description="", task_type="j", payload={}, required_capabilities=["gpu"]
+    await orchestrator.events.on_event(
+        AgentAnnounced(
+            agent_id="worker", capabilities=["gpu", "tpu"], max_concurrent_tasks=2, task_types=["*"]
+        )
     )
+    heard, subscription = await _listen(orchestrator, "worker")
+    for capability in ("gpu", "tpu"):
+        await orchestrator.submit_task(
+            name="g", description="", task_type="j", payload={}, required_capabilities=[capability]
+        )
     await orchestrator.register_agent("worker", ["gpu"], 7)
     await orchestrator.bus.join()
     await subscription.close()
     consume = [c for c in heard if c.kind == "control.consume"][-1]
     assert consume.max_concurrent_tasks == 7
-    assert "j.gpu" in consume.queue_keys
+    assert "j.gpu" in consume.queue_keys and "j.tpu" not in consume.queue_keys
 
 
 async def test_an_attempt_started_again_and_again_without_a_final_event_fails(setup) -> None:
