@@ -394,6 +394,7 @@ class TaskOrchestrator:
         """The tasks held, most recently created first, at most ``limit`` (1 to
         1000): those in one of the statuses given, of ``task_type``, held or run
         by ``agent_id`` (beyond the seed; see ``listing``)."""
+        self.leadership.require_leader()
         return listing.list_tasks(self.records, status, task_type, agent_id, limit)
 
     async def get_stats(self) -> dict[str, Any]:
@@ -403,10 +404,13 @@ class TaskOrchestrator:
         return {**self._stats.snapshot(self.registry, refused), **self.leadership.describe()}
 
     async def get_agents(self) -> list[AgentCapability]:
-        """The registered agents (beyond the seed: for tools and tests)."""
+        """The registered agents (beyond the seed: for tools and tests). A
+        standby raises ``NotLeader``: what it holds is not the fleet's state."""
+        self.leadership.require_leader()
         return list(self.registry)
 
     async def get_queues(self) -> dict[str, list[str]]:
         """The task queues in use, by key, with the capabilities each needs
         (beyond the seed: for tools). A key is ``<task type>.<capability key>``."""
+        self.leadership.require_leader()
         return {key: list(spec.capabilities) for key, spec in self.dispatch.queues.in_use.items()}

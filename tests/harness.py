@@ -17,7 +17,7 @@ import aio_pika
 
 from agents import Agent, TaskContext
 from broker import BusSettings, CommunicationBus, MemoryBus, RabbitMQBus
-from orchestrator import OrchestratorSettings, TaskOrchestrator
+from orchestrator import NotLeader, OrchestratorSettings, TaskOrchestrator
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -186,7 +186,10 @@ class Harness:
                 shutil.copy(log.name, Path(keep) / Path(log.name).name)
             os.unlink(log.name)
         if self.orchestrator is not None:
-            keys = set(await self.orchestrator.get_queues())
+            try:
+                keys = set(await self.orchestrator.get_queues())
+            except NotLeader:  # it stood by (or stepped down): it declared no task queue
+                keys = set()
             await self.orchestrator.stop()
         else:
             keys = set()
