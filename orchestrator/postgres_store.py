@@ -143,35 +143,45 @@ class PostgresStore(JournalStore):
 
     # ------------------------------------------------------------- lifecycle
     async def _connect(self) -> None:
+        # No connection floor (min_size 0): asyncpg (0.32) keeps a floor by
+        # reconnecting in the background, logging a traceback a second while
+        # the server restarts; here the next write's acquire connects instead,
+        # and ``_write`` tries it again. Idle connections are kept (lifetime 0).
+        pool = await asyncpg.create_pool(
+            self.url,
+            min_size=0,
+            max_size=3,
+            max_inactive_connection_lifetime=0,
+            timeout=self.connect_timeout,
+            command_timeout=self.command_timeout,
+            server_settings={"application_name": "orchestrator"},
+        )
         try:
-            pool = await asyncpg.create_pool(
-                self.url,
-                min_size=1,
-                max_size=3,
-                timeout=self.connect_timeout,
-                command_timeout=self.command_timeout,
-                server_settings={"application_name": "orchestrator"},
-            )
-        except TimeoutError:
-            raise PostgresUnavailable(
-                f"no answer from PostgreSQL at {self._host()} within {self.connect_timeout:g}s"
-            ) from None
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise PostgresUnavailable(
-                f"no PostgreSQL answers at {self._host()} ({reason})"
-            ) from None
-        except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise PostgresUnavailable(f"PostgreSQL at {self._host()} refused: {exc}") from None
-        try:
-            async with pool.acquire() as con:
+            try:
+                con = await pool.acquire(timeout=self.connect_timeout)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                raise self._unavailable(exc) from None
+            try:
                 await self._migrate(con)
+            finally:
+                await pool.release(con)
         except BaseException as exc:
             await _close_pool(pool)
             if isinstance(exc, asyncpg.PostgresError):  # a schema it may not create in...
                 raise RuntimeError(f"cannot prepare the tables: {exc}") from exc
             raise
         self._pool = pool
+
+    def _unavailable(self, exc: Exception) -> PostgresUnavailable:
+        """What opening says when its first connection failed with ``exc``."""
+        if isinstance(exc, TimeoutError):
+            return PostgresUnavailable(
+                f"no answer from PostgreSQL at {self._host()} within {self.connect_timeout:g}s"
+            )
+        if isinstance(exc, OSError):
+            reason = exc.strerror or str(exc)
+            return PostgresUnavailable(f"no PostgreSQL answers at {self._host()} ({reason})")
+        return PostgresUnavailable(f"PostgreSQL at {self._host()} refused: {exc}")
 
     async def _load(self) -> Loaded:
         async with self._acquire() as con:
