@@ -131,15 +131,20 @@ RESTARTS = {
 async def test_postgres_restarted_under_300_tasks_every_task_completes_once(
     scenario: str, server: LocalPostgres, deployment: Deployment, tmp_path: Path
 ) -> None:
-    # Given serve on the server's database and three agents that note their runs
+    # Given serve on the server's database, 250 tasks queued, and three agents
+    # (that note their runs) running them
     server.admin("CREATE DATABASE state")
     deployment.env["ORCHESTRATOR_STORE"] = server.url("state")
     run_log = tmp_path / "runs.log"
     await deployment.serve()
     finished = await count_finished(deployment)
-    for n in range(AGENTS):
-        await deployment.agent(f"pg_{n}", "pgr", AGENT_RUN_LOG=str(run_log), **AGENT_ENV)
     ids = await submit(deployment, range(TASKS_BEFORE))
+    await asyncio.gather(
+        *(
+            deployment.agent(f"pg_{n}", "pgr", AGENT_RUN_LOG=str(run_log), **AGENT_ENV)
+            for n in range(AGENTS)
+        )
+    )
 
     async def a_fifth_ended() -> bool:
         return finished[0] >= TASKS_BEFORE // 5
