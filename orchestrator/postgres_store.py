@@ -27,6 +27,8 @@ is untrusted, and ``jsonb`` refuses some JSON that Python writes (NaN, a
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -72,6 +74,7 @@ SCHEMA_VERSION = MIGRATIONS[-1].version
 MIGRATION_LOCK = 0x6F726368_73746F72  # "orchstor": the advisory lock key of migrations
 
 _TRANSIENT_CLASSES = ("08", "40", "53", "57")
+_BROKEN_CLASSES = ("08", "57")
 """SQLSTATE classes a retry may cure: connection exception, transaction rollback
 (serialization, deadlock), insufficient resources, operator intervention
 (shutdown, starting up)."""
@@ -143,29 +146,28 @@ class PostgresStore(JournalStore):
 
     # ------------------------------------------------------------- lifecycle
     async def _connect(self) -> None:
+        # No connection floor (min_size 0): asyncpg (0.32) keeps a floor by
+        # reconnecting in the background, logging a traceback a second while
+        # the server restarts; here the next write's acquire connects instead,
+        # and ``_write`` tries it again. Idle connections are kept (lifetime 0).
+        pool = await asyncpg.create_pool(
+            self.url,
+            min_size=0,
+            max_size=3,
+            max_inactive_connection_lifetime=0,
+            timeout=self.connect_timeout,
+            command_timeout=self.command_timeout,
+            server_settings={"application_name": "orchestrator"},
+        )
         try:
-            pool = await asyncpg.create_pool(
-                self.url,
-                min_size=1,
-                max_size=3,
-                timeout=self.connect_timeout,
-                command_timeout=self.command_timeout,
-                server_settings={"application_name": "orchestrator"},
-            )
-        except TimeoutError:
-            raise PostgresUnavailable(
-                f"no answer from PostgreSQL at {self._host()} within {self.connect_timeout:g}s"
-            ) from None
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise PostgresUnavailable(
-                f"no PostgreSQL answers at {self._host()} ({reason})"
-            ) from None
-        except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise PostgresUnavailable(f"PostgreSQL at {self._host()} refused: {exc}") from None
-        try:
-            async with pool.acquire() as con:
+            try:
+                con = await pool.acquire(timeout=self.connect_timeout)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                raise self._unavailable(exc) from None
+            try:
                 await self._migrate(con)
+            finally:
+                await pool.release(con)
         except BaseException as exc:
             await _close_pool(pool)
             if isinstance(exc, asyncpg.PostgresError):  # a schema it may not create in...
@@ -173,8 +175,19 @@ class PostgresStore(JournalStore):
             raise
         self._pool = pool
 
+    def _unavailable(self, exc: Exception) -> PostgresUnavailable:
+        """What opening says when its first connection failed with ``exc``."""
+        if isinstance(exc, TimeoutError):
+            return PostgresUnavailable(
+                f"no answer from PostgreSQL at {self._host()} within {self.connect_timeout:g}s"
+            )
+        if isinstance(exc, OSError):
+            reason = exc.strerror or str(exc)
+            return PostgresUnavailable(f"no PostgreSQL answers at {self._host()} ({reason})")
+        return PostgresUnavailable(f"PostgreSQL at {self._host()} refused: {exc}")
+
     async def _load(self) -> Loaded:
-        async with self._acquire() as con:
+        async with self._connection() as con:
             async with con.transaction(isolation="repeatable_read", readonly=True):
                 return Loaded(
                     tasks=[r[0] for r in await con.fetch("SELECT record FROM tasks")],
@@ -209,19 +222,33 @@ class PostgresStore(JournalStore):
             await _close_pool(pool)
 
     def _transient(self, exc: Exception) -> bool:
-        if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):
-            return True
-        state = getattr(exc, "sqlstate", None) or ""
-        return isinstance(exc, asyncpg.PostgresError) and state[:2] in _TRANSIENT_CLASSES
+        return _broken(exc) or (
+            isinstance(exc, asyncpg.PostgresError)
+            and (getattr(exc, "sqlstate", None) or "")[:2] in _TRANSIENT_CLASSES
+        )
 
-    def _acquire(self):  # asyncpg's pool context manager
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection of the pool; one that broke under it is terminated, not
+        given back: asyncpg may keep a connection the server ended mid-query in
+        a state where its next query raises ``InternalClientError`` ("cannot
+        switch to state 15; another operation (2) is in progress")."""
         if self._pool is None:
             raise RuntimeError(f"the store on {self.where} is not open")
-        return self._pool.acquire(timeout=self.connect_timeout)
+        async with self._pool.acquire(timeout=self.connect_timeout) as con:
+            try:
+                yield con
+            except Exception as exc:
+                if _broken(exc):
+                    # (one the pool already let go of, as it does once it
+                    # saw the connection close, is not ours to end)
+                    with contextlib.suppress(asyncpg.InterfaceError):
+                        con.terminate()
+                raise
 
     # ---------------------------------------------------------------- writes
     async def _transaction(self, batch: Batch, fence: int | None) -> None:
-        async with self._acquire() as con, con.transaction():
+        async with self._connection() as con, con.transaction():
             if fence is not None:
                 row = await con.fetchrow("SELECT epoch, holder FROM leader WHERE id = 1 FOR UPDATE")
                 self._fence(fence, int(row["epoch"]), row["holder"])
@@ -237,7 +264,7 @@ class PostgresStore(JournalStore):
 
     # ---------------------------------------------------------------- fencing
     async def _claim(self, holder: str) -> int:
-        async with self._acquire() as con:
+        async with self._connection() as con:
             return int(
                 await con.fetchval(
                     "UPDATE leader SET epoch = epoch + 1, holder = $1, claimed_at = now()"
@@ -247,9 +274,20 @@ class PostgresStore(JournalStore):
             )
 
     async def _read_epoch(self) -> tuple[int, str | None]:
-        async with self._acquire() as con:
+        async with self._connection() as con:
             row = await con.fetchrow("SELECT epoch, holder FROM leader WHERE id = 1")
         return int(row["epoch"]), row["holder"]
+
+
+def _broken(exc: Exception) -> bool:
+    """Whether ``exc`` says the connection is gone or unusable (connection
+    exception, operator intervention: the server shutting down or starting)."""
+    if isinstance(
+        exc, OSError | TimeoutError | asyncpg.InterfaceError | asyncpg.InternalClientError
+    ):
+        return True
+    state = getattr(exc, "sqlstate", None) or ""
+    return isinstance(exc, asyncpg.PostgresError) and state[:2] in _BROKEN_CLASSES
 
 
 async def _close_pool(pool: asyncpg.Pool) -> None:
