@@ -359,7 +359,7 @@ async def test_serve_goes_on_through_a_postgres_restart_and_every_task_completes
     with capsys.disabled():
         print(
             f"\nFAULT-TABLE scenario=postgres-restart tasks={len(ids)} completed={len(completed)}"
-            f" lost={len(ids) - len(completed)} completed_twice={len(twice)}"
+            f" lost={len(ids) - len(completed)} twice={len(twice)}"
         )
     assert len(completed) == len(ids), {t: s["status"] for t, s in statuses.items()}
     assert twice == []
