@@ -95,6 +95,32 @@ def _warnings_about(caplog: pytest.LogCaptureFixture, task_id: str) -> list[str]
     ]
 
 
+async def test_get_task_status_gives_the_failed_handlers_traceback(harness: Harness) -> None:
+    # Given a real orchestrator and an agent whose handler raises two calls deep
+    orchestrator = await harness.start_orchestrator()
+
+    def parse_input(payload: dict) -> None:
+        raise ValueError(f"bad input {payload['n']}")
+
+    async def handler(ctx: TaskContext) -> dict:
+        parse_input(ctx.payload)
+        return {}
+
+    await harness.start_agent("worker", ["work"], 1, handler)
+
+    # When its task fails for good
+    task_id = await orchestrator.submit_task(
+        name="parse", description="", task_type="parse", payload={"n": 42},
+        required_capabilities=["work"], max_retries=0,
+    )  # fmt: skip
+    status = await orchestrator.wait_for_task(task_id, WAIT)
+
+    # Then its status says why, with the handler's own traceback as it was
+    assert (status["status"], status["error_message"]) == ("failed", "ValueError: bad input 42")
+    assert status["traceback"].startswith("Traceback (most recent call last):")
+    assert "in parse_input" in status["traceback"]
+
+
 @pytest.mark.parametrize("kind", ["async", "sync"])
 async def test_a_failed_attempt_is_logged_and_reported_with_its_traceback(
     harness: Harness, caplog: pytest.LogCaptureFixture, kind: str
