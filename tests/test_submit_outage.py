@@ -156,3 +156,41 @@ async def test_a_submit_while_the_broker_is_stopped_is_refused_in_bounded_time(
     await harness.start_agent("worker", [], 1)
     task_id = await orchestrator.submit_task(**JOB)
     assert (await orchestrator.wait_for_task(task_id, 30))["status"] == "completed"
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.fault
+@pytest.mark.parametrize("bus_kind", ["rabbitmq"], indirect=True)
+async def test_with_a_durable_store_a_submit_while_the_broker_is_stopped_runs_once_it_is_back(
+    harness: Harness, private_rabbitmq: RabbitMQNode, tmp_path: Path
+) -> None:
+    # Given an orchestrator on SQLite and an agent process, on a broker of the
+    # test's own, which then stops
+    orchestrator = await harness.start_orchestrator(BOUND, store=SQLiteStore(tmp_path / "s.db"))
+    run_log = tmp_path / "runs"
+    harness.spawn_agent("worker", [], AGENT_RUN_LOG=run_log)
+    await harness.wait_agents("worker", timeout=60)
+    await asyncio.to_thread(private_rabbitmq.ctl, "stop_app")
+    try:
+
+        async def link_down() -> bool:
+            return not orchestrator.bus.link_up
+
+        await wait_until(link_down, timeout=30)
+
+        # When a task is submitted, it is accepted within the bound, pending
+        began = time.monotonic()
+        task_id = await orchestrator.submit_task(**JOB)
+        assert time.monotonic() - began < BOUND.submit_timeout + 1.0
+        status = await orchestrator.get_task_status(task_id)
+        assert (status["status"], status["assigned_agent"]) == ("pending", None)
+    finally:
+        await asyncio.to_thread(private_rabbitmq.ctl, "start_app")
+        await asyncio.to_thread(private_rabbitmq.ctl, "await_startup")
+
+    # Then once the broker is back it is published and runs, once
+    status = await orchestrator.wait_for_task(task_id, 60)
+    assert (status["status"], status["retry_count"]) == ("completed", 0)
+    runs = [line.split()[:2] for line in run_log.read_text().splitlines()]
+    assert runs == [["start", task_id], ["end", task_id]]
+    assert (await orchestrator.get_stats())["tasks_created"] == 1
