@@ -255,7 +255,7 @@ class Agent:
             await self._shutdown()
             raise
         self._heartbeat = asyncio.get_running_loop().create_task(
-            presence.beat(self.agent_id, self.heartbeat_interval, bus, self._attempts)
+            presence.beat(self, bus, self._attempts)
         )
 
     async def stop(self, *, drain_timeout: float | None = None) -> None:

@@ -1,8 +1,8 @@
 """What an agent tells the orchestrator besides its tasks: who it is, and that
 it still lives.
 
-The announcement carries what ``register_agent`` would be given. Each
-heartbeat also lists the attempts whose handlers run here: commands are
+The announcement carries what ``register_agent`` would be given; it is sent
+again after a lost link. Each heartbeat also lists the attempts whose handlers run here: commands are
 fire-and-forget, and one published while the agent's control queue was being
 declared again after a reconnect is lost. The orchestrator compares the list
 with its records and cancels again any attempt that ended or was superseded
@@ -45,12 +45,23 @@ def heartbeat(agent_id: str, attempts: Attempts) -> AgentHeartbeat:
     )
 
 
-async def beat(agent_id: str, interval: float, bus: CommunicationBus, attempts: Attempts) -> None:
-    """Heartbeat every ``interval`` seconds until cancelled; a lost link costs
-    the beats it spans (a warning each), not the loop."""
+async def beat(agent: Agent, bus: CommunicationBus, attempts: Attempts) -> None:
+    """Heartbeat every ``heartbeat_interval`` seconds until cancelled; a lost
+    link costs the beats it spans (a warning each), not the loop.
+
+    After the link came back (``bus.links`` grew) the agent first announces
+    itself again: a ``ConsumeQueues`` sent while its control queue was being
+    declared again was lost (a task queue declared meanwhile, for a task
+    accepted during the outage, would otherwise never be consumed here), and
+    the orchestrator answers every announcement with all the queues to consume."""
+    links = bus.links
     while True:
-        await asyncio.sleep(interval)
+        await asyncio.sleep(agent.heartbeat_interval)
         try:
-            await bus.publish_event(heartbeat(agent_id, attempts))
+            if bus.links != links:
+                log.info("agent %s: link back: announcing itself again", agent.agent_id)
+                await bus.publish_event(announcement(agent))
+                links = bus.links
+            await bus.publish_event(heartbeat(agent.agent_id, attempts))
         except BusError as exc:
-            log.warning("agent %s: heartbeat not sent: %s", agent_id, exc)
+            log.warning("agent %s: heartbeat not sent: %s", agent.agent_id, exc)

@@ -286,6 +286,12 @@ class CommunicationBus(abc.ABC):
         judges others by their silence must not do so while it cannot hear."""
         return self.is_connected
 
+    links: int = 0
+    """How often the link came back after it was lost, once all that was
+    declared and consumed is restored. What was sent to this bus's queues
+    meanwhile may be lost (a command to an exclusive queue being declared
+    again is unroutable), so an agent announces itself again when it grows."""
+
     # tasks -----------------------------------------------------------------
     @abc.abstractmethod
     async def declare_task_queue(self, queue_key: str) -> None:

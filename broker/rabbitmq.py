@@ -157,6 +157,7 @@ class RabbitMQBus(CommunicationBus):
             connection_name=self.connection_name,
             address=self.address,
         )
+        self._connection.reconnect_callbacks.add(self._relinked)
         try:
             self.declares = await self._declaring()
             channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -222,6 +223,11 @@ class RabbitMQBus(CommunicationBus):
     def link_up(self) -> bool:
         connection = self._connection
         return connection is not None and connection.connected.is_set()
+
+    def _relinked(self, *_: Any) -> None:
+        # aio-pika calls this once every channel, queue, binding and consumer is
+        # restored after a reconnect.
+        self.links += 1
 
     def _require(self) -> AbstractRobustConnection:
         if self._connection is None:

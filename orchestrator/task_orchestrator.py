@@ -170,7 +170,11 @@ class TaskOrchestrator:
         while True:
             await asyncio.sleep(self.settings.monitor_interval)
             if not await self.leadership.confirm():
-                return
+                # Unconfirmed: the lease is being taken back after a lost link
+                # (stepping down cancels this loop). No round now, and the wait
+                # counts as deaf time, as a link that is down does.
+                self.watch.skip_round()
+                continue
             await self.watch.round()
             if me is not None and me.cancelling():
                 # Stepping down cancelled a round's AMQP call, which aiormq may have

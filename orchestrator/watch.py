@@ -97,6 +97,13 @@ class Watch:
         if agent is not None:
             await self.outcomes.agent_gone(agent, returned=False, unfinished=frozenset())
 
+    def skip_round(self) -> None:
+        """A round not run because the lease is unconfirmed: until a round runs
+        again, silence means nothing (deadlines are extended by that time)."""
+        if self._deaf_since is None:
+            self._deaf_since = self.clock()
+            log.warning("lease unconfirmed: agent and task deadlines paused")
+
     def _hearing(self) -> bool:
         """Whether silence means anything now."""
         now = self.clock()
