@@ -9,6 +9,7 @@ periods above the agents' drain timeout, probe paths, and settings names.
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from agents.handlers import ANY_TASK_TYPE
 from broker import BusSettings
-from broker.topology import Topology, route_key
+from broker.topology import Topology, covers, route_key
 from deploy import kubernetes
 from orchestrator.cli.settings import CliSettings
 
@@ -65,21 +67,40 @@ def test_agents_are_given_longer_than_their_drain_timeout() -> None:
         assert grace > agent.drain_timeout, name
 
 
-def test_keda_scales_each_agent_on_the_queues_of_its_task_types_only() -> None:
+def test_keda_scales_each_agent_on_exactly_the_queues_it_consumes() -> None:
     topology = Topology(kubernetes.PREFIX)
     agents = kubernetes.example_agents()
     scaled = {doc["spec"]["scaleTargetRef"]["name"]: doc for doc in of_kind("ScaledObject")}
     assert set(scaled) == {f"agent-{role}" for role in agents}
-    for role in agents:
+    every_capability = sorted({c for a in agents.values() for c in a.capabilities})
+    for role, agent in agents.items():
         (trigger,) = scaled[f"agent-{role}"]["spec"]["triggers"]
         pattern = re.compile(trigger["metadata"]["queueName"])
+        own = agent.capabilities
+        needs = [
+            *(list(s) for n in range(len(own) + 1) for s in itertools.combinations(own, n)),
+            [*own, "gpu"], ["gpu"], [*own[:1], "gpu"], every_capability,
+        ]  # fmt: skip
         for other_role, other in agents.items():
             for task_type in other.task_types:
-                for caps in ([], other.capabilities, other.capabilities[:1]):
+                for caps in needs:
                     queue = topology.task_queue(route_key(task_type, caps))
-                    assert bool(pattern.match(queue)) == (other_role == role), (role, queue)
+                    consumed = other_role == role and covers(own, caps)
+                    assert bool(pattern.match(queue)) == consumed, (role, queue)
         assert not pattern.match(topology.rpc_queue)
         assert not pattern.match(topology.orchestrator_events_queue)
+
+
+def test_an_any_type_agent_is_scaled_on_the_keys_it_covers_of_every_type() -> None:
+    topology = Topology(kubernetes.PREFIX)
+    pattern = re.compile(kubernetes.queue_pattern(topology, [ANY_TASK_TYPE], ["gpu", "pdf"]))
+    for task_type in ("report", "a.b", "x" * 80):
+        for caps, consumed in (
+            ([], True), (["pdf"], True), (["gpu", "pdf"], True),
+            (["gpu", "pdf", "csv"], False), (["csv"], False),
+        ):  # fmt: skip
+            queue = topology.task_queue(route_key(task_type, caps))
+            assert bool(pattern.match(queue)) == consumed, queue
 
 
 def test_probes_and_settings_are_the_ones_the_processes_have() -> None:
