@@ -17,7 +17,7 @@ store, one leading and one standing by (the broker lease decides; the
 standby reads ready, so a rolling update never leaves the prefix without a
 leader for longer than a takeover); each example agent as a Deployment that
 KEDA scales on the depth of its queues; PodDisruptionBudgets so a node drain
-keeps one of each; broker and store credentials from a Secret.
+evicts one pod of each at a time (and is never blocked at one replica); broker and store credentials from a Secret.
 """
 
 from __future__ import annotations
@@ -156,11 +156,21 @@ def _deployment(
 
 
 def _budget(name: str) -> dict[str, Any]:
+    """One pod at a time may be evicted, however many there are.
+
+    ``maxUnavailable: 1`` rather than ``minAvailable: 1``: the latter allows
+    no eviction at all at one replica (an agent KEDA has scaled to its
+    minimum, or serve scaled down), so a node drain waits forever. For serve,
+    one leader and one standby, it still keeps one of the two while the
+    other is evicted: evicting the leader hands the lease to the standby, and
+    never both go at once.
+    """
+    selector = {"matchLabels": {"app.kubernetes.io/name": name}}
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
         "metadata": {"name": name, "labels": LABELS},
-        "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app.kubernetes.io/name": name}}},
+        "spec": {"maxUnavailable": 1, "selector": selector},
     }
 
 

@@ -103,6 +103,41 @@ def test_an_any_type_agent_is_scaled_on_the_keys_it_covers_of_every_type() -> No
             assert bool(pattern.match(queue)) == consumed, queue
 
 
+def allowed_disruptions(budget: dict[str, Any], healthy: int) -> int:
+    """What Kubernetes computes for a budget with ``healthy`` ready pods of ``healthy`` desired."""
+    spec = budget["spec"]
+    if "maxUnavailable" in spec:
+        desired_healthy = healthy - int(spec["maxUnavailable"])
+    else:
+        desired_healthy = int(spec["minAvailable"])
+    return max(0, healthy - desired_healthy)
+
+
+def test_a_drain_evicts_one_pod_at_a_time_and_is_never_blocked() -> None:
+    budgets = {d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]: d
+               for d in of_kind("PodDisruptionBudget")}  # fmt: skip
+    scaled = {doc["spec"]["scaleTargetRef"]["name"]: doc["spec"] for doc in of_kind("ScaledObject")}
+    deployments = of_kind("Deployment")
+    assert set(budgets) == {d["metadata"]["name"] for d in deployments}
+    for deployment in deployments:
+        name = deployment["metadata"]["name"]
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == name
+        keda = scaled.get(name)
+        replicas = deployment["spec"]["replicas"]
+        counts = range(keda["minReplicaCount"], keda["maxReplicaCount"] + 1) if keda else [replicas]
+        # Down to one replica (an agent at KEDA's minimum, serve scaled down), and at each count
+        for n in sorted({1, *counts}):
+            allowed = allowed_disruptions(budgets[name], n)
+            assert allowed >= 1, f"{name}: a drain waits forever at {n} replica(s)"
+            if n > 1:
+                assert allowed == 1, f"{name}: {allowed} of {n} may go at once"
+    # serve: one leading, one standing by; evicting either leaves the other to hold the lease
+    orchestrator = next(d for d in deployments if d["metadata"]["name"] == "orchestrator")
+    assert orchestrator["spec"]["replicas"] == 2
+    assert 2 - allowed_disruptions(budgets["orchestrator"], 2) == 1
+
+
 def test_probes_and_settings_are_the_ones_the_processes_have() -> None:
     known = {
         f"ORCHESTRATOR_{name.upper()}"
