@@ -95,8 +95,10 @@ def queue_pattern(topology: Topology, task_types: list[str], capabilities: list[
 
     A queue is ``<prefix>.tasks.<task type>.<capability key>``
     (``Topology.task_queue`` of ``route_key``), and a capability key never
-    holds a '.', so the key is what follows the last dot. KEDA reads the
-    pattern as Go (RE2) syntax, which ``re.escape``'s escapes are valid in.
+    holds a '.', so the key is what follows the last dot. KEDA hands the
+    pattern to RabbitMQ's management API (``/api/queues?use_regex=true``),
+    whose regex engine reads ``re.escape``'s escapes as Python does
+    (``tests/test_kubernetes.py`` asks a real broker).
     """
     head = re.escape(topology.task_queue(""))
     keys = "|".join(re.escape(k) for k in covered_keys(capabilities))

@@ -13,6 +13,7 @@ import itertools
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import kubernetes_validate
 import pytest
@@ -23,6 +24,7 @@ from broker import BusSettings
 from broker.topology import Topology, covers, route_key
 from deploy import kubernetes
 from orchestrator.cli.settings import CliSettings
+from tests.deployment import management_api
 
 K8S = Path(kubernetes.__file__).resolve().parent / "k8s"
 KUBERNETES_VERSION = "1.29.0"
@@ -101,6 +103,43 @@ def test_an_any_type_agent_is_scaled_on_the_keys_it_covers_of_every_type() -> No
         ):  # fmt: skip
             queue = topology.task_queue(route_key(task_type, caps))
             assert bool(pattern.match(queue)) == consumed, queue
+
+
+@pytest.mark.rabbitmq
+def test_rabbitmq_lists_for_the_pattern_exactly_the_queues_the_agent_consumes(
+    prefix: str,
+) -> None:
+    """KEDA hands ``queueName`` to the management API (``/api/queues?use_regex=true``),
+    so RabbitMQ's regex engine, not Python's, decides which queues it sums."""
+    api = management_api()
+    topology = Topology(prefix)
+    consumed = [route_key("analysis", caps) for caps in ([], ["pdf"], ["gpu-2"], ["gpu-2", "pdf"])]
+    others = [
+        route_key("analysis", caps) for caps in (["csv"], ["csv", "pdf"], ["gpu-2", "pdf", "x"])
+    ] + [route_key("trading", []), route_key("analysis_x", ["pdf"])]
+    names = [topology.task_queue(key) for key in consumed + others]
+    try:
+        for name in names:
+            status, body = api.call("PUT", f"/api/queues/%2F/{quote(name, safe='')}", {})
+            assert status < 300, body
+        pattern = kubernetes.queue_pattern(topology, ["analysis"], ["pdf", "gpu-2"])
+        query = urlencode(  # as KEDA asks (its rabbitmq scaler, useRegex)
+            {
+                "page": 1,
+                "use_regex": "true",
+                "pagination": "false",
+                "name": pattern,
+                "page_size": 100,
+            }
+        )
+        status, listed = api.call("GET", f"/api/queues/%2F?{query}")
+        assert status == 200, listed
+        assert sorted(q["name"] for q in listed["items"]) == sorted(
+            topology.task_queue(key) for key in consumed
+        )
+    finally:
+        for name in names:
+            api.call("DELETE", f"/api/queues/%2F/{quote(name, safe='')}")
 
 
 def allowed_disruptions(budget: dict[str, Any], healthy: int) -> int:
