@@ -30,6 +30,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 from pydantic import SecretStr, ValidationError
@@ -119,8 +120,16 @@ def run_with_reload(spec: str, child_args: list[str]) -> int:
     return EXIT_OK
 
 
+class _Parser(argparse.ArgumentParser):
+    """``argparse`` with usage errors as ``orchestrator agent run`` gives them: one
+    line on stderr saying where the help is, exit 2 (not the usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.exit(_fail(f"{message} (see '{self.prog} --help')", EXIT_USAGE))
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m agents",
         description="Run an agent until SIGTERM or Ctrl-C; running tasks finish first.",
     )

@@ -6,7 +6,7 @@
 Generated rather than written by hand because three things in them must agree
 with the code, and a hand-kept copy drifts: the names of the task queues KEDA
 scales on (``broker.topology``: the queues of the task types each agent
-handles), the grace period a pod gets on SIGTERM (above the agent's drain
+handles whose capability keys it covers, and no other), the grace period a pod gets on SIGTERM (above the agent's drain
 timeout, or Kubernetes kills handlers mid-task), and the settings and probe
 paths the processes read and serve (``ORCHESTRATOR_*``, ``/healthz``,
 ``/readyz``). ``tests/test_kubernetes.py`` checks each against the code and
@@ -17,12 +17,13 @@ store, one leading and one standing by (the broker lease decides; the
 standby reads ready, so a rolling update never leaves the prefix without a
 leader for longer than a takeover); each example agent as a Deployment that
 KEDA scales on the depth of its queues; PodDisruptionBudgets so a node drain
-keeps one of each; broker and store credentials from a Secret.
+evicts one pod of each at a time (and is never blocked at one replica); broker and store credentials from a Secret.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 import sys
 from pathlib import Path
@@ -35,7 +36,8 @@ if __package__ in (None, ""):  # run as a script: import the project beside us
 
 from agents import Agent
 from agents.handlers import ANY_TASK_TYPE
-from broker.topology import Topology, route_key
+from agents.trust import can_run_key
+from broker.topology import Topology, capability_key, route_key
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "k8s"
@@ -61,19 +63,50 @@ def example_agents() -> dict[str, Agent]:
     }
 
 
-def queue_pattern(topology: Topology, task_types: list[str]) -> str:
-    """A regex matching the task queues of these task types, whatever capability set.
+MAX_LISTED_CAPABILITIES = 10
+"""Above this many capabilities the covered keys (2**n of them) would make the regex huge."""
 
-    A queue is ``<prefix>.tasks.<task type>.<capability key>`` and a capability
-    key never holds a '.', so the type is the word between ``tasks.`` and the
-    last dot.
+
+def covered_keys(capabilities: list[str]) -> list[str]:
+    """The capability keys of the task queues an agent with ``capabilities`` consumes.
+
+    Every subset's ``capability_key`` (``@any`` for the empty one), as the
+    orchestrator and ``covers`` place tasks: a task needing more than the
+    agent has sits in a queue the agent never consumes (``broker.covers``), and
+    scaling the agent on it would add replicas that cannot run it. A subset whose key is written
+    as a digest (over 180 characters) is left out unless it is the whole set,
+    as the agent itself refuses such queues (``agents.trust.can_run_key``).
+    """
+    caps = sorted(set(capabilities))
+    if len(caps) > MAX_LISTED_CAPABILITIES:
+        raise ValueError(
+            f"{len(caps)} capabilities: over {MAX_LISTED_CAPABILITIES}, the KEDA pattern"
+            " listing every covered key would be too long"
+        )
+    subsets = (s for n in range(len(caps) + 1) for s in itertools.combinations(caps, n))
+    keys = {capability_key(subset) for subset in subsets}
+    # The agent's own test of a queue key; whatever the task type, with ANY_TASK_TYPE.
+    return sorted(k for k in keys if can_run_key(f"any.{k}", caps, [ANY_TASK_TYPE]))
+
+
+def queue_pattern(topology: Topology, task_types: list[str], capabilities: list[str]) -> str:
+    """A regex matching exactly the task queues an agent consumes: those of its task
+    types whose capability key it covers (``covered_keys``).
+
+    A queue is ``<prefix>.tasks.<task type>.<capability key>``
+    (``Topology.task_queue`` of ``route_key``), and a capability key never
+    holds a '.', so the key is what follows the last dot. KEDA hands the
+    pattern to RabbitMQ's management API (``/api/queues?use_regex=true``),
+    whose regex engine reads ``re.escape``'s escapes as Python does
+    (``tests/test_kubernetes.py`` asks a real broker).
     """
     head = re.escape(topology.task_queue(""))
+    keys = "|".join(re.escape(k) for k in covered_keys(capabilities))
     if ANY_TASK_TYPE in task_types:
-        return f"^{head}.+\\.[^.]+$"
+        return f"^{head}.+\\.({keys})$"
     # As the queue names write them: a type outside the safe alphabet is a digest.
     parts = sorted({route_key(t, ()).rsplit(".", 1)[0] for t in task_types})
-    return f"^{head}({'|'.join(re.escape(p) for p in parts)})\\.[^.]+$"
+    return f"^{head}({'|'.join(re.escape(p) for p in parts)})\\.({keys})$"
 
 
 def _probes() -> dict[str, Any]:
@@ -125,11 +158,21 @@ def _deployment(
 
 
 def _budget(name: str) -> dict[str, Any]:
+    """One pod at a time may be evicted, however many there are.
+
+    ``maxUnavailable: 1`` rather than ``minAvailable: 1``: the latter allows
+    no eviction at all at one replica (an agent KEDA has scaled to its
+    minimum, or serve scaled down), so a node drain waits forever. For serve,
+    one leader and one standby, it still keeps one of the two while the
+    other is evicted: evicting the leader hands the lease to the standby, and
+    never both go at once.
+    """
+    selector = {"matchLabels": {"app.kubernetes.io/name": name}}
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
         "metadata": {"name": name, "labels": LABELS},
-        "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app.kubernetes.io/name": name}}},
+        "spec": {"maxUnavailable": 1, "selector": selector},
     }
 
 
@@ -190,7 +233,9 @@ def agent_manifests(role: str, agent: Agent, topology: Topology) -> list[dict[st
                         "value": str(agent.max_concurrent_tasks),
                         "useRegex": "true",
                         "operation": "sum",
-                        "queueName": queue_pattern(topology, agent_task_types(agent)),
+                        "queueName": queue_pattern(
+                            topology, agent_task_types(agent), agent.capabilities
+                        ),
                         "vhostName": "/",
                     },
                     "authenticationRef": {"name": "rabbitmq-monitor"},

@@ -3,14 +3,18 @@ agent's /metrics, /healthz and /readyz, from ``agent run`` as a process on the r
 
 from __future__ import annotations
 
+import asyncio
 import json
+import subprocess
+import sys
+import tempfile
 
 import pytest
 
-from broker import StatsRequest
+from broker import AgentsRequest, StatsRequest
 from tests.brokers import free_port
 from tests.conftest import require_broker
-from tests.deployment import Deployment
+from tests.deployment import ROOT, Deployment
 from tests.harness import wait_until
 from tests.test_metrics import http_get, samples
 
@@ -127,3 +131,58 @@ async def test_serve_metrics_agree_with_get_stats_and_a_standby_reads_ready(
     assert "standing by" in (await http_get(ports["standby"], "/readyz"))[1]
     standby = samples((await http_get(ports["standby"], "/metrics"))[1])
     assert standby.get(("orchestrator_leader", ()), 0) == 0
+
+
+LOG_KEYS = {"time", "level", "logger", "task_id", "agent_id", "message"}
+
+
+def json_records(text: str) -> list[dict]:
+    """Every line of a process's output, each one JSON object with the issue's keys."""
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    for record in records:
+        assert LOG_KEYS <= set(record), record
+    return records
+
+
+async def test_serve_and_python_m_agents_log_json_naming_their_tasks(
+    deployment: Deployment,
+) -> None:
+    # Given serve with JSON logs, and an agent run by `python -m agents` with JSON logs
+    await deployment.start("serve", "serve", "--log-format", "json")
+    await wait_until(deployment.answers, timeout=20, interval=0.1)
+    log = tempfile.NamedTemporaryFile("w+b", prefix="python-m-agents-", suffix=".log")
+    agent = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agents", "tests.agent_app:make_agent", "--log-format", "json",
+        cwd=ROOT, env={**deployment.env, "AGENT_ID": "jsonlogs", "AGENT_CAPABILITIES": "jsonl"},
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    deployment.processes["jsonlogs"] = (agent, log)  # stopped and closed with the deployment
+    deployment.queue_keys.add("jsonl")
+
+    async def registered() -> bool:
+        return "jsonlogs" in {a["agent_id"] for a in await deployment.rpc(AgentsRequest())}
+
+    await wait_until(registered, timeout=20, interval=0.1)
+
+    # When one task completes and one fails on it
+    task_ids = []
+    for payload in ('{"n": 1}', '{"fail": "boom"}'):
+        done = await deployment.run(
+            "submit", "work", "-r", "jsonl", "-p", payload, "--max-retries", "0",
+            "--wait", "--json",
+        )  # fmt: skip
+        task_ids.append(json.loads(done.out)["task_id"])
+
+    # Then every line serve wrote is a JSON record, and each that names a task says so
+    assert await deployment.stop("jsonlogs") == 0
+    assert await deployment.stop("serve") == 0
+    served = json_records(deployment.log("serve"))
+    for task_id in task_ids:
+        about = [r for r in served if task_id in r["message"]]
+        assert about, (task_id, served)
+        assert all(r["task_id"] == task_id for r in about), about
+
+    # And so is every line the agent wrote; its lines about the failure name task and agent
+    records = json_records(deployment.log("jsonlogs"))
+    failure = [r for r in records if r["level"] == "WARNING" and r["task_id"] == task_ids[1]]
+    assert failure and failure[0]["agent_id"] == "jsonlogs", records

@@ -13,6 +13,7 @@ a real record.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from enum import Enum, StrEnum
 from typing import Annotated
@@ -86,6 +87,28 @@ class EscapingFormatter(logging.Formatter):
         return text
 
 
+TASK_ID = re.compile(r"task_[0-9a-f]{32}")
+"""A task id as the orchestrator makes them (``task_`` and a uuid4's hex)."""
+
+
+class TaskIdFilter(logging.Filter):
+    """Names the task of a record about one that no context named: the first of
+    its arguments that is a task id.
+
+    The orchestrator's records name their task as an argument (``"submitted
+    %s (%s)"``) rather than inside ``log_records.about``, as an agent's do;
+    without this their ``task_id`` field is empty, and a log shipper cannot
+    find a task's lines by it. An argument must be a whole task id, not text
+    holding one, so a task's name cannot pass for another task.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "task_id", None) is None and isinstance(record.args, tuple):
+            ids = (a for a in record.args if isinstance(a, str) and TASK_ID.fullmatch(a))
+            record.task_id = next(ids, None)
+        return True
+
+
 log_filter = LogFilter()
 """One filter for the process: a command that has connected lets transport logs through."""
 
@@ -112,8 +135,9 @@ def setup_logging(level: str | Enum, log_format: str | Enum = LogFormat.text) ->
         handler.setFormatter(JsonFormatter())  # JSON escapes every control character itself
     else:
         handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(log_filter)
-    handler.addFilter(ContextFilter())
+    handler.addFilter(ContextFilter())  # a context's task first, then an argument's
+    handler.addFilter(TaskIdFilter())
+    handler.addFilter(log_filter)  # last: a record it scrubs has its arguments formatted in
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -12,7 +12,8 @@ import json
 import time
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -21,6 +22,9 @@ from .redaction import scrub_urls
 
 out = Console(emoji=False, markup=False)
 err = Console(stderr=True, emoji=False, markup=False)
+
+UNBOUNDED = 10**9
+"""A width no table reaches: what a table is measured against."""
 
 
 def print_json(data: Any) -> None:
@@ -37,6 +41,38 @@ def block(value: Any) -> Text:
     """Several lines of data from the bus (a traceback): lines and indents kept,
     every other control character escaped."""
     return Text(escape_lines(scrub_urls(str(value))))
+
+
+def widen_when_piped(renderable: RenderableType) -> None:
+    """Piped, make stdout as wide as ``renderable``'s widest line, so that no table
+    row wraps or is cut with '…' however long its cells (``main`` makes piped
+    output 4096 columns wide, which a long capability list still exceeds).
+    On a terminal, nothing: the terminal's width it is."""
+    if not out.is_terminal:
+        needed = Measurement.get(out, out.options.update_width(UNBOUNDED), renderable).maximum
+        out.width = max(out.width, needed)
+
+
+def print_table(table: Table) -> None:
+    """A table on stdout, every row on one line when piped (``widen_when_piped``)."""
+    width = out.width
+    widen_when_piped(table)
+    try:
+        out.print(table)
+    finally:
+        out.width = width
+
+
+def print_fields(rows: list[tuple[str, Text]]) -> None:
+    """``key  value`` lines, the keys aligned, each value whole on its line.
+
+    Not a table: the value is the last column, so a table would pad every
+    row to the longest value (a result of kilobytes) and wrap it, piped or
+    not; here a long value is one long line, which a terminal wraps itself.
+    """
+    width = max((len(key) for key, _ in rows), default=0)
+    for key, value in rows:
+        out.print(Text(f"{key:<{width}}  ").append_text(value), soft_wrap=True)
 
 
 def agents_table(records: list[dict[str, Any]]) -> Table:

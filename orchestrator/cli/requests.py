@@ -39,7 +39,7 @@ from ..models import TaskStatus
 from .connection import call, client, connected, run
 from .errors import EXIT_OK, EXIT_TASK_DID_NOT_COMPLETE, EXIT_WAIT_TIMED_OUT, CliError
 from .escaping import escape_line
-from .output import agents_table, block, cell, err, out, print_json
+from .output import agents_table, block, cell, err, out, print_fields, print_json, print_table
 from .redaction import scrub, scrub_urls
 from .settings import AsJson, Broker, Prefix, read_settings
 
@@ -343,7 +343,7 @@ def status(
     if as_json:
         print_json(result)
         return
-    table = Table(show_header=False, box=None)
+    rows = []
     trace = result.get("traceback")
     for key, value in result.items():
         if key == "traceback":
@@ -354,8 +354,8 @@ def status(
             value = f"{value:.0%}"
         elif isinstance(value, dict | list):
             value = json.dumps(value)
-        table.add_row(key, cell("-" if value is None else value))
-    out.print(table)
+        rows.append((key, cell("-" if value is None else value)))
+    print_fields(rows)
     if trace:  # as the agent sent it, lines and indents kept; no markup, no controls
         out.print(Text("traceback:"))
         out.print(block(str(trace).rstrip("\n")), soft_wrap=True)
@@ -394,7 +394,7 @@ def stats(as_json: AsJson = False, broker: Broker = None, prefix: Prefix = None)
             table.add_row(key, f"{value:.3f}")
         else:
             table.add_row(key, str(value))
-    out.print(table)
+    print_table(table)
 
 
 def agents(as_json: AsJson = False, broker: Broker = None, prefix: Prefix = None) -> None:
@@ -403,7 +403,7 @@ def agents(as_json: AsJson = False, broker: Broker = None, prefix: Prefix = None
     if as_json:
         print_json(result)
         return
-    out.print(agents_table(result))
+    print_table(agents_table(result))
     if isinstance(leader, dict) and leader.get("id"):
         out.print(cell(f"leader: {leader['id']} (epoch {leader.get('epoch')})"))
 
@@ -486,4 +486,4 @@ def tasks(
         )
     if not result:
         table.add_row("(none)", "", "", "", "", "", "", "")
-    out.print(table)
+    print_table(table)

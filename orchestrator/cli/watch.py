@@ -40,7 +40,7 @@ from broker import (
 from .connection import call, connected, run, stop_on_signals
 from .errors import EXIT_UNREACHABLE, CliError
 from .escaping import escape_line
-from .output import agents_table, cell, out
+from .output import agents_table, cell, out, widen_when_piped
 from .redaction import scrub
 from .settings import Broker, Prefix, read_settings
 
@@ -122,6 +122,12 @@ class WatchView:
         parts.append(events)
         return Group(*parts)
 
+    def frame(self) -> Group:
+        """``render``, with stdout widened to it when piped (``widen_when_piped``)."""
+        frame = self.render()
+        widen_when_piped(frame)
+        return frame
+
 
 def _describe(event: Event) -> tuple[str, str]:
     if isinstance(event, TaskStarted):
@@ -157,7 +163,7 @@ async def _watch(settings: BusSettings, seconds: float | None, refresh: float) -
         stop = stop_on_signals()  # until here a signal just ends it
         loop = asyncio.get_running_loop()
         end = loop.time() + seconds if seconds is not None else None
-        with Live(view.render(), console=out, auto_refresh=False) as live:
+        with Live(view.frame(), console=out, auto_refresh=False) as live:
             while not stop.is_set():
                 try:
                     timeout = max(refresh, 1.0)
@@ -167,12 +173,12 @@ async def _watch(settings: BusSettings, seconds: float | None, refresh: float) -
                     view.note = ""
                 except (NoReply, CliError) as exc:
                     view.note = str(exc)
-                live.update(view.render(), refresh=True)
+                live.update(view.frame(), refresh=True)
                 left = refresh if end is None else min(refresh, end - loop.time())
                 if left <= 0:
                     break
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), left)
-            live.update(view.render(), refresh=True)
+            live.update(view.frame(), refresh=True)
         if not out.is_terminal:
             out.line()  # Live leaves its last frame without a newline when not on a terminal
