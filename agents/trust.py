@@ -107,7 +107,7 @@ class ControlGate:
 def can_run_key(key: str, capabilities: Iterable[str], task_types: Iterable[str]) -> bool:
     """Whether a queue key (``<task type>.<capability key>``, see
     ``broker.route_key``) names tasks this agent has a handler and the
-    capabilities for. A capability key written as a digest (sets over 180
+    capabilities for. A capability key written as a digest (sets over 119
     characters) is run only if it is the digest of this agent's whole set."""
     types = set(task_types)
     caps = sorted(set(capabilities))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -190,7 +191,7 @@ class RabbitTaskConsumer(TaskConsumer):
         tag = await queue.consume(
             on_message,
             arguments={"x-priority": priority},
-            consumer_tag=f"{self._id}:{key}:{uuid.uuid4().hex[:8]}",
+            consumer_tag=consumer_tag(self._id, key),
         )
         self._queues[key] = (queue, tag, priority)
 
@@ -302,6 +303,21 @@ class RabbitTaskConsumer(TaskConsumer):
         self._on_close(self)
         # Closing the channel hands every unacknowledged task back to its queue.
         await close_for_good(self._channel, "task channel")
+
+
+MAX_TAG_BYTES = 255
+"""AMQP's limit on a consumer tag (a short string)."""
+
+
+def consumer_tag(agent_id: str, key: str) -> str:
+    """``<agent id>:<queue key>:<random>``, readable in the management UI. A
+    long id with a long key would pass AMQP's 255 bytes, and the broker would
+    refuse the consume (the agent then never took those tasks): the key is
+    then written as a digest."""
+    tag = f"{agent_id}:{key}:{uuid.uuid4().hex[:8]}"
+    if len(tag.encode()) <= MAX_TAG_BYTES:
+        return tag
+    return f"{agent_id}:sha1-{hashlib.sha1(key.encode()).hexdigest()}:{uuid.uuid4().hex[:8]}"
 
 
 class RabbitSubscription(Subscription):

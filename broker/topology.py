@@ -45,7 +45,10 @@ ANY_CAPABILITY_KEY = "@any"
 MAX_PRIORITY = 10
 """``x-max-priority`` of task queues; RabbitMQ advises against more than ~10 levels."""
 
-_MAX_KEY_LENGTH = 180
+_MAX_KEY_LENGTH = 119
+"""Longest capability key written as it is; longer ones are a digest. A task
+queue is ``<prefix>.tasks.<task type>.<capability key>``: with the longest
+prefix (64) and task type (64) it stays within RabbitMQ's 255 bytes."""
 
 RETRY_TIERS_MS = (
     100,

@@ -74,7 +74,7 @@ def covered_keys(capabilities: list[str]) -> list[str]:
     orchestrator and ``covers`` place tasks: a task needing more than the
     agent has sits in a queue the agent never consumes (``broker.covers``), and
     scaling the agent on it would add replicas that cannot run it. A subset whose key is written
-    as a digest (over 180 characters) is left out unless it is the whole set,
+    as a digest (over 119 characters) is left out unless it is the whole set,
     as the agent itself refuses such queues (``agents.trust.can_run_key``).
     """
     caps = sorted(set(capabilities))

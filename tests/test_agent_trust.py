@@ -9,7 +9,7 @@ from broker import route_key
 from broker.envelope import Sender
 
 LONG = [f"capability-{i:03d}" for i in range(20)]
-"""A set whose key is written as a digest (over 180 characters)."""
+"""A set whose key is written as a digest (over 119 characters)."""
 
 
 @pytest.mark.parametrize(

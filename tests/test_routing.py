@@ -114,3 +114,21 @@ async def test_an_agent_with_a_catch_all_handler_takes_every_type(harness: Harne
         return len(await orchestrator.get_queues()) == 4
 
     await wait_until(four_queues, timeout=5)
+
+
+async def test_the_longest_names_allowed_route_and_run(harness: Harness) -> None:
+    # Given an agent whose id, task type and capabilities are as long as allowed
+    # (its consumer tag names its id and the queue key: past AMQP's 255 bytes
+    # the broker would refuse the consume)
+    orchestrator = await harness.start_orchestrator()
+    agent_id, task_type = "a" * 128, "t" * 64
+    capabilities = [c * 56 for c in "xyz"]  # a capability key of 170 characters
+    await harness.start_agent(agent_id, capabilities, 1, task_type=task_type)
+
+    # When a task needing all of them is submitted, it runs there
+    task_id = await orchestrator.submit_task(
+        name="long", description="", task_type=task_type, payload={},
+        required_capabilities=capabilities,
+    )  # fmt: skip
+    status = await orchestrator.wait_for_task(task_id, 60)
+    assert (status["status"], status["assigned_agent"]) == ("completed", agent_id)
