@@ -55,7 +55,10 @@ class Commands:
         if isinstance(command, ConsumeQueues):
             if agent._consumer is not None and not agent._halted.is_set():
                 keys = agent.control_gate.runnable(
-                    command.queue_keys, agent.capabilities, agent._handlers.task_types
+                    command.queue_keys,
+                    agent.capabilities,
+                    agent._handlers.task_types,
+                    command.digests,
                 )
                 if command.max_concurrent_tasks is not None:
                     await self._adopt_limit(command.max_concurrent_tasks)

@@ -18,9 +18,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
-from broker import ANY_CAPABILITY_KEY, capability_key, route_key
+from broker import ANY_CAPABILITY_KEY, DIGEST_PREFIX, capability_key, route_key
 from broker.envelope import Sender
 
 log = logging.getLogger(__name__)
@@ -89,11 +89,17 @@ class ControlGate:
         )
 
     def runnable(
-        self, queue_keys: Iterable[str], capabilities: Iterable[str], task_types: Iterable[str]
+        self,
+        queue_keys: Iterable[str],
+        capabilities: Iterable[str],
+        task_types: Iterable[str],
+        digests: Mapping[str, Iterable[str]] | None = None,
     ) -> list[str]:
-        """The keys of ``queue_keys`` this agent can run; the others are refused."""
+        """The keys of ``queue_keys`` this agent can run; the others are refused.
+        ``digests``: what the digest keys among them stand for, as told."""
         keys = list(queue_keys)
-        ok = [k for k in keys if can_run_key(k, capabilities, task_types)]
+        told = digests or {}
+        ok = [k for k in keys if can_run_key(k, capabilities, task_types, told.get(k))]
         if len(ok) < len(keys):
             others = sorted(set(keys) - set(ok))
             self.refuse(
@@ -104,11 +110,18 @@ class ControlGate:
         return ok
 
 
-def can_run_key(key: str, capabilities: Iterable[str], task_types: Iterable[str]) -> bool:
+def can_run_key(
+    key: str,
+    capabilities: Iterable[str],
+    task_types: Iterable[str],
+    stands_for: Iterable[str] | None = None,
+) -> bool:
     """Whether a queue key (``<task type>.<capability key>``, see
     ``broker.route_key``) names tasks this agent has a handler and the
     capabilities for. A capability key written as a digest (sets over 119
-    characters) is run only if it is the digest of this agent's whole set."""
+    characters) is run if it is the digest of ``stands_for`` (what the
+    orchestrator says it is) and the agent has those, or, told nothing, the
+    digest of this agent's whole set."""
     types = set(task_types)
     caps = sorted(set(capabilities))
     type_part, _, cap_key = key.rpartition(".")
@@ -117,6 +130,9 @@ def can_run_key(key: str, capabilities: Iterable[str], task_types: Iterable[str]
             return False
     if cap_key == ANY_CAPABILITY_KEY:
         return True
-    if cap_key.startswith("sha1-"):
+    if cap_key.startswith(DIGEST_PREFIX):
+        if stands_for is not None:
+            listed = set(stands_for)
+            return cap_key == capability_key(listed) and listed <= set(caps)
         return cap_key == capability_key(caps)
     return set(cap_key.split("+")) <= set(caps)

@@ -236,11 +236,19 @@ class ConsumeQueues(WireMessage):
         ge=1,
         description="the agent's limit (its prefetch) as registered; None keeps its own",
     )
+    digests: dict[str, list[str]] = Field(
+        default={},
+        description="for each of queue_keys whose capability key is a digest (a long set),"
+        " the capabilities it stands for: the agent checks them against the digest and"
+        " its own, as it reads a plain key",
+    )
 
     @model_validator(mode="after")
     def _priorities_are_of_its_queues(self) -> ConsumeQueues:
         if stray := set(self.priorities) - set(self.queue_keys):
             raise ValueError(f"priorities of queues not in queue_keys: {sorted(stray)[:5]}")
+        if stray := set(self.digests) - set(self.queue_keys):
+            raise ValueError(f"digests of queues not in queue_keys: {sorted(stray)[:5]}")
         return self
 
     def priority_of(self, queue_key: str) -> int:

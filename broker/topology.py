@@ -45,6 +45,10 @@ ANY_CAPABILITY_KEY = "@any"
 MAX_PRIORITY = 10
 """``x-max-priority`` of task queues; RabbitMQ advises against more than ~10 levels."""
 
+DIGEST_PREFIX = "sha1-"
+"""How a capability key (or task type) written as a digest begins; outside
+the capability alphabet's '+'-joined names, so it reads back unambiguously."""
+
 _MAX_KEY_LENGTH = 119
 """Longest capability key written as it is; longer ones are a digest. A task
 queue is ``<prefix>.tasks.<task type>.<capability key>``: with the longest
@@ -110,7 +114,7 @@ def capability_key(capabilities: Iterable[str]) -> str:
         return ANY_CAPABILITY_KEY
     key = "+".join(caps)
     if len(key) > _MAX_KEY_LENGTH:
-        key = "sha1-" + hashlib.sha1(key.encode()).hexdigest()
+        key = DIGEST_PREFIX + hashlib.sha1(key.encode()).hexdigest()
     return key
 
 

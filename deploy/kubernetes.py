@@ -73,9 +73,9 @@ def covered_keys(capabilities: list[str]) -> list[str]:
     Every subset's ``capability_key`` (``@any`` for the empty one), as the
     orchestrator and ``covers`` place tasks: a task needing more than the
     agent has sits in a queue the agent never consumes (``broker.covers``), and
-    scaling the agent on it would add replicas that cannot run it. A subset whose key is written
-    as a digest (over 119 characters) is left out unless it is the whole set,
-    as the agent itself refuses such queues (``agents.trust.can_run_key``).
+    scaling the agent on it would add replicas that cannot run it. A subset
+    whose key is written as a digest (over 119 characters) is in too: the
+    orchestrator tells the agent what it stands for (``ConsumeQueues.digests``).
     """
     caps = sorted(set(capabilities))
     if len(caps) > MAX_LISTED_CAPABILITIES:
@@ -84,9 +84,13 @@ def covered_keys(capabilities: list[str]) -> list[str]:
             " listing every covered key would be too long"
         )
     subsets = (s for n in range(len(caps) + 1) for s in itertools.combinations(caps, n))
-    keys = {capability_key(subset) for subset in subsets}
-    # The agent's own test of a queue key; whatever the task type, with ANY_TASK_TYPE.
-    return sorted(k for k in keys if can_run_key(f"any.{k}", caps, [ANY_TASK_TYPE]))
+    # The agent's own test of a queue key, told what a digest stands for.
+    keys = {
+        capability_key(subset)
+        for subset in subsets
+        if can_run_key(f"any.{capability_key(subset)}", caps, [ANY_TASK_TYPE], subset)
+    }
+    return sorted(keys)
 
 
 def queue_pattern(topology: Topology, task_types: list[str], capabilities: list[str]) -> str:

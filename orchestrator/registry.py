@@ -28,7 +28,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterable
 
-from broker import CommunicationBus, ConsumeQueues, Reannounce, Unregister
+from broker import DIGEST_PREFIX, CommunicationBus, ConsumeQueues, Reannounce, Unregister
 from broker.messages import CancelTasks
 
 from .agent_probe import AgentProbe
@@ -252,6 +252,11 @@ class AgentRegistry:
                 priorities=priorities,
                 # register_agent may change a live agent's limit: it adopts it as its prefetch
                 max_concurrent_tasks=agent.max_concurrent_tasks,
+                digests={
+                    k: list(known[k].capabilities)
+                    for k in keys
+                    if k.rpartition(".")[2].startswith(DIGEST_PREFIX)
+                },
             ),
             agent_id=agent.agent_id,
         )

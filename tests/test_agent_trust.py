@@ -33,6 +33,17 @@ def test_a_queue_key_is_run_only_with_its_type_and_capabilities(
     assert can_run_key(key, capabilities, task_types) is runs
 
 
+def test_a_digest_key_of_part_of_its_set_is_run_as_told_and_checked() -> None:
+    # A long set's subset is a digest too: the orchestrator says what it stands
+    # for, and the agent checks that against the digest and its own set
+    subset = route_key("job", LONG[:-1])
+    assert can_run_key(subset, LONG, ["job"]) is False  # told nothing
+    assert can_run_key(subset, LONG, ["job"], LONG[:-1]) is True
+    assert can_run_key(subset, LONG, ["job"], LONG[:-2]) is False  # not what the digest is
+    lacking = route_key("job", [*LONG[:-1], "secret"])
+    assert can_run_key(lacking, LONG, ["job"], [*LONG[:-1], "secret"]) is False
+
+
 def test_commands_are_obeyed_from_the_orchestrators_user_only() -> None:
     gate = ControlGate("worker")
     assert gate.from_orchestrator(None, "orch", "control.cancel")  # in-process

@@ -223,3 +223,14 @@ def test_the_flags_the_manifests_pass_are_the_commands_own() -> None:
         )  # fmt: skip
         assert shown.returncode == 0, shown.stderr
         assert "--metrics-port" in shown.stdout, command
+
+
+def test_keda_counts_the_digest_queues_of_part_of_a_long_capability_set() -> None:
+    # Ten long capabilities: the keys of large parts of them are digests, which
+    # the orchestrator tells the agent how to read (ConsumeQueues.digests)
+    caps = [f"capability-long-{n:02d}" for n in range(10)]
+    part = route_key("job", caps[:-1]).rpartition(".")[2]
+    assert part.startswith("sha1-")
+    keys = kubernetes.covered_keys(caps)
+    assert part in keys
+    assert route_key("job", [*caps[:-1], "other"]).rpartition(".")[2] not in keys

@@ -132,3 +132,19 @@ async def test_the_longest_names_allowed_route_and_run(harness: Harness) -> None
     )  # fmt: skip
     status = await orchestrator.wait_for_task(task_id, 60)
     assert (status["status"], status["assigned_agent"]) == ("completed", agent_id)
+
+
+async def test_a_task_needing_part_of_a_long_capability_set_runs(harness: Harness) -> None:
+    # Given an agent with twenty capabilities (any large part of them is a
+    # digest key, which the agent cannot read back by itself)
+    orchestrator = await harness.start_orchestrator()
+    capabilities = [f"capability-{n:03d}" for n in range(20)]
+    await harness.start_agent("worker", capabilities, 1)
+
+    # When a task needs all but one of them, it runs there
+    task_id = await orchestrator.submit_task(
+        name="part", description="", task_type="job", payload={},
+        required_capabilities=capabilities[:-1],
+    )  # fmt: skip
+    status = await orchestrator.wait_for_task(task_id, 60)
+    assert (status["status"], status["assigned_agent"]) == ("completed", "worker")
