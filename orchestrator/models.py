@@ -68,7 +68,7 @@ class Delivery(Enum):
         return self in (Delivery.UNSENT, Delivery.PUBLISHING, Delivery.SENT, Delivery.DELAYED)
 
 
-@dataclass
+@dataclass(slots=True)
 class Task:
     task_id: str
     name: str
