@@ -45,6 +45,9 @@ TRACE_HEADERS = ("traceparent", "tracestate")
 _tracer = trace.get_tracer("rabbit-task-orchestrator")
 _FROM_ENVIRONMENT = OTEL_PYTHON_TRACER_PROVIDER in os.environ
 """Whether the environment names a provider (the API loads it when first asked)."""
+_NOT_TRACING = contextlib.nullcontext()
+"""What the span helpers below return when nobody traces (reusable, yields None):
+no generator-based context manager made per message."""
 
 
 _installed = False
@@ -167,6 +170,8 @@ def task_send_span(
 ) -> contextlib.AbstractContextManager[None]:
     """``send_span`` around publishing a task to ``queue_key`` (the bus stamps the
     span's context on the message)."""
+    if not active():
+        return _NOT_TRACING
     return send_span({}, topology.tasks_exchange, queue_key, message_id=message_id, parent=parent)
 
 
@@ -179,6 +184,8 @@ def task_process_span(
     attributes: Mapping[str, Any] | None = None,
 ) -> contextlib.AbstractContextManager[trace.Span | None]:
     """``process_span`` around running a task delivered from ``queue_key``."""
+    if not active():
+        return _NOT_TRACING
     exchange = topology.tasks_exchange if topology is not None else ""
     return process_span(headers, exchange, queue_key, message_id=message_id, attributes=attributes)
 
@@ -191,6 +198,8 @@ def event_process_span(
     attributes: Mapping[str, Any] | None = None,
 ) -> contextlib.AbstractContextManager[trace.Span | None]:
     """``process_span`` around handling an agent's event (named by its routing key)."""
+    if not active():
+        return _NOT_TRACING
     key = topology.event_key(event.kind, event.agent_id)
     return process_span(headers, topology.events_exchange, key, attributes=attributes)
 
