@@ -124,7 +124,7 @@ class HandlerRun:
         """Until the handler ends or ``timeout`` passes. Cancelled (the attempt
         is stopped), it stops the handler and is cancelled at once."""
         try:
-            done, _ = await asyncio.wait([self.future], timeout=timeout)
+            done = await _ended_within(self.future, timeout)
         except asyncio.CancelledError:
             self.stop()
             raise
@@ -164,6 +164,31 @@ class HandlerRun:
         except Exception:  # only ever a help for the log
             return None
         return bounded("".join(lines), TRACEBACK_CHARS, keep="tail") if lines else None
+
+
+async def _ended_within(future: asyncio.Future[Any], timeout: float) -> bool:
+    """Whether ``future`` is done within ``timeout`` seconds; never cancels it.
+
+    ``asyncio.wait([future], timeout=...)`` for one future, without its sets
+    and checks (one per attempt): a waiter released by the future's end or by
+    the timer, whichever comes first. Cancelled, it is cancelled at once."""
+    if future.done():
+        return True
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def release(_: Any = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    timer = loop.call_later(timeout, release)
+    future.add_done_callback(release)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        future.remove_done_callback(release)
+    return future.done()
 
 
 class Runners:

@@ -282,17 +282,17 @@ class Tasks:
         # What is logged from here on (the handler's own records too) names the task,
         # and when tracing, the handler and its final event join the task's trace.
         message = attempt.message
-        with (
-            about(task_id=message.task_id, agent_id=self._agent.agent_id),
-            tracing.task_process_span(
+        with about(task_id=message.task_id, agent_id=self._agent.agent_id):
+            if not tracing.active():  # (what the span would be named is not made)
+                return await self._run_and_report_in_context(attempt, settlement)
+            with tracing.task_process_span(
                 self.bus.topology if self.bus is not None else None,
                 getattr(settlement.delivery, "trace", None),
                 settlement.delivery.queue_key,
                 message_id=task_message_id(message.task_id, message.attempt),
                 attributes={"task.type": message.task_type, "agent.id": self._agent.agent_id},
-            ),
-        ):
-            return await self._run_and_report_in_context(attempt, settlement)
+            ):
+                return await self._run_and_report_in_context(attempt, settlement)
 
     async def _run_and_report_in_context(self, attempt: Attempt, settlement: Settlement) -> Outcome:
         assert self.bus is not None

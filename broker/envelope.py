@@ -112,9 +112,14 @@ class Envelope:
         """As published by ``user`` (the bus's login), with the publisher's trace
         context in its headers when it traces (``broker.tracing``)."""
         headers = with_current_context(self.headers)
-        if headers is self.headers:
-            return replace(self, user_id=user)
-        return replace(self, user_id=user, headers=headers)
+        if headers is not self.headers:
+            return replace(self, user_id=user, headers=headers)
+        # Every message published goes through here: a copy of the fields with
+        # the user changed, without ``replace``'s __init__ and __post_init__
+        # (the headers are the same read-only mapping, shared as before).
+        stamped = object.__new__(type(self))
+        stamped.__dict__.update(self.__dict__, user_id=user)
+        return stamped
 
     # what each kind of message travels with -------------------------------------------
     @classmethod

@@ -94,6 +94,8 @@ class MemoryBus(CommunicationBus):
         self._exchanges = {e.name for e in self.topology.exchanges}
         self._queues: dict[str, Sink] = {}
         """The durable queues, by name: they outlive ``close``, as on a broker."""
+        self._task_queues: dict[str, TaskQueue] = {}
+        """The capability queues among them, by queue key."""
         self._subscriptions: set[_Consuming] = set()
         self._handler_tasks: set[asyncio.Task[None]] = set()
         self._timers: set[asyncio.TimerHandle] = set()
@@ -273,9 +275,15 @@ class MemoryBus(CommunicationBus):
 
     # tasks -------------------------------------------------------------------
     def _queue(self, key: str) -> TaskQueue:
-        return self._declare(
-            self.topology.capability(key), lambda q: TaskQueue(key, q, self._dispatch)
-        )
+        # Looked up by key first: every publish asks, and a queue, once
+        # declared, stays (the in-process bus deletes none), so its
+        # declarations are made once, not per message.
+        queue = self._task_queues.get(key)
+        if queue is None:
+            queue = self._task_queues[key] = self._declare(
+                self.topology.capability(key), lambda q: TaskQueue(key, q, self._dispatch)
+            )
+        return queue
 
     async def declare_task_queue(self, queue_key: str) -> None:
         self._require()

@@ -26,11 +26,13 @@ or an event, never an exchange.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from opentelemetry.environment_variables import OTEL_PYTHON_TRACER_PROVIDER
 from opentelemetry.trace import ProxyTracerProvider, SpanKind
 
 if TYPE_CHECKING:
@@ -41,11 +43,32 @@ TRACE_HEADERS = ("traceparent", "tracestate")
 """The headers the W3C propagator reads and writes (the default propagator)."""
 
 _tracer = trace.get_tracer("rabbit-task-orchestrator")
+_FROM_ENVIRONMENT = OTEL_PYTHON_TRACER_PROVIDER in os.environ
+"""Whether the environment names a provider (the API loads it when first asked)."""
+_NOT_TRACING = contextlib.nullcontext()
+"""What the span helpers below return when nobody traces (reusable, yields None):
+no generator-based context manager made per message."""
+
+
+_installed = False
+_NOT_KNOWN = object()
 
 
 def active() -> bool:
-    """Whether an SDK is installed: else spans are never recorded, so we make none."""
-    return not isinstance(trace.get_tracer_provider(), ProxyTracerProvider)
+    """Whether an SDK is installed: else spans are never recorded, so we make none.
+
+    Asked several times per message, so it costs a global read once an SDK is
+    installed (a provider is set once and for all) and, until then, a module
+    attribute read: ``trace.get_tracer_provider`` would look the environment
+    up each time (``OTEL_PYTHON_TRACER_PROVIDER``), which is read here once.
+    """
+    global _installed
+    if _installed:
+        return True
+    if _FROM_ENVIRONMENT or getattr(trace, "_TRACER_PROVIDER", _NOT_KNOWN) is not None:
+        # Set (or an API without that attribute): ask the API itself.
+        _installed = not isinstance(trace.get_tracer_provider(), ProxyTracerProvider)
+    return _installed
 
 
 def current_context() -> dict[str, str]:
@@ -147,6 +170,8 @@ def task_send_span(
 ) -> contextlib.AbstractContextManager[None]:
     """``send_span`` around publishing a task to ``queue_key`` (the bus stamps the
     span's context on the message)."""
+    if not active():
+        return _NOT_TRACING
     return send_span({}, topology.tasks_exchange, queue_key, message_id=message_id, parent=parent)
 
 
@@ -159,6 +184,8 @@ def task_process_span(
     attributes: Mapping[str, Any] | None = None,
 ) -> contextlib.AbstractContextManager[trace.Span | None]:
     """``process_span`` around running a task delivered from ``queue_key``."""
+    if not active():
+        return _NOT_TRACING
     exchange = topology.tasks_exchange if topology is not None else ""
     return process_span(headers, exchange, queue_key, message_id=message_id, attributes=attributes)
 
@@ -171,6 +198,8 @@ def event_process_span(
     attributes: Mapping[str, Any] | None = None,
 ) -> contextlib.AbstractContextManager[trace.Span | None]:
     """``process_span`` around handling an agent's event (named by its routing key)."""
+    if not active():
+        return _NOT_TRACING
     key = topology.event_key(event.kind, event.agent_id)
     return process_span(headers, topology.events_exchange, key, attributes=attributes)
 

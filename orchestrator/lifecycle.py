@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from .models import FINAL_STATUSES, Task, TaskStatus
 
@@ -57,9 +56,11 @@ class IllegalTransition(RuntimeError):
     """Raised when code asks for a move the table does not hold: a bug, never input."""
 
 
-@dataclass(frozen=True)
-class Move:
-    """One status change, as observers and the audit see it."""
+class Move(NamedTuple):
+    """One status change, as observers and the audit see it.
+
+    Immutable; a named tuple rather than a frozen dataclass, whose ``__init__``
+    sets each field through ``object.__setattr__`` (one is made per move)."""
 
     task_id: str
     old: TaskStatus

@@ -19,6 +19,8 @@ class TaskPriority(Enum):
     HIGH = "high"
     CRITICAL = "critical"
 
+    __hash__ = object.__hash__  # as ``TaskStatus``'s
+
 
 class TaskStatus(Enum):
     PENDING = "pending"
@@ -30,6 +32,11 @@ class TaskStatus(Enum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     TIMEOUT = "timeout"
+
+    # Members are singletons compared by identity: their identity hash is the C
+    # one, where Enum's hashes the name in Python (a status is looked up in a
+    # table or a set several times per move).
+    __hash__ = object.__hash__
 
     @property
     def is_final(self) -> bool:
@@ -68,7 +75,7 @@ class Delivery(Enum):
         return self in (Delivery.UNSENT, Delivery.PUBLISHING, Delivery.SENT, Delivery.DELAYED)
 
 
-@dataclass
+@dataclass(slots=True)
 class Task:
     task_id: str
     name: str

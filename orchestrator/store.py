@@ -27,9 +27,13 @@ from __future__ import annotations
 
 import abc
 import copy
+import dataclasses
+import operator
 from typing import Any
 
 from .models import AgentCapability, Task
+
+_task_values = operator.attrgetter(*(f.name for f in dataclasses.fields(Task)))
 
 
 def snapshot_task(task: Task) -> Task:
@@ -37,9 +41,11 @@ def snapshot_task(task: Task) -> Task:
 
     Shallow on purpose (a save is on the hot path): the orchestrator replaces
     ``payload``, ``result`` and the id lists of a task, it never changes them
-    in place.
+    in place. Made by ``Task``'s own ``__init__`` from every field in order
+    (``Task`` has slots, which ``copy.copy`` copies through a reduce at three
+    times the cost).
     """
-    return copy.copy(task)
+    return Task(*_task_values(task))
 
 
 def snapshot_agent(agent: AgentCapability) -> AgentCapability:

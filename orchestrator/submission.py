@@ -48,7 +48,10 @@ class Submission:
             return
         try:
             left = max(0.01, deadline - self.clock())
-            await asyncio.wait_for(self.dispatch.publish(task), left)
+            # In this task (``wait_for`` would make one per submit): on time up the
+            # publish is cancelled where it waits and TimeoutError raised, as before.
+            async with asyncio.timeout(left):
+                await self.dispatch.publish(task)
         except asyncio.CancelledError:
             # The caller gave up, not the bus: the task is marked queued and watched
             # (published again if it never reached its queue). Nothing is deleted.
