@@ -52,6 +52,7 @@ from broker.errors import QueueInUse
 from .attempts import AgentCounters, Attempts, StopReason
 from .commands import Commands
 from .handlers import ANY_TASK_TYPE, Handler, Handlers, Runners
+from .publishing import publish_event
 from .settle import Deliveries
 from .tasks import Tasks
 from .trust import ControlGate
@@ -296,7 +297,7 @@ class Agent:
             and a.stop_reason is not StopReason.CANCELLED
         ]
         with contextlib.suppress(BusError):
-            await self._bus.publish_event(AgentLeft(agent_id=self.agent_id, unfinished=unfinished))
+            await publish_event(self._bus, AgentLeft(agent_id=self.agent_id, unfinished=unfinished))
         await self._shutdown()
 
     async def kill(self) -> None:
@@ -372,14 +373,15 @@ class Agent:
     # ------------------------------------------------------------------ control
     async def _announce(self) -> None:
         assert self._bus is not None
-        await self._bus.publish_event(
+        await publish_event(
+            self._bus,
             AgentAnnounced(
                 agent_id=self.agent_id,
                 capabilities=self.capabilities,
                 max_concurrent_tasks=self.max_concurrent_tasks,
                 task_types=self._handlers.task_types,
                 specialization_score=self.specialization,
-            )
+            ),
         )
 
     async def _beat(self) -> None:

@@ -11,8 +11,11 @@ The semantics both must keep:
   agent never holds more unacknowledged tasks than its limit.
 - Unacknowledged tasks go back to their queue when their consumer goes away.
 - Events are routed by topic; each subscription sees them in publish order,
-  one at a time. A subscription with no patterns is the orchestrator's own
-  durable queue, which keeps events while the orchestrator is down.
+  one at a time. A subscription with no patterns is the orchestrator's shared
+  durable queue (announcements); each registered agent's own events go to a
+  durable queue of that agent's (``subscribe_agent_events``). Both keep
+  events while the orchestrator is down; both are bounded, and a publish a
+  full one refuses is a ``PublishRefused``.
 - Requests of other services wait in the durable request queue until a
   server takes them, but no longer than their client waits for the reply.
   The server handles them one at a time, in order, and answers each with one
@@ -342,6 +345,18 @@ class CommunicationBus(abc.ABC):
         subscription acknowledges what it has handled (a store makes its
         writes durable there); if it raises, nothing is acknowledged yet.
         """
+
+    @abc.abstractmethod
+    async def subscribe_agent_events(
+        self, agent_id: str, handler: EventHandler, *, before_ack: BeforeAck | None = None
+    ) -> Subscription:
+        """Declare ``agent_id``'s own events queue (``Topology.agent_events``) and
+        handle it as ``subscribe_events`` does; closing the subscription keeps
+        the queue (and what waits in it) for the next orchestrator."""
+
+    @abc.abstractmethod
+    async def delete_agent_events(self, agent_id: str) -> None:
+        """Delete ``agent_id``'s events queue, with what waits in it (idempotent)."""
 
     @abc.abstractmethod
     async def subscribe_heartbeats(self, handler: EventHandler) -> Subscription:
