@@ -16,7 +16,8 @@ and the others' results go on through their own queues.
 Every queue's events go through one lock with the shared queue's, so that
 the handlers see one event at a time as they did with one queue (their
 checks and moves assume it); the lock is fair (first come, first served),
-so a flooded queue holds up another's event by one event at most.
+so a flooded queue holds up another's event by one event at most, and each
+event yields to the loop once handled (requests and the other queues go on).
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ class AgentQueues:
         """The handler every events queue is consumed with (the shared one too)."""
         async with self._one_at_a_time:
             await self._handler(event)
+        # A refused event is handled without a pause (nothing in it waits): yield,
+        # or a backlog in one queue holds the loop (requests, the other queues)
+        # until the prefetch of it is read.
+        await asyncio.sleep(0)
 
     def __contains__(self, agent_id: object) -> bool:
         return agent_id in self._subscriptions

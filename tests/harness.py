@@ -166,8 +166,11 @@ class Harness:
         for log in self.logs:
             log.close()
             os.unlink(log.name)
+        # (agents' events queues: those the orchestrator did not delete as they left)
+        agent_ids = {agent.agent_id for agent in self.agents}
         if self.orchestrator is not None:
             keys = set(await self.orchestrator.get_queues())
+            agent_ids |= {agent.agent_id for agent in self.orchestrator.registry}
             await self.orchestrator.stop()
         else:
             keys = set()
@@ -177,7 +180,7 @@ class Harness:
             cleaner = RabbitMQBus(settings=self.settings)
             await cleaner.connect()
             try:
-                await cleaner.delete_topology(keys | self.queue_keys)
+                await cleaner.delete_topology(keys | self.queue_keys, agent_ids)
             finally:
                 await cleaner.close()
 
