@@ -45,7 +45,8 @@ class AgentQueues:
         self._subscriptions: dict[str, Subscription] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         """Per agent id: opening and deleting its queue do not interleave."""
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._retiring: dict[str, asyncio.Task[None]] = {}
+        """Per agent id removed, its queue being closed and deleted (``close``)."""
         self.following = False
         """Leading (``resume`` to ``stop``): only then does ``open`` consume."""
 
@@ -73,6 +74,9 @@ class AgentQueues:
         queue if the declare went through, and the next leader follows it)."""
         if not self.following:
             return
+        retiring = self._retiring.get(agent_id)
+        if retiring is not None:  # removed a moment ago: its old queue goes first
+            await asyncio.shield(retiring)
         async with self._locks.setdefault(agent_id, asyncio.Lock()):
             if agent_id in self._subscriptions:
                 return
@@ -91,8 +95,12 @@ class AgentQueues:
         if subscription is None and not self.following:
             return
         job = asyncio.get_running_loop().create_task(self._retire(agent_id, subscription))
-        self._retiring.add(job)
-        job.add_done_callback(self._retiring.discard)
+        self._retiring[agent_id] = job
+        job.add_done_callback(lambda done: self._retired(agent_id, done))
+
+    def _retired(self, agent_id: str, job: asyncio.Task[None]) -> None:
+        if self._retiring.get(agent_id) is job:
+            del self._retiring[agent_id]
 
     async def _retire(self, agent_id: str, subscription: Subscription | None) -> None:
         if subscription is not None:
@@ -112,6 +120,6 @@ class AgentQueues:
         subscriptions, self._subscriptions = self._subscriptions, {}
         for subscription in subscriptions.values():
             await subscription.close()
-        jobs = set(self._retiring)
+        jobs = set(self._retiring.values())
         jobs.discard(asyncio.current_task())  # type: ignore[arg-type]
         await asyncio.gather(*jobs, return_exceptions=True)
