@@ -292,7 +292,7 @@ async def test_no_orchestrator_answering_is_one_line_and_exit_3(deployment: Depl
         f"'{deployment.prefix}' there"
     )
     # And neither declared anything of the prefix
-    assert not await exists(deployment, f"{deployment.prefix}.orchestrator.events")
+    assert not await exists(deployment, f"{deployment.prefix}.orchestrator.announcements")
     assert not await exists(deployment, f"{deployment.prefix}.tasks.@any")
 
     # When the orchestrator served and stopped, then a request waits its timeout, then fails
@@ -725,7 +725,7 @@ async def test_topology_prints_and_exports_the_definitions(tmp_path: Path) -> No
     printed = await run("topology", "--prefix", "shop")
     assert printed.code == 0, printed
     queues = {q["name"] for q in json.loads(printed.out)["queues"]}
-    assert {"shop.rpc", "shop.orchestrator.events", "shop.tasks.@any"} <= queues
+    assert {"shop.rpc", "shop.orchestrator.announcements", "shop.tasks.@any"} <= queues
 
     # When they export them to a file, then the file holds the same
     target = tmp_path / "definitions.json"
