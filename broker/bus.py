@@ -358,6 +358,13 @@ class CommunicationBus(abc.ABC):
     async def delete_agent_events(self, agent_id: str) -> None:
         """Delete ``agent_id``'s events queue, with what waits in it (idempotent)."""
 
+    async def drain_legacy_events(
+        self, handler: EventHandler, *, before_ack: BeforeAck | None = None
+    ) -> Subscription | None:
+        """An earlier version's single events queue (``Topology.legacy_events_queue``),
+        unbound and handled until it is empty, then deleted; None if there is none."""
+        return None
+
     @abc.abstractmethod
     async def subscribe_heartbeats(self, handler: EventHandler) -> Subscription:
         """Handle the orchestrator's queue of heartbeats, one at a time.

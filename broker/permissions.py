@@ -213,7 +213,8 @@ def shared(topology: Topology) -> Declarations:
 
 
 def orchestrator(topology: Topology, user: str = "orchestrator") -> RolePermissions:
-    names = names_of(shared(topology))
+    # (an earlier version's events queue: it unbinds, drains and deletes it)
+    names = names_of(shared(topology)) | {topology.legacy_events_queue}
     tasks = [capability_queues(topology), agent_event_queues(topology)]
     return RolePermissions(
         role="orchestrator",

@@ -50,13 +50,14 @@ from .rabbitmq_consume import (
 )
 from .rabbitmq_declare import Declarer, PermissionRefused, QueueUnavailable, delete
 from .rabbitmq_lease import RabbitLease
+from .rabbitmq_legacy import drain_legacy_events
 from .rabbitmq_link import CHANNEL_GONE, amqp_url, open_connection
 from .rabbitmq_publish import PUBLISH_RETRY_SECONDS, Publisher
 from .rabbitmq_rpc import RpcClient, request_server
 from .rpc import Reply, parse_reply
 from .settings import BusSettings, redact_url
 from .tls import client_context
-from .topology import ANY_CAPABILITY_KEY, Declarations
+from .topology import ANY_CAPABILITY_KEY, Declarations, Queue
 
 __all__ = ["ACK_BATCH", "PUBLISH_RETRY_SECONDS", "DeclareMode", "RabbitMQBus"]
 
@@ -384,6 +385,11 @@ class RabbitMQBus(CommunicationBus):
             await close_for_good(channel, "a probe channel")
         self._agent_events.discard(agent_id)
 
+    async def drain_legacy_events(
+        self, handler: EventHandler, *, before_ack: BeforeAck | None = None
+    ) -> Subscription | None:
+        return await drain_legacy_events(self, handler, before_ack)
+
     async def subscribe_heartbeats(self, handler: EventHandler) -> Subscription:
         async def handle(message: AbstractIncomingMessage) -> None:
             await handler(parse_event(message.body))
@@ -503,7 +509,7 @@ class RabbitMQBus(CommunicationBus):
         connection = self._require()
         everything = self.topology.everything(
             set(queue_keys) | self._declared, {*agent_ids, *self._agent_events}
-        )
+        ) + Declarations(queues=(Queue(self.topology.legacy_events_queue),))
         channel: AbstractChannel = await connection.channel()
         try:
             await delete(channel, everything)

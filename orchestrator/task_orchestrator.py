@@ -165,6 +165,9 @@ class TaskOrchestrator:
                 self._on_dead_letter, before_ack=self.store.flush
             ),
         ]
+        legacy = await self.bus.drain_legacy_events(on_event, before_ack=self.store.flush)
+        if legacy is not None:
+            self._subscriptions.append(legacy)
         self._monitor = asyncio.get_running_loop().create_task(self._watch_while_leading())
         # Agents that outlived a previous orchestrator announce themselves again.
         await self.bus.publish_control(Reannounce())
