@@ -377,7 +377,12 @@ class Topology:
         that its own declares succeed against it, the retry tiers included,
         and the events queues of ``agent_ids``. Capability queues other than
         ``@any`` depend on the tasks submitted, agents' events queues on who
-        registers (the orchestrator declares them then)."""
+        registers (the orchestrator declares them then). ``ValueError`` for an
+        id outside ``AGENT_ID_PATTERN``."""
+        agent_ids = list(agent_ids)
+        for agent_id in agent_ids:
+            if not AGENT_ID_PATTERN.match(agent_id):
+                raise ValueError(f"{agent_id!r} is not an agent id ({AGENT_ID_PATTERN.pattern})")
         return self.everything(agent_ids=agent_ids).definitions(vhost)
 
     # names ---------------------------------------------------------------------

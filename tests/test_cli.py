@@ -733,6 +733,22 @@ async def test_topology_prints_and_exports_the_definitions(tmp_path: Path) -> No
     assert exported.code == 0, exported
     assert json.loads(target.read_text()) == json.loads(printed.out)
 
+    # When they name agents, then each one's events queue is there too, bound to its id
+    named = await run("topology", "--prefix", "shop", "--agent", "a-1", "--agent", "b")
+    assert named.code == 0, named
+    document = json.loads(named.out)
+    assert {q["name"] for q in document["queues"]} - queues == {
+        "shop.orchestrator.events.a-1",
+        "shop.orchestrator.events.b",
+    }
+    assert {
+        b["routing_key"]
+        for b in document["bindings"]
+        if b["destination"] == "shop.orchestrator.events.a-1"
+    } == {"task.*.a-1", "agent.goodbye.a-1"}
+    refused = await run("topology", "--prefix", "shop", "--agent", "not an id")
+    assert refused.code != 0 and "not an agent id" in refused.error, refused
+
 
 async def test_schemas_command_writes_the_checked_in_documents(tmp_path: Path) -> None:
     result = await run("schemas", "--out", str(tmp_path))
