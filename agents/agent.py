@@ -51,6 +51,7 @@ from . import presence
 from .attempts import AgentCounters, Attempts, StopReason
 from .commands import Commands
 from .handlers import ANY_TASK_TYPE, Handler, Handlers, Runners
+from .publishing import publish_event
 from .settle import Deliveries
 from .tasks import Tasks
 from .trust import ControlGate
@@ -297,7 +298,7 @@ class Agent:
             and a.stop_reason is not StopReason.CANCELLED
         ]
         with contextlib.suppress(BusError):
-            await self._bus.publish_event(AgentLeft(agent_id=self.agent_id, unfinished=unfinished))
+            await publish_event(self._bus, AgentLeft(agent_id=self.agent_id, unfinished=unfinished))
         await self._shutdown()
 
     async def kill(self) -> None:
@@ -373,7 +374,7 @@ class Agent:
     # ------------------------------------------------------------------ control
     async def _announce(self) -> None:
         assert self._bus is not None
-        await self._bus.publish_event(presence.announcement(self))
+        await publish_event(self._bus, presence.announcement(self))
 
     async def _stop_after_unregister(self) -> None:
         await self._wait_jobs()

@@ -27,6 +27,7 @@ from broker.envelope import current_sender
 from broker.messages import CancelTasks
 
 from .attempts import StopReason
+from .publishing import publish_event
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -113,7 +114,9 @@ class Commands:
             async with asyncio.timeout(SYNC_TIMEOUT):
                 await agent._tasks.told()
                 assert agent._bus is not None
-                await agent._bus.publish_event(TasksReported(agent_id=agent.agent_id, round=round_))
+                await publish_event(
+                    agent._bus, TasksReported(agent_id=agent.agent_id, round=round_)
+                )
         except (TimeoutError, BusError, AssertionError) as exc:
             log.info("agent %s: reports round %d not answered: %r", agent.agent_id, round_, exc)
 

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from broker import (
@@ -45,6 +46,7 @@ from broker.log_records import about
 from .attempts import MAX_REDELIVERIES, Attempt, Attempts, StopReason
 from .context import TaskContext
 from .handlers import Handlers, Runners, bounded
+from .publishing import publish_event
 from .settle import Outcome, Settlement
 from .started import StartNotice
 
@@ -169,8 +171,9 @@ class Tasks:
             # Say so, so that the orchestrator stops telling new agents about it.
             with contextlib.suppress(BusError):
                 assert self.bus is not None
-                await self.bus.publish_event(
-                    self._final(message, "cancelled", "skipped: cancelled before it started")
+                await publish_event(
+                    self.bus,
+                    self._final(message, "cancelled", "skipped: cancelled before it started"),
                 )
             return Outcome.ACK
         return None
@@ -205,7 +208,7 @@ class Tasks:
         try:
             while True:
                 try:
-                    await self.bus.publish_event(self._assigned(message, confirm=True))
+                    await publish_event(self.bus, self._assigned(message, confirm=True))
                 except BusError as exc:
                     log.warning(
                         "agent %s: cannot ask about redelivered task %s: %s",
@@ -228,7 +231,7 @@ class Tasks:
         if not slot.done():
             with contextlib.suppress(BusError):
                 assert self.bus is not None
-                await self.bus.publish_event(self._assigned(message, confirm=False))
+                await publish_event(self.bus, self._assigned(message, confirm=False))
         await self._first(slot, delivery, None)
         if slot.done():
             return True  # (even if a stop came too: the caller looks again)
@@ -344,7 +347,7 @@ class Tasks:
         limit). What was published."""
         assert self.bus is not None
         try:
-            await self.bus.publish_event(finished)
+            await publish_event(self.bus, finished)
             return finished
         except MessageTooLarge as exc:
             smaller = self._fitting(finished, exc)
@@ -362,7 +365,7 @@ class Tasks:
             smaller.error,
             smaller.outcome,
         )
-        await self.bus.publish_event(smaller)  # too large still: a BusError, given back
+        await publish_event(self.bus, smaller)  # too large still: a BusError, given back
         return smaller
 
     def _fitting(self, finished: TaskFinished, exc: MessageTooLarge) -> TaskFinished:
@@ -413,7 +416,7 @@ class Tasks:
         at_once = long_task or settlement.delivery.redelivered
         notice = attempt.notice = StartNotice(
             TaskStarted(task_id=message.task_id, attempt=message.attempt, agent_id=agent_id),
-            self.bus.publish_event,
+            partial(publish_event, self.bus),
             None if at_once else self._agent.report_started_after,
         )
         try:
@@ -491,6 +494,6 @@ class Tasks:
             return
         try:
             await notice.now()
-            await self.bus.publish_event(event)
+            await publish_event(self.bus, event)
         except BusError as exc:
             log.debug("progress not sent: %s", exc)

@@ -11,8 +11,11 @@ The semantics both must keep:
   agent never holds more unacknowledged tasks than its limit.
 - Unacknowledged tasks go back to their queue when their consumer goes away.
 - Events are routed by topic; each subscription sees them in publish order,
-  one at a time. A subscription with no patterns is the orchestrator's own
-  durable queue, which keeps events while the orchestrator is down.
+  one at a time. A subscription with no patterns is the orchestrator's shared
+  durable queue (announcements); each registered agent's own events go to a
+  durable queue of that agent's (``subscribe_agent_events``). Both keep
+  events while the orchestrator is down; both are bounded, and a publish a
+  full one refuses is a ``PublishRefused``.
 - Requests of other services wait in the durable request queue until a
   server takes them, but no longer than their client waits for the reply.
   The server handles them one at a time, in order, and answers each with one
@@ -29,18 +32,19 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
-import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
-from .cert_login import certificate_user, external_login
+# (re-exported: where they always were)
+from .bus_identity import _settings_from as _settings_from
+from .bus_identity import default_broker_url as default_broker_url
+from .bus_identity import login_user as login_user
+from .bus_identity import settings_user as settings_user
 from .envelope import DeadLetter
 from .errors import MessageTooLarge
 from .messages import Control, Event, TaskMessage, WireMessage
 from .rpc import Reply, RequestHandler
-from .settings import BusSettings, first_address
-from .tls import tls_files
+from .settings import BusSettings
 from .topology import Topology, retry_tier_ms
 
 CLOSE_WAIT = 5.0
@@ -350,6 +354,25 @@ class CommunicationBus(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def subscribe_agent_events(
+        self, agent_id: str, handler: EventHandler, *, before_ack: BeforeAck | None = None
+    ) -> Subscription:
+        """Declare ``agent_id``'s own events queue (``Topology.agent_events``) and
+        handle it as ``subscribe_events`` does; closing the subscription keeps
+        the queue (and what waits in it) for the next orchestrator."""
+
+    @abc.abstractmethod
+    async def delete_agent_events(self, agent_id: str) -> None:
+        """Delete ``agent_id``'s events queue, with what waits in it (idempotent)."""
+
+    async def drain_legacy_events(
+        self, handler: EventHandler, *, before_ack: BeforeAck | None = None
+    ) -> Subscription | None:
+        """An earlier version's single events queue (``Topology.legacy_events_queue``),
+        unbound and handled until it is empty, then deleted; None if there is none."""
+        return None
+
+    @abc.abstractmethod
     async def subscribe_heartbeats(self, handler: EventHandler) -> Subscription:
         """Handle the orchestrator's queue of heartbeats, one at a time.
 
@@ -453,54 +476,3 @@ class CommunicationBus(abc.ABC):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-
-def _settings_from(
-    broker_url: str | None = None, *, settings: BusSettings | None = None, **_: Any
-) -> BusSettings:
-    if settings is not None:
-        if broker_url is not None:
-            return settings.model_copy(update={"broker_url": broker_url})
-        return settings
-    if broker_url is not None:
-        return BusSettings(broker_url=broker_url)
-    return BusSettings()
-
-
-def default_broker_url() -> str:
-    """The broker tests and tools use when none is given: env, then localhost."""
-    return os.environ.get("ORCHESTRATOR_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
-
-
-def settings_user(settings: BusSettings) -> str | None:
-    """The user a bus of ``settings`` logs in as: the URL's (``login_user``); for
-    a login by client certificate (``auth=external``), ``broker_user``, else the
-    name the broker takes from ``broker_cert_file`` (``broker.cert_login``).
-
-    ``ValueError`` naming ``broker_cert_file`` when that name cannot be read.
-    """
-    url = settings.broker_url or default_broker_url()
-    if not external_login(first_address(url)):
-        return login_user(url)
-    if settings.broker_user:
-        return settings.broker_user
-    cert_file = tls_files(settings, url).cert_file
-    if not cert_file:
-        raise ValueError(
-            "broker_cert_file: auth=external logs in by client certificate, and none is set"
-            " (or set broker_user to the name the broker takes from it)"
-        )
-    try:
-        return certificate_user(cert_file, settings.broker_cert_login_from)
-    except ValueError as exc:
-        raise ValueError(f"broker_cert_file: {exc}") from None
-
-
-def login_user(broker_url: str) -> str | None:
-    """The user a broker URL logs in as (aiormq's rule: ``guest`` when it names
-    none); None for a login by certificate (``auth=external``), whose user the
-    broker takes from the certificate."""
-    parts = urlsplit(first_address(broker_url))
-    if external_login(first_address(broker_url)):
-        return None
-    return unquote(parts.username) if parts.username else "guest"

@@ -32,6 +32,13 @@ class UnroutableMessage(BusError):
     """Raised when the broker returns a mandatory message no queue took."""
 
 
+class PublishRefused(BusError):
+    """Raised when the broker refuses a publish (a nack): a bounded queue it
+    routes to is full (``x-overflow`` ``reject-publish``, as an agent's own
+    events queue under a flood of its id). Nothing was lost: publish again
+    later (agents do, with backoff)."""
+
+
 class TopologyMismatch(BusError):
     """Raised when a queue or exchange exists with other arguments than ours.
 

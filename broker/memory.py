@@ -43,7 +43,15 @@ from .bus import (
     TaskHandler,
 )
 from .envelope import DeadLetter, Envelope
-from .errors import BusError, BusNotStarted, NoReply, QueueInUse, TopologyMissing, UnroutableMessage
+from .errors import (
+    BusError,
+    BusNotStarted,
+    NoReply,
+    PublishRefused,
+    QueueInUse,
+    TopologyMissing,
+    UnroutableMessage,
+)
 from .memory_consumers import ConsumerChannel, MemoryDelivery, MemoryTaskConsumer, next_consumer
 from .memory_lease import MemoryLease
 from .memory_queues import (
@@ -58,6 +66,7 @@ from .memory_queues import (
     Sink,
     TaskQueue,
 )
+from .memory_refusing import RefusingQueue
 from .messages import Control, Event, TaskMessage, WireMessage, parse_control, parse_event
 from .rpc import Reply, parse_reply
 from .settings import BusSettings
@@ -137,7 +146,7 @@ class MemoryBus(CommunicationBus):
         self._connected = True
         t = self.topology
         self._queue(ANY_CAPABILITY_KEY)
-        self._declare(t.orchestrator_events(), lambda q: MessageQueue(q.name))
+        self._declare(t.orchestrator_events(), RefusingQueue.of)
         self._declare(t.orchestrator_heartbeats(), lambda q: MessageQueue(q.name, q.max_length))
         self._declare(t.kept_dead_letters(), lambda q: KeptLetters(q, self.dead_letters))
         self._declare(t.orchestrator_dead_letters(), lambda q: MessageQueue(q.name))
@@ -188,8 +197,14 @@ class MemoryBus(CommunicationBus):
         sinks = self._router.route(exchange, routing_key)
         if not sinks and mandatory:
             raise UnroutableMessage(f"no queue took the message for {exchange!r} / {routing_key!r}")
+        refused: PublishRefused | None = None
         for sink in sinks:
-            sink.deliver(envelope, routing_key)
+            try:
+                sink.deliver(envelope, routing_key)
+            except PublishRefused as exc:  # the others take it all the same, as on RabbitMQ
+                refused = exc
+        if refused is not None:
+            raise refused
 
     async def publish_raw(
         self,
@@ -362,7 +377,11 @@ class MemoryBus(CommunicationBus):
         self._require()
         envelope = Envelope.event(event).stamped(self._user)
         self._check_size(envelope.body)
-        self._route(self.topology.events_exchange, event.kind, envelope)
+        self._route(
+            self.topology.events_exchange,
+            self.topology.event_key(event.kind, event.agent_id),
+            envelope,
+        )
 
     async def subscribe_events(
         self,
@@ -396,6 +415,26 @@ class MemoryBus(CommunicationBus):
         )
         self._add(sub)
         return sub
+
+    async def subscribe_agent_events(
+        self, agent_id: str, handler: EventHandler, *, before_ack: BeforeAck | None = None
+    ) -> Subscription:
+        self._require()
+        queue = self._declare(self.topology.agent_events(agent_id), RefusingQueue.of)
+        if queue.worker is not None:
+            raise RuntimeError(f"agent {agent_id}'s events queue already has a consumer")
+        sub = MemorySubscription(
+            self, queue, handler, lambda e: parse_event(e.body), before_ack=before_ack
+        )
+        self._add(sub)
+        return sub
+
+    async def delete_agent_events(self, agent_id: str) -> None:
+        self._require()
+        queue = self._queues.pop(self.topology.agent_events_queue(agent_id), None)
+        if queue is not None:
+            self._router.unbind(queue)
+            self._poke()
 
     async def subscribe_heartbeats(self, handler: EventHandler) -> Subscription:
         self._require()

@@ -4,13 +4,15 @@ Four roles use a deployment's bus (one prefix), and each gets only what it
 uses, so that a process of one role cannot act as another:
 
 - ``orchestrator``: declares the shared topology (``Topology.everything()``,
-  the capability queues, the leader lease), consumes its own queues and the
-  requests, publishes tasks, retries, commands and replies.
+  the capability queues, each registered agent's events queue, the leader
+  lease), consumes its own queues and the requests, publishes tasks,
+  retries, commands and replies.
 - ``agent``: one user per agent, named after its agent id. It declares only
   its own control queue (exclusive) and binds it to the control exchange;
   it consumes task queues, publishes events keyed with its own id (a topic
   permission with RabbitMQ's ``{username}``) and dead letters. It cannot
-  consume the request queue or the orchestrator's queues, publish commands or
+  consume the request queue or the orchestrator's queues (its own events
+  queue among them: it reaches it through the events exchange only), publish commands or
   tasks, or declare or delete any queue but its own.
 - ``client``: a service that submits and queries. It publishes requests to
   the request queue through the default exchange and reads the replies
@@ -187,6 +189,12 @@ def capability_queues(topology: Topology) -> str:
     return re.escape(topology.task_queue("")) + ".+"
 
 
+def agent_event_queues(topology: Topology) -> str:
+    """Every agent's events queue (``Topology.agent_events``: their ids depend
+    on who registers): the orchestrator's, to declare, consume and delete."""
+    return re.escape(topology.agent_events_queue("")) + ".+"
+
+
 def monitor_queues(topology: Topology) -> str:
     """Every monitor queue of the prefix (each has a random suffix)."""
     return re.escape(topology.monitor((), "").queue.name) + ".+"
@@ -205,8 +213,9 @@ def shared(topology: Topology) -> Declarations:
 
 
 def orchestrator(topology: Topology, user: str = "orchestrator") -> RolePermissions:
-    names = names_of(shared(topology))
-    tasks = [capability_queues(topology)]
+    # (an earlier version's events queue: it unbinds, drains and deletes it)
+    names = names_of(shared(topology)) | {topology.legacy_events_queue}
+    tasks = [capability_queues(topology), agent_event_queues(topology)]
     return RolePermissions(
         role="orchestrator",
         user=user,

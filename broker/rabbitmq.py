@@ -50,13 +50,14 @@ from .rabbitmq_consume import (
 )
 from .rabbitmq_declare import Declarer, PermissionRefused, QueueUnavailable, delete
 from .rabbitmq_lease import RabbitLease
+from .rabbitmq_legacy import drain_legacy_events
 from .rabbitmq_link import CHANNEL_GONE, amqp_url, open_connection
 from .rabbitmq_publish import PUBLISH_RETRY_SECONDS, Publisher
 from .rabbitmq_rpc import RpcClient, request_server
 from .rpc import Reply, parse_reply
 from .settings import BusSettings, redact_url
 from .tls import client_context
-from .topology import ANY_CAPABILITY_KEY, Declarations
+from .topology import ANY_CAPABILITY_KEY, Declarations, Queue
 
 __all__ = ["ACK_BATCH", "PUBLISH_RETRY_SECONDS", "DeclareMode", "RabbitMQBus"]
 
@@ -113,6 +114,8 @@ class RabbitMQBus(CommunicationBus):
         """What is declared on the confirming channel, which every publish goes out on."""
         self._declared: set[str] = set()
         """Capability keys declared on this connection (``delete_topology`` deletes them)."""
+        self._agent_events: set[str] = set()
+        """Agent ids whose events queue this bus declared (``delete_topology`` too)."""
         self._subscriptions: set[Subscription] = set()
         self._publisher = Publisher(
             lambda: self._main.exchanges if self._main is not None else None,
@@ -366,6 +369,33 @@ class RabbitMQBus(CommunicationBus):
         declarer = await self._own_channel(prefetch=512)
         return await self._subscribe(declarer, declarations, handle, before_ack=before_ack)
 
+    async def subscribe_agent_events(
+        self, agent_id: str, handler: EventHandler, *, before_ack: BeforeAck | None = None
+    ) -> Subscription:
+        async def handle(message: AbstractIncomingMessage) -> None:
+            await handler(parse_event(message.body))
+
+        declarer = await self._own_channel(prefetch=512)
+        self._agent_events.add(agent_id)
+        declarations = self.topology.agent_events(agent_id)
+        return await self._subscribe(declarer, declarations, handle, before_ack=before_ack)
+
+    async def delete_agent_events(self, agent_id: str) -> None:
+        channel = await self._require().channel(publisher_confirms=False)
+        try:
+            underlay = await channel.get_underlay_channel()
+            await underlay.queue_delete(self.topology.agent_events_queue(agent_id))
+        except CHANNEL_GONE as exc:
+            raise BusConnectionError(f"cannot delete agent {agent_id!r}'s events: {exc}") from None
+        finally:
+            await close_for_good(channel, "a probe channel")
+        self._agent_events.discard(agent_id)
+
+    async def drain_legacy_events(
+        self, handler: EventHandler, *, before_ack: BeforeAck | None = None
+    ) -> Subscription | None:
+        return await drain_legacy_events(self, handler, before_ack)
+
     async def subscribe_heartbeats(self, handler: EventHandler) -> Subscription:
         async def handle(message: AbstractIncomingMessage) -> None:
             await handler(parse_event(message.body))
@@ -474,16 +504,22 @@ class RabbitMQBus(CommunicationBus):
         """
         await self._main_declarer().declare(declarations)
 
-    async def delete_topology(self, queue_keys: Iterable[str] = ()) -> None:
-        """Delete this prefix's fixed queues and exchanges and the given task queues.
+    async def delete_topology(
+        self, queue_keys: Iterable[str] = (), agent_ids: Iterable[str] = ()
+    ) -> None:
+        """Delete this prefix's fixed queues and exchanges, the given task queues
+        and agents' events queues, and those this bus declared.
 
         For tests and for tearing a deployment down; never called by normal operation.
         """
         connection = self._require()
-        everything = self.topology.everything(set(queue_keys) | self._declared)
+        everything = self.topology.everything(
+            set(queue_keys) | self._declared, {*agent_ids, *self._agent_events}
+        ) + Declarations(queues=(Queue(self.topology.legacy_events_queue),))
         channel: AbstractChannel = await connection.channel()
         try:
             await delete(channel, everything)
         finally:
             await channel.close()
         self._declared.clear()
+        self._agent_events.clear()

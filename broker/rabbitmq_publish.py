@@ -22,7 +22,7 @@ from aio_pika.abc import AbstractExchange
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from .envelope import CONTENT_TYPE, REASON_HEADER, Envelope
-from .errors import BusConnectionError, BusError, BusNotStarted, UnroutableMessage
+from .errors import BusConnectionError, BusError, BusNotStarted, PublishRefused, UnroutableMessage
 from .rabbitmq_link import TRANSIENT
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,11 @@ class Publisher:
         except aiormq.exceptions.PublishError:
             raise UnroutableMessage(
                 f"no queue took the message for {exchange!r} / {routing_key!r}"
+            ) from None
+        except aiormq.exceptions.DeliveryError as exc:  # a nack: a full queue refused it
+            raise PublishRefused(
+                f"the broker refused the message for {exchange!r} / {routing_key!r}"
+                f" (a full queue, reject-publish): {exc}"
             ) from None
         except BusError:
             raise

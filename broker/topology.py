@@ -90,6 +90,17 @@ moment", so the newest are the ones worth keeping, and a flood of them can
 neither fill the broker nor wait ahead of a result (those have a queue of
 their own)."""
 
+AGENT_EVENTS_KEEP = 10_000
+"""Events an agent's own events queue keeps (``Topology.agent_events``); past
+it the broker refuses new ones (``x-overflow`` ``reject-publish``): the
+publisher's confirm is a nack, and an agent publishes its event again, with
+backoff, until there is room. Nothing already queued is lost, so a flood of
+one agent's id delays that agent's own events only, never another's."""
+
+ANNOUNCEMENTS_KEEP = 10_000
+"""Announcements the orchestrator's shared queue keeps
+(``Topology.orchestrator_events``), with the same policy (reject-publish)."""
+
 DEAD_LETTER_KEEP = 10_000
 """How many dead letters ``<p>.dead`` keeps for people to inspect (oldest dropped)."""
 
@@ -178,9 +189,13 @@ class Topology:
     BROADCAST_KEY = "@all"
     """Outside the agent-id alphabet, so no agent's own key can equal it."""
 
-    ORCHESTRATOR_EVENT_PATTERNS = ("task.#", "agent.announce", "agent.goodbye")
-    """What the orchestrator's durable events queue is bound with: every event
-    but heartbeats (``ORCHESTRATOR_HEARTBEAT_PATTERNS``)."""
+    ORCHESTRATOR_EVENT_PATTERNS = ("agent.announce",)
+    """What the orchestrator's shared events queue is bound with: what an agent
+    sends before it is registered. Everything else an agent sends goes to its
+    own queue (``agent_events``), heartbeats to theirs."""
+
+    AGENT_EVENT_PATTERNS = ("task.*", "agent.goodbye")
+    """The kinds an agent's own events queue takes, from that agent's id only."""
 
     ORCHESTRATOR_HEARTBEAT_PATTERNS = ("agent.heartbeat",)
     """What the orchestrator's bounded heartbeat queue is bound with."""
@@ -203,9 +218,42 @@ class Topology:
         return Declarations(queues=(queue,), bindings=(Binding(self.exchanges.tasks, queue, key),))
 
     def orchestrator_events(self) -> Declarations:
-        """The orchestrator's durable queue of events: results wait here while it is down."""
-        queue = Queue(self.orchestrator_events_queue, arguments=_own_queue(self.quorum))
+        """The orchestrator's shared, durable queue of announcements: they wait
+        here while it is down. Bounded (``ANNOUNCEMENTS_KEEP``, reject-publish:
+        an announcing agent publishes again); the results are not here but in
+        each agent's own queue (``agent_events``)."""
+        queue = Queue(
+            self.orchestrator_events_queue,
+            arguments={
+                **_own_queue(self.quorum),
+                "x-max-length": ANNOUNCEMENTS_KEEP,
+                "x-overflow": "reject-publish",
+            },
+        )
         return self._bound_events(queue, self.ORCHESTRATOR_EVENT_PATTERNS)
+
+    def agent_events(self, agent_id: str) -> Declarations:
+        """One registered agent's durable queue of events (its task events and
+        goodbye): results wait here while the orchestrator is down.
+
+        Bound to that agent's id only (``task.*.<id>``, ``agent.goodbye.<id>``),
+        and declared by the orchestrator when it registers the agent (deleted
+        when it removes it), so that the task events of an id nobody
+        registered reach no queue (the broker drops them), and a flood of one
+        registered id fills that id's queue alone. Bounded: past
+        ``AGENT_EVENTS_KEEP`` the broker refuses new events (reject-publish:
+        the agent's publish is nacked and it publishes again with backoff);
+        nothing already queued is lost."""
+        queue = Queue(
+            self.agent_events_queue(agent_id),
+            arguments={
+                **_own_queue(self.quorum),
+                "x-max-length": AGENT_EVENTS_KEEP,
+                "x-overflow": "reject-publish",
+            },
+        )
+        keys = (self.event_key(kind, agent_id) for kind in self.AGENT_EVENT_PATTERNS)
+        return self._bound(queue, self.exchanges.events, keys)
 
     def orchestrator_heartbeats(self) -> Declarations:
         """The orchestrator's queue of heartbeats, beside the events queue: a
@@ -309,15 +357,19 @@ class Topology:
             + self.orchestrator_dead_letters()
         )
 
-    def everything(self, queue_keys: Iterable[str] = ()) -> Declarations:
-        """The fixed topology, the request queue, every retry tier and the
-        capability queues of ``queue_keys``: all that a deployment can have
-        but monitors' and agents' own queues."""
+    def everything(
+        self, queue_keys: Iterable[str] = (), agent_ids: Iterable[str] = ()
+    ) -> Declarations:
+        """The fixed topology, the request queue, every retry tier, the
+        capability queues of ``queue_keys`` and the events queues of
+        ``agent_ids``: all that a deployment can have but monitors' and
+        agents' exclusive queues."""
         return (
             self.fixed()
             + self.rpc()
             + combine(self.retry_tier(t) for t in RETRY_TIERS_MS)
             + combine(self.capability(k) for k in queue_keys if k != ANY_CAPABILITY_KEY)
+            + combine(self.agent_events(a) for a in dict.fromkeys(agent_ids))
         )
 
     @staticmethod
@@ -326,12 +378,19 @@ class Topology:
             queues=(queue,), bindings=tuple(Binding(exchange, queue, k) for k in keys)
         )
 
-    def definitions(self, vhost: str = "/") -> dict[str, Any]:
+    def definitions(self, vhost: str = "/", agent_ids: Iterable[str] = ()) -> dict[str, Any]:
         """The fixed topology as a RabbitMQ definitions document (for import):
         every exchange and queue the bus declares with the same arguments, so
-        that its own declares succeed against it, the retry tiers included.
-        Capability queues other than ``@any`` depend on the tasks submitted."""
-        return self.everything().definitions(vhost)
+        that its own declares succeed against it, the retry tiers included,
+        and the events queues of ``agent_ids``. Capability queues other than
+        ``@any`` depend on the tasks submitted, agents' events queues on who
+        registers (the orchestrator declares them then). ``ValueError`` for an
+        id outside ``AGENT_ID_PATTERN``."""
+        agent_ids = list(agent_ids)
+        for agent_id in agent_ids:
+            if not AGENT_ID_PATTERN.match(agent_id):
+                raise ValueError(f"{agent_id!r} is not an agent id ({AGENT_ID_PATTERN.pattern})")
+        return self.everything(agent_ids=agent_ids).definitions(vhost)
 
     # names ---------------------------------------------------------------------
     @property
@@ -362,8 +421,20 @@ class Topology:
 
     @property
     def orchestrator_events_queue(self) -> str:
-        """The orchestrator's durable queue of events: results wait here while it is down."""
+        """The orchestrator's shared queue of announcements (``orchestrator_events``).
+        Not ``<p>.orchestrator.events``, the unbounded queue of every event
+        before agents had queues of their own (``legacy_events_queue``): a
+        queue's arguments cannot change under its name."""
+        return f"{self.prefix}.orchestrator.announcements"
+
+    @property
+    def legacy_events_queue(self) -> str:
+        """The events queue of versions before agents had their own: purged with the rest."""
         return f"{self.prefix}.orchestrator.events"
+
+    def agent_events_queue(self, agent_id: str) -> str:
+        """One agent's events queue (``agent_events``)."""
+        return f"{self.prefix}.orchestrator.events.{agent_id}"
 
     @property
     def orchestrator_heartbeats_queue(self) -> str:

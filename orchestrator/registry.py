@@ -32,6 +32,7 @@ from broker import DIGEST_PREFIX, CommunicationBus, ConsumeQueues, Reannounce, U
 from broker.messages import CancelTasks
 
 from .agent_probe import AgentProbe
+from .agent_queues import AgentQueues
 from .dispatch import Queues
 from .lifecycle import Lifecycle, Move, held
 from .models import AgentCapability, Task, TaskStatus
@@ -65,12 +66,15 @@ class AgentRegistry:
         lifecycle: Lifecycle,
         placement: PlacementPolicy,
         queues: Queues,
+        agent_queues: AgentQueues | None = None,
     ) -> None:
         self.bus = bus
         self.store = store
         self.clock = lifecycle.clock
         self.placement = placement
         self.queues = queues
+        self.agent_queues = agent_queues
+        """Each agent's own events queue, followed while it is registered."""
         self._agents: dict[str, AgentCapability] = {}
         self._unrunnable: dict[str, QueueSpec] = {}
         """Queues warned of as no registered agent can run their tasks."""
@@ -205,6 +209,8 @@ class AgentRegistry:
             if can_run(agent, spec):
                 del self._unrunnable[key]
                 log.info("agent %s can run the tasks waiting in queue %s", agent_id, key)
+        if self.agent_queues is not None:  # before it consumes: its results have a queue
+            await self.agent_queues.open(agent_id)
         await self.send_queues(agent, replay=replay)
 
     def warn_if_unrunnable(self, key: str, spec: QueueSpec) -> None:
@@ -305,6 +311,8 @@ class AgentRegistry:
         self.probe.forget(agent_id)
         if agent is None:
             return None
+        if self.agent_queues is not None:
+            self.agent_queues.close(agent_id)
         self._runnable.clear()
         log.log(
             logging.INFO if returned else logging.WARNING,

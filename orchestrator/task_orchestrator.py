@@ -26,6 +26,7 @@ from typing import Any
 from broker import CancelTask, CommunicationBus, DeadLetter, Reannounce, Subscription, tracing
 
 from . import listing
+from .agent_queues import AgentQueues
 from .dispatch import Dispatch, queue_key
 from .events import EventHandlers
 from .idempotency import IdempotentSubmits, check_key
@@ -86,8 +87,16 @@ class TaskOrchestrator:
         )
         self.submission = Submission(self.dispatch)
         self.idempotent = IdempotentSubmits(self.records)
+        self.agent_queues = AgentQueues(
+            self.bus, lambda event: self.events.on_event(event), self.store.flush
+        )
         self.registry = AgentRegistry(
-            self.bus, self.store, self.lifecycle, self.placement, self.dispatch.queues
+            self.bus,
+            self.store,
+            self.lifecycle,
+            self.placement,
+            self.dispatch.queues,
+            self.agent_queues,
         )
         self.outcomes = Outcomes(
             self.records,
@@ -145,14 +154,20 @@ class TaskOrchestrator:
         reloaded = await self._reload()
         await self.dispatch.redeclare()
         await self.outcomes.settle_reloaded(reloaded)
-        # What the bus acknowledges must be in the store first.
+        # What the bus acknowledges must be in the store first. Each known agent's
+        # own events queue (its results), then the shared one (announcements).
+        await self.agent_queues.resume(agent.agent_id for agent in self.registry)
+        on_event = self.agent_queues.on_event  # one event at a time, across the queues
         self._subscriptions = [
-            await self.bus.subscribe_events(self.events.on_event, before_ack=self.store.flush),
+            await self.bus.subscribe_events(on_event, before_ack=self.store.flush),
             await self.bus.subscribe_heartbeats(self.events.on_event),
             await self.bus.subscribe_dead_letters(
                 self._on_dead_letter, before_ack=self.store.flush
             ),
         ]
+        legacy = await self.bus.drain_legacy_events(on_event, before_ack=self.store.flush)
+        if legacy is not None:
+            self._subscriptions.append(legacy)
         self._monitor = asyncio.get_running_loop().create_task(self._watch_while_leading())
         # Agents that outlived a previous orchestrator announce themselves again.
         await self.bus.publish_control(Reannounce())
@@ -190,6 +205,7 @@ class TaskOrchestrator:
         subscriptions, self._subscriptions = self._subscriptions, []
         for subscription in subscriptions:
             await subscription.close()
+        await self.agent_queues.stop()
         await self.events.stop()  # after the subscriptions: no event starts another answer
 
     async def stop(self) -> None:

@@ -185,11 +185,14 @@ class Harness:
             if keep:
                 shutil.copy(log.name, Path(keep) / Path(log.name).name)
             os.unlink(log.name)
+        # (agents' events queues: those the orchestrator did not delete as they left)
+        agent_ids = {agent.agent_id for agent in self.agents}
         if self.orchestrator is not None:
             try:
                 keys = set(await self.orchestrator.get_queues())
             except NotLeader:  # it stood by (or stepped down): it declared no task queue
                 keys = set()
+            agent_ids |= {agent.agent_id for agent in self.orchestrator.registry}
             await self.orchestrator.stop()
         else:
             keys = set()
@@ -199,7 +202,7 @@ class Harness:
             cleaner = RabbitMQBus(settings=self.settings)
             await cleaner.connect()
             try:
-                await cleaner.delete_topology(keys | self.queue_keys)
+                await cleaner.delete_topology(keys | self.queue_keys, agent_ids)
             finally:
                 await cleaner.close()
 

@@ -49,7 +49,7 @@ async def test_a_failed_flush_is_retried_and_then_acknowledged(bus_settings: Bus
         flushed.set()
 
     try:
-        subscription = await bus.subscribe_events(on_event, before_ack=flush)
+        subscription = await bus.subscribe_agent_events("worker", on_event, before_ack=flush)
 
         # When one event comes, and nothing after it
         await bus.publish_event(_finished("first"))
@@ -70,10 +70,11 @@ async def test_a_failed_flush_is_retried_and_then_acknowledged(bus_settings: Bus
             if event.task_id == "fence":
                 fence.set()
 
-        subscription = await bus.subscribe_events(on_again)
+        subscription = await bus.subscribe_agent_events("worker", on_again)
         await bus.publish_event(_finished("fence"))
         await asyncio.wait_for(fence.wait(), WAIT)
         assert again == ["fence"]
         await subscription.close()
     finally:
+        await bus.delete_agent_events("worker")
         await bus.close()

@@ -29,16 +29,19 @@ from broker import (
     Event,
     MemoryBus,
     MessageTooLarge,
+    PublishRefused,
     RabbitMQBus,
     Reannounce,
     TaskDelivery,
     TaskFinished,
     TaskMessage,
+    TaskProgress,
     TaskStarted,
     Topology,
     Unregister,
     parse_task,
 )
+from broker import topology as topology_module
 from broker.envelope import Sender, current_sender
 from tests.harness import wait_until
 
@@ -66,6 +69,8 @@ class Buses:
         self.settings = settings
         self.opened: list[CommunicationBus] = []
         self.queue_keys: set[str] = set()
+        self.agent_ids: set[str] = {"agent-1"}
+        """Agents whose events queues teardown deletes."""
         self._shared: MemoryBus | None = None
 
     async def connect(self) -> CommunicationBus:
@@ -94,7 +99,7 @@ class Buses:
             cleaner = RabbitMQBus(settings=self.settings)
             await cleaner.connect()
             try:
-                await cleaner.delete_topology(self.queue_keys)
+                await cleaner.delete_topology(self.queue_keys, self.agent_ids)
             finally:
                 await cleaner.close()
 
@@ -579,27 +584,96 @@ async def test_events_are_handled_one_at_a_time(buses: Buses) -> None:
 async def test_orchestrator_queue_keeps_events_published_before_it_subscribed(
     buses: Buses,
 ) -> None:
-    # Given an agent that published events while no orchestrator consumed them
+    # Given an agent registered before (its events queue declared, then left
+    # alone) that published events while no orchestrator consumed them
+    orchestrator = await buses.connect()
+    await (await orchestrator.subscribe_agent_events("agent-1", Inbox[Event]().put)).close()
     agent = await buses.connect()
     events = agent_and_task_events()
     for event in events:
         await agent.publish_event(event)
 
-    # When the orchestrator subscribes to its durable queue and its heartbeat queue
-    orchestrator = await buses.connect()
+    # When the orchestrator subscribes to its shared queue, the agent's queue
+    # and its heartbeat queue
     seen: Inbox[Event] = Inbox()
     await orchestrator.subscribe_events(seen.put)
+    own: Inbox[Event] = Inbox()
+    await orchestrator.subscribe_agent_events("agent-1", own.put)
     beats: Inbox[Event] = Inbox()
     await orchestrator.subscribe_heartbeats(beats.put)
 
-    # Then it receives every task and agent event in publish order, the
-    # heartbeats on their own queue
-    others = [e for e in events if not isinstance(e, AgentHeartbeat)]
-    assert await seen.wait_for(len(others)) == others
-    await seen.stays_at(len(others))
+    # Then it receives the announcement on the shared queue, every task event
+    # and the goodbye on the agent's own in publish order, the heartbeats on theirs
+    announced = [e for e in events if isinstance(e, AgentAnnounced)]
+    assert await seen.wait_for(len(announced)) == announced
+    others = [e for e in events if not isinstance(e, (AgentHeartbeat, AgentAnnounced))]
+    assert await own.wait_for(len(others)) == others
     heartbeats = [e for e in events if isinstance(e, AgentHeartbeat)]
     assert await beats.wait_for(len(heartbeats)) == heartbeats
+    await seen.stays_at(len(announced))
+    await own.stays_at(len(others))
     await beats.stays_at(len(heartbeats))
+
+
+async def test_task_events_of_an_agent_without_a_queue_reach_no_orchestrator_queue(
+    buses: Buses,
+) -> None:
+    # Given an orchestrator following agent-1's queue and its shared one
+    orchestrator = await buses.connect()
+    seen: Inbox[Event] = Inbox()
+    await orchestrator.subscribe_events(seen.put)
+    own: Inbox[Event] = Inbox()
+    await orchestrator.subscribe_agent_events("agent-1", own.put)
+
+    # When a stranger publishes task events and a goodbye of ids nobody
+    # registered, then agent-1 its result
+    stranger = await buses.connect()
+    for n in range(50):
+        await stranger.publish_event(TaskStarted(task_id="t1", attempt=1, agent_id=f"ghost-{n}"))
+        await stranger.publish_event(AgentLeft(agent_id=f"ghost-{n}"))
+    result = TaskFinished(task_id="t1", attempt=1, agent_id="agent-1", outcome="completed")
+    await stranger.publish_event(result)
+
+    # Then the orchestrator hears agent-1's result alone: the rest reached no queue
+    assert await own.wait_for(1) == [result]
+    await own.stays_at(1)
+    await seen.stays_at(0)
+
+
+async def test_a_full_agent_queue_refuses_a_publish_and_keeps_what_it_holds(
+    monkeypatch: pytest.MonkeyPatch, buses: Buses
+) -> None:
+    # Given agent-1's events queue, declared to keep 10, and nobody consuming it
+    monkeypatch.setattr(topology_module, "AGENT_EVENTS_KEEP", 10)
+    orchestrator = await buses.connect()
+    await (await orchestrator.subscribe_agent_events("agent-1", Inbox[Event]().put)).close()
+    agent = await buses.connect()
+
+    # When 10 events are published, then an 11th
+    events = [TaskProgress(task_id="t1", attempt=1, agent_id="agent-1", progress=i / 10)
+              for i in range(10)]  # fmt: skip
+    for event in events:
+        await agent.publish_event(event)
+    late = TaskFinished(task_id="t1", attempt=1, agent_id="agent-1", outcome="completed")
+
+    # Then the 11th is refused (a nack), the 10 are kept, and once they are read
+    # the 11th goes through
+    with pytest.raises(PublishRefused):
+        await agent.publish_event(late)
+    own: Inbox[Event] = Inbox()
+    subscription = await orchestrator.subscribe_agent_events("agent-1", own.put)
+    assert await own.wait_for(10) == events
+    await agent.publish_event(late)
+    assert await own.wait_for(11) == [*events, late]
+
+    # And once deleted, the queue takes nothing more
+    await subscription.close()
+    await orchestrator.delete_agent_events("agent-1")
+    await orchestrator.delete_agent_events("agent-1")  # idempotent
+    await agent.publish_event(late)
+    again: Inbox[Event] = Inbox()
+    await orchestrator.subscribe_agent_events("agent-1", again.put)
+    await again.stays_at(0)
 
 
 async def test_heartbeats_have_a_bounded_queue_of_their_own(
@@ -615,6 +689,7 @@ async def test_heartbeats_have_a_bounded_queue_of_their_own(
     )  # fmt: skip
     agent = await buses.connect()
     orchestrator = await buses.connect()
+    await (await orchestrator.subscribe_agent_events("agent-1", Inbox[Event]().put)).close()
 
     # When 1,000 heartbeats, then a result, are published while nobody consumes
     beats = [AgentHeartbeat(agent_id="agent-1", running=i) for i in range(1000)]
@@ -623,10 +698,10 @@ async def test_heartbeats_have_a_bounded_queue_of_their_own(
     result = TaskFinished(task_id="t1", attempt=1, agent_id="agent-1", outcome="completed")
     await agent.publish_event(result)
 
-    # Then the events queue holds the result alone, and the heartbeat queue
-    # only the newest 100 heartbeats
+    # Then the agent's events queue holds the result alone, and the heartbeat
+    # queue only the newest 100 heartbeats
     seen: Inbox[Event] = Inbox()
-    await orchestrator.subscribe_events(seen.put)
+    await orchestrator.subscribe_agent_events("agent-1", seen.put)
     assert await seen.wait_for(1) == [result]
     kept: Inbox[Event] = Inbox()
     await orchestrator.subscribe_heartbeats(kept.put)
@@ -663,7 +738,7 @@ async def test_orchestrator_queue_keeps_events_while_the_orchestrator_is_down(
     first = TaskStarted(task_id="t1", attempt=1, agent_id="agent-1")
     orchestrator = await buses.connect()
     before: Inbox[Event] = Inbox()
-    subscription = await orchestrator.subscribe_events(before.put)
+    subscription = await orchestrator.subscribe_agent_events("agent-1", before.put)
     await agent.publish_event(first)
     assert await before.wait_for(1) == [first]
     await subscription.close()
@@ -677,7 +752,7 @@ async def test_orchestrator_queue_keeps_events_while_the_orchestrator_is_down(
         await agent.publish_event(event)
     restarted = await buses.connect()
     after: Inbox[Event] = Inbox()
-    await restarted.subscribe_events(after.put)
+    await restarted.subscribe_agent_events("agent-1", after.put)
 
     # Then it receives them in order (the first event may come again: at least once)
     received = await after.wait_until(

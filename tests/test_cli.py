@@ -292,7 +292,7 @@ async def test_no_orchestrator_answering_is_one_line_and_exit_3(deployment: Depl
         f"'{deployment.prefix}' there"
     )
     # And neither declared anything of the prefix
-    assert not await exists(deployment, f"{deployment.prefix}.orchestrator.events")
+    assert not await exists(deployment, f"{deployment.prefix}.orchestrator.announcements")
     assert not await exists(deployment, f"{deployment.prefix}.tasks.@any")
 
     # When the orchestrator served and stopped, then a request waits its timeout, then fails
@@ -725,13 +725,29 @@ async def test_topology_prints_and_exports_the_definitions(tmp_path: Path) -> No
     printed = await run("topology", "--prefix", "shop")
     assert printed.code == 0, printed
     queues = {q["name"] for q in json.loads(printed.out)["queues"]}
-    assert {"shop.rpc", "shop.orchestrator.events", "shop.tasks.@any"} <= queues
+    assert {"shop.rpc", "shop.orchestrator.announcements", "shop.tasks.@any"} <= queues
 
     # When they export them to a file, then the file holds the same
     target = tmp_path / "definitions.json"
     exported = await run("topology", "--prefix", "shop", "--export", str(target))
     assert exported.code == 0, exported
     assert json.loads(target.read_text()) == json.loads(printed.out)
+
+    # When they name agents, then each one's events queue is there too, bound to its id
+    named = await run("topology", "--prefix", "shop", "--agent", "a-1", "--agent", "b")
+    assert named.code == 0, named
+    document = json.loads(named.out)
+    assert {q["name"] for q in document["queues"]} - queues == {
+        "shop.orchestrator.events.a-1",
+        "shop.orchestrator.events.b",
+    }
+    assert {
+        b["routing_key"]
+        for b in document["bindings"]
+        if b["destination"] == "shop.orchestrator.events.a-1"
+    } == {"task.*.a-1", "agent.goodbye.a-1"}
+    refused = await run("topology", "--prefix", "shop", "--agent", "not an id")
+    assert refused.code != 0 and "not an agent id" in refused.error, refused
 
 
 async def test_schemas_command_writes_the_checked_in_documents(tmp_path: Path) -> None:

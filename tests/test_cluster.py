@@ -286,7 +286,7 @@ def test_the_command_line_scrubs_the_password_of_every_address() -> None:
 
 def test_quorum_queues_are_the_orchestrators_own_and_task_queues_stay_classic() -> None:
     classic, quorum = Topology("p"), Topology("p", quorum=True)
-    own = ("p.orchestrator.events", "p.rpc", "p.orchestrator.dead")
+    own = ("p.orchestrator.announcements", "p.rpc", "p.orchestrator.dead")
     for topology, kind in ((classic, "classic"), (quorum, "quorum")):
         queues = {q["name"]: q["arguments"] for q in topology.definitions()["queues"]}
         assert {queues[name]["x-queue-type"] for name in own} == {kind}
@@ -333,7 +333,7 @@ async def test_a_classic_queue_cannot_become_quorum_and_the_error_names_the_sett
     try:
         with pytest.raises(TopologyMismatch, match="ORCHESTRATOR_QUORUM_QUEUES=true") as caught:
             await quorum.connect()
-        assert "orchestrator.events" in str(caught.value)
+        assert "orchestrator.announcements" in str(caught.value)
     finally:
         await quorum.close()
         await classic.delete_topology()

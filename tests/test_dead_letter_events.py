@@ -69,7 +69,7 @@ async def test_unparseable_event_naming_a_running_task_leaves_it_running(
         "agent_id": "worker",
         **shape,
     }
-    await harness.inject_event("task.finished", json.dumps(body).encode())
+    await harness.inject_event("task.finished.worker", json.dumps(body).encode())
 
     # Then the orchestrator gets its dead letter and only logs it
     def ignored() -> bool:

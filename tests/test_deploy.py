@@ -387,14 +387,21 @@ async def test_orchestrator_runs_on_definitions_loaded_through_the_management_ap
 def dynamic(prefix: str, queue: str, fixed_queues: set[str]) -> bool:
     """A queue declared at run time, by design not in the definitions: a task
     queue other than @any (declared at first use), an agent's control queue, a
-    monitor's queue, a reply queue, the leading orchestrator's lease (exclusive
-    to its connection)."""
+    registered agent's events queue, a monitor's queue, a reply queue, the
+    leading orchestrator's lease (exclusive to its connection)."""
     if queue in fixed_queues:
         return False
     if queue == getattr(Topology(prefix), "leader_queue", None):
         return True
     return (
-        queue.startswith((f"{prefix}.tasks.", f"{prefix}.agent.", f"{prefix}.monitor."))
+        queue.startswith(
+            (
+                f"{prefix}.tasks.",
+                f"{prefix}.agent.",
+                f"{prefix}.monitor.",
+                f"{prefix}.orchestrator.events.",
+            )
+        )
         or queue.startswith("amq.")
         or not queue.startswith(f"{prefix}.")
     )

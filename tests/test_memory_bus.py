@@ -134,7 +134,7 @@ async def test_join_covers_what_handling_publishes_in_turn(bus: MemoryBus) -> No
 
     consumer = await bus.open_task_consumer("agent", prefetch=1, handler=run)
     await consumer.consume(["k"])
-    await bus.subscribe_events(on_event, before_ack=flush)
+    await bus.subscribe_agent_events("agent", on_event, before_ack=flush)
 
     # When the first task is published and the bus is joined
     await bus.publish_task(task("step-1"), queue_key="k", priority=1)
@@ -167,7 +167,14 @@ async def test_join_leaves_delayed_tasks_unless_asked_to_wait(bus: MemoryBus) ->
 
 
 async def test_join_does_not_wait_for_queues_nobody_consumes(bus: MemoryBus) -> None:
-    # Given a task in a queue no agent consumes, and events for an orchestrator not running
+    # Given a task in a queue no agent consumes, and events for an orchestrator not
+    # running (in the queue of agent a, which one registered before)
+    seen: list[Event] = []
+
+    async def record(event: Event) -> None:
+        seen.append(event)
+
+    await (await bus.subscribe_agent_events("a", record)).close()
     await bus.publish_task(task("waiting"), queue_key="nobody", priority=1)
     await bus.publish_event(TaskStarted(task_id="waiting", attempt=1, agent_id="a"))
 
@@ -176,12 +183,7 @@ async def test_join_does_not_wait_for_queues_nobody_consumes(bus: MemoryBus) -> 
 
     # Then they are still there for whoever comes
     assert await bus.queue_depth("nobody") == 1
-    seen: list[Event] = []
-
-    async def record(event: Event) -> None:
-        seen.append(event)
-
-    await bus.subscribe_events(record)
+    await bus.subscribe_agent_events("a", record)
     await drained(bus)
     assert [e.kind for e in seen] == ["task.started"]
 

@@ -63,8 +63,8 @@ async def test_scrape_counts_agree_with_stats(harness) -> None:
     # (and two dead letters: an event that does not parse, and bytes that are no message)
     bad_event = {"v": 1, "kind": "task.finished", "task_id": ids[0], "attempt": 1,
                  "agent_id": "metrics-agent", "outcome": "exploded"}  # fmt: skip
-    await harness.inject_event("task.finished", json.dumps(bad_event).encode())
-    await harness.inject_event("task.finished", b"\xff not json")
+    await harness.inject_event("task.finished.metrics-agent", json.dumps(bad_event).encode())
+    await harness.inject_event("task.finished.metrics-agent", b"\xff not json")
 
     async def dead_lettered() -> bool:
         return (await orch.get_stats())["dead_letters"] == {"event": 1, "other": 1}

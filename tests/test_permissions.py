@@ -247,6 +247,7 @@ async def test_each_role_does_its_part_of_a_task_and_nothing_else(
         agent_url = users.urls["agent"]
         orchestrators_queues = [q.name for q in t.fixed().queues if "orchestrator" in q.name]
         assert orchestrators_queues  # whatever the topology names them
+        orchestrators_queues.append(t.agent_events_queue(AGENT_ID))  # (its own results' queue)
         for queue in [t.rpc_queue, *orchestrators_queues]:
             assert await refused(agent_url, consume(queue)), queue
         # nor publish commands, to one agent or to all
@@ -256,7 +257,12 @@ async def test_each_role_does_its_part_of_a_task_and_nothing_else(
         assert await refused(agent_url, publish("", t.rpc_queue))
         assert await refused(agent_url, publish(t.tasks_exchange, task_queue))
         # nor delete or declare queues it does not own
-        for queue in (t.rpc_queue, t.orchestrator_events_queue, t.task_queue(task_queue)):
+        for queue in (
+            t.rpc_queue,
+            t.orchestrator_events_queue,
+            t.agent_events_queue(AGENT_ID),
+            t.task_queue(task_queue),
+        ):
             assert await refused(agent_url, delete(queue)), queue
         assert await refused(agent_url, declare(t.task_queue("evil")))
         assert await refused(agent_url, declare(t.agent_control_queue(OTHER_AGENT)))

@@ -388,14 +388,22 @@ async def test_task_an_agent_took_while_no_orchestrator_ran_runs_once_after_a_re
     rounds = _count_watch_rounds(second)
     real_subscribe = bus.subscribe_events
 
-    async def subscribe_events(handler, **kwargs):
+    async def subscribe_events(handler, subscribe=None, **kwargs):
         async def after_the_rounds(event) -> None:
             await rounds.after(queued_by + settings.lost_retry_grace, 2)
             await handler(event)
 
-        return await real_subscribe(after_the_rounds, **kwargs)
+        return await (subscribe or real_subscribe)(after_the_rounds, **kwargs)
+
+    real_subscribe_agent = bus.subscribe_agent_events
+
+    async def subscribe_agent_events(agent_id, handler, **kwargs):  # (its results: the same)
+        return await subscribe_events(
+            handler, subscribe=lambda h, **k: real_subscribe_agent(agent_id, h, **k), **kwargs
+        )
 
     bus.subscribe_events = subscribe_events  # type: ignore[method-assign]
+    bus.subscribe_agent_events = subscribe_agent_events  # type: ignore[method-assign]
     harness.orchestrator = second
     await second.start()
 
@@ -493,14 +501,22 @@ async def test_retry_an_agent_took_while_no_orchestrator_ran_runs_once_after_a_r
     real_subscribe = bus.subscribe_events
     restarted = time.time()
 
-    async def subscribe_events(handler, **kwargs):
+    async def subscribe_events(handler, subscribe=None, **kwargs):
         async def after_the_rounds(event) -> None:
             await rounds.after(restarted, 2)
             await handler(event)
 
-        return await real_subscribe(after_the_rounds, **kwargs)
+        return await (subscribe or real_subscribe)(after_the_rounds, **kwargs)
+
+    real_subscribe_agent = bus.subscribe_agent_events
+
+    async def subscribe_agent_events(agent_id, handler, **kwargs):  # (its results: the same)
+        return await subscribe_events(
+            handler, subscribe=lambda h, **k: real_subscribe_agent(agent_id, h, **k), **kwargs
+        )
 
     bus.subscribe_events = subscribe_events  # type: ignore[method-assign]
+    bus.subscribe_agent_events = subscribe_agent_events  # type: ignore[method-assign]
     harness.orchestrator = second
     await second.start()
 

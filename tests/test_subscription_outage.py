@@ -13,7 +13,7 @@ from __future__ import annotations
 import aio_pika
 import pytest
 
-from broker import AgentLeft, BusSettings, Event, RabbitMQBus
+from broker import AgentAnnounced, BusSettings, Event, RabbitMQBus
 from tests.harness import wait_until
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.fault]
@@ -63,7 +63,9 @@ async def test_a_subscription_closed_while_the_broker_is_down_stays_closed(
 
         # Then an event sent after the reconnect (through the bus, which restored
         # its own channels by then) waits in the queue, consumed by nobody
-        await bus.publish_event(AgentLeft(agent_id="someone"))
+        await bus.publish_event(
+            AgentAnnounced(agent_id="someone", capabilities=[], max_concurrent_tasks=1)
+        )
         ready, consumers = await _queue(url, events_queue)
         assert (ready, consumers) == (1, 0)
         assert handled == []

@@ -210,10 +210,11 @@ async def test_answers_of_strangers_and_of_old_rounds_count_for_nothing(prefix: 
         await _answer(agents, heard, "b")
         await bus.join()
 
-        # Then the copy still waits, and the stranger's answers were refused
+        # Then the copy still waits, and the stranger's answer as a was refused (the
+        # unknown agent's reached no queue: nobody registered it)
         assert answers(heard["b"], task_id) == []
         refused = orch.registry.refusals.counts
-        assert refused["wrong_user"] >= 1 and refused["unknown_agent"] >= 1
+        assert refused["wrong_user"] >= 1
     finally:
         await orch.stop()
         await stranger.close()

@@ -654,8 +654,19 @@ def test_every_binding_binds_a_queue_its_group_declares() -> None:
         (Topology("p").capability("a+b"), ["a+b"], ["a", "b", "@any"]),
         (
             Topology("p").orchestrator_events(),
-            ["task.finished", "agent.announce.a-1", "agent.goodbye"],
-            ["control", "agent.heartbeat", "agent.heartbeat.a-1"],
+            ["agent.announce", "agent.announce.a-1"],
+            ["task.finished.a-1", "agent.goodbye.a-1", "control", "agent.heartbeat.a-1"],
+        ),
+        (
+            Topology("p").agent_events("a-1"),
+            ["task.finished.a-1", "task.started.a-1", "task.reported.a-1", "agent.goodbye.a-1"],
+            [
+                "task.finished.a-2",
+                "task.finished",
+                "task.finished.a-1.x",
+                "agent.announce.a-1",
+                "agent.heartbeat.a-1",
+            ],
         ),
         (
             Topology("p").orchestrator_heartbeats(),

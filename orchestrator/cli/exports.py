@@ -55,7 +55,9 @@ def topology(
             "--agent",
             metavar="AGENT_ID",
             help="With --permissions: the permissions of the user of this agent (named after"
-            " its id); repeat for more. Without it, the agent role is a template.",
+            " its id); repeat for more. Without it, the agent role is a template. Without"
+            " --permissions: the definitions include this agent's events queue (the"
+            " orchestrator declares it when it registers the agent).",
             show_default=False,
         ),
     ] = None,
@@ -65,8 +67,6 @@ def topology(
     ORCHESTRATOR_QUORUM_QUEUES=true the orchestrator's own queues are quorum queues."""
     settings = BusSettings(**({"prefix": prefix} if prefix is not None else {}))
     shape = Topology(settings.prefix, quorum=settings.quorum_queues)
-    if agents and permissions is None:
-        raise CliError("--agent: goes with --permissions json or --permissions rabbitmqctl")
     try:
         if permissions is PermissionsFormat.json:
             exported = role_permissions.export(shape, vhost, agents or ())
@@ -74,7 +74,7 @@ def topology(
         elif permissions is PermissionsFormat.rabbitmqctl:
             text = role_permissions.shell_script(shape, vhost, agents or ())
         else:
-            text = json.dumps(shape.definitions(vhost), indent=2) + "\n"
+            text = json.dumps(shape.definitions(vhost, agents or ()), indent=2) + "\n"
     except ValueError as exc:
         raise CliError(f"--agent: {exc}") from None
     if export is None:

@@ -82,11 +82,13 @@ async def _purge(
     settings: BusSettings, store: str, keys: set[str], management_url: str | None, yes: bool
 ) -> None:
     topology = Topology(settings.prefix)
-    keys |= await _keys_in_store(store)
+    stored_keys, agent_ids = await _keys_in_store(store)
+    keys |= stored_keys
     listed = await asyncio.to_thread(_listed_by_management, settings, management_url)
     if listed is not None:
-        keys |= listed
-    everything = topology.everything(keys)
+        keys |= _after(listed, topology.task_queue(""))
+        agent_ids |= _after(listed, topology.agent_events_queue(""))
+    everything = topology.everything(keys, agent_ids)
     bus = RabbitMQBus(
         settings=settings, connection_name=f"{settings.prefix}:purge", declare_topology=False
     )
@@ -98,9 +100,8 @@ async def _purge(
                 f"an orchestrator serves prefix {settings.prefix!r} now (it holds"
                 f" {held!r}): stop it first, or it declares its queues again"
             )
-        found = await find(
-            bus, [q.name for q in everything.queues], [e.name for e in everything.exchanges]
-        )
+        queues = [q.name for q in everything.queues] + [topology.legacy_events_queue]
+        found = await find(bus, queues, [e.name for e in everything.exchanges])
         if not found.queues and not found.exchanges:
             err.print(
                 f"nothing of prefix {settings.prefix!r} on {bus.address}",
@@ -143,23 +144,30 @@ def _confirmed(found: Found) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-async def _keys_in_store(spec: str) -> set[str]:
-    """The capability keys of the tasks in the orchestrator's store (none for memory)."""
+async def _keys_in_store(spec: str) -> tuple[set[str], set[str]]:
+    """The capability keys of the tasks in the orchestrator's store, and the ids
+    of its agents, whose events queues it declared (none for memory)."""
     from .serve import open_store
 
     state = open_store(spec, "--store")
     if state is None:
-        return set()
+        return set(), set()
     await state.open()
     try:
-        return {route_key(t.task_type, t.required_capabilities) for t in await state.tasks()}
+        keys = {route_key(t.task_type, t.required_capabilities) for t in await state.tasks()}
+        return keys, {a.agent_id for a in await state.agents()}
     finally:
         await state.close()
 
 
+def _after(names: set[str], start: str) -> set[str]:
+    """What follows ``start`` in the names that begin with it."""
+    return {name.removeprefix(start) for name in names if name.startswith(start)}
+
+
 def _listed_by_management(settings: BusSettings, url: str | None) -> set[str] | None:
-    """The keys of the prefix's capability queues as the management API lists
-    them; None when it does not answer."""
+    """The names of the vhost's queues as the management API lists them (the
+    capability and agents' events queues among them); None when it does not answer."""
     import os
 
     parts = urllib.parse.urlsplit(first_address(settings.broker_url or ""))  # a cluster: its first
@@ -179,9 +187,4 @@ def _listed_by_management(settings: BusSettings, url: str | None) -> set[str] | 
             queues: list[dict[str, Any]] = json.loads(response.read())
     except (OSError, ValueError, urllib.error.URLError):
         return None
-    start = Topology(settings.prefix).task_queue("")
-    return {
-        q["name"].removeprefix(start)
-        for q in queues
-        if isinstance(q, dict) and str(q.get("name", "")).startswith(start)
-    }
+    return {str(q.get("name", "")) for q in queues if isinstance(q, dict)}
