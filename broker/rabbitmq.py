@@ -19,7 +19,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
@@ -48,10 +48,11 @@ from .rabbitmq_consume import (
     close_for_good,
     dead_letter_of,
 )
-from .rabbitmq_declare import Declarer, PermissionRefused, QueueUnavailable, delete
+from .rabbitmq_declare import Declarer, QueueUnavailable, delete
 from .rabbitmq_lease import RabbitLease
 from .rabbitmq_legacy import drain_legacy_events
 from .rabbitmq_link import CHANNEL_GONE, amqp_url, open_connection
+from .rabbitmq_probe import DeclareMode, control_queue_lives, declare_mode
 from .rabbitmq_publish import PUBLISH_RETRY_SECONDS, Publisher
 from .rabbitmq_rpc import RpcClient, request_server
 from .rpc import Reply, parse_reply
@@ -61,7 +62,6 @@ from .topology import ANY_CAPABILITY_KEY, Declarations, Queue
 
 __all__ = ["ACK_BATCH", "PUBLISH_RETRY_SECONDS", "DeclareMode", "RabbitMQBus"]
 
-DeclareMode = Literal["all", "own", "none"]
 
 log = logging.getLogger(__name__)
 
@@ -179,33 +179,10 @@ class RabbitMQBus(CommunicationBus):
             raise
 
     async def _declaring(self) -> DeclareMode:
-        """What this connection declares; for ``own``, the fixed topology checked.
-
-        The trial declare and the check run on a throwaway channel: RabbitMQ
-        closes the channel of a refused or missing declare."""
-        mode = self.declare_mode
-        if mode is None:
-            try:
-                await self._on_probe(lambda d: d.declare(self.topology.fixed()))
-                return "all"
-            except PermissionRefused as exc:
-                log.info(
-                    "declaring only this connection's own queues: the broker user may not"
-                    " declare the shared topology (%s)",
-                    exc,
-                )
-                mode = "own"
-        if mode == "own":
-            await self._on_probe(lambda d: d.check(self.topology.fixed()))
-        return mode
-
-    async def _on_probe(self, use: Callable[[Declarer], Awaitable[None]]) -> None:
         assert self._connection is not None
-        channel = await self._connection.channel(publisher_confirms=False)
-        try:
-            await use(Declarer(channel, self.address))
-        finally:
-            await close_for_good(channel, "a probe channel")
+        return await declare_mode(
+            self._connection, self.topology.fixed(), self.declare_mode, self.address
+        )
 
     async def close(self) -> None:
         for sub in list(self._subscriptions):
@@ -404,28 +381,9 @@ class RabbitMQBus(CommunicationBus):
         return await self._subscribe(declarer, self.topology.orchestrator_heartbeats(), handle)
 
     async def agent_connected(self, agent_id: str) -> bool:
-        connection = self._require()
-        transport = connection.transport
-        what = f"cannot ask the broker about agent {agent_id!r}"
-        if transport is None or not connection.connected.is_set():
-            raise BusConnectionError(f"{what}: the link is down")
-        try:
-            # A bare channel: the broker closes it on a 404 or 405, and a robust
-            # one would reopen itself.
-            channel = await transport.connection.channel()
-        except CHANNEL_GONE as exc:
-            raise BusConnectionError(f"{what}: {exc}") from None
-        try:
-            await channel.queue_declare(self.topology.agent_control_queue(agent_id), passive=True)
-            return True  # (a declare on the agent's own connection: an in-process agent)
-        except aiormq.exceptions.ChannelLockedResource:
-            return True  # exclusive to another connection, which lives: the agent's
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            return False
-        except CHANNEL_GONE as exc:
-            raise BusConnectionError(f"{what}: {exc}") from None
-        finally:
-            await close_for_good(channel, "a probe channel")
+        return await control_queue_lives(
+            self._require(), self.topology.agent_control_queue(agent_id), agent_id
+        )
 
     async def subscribe_dead_letters(
         self, handler: DeadLetterHandler, *, before_ack: BeforeAck | None = None
