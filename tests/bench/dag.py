@@ -66,7 +66,7 @@ class ReleaseTimer:
 
 
 def timed_bus(kind: type[CommunicationBus], timer: ReleaseTimer, settings: BusSettings):
-    """A bus of ``kind`` whose orchestrator events queue is handled under ``timer``."""
+    """A bus of ``kind`` whose orchestrator and agent events queues are handled under ``timer``."""
 
     class TimedBus(kind):  # type: ignore[valid-type, misc]
         async def subscribe_events(
@@ -79,6 +79,14 @@ def timed_bus(kind: type[CommunicationBus], timer: ReleaseTimer, settings: BusSe
             if patterns is None:  # the orchestrator's own queue
                 handler = timer.around(handler)
             return await super().subscribe_events(handler, patterns=patterns, before_ack=before_ack)
+
+        async def subscribe_agent_events(
+            self, agent_id: str, handler: EventHandler, *, before_ack: BeforeAck | None = None
+        ) -> Subscription:
+            # Results come through each agent's own events queue.
+            return await super().subscribe_agent_events(
+                agent_id, timer.around(handler), before_ack=before_ack
+            )
 
     return TimedBus(settings=settings)
 
