@@ -6,7 +6,8 @@ in this process, another starts in a process of its own
 same SQLite file. The second stands by and names the leader, though a
 plain ``TaskOrchestrator`` answers no stats request (it reads the store's
 epoch row); its API refuses; the first's tasks all complete, each once;
-when the first stops, the second takes over and runs a task.
+when the first stops, the second takes over and runs a task. And a standby
+follows who leads: a third names the second once it took over.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pytest
 from agents import TaskContext
 from broker import BusSettings
 from orchestrator import SQLiteStore, TaskOrchestrator
-from tests.harness import FAST, ROOT, Harness, wait_all
+from tests.harness import FAST, ROOT, Harness, wait_all, wait_until
 
 FAST_LEASE = 0.2
 CAPABILITY = "standby_process"
@@ -33,7 +34,7 @@ LINE_TIMEOUT = 30.0
 
 
 @pytest.fixture
-async def harness(prefix: str, broker_url: str):
+async def rabbitmq_harness(prefix: str, broker_url: str):
     h = Harness(
         "rabbitmq",
         BusSettings(broker_url=broker_url, prefix=prefix, amqp_heartbeat=5, connect_attempts=1),
@@ -100,8 +101,9 @@ class Second:
 
 @pytest.mark.rabbitmq
 async def test_a_task_orchestrator_in_a_second_process_stands_by_then_takes_over(
-    harness: Harness, tmp_path: Path
+    rabbitmq_harness: Harness, tmp_path: Path
 ) -> None:
+    harness = rabbitmq_harness
     # Given a plain TaskOrchestrator leading on a SQLite file, an agent that counts its runs
     path = tmp_path / "state.sqlite"
     runs: collections.Counter[str] = collections.Counter()
@@ -157,3 +159,50 @@ async def test_a_task_orchestrator_in_a_second_process_stands_by_then_takes_over
     assert code == 0, second.log.read_text()
     assert sorted(runs.values()) == [1] * 61, runs
     assert set(runs) == {*before, *more, after["task_id"]}
+
+
+async def test_a_standby_follows_who_leads_from_the_store(harness: Harness, tmp_path: Path) -> None:
+    # Given three plain TaskOrchestrators on one prefix and SQLite file: one leads
+    path = tmp_path / "state.sqlite"
+
+    async def started() -> TaskOrchestrator:
+        orchestrator = TaskOrchestrator(
+            await harness.connected_bus(), settings=FAST, store=SQLiteStore(path)
+        )
+        orchestrator.leadership.poll_interval = FAST_LEASE
+        await orchestrator.start()
+        return orchestrator
+
+    first = await started()
+    harness.orchestrator = first
+    second, third = await started(), await started()
+    try:
+        for standby in (second, third):
+            assert (await standby.get_stats())["leader"] == {
+                "id": first.leadership.holder,
+                "epoch": 1,
+            }
+
+        # When the first stops and one of the others takes over
+        await first.stop()
+
+        async def one_leads() -> bool:
+            return second.leadership.is_leader or third.leadership.is_leader
+
+        await wait_until(one_leads, timeout=10)
+        leader, standby = (second, third) if second.leadership.is_leader else (third, second)
+        harness.orchestrator = leader
+
+        # Then the one still standing by names the new leader, under epoch 2
+        new = {"id": leader.leadership.holder, "epoch": 2}
+
+        async def names_it() -> bool:
+            return (await standby.get_stats())["leader"] == new
+
+        await wait_until(names_it, timeout=10)
+        assert (await leader.get_stats())["leader"] == new
+        assert (await standby.get_stats())["role"] == "standby"
+    finally:
+        for orchestrator in (second, third):
+            if orchestrator is not harness.orchestrator:
+                await orchestrator.stop()
