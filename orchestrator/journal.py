@@ -89,6 +89,8 @@ class JournalStore(StateStore):
         self._meta: dict[str, Any] = {}
         self._dirty = _Dirty()
         self._opened = False
+        self._connected = False
+        """Connected (and migrated); the records may not be read yet (``current_epoch``)."""
         self._opening: asyncio.Lock | None = None
         self._flush_lock: asyncio.Lock | None = None
         self._wake: asyncio.Event | None = None
@@ -162,12 +164,12 @@ class JournalStore(StateStore):
         async with self._opening:
             if self._opened:
                 return None
-            await self._connect()
+            await self._ensure_connected()
             try:
                 epoch = None if holder is None else await self._claim(holder)
                 self._take(await self._load())
             except BaseException:
-                await self._disconnect()
+                await self._drop_connection()
                 raise
             self._opened = True
             self._flush_lock = asyncio.Lock()
@@ -182,6 +184,16 @@ class JournalStore(StateStore):
             )
             return epoch
 
+    async def _ensure_connected(self) -> None:
+        """Connect and migrate, once (under ``_opening``)."""
+        if not self._connected:
+            await self._connect()
+            self._connected = True
+
+    async def _drop_connection(self) -> None:
+        self._connected = False
+        await self._disconnect()
+
     def _take(self, loaded: Loaded) -> None:
         """Hold the records ``loaded`` (decoded) as the store's memory."""
         tasks = [task_from_record(text) for text in loaded.tasks]
@@ -194,6 +206,9 @@ class JournalStore(StateStore):
         """Write what is pending (trying once, not waiting out an outage) and disconnect."""
         if not self._opened:
             self._closed = True
+            if self._opening is not None:
+                async with self._opening:  # connected only to read the epoch
+                    await self._drop_connection()
             return
         assert self._closing is not None and self._flush_lock is not None
         self._closing.set()  # a write waiting to try again gives up now
@@ -214,7 +229,7 @@ class JournalStore(StateStore):
         finally:
             self._opened = False
             self._closed = True
-            await self._disconnect()
+            await self._drop_connection()
 
     async def _flush_soon(self) -> None:
         """Flush within ``flush_interval`` of the first change since the last one."""
@@ -264,8 +279,20 @@ class JournalStore(StateStore):
         return epoch
 
     async def current_epoch(self) -> tuple[int, str | None]:
-        await self.open()
-        return await self._read_epoch()
+        """The epoch row, read without reading the records: a standby names the
+        leader by it, and records read now would be stale when it takes over
+        (``claim_epoch`` reads them, after its claim). So an unopened store
+        connects (and migrates) only; it reads the records once it is opened."""
+        if self._opened:
+            return await self._read_epoch()
+        if self._closed:
+            raise RuntimeError(f"the store on {self.where} is closed")
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        async with self._opening:  # not while an open or a close connects or disconnects
+            if not self._opened:
+                await self._ensure_connected()
+            return await self._read_epoch()
 
     # ---------------------------------------------------------------- writes
     async def flush(self) -> None:

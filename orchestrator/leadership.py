@@ -22,7 +22,9 @@ publishing. Stepping down (lease lost, or a flush fenced): ``on_step_down``
 stops consuming and publishing; the orchestrator does not lead again with
 the state it held (it may be stale), so an ``orchestrator serve`` starts a
 fresh one as a standby. API calls on a standby raise ``NotLeader`` naming
-the leader, as far as it is known.
+the leader, as far as it is known: a standby reads it, every poll, from the
+store's epoch row (its last claim, whatever kind of orchestrator made it;
+the row alone, not the records, which would be stale at takeover).
 """
 
 from __future__ import annotations
@@ -173,6 +175,7 @@ class Leadership:
             self._lease = None  # a bus without a lease: fencing alone guards the store
         if await self._try_lead():
             return True
+        await self._learn_from_store()  # named in get_stats from the start
         await self._set_role(Role.STANDBY)
         self._task = asyncio.get_running_loop().create_task(self._stand_by())
         return False
@@ -231,8 +234,9 @@ class Leadership:
         return self.leader.id, self.leader.epoch
 
     async def _stand_by(self) -> None:
-        """Try the lease every ``poll_interval`` until it is ours."""
-        await self._learn_leader()
+        """Try the lease every ``poll_interval`` until it is ours; follow who leads."""
+        if self.leader.id is None:
+            await self._learn_leader()
         log.info(
             "standing by on prefix %r, leader is %s",
             self.bus.settings.prefix,
@@ -249,15 +253,35 @@ class Leadership:
                 log.warning("standing by: %s", exc)
             except Exception:
                 log.exception("standing by: taking over failed; trying again")
-            if self.leader.id is None and await self._learn_leader():
+            known = self.leader
+            if await self._learn_leader() and self.leader != known:
                 log.info("standing by, leader is %s", self.leader.describe())
 
     async def _learn_leader(self) -> bool:
-        """Ask the leader who it is (its stats name it); whether it answered.
+        """Who leads: the store's epoch row, else (a store of this process
+        alone, ``MemoryStore``) the leader's own stats; whether it is known."""
+        return await self._learn_from_store() or await self._ask_leader()
 
-        Not from the store: reading a store makes it load its records, which
-        would then be stale when this orchestrator takes over.
+    async def _learn_from_store(self) -> bool:
+        """Who leads, by the store's epoch row (its last claim); whether it named one.
+
+        Whatever kind the leader is (a ``TaskOrchestrator`` answers no
+        request). The row is read alone, not the records: records read now
+        would be stale when this orchestrator takes over.
         """
+        try:
+            epoch, holder = await self.store.current_epoch()
+        except Exception as exc:  # the store is down: the leader stays as known
+            log.debug("standing by: cannot read the store's epoch: %s", exc)
+            return False
+        if epoch < 1 or not isinstance(holder, str) or holder == self.holder:
+            return False
+        self.leader = LeaderInfo(holder, epoch)
+        return True
+
+    async def _ask_leader(self) -> bool:
+        """Ask the leader who it is (an ``orchestrator serve`` answers stats
+        requests); whether it answered."""
         with contextlib.suppress(Exception):
             reply = await self.bus.request(StatsRequest(), timeout=self.poll_interval + 1)
             leader = (reply.result or {}).get("leader") if reply.ok else None

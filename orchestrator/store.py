@@ -123,7 +123,10 @@ class StateStore(abc.ABC):
         return epoch
 
     async def current_epoch(self) -> tuple[int, str | None]:
-        """The store's latest leader epoch and its holder ((0, None): never claimed)."""
+        """The store's latest leader epoch and its holder ((0, None): never claimed).
+
+        Cheap, and it reads no records (a standby asks it every poll, to name
+        the leader): a store reads its records when it is claimed or read."""
         return self._epoch_in_memory
 
 

@@ -111,6 +111,7 @@ async def test_a_second_orchestrator_stands_by_never_breaks_the_first_and_takes_
         assert second.leadership.role is Role.STANDBY
         stats = await second.get_stats()
         assert stats["role"] == "standby"
+        assert stats["leader"] == {"id": first.leadership.holder, "epoch": 1}
         with pytest.raises(NotLeader, match="not_leader"):
             await second.submit_task("t", "", "work", {"n": -1})
         with pytest.raises(NotLeader):
