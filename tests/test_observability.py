@@ -181,6 +181,8 @@ async def test_serve_and_python_m_agents_log_json_naming_their_tasks(
         about = [r for r in served if task_id in r["message"]]
         assert about, (task_id, served)
         assert all(r["task_id"] == task_id for r in about), about
+    registered_lines = [r for r in served if "agent jsonlogs registered" in r["message"]]
+    assert registered_lines and registered_lines[0]["agent_id"] == "jsonlogs", served
 
     # And so is every line the agent wrote; its lines about the failure name task and agent
     records = json_records(deployment.log("jsonlogs"))

@@ -20,6 +20,7 @@ from typing import Annotated
 
 import typer
 
+from broker import AGENT_ID_PATTERN
 from broker.log_records import ContextFilter, JsonFormatter
 
 from . import redaction
@@ -93,7 +94,8 @@ TASK_ID = re.compile(r"task_[0-9a-f]{32}")
 
 class TaskIdFilter(logging.Filter):
     """Names the task of a record about one that no context named: the first of
-    its arguments that is a task id.
+    its arguments that is a task id; and its agent, the argument its format
+    names as one.
 
     The orchestrator's records name their task as an argument (``"submitted
     %s (%s)"``) rather than inside ``log_records.about``, as an agent's do;
@@ -106,7 +108,26 @@ class TaskIdFilter(logging.Filter):
         if getattr(record, "task_id", None) is None and isinstance(record.args, tuple):
             ids = (a for a in record.args if isinstance(a, str) and TASK_ID.fullmatch(a))
             record.task_id = next(ids, None)
+        if getattr(record, "agent_id", None) is None:
+            record.agent_id = _agent_named(record)
         return True
+
+
+_PLACEHOLDER = re.compile(r"%[-#0 +]*\d*(?:\.\d+)?[sdrifgex]")
+
+
+def _agent_named(record: logging.LogRecord) -> str | None:
+    """The argument a record's format names as an agent (``"agent %s ..."``,
+    the orchestrator's way), if it is an agent id: an agent's name is any of
+    the id alphabet, so only its place in the format can say which it is."""
+    msg, args = record.msg, record.args
+    if not isinstance(msg, str) or not isinstance(args, tuple) or "agent %s" not in msg:
+        return None
+    position = len(_PLACEHOLDER.findall(msg[: msg.index("agent %s")].replace("%%", "")))
+    if position < len(args) and isinstance(args[position], str):
+        if AGENT_ID_PATTERN.fullmatch(args[position]):
+            return args[position]
+    return None
 
 
 log_filter = LogFilter()
