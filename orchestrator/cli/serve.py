@@ -168,9 +168,10 @@ async def _serve(
 ) -> None:
     """Lead the prefix, or stand by while another orchestrator leads it, until a signal.
 
-    A standby opens its store only when it takes over (a store read earlier
-    would be stale by then); the store is checked once at the start all the
-    same, so that a store it cannot use is an error before anything connects.
+    A standby reads its store's records only when it takes over (records read
+    earlier would be stale by then; it reads only the epoch row, to name the
+    leader); the store is checked once at the start all the same, so that a
+    store it cannot use is an error before anything connects.
     An orchestrator that steps down (it lost the lease, or a newer leader
     fenced its store) is replaced by a fresh one that stands by.
     """
