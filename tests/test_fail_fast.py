@@ -25,7 +25,8 @@ import pytest
 
 from broker import BusSettings, RabbitMQBus
 from tests.conftest import require_broker
-from tests.deployment import CLI, ROOT, Deployment, Result, base_env
+from tests.deployment import CLI, ROOT, Deployment, Result, base_env, management_api
+from tests.harness import wait_until
 
 UNREACHABLE = "amqp://someone:pw-s3cret@127.0.0.1:1/"
 STOP_WITHIN = 2.0
@@ -393,5 +394,49 @@ async def test_sigterm_stops_a_serving_orchestrator_within_2s(prefix: str) -> No
         await asyncio.wait_for(process.wait(), 10)
         assert time.monotonic() - began < STOP_WITHIN
         assert process.returncode == 0, deployment.log("serve")
+    finally:
+        await deployment.close()
+
+
+@pytest.mark.rabbitmq
+async def test_a_signal_ends_a_connected_command_within_2s(prefix: str) -> None:
+    # Given a serving orchestrator, and connected to it: a watch, a submit
+    # waiting for a task nobody can run, and a second serve standing by
+    deployment = Deployment(prefix, require_broker())
+    try:
+        await deployment.serve()
+        api = management_api()
+
+        def watching(_: str) -> bool:  # its monitor queue is consumed (it draws no frame
+            # when not on a terminal)
+            status, queues = api.call(
+                "GET", f"/api/queues?name=^{prefix}\\.monitor\\.&use_regex=true"
+            )
+            return status == 200 and any(q.get("consumers") for q in queues)
+
+        ready = {
+            "watch": (["watch"], watching, 0),
+            "waiting": (["submit", "t", "--wait"], lambda log: "wait" in log, 128 + signal.SIGTERM),
+            "standby": (["serve"], lambda log: "standing by" in log, 0),
+        }
+        for name, (args, _, _) in ready.items():
+            await deployment.start(name, *args, PYTHONUNBUFFERED="1")
+        for name, (_, is_ready, _) in ready.items():
+
+            async def ready_now(name: str = name, is_ready=is_ready) -> bool:
+                return await asyncio.to_thread(is_ready, deployment.log(name))
+
+            await wait_until(ready_now, timeout=30)
+
+        # When each gets SIGTERM, then each has ended within 2 s as it should
+        for name, (_, _, code) in ready.items():
+            process = deployment.processes[name][0]
+            process.send_signal(signal.SIGTERM)
+            began = time.monotonic()
+            await asyncio.wait_for(process.wait(), 10)
+            took = time.monotonic() - began
+            assert took < STOP_WITHIN, (name, took, deployment.log(name))
+            assert process.returncode == code, (name, deployment.log(name))
+            assert "Traceback" not in deployment.log(name), deployment.log(name)
     finally:
         await deployment.close()
