@@ -34,30 +34,33 @@ from tests.harness import FAST, Harness, wait_until
 WAIT = 15.0
 
 
-class _FirstOpenFails:
-    """A bus whose first consume of each agent's events queue fails after the
-    declare went through (the channel closed under it): the queue is bound and
-    keeps what the agent publishes, but nobody reads it."""
+class _OpenFails:
+    """A bus whose next consumes of the events queue of each agent in
+    ``fail_next`` (so many times) fail after the declare went through (the
+    channel closed under it): the queue is bound and keeps what the agent
+    publishes, but nobody reads it."""
 
+    fail_next: dict[str, int]
     failed: list[str]
 
     async def subscribe_agent_events(self, agent_id: str, handler: Any, **kwargs: Any):
         subscription: Subscription = await super().subscribe_agent_events(  # type: ignore[misc]
             agent_id, handler, **kwargs
         )
-        if agent_id not in self.failed:
+        if self.fail_next.get(agent_id, 0) > 0:
+            self.fail_next[agent_id] -= 1
             self.failed.append(agent_id)
             await subscription.close()
             raise BusConnectionError("channel closed by the broker (injected)")
         return subscription
 
 
-class _FailingMemoryBus(_FirstOpenFails, MemoryBus):
-    failed: list[str] = []
+class _FailingMemoryBus(_OpenFails, MemoryBus):
+    pass
 
 
-class _FailingRabbitMQBus(_FirstOpenFails, RabbitMQBus):
-    failed: list[str] = []
+class _FailingRabbitMQBus(_OpenFails, RabbitMQBus):
+    pass
 
 
 async def _orchestrator_on(
@@ -66,7 +69,7 @@ async def _orchestrator_on(
     """An orchestrator on a bus of the test's (closed with the harness)."""
     if isinstance(bus, MemoryBus):
         harness.use_memory_bus(bus)
-    else:
+    elif bus not in harness.buses:
         harness.buses.append(bus)
     if not bus.is_connected:
         await bus.connect()
@@ -75,12 +78,16 @@ async def _orchestrator_on(
     return harness.orchestrator
 
 
-def _failing_bus(harness: Harness) -> CommunicationBus:
+async def _true(value: bool) -> bool:
+    return value
+
+
+def _failing_bus(harness: Harness, **fail_next: int) -> _OpenFails:
     if harness.bus_kind == "memory":
-        bus: CommunicationBus = _FailingMemoryBus(settings=harness.settings)
+        bus: _OpenFails = _FailingMemoryBus(settings=harness.settings)
     else:
         bus = _FailingRabbitMQBus(settings=harness.settings)
-    bus.failed = []  # type: ignore[attr-defined]
+    bus.fail_next, bus.failed = fail_next, []
     return bus
 
 
@@ -89,12 +96,12 @@ async def test_an_agent_queue_that_failed_to_open_is_opened_by_the_watch(
 ) -> None:
     caplog.set_level(logging.INFO, logger="orchestrator")
     # Given an orchestrator whose first consume of an agent's events queue fails
-    bus = _failing_bus(harness)
-    orchestrator = await _orchestrator_on(harness, bus)
+    bus = _failing_bus(harness, worker=1)
+    orchestrator = await _orchestrator_on(harness, bus)  # type: ignore[arg-type]
 
     # When an agent registers (its queue declared, but not consumed) and runs a task
     await harness.start_agent("worker", [], 1)
-    assert bus.failed == ["worker"]  # type: ignore[attr-defined]
+    assert bus.failed == ["worker"]
     task_id = await orchestrator.submit_task(
         name="t", description="", task_type="job", payload={"n": 1}, max_retries=0, timeout=60
     )
@@ -107,6 +114,33 @@ async def test_an_agent_queue_that_failed_to_open_is_opened_by_the_watch(
     messages = [r.getMessage() for r in caplog.records]
     assert any("cannot follow agent worker's events queue" in m for m in messages)
     assert any("following agent worker's events queue again" in m for m in messages)
+
+
+async def test_an_agent_queue_that_failed_to_open_on_taking_the_lead_is_opened_by_the_watch(
+    harness: Harness,
+) -> None:
+    # Given a registered agent, and an orchestrator stopped and started again on
+    # its store, whose first two consumes of that agent's queue fail (on taking
+    # the lead, and when the agent announces itself again)
+    bus = _failing_bus(harness)
+    store = MemoryStore()
+    orchestrator = await _orchestrator_on(harness, bus, store=store)  # type: ignore[arg-type]
+    await harness.start_agent("worker", [], 1)
+    await orchestrator.stop()
+    bus.fail_next["worker"] = 2
+    orchestrator = await _orchestrator_on(harness, bus, store=store)  # type: ignore[arg-type]
+    assert bus.failed == ["worker"]
+    await wait_until(lambda: _true(len(bus.failed) == 2), WAIT)
+
+    # When the agent runs a task
+    task_id = await orchestrator.submit_task(
+        name="t", description="", task_type="job", payload={}, max_retries=0, timeout=60
+    )
+
+    # Then its result is recorded (before, only the next leader would read it)
+    final = await orchestrator.wait_for_task(task_id, WAIT)
+    assert final["status"] == "completed", final
+    assert final["retry_count"] == 0
 
 
 @pytest.mark.rabbitmq
