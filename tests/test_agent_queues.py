@@ -10,6 +10,7 @@ must not hold up every event until that close gives up (``CLOSE_WAIT``).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -29,6 +30,7 @@ from broker import (
 )
 from broker.bus import CLOSE_WAIT
 from orchestrator import MemoryStore, OrchestratorSettings, TaskOrchestrator
+from orchestrator.agent_queues import REOPENED_PER_ROUND, AgentQueues
 from tests.harness import FAST, Harness, wait_until
 
 WAIT = 15.0
@@ -263,3 +265,105 @@ async def test_an_agent_registered_again_while_its_old_queue_drains_holds_up_no_
         return not await registered()
 
     await wait_until(left, WAIT)
+
+
+class _Refusing:
+    """Just what AgentQueues asks of a bus, refusing every consume while ``down``."""
+
+    def __init__(self) -> None:
+        self.down = True
+        self.tried: list[str] = []
+
+    async def subscribe_agent_events(self, agent_id: str, handler: Any, **kwargs: Any):
+        self.tried.append(agent_id)
+        if self.down:
+            raise BusConnectionError("broker unreachable (injected)")
+        return _Open()
+
+    async def delete_agent_events(self, agent_id: str) -> None:
+        pass
+
+
+class _Open(Subscription):
+    async def close(self) -> None:
+        pass
+
+
+async def test_each_retry_opens_a_bounded_number_of_queues_and_the_failed_go_last() -> None:
+    # Given 40 agents followed whose queues the broker refused
+    bus = _Refusing()
+    queues = AgentQueues(bus, lambda event: _true(True))  # type: ignore[arg-type]
+    agents = [f"agent-{n}" for n in range(40)]
+    await queues.resume(agents)
+    assert queues.unopened == agents
+
+    # When the watch retries while the broker still refuses them
+    bus.tried.clear()
+    assert await queues.retry() == 0
+
+    # Then one round tried REOPENED_PER_ROUND of them, which then wait behind the others
+    assert bus.tried == agents[:REOPENED_PER_ROUND]
+    assert queues.unopened == agents[REOPENED_PER_ROUND:] + agents[:REOPENED_PER_ROUND]
+
+    # and once the broker takes them, the rounds open them all, a bounded number each
+    bus.down = False
+    rounds = 0
+    while queues.unopened:
+        assert await queues.retry() <= REOPENED_PER_ROUND
+        rounds += 1
+    assert rounds == -(-len(agents) // REOPENED_PER_ROUND)
+    assert all(agent in queues for agent in agents)
+    # and a removed agent's queue is not opened again
+    queues.close("agent-0")
+    assert "agent-0" not in queues and "agent-0" not in queues.unopened
+    await queues.stop()
+
+
+class _SlowToClose(Subscription):
+    def __init__(self, closing: asyncio.Event) -> None:
+        self.closing = closing
+
+    async def close(self) -> None:
+        await self.closing.wait()
+
+
+async def test_an_agent_registered_again_keeps_its_queue_being_closed() -> None:
+    # Given an agent followed whose consumer takes long to close (an event of its
+    # backlog still being handled)
+    bus = _Refusing()
+    bus.down = False
+    closing = asyncio.Event()
+    bus.subscribe_agent_events = _opens(bus, lambda: _SlowToClose(closing))  # type: ignore[method-assign]
+    deleted: list[str] = []
+    bus.delete_agent_events = _records(deleted)  # type: ignore[method-assign]
+    queues = AgentQueues(bus, lambda event: _true(True))  # type: ignore[arg-type]
+    await queues.resume(["worker"])
+
+    # When it is removed and registered again before that close is done
+    queues.close("worker")
+    await asyncio.wait_for(queues.open("worker"), 1)  # (it does not wait for the close)
+
+    # Then once closed, its queue is consumed again, and never deleted
+    closing.set()
+    await wait_until(lambda: _true("worker" in queues), WAIT)
+    assert bus.tried == ["worker", "worker"]
+    assert deleted == []
+    # and removed for good, it is deleted
+    queues.close("worker")
+    await queues.stop()
+    assert deleted == ["worker"]
+
+
+def _opens(bus: _Refusing, make: Any) -> Any:
+    async def subscribe_agent_events(agent_id: str, handler: Any, **kwargs: Any):
+        bus.tried.append(agent_id)
+        return make()
+
+    return subscribe_agent_events
+
+
+def _records(deleted: list[str]) -> Any:
+    async def delete_agent_events(agent_id: str) -> None:
+        deleted.append(agent_id)
+
+    return delete_agent_events
