@@ -18,6 +18,15 @@ the handlers see one event at a time as they did with one queue (their
 checks and moves assume it); the lock is fair (first come, first served),
 so a flooded queue holds up another's event by one event at most, and each
 event yields to the loop once handled (requests and the other queues go on).
+
+An agent's queue that cannot be opened (a broker blip, a channel error) is
+opened again by the watch (``retry``, a bounded number per round), so its
+agent's results are read once the broker lets us, not only by the next
+leader. An agent removed and registered again while its old queue is still
+being closed keeps that queue (and what waits in it): the queue is consumed
+again once the old consumer is closed, rather than the registration waiting
+for that close under the events lock (which the old consumer, holding an
+event of its backlog, waits for: every event was held up for ``CLOSE_WAIT``).
 """
 
 from __future__ import annotations
@@ -26,10 +35,14 @@ import asyncio
 import logging
 from collections.abc import Iterable
 
-from broker import BusError, CommunicationBus, Event, Subscription
+from broker import CommunicationBus, Event, Subscription
 from broker.bus import BeforeAck, EventHandler
 
 log = logging.getLogger(__name__)
+
+REOPENED_PER_ROUND = 16
+"""Agents' queues ``retry`` tries to open at most per watch round: a broker
+that refuses them all costs a round a bounded number of calls."""
 
 
 class AgentQueues:
@@ -42,11 +55,18 @@ class AgentQueues:
         self._handler = handler
         self._before_ack = before_ack
         self._one_at_a_time = asyncio.Lock()
+        self._wanted: dict[str, None] = {}
+        """The agents whose queues are to be followed (registered while leading),
+        in the order ``retry`` tries those not open."""
         self._subscriptions: dict[str, Subscription] = {}
+        self._failures: dict[str, int] = {}
+        """Per wanted agent id whose queue did not open: the attempts that failed."""
         self._locks: dict[str, asyncio.Lock] = {}
         """Per agent id: opening and deleting its queue do not interleave."""
         self._retiring: dict[str, asyncio.Task[None]] = {}
         """Per agent id removed, its queue being closed and deleted (``close``)."""
+        self._deleting: set[str] = set()
+        """Agent ids whose queue is being deleted: too late to keep it."""
         self.following = False
         """Leading (``resume`` to ``stop``): only then does ``open`` consume."""
 
@@ -62,6 +82,15 @@ class AgentQueues:
     def __contains__(self, agent_id: object) -> bool:
         return agent_id in self._subscriptions
 
+    @property
+    def unopened(self) -> list[str]:
+        """The agents followed whose queue is not open (nor being closed)."""
+        return [
+            agent_id
+            for agent_id in self._wanted
+            if agent_id not in self._subscriptions and agent_id not in self._retiring
+        ]
+
     async def resume(self, agent_ids: Iterable[str]) -> None:
         """Leading now (the store loaded): follow the queues of these known agents."""
         self.following = True
@@ -71,30 +100,87 @@ class AgentQueues:
     async def open(self, agent_id: str) -> None:
         """Declare and consume ``agent_id``'s queue (idempotent); a failure is
         logged, the agent is registered all the same (its events wait in its
-        queue if the declare went through, and the next leader follows it)."""
+        queue if the declare went through) and ``retry`` opens it later.
+
+        Removed a moment ago, its old queue is kept if it is still being closed
+        (consumed again once closed: nothing to wait for here, where the events
+        lock may be held); only a queue being deleted is waited for."""
         if not self.following:
             return
-        retiring = self._retiring.get(agent_id)
-        if retiring is not None:  # removed a moment ago: its old queue goes first
-            await asyncio.shield(retiring)
-        async with self._locks.setdefault(agent_id, asyncio.Lock()):
-            if agent_id in self._subscriptions:
-                return
-            try:
-                self._subscriptions[agent_id] = await self.bus.subscribe_agent_events(
-                    agent_id, self.on_event, before_ack=self._before_ack
-                )
-            except BusError as exc:
-                log.error("cannot follow agent %s's events queue: %s", agent_id, exc)
+        self._wanted[agent_id] = None
+        if agent_id in self._retiring:
+            if agent_id not in self._deleting:
+                return  # kept: ``_retire`` consumes it again
+            await asyncio.shield(self._retiring[agent_id])  # (it opens it again too)
+        async with self._lock(agent_id):
+            await self._subscribe(agent_id)
+
+    async def retry(self, limit: int = REOPENED_PER_ROUND) -> int:
+        """Open the queues of followed agents that did not open (up to ``limit``,
+        those that fail again go last); how many opened."""
+        opened = 0
+        for agent_id in self.unopened[:limit]:
+            async with self._lock(agent_id):
+                if agent_id not in self._wanted or agent_id in self._retiring:
+                    continue
+                if await self._subscribe(agent_id):
+                    opened += 1
+                elif agent_id in self._wanted:
+                    del self._wanted[agent_id]  # to the back of the line
+                    self._wanted[agent_id] = None
+        return opened
+
+    def _lock(self, agent_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(agent_id, asyncio.Lock())
+
+    async def _subscribe(self, agent_id: str) -> bool:
+        """Consume a wanted agent's queue, under its lock; whether it is open."""
+        if agent_id in self._subscriptions:
+            return True
+        if not self.following or agent_id not in self._wanted:
+            return False
+        try:
+            subscription = await self.bus.subscribe_agent_events(
+                agent_id, self.on_event, before_ack=self._before_ack
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a broker blip or a channel error: ``retry`` again
+            failures = self._failures[agent_id] = self._failures.get(agent_id, 0) + 1
+            log.log(
+                logging.ERROR if failures == 1 else logging.DEBUG,
+                "cannot follow agent %s's events queue (attempt %d, opened again by the watch): %s",
+                agent_id,
+                failures,
+                exc,
+            )
+            return False
+        if agent_id not in self._wanted or not self.following:  # removed meanwhile
+            await subscription.close()
+            return False
+        self._subscriptions[agent_id] = subscription
+        if failures := self._failures.pop(agent_id, 0):
+            log.info(
+                "following agent %s's events queue again, after %d failed attempt(s)",
+                agent_id,
+                failures,
+            )
+        return True
 
     def close(self, agent_id: str) -> None:
         """``agent_id`` was removed: stop consuming its queue and delete it (what
-        waits there is of an agent no longer believed). In the background: it
-        may be called from the handler of an event of that very queue."""
+        waits there is of an agent no longer believed), unless it registers
+        again meanwhile. In the background: it may be called from the handler
+        of an event of that very queue."""
+        self._wanted.pop(agent_id, None)
+        self._failures.pop(agent_id, None)
         subscription = self._subscriptions.pop(agent_id, None)
-        if subscription is None and not self.following:
-            return
-        job = asyncio.get_running_loop().create_task(self._retire(agent_id, subscription))
+        previous = self._retiring.get(agent_id)
+        if previous is not None and previous.done():
+            previous = None
+        if subscription is None and (previous is not None or not self.following):
+            return  # (being closed already: it is deleted unless wanted again)
+        job = asyncio.get_running_loop().create_task(self._retire(agent_id, subscription, previous))
         self._retiring[agent_id] = job
         job.add_done_callback(lambda done: self._retired(agent_id, done))
 
@@ -102,16 +188,32 @@ class AgentQueues:
         if self._retiring.get(agent_id) is job:
             del self._retiring[agent_id]
 
-    async def _retire(self, agent_id: str, subscription: Subscription | None) -> None:
+    async def _retire(
+        self,
+        agent_id: str,
+        subscription: Subscription | None,
+        previous: asyncio.Task[None] | None,
+    ) -> None:
+        if previous is not None:
+            await asyncio.gather(previous, return_exceptions=True)
         if subscription is not None:
             await subscription.close()
-        async with self._locks.setdefault(agent_id, asyncio.Lock()):
-            if agent_id in self._subscriptions:
-                return  # registered again meanwhile: its queue is in use
+        async with self._lock(agent_id):
+            if agent_id in self._wanted:
+                # Registered again meanwhile: its queue is kept and consumed again
+                # (a failure leaves it to ``retry``), unless removed once more.
+                if await self._subscribe(agent_id) or agent_id in self._wanted:
+                    return
+            self._deleting.add(agent_id)  # from here on, ``open`` waits for the delete
             try:
+                late = self._subscriptions.pop(agent_id, None)  # opened while removed
+                if late is not None:
+                    await late.close()
                 await self.bus.delete_agent_events(agent_id)
-            except BusError as exc:
+            except Exception as exc:
                 log.warning("agent %s's events queue not deleted: %s", agent_id, exc)
+            finally:
+                self._deleting.discard(agent_id)
 
     async def stop(self) -> None:
         """No longer leading: stop consuming every queue, and keep them (the
@@ -123,3 +225,6 @@ class AgentQueues:
         jobs = set(self._retiring.values())
         jobs.discard(asyncio.current_task())  # type: ignore[arg-type]
         await asyncio.gather(*jobs, return_exceptions=True)
+        # (after them: a queue kept for an agent registered again is not deleted)
+        self._wanted.clear()
+        self._failures.clear()

@@ -2,11 +2,13 @@
 
 Each round it removes agents whose heartbeats stopped, or whose connection
 the broker says is gone (``AgentRegistry.lost``; their tasks go back to the
-queue), times out running tasks whose agent went silent past their
-deadline, has the outbox republish attempts that never reached their queue,
-and forgets finished tasks past their retention. While the broker link is
-down nobody can be heard, so silence means nothing: the round is skipped,
-and once the link is back every deadline is pushed back by the time lost.
+queue), opens the events queues of agents that failed to open (after a
+broker blip their results would never be read), times out running tasks
+whose agent went silent past their deadline, has the outbox republish
+attempts that never reached their queue, and forgets finished tasks past
+their retention. While the broker link is down nobody can be heard, so
+silence means nothing: the round is skipped, and once the link is back
+every deadline is pushed back by the time lost.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ class Watch:
         try:
             for agent_id, why in await self.registry.lost(self.settings.heartbeat_timeout):
                 await self.remove_agent(agent_id, why)
+            if self.registry.agent_queues is not None:  # those that failed to open
+                await self.registry.agent_queues.retry()
             await self._check_deadlines()
             await self.dispatch.check_lost(self.outcomes.not_published)
             await self._forget_finished()
