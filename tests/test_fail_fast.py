@@ -407,12 +407,12 @@ async def test_a_signal_ends_a_connected_command_within_2s(prefix: str) -> None:
         await deployment.serve()
         api = management_api()
 
-        def watching(_: str) -> bool:  # its monitor queue is consumed (it draws no frame
-            # when not on a terminal)
-            status, queues = api.call(
-                "GET", f"/api/queues?name=^{prefix}\\.monitor\\.&use_regex=true"
+        def watching(_: str) -> bool:
+            # Its monitor queue is consumed (it draws no frame when not on a terminal).
+            status, queues = api.call("GET", "/api/queues/%2F")
+            return status == 200 and any(
+                q["name"].startswith(f"{prefix}.monitor.") and q.get("consumers") for q in queues
             )
-            return status == 200 and any(q.get("consumers") for q in queues)
 
         ready = {
             "watch": (["watch"], watching, 0),
