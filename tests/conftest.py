@@ -202,3 +202,16 @@ async def harness(bus_kind: str, bus_settings: BusSettings):
         yield h
     finally:
         await h.close()
+
+
+@pytest.fixture
+async def deployment(prefix: str):
+    """Processes of the command line (``serve``, agents, clients) on the test
+    broker under the test's prefix, stopped and their topology deleted after."""
+    from tests.deployment import Deployment  # (it imports this module)
+
+    d = Deployment(prefix, require_broker())
+    try:
+        yield d
+    finally:
+        await d.close()

@@ -47,15 +47,6 @@ CURL_EXAMPLE = ROOT / "docs" / "examples" / "submit_with_curl.sh"
 UNREACHABLE = "amqp://someone:pw-s3cret@127.0.0.1:1/"
 
 
-@pytest.fixture
-async def deployment(prefix: str):
-    d = Deployment(prefix, require_broker())
-    try:
-        yield d
-    finally:
-        await d.close()
-
-
 def last_line(text: str) -> str:
     return text.strip().splitlines()[-1]
 

@@ -16,18 +16,8 @@ import pytest
 
 from broker import AgentsRequest, BusSettings, RabbitMQBus, TaskStatusRequest, Topology
 from broker.rabbitmq_purge import find
-from tests.conftest import require_broker
 from tests.deployment import ROOT, Deployment, base_env, run
 from tests.harness import wait_until
-
-
-@pytest.fixture
-async def deployment(prefix: str):
-    d = Deployment(prefix, require_broker())
-    try:
-        yield d
-    finally:
-        await d.close()
 
 
 async def agents_of(deployment: Deployment) -> dict[str, dict]:

@@ -15,7 +15,6 @@ import json
 import pytest
 
 from broker import route_key
-from tests.conftest import require_broker
 from tests.deployment import Deployment
 
 pytestmark = pytest.mark.rabbitmq
@@ -27,15 +26,6 @@ CAPABILITIES = [f"cap{i:02d}-" + "c" * 54 + "-end" for i in range(70)]
 TASK_NAME = "name " + "n" * 491 + " end"
 TASK_TYPE = "type" + "t" * 192 + "-end"
 BLOB = "b" * 6000 + "-end"
-
-
-@pytest.fixture
-async def deployment(prefix: str):
-    d = Deployment(prefix, require_broker())
-    try:
-        yield d
-    finally:
-        await d.close()
 
 
 def line_with(text: str, *whole: str) -> str:

@@ -13,21 +13,11 @@ import pytest
 
 from broker import AgentsRequest, StatsRequest
 from tests.brokers import free_port
-from tests.conftest import require_broker
 from tests.deployment import ROOT, Deployment
 from tests.harness import wait_until
 from tests.test_metrics import http_get, samples
 
 pytestmark = pytest.mark.rabbitmq
-
-
-@pytest.fixture
-async def deployment(prefix: str):
-    d = Deployment(prefix, require_broker())
-    try:
-        yield d
-    finally:
-        await d.close()
 
 
 async def test_agent_run_logs_json_naming_tasks_and_serves_its_figures(

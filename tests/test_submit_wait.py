@@ -16,21 +16,11 @@ import time
 import pytest
 
 from broker import TaskStatusRequest
-from tests.conftest import require_broker
 from tests.deployment import CLI, ROOT, Deployment, run
 
 pytestmark = pytest.mark.rabbitmq
 
 EXIT_WAIT_TIMED_OUT = 5
-
-
-@pytest.fixture
-async def deployment(prefix: str):
-    d = Deployment(prefix, require_broker())
-    try:
-        yield d
-    finally:
-        await d.close()
 
 
 async def test_with_no_agent_it_says_so_and_gives_up_at_its_wait_timeout(

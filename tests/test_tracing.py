@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 
 from broker import Topology, route_key
-from tests.conftest import require_broker
 from tests.deployment import ROOT, Deployment
 from tests.harness import wait_until
 
@@ -62,15 +61,6 @@ def spans_in(text: str) -> list[dict[str, Any]]:
             spans.append(value)
         at = end
     return spans
-
-
-@pytest.fixture
-async def deployment(prefix: str):
-    d = Deployment(prefix, require_broker())
-    try:
-        yield d
-    finally:
-        await d.close()
 
 
 async def traced(deployment: Deployment, name: str, *args: str) -> tuple[Any, Path]:
