@@ -310,3 +310,16 @@ def broker_user(api: ManagementAPI, broker_url: str) -> Iterator[BrokerUser]:
         yield BrokerUser(name, password, url)
     finally:
         api.call("DELETE", f"/api/users/{name}")
+
+
+async def count_finished(deployment: Deployment) -> list[int]:
+    """A counter (in a list) of the task.finished events from now on."""
+    count = [0]
+
+    async def on_event(event: Any) -> None:
+        count[0] += 1
+
+    if not deployment.client.is_connected:
+        await deployment.client.connect()
+    await deployment.client.subscribe_events(on_event, patterns=["task.finished"])
+    return count

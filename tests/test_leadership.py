@@ -32,7 +32,7 @@ from broker import StatsRequest, SubmitTaskRequest, TaskStatusRequest
 from orchestrator import SQLiteStore, TaskOrchestrator
 from orchestrator.leadership import NotLeader, Role
 from orchestrator.store import StoreFenced
-from tests.deployment import Deployment
+from tests.deployment import Deployment, count_finished
 from tests.harness import FAST, Harness, wait_all, wait_until
 
 FAST_LEASE = 0.2
@@ -455,16 +455,3 @@ def logged(deployment: Deployment, name: str, text: str) -> bool:
     if process.returncode is not None:
         raise AssertionError(f"{name} exited {process.returncode}:\n{deployment.log(name)}")
     return text in deployment.log(name)
-
-
-async def count_finished(deployment: Deployment) -> list[int]:
-    """A counter (in a list) of the task.finished events from now on."""
-    count = [0]
-
-    async def on_event(event: Any) -> None:
-        count[0] += 1
-
-    if not deployment.client.is_connected:
-        await deployment.client.connect()
-    await deployment.client.subscribe_events(on_event, patterns=["task.finished"])
-    return count

@@ -37,7 +37,7 @@ import pytest
 
 from broker import StatsRequest, SubmitTaskRequest, TaskStatusRequest
 from tests.brokers import LocalPostgres, Unavailable, skip_or_fail
-from tests.deployment import Deployment
+from tests.deployment import Deployment, count_finished
 from tests.harness import wait_until
 
 TASKS_BEFORE = 250
@@ -233,16 +233,3 @@ def handler_ends(run_log: Path) -> collections.Counter[str]:
     """How many times each task's handler ended (completed), by the agents' run log."""
     lines = run_log.read_text().splitlines() if run_log.exists() else []
     return collections.Counter(line.split()[1] for line in lines if line.startswith("end "))
-
-
-async def count_finished(deployment: Deployment) -> list[int]:
-    """A counter (in a list) of the task.finished events from now on."""
-    count = [0]
-
-    async def on_event(event: Any) -> None:
-        count[0] += 1
-
-    if not deployment.client.is_connected:
-        await deployment.client.connect()
-    await deployment.client.subscribe_events(on_event, patterns=["task.finished"])
-    return count
