@@ -9,13 +9,15 @@ back. Either way the caller hears within ``submit_timeout``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from broker import MemoryBus
-from orchestrator import SQLiteStore
+from orchestrator import SQLiteStore, TaskOrchestrator
 from tests.brokers import RabbitMQNode
 from tests.harness import FAST, Harness, wait_until
 
@@ -122,6 +124,22 @@ async def test_with_a_durable_store_the_task_is_kept_and_runs_once_the_link_is_b
     assert (await orchestrator.get_stats())["tasks_created"] == 1
 
 
+@contextlib.asynccontextmanager
+async def _stopped(node: RabbitMQNode, orchestrator: TaskOrchestrator) -> AsyncIterator[None]:
+    """While inside, the broker's app is stopped and the orchestrator knows it."""
+    await asyncio.to_thread(node.ctl, "stop_app")
+    try:
+
+        async def link_down() -> bool:
+            return not orchestrator.bus.link_up
+
+        await wait_until(link_down, timeout=30)
+        yield
+    finally:
+        await asyncio.to_thread(node.ctl, "start_app")
+        await asyncio.to_thread(node.ctl, "await_startup")
+
+
 @pytest.mark.rabbitmq
 @pytest.mark.fault
 @pytest.mark.parametrize("bus_kind", ["rabbitmq"], indirect=True)
@@ -130,23 +148,13 @@ async def test_a_submit_while_the_broker_is_stopped_is_refused_in_bounded_time(
 ) -> None:
     # Given an orchestrator on a broker of the test's own, which then stops
     orchestrator = await harness.start_orchestrator(BOUND)
-    await asyncio.to_thread(private_rabbitmq.ctl, "stop_app")
-    try:
-
-        async def link_down() -> bool:
-            return not orchestrator.bus.link_up
-
-        await wait_until(link_down, timeout=30)
-
+    async with _stopped(private_rabbitmq, orchestrator):
         # When a task is submitted, it is refused within the bound, leaving nothing
         began = time.monotonic()
         with pytest.raises(ConnectionError):
             await orchestrator.submit_task(**JOB)
         assert time.monotonic() - began < BOUND.submit_timeout + 1.0
         assert (await orchestrator.get_stats())["tasks_created"] == 0
-    finally:
-        await asyncio.to_thread(private_rabbitmq.ctl, "start_app")
-        await asyncio.to_thread(private_rabbitmq.ctl, "await_startup")
 
     # And once it is back, a submit goes through again
     async def link_up() -> bool:
@@ -170,23 +178,13 @@ async def test_with_a_durable_store_a_submit_while_the_broker_is_stopped_runs_on
     run_log = tmp_path / "runs"
     harness.spawn_agent("worker", [], AGENT_RUN_LOG=run_log)
     await harness.wait_agents("worker", timeout=60)
-    await asyncio.to_thread(private_rabbitmq.ctl, "stop_app")
-    try:
-
-        async def link_down() -> bool:
-            return not orchestrator.bus.link_up
-
-        await wait_until(link_down, timeout=30)
-
+    async with _stopped(private_rabbitmq, orchestrator):
         # When a task is submitted, it is accepted within the bound, pending
         began = time.monotonic()
         task_id = await orchestrator.submit_task(**JOB)
         assert time.monotonic() - began < BOUND.submit_timeout + 1.0
         status = await orchestrator.get_task_status(task_id)
         assert (status["status"], status["assigned_agent"]) == ("pending", None)
-    finally:
-        await asyncio.to_thread(private_rabbitmq.ctl, "start_app")
-        await asyncio.to_thread(private_rabbitmq.ctl, "await_startup")
 
     # Then once the broker is back it is published and runs, once
     status = await orchestrator.wait_for_task(task_id, 60)
