@@ -69,6 +69,24 @@ UNAVAILABLE_RETRY_SECONDS = 2.0
 """How often a connect tries again while a queue's cluster node is down."""
 
 
+CLOSE_CALLBACKS_WAIT = 1.0
+"""How long ``close`` waits for aio-pika's close callbacks to finish."""
+
+
+async def _close_callbacks_done() -> None:
+    """Let the close callbacks aio-pika started for the channels and the
+    connection finish: it runs each in a task of its own that nobody awaits,
+    and one still pending when its event loop ends is destroyed mid-way
+    ("Task was destroyed but it is pending")."""
+    pending = [
+        task
+        for task in asyncio.all_tasks()
+        if not task.done() and "OneShotCallback" in getattr(task.get_coro(), "__qualname__", "")
+    ]
+    if pending:
+        await asyncio.wait(pending, timeout=CLOSE_CALLBACKS_WAIT)
+
+
 class RabbitMQBus(CommunicationBus):
     """The bus on a RabbitMQ broker.
 
@@ -194,6 +212,7 @@ class RabbitMQBus(CommunicationBus):
         self._declared.clear()
         if connection is not None and not connection.is_closed:
             await connection.close()
+            await _close_callbacks_done()
 
     @property
     def is_connected(self) -> bool:
