@@ -56,6 +56,15 @@ from .messages import (
 from .permissions import ROLES, Permission, Role, RolePermissions, TopicPermission
 from .rabbitmq import DeclareMode, RabbitMQBus
 from .rabbitmq_declare import PermissionRefused
+from .routing import (
+    AGENT_ID_PATTERN,
+    ANY_CAPABILITY_KEY,
+    CAPABILITY_PATTERN,
+    DIGEST_PREFIX,
+    capability_key,
+    covers,
+    route_key,
+)
 from .rpc import (
     REQUEST_TYPES,
     RESULT_TYPES,
@@ -84,10 +93,6 @@ from .rpc import (
 )
 from .settings import BusSettings, redact_url
 from .topology import (
-    AGENT_ID_PATTERN,
-    ANY_CAPABILITY_KEY,
-    CAPABILITY_PATTERN,
-    DIGEST_PREFIX,
     DIRECT_REPLY_TO,
     HEARTBEATS_KEEP,
     MAX_PRIORITY,
@@ -98,10 +103,7 @@ from .topology import (
     Exchanges,
     Queue,
     Topology,
-    capability_key,
-    covers,
     retry_tier_ms,
-    route_key,
     topic_matches,
 )
 

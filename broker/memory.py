@@ -44,7 +44,6 @@ from .bus import (
 )
 from .envelope import DeadLetter, Envelope
 from .errors import (
-    BusError,
     BusNotStarted,
     NoReply,
     PublishRefused,
@@ -66,11 +65,13 @@ from .memory_queues import (
     Sink,
     TaskQueue,
 )
+from .memory_raw import RawClient
 from .memory_refusing import RefusingQueue
 from .messages import Control, Event, TaskMessage, WireMessage, parse_control, parse_event
+from .routing import ANY_CAPABILITY_KEY
 from .rpc import Reply, parse_reply
 from .settings import BusSettings
-from .topology import ANY_CAPABILITY_KEY, Declarations, Queue, topic_matches
+from .topology import Declarations, Queue, topic_matches
 
 __all__ = ["MemoryBus", "topic_matches"]
 
@@ -82,7 +83,7 @@ _Consuming = MemoryTaskConsumer | MemorySubscription | RequestServer
 """What consumes from this bus; each says whether it is still handling something."""
 
 
-class MemoryBus(CommunicationBus):
+class MemoryBus(RawClient, CommunicationBus):
     """An in-process bus. Share one instance between the orchestrator and its agents."""
 
     def __init__(
@@ -205,44 +206,6 @@ class MemoryBus(CommunicationBus):
                 refused = exc
         if refused is not None:
             raise refused
-
-    async def publish_raw(
-        self,
-        exchange: str,
-        routing_key: str,
-        body: bytes,
-        *,
-        message_id: str | None = None,
-        priority: int | None = None,
-        user_id: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        """Put bytes on an exchange as any AMQP client can: for tests of what a
-        broken or foreign publisher sends, which no model would let through.
-
-        Like a plain AMQP client it sets no ``user_id`` unless given one, and,
-        as RabbitMQ does, refuses one that is not this bus's user."""
-        self._require()
-        if user_id is not None and user_id != self._user:
-            raise BusError(
-                f"PRECONDITION_FAILED - user_id property set to {user_id!r} but"
-                f" authenticated user was {self._user!r}"
-            )
-        envelope = Envelope(
-            body, message_id=message_id, priority=priority, user_id=user_id, headers=headers or {}
-        )
-        self._route(exchange, routing_key, envelope)
-
-    async def purge(self, queue: str) -> int:
-        """Drop the messages waiting in a queue (by its name, as ``Topology`` gives
-        it), as AMQP's queue.purge does; how many there were, 0 for a queue never
-        declared. For tests of what a broker may lose, such as a retry tier's
-        delayed tasks (``topology.retry_queue(tier)``)."""
-        self._require()
-        sink = self._queues.get(queue)
-        count = sink.purge() if sink is not None else 0
-        self._poke()
-        return count
 
     def _dead_letter(
         self, body: bytes, reason: str, *, source: str, message_id: str | None = None

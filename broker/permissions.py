@@ -52,7 +52,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .topology import AGENT_ID_PATTERN, Declarations, Topology
+from .routing import AGENT_ID_PATTERN
+from .topology import Declarations, Topology
 
 Role = Literal["orchestrator", "agent", "client", "monitor"]
 ROLES: tuple[Role, ...] = ("orchestrator", "agent", "client", "monitor")

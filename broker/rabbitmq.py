@@ -51,14 +51,15 @@ from .rabbitmq_consume import (
 from .rabbitmq_declare import Declarer, QueueUnavailable, delete
 from .rabbitmq_lease import RabbitLease
 from .rabbitmq_legacy import drain_legacy_events
-from .rabbitmq_link import CHANNEL_GONE, amqp_url, open_connection
+from .rabbitmq_link import CHANNEL_GONE, amqp_url, close_callbacks_done, open_connection
 from .rabbitmq_probe import DeclareMode, control_queue_lives, declare_mode
 from .rabbitmq_publish import PUBLISH_RETRY_SECONDS, Publisher
 from .rabbitmq_rpc import RpcClient, request_server
+from .routing import ANY_CAPABILITY_KEY
 from .rpc import Reply, parse_reply
 from .settings import BusSettings, redact_url
 from .tls import client_context
-from .topology import ANY_CAPABILITY_KEY, Declarations, Queue
+from .topology import Declarations, Queue
 
 __all__ = ["ACK_BATCH", "PUBLISH_RETRY_SECONDS", "DeclareMode", "RabbitMQBus"]
 
@@ -67,24 +68,6 @@ log = logging.getLogger(__name__)
 
 UNAVAILABLE_RETRY_SECONDS = 2.0
 """How often a connect tries again while a queue's cluster node is down."""
-
-
-CLOSE_CALLBACKS_WAIT = 1.0
-"""How long ``close`` waits for aio-pika's close callbacks to finish."""
-
-
-async def _close_callbacks_done() -> None:
-    """Let the close callbacks aio-pika started for the channels and the
-    connection finish: it runs each in a task of its own that nobody awaits,
-    and one still pending when its event loop ends is destroyed mid-way
-    ("Task was destroyed but it is pending")."""
-    pending = [
-        task
-        for task in asyncio.all_tasks()
-        if not task.done() and "OneShotCallback" in getattr(task.get_coro(), "__qualname__", "")
-    ]
-    if pending:
-        await asyncio.wait(pending, timeout=CLOSE_CALLBACKS_WAIT)
 
 
 class RabbitMQBus(CommunicationBus):
@@ -212,7 +195,7 @@ class RabbitMQBus(CommunicationBus):
         self._declared.clear()
         if connection is not None and not connection.is_closed:
             await connection.close()
-            await _close_callbacks_done()
+            await close_callbacks_done()
 
     @property
     def is_connected(self) -> bool:

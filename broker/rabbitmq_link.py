@@ -312,3 +312,21 @@ async def open_connection(
             f"cannot reach RabbitMQ at {address}: {type(exc).__name__}: {detail}{hint}"
         ) from None
     raise AssertionError("unreachable: tenacity either returns or reraises")
+
+
+CLOSE_CALLBACKS_WAIT = 1.0
+"""How long ``close`` waits for aio-pika's close callbacks to finish."""
+
+
+async def close_callbacks_done() -> None:
+    """Let the close callbacks aio-pika started for the channels and the
+    connection finish: it runs each in a task of its own that nobody awaits,
+    and one still pending when its event loop ends is destroyed mid-way
+    ("Task was destroyed but it is pending")."""
+    pending = [
+        task
+        for task in asyncio.all_tasks()
+        if not task.done() and "OneShotCallback" in getattr(task.get_coro(), "__qualname__", "")
+    ]
+    if pending:
+        await asyncio.wait(pending, timeout=CLOSE_CALLBACKS_WAIT)

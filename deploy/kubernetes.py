@@ -37,7 +37,8 @@ if __package__ in (None, ""):  # run as a script: import the project beside us
 from agents import Agent
 from agents.handlers import ANY_TASK_TYPE
 from agents.trust import can_run_key
-from broker.topology import Topology, capability_key, route_key
+from broker.routing import capability_key, route_key
+from broker.topology import Topology
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "k8s"

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from broker.topology import AGENT_ID_PATTERN, CAPABILITY_PATTERN
+from broker.routing import AGENT_ID_PATTERN, CAPABILITY_PATTERN
 
 from .models import TaskPriority
 

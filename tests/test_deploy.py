@@ -24,7 +24,8 @@ import yaml
 from agents import Agent, TaskContext, load_agent
 from broker import BusSettings, RabbitMQBus
 from broker.errors import BusConnectionError
-from broker.topology import ANY_CAPABILITY_KEY, RETRY_TIERS_MS, Topology
+from broker.routing import ANY_CAPABILITY_KEY
+from broker.topology import RETRY_TIERS_MS, Topology
 from deploy import generate
 from tests.conftest import BROKER_URL
 from tests.deployment import Deployment, management_api

@@ -21,7 +21,8 @@ import yaml
 
 from agents.handlers import ANY_TASK_TYPE
 from broker import BusSettings
-from broker.topology import Topology, covers, route_key
+from broker.routing import covers, route_key
+from broker.topology import Topology
 from deploy import kubernetes
 from orchestrator.cli.settings import CliSettings
 from tests.deployment import management_api
