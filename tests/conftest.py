@@ -205,12 +205,12 @@ async def harness(bus_kind: str, bus_settings: BusSettings):
 
 
 @pytest.fixture
-async def deployment(prefix: str):
-    """Processes of the command line (``serve``, agents, clients) on the test
-    broker under the test's prefix, stopped and their topology deleted after."""
+async def deployment(prefix: str, broker_url: str):
+    """Processes of the command line (``serve``, agents, clients) on the test's
+    broker (``broker_url``) under its prefix, stopped and their topology deleted after."""
     from tests.deployment import Deployment  # (it imports this module)
 
-    d = Deployment(prefix, require_broker())
+    d = Deployment(prefix, broker_url)
     try:
         yield d
     finally:

@@ -204,15 +204,6 @@ TASKS = 1000
 TWO_SERVES_TASKS = 300
 
 
-@pytest.fixture
-async def deployment(prefix: str, broker_url: str):
-    d = Deployment(prefix, broker_url)
-    try:
-        yield d
-    finally:
-        await d.close()
-
-
 def store_spec(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
     if kind == "sqlite":
         return f"sqlite:{tmp_path / 'state.sqlite'}"

@@ -29,7 +29,7 @@ import collections
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,15 +61,6 @@ def server() -> Iterator[LocalPostgres]:
         yield pg
     finally:
         pg.stop()
-
-
-@pytest.fixture
-async def deployment(prefix: str, broker_url: str) -> AsyncIterator[Deployment]:
-    d = Deployment(prefix, broker_url)
-    try:
-        yield d
-    finally:
-        await d.close()
 
 
 def pg_ctl(server: LocalPostgres, *args: str) -> None:

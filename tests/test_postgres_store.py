@@ -18,7 +18,7 @@ import collections
 import contextlib
 import json
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -281,15 +281,6 @@ async def test_a_flush_that_outlasts_retry_for_raises_and_keeps_its_changes(
 
 
 # --------------------------------------------------------------- serve through a restart
-
-
-@pytest.fixture
-async def deployment(prefix: str, broker_url: str) -> AsyncIterator[Deployment]:
-    d = Deployment(prefix, broker_url)
-    try:
-        yield d
-    finally:
-        await d.close()
 
 
 TASKS_BEFORE = 60
