@@ -18,8 +18,6 @@ from typing import TYPE_CHECKING
 
 from broker import HELD_IN_HEARTBEAT, AgentAnnounced, AgentHeartbeat, BusError
 
-from .publishing import publish_event
-
 if TYPE_CHECKING:
     from broker import CommunicationBus
 
@@ -62,7 +60,9 @@ async def beat(agent: Agent, bus: CommunicationBus, attempts: Attempts) -> None:
         try:
             if bus.links != links:
                 log.info("agent %s: link back: announcing itself again", agent.agent_id)
-                await publish_event(bus, announcement(agent))
+                # Not published again while refused (publishing.publish_event):
+                # that would hold the heartbeats up; the next beat tries again.
+                await bus.publish_event(announcement(agent))
                 links = bus.links
             await bus.publish_event(heartbeat(agent.agent_id, attempts))
         except BusError as exc:

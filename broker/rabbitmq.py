@@ -362,12 +362,13 @@ class RabbitMQBus(CommunicationBus):
     async def delete_agent_events(self, agent_id: str) -> None:
         channel = await self._require().channel(publisher_confirms=False)
         try:
-            underlay = await channel.get_underlay_channel()
-            await underlay.queue_delete(self.topology.agent_events_queue(agent_id))
+            await delete(
+                channel, Declarations(queues=(Queue(self.topology.agent_events_queue(agent_id)),))
+            )
         except CHANNEL_GONE as exc:
             raise BusConnectionError(f"cannot delete agent {agent_id!r}'s events: {exc}") from None
         finally:
-            await close_for_good(channel, "a probe channel")
+            await close_for_good(channel, "a throwaway channel")
         self._agent_events.discard(agent_id)
 
     async def drain_legacy_events(
@@ -473,9 +474,12 @@ class RabbitMQBus(CommunicationBus):
         For tests and for tearing a deployment down; never called by normal operation.
         """
         connection = self._require()
-        everything = self.topology.everything(
-            set(queue_keys) | self._declared, {*agent_ids, *self._agent_events}
-        ) + Declarations(queues=(Queue(self.topology.legacy_events_queue),))
+        everything = (
+            self.topology.everything(
+                set(queue_keys) | self._declared, {*agent_ids, *self._agent_events}
+            )
+            + self.topology.retired()
+        )
         channel: AbstractChannel = await connection.channel()
         try:
             await delete(channel, everything)

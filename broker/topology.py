@@ -165,14 +165,7 @@ class Topology:
         here while it is down. Bounded (``ANNOUNCEMENTS_KEEP``, reject-publish:
         an announcing agent publishes again); the results are not here but in
         each agent's own queue (``agent_events``)."""
-        queue = Queue(
-            self.orchestrator_events_queue,
-            arguments={
-                **_own_queue(self.quorum),
-                "x-max-length": ANNOUNCEMENTS_KEEP,
-                "x-overflow": "reject-publish",
-            },
-        )
+        queue = self._refusing(self.orchestrator_events_queue, ANNOUNCEMENTS_KEEP)
         return self._bound_events(queue, self.ORCHESTRATOR_EVENT_PATTERNS)
 
     def agent_events(self, agent_id: str) -> Declarations:
@@ -187,16 +180,19 @@ class Topology:
         ``AGENT_EVENTS_KEEP`` the broker refuses new events (reject-publish:
         the agent's publish is nacked and it publishes again with backoff);
         nothing already queued is lost."""
-        queue = Queue(
-            self.agent_events_queue(agent_id),
-            arguments={
-                **_own_queue(self.quorum),
-                "x-max-length": AGENT_EVENTS_KEEP,
-                "x-overflow": "reject-publish",
-            },
-        )
+        queue = self._refusing(self.agent_events_queue(agent_id), AGENT_EVENTS_KEEP)
         keys = (self.event_key(kind, agent_id) for kind in self.AGENT_EVENT_PATTERNS)
         return self._bound(queue, self.exchanges.events, keys)
+
+    def _refusing(self, name: str, keep: int) -> Queue:
+        """One of the orchestrator's own durable queues that keeps ``keep``
+        messages and then refuses publishes (reject-publish)."""
+        arguments = {
+            **_own_queue(self.quorum),
+            "x-max-length": keep,
+            "x-overflow": "reject-publish",
+        }
+        return Queue(name, arguments=arguments)
 
     def orchestrator_heartbeats(self) -> Declarations:
         """The orchestrator's queue of heartbeats, beside the events queue: a
@@ -369,6 +365,12 @@ class Topology:
         before agents had queues of their own (``legacy_events_queue``): a
         queue's arguments cannot change under its name."""
         return f"{self.prefix}.orchestrator.announcements"
+
+    def retired(self) -> Declarations:
+        """What earlier versions declared and this one does not: deleted with
+        the rest of a prefix (not in ``everything``, which the definitions
+        document is made of)."""
+        return Declarations(queues=(Queue(self.legacy_events_queue),))
 
     @property
     def legacy_events_queue(self) -> str:

@@ -228,3 +228,4 @@ class AgentQueues:
         # (after them: a queue kept for an agent registered again is not deleted)
         self._wanted.clear()
         self._failures.clear()
+        self._locks.clear()  # (every job that held one has ended)

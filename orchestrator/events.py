@@ -69,6 +69,12 @@ RECANCELS = 3
 RECANCEL_MEMORY = 10_000
 
 
+def _stale(task: Task | None, attempt: int) -> bool:
+    """Whether an event of ``attempt`` no longer concerns the task: unknown
+    (forgotten, or a submission that failed after all), ended, or superseded."""
+    return task is None or task.status.is_final or attempt != task.attempt
+
+
 class EventHandlers:
     def __init__(
         self,
@@ -222,7 +228,7 @@ class EventHandlers:
         if agent is None:
             return "unknown_agent", f"{what} from agent {event.agent_id}, which is not registered"
         task = self.records.get(event.task_id)
-        if task is None or task.status.is_final or task.attempt != event.attempt:
+        if _stale(task, event.attempt):
             return None  # stale: its handler drops it (and tells a real agent to)
         if not can_run(agent, QueueSpec.of(task)):
             return "cannot_run", f"{what} from agent {event.agent_id}, which cannot run its queue"
@@ -266,7 +272,7 @@ class EventHandlers:
         not stale."""
         for task_id, attempt in holding:
             task = self.records.get(task_id)
-            if task is None or not (task.status.is_final or attempt != task.attempt):
+            if task is None or not _stale(task, attempt):
                 continue  # unknown ids cost a lookup: a heartbeat is not amplified
             key = (agent_id, task_id, attempt)
             sent = self._recancelled.pop(key, 0)
@@ -290,7 +296,7 @@ class EventHandlers:
         to drop it: unknown (a submission that failed after all, or forgotten),
         a superseded attempt, or a redelivery of a finished task."""
         task = self.records.get(event.task_id)
-        if task is None or task.status.is_final or event.attempt != task.attempt:
+        if _stale(task, event.attempt):
             await self.bus.publish_control(
                 CancelTask(task_id=event.task_id, attempt=event.attempt), agent_id=event.agent_id
             )
@@ -423,7 +429,7 @@ class EventHandlers:
 
     async def on_finished(self, event: TaskFinished) -> None:
         task = self.records.get(event.task_id)
-        if task is None or task.status.is_final or event.attempt != task.attempt:
+        if _stale(task, event.attempt):
             if task is not None and event.attempt == task.attempt:
                 self.registry.release_slot(task.task_id, event.agent_id)
                 if event.outcome == "cancelled":  # an agent skipped the queued message

@@ -100,7 +100,7 @@ async def _purge(
                 f"an orchestrator serves prefix {settings.prefix!r} now (it holds"
                 f" {held!r}): stop it first, or it declares its queues again"
             )
-        queues = [q.name for q in everything.queues] + [topology.legacy_events_queue]
+        queues = [q.name for q in (everything + topology.retired()).queues]
         found = await find(bus, queues, [e.name for e in everything.exchanges])
         if not found.queues and not found.exchanges:
             err.print(
