@@ -59,7 +59,8 @@ def in_process_table(report: dict[str, Any]) -> list[str]:
         return []
     lines = ["", "| in-process (MemoryBus) | figure |", "|---|---|"]
     lines.append(
-        f"| no-op tasks/s ({figures['tasks']:,} tasks, {figures['agents']} agents) "
+        f"| no-op tasks/s ({figures['tasks']:,} tasks, {figures['agents']} agents,"
+        f" {figures.get('loop', 'asyncio')}) "
         f"| {_f(figures['tasks_per_s'], 0)} |"
     )
     for pending, micros in figures["submit_us_by_pending"].items():

@@ -235,7 +235,9 @@ def cpu_model() -> str:
 
 
 def missing_packages(names: list[str]) -> list[str]:
-    needs = {module for name in names for module in SYSTEMS[name].get("needs", ())}
+    # uvloop for every run: the project's processes and the raw loop run on it
+    # where it is installed (broker/event_loop.py), as a deployment would.
+    needs = {"uvloop"} | {module for name in names for module in SYSTEMS[name].get("needs", ())}
     return sorted(m for m in needs if importlib.util.find_spec(m) is None)
 
 
@@ -347,7 +349,11 @@ def run_peers(args: argparse.Namespace, report: dict[str, Any]) -> int:
         missing = missing_packages(names)
     if missing:
         skipped = [n for n in names if set(SYSTEMS[n].get("needs", ())) & set(missing)]
-        print(f"skipping {', '.join(skipped)}: {', '.join(missing)} not installed", file=sys.stderr)
+        if skipped:
+            print(
+                f"skipping {', '.join(skipped)}: {', '.join(missing)} not installed",
+                file=sys.stderr,
+            )
         names = [n for n in names if n not in skipped]
     node = None
     try:

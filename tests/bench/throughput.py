@@ -78,6 +78,7 @@ from broker import (
     MemoryBus,
     RabbitMQBus,
     default_broker_url,
+    event_loop,
     redact_url,
 )
 from orchestrator import SQLiteStore, StateStore, TaskOrchestrator
@@ -543,7 +544,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         runner = run_memory if args.bus == "memory" else run_rabbitmq
         try:
-            results = [asyncio.run(runner(args))]
+            results = [event_loop.run(runner(args))]  # uvloop where installed, as the agents
         except (TimeoutError, RuntimeError, ConnectionError, BusError) as exc:
             print(f"error: {args.bus}: {exc}", file=sys.stderr)
             return 1
