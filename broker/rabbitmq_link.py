@@ -314,19 +314,25 @@ async def open_connection(
     raise AssertionError("unreachable: tenacity either returns or reraises")
 
 
-CLOSE_CALLBACKS_WAIT = 1.0
-"""How long ``close`` waits for aio-pika's close callbacks to finish."""
+CLOSE_CALLBACKS_WAIT = 5.0
+"""How long ``close`` waits at most for aio-pika's close callbacks to finish
+(they take milliseconds; a loaded machine can hold them up for a second or more)."""
 
 
 async def close_callbacks_done() -> None:
     """Let the close callbacks aio-pika started for the channels and the
     connection finish: it runs each in a task of its own that nobody awaits,
     and one still pending when its event loop ends is destroyed mid-way
-    ("Task was destroyed but it is pending")."""
-    pending = [
-        task
-        for task in asyncio.all_tasks()
-        if not task.done() and "OneShotCallback" in getattr(task.get_coro(), "__qualname__", "")
-    ]
-    if pending:
-        await asyncio.wait(pending, timeout=CLOSE_CALLBACKS_WAIT)
+    ("Task was destroyed but it is pending"). Those a finishing callback
+    starts (a channel's, then its connection's) are waited for too."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CLOSE_CALLBACKS_WAIT
+    while (left := deadline - loop.time()) > 0:
+        pending = [
+            task
+            for task in asyncio.all_tasks()
+            if not task.done() and "OneShotCallback" in getattr(task.get_coro(), "__qualname__", "")
+        ]
+        if not pending:
+            return
+        await asyncio.wait(pending, timeout=left)
