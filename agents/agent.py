@@ -121,6 +121,8 @@ class Agent:
         self.capabilities = sorted(set(capabilities))
         self.max_concurrent_tasks = max_concurrent_tasks
         self.heartbeat_interval = heartbeat_interval
+        """Seconds between heartbeats: as given, or shorter as the orchestrator asks."""
+        self.beats = presence.Beats(heartbeat_interval)
         self.drain_timeout = drain_timeout
         self.long_task_after = long_task_after
         if report_started_after is not None and report_started_after < 0:

@@ -63,6 +63,7 @@ class Commands:
                 )
                 if command.max_concurrent_tasks is not None:
                     await self._adopt_limit(command.max_concurrent_tasks)
+                agent.beats.told(agent, command.heartbeat_interval)
                 priorities = {key: command.priority_of(key) for key in keys}
                 await agent._consumer.consume(keys, command.consumer_priority, priorities)
                 agent._priorities = {
@@ -101,7 +102,10 @@ class Commands:
             agent._attempts.stop_all(StopReason.UNREGISTERED)
             agent._spawn(agent._stop_after_unregister())
         elif isinstance(command, Reannounce):
-            await agent._announce()
+            # Not while it stops: an unregistered agent's last heartbeat, heard
+            # as an unknown id's, would register it again as it goes.
+            if not agent._halted.is_set():
+                await agent._announce()
         elif isinstance(command, SyncReports):
             agent._spawn(self._answer_sync(command.round))
 

@@ -7,12 +7,14 @@ fire-and-forget, and one published while the agent's control queue was being
 declared again after a reconnect is lost. The orchestrator compares the list
 with its records and cancels again any attempt that ended or was superseded
 meanwhile, so such a loss costs at most one heartbeat interval of a handler's
-work instead of running on until the task's timeout.
+work instead of running on until the task's timeout. How often it beats is
+its own ``heartbeat_interval``, or shorter if the orchestrator asks (``Beats``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -37,6 +39,37 @@ def announcement(agent: Agent) -> AgentAnnounced:
     )
 
 
+MIN_HEARTBEAT_INTERVAL = 0.05
+"""The shortest interval an agent adopts when told one (``ConsumeQueues``)."""
+
+
+class Beats:
+    """How often one agent beats: its own interval, or a shorter one its
+    orchestrator asks for (a third of its ``heartbeat_timeout``), so that an
+    agent configured to beat every 5 s is not removed as silent by an
+    orchestrator that waits 3 s."""
+
+    def __init__(self, interval: float) -> None:
+        self.own = interval
+        self.sooner = asyncio.Event()
+        """Set to end the wait for the next beat (a shorter interval was adopted)."""
+
+    def told(self, agent: Agent, interval: float | None) -> None:
+        if interval is None:
+            return
+        wanted = min(self.own, max(MIN_HEARTBEAT_INTERVAL, interval))
+        if wanted != agent.heartbeat_interval:
+            if wanted < agent.heartbeat_interval:
+                log.info(
+                    "agent %s: heartbeats every %gs, as the orchestrator expects (was %gs)",
+                    agent.agent_id,
+                    wanted,
+                    agent.heartbeat_interval,
+                )
+                self.sooner.set()  # beat now, and from now on as often
+            agent.heartbeat_interval = wanted
+
+
 def heartbeat(agent_id: str, attempts: Attempts) -> AgentHeartbeat:
     return AgentHeartbeat(
         agent_id=agent_id,
@@ -55,8 +88,12 @@ async def beat(agent: Agent, bus: CommunicationBus, attempts: Attempts) -> None:
     accepted during the outage, would otherwise never be consumed here), and
     the orchestrator answers every announcement with all the queues to consume."""
     links = bus.links
+    sooner = agent.beats.sooner
     while True:
-        await asyncio.sleep(agent.heartbeat_interval)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(agent.heartbeat_interval):
+                await sooner.wait()
+        sooner.clear()
         try:
             if bus.links != links:
                 log.info("agent %s: link back: announcing itself again", agent.agent_id)

@@ -236,6 +236,14 @@ class ConsumeQueues(WireMessage):
         ge=1,
         description="the agent's limit (its prefetch) as registered; None keeps its own",
     )
+    heartbeat_interval: float | None = Field(
+        default=None,
+        gt=0,
+        le=3600,
+        description="beat at least this often (a third of the orchestrator's heartbeat"
+        " timeout): an agent configured to beat less often than the orchestrator expects"
+        " would be removed as silent; None keeps its own",
+    )
     digests: dict[str, list[str]] = Field(
         default={},
         description="for each of queue_keys whose capability key is a digest (a long set),"

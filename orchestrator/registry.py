@@ -56,6 +56,9 @@ announcements of new ids registers no more than this."""
 
 CANCELLED_PER_MESSAGE = 1000
 """Ids per ``CancelTasks`` sent to a new agent (and at most half the bus's message limit)."""
+BEATS_PER_TIMEOUT = 3
+"""Heartbeats an agent is told to send per ``heartbeat_timeout``: two can be late
+or lost before it is taken for silent."""
 
 
 class AgentRegistry:
@@ -67,8 +70,13 @@ class AgentRegistry:
         placement: PlacementPolicy,
         queues: Queues,
         agent_queues: AgentQueues | None = None,
+        heartbeat_timeout: float | None = None,
     ) -> None:
         self.bus = bus
+        self.beat_every = (
+            None if heartbeat_timeout is None else heartbeat_timeout / BEATS_PER_TIMEOUT
+        )
+        """The heartbeat interval agents are told to keep at most (``ConsumeQueues``)."""
         self.store = store
         self.clock = lifecycle.clock
         self.placement = placement
@@ -258,6 +266,7 @@ class AgentRegistry:
                 priorities=priorities,
                 # register_agent may change a live agent's limit: it adopts it as its prefetch
                 max_concurrent_tasks=agent.max_concurrent_tasks,
+                heartbeat_interval=self.beat_every,
                 digests={
                     k: list(known[k].capabilities)
                     for k in keys

@@ -97,6 +97,7 @@ class TaskOrchestrator:
             self.placement,
             self.dispatch.queues,
             self.agent_queues,
+            heartbeat_timeout=self.settings.heartbeat_timeout,
         )
         self.outcomes = Outcomes(
             self.records,

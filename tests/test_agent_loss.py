@@ -272,3 +272,37 @@ async def test_a_crashed_agents_task_runs_on_another_within_seconds(harness: Har
     assert (status["status"], status["assigned_agent"]) == ("completed", "survivor")
     assert moved < 8.0
     assert await gone(orchestrator, "victim")
+
+
+async def test_an_agent_beating_less_often_than_the_orchestrator_waits_is_not_removed(
+    harness: Harness,
+) -> None:
+    # Given an orchestrator that takes 1 s of silence for a lost agent, and an
+    # agent configured to beat every 30 s (a user's mismatched settings)
+    timeout = 1.0
+    orchestrator = await harness.start_orchestrator(
+        FAST.model_copy(update={"heartbeat_timeout": timeout})
+    )
+    agent = await harness.start_agent("slow-beater", ["work"], heartbeat_interval=30.0)
+    [registered_as] = await orchestrator.get_agents()
+    first_seen = registered_as.last_seen
+    assert first_seen is not None
+
+    # When it has been heard from for three of the orchestrator's timeouts
+    async def heard_for_three_timeouts() -> bool:
+        agents = await orchestrator.get_agents()
+        assert [a.agent_id for a in agents] == ["slow-beater"], "the agent was removed"
+        last = agents[0].last_seen
+        return last is not None and last - first_seen > 3 * timeout
+
+    await wait_until(heard_for_three_timeouts, timeout=15)
+
+    # Then it beats as often as the orchestrator expects, was never removed,
+    # and still runs tasks
+    assert agent.heartbeat_interval == pytest.approx(timeout / 3)
+    assert agent.serving
+    task_id = await orchestrator.submit_task(
+        name="t", description="", task_type="job", payload={}, required_capabilities=["work"]
+    )
+    status = await orchestrator.wait_for_task(task_id, timeout=15)
+    assert status["status"] == "completed"
