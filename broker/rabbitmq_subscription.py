@@ -105,6 +105,21 @@ class RabbitSubscription(Subscription):
 
         self._tag = await self._queue.consume(on_message)
 
+    async def consuming(self) -> bool:
+        """Whether the broker still has its consumer. The broker cancels it when
+        its queue is deleted; aio-pika 10's robust queue declares the queue again
+        and consumes again by itself, and this says when that did not happen.
+        While the link is down, True: the reconnect restores it."""
+        if self._closed or self._tag is None:
+            return not self._closed
+        if self._channel.is_closed:
+            return True
+        try:  # (the channel is open, so its connection is ready: no waiting)
+            underlay = await self._channel.get_underlay_channel()
+        except CHANNEL_GONE:
+            return True
+        return self._tag in underlay.consumers
+
     async def _run(self) -> None:
         source = self._queue.name
         retry = ACK_RETRY_MIN

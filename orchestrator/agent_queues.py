@@ -86,6 +86,8 @@ class AgentQueues:
         self._later: dict[str, asyncio.Task[bool | None]] = {}
         """Per agent id, its queue being opened in the background (``open``)."""
         self._at_once = asyncio.Semaphore(OPENED_AT_ONCE)
+        self._stopped: set[str] = set()
+        """Agents whose consumer the broker had stopped at the last ``retry``."""
         self.following = False
         """Leading (``resume`` to ``stop``): only then does ``open`` consume."""
 
@@ -144,7 +146,9 @@ class AgentQueues:
 
     async def retry(self, limit: int = REOPENED_PER_ROUND) -> int:
         """Open the queues of followed agents that did not open (up to ``limit``,
-        ``OPENED_AT_ONCE`` at a time; those that fail again go last); how many opened."""
+        ``OPENED_AT_ONCE`` at a time; those that fail again go last); how many opened.
+        A queue that is consumed no more is closed first, and so opened again."""
+        await self._close_stopped()
         tried = [agent_id for agent_id in self.unopened if agent_id not in self._later][:limit]
         results = await asyncio.gather(*map(self._open_bounded, tried))
         for agent_id, opened in zip(tried, results, strict=True):
@@ -152,6 +156,30 @@ class AgentQueues:
                 del self._wanted[agent_id]  # to the back of the line
                 self._wanted[agent_id] = None
         return sum(1 for opened in results if opened)
+
+    async def _close_stopped(self) -> None:
+        """Close the subscriptions whose consumer the broker stopped (someone
+        deleted the agent's queue) and that were not consumed again since the
+        last round (aio-pika 10 declares the queue again and consumes by
+        itself; this is for when it could not): opening them declares the
+        queue anew. The agent's events sent meanwhile reached no queue."""
+        stopped = {
+            agent_id
+            for agent_id, subscription in list(self._subscriptions.items())
+            if not await subscription.consuming()
+        }
+        for agent_id in stopped & self._stopped:
+            async with self._lock(agent_id):
+                subscription = self._subscriptions.get(agent_id)
+                if subscription is None or await subscription.consuming():
+                    continue
+                del self._subscriptions[agent_id]
+                log.warning(
+                    "agent %s's events queue is consumed no more (deleted?): opening it again",
+                    agent_id,
+                )
+                await subscription.close()
+        self._stopped = stopped - self._stopped
 
     async def _open_bounded(self, agent_id: str) -> bool | None:
         """Open a wanted agent's queue, ``OPENED_AT_ONCE`` at a time; whether it
@@ -277,4 +305,5 @@ class AgentQueues:
         self._wanted.clear()
         self._failures.clear()
         self._declared.clear()
+        self._stopped.clear()
         self._locks.clear()  # (every job that held one has ended)

@@ -448,3 +448,90 @@ async def test_a_new_agent_announced_has_its_queue_open_before_it_is_told_anythi
     await queues.open("newcomer")
     assert "newcomer" in queues
     await queues.stop()
+
+
+@pytest.mark.rabbitmq
+async def test_an_agent_queue_deleted_under_its_consumer_is_opened_again_by_the_watch(
+    broker_url: str, prefix: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aio-pika 10 consumes a queue deleted under its consumer again by itself;
+    this is for when it does not (an aio-pika without it, a failed recovery):
+    the orchestrator notices the broker's cancel and opens the queue again."""
+    from broker import BusSettings
+
+    monkeypatch.setattr(aio_pika.RobustChannel, "_on_consumer_cancel", lambda self, frame: None)
+    caplog.set_level(logging.INFO, logger="orchestrator")
+    harness = Harness("rabbitmq", BusSettings(broker_url=broker_url, prefix=prefix))
+    try:
+        # Given an agent registered, its queue followed
+        orchestrator = await harness.start_orchestrator()
+        await harness.start_agent("worker", [], 1)
+        assert "worker" in orchestrator.agent_queues
+
+        # When someone deletes its queue (the broker cancels the consumer)
+        connection = await aio_pika.connect(broker_url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(orchestrator.bus.topology.agent_events_queue("worker"))
+
+        # Then the watch notices, and opens the queue again: its results are recorded
+        async def noticed() -> bool:
+            return (
+                any(
+                    "worker's events queue is consumed no more" in r.getMessage()
+                    for r in caplog.records
+                )
+                and "worker" in orchestrator.agent_queues
+            )
+
+        await wait_until(noticed, WAIT)
+        task_id = await orchestrator.submit_task(
+            name="t", description="", task_type="job", payload={}, max_retries=0, timeout=60
+        )
+        final = await orchestrator.wait_for_task(task_id, WAIT)
+        assert final["status"] == "completed", final
+    finally:
+        await harness.close()
+
+
+class _Stoppable(Subscription):
+    def __init__(self) -> None:
+        self.stopped = False
+        self.closed = False
+
+    async def consuming(self) -> bool:
+        return not self.stopped
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_queue_consumed_no_more_for_a_whole_round_is_closed_and_opened_again() -> None:
+    # Given an agent followed
+    bus = _Refusing()
+    bus.down = False
+    opened: list[_Stoppable] = []
+
+    def make() -> _Stoppable:
+        opened.append(_Stoppable())
+        return opened[-1]
+
+    bus.subscribe_agent_events = _opens(bus, make)  # type: ignore[method-assign]
+    queues = AgentQueues(bus, lambda event: _true(True))  # type: ignore[arg-type]
+    await queues.resume(["worker"])
+
+    # When the broker stops its consumer, the next watch round leaves it a
+    # round (the bus may consume again by itself)
+    opened[0].stopped = True
+    await queues.retry()
+    assert len(opened) == 1 and not opened[0].closed
+    # Then at the round after, it is closed and opened anew
+    await queues.retry()
+    assert opened[0].closed and len(opened) == 2 and "worker" in queues
+    # while a consumer the bus restored within the round is left alone
+    opened[1].stopped = True
+    await queues.retry()
+    opened[1].stopped = False
+    await queues.retry()
+    assert not opened[1].closed and len(opened) == 2
+    await queues.stop()
