@@ -18,7 +18,8 @@ registry, so that a reconnect does not declare again the queue of an agent
 removed since. A channel error would close every consumer of that channel
 (the robust channel reopens with them, and what they held comes again, as
 after a reconnect): so what may fail (a queue of that name with other
-arguments, a refused permission) is declared first on a throwaway channel.
+arguments, a refused permission) is declared first on a channel that only
+declares (and is not declared again after a reconnect).
 """
 
 from __future__ import annotations
@@ -93,13 +94,26 @@ class SharedChannels:
         self._prefetch = prefetch
         self._per_channel = per_channel
         self._users: dict[AbstractChannel, int] = {}
+        self._declaring: AbstractChannel | None = None
         self._lock = asyncio.Lock()
         """Consumers starting at once do not each open a channel."""
 
+    async def declaring(self) -> AbstractChannel:
+        """The channel declares are tried on before a shared channel repeats them:
+        one the broker closes (a queue of that name with other arguments)
+        reopens by itself, and holds no consumer."""
+        async with self._lock:
+            if self._declaring is not None and self._declaring.is_closed:
+                old, self._declaring = self._declaring, None
+                await close_for_good(old, "a declaring channel")
+            if self._declaring is None:
+                self._declaring = await self._open_channel()
+            return self._declaring
+
     @property
     def channels(self) -> int:
-        """How many shared channels are open (for tests and metrics)."""
-        return len(self._users)
+        """How many shared channels are open, the declaring one too."""
+        return len(self._users) + (self._declaring is not None)
 
     async def take(self) -> ChannelSlot:
         """A place on the least used channel that has room, else on a new one."""
@@ -129,6 +143,7 @@ class SharedChannels:
     def clear(self) -> None:
         """Forget every channel (its connection is being closed with them)."""
         self._users.clear()
+        self._declaring = None
 
 
 async def subscribe_shared(
@@ -141,19 +156,18 @@ async def subscribe_shared(
 ) -> Subscription:
     """Declare ``declarations`` and consume its queue on a shared channel of ``pool``."""
     # What may fail with a channel error (a queue of that name with other
-    # arguments, a refused permission) fails on a throwaway channel first.
-    probe = await bus._own_channel()
+    # arguments, a refused permission) fails on the declaring channel first.
+    own_only = bus.declares != "all"
+    probe = Declarer(await pool.declaring(), bus.address, own_only=own_only, robust=False)
     try:
-        await probe.declare(declarations)
+        await probe.declare(Declarations(queues=declarations.queues))
     except CHANNEL_GONE as exc:
         raise BusConnectionError(f"cannot declare {whose} events queue: {exc}") from None
-    finally:
-        await close_for_good(probe.channel, "a declaring channel")
     slot = await pool.take()
     # Declared and bound again on the shared channel, whose robust queue declares
     # and binds it again after a reconnect, and once the broker cancels its
     # consumer (someone deleted it), before consuming again (aio-pika 10).
-    shared = Declarer(slot.channel, bus.address, own_only=probe.own_only)
+    shared = Declarer(slot.channel, bus.address, own_only=own_only)
     try:
         return await bus._subscribe(
             shared,
