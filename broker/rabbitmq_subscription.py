@@ -88,7 +88,9 @@ class RabbitSubscription(Subscription):
         """Handled, in order, and not acknowledged yet (the next ack settles them)."""
         self._current: AbstractIncomingMessage | None = None
         """The message being handled."""
-        self._acking: asyncio.Future[None] | None = None
+        self._settled = asyncio.Event()
+        """Cleared while acks are being sent (``close`` lets them finish)."""
+        self._settled.set()
         self._idle = asyncio.Event()
         """Set while the worker handles no message (``close`` lets one finish)."""
         self._idle.set()
@@ -101,6 +103,8 @@ class RabbitSubscription(Subscription):
                 # (a consumer that a reconnect under way restored after the close)
                 await self._cancel()
                 return
+            if self._slot is not None:
+                self._slot.unsettled.received(message)
             self._inbox.put_nowait(message)
 
         self._tag = await self._queue.consume(on_message)
@@ -169,21 +173,26 @@ class RabbitSubscription(Subscription):
                 await self._ack(source)
 
     async def _ack(self, source: str) -> None:
-        """Acknowledge what was handled (its before-ack hook ran). Shielded: a
-        delivery settled twice is a channel error, which on a shared channel
-        would close every consumer of it, and an ack cut by ``close`` could
-        have gone out before close hands the delivery back."""
+        """Acknowledge what was handled (its before-ack hook ran). ``close`` lets
+        the acks finish before it cancels the worker, and each delivery leaves
+        ``_held`` before its ack goes: a delivery settled twice (acked, then
+        handed back) is a channel error, which on a shared channel would close
+        every consumer of it."""
         held, self._held = self._held, []
-        if held:
-            self._acking = asyncio.ensure_future(self._send_acks(held, source))
-            await asyncio.shield(self._acking)
-
-    async def _send_acks(self, held: list[AbstractIncomingMessage], source: str) -> None:
-        if self._slot is None:  # the channel is ours: one ack settles all before it
-            await quietly(partial(held[-1].ack, multiple=True), f"acknowledge {source}")
+        if not held:
             return
-        for message in held:  # shared: an ack with multiple would settle others' too
-            await quietly(message.ack, f"acknowledge {source}")
+        self._settled.clear()
+        try:
+            if self._slot is not None:  # shared: one ack settles all before it only if
+                oldest = self._slot.unsettled.oldest(held)  # no neighbour's is among them
+                self._slot.unsettled.settled(held)
+                if not oldest:
+                    for message in held:
+                        await quietly(message.ack, f"acknowledge {source}")
+                    return
+            await quietly(partial(held[-1].ack, multiple=True), f"acknowledge {source}")
+        finally:
+            self._settled.set()
 
     async def _flushed(self, source: str) -> bool:
         """Run the before-ack hook; whether what was handled may be acknowledged."""
@@ -206,10 +215,10 @@ class RabbitSubscription(Subscription):
         if asyncio.current_task() is not self._worker:  # (not from its own handler)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), CLOSE_WAIT)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._settled.wait(), CLOSE_TIMEOUT)
         self._worker.cancel()
         await asyncio.gather(self._worker, return_exceptions=True)
-        if self._acking is not None:  # (what it acknowledges is not handed back)
-            await asyncio.gather(self._acking, return_exceptions=True)
         if self._slot is None:
             await close_for_good(self._channel, "subscription channel")
             return
@@ -225,9 +234,10 @@ class RabbitSubscription(Subscription):
         self._held, self._current = [], None
         while not self._inbox.empty():
             returned.append(self._inbox.get_nowait())
+        assert self._slot is not None
+        self._slot.unsettled.settled(returned)
         for message in returned:
             await _requeue(message, self._queue.name)
-        assert self._slot is not None
         self._slot.release()
 
     async def _cancel(self) -> None:
