@@ -162,8 +162,9 @@ class SharedChannels:
         """A place on the least used channel that has room, else on a new one."""
         async with self._lock:
             for channel, users in list(self._users.items()):
-                if users == 0 and channel.is_closed:  # (the robust channel could not reopen)
+                if users == 0 and channel.is_closed:  # (closed for good: no reopen later)
                     del self._users[channel]
+                    await close_for_good(channel, "an unused shared channel")
             open_ones = [
                 (users, index, channel)
                 for index, (channel, users) in enumerate(self._users.items())

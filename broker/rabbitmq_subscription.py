@@ -116,8 +116,8 @@ class RabbitSubscription(Subscription):
         While the link is down, True: the reconnect restores it."""
         if self._closed or self._tag is None:
             return not self._closed
-        if self._channel.is_closed:
-            return True
+        if self._channel.is_closed or not _restored(self._channel):
+            return True  # (a reconnect restores it, or is restoring it now)
         try:  # (the channel is open, so its connection is ready: no waiting)
             underlay = await self._channel.get_underlay_channel()
         except CHANNEL_GONE:
@@ -248,6 +248,15 @@ class RabbitSubscription(Subscription):
             await asyncio.wait_for(self._queue.cancel(self._tag), CLOSE_TIMEOUT)
         except (TimeoutError, *CHANNEL_GONE) as exc:
             log.info("could not stop consuming %s (%s)", self._queue.name, exc)
+
+
+def _restored(channel: AbstractChannel) -> bool:
+    """Whether a robust channel has restored its queues and consumers after a
+    reconnect (aio-pika 10 restores the channels one after another, with the
+    link up): until then a consumer not there yet is not one the broker
+    stopped. aio-pika's event is private; without it, restored."""
+    restored = getattr(channel, "_RobustChannel__restored", None)
+    return restored is None or restored.is_set()
 
 
 async def _requeue(message: AbstractIncomingMessage, source: str) -> None:
