@@ -6,22 +6,24 @@ channel of its own gave: an event is acknowledged only once its handler and
 the before-ack hook ran (an ack with ``multiple`` on a shared channel would
 settle the neighbours' deliveries too), closing one agent's subscription
 hands back what it held and disturbs no other, a closed one stays closed
-across a reconnect, and a queue deleted under its consumer is consumed again.
+across a reconnect, and a queue deleted under its consumer is consumed again
+(by aio-pika, else the orchestrator's watch: orchestrator/agent_queues.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import defaultdict
+from typing import Any
 
 import aio_pika
 import pytest
 
 from broker import BusSettings, Event, RabbitMQBus, Subscription, TaskProgress
 from broker.rabbitmq_shared import CONSUMERS_PER_CHANNEL
-from tests.harness import wait_until
-
-pytestmark = pytest.mark.rabbitmq
+from orchestrator.agent_queues import AgentQueues
+from tests.harness import Harness, wait_until
 
 WAIT = 30.0
 
@@ -68,6 +70,7 @@ async def _bus(broker_url: str, prefix: str) -> RabbitMQBus:
     return bus
 
 
+@pytest.mark.rabbitmq
 async def test_many_agents_queues_are_consumed_on_a_few_channels_and_each_is_heard(
     broker_url: str, prefix: str
 ) -> None:
@@ -116,6 +119,7 @@ async def test_many_agents_queues_are_consumed_on_a_few_channels_and_each_is_hea
         await bus.close()
 
 
+@pytest.mark.rabbitmq
 async def test_a_shared_channel_acknowledges_only_what_each_handler_and_its_hook_ran_for(
     broker_url: str, prefix: str
 ) -> None:
@@ -160,6 +164,7 @@ async def test_a_shared_channel_acknowledges_only_what_each_handler_and_its_hook
         await bus.close()
 
 
+@pytest.mark.rabbitmq
 async def test_an_agent_queue_deleted_under_its_consumer_is_consumed_again(
     broker_url: str, prefix: str
 ) -> None:
@@ -201,6 +206,7 @@ async def test_an_agent_queue_deleted_under_its_consumer_is_consumed_again(
         await bus.close()
 
 
+@pytest.mark.rabbitmq
 @pytest.mark.fault
 async def test_an_agent_subscription_closed_while_the_broker_is_down_stays_closed(
     private_rabbitmq, prefix: str
@@ -240,3 +246,91 @@ async def test_an_agent_subscription_closed_while_the_broker_is_down_stays_close
         await kept.close()
     finally:
         await bus.close()
+
+
+@pytest.mark.rabbitmq
+async def test_an_agent_queue_deleted_under_its_consumer_is_opened_again_by_the_watch(
+    broker_url: str, prefix: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aio-pika 10 consumes a queue deleted under its consumer again by itself;
+    this is for when it does not (an aio-pika without it, a failed recovery):
+    the orchestrator notices the broker's cancel and opens the queue again."""
+    monkeypatch.setattr(aio_pika.RobustChannel, "_on_consumer_cancel", lambda self, frame: None)
+    caplog.set_level(logging.INFO, logger="orchestrator")
+    harness = Harness("rabbitmq", BusSettings(broker_url=broker_url, prefix=prefix))
+    try:
+        # Given an agent registered, its queue followed
+        orchestrator = await harness.start_orchestrator()
+        await harness.start_agent("worker", [], 1)
+        assert "worker" in orchestrator.agent_queues
+
+        # When someone deletes its queue (the broker cancels the consumer)
+        connection = await aio_pika.connect(broker_url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(orchestrator.bus.topology.agent_events_queue("worker"))
+
+        # Then the watch notices, and opens the queue again: its results are recorded
+        async def noticed() -> bool:
+            return (
+                any(
+                    "worker's events queue is consumed no more" in r.getMessage()
+                    for r in caplog.records
+                )
+                and "worker" in orchestrator.agent_queues
+            )
+
+        await wait_until(noticed, WAIT)
+        task_id = await orchestrator.submit_task(
+            name="t", description="", task_type="job", payload={}, max_retries=0, timeout=60
+        )
+        final = await orchestrator.wait_for_task(task_id, WAIT)
+        assert final["status"] == "completed", final
+    finally:
+        await harness.close()
+
+
+class _Stoppable(Subscription):
+    """A subscription whose consumer the test stops, as the broker would."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+        self.closed = False
+
+    async def consuming(self) -> bool:
+        return not self.stopped
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_queue_consumed_no_more_for_a_whole_round_is_closed_and_opened_again() -> None:
+    # Given an agent followed
+    opened: list[_Stoppable] = []
+
+    class _Bus:
+        async def subscribe_agent_events(self, agent_id: str, handler: Any, **kwargs: Any):
+            opened.append(_Stoppable())
+            return opened[-1]
+
+    async def ignore(event: Event) -> None:
+        pass
+
+    queues = AgentQueues(_Bus(), ignore)  # type: ignore[arg-type]
+    await queues.resume(["worker"])
+
+    # When the broker stops its consumer, the next watch round leaves it a
+    # round (the bus may consume again by itself)
+    opened[0].stopped = True
+    await queues.retry()
+    assert len(opened) == 1 and not opened[0].closed
+    # Then at the round after, it is closed and opened anew
+    await queues.retry()
+    assert opened[0].closed and len(opened) == 2 and "worker" in queues
+    # while a consumer the bus restored within the round is left alone
+    opened[1].stopped = True
+    await queues.retry()
+    opened[1].stopped = False
+    await queues.retry()
+    assert not opened[1].closed and len(opened) == 2
+    await queues.stop()
