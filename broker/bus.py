@@ -126,6 +126,11 @@ class Subscription(abc.ABC):
     async def close(self) -> None:
         """Stop consuming. Unsettled deliveries go back to their queue."""
 
+    async def consuming(self) -> bool:
+        """False once the broker stopped its consumer (someone deleted its queue)
+        and nothing consumes again: the owner closes it and subscribes anew."""
+        return True
+
 
 def priorities_after(
     known: Mapping[str, int],

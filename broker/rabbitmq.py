@@ -8,7 +8,9 @@ messages (``broker.topology``, ``broker.envelope``), publisher confirms with
 and a short AMQP heartbeat (``rabbitmq_link``), classic priority queues
 declared from the topology's value objects (``rabbitmq_declare``), a
 channel-wide prefetch per agent and consumer priorities
-(``rabbitmq_consume``), direct reply-to for requests (``rabbitmq_rpc``), and
+(``rabbitmq_consume``), ordered subscriptions (``rabbitmq_subscription``), the
+agents' events queues consumed on a few shared channels
+(``rabbitmq_shared``), direct reply-to for requests (``rabbitmq_rpc``), and
 our own references to channels. aio-pika and aiormq exceptions are converted
 in those modules and never leak out.
 """
@@ -40,14 +42,8 @@ from .bus import (
 )
 from .envelope import Envelope
 from .errors import BusConnectionError, BusNotStarted
-from .messages import Control, Event, TaskMessage, WireMessage, parse_control, parse_event
-from .rabbitmq_consume import (
-    ACK_BATCH,
-    RabbitSubscription,
-    RabbitTaskConsumer,
-    close_for_good,
-    dead_letter_of,
-)
+from .messages import Control, Event, TaskMessage, WireMessage, parse_control
+from .rabbitmq_consume import ACK_BATCH, RabbitTaskConsumer, close_for_good, dead_letter_of
 from .rabbitmq_declare import Declarer, QueueUnavailable, delete
 from .rabbitmq_lease import RabbitLease
 from .rabbitmq_legacy import drain_legacy_events
@@ -55,6 +51,8 @@ from .rabbitmq_link import CHANNEL_GONE, amqp_url, close_callbacks_done, open_co
 from .rabbitmq_probe import DeclareMode, control_queue_lives, declare_mode
 from .rabbitmq_publish import PUBLISH_RETRY_SECONDS, Publisher
 from .rabbitmq_rpc import RpcClient, request_server
+from .rabbitmq_shared import SharedChannels, subscribe_shared
+from .rabbitmq_subscription import EVENTS_PREFETCH, RabbitSubscription, events_of
 from .routing import ANY_CAPABILITY_KEY
 from .rpc import Reply, parse_reply
 from .settings import BusSettings, redact_url
@@ -118,6 +116,10 @@ class RabbitMQBus(CommunicationBus):
         self._agent_events: set[str] = set()
         """Agent ids whose events queue this bus declared (``delete_topology`` too)."""
         self._subscriptions: set[Subscription] = set()
+        self._agent_channels = SharedChannels(
+            lambda: self._require().channel(publisher_confirms=False), EVENTS_PREFETCH
+        )
+        """The channels the agents' events queues are consumed on, many on each."""
         self._publisher = Publisher(
             lambda: self._main.exchanges if self._main is not None else None,
             self._check_size,
@@ -189,6 +191,7 @@ class RabbitMQBus(CommunicationBus):
         for sub in list(self._subscriptions):
             await sub.close()
         self._subscriptions.clear()
+        self._agent_channels.clear()  # (closed with the connection)
         self._rpc.close()
         connection, self._connection = self._connection, None
         self._main = None
@@ -236,9 +239,15 @@ class RabbitMQBus(CommunicationBus):
         declarer: Declarer,
         declarations: Declarations,
         handle: Callable[[AbstractIncomingMessage], Awaitable[None]],
+        *,
+        check: bool = False,
         **options: Any,
     ) -> Subscription:
-        await declarer.declare(declarations)
+        """Declare (``check``: check passively) and consume ``declarations.queue``."""
+        if check:
+            await declarer.check(declarations)
+        else:
+            await declarer.declare(declarations)
         sub = RabbitSubscription(
             declarer.channel,
             declarer.queues[declarations.queue],
@@ -247,7 +256,11 @@ class RabbitMQBus(CommunicationBus):
             on_close=self._forget,
             **options,
         )
-        await sub.start()
+        try:
+            await sub.start()
+        except BaseException:
+            await sub.close()  # (its worker, and its channel unless shared)
+            raise
         self._subscriptions.add(sub)
         return sub
 
@@ -342,22 +355,22 @@ class RabbitMQBus(CommunicationBus):
         else:
             declarations = self.topology.monitor(patterns, uuid.uuid4().hex[:12])
 
-        async def handle(message: AbstractIncomingMessage) -> None:
-            await handler(parse_event(message.body))
-
-        declarer = await self._own_channel(prefetch=512)
+        handle = events_of(handler)
+        declarer = await self._own_channel(prefetch=EVENTS_PREFETCH)
         return await self._subscribe(declarer, declarations, handle, before_ack=before_ack)
 
     async def subscribe_agent_events(
         self, agent_id: str, handler: EventHandler, *, before_ack: BeforeAck | None = None
     ) -> Subscription:
-        async def handle(message: AbstractIncomingMessage) -> None:
-            await handler(parse_event(message.body))
+        """Consumed on a shared channel (``rabbitmq_shared``): a channel each would
+        cap the agents followed at the connection's ``channel_max``."""
 
-        declarer = await self._own_channel(prefetch=512)
+        handle = events_of(handler)
         self._agent_events.add(agent_id)
         declarations = self.topology.agent_events(agent_id)
-        return await self._subscribe(declarer, declarations, handle, before_ack=before_ack)
+        return await subscribe_shared(
+            self, self._agent_channels, declarations, handle, before_ack, f"agent {agent_id!r}"
+        )
 
     async def delete_agent_events(self, agent_id: str) -> None:
         channel = await self._require().channel(publisher_confirms=False)
@@ -377,10 +390,8 @@ class RabbitMQBus(CommunicationBus):
         return await drain_legacy_events(self, handler, before_ack)
 
     async def subscribe_heartbeats(self, handler: EventHandler) -> Subscription:
-        async def handle(message: AbstractIncomingMessage) -> None:
-            await handler(parse_event(message.body))
-
-        declarer = await self._own_channel(prefetch=512)
+        handle = events_of(handler)
+        declarer = await self._own_channel(prefetch=EVENTS_PREFETCH)
         return await self._subscribe(declarer, self.topology.orchestrator_heartbeats(), handle)
 
     async def agent_connected(self, agent_id: str) -> bool:

@@ -1,6 +1,7 @@
-"""Consuming on RabbitMQ: task deliveries, task consumers, ordered subscriptions.
+"""Consuming tasks on RabbitMQ: task deliveries and task consumers (the
+ordered subscriptions are ``rabbitmq_subscription``).
 
-Each consumer has a channel of its own, so that closing it hands back exactly
+Each task consumer has a channel of its own, so that closing it hands back exactly
 its unacknowledged deliveries. A task consumer's prefetch is channel-wide
 (``global_``): one limit across every queue the agent consumes.
 
@@ -15,7 +16,6 @@ comes again, marked redelivered, once the robust channel consumes again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import uuid
@@ -27,8 +27,6 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import ChannelInvalidStateError
 
 from .bus import (
-    CLOSE_WAIT,
-    BeforeAck,
     DeadLetter,
     Subscription,
     TaskConsumer,
@@ -36,8 +34,7 @@ from .bus import (
     TaskHandler,
     priorities_after,
 )
-from .envelope import Sender, handling_from
-from .errors import BusConnectionError, InvalidMessage
+from .errors import BusConnectionError
 from .rabbitmq_declare import Declarer
 from .rabbitmq_link import CHANNEL_GONE
 from .topology import Topology
@@ -66,7 +63,7 @@ def dead_letter_of(message: AbstractIncomingMessage) -> DeadLetter:
     return DeadLetter.of(message.body, message.headers, message.message_id, message.user_id)
 
 
-async def _quietly(operation: Callable[[], Awaitable[object]], what: str) -> None:
+async def quietly(operation: Callable[[], Awaitable[object]], what: str) -> None:
     """Settle or cancel on a channel that may have died meanwhile.
 
     If it did, the broker requeues the message by itself and it comes again;
@@ -125,10 +122,10 @@ class RabbitDelivery(TaskDelivery):
                 closing.cancel()  # only this observer
 
     async def ack(self) -> None:
-        await _quietly(self._message.ack, f"acknowledge a delivery from {self.queue_key}")
+        await quietly(self._message.ack, f"acknowledge a delivery from {self.queue_key}")
 
     async def requeue(self) -> None:
-        await _quietly(
+        await quietly(
             partial(self._message.nack, requeue=True), f"requeue a delivery to {self.queue_key}"
         )
 
@@ -202,7 +199,7 @@ class RabbitTaskConsumer(TaskConsumer):
         queue, tag, _ = self._queues.pop(key)
         await self._start(key)
         # If the channel is gone, so is the old consumer (and it is not restored).
-        await _quietly(partial(queue.cancel, tag), f"stop consuming {key} at its old priority")
+        await quietly(partial(queue.cancel, tag), f"stop consuming {key} at its old priority")
 
     def _handled(self, handling: asyncio.Task[None]) -> None:
         self._handlings.discard(handling)
@@ -241,7 +238,7 @@ class RabbitTaskConsumer(TaskConsumer):
             entry = self._queues.pop(key, None)
             if entry is not None:
                 queue, tag, _ = entry
-                await _quietly(partial(queue.cancel, tag), f"stop consuming {key}")
+                await quietly(partial(queue.cancel, tag), f"stop consuming {key}")
         await delivery.requeue()
         await asyncio.sleep(seconds)
         if entry is not None:
@@ -258,7 +255,7 @@ class RabbitTaskConsumer(TaskConsumer):
             self._paused = True
             for key, (queue, tag, _) in list(self._queues.items()):
                 # If the channel is gone, so is the consumer.
-                await _quietly(partial(queue.cancel, tag), f"stop consuming {key}")
+                await quietly(partial(queue.cancel, tag), f"stop consuming {key}")
                 del self._queues[key]
             self._parked.clear()
 
@@ -318,113 +315,3 @@ def consumer_tag(agent_id: str, key: str) -> str:
     if len(tag.encode()) <= MAX_TAG_BYTES:
         return tag
     return f"{agent_id}:sha1-{hashlib.sha1(key.encode()).hexdigest()}:{uuid.uuid4().hex[:8]}"
-
-
-class RabbitSubscription(Subscription):
-    """Deliveries go through a local queue to one worker: in order, one at a time."""
-
-    def __init__(
-        self,
-        channel: AbstractChannel,
-        queue: AbstractQueue,
-        handle: Callable[[AbstractIncomingMessage], Awaitable[None]],
-        *,
-        dead: DeadLetterPublish,
-        on_close: Callable[[Subscription], None],
-        dead_letter_failures: bool = True,
-        before_ack: BeforeAck | None = None,
-    ) -> None:
-        self._channel = channel
-        self._queue = queue
-        self._handle = handle
-        self._dead = dead
-        self._on_close = on_close
-        self._dead_letter_failures = dead_letter_failures
-        self._before_ack = before_ack
-        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-        self._idle = asyncio.Event()
-        """Set while the worker handles no message (``close`` lets one finish)."""
-        self._idle.set()
-        self._worker = asyncio.get_running_loop().create_task(self._run())
-
-    async def start(self) -> None:
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            self._inbox.put_nowait(message)
-
-        await self._queue.consume(on_message)
-
-    async def _run(self) -> None:
-        unacked = 0
-        source = self._queue.name
-        # The last message handled and not acknowledged (its hook failed):
-        pending: AbstractIncomingMessage | None = None
-        retry = ACK_RETRY_MIN
-        worker = asyncio.current_task()
-        while True:
-            if worker is not None and worker.cancelling():
-                # ``close`` cancelled us while an AMQP call of a handler ran: aiormq
-                # may have turned the cancellation into a channel error, caught as
-                # a failure; the worker must end all the same.
-                raise asyncio.CancelledError()
-            if pending is not None and self._inbox.empty():
-                # The hook failed and nothing else comes to retry it (the prefetch
-                # may be full of what it left unacknowledged): retry on a timer.
-                try:
-                    message = await asyncio.wait_for(self._inbox.get(), retry)
-                except TimeoutError:
-                    if await self._flushed(source):
-                        await _quietly(partial(pending.ack, multiple=True), f"acknowledge {source}")
-                        pending, unacked, retry = None, 0, ACK_RETRY_MIN
-                    else:
-                        retry = min(retry * 2, ACK_RETRY_MAX)
-                    continue
-            else:
-                message = await self._inbox.get()
-            self._idle.clear()
-            try:
-                with handling_from(Sender.of(message.user_id, message.headers)):
-                    await self._handle(message)
-            except asyncio.CancelledError:
-                raise
-            except InvalidMessage as exc:
-                await self._dead(message.body, str(exc), source, None)
-            except Exception as exc:  # a handler bug must not stop the subscription
-                log.exception("handler of %s failed", source)
-                if self._dead_letter_failures:  # never for dead letters: that would loop
-                    await self._dead(message.body, f"handler error: {exc!r}", source, None)
-            finally:
-                self._idle.set()
-            # Handled in order, so one ack with multiple=True settles all before it:
-            # ack when the inbox runs dry or every ACK_BATCH messages.
-            unacked += 1
-            pending = message
-            if self._inbox.empty() or unacked >= ACK_BATCH:
-                if not await self._flushed(source):
-                    continue  # unacknowledged: they come back if we die; retried
-                pending, unacked, retry = None, 0, ACK_RETRY_MIN
-                await _quietly(partial(message.ack, multiple=True), f"acknowledge {source}")
-
-    async def _flushed(self, source: str) -> bool:
-        """Run the before-ack hook; whether what was handled may be acknowledged."""
-        if self._before_ack is None:
-            return True
-        try:
-            await self._before_ack()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # The next ack covers them, after the next message or the retry timer.
-            log.exception("before-ack hook of %s failed", source)
-            return False
-        return True
-
-    async def close(self) -> None:
-        self._on_close(self)
-        # A message being handled is let finish (a handler cut half-way leaves
-        # in memory what it did not write); what is not acknowledged comes again.
-        if asyncio.current_task() is not self._worker:  # (not from its own handler)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), CLOSE_WAIT)
-        self._worker.cancel()
-        await asyncio.gather(self._worker, return_exceptions=True)
-        await close_for_good(self._channel, "subscription channel")

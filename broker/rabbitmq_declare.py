@@ -71,8 +71,13 @@ class Declarer:
     exclusive queues, check the rest (see the module's docstring).
     """
 
-    def __init__(self, channel: AbstractChannel, address: str, *, own_only: bool = False) -> None:
+    def __init__(
+        self, channel: AbstractChannel, address: str, *, own_only: bool = False, robust: bool = True
+    ) -> None:
         self.channel = channel
+        self._robust: dict[str, bool] = {} if robust else {"robust": False}
+        """``robust`` False: the robust channel does not declare its queues
+        again after a reconnect (a channel that only declares, for others)."""
         self._address = address
         self.own_only = own_only
         self.exchanges: dict[str, AbstractExchange] = {"": channel.default_exchange}
@@ -114,7 +119,7 @@ class Declarer:
 
     async def _check_queue(self, queue: Queue) -> AbstractQueue:
         try:
-            return await self.channel.declare_queue(queue.name, passive=True)
+            return await self.channel.declare_queue(queue.name, passive=True, **self._robust)
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
             raise _unavailable(queue, exc) or missing("queue", queue.name, self._address) from None
         except aiormq.exceptions.ChannelLockedResource as exc:
@@ -146,6 +151,7 @@ class Declarer:
         try:
             return await self.channel.declare_queue(
                 queue.name,
+                **self._robust,
                 durable=queue.durable,
                 exclusive=queue.exclusive,
                 auto_delete=queue.auto_delete,

@@ -14,11 +14,10 @@ import logging
 from typing import TYPE_CHECKING
 
 import aiormq
-from aio_pika.abc import AbstractIncomingMessage
 
 from .bus import BeforeAck, EventHandler, Subscription
-from .messages import parse_event
-from .rabbitmq_consume import RabbitSubscription, close_for_good
+from .rabbitmq_consume import close_for_good
+from .rabbitmq_subscription import EVENTS_PREFETCH, events_of
 from .topology import Declarations, Queue
 
 if TYPE_CHECKING:
@@ -61,20 +60,7 @@ async def drain_legacy_events(
         name,
     )
 
-    async def handle(message: AbstractIncomingMessage) -> None:
-        await handler(parse_event(message.body))
-
-    declarer = await bus._own_channel(prefetch=512)
-    queue = Queue(name)
-    await declarer.check(Declarations(queues=(queue,)))
-    sub = RabbitSubscription(
-        declarer.channel,
-        declarer.queues[queue],
-        handle,
-        dead=bus._publish_dead,
-        on_close=bus._forget,
-        before_ack=before_ack,
-    )
-    await sub.start()
-    bus._subscriptions.add(sub)
-    return sub
+    handle = events_of(handler)
+    declarer = await bus._own_channel(prefetch=EVENTS_PREFETCH)
+    queue = Declarations(queues=(Queue(name),))
+    return await bus._subscribe(declarer, queue, handle, check=True, before_ack=before_ack)

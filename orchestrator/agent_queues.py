@@ -27,6 +27,16 @@ being closed keeps that queue (and what waits in it): the queue is consumed
 again once the old consumer is closed, rather than the registration waiting
 for that close under the events lock (which the old consumer, holding an
 event of its backlog, waits for: every event was held up for ``CLOSE_WAIT``).
+
+Opening a queue is a few broker round trips. Taking the lead opens every
+known agent's queue ``OPENED_AT_ONCE`` at a time (thousands of agents, one
+after another, held the announcements back that long); so do the watch's
+retries. An announcement (handled under the events lock) of an agent whose
+queue exists already (a known agent: the leader that registered it declared
+it) does not open it under that lock: it is opened in the background, with
+the same bound. Only a new agent's queue is opened before the announcement's
+handling goes on, as its agent must not hear of a task queue before its
+results have a queue.
 """
 
 from __future__ import annotations
@@ -43,6 +53,9 @@ log = logging.getLogger(__name__)
 REOPENED_PER_ROUND = 16
 """Agents' queues ``retry`` tries to open at most per watch round: a broker
 that refuses them all costs a round a bounded number of calls."""
+OPENED_AT_ONCE = 16
+"""Agents' queues opened at once on taking the lead, by the watch and in the
+background: many at a time, but not thousands of opens in flight at once."""
 
 
 class AgentQueues:
@@ -67,6 +80,14 @@ class AgentQueues:
         """Per agent id removed, its queue being closed and deleted (``close``)."""
         self._deleting: set[str] = set()
         """Agent ids whose queue is being deleted: too late to keep it."""
+        self._declared: set[str] = set()
+        """Agent ids whose queue exists (known agents, and those opened here):
+        announced, they need not wait for it to open."""
+        self._later: dict[str, asyncio.Task[bool | None]] = {}
+        """Per agent id, its queue being opened in the background (``open``)."""
+        self._at_once = asyncio.Semaphore(OPENED_AT_ONCE)
+        self._stopped: set[str] = set()
+        """Agents whose consumer the broker had stopped at the last ``retry``."""
         self.following = False
         """Leading (``resume`` to ``stop``): only then does ``open`` consume."""
 
@@ -94,8 +115,11 @@ class AgentQueues:
     async def resume(self, agent_ids: Iterable[str]) -> None:
         """Leading now (the store loaded): follow the queues of these known agents."""
         self.following = True
+        agent_ids = list(agent_ids)
         for agent_id in agent_ids:
-            await self.open(agent_id)
+            self._wanted[agent_id] = None
+            self._declared.add(agent_id)  # (by the leader that registered it)
+        await asyncio.gather(*map(self._open_bounded, agent_ids))
 
     async def open(self, agent_id: str) -> None:
         """Declare and consume ``agent_id``'s queue (idempotent); a failure is
@@ -112,23 +136,71 @@ class AgentQueues:
             if agent_id not in self._deleting:
                 return  # kept: ``_retire`` consumes it again
             await asyncio.shield(self._retiring[agent_id])  # (it opens it again too)
+        if agent_id in self._subscriptions:
+            return
+        if agent_id in self._declared:  # its results wait in its queue meanwhile
+            self._open_later(agent_id)
+            return
         async with self._lock(agent_id):
             await self._subscribe(agent_id)
 
     async def retry(self, limit: int = REOPENED_PER_ROUND) -> int:
         """Open the queues of followed agents that did not open (up to ``limit``,
-        those that fail again go last); how many opened."""
-        opened = 0
-        for agent_id in self.unopened[:limit]:
+        ``OPENED_AT_ONCE`` at a time; those that fail again go last); how many opened.
+        A queue that is consumed no more is closed first, and so opened again."""
+        await self._close_stopped()
+        tried = [agent_id for agent_id in self.unopened if agent_id not in self._later][:limit]
+        results = await asyncio.gather(*map(self._open_bounded, tried))
+        for agent_id, opened in zip(tried, results, strict=True):
+            if opened is False and agent_id in self._wanted:
+                del self._wanted[agent_id]  # to the back of the line
+                self._wanted[agent_id] = None
+        return sum(1 for opened in results if opened)
+
+    async def _close_stopped(self) -> None:
+        """Close the subscriptions whose consumer the broker stopped (someone
+        deleted the agent's queue) and that were not consumed again since the
+        last round (aio-pika 10 declares the queue again and consumes by
+        itself; this is for when it could not): opening them declares the
+        queue anew. The agent's events sent meanwhile reached no queue."""
+        stopped = {
+            agent_id
+            for agent_id, subscription in list(self._subscriptions.items())
+            if not await subscription.consuming()
+        }
+        for agent_id in stopped & self._stopped:
             async with self._lock(agent_id):
-                if agent_id not in self._wanted or agent_id in self._retiring:
+                subscription = self._subscriptions.get(agent_id)
+                if subscription is None or await subscription.consuming():
                     continue
-                if await self._subscribe(agent_id):
-                    opened += 1
-                elif agent_id in self._wanted:
-                    del self._wanted[agent_id]  # to the back of the line
-                    self._wanted[agent_id] = None
-        return opened
+                del self._subscriptions[agent_id]
+                log.warning(
+                    "agent %s's events queue is consumed no more (deleted?): opening it again",
+                    agent_id,
+                )
+                await subscription.close()
+        self._stopped = stopped - self._stopped
+
+    async def _open_bounded(self, agent_id: str) -> bool | None:
+        """Open a wanted agent's queue, ``OPENED_AT_ONCE`` at a time; whether it
+        opened (None: not tried, being removed)."""
+        async with self._at_once, self._lock(agent_id):
+            if agent_id not in self._wanted or agent_id in self._retiring:
+                return None
+            return await self._subscribe(agent_id)
+
+    def _open_later(self, agent_id: str) -> None:
+        if agent_id in self._later:
+            return
+        job = asyncio.get_running_loop().create_task(self._open_bounded(agent_id))
+        self._later[agent_id] = job
+        job.add_done_callback(lambda done: self._opened_later(agent_id, done))
+
+    def _opened_later(self, agent_id: str, job: asyncio.Task[bool | None]) -> None:
+        if self._later.get(agent_id) is job:
+            del self._later[agent_id]
+        if not job.cancelled():
+            job.exception()  # (``_subscribe`` logs its failures; seen here)
 
     def _lock(self, agent_id: str) -> asyncio.Lock:
         return self._locks.setdefault(agent_id, asyncio.Lock())
@@ -159,6 +231,7 @@ class AgentQueues:
             await subscription.close()
             return False
         self._subscriptions[agent_id] = subscription
+        self._declared.add(agent_id)
         if failures := self._failures.pop(agent_id, 0):
             log.info(
                 "following agent %s's events queue again, after %d failed attempt(s)",
@@ -205,6 +278,7 @@ class AgentQueues:
                 if await self._subscribe(agent_id) or agent_id in self._wanted:
                     return
             self._deleting.add(agent_id)  # from here on, ``open`` waits for the delete
+            self._declared.discard(agent_id)
             try:
                 late = self._subscriptions.pop(agent_id, None)  # opened while removed
                 if late is not None:
@@ -219,6 +293,8 @@ class AgentQueues:
         """No longer leading: stop consuming every queue, and keep them (the
         next leader follows them)."""
         self.following = False
+        # (each ends at once, finding us no longer leading, or closes what it opened)
+        await asyncio.gather(*self._later.values(), return_exceptions=True)
         subscriptions, self._subscriptions = self._subscriptions, {}
         for subscription in subscriptions.values():
             await subscription.close()
@@ -228,4 +304,6 @@ class AgentQueues:
         # (after them: a queue kept for an agent registered again is not deleted)
         self._wanted.clear()
         self._failures.clear()
+        self._declared.clear()
+        self._stopped.clear()
         self._locks.clear()  # (every job that held one has ended)

@@ -30,7 +30,7 @@ from broker import (
 )
 from broker.bus import CLOSE_WAIT
 from orchestrator import MemoryStore, OrchestratorSettings, TaskOrchestrator
-from orchestrator.agent_queues import REOPENED_PER_ROUND, AgentQueues
+from orchestrator.agent_queues import OPENED_AT_ONCE, REOPENED_PER_ROUND, AgentQueues
 from tests.harness import FAST, Harness, wait_until
 
 WAIT = 15.0
@@ -367,3 +367,84 @@ def _records(deleted: list[str]) -> Any:
         deleted.append(agent_id)
 
     return delete_agent_events
+
+
+class _Gated(_Refusing):
+    """Opens every queue once ``gate`` is set, counting the opens in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+        self.gate = asyncio.Event()
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def subscribe_agent_events(self, agent_id: str, handler: Any, **kwargs: Any):
+        self.tried.append(agent_id)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await self.gate.wait()
+        finally:
+            self.in_flight -= 1
+        return _Open()
+
+
+async def test_taking_the_lead_opens_the_known_agents_queues_a_bounded_number_at_a_time() -> None:
+    # Given 100 known agents, and a broker slow to open their queues
+    bus = _Gated()
+    queues = AgentQueues(bus, lambda event: _true(True))  # type: ignore[arg-type]
+    agents = [f"agent-{n}" for n in range(100)]
+
+    # When the orchestrator takes the lead
+    resuming = asyncio.get_running_loop().create_task(queues.resume(agents))
+
+    # Then OPENED_AT_ONCE of them are being opened at once, in the order known
+    async def busy() -> bool:
+        return bus.in_flight == OPENED_AT_ONCE
+
+    await wait_until(busy, WAIT)
+    assert bus.tried == agents[:OPENED_AT_ONCE]
+    # and once the broker answers, every queue is open, never more opening at once
+    bus.gate.set()
+    await asyncio.wait_for(resuming, WAIT)
+    assert all(agent in queues for agent in agents)
+    assert bus.most_in_flight == OPENED_AT_ONCE
+    await queues.stop()
+
+
+async def test_a_known_agent_announced_does_not_wait_for_its_queue_to_open() -> None:
+    # Given a known agent whose queue did not open on taking the lead
+    bus = _Refusing()
+    queues = AgentQueues(bus, lambda event: _true(True))  # type: ignore[arg-type]
+    await queues.resume(["worker"])
+    assert queues.unopened == ["worker"]
+
+    # When it announces itself (under the events lock) while the broker is slow
+    slow = _Gated()
+    bus.subscribe_agent_events = slow.subscribe_agent_events  # type: ignore[method-assign]
+    await asyncio.wait_for(queues.open("worker"), 1)  # (it does not wait for the open)
+
+    # Then its queue is opened in the background, once the broker answers
+    async def opening() -> bool:
+        return slow.in_flight == 1
+
+    await wait_until(opening, WAIT)
+    assert "worker" not in queues
+    slow.gate.set()
+    await wait_until(lambda: _true("worker" in queues), WAIT)
+    await queues.stop()
+
+
+async def test_a_new_agent_announced_has_its_queue_open_before_it_is_told_anything() -> None:
+    # Given an orchestrator leading, and an agent it never heard of
+    bus = _Refusing()
+    bus.down = False
+    queues = AgentQueues(bus, lambda event: _true(True))  # type: ignore[arg-type]
+    await queues.resume([])
+
+    # When the agent announces itself, its queue is open once that returns
+    # (before the agent hears of any task queue: its results have a queue)
+    await queues.open("newcomer")
+    assert "newcomer" in queues
+    await queues.stop()
