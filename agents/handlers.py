@@ -101,6 +101,11 @@ class HandlerEnd:
     when that can be seen)."""
 
 
+class Stopped(Exception):
+    """The attempt a handler runs for was stopped (its job cancelled: see
+    ``agents.tasks``) while it was waited for; the handler was told to stop."""
+
+
 class HandlerRun:
     """One handler's run, on its own: its ``future`` is done once the handler
     has really ended, which may be long after its task ended here."""
@@ -120,14 +125,18 @@ class HandlerRun:
         else:
             self.future.cancel()
 
-    async def wait(self, timeout: float) -> HandlerEnd:
-        """Until the handler ends or ``timeout`` passes. Cancelled (the attempt
-        is stopped), it stops the handler and is cancelled at once."""
+    async def wait(self, timeout: float, stop: asyncio.Future[Any] | None = None) -> HandlerEnd:
+        """Until the handler ends or ``timeout`` passes. If ``stop`` is cancelled
+        first (the attempt is stopped), or this is, it stops the handler and
+        raises ``Stopped`` (or is cancelled) at once."""
         try:
-            done = await _ended_within(self.future, timeout)
+            done = await _ended_within(self.future, timeout, stop)
         except asyncio.CancelledError:
             self.stop()
             raise
+        if stop is not None and stop.cancelled():
+            self.stop()
+            raise Stopped
         if not done:
             where = self.where()  # before it is told to stop, which moves it
             self.stop()
@@ -166,14 +175,19 @@ class HandlerRun:
         return bounded("".join(lines), TRACEBACK_CHARS, keep="tail") if lines else None
 
 
-async def _ended_within(future: asyncio.Future[Any], timeout: float) -> bool:
+async def _ended_within(
+    future: asyncio.Future[Any], timeout: float, stop: asyncio.Future[Any] | None = None
+) -> bool:
     """Whether ``future`` is done within ``timeout`` seconds; never cancels it.
+    The wait also ends once ``stop`` is done.
 
-    ``asyncio.wait([future], timeout=...)`` for one future, without its sets
-    and checks (one per attempt): a waiter released by the future's end or by
-    the timer, whichever comes first. Cancelled, it is cancelled at once."""
+    ``asyncio.wait([future, stop], timeout=...)``, without its sets and checks
+    (one per attempt): a waiter released by the future's end, the stop or the
+    timer, whichever comes first. Cancelled, it is cancelled at once."""
     if future.done():
         return True
+    if stop is not None and stop.done():
+        return False
     loop = asyncio.get_running_loop()
     waiter: asyncio.Future[None] = loop.create_future()
 
@@ -183,11 +197,15 @@ async def _ended_within(future: asyncio.Future[Any], timeout: float) -> bool:
 
     timer = loop.call_later(timeout, release)
     future.add_done_callback(release)
+    if stop is not None:
+        stop.add_done_callback(release)
     try:
         await waiter
     finally:
         timer.cancel()
         future.remove_done_callback(release)
+        if stop is not None:
+            stop.remove_done_callback(release)
     return future.done()
 
 

@@ -36,19 +36,18 @@ from broker import (
     TaskFinished,
     TaskMessage,
     TaskProgress,
-    TaskStarted,
     parse_task,
     task_message_id,
     tracing,
 )
-from broker.log_records import about
+from broker.log_records import agent_id_var, task_id_var
 
 from .attempts import MAX_REDELIVERIES, Attempt, Attempts, StopReason
 from .context import TaskContext
-from .handlers import Handlers, Runners, bounded
+from .handlers import Handlers, Runners, Stopped, bounded
 from .publishing import publish_event
 from .settle import Outcome, Settlement
-from .started import StartNotice
+from .started import StartClock, StartNotice
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -83,6 +82,8 @@ class Tasks:
         self.bus: CommunicationBus | None = None
         """Set while the agent is started."""
         self._background: set[asyncio.Task[Any]] = set()
+        self._clock = StartClock()
+        """The timers of the attempts' start notices."""
 
     async def take(self, settlement: Settlement) -> Outcome:
         """What becomes of one delivery."""
@@ -284,8 +285,11 @@ class Tasks:
     async def _run_and_report(self, attempt: Attempt, settlement: Settlement) -> Outcome:
         # What is logged from here on (the handler's own records too) names the task,
         # and when tracing, the handler and its final event join the task's trace.
+        # (``about``'s context variables, set here without its generator: once per attempt.)
         message = attempt.message
-        with about(task_id=message.task_id, agent_id=self._agent.agent_id):
+        task_token = task_id_var.set(message.task_id)
+        agent_token = agent_id_var.set(self._agent.agent_id)
+        try:
             if not tracing.active():  # (what the span would be named is not made)
                 return await self._run_and_report_in_context(attempt, settlement)
             with tracing.task_process_span(
@@ -296,21 +300,45 @@ class Tasks:
                 attributes={"task.type": message.task_type, "agent.id": self._agent.agent_id},
             ):
                 return await self._run_and_report_in_context(attempt, settlement)
+        finally:
+            agent_id_var.reset(agent_token)
+            task_id_var.reset(task_token)
 
     async def _run_and_report_in_context(self, attempt: Attempt, settlement: Settlement) -> Outcome:
+        """Run the attempt, then report it.
+
+        The run (say it started, run the handler, make the final event) goes on
+        in this task, the one that handles the delivery, not in a task of its
+        own: ``attempt.job`` is a future that stands for it, done with the
+        final event when the run ends, or cancelled to stop it (``Attempt.stop``).
+        Every wait of the run ends as soon as it is cancelled, as a cancelled
+        task's would (``Stopped``), and the report, which must not be stopped,
+        follows in the same task."""
         assert self.bus is not None
-        job = attempt.job = asyncio.get_running_loop().create_task(self._run(settlement))
+        job: asyncio.Future[TaskFinished] = asyncio.get_running_loop().create_future()
+        attempt.job = job
         try:
+            try:
+                finished = await self._run(settlement, job)
+            except Stopped:
+                pass  # the job is cancelled
+            except Exception as exc:
+                if not job.done():
+                    job.set_exception(exc)
+            except BaseException:  # this task itself is cancelled (the event loop closes)
+                job.cancel()
+                raise
+            else:
+                job.set_result(finished)  # (not stopped: ``_run`` looked after its last wait)
             return await self._report(attempt, job)
         finally:
             if attempt.notice is not None:
                 attempt.notice.drop()  # reported, or never to be
 
-    async def _report(self, attempt: Attempt, job: asyncio.Task[TaskFinished]) -> Outcome:
+    async def _report(self, attempt: Attempt, job: asyncio.Future[TaskFinished]) -> Outcome:
+        """Publish the final event of a run that has ended (``job`` is done)."""
         assert self.bus is not None
         try:
-            with contextlib.suppress(asyncio.CancelledError):
-                await job
             if not job.cancelled():
                 finished: TaskFinished = job.result()
             elif attempt.stop_reason is StopReason.CANCELLED:
@@ -400,44 +428,50 @@ class Tasks:
             "\n" + trace.rstrip("\n") if trace else "",
         )
 
-    async def _run(self, settlement: Settlement) -> TaskFinished:
+    async def _run(self, settlement: Settlement, job: asyncio.Future[Any]) -> TaskFinished:
         """Say the attempt started (now, or once it outlasts the agent's
         ``report_started_after``: see ``agents.started``), run its handler, and
-        make its final event, which says when it started."""
+        make its final event, which says when it started. Raises ``Stopped``
+        once ``job`` is cancelled (looked at after each wait)."""
         attempt = settlement.attempt
         assert attempt is not None and self.bus is not None
         message = attempt.message
-        agent_id = self._agent.agent_id
-        long_task_after = self._agent.long_task_after
+        agent = self._agent
+        agent_id = agent.agent_id
+        long_task_after = agent.long_task_after
         long_task = long_task_after is not None and message.timeout > long_task_after
         # A long task is acknowledged once the orchestrator knows it runs here;
         # the starts of a redelivery are counted by the orchestrator (a message
         # that keeps coming back, killing its agents, is given up): told at once.
         at_once = long_task or settlement.delivery.redelivered
+        delay = agent.report_started_after
         notice = attempt.notice = StartNotice(
-            TaskStarted(task_id=message.task_id, attempt=message.attempt, agent_id=agent_id),
+            message.task_id,
+            message.attempt,
+            agent_id,
             partial(publish_event, self.bus),
-            None if at_once else self._agent.report_started_after,
+            None if at_once else delay,
+            self._clock,
         )
         try:
-            if at_once or not self._agent.report_started_after:
+            if at_once or not delay:
                 # Confirmed before the handler starts: the orchestrator sees events in order.
-                await notice.now()
+                await _unless_stopped(notice.sending(), job)
             if long_task:
                 # The orchestrator knows it runs here, and will re-publish it if we vanish.
-                await asyncio.shield(settlement.detach())  # never half done
+                await _unless_stopped(settlement.detach(), job)  # never half done
             handler = self._handlers.find(message.task_type)
             if handler is None:
                 error = f"agent {agent_id} has no handler for task_type {message.task_type!r}"
-                await notice.settle()
+                await _settle(notice, job)
                 return self._final(message, "failed", error, started_at=notice.at)
             loop = asyncio.get_running_loop()
             ctx = TaskContext(message, agent_id, self._progress(message, notice), loop)
             run = self._runners.start(handler, ctx)
             attempt.handler = run.future
-            end = await run.wait(message.timeout)
+            end = await run.wait(message.timeout, job)
             attempt.trace = end.traceback
-            await notice.settle()
+            await _settle(notice, job)
         except BaseException:
             notice.drop()  # stopped before it ended: not reported
             raise
@@ -497,3 +531,32 @@ class Tasks:
             await publish_event(self.bus, event)
         except BusError as exc:
             log.debug("progress not sent: %s", exc)
+
+
+def _retrieve(waited: asyncio.Future[Any]) -> None:
+    if not waited.cancelled():
+        waited.exception()
+
+
+async def _unless_stopped(waited: asyncio.Future[Any] | None, job: asyncio.Future[Any]) -> None:
+    """Wait for ``waited`` (None: nothing to wait for) as a step of the run of
+    ``job``: raise ``Stopped`` as soon as ``job`` is cancelled (``waited``
+    goes on, its end unheard), else what ``waited`` raised."""
+    if waited is not None and not waited.done():
+        await asyncio.wait([waited, job], return_when=asyncio.FIRST_COMPLETED)
+    if job.cancelled():
+        if waited is not None:
+            waited.add_done_callback(_retrieve)
+        raise Stopped
+    if waited is not None:
+        waited.result()
+
+
+async def _settle(notice: StartNotice, job: asyncio.Future[Any]) -> None:
+    """``notice.settle()`` as a step of the run of ``job`` (see ``_unless_stopped``)."""
+    sending = notice.being_sent()
+    if sending is None:
+        notice.settle_later()
+        return
+    with contextlib.suppress(BusError):
+        await _unless_stopped(sending, job)

@@ -129,6 +129,12 @@ class MemoryDelivery(TaskDelivery):
 
 
 class MemoryTaskConsumer(TaskConsumer):
+    cancels_handlers = False
+    """The handler of a delivery runs in a task of the bus's that nothing
+    cancels: a consumer that goes away gives its deliveries back
+    (``MemoryDelivery.give_back``) and lets their handlers run on. So an agent
+    needs no shield of its own around the handling (``Agent._on_delivery``)."""
+
     def __init__(self, bus: MemoryBus, prefetch: int, handler: TaskHandler) -> None:
         self._bus = bus
         self._channel = ConsumerChannel(prefetch=prefetch)
