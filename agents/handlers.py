@@ -346,11 +346,20 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+_PLAIN = (str, int, bool, type(None))
+"""Values that are JSON as they are (a float may be NaN or infinite)."""
+
+
 def _as_result(value: Any) -> dict[str, Any] | None:
-    """A handler's return value as a task result: a JSON object (or None)."""
-    if value is not None and not isinstance(value, dict):
+    """A handler's return value as a task result: a JSON object (or None).
+
+    One of plain values under string keys (``{}``, ``{"ok": True}``) is one
+    without a trial encoding, which would cost as much as the final event's."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
         value = {"value": value}
-    if value is not None:
+    if not all(type(k) is str and type(v) in _PLAIN for k, v in value.items()):
         try:
             json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as exc:
