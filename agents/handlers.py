@@ -281,7 +281,8 @@ class Runners:
 
     def unended(self) -> list[asyncio.Task[Any]]:
         """The async handlers still running."""
-        self._async = {task for task in self._async if not task.done()}
+        ended = [task for task in self._async if task.done()]
+        self._async.difference_update(ended)  # (in place: each task lets go of itself in it)
         return list(self._async)
 
 
