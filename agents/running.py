@@ -66,14 +66,6 @@ class Running:
         attempt = settlement.attempt
         assert attempt is not None and attempt.decided is not None
         outcome = Outcome.REQUEUE
-        try:
-            outcome = await self._run_and_report(attempt, settlement)
-            return outcome
-        finally:
-            if not attempt.decided.done():
-                attempt.decided.set_result(outcome)
-
-    async def _run_and_report(self, attempt: Attempt, settlement: Settlement) -> Outcome:
         # What is logged from here on (the handler's own records too) names the task,
         # and when tracing, the handler and its final event join the task's trace.
         # (``about``'s context variables, set here without its generator: once per attempt.)
@@ -82,7 +74,8 @@ class Running:
         agent_token = agent_id_var.set(self._agent.agent_id)
         try:
             if not tracing.active():  # (what the span would be named is not made)
-                return await self._run_and_report_in_context(attempt, settlement)
+                outcome = await self._run_and_report_in_context(attempt, settlement)
+                return outcome
             with tracing.task_process_span(
                 self.bus.topology if self.bus is not None else None,
                 getattr(settlement.delivery, "trace", None),
@@ -90,10 +83,13 @@ class Running:
                 message_id=task_message_id(message.task_id, message.attempt),
                 attributes={"task.type": message.task_type, "agent.id": self._agent.agent_id},
             ):
-                return await self._run_and_report_in_context(attempt, settlement)
+                outcome = await self._run_and_report_in_context(attempt, settlement)
+                return outcome
         finally:
             agent_id_var.reset(agent_token)
             task_id_var.reset(task_token)
+            if not attempt.decided.done():
+                attempt.decided.set_result(outcome)
 
     async def _run_and_report_in_context(self, attempt: Attempt, settlement: Settlement) -> Outcome:
         """Run the attempt (see the module's docstring), then report it."""
