@@ -15,6 +15,10 @@ progress report (the orchestrator keeps progress only of a running task, so
 the start goes out first, and is confirmed first); and where the caller asks
 for it (a long task, acknowledged once it started; a redelivery, whose starts
 the orchestrator counts to give up on a message that keeps coming back).
+
+The delays of all of an agent's attempts run on one timer per delay
+(``StartClock``) rather than on two event-loop timers per attempt, each
+armed and then called off within milliseconds, as most attempts end first.
 """
 
 from __future__ import annotations
