@@ -82,9 +82,10 @@ class StopReason(enum.Enum):
 @dataclass(eq=False)
 class Attempt:
     message: TaskMessage
-    job: asyncio.Task[Any] | None = None
-    """What runs the attempt: says it started, runs the handler, makes the
-    final event. Cancelled to stop the attempt (``stop``)."""
+    job: asyncio.Future[Any] | None = None
+    """The attempt's run (it says it started, runs the handler, makes the final
+    event: ``agents.tasks``): done with its final event once it ended, or
+    cancelled to stop the attempt (``stop``)."""
     stop_reason: StopReason | None = None
     handler: asyncio.Future[Any] | None = None
     """Done when the handler has really ended (see ``agents.handlers``)."""
@@ -228,7 +229,7 @@ class Attempts:
         name = "timed_out" if outcome == "timeout" else outcome
         setattr(self._counters, name, getattr(self._counters, name) + by)
 
-    def jobs(self) -> list[asyncio.Task[Any]]:
+    def jobs(self) -> list[asyncio.Future[Any]]:
         return [a.job for a in self._known.values() if a.job is not None]
 
     def stop_all(self, reason: StopReason) -> list[Attempt]:

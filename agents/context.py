@@ -14,6 +14,9 @@ from typing import Any
 
 from broker import TaskMessage
 
+_MAKING = threading.Lock()
+"""Held while a context's ``interrupted`` event is made."""
+
 
 class TaskInterrupted(BaseException):
     """Raised in a sync handler's thread when its task passed its timeout or was
@@ -42,10 +45,24 @@ class TaskContext:
     agent_id: str
     _report: Callable[[float], None] = field(repr=False)
     _loop: asyncio.AbstractEventLoop = field(repr=False)
-    interrupted: threading.Event = field(default_factory=threading.Event, repr=False)
-    """Set when this attempt's handler should stop: its task passed its timeout
-    or was cancelled, or its agent stops. A sync handler calls ``check()`` now
-    and then, or waits with ``interrupted.wait(seconds)`` instead of sleeping."""
+    _interrupted: threading.Event | None = field(default=None, repr=False)
+
+    @property
+    def interrupted(self) -> threading.Event:
+        """Set when this attempt's handler should stop: its task passed its timeout
+        or was cancelled, or its agent stops. A sync handler calls ``check()`` now
+        and then, or waits with ``interrupted.wait(seconds)`` instead of sleeping.
+
+        Made when first asked for (most handlers never ask, and end before
+        anything tells them to stop), under a lock: a handler's thread and
+        the event loop may ask at once."""
+        event = self._interrupted
+        if event is None:
+            with _MAKING:
+                event = self._interrupted
+                if event is None:
+                    event = self._interrupted = threading.Event()
+        return event
 
     @property
     def task_id(self) -> str:
@@ -78,7 +95,8 @@ class TaskContext:
     def check(self) -> None:
         """Raise ``TaskInterrupted`` if the handler should stop (``interrupted``
         is set); else return. For sync handlers, between steps of their work."""
-        if self.interrupted.is_set():
+        event = self._interrupted
+        if event is not None and event.is_set():
             raise TaskInterrupted(f"task {self.task_id} (attempt {self.attempt}) interrupted")
 
     def progress(self, fraction: float) -> None:

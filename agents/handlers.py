@@ -66,6 +66,8 @@ class Registered:
 
     fn: Handler
     interrupt: bool = False
+    is_async: bool = False
+    """A coroutine function (run as a task of its own), or a sync one (in a thread)."""
 
 
 class Handlers:
@@ -77,7 +79,7 @@ class Handlers:
     def add(self, task_type: str, fn: Handler, *, interrupt: bool = False) -> None:
         if interrupt and inspect.iscoroutinefunction(fn):
             raise ValueError("interrupt=True is for sync handlers (async ones are cancelled)")
-        self._by_type[task_type] = Registered(fn, interrupt)
+        self._by_type[task_type] = Registered(fn, interrupt, inspect.iscoroutinefunction(fn))
 
     def find(self, task_type: str) -> Registered | None:
         return self._by_type.get(task_type, self._by_type.get(ANY_TASK_TYPE))
@@ -101,16 +103,29 @@ class HandlerEnd:
     when that can be seen)."""
 
 
+class Stopped(Exception):
+    """The attempt a handler runs for was stopped (its job cancelled: see
+    ``agents.running``) while it was waited for; the handler was told to stop."""
+
+
 class HandlerRun:
     """One handler's run, on its own: its ``future`` is done once the handler
-    has really ended, which may be long after its task ended here."""
+    has really ended, which may be long after its task ended here.
+
+    An async handler's task tells the attempt waiting for it that it ended
+    itself (``_contained``), and holds its outcome as a value, never raising:
+    a done callback on it, to release the waiter, and another to mark its
+    exception seen, would be two more steps of the event loop per attempt."""
 
     def __init__(
-        self, future: asyncio.Future[Any], ctx: TaskContext, call: _SyncCall | None
+        self, future: asyncio.Future[Any] | None, ctx: TaskContext, call: _SyncCall | None
     ) -> None:
-        self.future = future
+        self.future: asyncio.Future[Any] = future  # type: ignore[assignment]
+        """(An async handler's task is set by ``Runners.start`` once made.)"""
         self._ctx = ctx
         self._call = call
+        self._waiter: asyncio.Future[None] | None = None
+        """Released when the handler ends, while ``wait`` waits."""
 
     def stop(self) -> None:
         """Tell the handler to stop; it may not obey (see the module's docstring)."""
@@ -120,36 +135,90 @@ class HandlerRun:
         else:
             self.future.cancel()
 
-    async def wait(self, timeout: float) -> HandlerEnd:
-        """Until the handler ends or ``timeout`` passes. Cancelled (the attempt
-        is stopped), it stops the handler and is cancelled at once."""
+    async def wait(self, timeout: float, stop: asyncio.Future[Any] | None = None) -> HandlerEnd:
+        """Until the handler ends or ``timeout`` passes. If ``stop`` is cancelled
+        first (the attempt is stopped), or this is, it stops the handler and
+        raises ``Stopped`` (or is cancelled) at once."""
         try:
-            done = await _ended_within(self.future, timeout)
+            done = await self._ended_within(timeout, stop)
         except asyncio.CancelledError:
             self.stop()
             raise
+        if stop is not None and stop.cancelled():
+            self.stop()
+            raise Stopped
         if not done:
             where = self.where()  # before it is told to stop, which moves it
             self.stop()
             return HandlerEnd("timeout", error=f"exceeded timeout of {timeout:g}s", traceback=where)
-        try:
-            result = _as_result(self.future.result())
-        except asyncio.CancelledError:
+        future = self.future
+        if future.cancelled():
             # It cancelled itself (or was cancelled by someone else): it failed here.
             return HandlerEnd("failed", error="the handler was cancelled")
-        except BaseException as exc:  # the handler's failure is the task's, not ours
-            # Any exception: a sync handler's sys.exit() (SystemExit), a
-            # KeyboardInterrupt, a TaskInterrupted it raised itself (its timeout
-            # or cancel is reported above, without looking at its end) end the
-            # attempt, never the agent.
-            if isinstance(exc, _HandlerExit):
-                exc = exc.original
-            return HandlerEnd(
-                "failed",
-                error=bounded(f"{type(exc).__name__}: {exc}", ERROR_CHARS),
-                traceback=bounded(_traceback_of(exc), TRACEBACK_CHARS, keep="tail"),
-            )
-        return HandlerEnd("completed", result=result)
+        error: BaseException | None = None
+        if self._call is None:
+            value, error = future.result()
+        else:
+            try:
+                value = future.result()
+            except BaseException as exc:
+                value, error = None, exc
+        if error is None:
+            try:
+                return HandlerEnd("completed", result=_as_result(value))
+            except TypeError as exc:
+                error = exc
+        # The handler's failure is the task's, not ours. Any exception: a
+        # handler's sys.exit() (SystemExit), a KeyboardInterrupt, a
+        # TaskInterrupted it raised itself (its timeout or cancel is reported
+        # above, without looking at its end) end the attempt, never the agent.
+        return HandlerEnd(
+            "failed",
+            error=bounded(f"{type(error).__name__}: {error}", ERROR_CHARS),
+            traceback=bounded(_traceback_of(error), TRACEBACK_CHARS, keep="tail"),
+        )
+
+    async def _ended_within(self, timeout: float, stop: asyncio.Future[Any] | None) -> bool:
+        """Whether the handler ends within ``timeout`` seconds; never cancels
+        it. The wait also ends once ``stop`` is done.
+
+        ``asyncio.wait([future, stop], timeout=...)``, without its sets and
+        checks (one per attempt): a waiter released by the handler's end, the
+        stop or the timer, whichever comes first. Cancelled, it is cancelled at once."""
+        future = self.future
+        if future.done():
+            return True
+        if stop is not None and stop.done():
+            return False
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+
+        def release(_: Any = None) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        timer = loop.call_later(timeout, release)
+        sync = self._call is not None
+        if sync:  # (an async handler's task releases it itself: ``ended``)
+            future.add_done_callback(release)
+        if stop is not None:
+            stop.add_done_callback(release)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            timer.cancel()
+            if sync:
+                future.remove_done_callback(release)
+            if stop is not None:
+                stop.remove_done_callback(release)
+        return future.done()
+
+    def ended(self) -> None:
+        """An async handler has ended (called from its task, as its last step)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def where(self) -> str | None:
         """The stack of the handler as it runs now (None if it cannot be seen)."""
@@ -164,31 +233,6 @@ class HandlerRun:
         except Exception:  # only ever a help for the log
             return None
         return bounded("".join(lines), TRACEBACK_CHARS, keep="tail") if lines else None
-
-
-async def _ended_within(future: asyncio.Future[Any], timeout: float) -> bool:
-    """Whether ``future`` is done within ``timeout`` seconds; never cancels it.
-
-    ``asyncio.wait([future], timeout=...)`` for one future, without its sets
-    and checks (one per attempt): a waiter released by the future's end or by
-    the timer, whichever comes first. Cancelled, it is cancelled at once."""
-    if future.done():
-        return True
-    loop = asyncio.get_running_loop()
-    waiter: asyncio.Future[None] = loop.create_future()
-
-    def release(_: Any = None) -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-
-    timer = loop.call_later(timeout, release)
-    future.add_done_callback(release)
-    try:
-        await waiter
-    finally:
-        timer.cancel()
-        future.remove_done_callback(release)
-    return future.done()
 
 
 class Runners:
@@ -221,42 +265,44 @@ class Runners:
 
     def start(self, handler: Registered, ctx: TaskContext) -> HandlerRun:
         loop = asyncio.get_running_loop()
-        call: _SyncCall | None = None
-        if inspect.iscoroutinefunction(handler.fn):
-            future: asyncio.Future[Any] = loop.create_task(
-                _contained(handler.fn(ctx)), name=f"handler:{ctx.task_id}"
+        if handler.is_async:
+            run = HandlerRun(None, ctx, None)
+            task = loop.create_task(
+                _contained(handler.fn(ctx), run, self._async), name=f"handler:{ctx.task_id}"
             )
-            self._async.add(future)  # type: ignore[arg-type]
-            future.add_done_callback(self._async.discard)  # type: ignore[arg-type]
-        else:
-            call = _SyncCall(handler.fn, ctx, raise_in_thread=handler.interrupt)
-            # The thread runs in a copy of our context: its records name the task too.
-            future = loop.run_in_executor(self._executor, contextvars.copy_context().run, call)
+            run.future = task
+            self._async.add(task)
+            return run
+        call = _SyncCall(handler.fn, ctx, raise_in_thread=handler.interrupt)
+        # The thread runs in a copy of our context: its records name the task too.
+        future = loop.run_in_executor(self._executor, contextvars.copy_context().run, call)
         future.add_done_callback(_retrieve)
         return HandlerRun(future, ctx, call)
 
     def unended(self) -> list[asyncio.Task[Any]]:
         """The async handlers still running."""
-        return [task for task in self._async if not task.done()]
+        ended = [task for task in self._async if task.done()]
+        self._async.difference_update(ended)  # (in place: each task lets go of itself in it)
+        return list(self._async)
 
 
-class _HandlerExit(Exception):
-    """An async handler's ``SystemExit`` or ``KeyboardInterrupt``, carried as an
-    ordinary exception: a task raising one of those re-raises it out of the
-    event loop, which would stop the agent."""
-
-    def __init__(self, original: BaseException) -> None:
-        super().__init__(f"{type(original).__name__}: {original}")
-        self.original = original
-
-
-async def _contained(coro: Any) -> Any:
-    """Run an async handler's coroutine so that no exception of its own can
-    stop the event loop (see ``_HandlerExit``)."""
+async def _contained(
+    coro: Any, run: HandlerRun, running: set[asyncio.Task[Any]]
+) -> tuple[Any, BaseException | None]:
+    """Run an async handler's coroutine: its value, or what it raised, as
+    ``(value, exception)``. So no exception of its own can stop the event loop
+    (a task raising ``SystemExit`` or ``KeyboardInterrupt`` re-raises it out of
+    the loop) or go unseen; only a cancel ends its task as a cancel. Its last
+    step tells the attempt that waits (``HandlerRun.ended``)."""
     try:
-        return await coro
-    except (SystemExit, KeyboardInterrupt) as exc:
-        raise _HandlerExit(exc) from exc
+        return await coro, None
+    except (asyncio.CancelledError, GeneratorExit):
+        raise
+    except BaseException as exc:
+        return None, exc
+    finally:
+        running.discard(run.future)  # type: ignore[arg-type]
+        run.ended()
 
 
 def _traceback_of(exc: BaseException) -> str:
@@ -301,11 +347,20 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+_PLAIN = (str, int, bool, type(None))
+"""Values that are JSON as they are (a float may be NaN or infinite)."""
+
+
 def _as_result(value: Any) -> dict[str, Any] | None:
-    """A handler's return value as a task result: a JSON object (or None)."""
-    if value is not None and not isinstance(value, dict):
+    """A handler's return value as a task result: a JSON object (or None).
+
+    One of plain values under string keys (``{}``, ``{"ok": True}``) is one
+    without a trial encoding, which would cost as much as the final event's."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
         value = {"value": value}
-    if value is not None:
+    if not all(type(k) is str and type(v) in _PLAIN for k, v in value.items()):
         try:
             json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as exc:

@@ -66,7 +66,8 @@ class Settlement:
         self._consumer = consumer
         self._owner = owner
         self._detaching: asyncio.Future[None] | None = None
-        self.settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._settled: asyncio.Future[None] | None = None
+        """Made when someone waits for the settling (``Deliveries.pending``: a stop)."""
 
     def detach(self) -> asyncio.Future[None]:
         """Acknowledge the delivery now, keeping its place in the prefetch until
@@ -79,7 +80,7 @@ class Settlement:
         return self._detaching
 
     async def __aenter__(self) -> Settlement:
-        self._owner._unsettled.add(self.settled)
+        self._owner._unsettled.add(self)
         return self
 
     async def __aexit__(
@@ -102,8 +103,15 @@ class Settlement:
         finally:
             if attempt is not None:
                 attempts.forget(attempt)
-            self._owner._unsettled.discard(self.settled)
-            self.settled.set_result(None)
+            self._owner._unsettled.discard(self)
+            if self._settled is not None:
+                self._settled.set_result(None)
+
+    def settled(self) -> asyncio.Future[None]:
+        """A future done once this delivery is settled (asked while it is not)."""
+        if self._settled is None:
+            self._settled = asyncio.get_running_loop().create_future()
+        return self._settled
 
     async def _carry_out(self) -> None:
         if self.attempt is not None and self.attempt.detached:
@@ -129,7 +137,7 @@ class Deliveries:
 
     def __init__(self, attempts: Attempts) -> None:
         self.attempts = attempts
-        self._unsettled: set[asyncio.Future[None]] = set()
+        self._unsettled: set[Settlement] = set()
 
     def settle(self, delivery: TaskDelivery, consumer: TaskConsumer) -> Settlement:
         """``async with deliveries.settle(delivery, consumer) as settlement:``"""
@@ -140,4 +148,4 @@ class Deliveries:
 
     def pending(self) -> list[asyncio.Future[Any]]:
         """One future per delivery not settled yet, done once it is."""
-        return list(self._unsettled)
+        return [settlement.settled() for settlement in self._unsettled]

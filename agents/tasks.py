@@ -22,33 +22,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from functools import partial
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from broker import (
     BusError,
     CommunicationBus,
     InvalidMessage,
-    MessageTooLarge,
     TaskAssigned,
     TaskDelivery,
-    TaskFinished,
     TaskMessage,
-    TaskProgress,
-    TaskStarted,
     parse_task,
-    task_message_id,
-    tracing,
 )
-from broker.log_records import about
 
-from .attempts import MAX_REDELIVERIES, Attempt, Attempts, StopReason
-from .context import TaskContext
-from .handlers import Handlers, Runners, bounded
+from .attempts import MAX_REDELIVERIES, Attempt, Attempts
+from .handlers import Handlers, Runners
 from .publishing import publish_event
+from .running import Running
 from .settle import Outcome, Settlement
-from .started import StartNotice
+from .started import StartClock
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -58,12 +50,10 @@ log = logging.getLogger(__name__)
 CONFIRM_AGAIN = 30.0
 """A redelivery waiting for the orchestrator's word asks again this often (a
 word lost on the way, an orchestrator that restarted meanwhile)."""
-SHORT_ERROR_CHARS = 1024
-"""What is kept of an error whose final event was too large to send."""
 _NO_WORD = object()
 
 
-class Tasks:
+class Tasks(Running):
     """The task deliveries of one agent, from its settings (``agent_id`` and
     ``long_task_after``, read when used), its handlers and the attempts it holds."""
 
@@ -83,6 +73,8 @@ class Tasks:
         self.bus: CommunicationBus | None = None
         """Set while the agent is started."""
         self._background: set[asyncio.Task[Any]] = set()
+        self._clock = StartClock()
+        """The timers of the attempts' start notices."""
 
     async def take(self, settlement: Settlement) -> Outcome:
         """What becomes of one delivery."""
@@ -265,235 +257,3 @@ class Tasks:
             agent_id=self._agent.agent_id,
             confirm=confirm,
         )
-
-    # ------------------------------------------------------------------ running
-
-    async def _attempt(self, settlement: Settlement) -> Outcome:
-        """Run an attempt and report its end; the outcome is the attempt's
-        ``decided`` too (for a copy of it that a lost link brought back)."""
-        attempt = settlement.attempt
-        assert attempt is not None and attempt.decided is not None
-        outcome = Outcome.REQUEUE
-        try:
-            outcome = await self._run_and_report(attempt, settlement)
-            return outcome
-        finally:
-            if not attempt.decided.done():
-                attempt.decided.set_result(outcome)
-
-    async def _run_and_report(self, attempt: Attempt, settlement: Settlement) -> Outcome:
-        # What is logged from here on (the handler's own records too) names the task,
-        # and when tracing, the handler and its final event join the task's trace.
-        message = attempt.message
-        with about(task_id=message.task_id, agent_id=self._agent.agent_id):
-            if not tracing.active():  # (what the span would be named is not made)
-                return await self._run_and_report_in_context(attempt, settlement)
-            with tracing.task_process_span(
-                self.bus.topology if self.bus is not None else None,
-                getattr(settlement.delivery, "trace", None),
-                settlement.delivery.queue_key,
-                message_id=task_message_id(message.task_id, message.attempt),
-                attributes={"task.type": message.task_type, "agent.id": self._agent.agent_id},
-            ):
-                return await self._run_and_report_in_context(attempt, settlement)
-
-    async def _run_and_report_in_context(self, attempt: Attempt, settlement: Settlement) -> Outcome:
-        assert self.bus is not None
-        job = attempt.job = asyncio.get_running_loop().create_task(self._run(settlement))
-        try:
-            return await self._report(attempt, job)
-        finally:
-            if attempt.notice is not None:
-                attempt.notice.drop()  # reported, or never to be
-
-    async def _report(self, attempt: Attempt, job: asyncio.Task[TaskFinished]) -> Outcome:
-        assert self.bus is not None
-        try:
-            with contextlib.suppress(asyncio.CancelledError):
-                await job
-            if not job.cancelled():
-                finished: TaskFinished = job.result()
-            elif attempt.stop_reason is StopReason.CANCELLED:
-                # Cancelled on request, maybe before its handler was waited for
-                # (while it said it started): reported cancelled, as a skipped one is.
-                finished = self._final(attempt.message, "cancelled", "cancelled by request")
-            else:
-                # Stopped before it ended (a stop it outlived, or unregistered): not
-                # reported. A job that did end is reported, even if a stop came since.
-                if attempt.stop_reason is StopReason.UNREGISTERED:
-                    return Outcome.ACK  # the orchestrator has re-published it
-                return Outcome.REQUEUE
-            self._log_end(attempt, finished)
-            # Counted before it goes out: who hears of its end may look at the counters.
-            self._attempts.count_end(finished.outcome)
-            await self._publish_final(attempt, finished)
-        except BusError as exc:
-            # The final event did not go out: the task must run again. Requeue it;
-            # if the channel is gone, the broker has already given it back. One
-            # acknowledged early is retried by the orchestrator's run deadline.
-            log.error(
-                "agent %s: task %s not reported: %s",
-                self._agent.agent_id,
-                attempt.message.task_id,
-                exc,
-            )
-            return Outcome.REQUEUE
-        self._attempts.reported(attempt)
-        return Outcome.ACK
-
-    async def _publish_final(self, attempt: Attempt, finished: TaskFinished) -> TaskFinished:
-        """Publish the final event; one too large to send is replaced by one that
-        says so (a result too large fails the attempt, naming the size and the
-        limit). What was published."""
-        assert self.bus is not None
-        try:
-            await publish_event(self.bus, finished)
-            return finished
-        except MessageTooLarge as exc:
-            smaller = self._fitting(finished, exc)
-        self._attempts.count_end(finished.outcome, -1)
-        self._attempts.count_end(smaller.outcome)
-        message = attempt.message
-        log.warning(
-            "agent %s: task %s (type %s) attempt %d: its final event (%s) is too large"
-            " to send: %s; reported %s",
-            self._agent.agent_id,
-            message.task_id,
-            message.task_type,
-            message.attempt,
-            finished.outcome,
-            smaller.error,
-            smaller.outcome,
-        )
-        await publish_event(self.bus, smaller)  # too large still: a BusError, given back
-        return smaller
-
-    def _fitting(self, finished: TaskFinished, exc: MessageTooLarge) -> TaskFinished:
-        if finished.outcome == "completed":
-            outcome, error = "failed", f"the handler's result is too large to send: {exc}"
-        else:
-            outcome = finished.outcome
-            error = (
-                bounded(finished.error or "", SHORT_ERROR_CHARS)
-                + f" (its traceback was dropped: {exc})"
-            )
-        return finished.model_copy(
-            update={"outcome": outcome, "error": error, "result": None, "traceback": None}
-        )
-
-    def _log_end(self, attempt: Attempt, finished: TaskFinished) -> None:
-        """A failed or timed-out attempt is logged, with where its handler broke."""
-        if finished.outcome not in ("failed", "timeout"):
-            return
-        message = attempt.message
-        trace = attempt.trace
-        if trace and finished.outcome == "timeout":
-            trace = "its handler was at:\n" + trace
-        log.warning(
-            "agent %s: task %s (type %s) attempt %d %s: %s%s",
-            self._agent.agent_id,
-            message.task_id,
-            message.task_type,
-            message.attempt,
-            "failed" if finished.outcome == "failed" else "timed out",
-            finished.error,
-            "\n" + trace.rstrip("\n") if trace else "",
-        )
-
-    async def _run(self, settlement: Settlement) -> TaskFinished:
-        """Say the attempt started (now, or once it outlasts the agent's
-        ``report_started_after``: see ``agents.started``), run its handler, and
-        make its final event, which says when it started."""
-        attempt = settlement.attempt
-        assert attempt is not None and self.bus is not None
-        message = attempt.message
-        agent_id = self._agent.agent_id
-        long_task_after = self._agent.long_task_after
-        long_task = long_task_after is not None and message.timeout > long_task_after
-        # A long task is acknowledged once the orchestrator knows it runs here;
-        # the starts of a redelivery are counted by the orchestrator (a message
-        # that keeps coming back, killing its agents, is given up): told at once.
-        at_once = long_task or settlement.delivery.redelivered
-        notice = attempt.notice = StartNotice(
-            TaskStarted(task_id=message.task_id, attempt=message.attempt, agent_id=agent_id),
-            partial(publish_event, self.bus),
-            None if at_once else self._agent.report_started_after,
-        )
-        try:
-            if at_once or not self._agent.report_started_after:
-                # Confirmed before the handler starts: the orchestrator sees events in order.
-                await notice.now()
-            if long_task:
-                # The orchestrator knows it runs here, and will re-publish it if we vanish.
-                await asyncio.shield(settlement.detach())  # never half done
-            handler = self._handlers.find(message.task_type)
-            if handler is None:
-                error = f"agent {agent_id} has no handler for task_type {message.task_type!r}"
-                await notice.settle()
-                return self._final(message, "failed", error, started_at=notice.at)
-            loop = asyncio.get_running_loop()
-            ctx = TaskContext(message, agent_id, self._progress(message, notice), loop)
-            run = self._runners.start(handler, ctx)
-            attempt.handler = run.future
-            end = await run.wait(message.timeout)
-            attempt.trace = end.traceback
-            await notice.settle()
-        except BaseException:
-            notice.drop()  # stopped before it ended: not reported
-            raise
-        return self._final(
-            message,
-            end.outcome,
-            end.error,
-            end.result,
-            traceback=end.traceback if end.outcome == "failed" else None,
-            started_at=notice.at,
-        )
-
-    def _final(
-        self,
-        message: TaskMessage,
-        outcome: str,
-        error: str | None,
-        result: Any = None,
-        *,
-        traceback: str | None = None,
-        started_at: float | None = None,
-    ) -> TaskFinished:
-        return TaskFinished(
-            task_id=message.task_id,
-            attempt=message.attempt,
-            agent_id=self._agent.agent_id,
-            outcome=outcome,  # type: ignore[arg-type]
-            result=result,
-            error=error,
-            traceback=traceback,
-            started_at=started_at,
-        )
-
-    def _progress(self, message: TaskMessage, notice: StartNotice) -> Callable[[float], None]:
-        """How a handler's ``ctx.progress`` reaches the bus: in the background,
-        lost quietly (a progress report is transient), after the attempt's
-        start (the orchestrator keeps the progress of a running task only)."""
-
-        def report(fraction: float) -> None:
-            event = TaskProgress(
-                task_id=message.task_id,
-                attempt=message.attempt,
-                agent_id=self._agent.agent_id,
-                progress=fraction,
-            )
-            job = asyncio.get_running_loop().create_task(self._send_quietly(event, notice))
-            self._background.add(job)  # held, so that it is not collected
-            job.add_done_callback(self._background.discard)
-
-        return report
-
-    async def _send_quietly(self, event: TaskProgress, notice: StartNotice) -> None:
-        if self.bus is None:
-            return
-        try:
-            await notice.now()
-            await publish_event(self.bus, event)
-        except BusError as exc:
-            log.debug("progress not sent: %s", exc)

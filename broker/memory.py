@@ -240,8 +240,8 @@ class MemoryBus(RawClient, CommunicationBus):
             await self._activity.wait()
 
     def _idle(self, delayed: bool) -> bool:
-        if self._handler_tasks or (delayed and self._timers):
-            return False
+        if (delayed and self._timers) or any(not job.done() for job in self._handler_tasks):
+            return False  # (one cancelled before it began never let go of itself: done)
         if any(sub.busy for sub in self._subscriptions):
             return False
         return not any(
@@ -326,14 +326,19 @@ class MemoryBus(RawClient, CommunicationBus):
             delivery = MemoryDelivery(self, chosen, item, was_redelivered)
             chosen.channel.unacked += 1
             chosen.channel.deliveries.add(delivery)
-            job = loop.create_task(chosen.handler(delivery))
-            self._handler_tasks.add(job)
-            job.add_done_callback(self._handler_done)
+            self._handler_tasks.add(loop.create_task(self._handle(chosen.handler, delivery)))
         self._poke()
 
-    def _handler_done(self, job: asyncio.Task[None]) -> None:
-        self._handler_tasks.discard(job)
-        self._poke()
+    async def _handle(self, handler: TaskHandler, delivery: MemoryDelivery) -> None:
+        """A delivery's handler, in a task of its own (held in ``_handler_tasks``
+        until it returns: ``join`` waits for it). It lets go of its task itself,
+        as its last step, rather than in a done callback: one step of the event
+        loop less per delivery."""
+        try:
+            await handler(delivery)
+        finally:
+            self._handler_tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self._poke()
 
     # events ------------------------------------------------------------------
     async def publish_event(self, event: Event) -> None:

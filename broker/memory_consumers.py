@@ -85,19 +85,27 @@ class MemoryDelivery(TaskDelivery):
         self.sender = item[2].user_id
         self.trace = trace_headers(item[2].headers)
         self._settled = False
-        self._lost = asyncio.Event()
+        self._lost = False
+        self._lost_event: asyncio.Event | None = None
+        """Made only for who waits to hear of the loss (most deliveries are never lost)."""
 
     @property
     def lost(self) -> bool:
-        return self._lost.is_set()
+        return self._lost
 
     async def wait_lost(self) -> None:
-        await self._lost.wait()
+        if self._lost:
+            return
+        if self._lost_event is None:
+            self._lost_event = asyncio.Event()
+        await self._lost_event.wait()
 
     def give_back(self) -> None:
         """Its consumer went away: back to its queue, as a closed channel's are."""
         if self._settle():
-            self._lost.set()
+            self._lost = True
+            if self._lost_event is not None:
+                self._lost_event.set()
             self._bus._requeue(self._consumer.queue, self._item)
             self._bus._after_settle(self._consumer.channel)
 
@@ -129,6 +137,12 @@ class MemoryDelivery(TaskDelivery):
 
 
 class MemoryTaskConsumer(TaskConsumer):
+    cancels_handlers = False
+    """The handler of a delivery runs in a task of the bus's that nothing
+    cancels: a consumer that goes away gives its deliveries back
+    (``MemoryDelivery.give_back``) and lets their handlers run on. So an agent
+    needs no shield of its own around the handling (``Agent._on_delivery``)."""
+
     def __init__(self, bus: MemoryBus, prefetch: int, handler: TaskHandler) -> None:
         self._bus = bus
         self._channel = ConsumerChannel(prefetch=prefetch)

@@ -297,23 +297,45 @@ class RequestServer(Subscription):
 
 
 class Router:
-    """The exchanges of the in-process bus: which queues each binding feeds."""
+    """The exchanges of the in-process bus: which queues each binding feeds.
+
+    Every publish asks where its routing key goes, and the answer changes only
+    when a binding does: so each (exchange, routing key) is matched against the
+    bindings once, and the answer kept until the next ``bind`` or ``unbind``
+    (a topic exchange's patterns would otherwise be matched, word by word, for
+    every binding of every event). The keys are bounded by what the bus routes
+    (queue keys, event kinds times agent ids, control keys); the cache is
+    emptied past ``ROUTE_CACHE`` entries all the same."""
+
+    ROUTE_CACHE = 4096
 
     def __init__(self) -> None:
         self._routes: dict[str, list[tuple[Binding, Sink]]] = {}
+        self._cache: dict[tuple[str, str], tuple[Sink, ...]] = {}
 
     def bind(self, declarations: Declarations, sink: Sink) -> None:
         for binding in declarations.bindings:
             self._routes.setdefault(binding.exchange.name, []).append((binding, sink))
+        self._cache.clear()
 
     def unbind(self, sink: Sink) -> None:
         for exchange, routes in self._routes.items():
             self._routes[exchange] = [(b, s) for b, s in routes if s is not sink]
+        self._cache.clear()
 
-    def route(self, exchange: str, routing_key: str) -> list[Sink]:
+    def route(self, exchange: str, routing_key: str) -> tuple[Sink, ...]:
         """The queues a message reaches, each once, even if several of its bindings match."""
+        key = (exchange, routing_key)
+        sinks = self._cache.get(key)
+        if sinks is None:
+            if len(self._cache) >= self.ROUTE_CACHE:
+                self._cache.clear()
+            sinks = self._cache[key] = self._match(exchange, routing_key)
+        return sinks
+
+    def _match(self, exchange: str, routing_key: str) -> tuple[Sink, ...]:
         sinks: list[Sink] = []
         for binding, sink in self._routes.get(exchange, ()):
             if binding.matches(routing_key) and not any(s is sink for s in sinks):
                 sinks.append(sink)
-        return sinks
+        return tuple(sinks)
