@@ -55,19 +55,34 @@ class Outcomes:
                     waiter.set_result(None)
 
     async def wait(self, task: Task, timeout: float | None) -> None:
-        """Return once ``task`` is final; ``TimeoutError`` after ``timeout``."""
+        """Return once ``task`` is final; ``TimeoutError`` after ``timeout``.
+
+        The waiter is this call's own future, so it is awaited bare: a timeout
+        or a cancel of the caller cancels only it (``moved`` skips a done
+        one), with no ``shield`` nor ``wait_for`` task around it (one of each
+        per wait, before); a timer only when there is a ``timeout``."""
         if task.status.is_final:
             return
+        task_id = task.task_id
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(task.task_id, []).append(waiter)
+        waiters = self._waiters.get(task_id)
+        if waiters is None:
+            self._waiters[task_id] = [waiter]
+        else:
+            waiters.append(waiter)
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            if timeout is None:
+                await waiter
+            else:
+                async with asyncio.timeout(timeout):
+                    await waiter
         finally:
-            waiters = self._waiters.get(task.task_id, [])
-            if waiter in waiters:
-                waiters.remove(waiter)
-            if not waiters:
-                self._waiters.pop(task.task_id, None)
+            waiters = self._waiters.get(task_id)  # None once ``moved`` resolved them
+            if waiters is not None:
+                if waiter in waiters:
+                    waiters.remove(waiter)
+                if not waiters:
+                    del self._waiters[task_id]
 
     # ----------------------------------------------------------------- ending
     async def finish(

@@ -371,24 +371,7 @@ class TaskOrchestrator:
     async def get_task_status(self, task_id: str) -> dict[str, Any] | None:
         self.leadership.require_leader()
         task = self.records.get(task_id)
-        if task is None:
-            return None
-        return {
-            "task_id": task.task_id,
-            "name": task.name,
-            "status": task.status.value,
-            "assigned_agent": task.assigned_agent,
-            "created_at": task.created_at,
-            "started_at": task.started_at,
-            "completed_at": task.completed_at,
-            "priority": task.priority.value,
-            "progress": task.progress,
-            "result": task.result,
-            "error_message": task.error_message,
-            # beyond the seed's keys
-            "retry_count": task.retry_count,
-            "traceback": task.traceback,
-        }
+        return None if task is None else _status(task)
 
     async def wait_for_task(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Wait until the task is final; its status. (Beyond the seed: no polling loop.)
@@ -400,9 +383,8 @@ class TaskOrchestrator:
         if task is None:
             raise ValueError(f"task_id: unknown task {task_id!r}")
         await self.outcomes.wait(task, timeout)
-        status = await self.get_task_status(task_id)
-        assert status is not None
-        return status
+        # The record itself (the identity map's one copy): final, it moves no more.
+        return _status(task)
 
     async def list_tasks(
         self,
@@ -434,3 +416,23 @@ class TaskOrchestrator:
         (beyond the seed: for tools). A key is ``<task type>.<capability key>``."""
         self.leadership.require_leader()
         return {key: list(spec.capabilities) for key, spec in self.dispatch.queues.in_use.items()}
+
+
+def _status(task: Task) -> dict[str, Any]:
+    """``get_task_status``' answer for a record."""
+    return {
+        "task_id": task.task_id,
+        "name": task.name,
+        "status": task.status.value,
+        "assigned_agent": task.assigned_agent,
+        "created_at": task.created_at,
+        "started_at": task.started_at,
+        "completed_at": task.completed_at,
+        "priority": task.priority.value,
+        "progress": task.progress,
+        "result": task.result,
+        "error_message": task.error_message,
+        # beyond the seed's keys
+        "retry_count": task.retry_count,
+        "traceback": task.traceback,
+    }
