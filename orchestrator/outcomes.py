@@ -18,7 +18,7 @@ from broker import BusError, MessageTooLarge
 from .dependencies import DependencyGraph
 from .dispatch import Dispatch
 from .lifecycle import Lifecycle, Move, held, waiting_for_dependencies
-from .models import AgentCapability, Task, TaskStatus
+from .models import FINAL_STATUSES, AgentCapability, Task, TaskStatus
 from .placement import PlacementPolicy
 from .records import TaskRecords
 from .registry import AgentRegistry
@@ -45,9 +45,10 @@ class Outcomes:
         self.retry_policy = retry_policy
         self.graph = DependencyGraph()
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
-        lifecycle.observe(self)
+        lifecycle.observe(self, to=FINAL_STATUSES)
 
     def moved(self, task: Task, move: Move) -> None:
+        """Heard for final moves only: the dependency graph and the waiters let go."""
         if move.new.is_final:
             self.graph.forget(task.task_id)
             for waiter in self._waiters.pop(task.task_id, ()):

@@ -32,7 +32,7 @@ from .events import EventHandlers
 from .idempotency import IdempotentSubmits, check_key
 from .leadership import Leadership
 from .lifecycle import Lifecycle, waiting_for_dependencies
-from .models import AgentCapability, Task, TaskStatus
+from .models import FINAL_STATUSES, AgentCapability, Task, TaskStatus
 from .outcomes import Outcomes
 from .placement import PlacementPolicy, QueueSpec
 from .records import TaskRecords
@@ -75,7 +75,7 @@ class TaskOrchestrator:
         self._stats = StatsTracker()
         self._finished = FinishedTasks(self.settings.finished_task_ttl)
         self.lifecycle.observe(self._stats)
-        self.lifecycle.observe(self._finished)
+        self.lifecycle.observe(self._finished, to=FINAL_STATUSES)  # retention starts at the end
         self.records = TaskRecords(self.store)
         self.dispatch = Dispatch(
             self.bus,
