@@ -323,7 +323,9 @@ class TaskOrchestrator:
             idempotency_key=key,
             trace_context=tracing.current_context(),
         )
-        await self.records.add(task)
+        # One without dependencies is published at once, and the publish journals
+        # it before anything can fail or wait (``Dispatch.publish``): not twice.
+        await self.records.add(task, journal=bool(deps))
         self._stats.created_task(task)
         self._finished.submitted(task)
 
