@@ -194,14 +194,15 @@ class Dispatch:
         try:
             # Written before published: events of this attempt must find it on restart.
             await self.records.flush()
-            await self.ensure_queue(task)
-            message = await self._message(task, avoid or [])
+            key = queue_key(task)
+            if key not in self.queues.in_use:  # (mostly in use: no coroutine for nothing)
+                await self.ensure_queue(task)
+            message = self._message(task, avoid or [])
             if not in_flight(task, attempt):
                 return  # superseded (cancelled, or published again) while we waited
             if not self.bus.is_connected:
                 raise BusNotStarted("the bus is not connected")
             handed = True
-            key = queue_key(task)
             with tracing.task_send_span(
                 self.bus.topology,
                 key,
@@ -269,7 +270,7 @@ class Dispatch:
         self.queues.declaring.pop(key, None)
         self.queues.in_use[key] = spec
 
-    async def _message(self, task: Task, avoid: list[str]) -> TaskMessage:
+    def _message(self, task: Task, avoid: list[str]) -> TaskMessage:
         results: dict[str, Any] = {}
         for dep_id in task.dependencies:
             dep = self.records.get(dep_id)

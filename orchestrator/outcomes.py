@@ -106,7 +106,9 @@ class Outcomes:
         if not cascade:
             return
         if status is TaskStatus.COMPLETED:
-            await self.release(self.graph.completed(task.task_id), f"task {task.task_id}")
+            ready = self.graph.completed(task.task_id)
+            if ready:  # (mostly none: no coroutine made for nothing)
+                await self.release(ready, f"task {task.task_id}")
             return
         for doomed_id, cause_id in self.graph.doomed(task.task_id):
             doomed, cause = self.records.get(doomed_id), self.records.get(cause_id)

@@ -58,7 +58,7 @@ def can_run(agent: AgentCapability, spec: QueueSpec) -> bool:
     types = agent.task_types
     if types is None or not (spec.task_type in types or ANY_TASK_TYPE in types):
         return False
-    return covers(agent.capabilities, spec.capabilities)
+    return not spec.capabilities or covers(agent.capabilities, spec.capabilities)
 
 
 def missing(agents: Iterable[AgentCapability], spec: QueueSpec) -> str | None:
