@@ -35,7 +35,7 @@ from broker import (
 
 from .lifecycle import Lifecycle, Move
 from .models import Delivery, Task, TaskStatus
-from .placement import PlacementPolicy, QueueSpec
+from .placement import MEMO_SIZE, PlacementPolicy, QueueSpec
 from .records import TaskRecords
 from .settings import OrchestratorSettings
 from .timeouts import RunDeadlines
@@ -66,9 +66,22 @@ def never_started(task: Task) -> bool:
     return task.status is TaskStatus.PENDING and task.attempt == 1 and task.started_at is None
 
 
+_keys: dict[tuple[str, tuple[str, ...]], str] = {}
+
+
 def queue_key(task: Task) -> str:
-    """The key of the queue a task's messages go to (its type and capabilities)."""
-    return route_key(task.task_type, task.required_capabilities)
+    """The key of the queue a task's messages go to (its type and capabilities).
+
+    Asked several times per attempt (a submit, its publish, the queue's
+    declaration), so each distinct one is built once (``route_key`` sorts and
+    joins the capabilities, and matches the type against a pattern)."""
+    wanted = (task.task_type, tuple(task.required_capabilities))
+    key = _keys.get(wanted)
+    if key is None:
+        if len(_keys) >= MEMO_SIZE:
+            _keys.clear()
+        key = _keys[wanted] = route_key(task.task_type, task.required_capabilities)
+    return key
 
 
 class Queues:
@@ -181,14 +194,15 @@ class Dispatch:
         try:
             # Written before published: events of this attempt must find it on restart.
             await self.records.flush()
-            await self.ensure_queue(task)
-            message = await self._message(task, avoid or [])
+            key = queue_key(task)
+            if key not in self.queues.in_use:  # (mostly in use: no coroutine for nothing)
+                await self.ensure_queue(task)
+            message = self._message(task, avoid or [])
             if not in_flight(task, attempt):
                 return  # superseded (cancelled, or published again) while we waited
             if not self.bus.is_connected:
                 raise BusNotStarted("the bus is not connected")
             handed = True
-            key = queue_key(task)
             with tracing.task_send_span(
                 self.bus.topology,
                 key,
@@ -256,7 +270,7 @@ class Dispatch:
         self.queues.declaring.pop(key, None)
         self.queues.in_use[key] = spec
 
-    async def _message(self, task: Task, avoid: list[str]) -> TaskMessage:
+    def _message(self, task: Task, avoid: list[str]) -> TaskMessage:
         results: dict[str, Any] = {}
         for dep_id in task.dependencies:
             dep = self.records.get(dep_id)

@@ -69,6 +69,11 @@ RECANCELS = 3
 RECANCEL_MEMORY = 10_000
 
 
+def _refused(reason: str, event: Event, why: str) -> tuple[str, str]:
+    task = f"task {event.task_id} attempt {event.attempt}"  # type: ignore[attr-defined]
+    return reason, f"{event.kind} of {task} from agent {event.agent_id}{why}"
+
+
 def _stale(task: Task | None, attempt: int) -> bool:
     """Whether an event of ``attempt`` no longer concerns the task: unknown
     (forgotten, or a submission that failed after all), ended, or superseded."""
@@ -134,6 +139,8 @@ class EventHandlers:
             await self.on_started(event)
         elif isinstance(event, TaskAssigned):
             await self.on_assigned(event)
+        elif isinstance(event, TaskFinished) and not tracing.active():
+            await self.on_finished(event)  # no span to make, nor its attributes
         elif isinstance(event, TaskFinished):
             sender = current_sender()
             with tracing.event_process_span(
@@ -224,19 +231,18 @@ class EventHandlers:
         self, event: TaskAssigned | TaskStarted | TaskProgress | TaskFinished
     ) -> tuple[str, str] | None:
         agent = self.registry.get(event.agent_id)
-        what = f"{event.kind} of task {event.task_id} attempt {event.attempt}"
-        if agent is None:
-            return "unknown_agent", f"{what} from agent {event.agent_id}, which is not registered"
+        if agent is None:  # (a refusal's detail is worded only when there is one)
+            return _refused("unknown_agent", event, ", which is not registered")
         task = self.records.get(event.task_id)
         if _stale(task, event.attempt):
             return None  # stale: its handler drops it (and tells a real agent to)
         if not can_run(agent, QueueSpec.of(task)):
-            return "cannot_run", f"{what} from agent {event.agent_id}, which cannot run its queue"
+            return _refused("cannot_run", event, ", which cannot run its queue")
         holder = task.assigned_agent
         confirm = isinstance(event, TaskAssigned) and event.confirm
         if holder not in (None, event.agent_id) and holder in self.registry and not confirm:
             # (A confirm of a copy waits for the holder: see on_assigned.)
-            return "not_holder", f"{what} from agent {event.agent_id}; agent {holder} holds it"
+            return _refused("not_holder", event, f"; agent {holder} holds it")
         return None
 
     def _dead_letter_refusal(self, letter: DeadLetter, task: Task) -> tuple[str, str] | None:

@@ -29,7 +29,7 @@ cancelled  final: by request, or a dependency was cancelled
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple, Protocol
 
 from .models import FINAL_STATUSES, Task, TaskStatus
@@ -78,6 +78,7 @@ class Observer(Protocol):
 
 
 _KEEP: Any = object()
+_tuple_new = tuple.__new__
 
 
 class Lifecycle:
@@ -85,11 +86,15 @@ class Lifecycle:
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
-        self._observers: list[Observer] = []
+        self._hearing: dict[TaskStatus, list[Observer]] = {status: [] for status in TaskStatus}
+        """Per status moved to, the observers that hear it, in the order added."""
 
-    def observe(self, observer: Observer) -> None:
-        """Hear every move from now on (in the order observers were added)."""
-        self._observers.append(observer)
+    def observe(self, observer: Observer, *, to: Iterable[TaskStatus] | None = None) -> None:
+        """Hear every move from now on (in the order observers were added); with
+        ``to``, only the moves to those statuses (an observer of final moves
+        alone is not called for the two or three other moves of each task)."""
+        for status in TaskStatus if to is None else frozenset(to):
+            self._hearing[status].append(observer)
 
     def transition(
         self,
@@ -142,10 +147,12 @@ class Lifecycle:
         if error is not _KEEP:
             task.error_message = error
         task.status = to
-        move = Move(
-            task.task_id, old, to, old_attempt, task.attempt, old_agent, task.assigned_agent, now
+        # ``tuple.__new__`` as ``Move``'s own ``__new__`` calls it, one Python frame fewer.
+        move = _tuple_new(
+            Move,
+            (task.task_id, old, to, old_attempt, task.attempt, old_agent, task.assigned_agent, now),
         )
-        for observer in self._observers:
+        for observer in self._hearing[to]:
             observer.moved(task, move)
         return move
 

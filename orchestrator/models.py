@@ -38,14 +38,17 @@ class TaskStatus(Enum):
     # table or a set several times per move).
     __hash__ = object.__hash__
 
-    @property
-    def is_final(self) -> bool:
-        return self in FINAL_STATUSES
+    is_final: bool
+    """Whether the status is final (``FINAL_STATUSES``): an attribute of each
+    member, set below, rather than a property (asked a dozen times per task)."""
 
 
 FINAL_STATUSES = frozenset(
     {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.TIMEOUT}
 )
+for _status in TaskStatus:
+    _status.is_final = _status in FINAL_STATUSES
+del _status
 
 
 class Delivery(Enum):

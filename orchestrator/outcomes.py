@@ -18,7 +18,7 @@ from broker import BusError, MessageTooLarge
 from .dependencies import DependencyGraph
 from .dispatch import Dispatch
 from .lifecycle import Lifecycle, Move, held, waiting_for_dependencies
-from .models import AgentCapability, Task, TaskStatus
+from .models import FINAL_STATUSES, AgentCapability, Task, TaskStatus
 from .placement import PlacementPolicy
 from .records import TaskRecords
 from .registry import AgentRegistry
@@ -45,9 +45,10 @@ class Outcomes:
         self.retry_policy = retry_policy
         self.graph = DependencyGraph()
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
-        lifecycle.observe(self)
+        lifecycle.observe(self, to=FINAL_STATUSES)
 
     def moved(self, task: Task, move: Move) -> None:
+        """Heard for final moves only: the dependency graph and the waiters let go."""
         if move.new.is_final:
             self.graph.forget(task.task_id)
             for waiter in self._waiters.pop(task.task_id, ()):
@@ -55,19 +56,34 @@ class Outcomes:
                     waiter.set_result(None)
 
     async def wait(self, task: Task, timeout: float | None) -> None:
-        """Return once ``task`` is final; ``TimeoutError`` after ``timeout``."""
+        """Return once ``task`` is final; ``TimeoutError`` after ``timeout``.
+
+        The waiter is this call's own future, so it is awaited bare: a timeout
+        or a cancel of the caller cancels only it (``moved`` skips a done
+        one), with no ``shield`` nor ``wait_for`` task around it (one of each
+        per wait, before); a timer only when there is a ``timeout``."""
         if task.status.is_final:
             return
+        task_id = task.task_id
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(task.task_id, []).append(waiter)
+        waiters = self._waiters.get(task_id)
+        if waiters is None:
+            self._waiters[task_id] = [waiter]
+        else:
+            waiters.append(waiter)
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            if timeout is None:
+                await waiter
+            else:
+                async with asyncio.timeout(timeout):
+                    await waiter
         finally:
-            waiters = self._waiters.get(task.task_id, [])
-            if waiter in waiters:
-                waiters.remove(waiter)
-            if not waiters:
-                self._waiters.pop(task.task_id, None)
+            waiters = self._waiters.get(task_id)  # None once ``moved`` resolved them
+            if waiters is not None:
+                if waiter in waiters:
+                    waiters.remove(waiter)
+                if not waiters:
+                    del self._waiters[task_id]
 
     # ----------------------------------------------------------------- ending
     async def finish(
@@ -90,7 +106,9 @@ class Outcomes:
         if not cascade:
             return
         if status is TaskStatus.COMPLETED:
-            await self.release(self.graph.completed(task.task_id), f"task {task.task_id}")
+            ready = self.graph.completed(task.task_id)
+            if ready:  # (mostly none: no coroutine made for nothing)
+                await self.release(ready, f"task {task.task_id}")
             return
         for doomed_id, cause_id in self.graph.doomed(task.task_id):
             doomed, cause = self.records.get(doomed_id), self.records.get(cause_id)

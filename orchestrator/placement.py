@@ -24,6 +24,12 @@ from .models import AgentCapability, Task
 ANY_TASK_TYPE = "*"
 """The task type of an agent's catch-all handler."""
 
+MEMO_SIZE = 4096
+"""Distinct (task type, capabilities) whose queue key and spec are remembered;
+past that the memory starts afresh (a fleet has far fewer queues)."""
+
+_specs: dict[tuple[str, tuple[str, ...]], QueueSpec] = {}
+
 
 @dataclass(frozen=True)
 class QueueSpec:
@@ -34,7 +40,17 @@ class QueueSpec:
 
     @classmethod
     def of(cls, task: Task) -> QueueSpec:
-        return cls(task.task_type, tuple(sorted(set(task.required_capabilities))))
+        """The spec of a task's queue: asked on each submit and each task event,
+        so each distinct one is built once (immutable, it may be shared)."""
+        wanted = (task.task_type, tuple(task.required_capabilities))
+        if cls is not QueueSpec:
+            return cls(task.task_type, tuple(sorted(set(wanted[1]))))
+        spec = _specs.get(wanted)
+        if spec is None:
+            if len(_specs) >= MEMO_SIZE:
+                _specs.clear()
+            spec = _specs[wanted] = cls(task.task_type, tuple(sorted(set(wanted[1]))))
+        return spec
 
 
 def can_run(agent: AgentCapability, spec: QueueSpec) -> bool:
@@ -42,7 +58,7 @@ def can_run(agent: AgentCapability, spec: QueueSpec) -> bool:
     types = agent.task_types
     if types is None or not (spec.task_type in types or ANY_TASK_TYPE in types):
         return False
-    return covers(agent.capabilities, spec.capabilities)
+    return not spec.capabilities or covers(agent.capabilities, spec.capabilities)
 
 
 def missing(agents: Iterable[AgentCapability], spec: QueueSpec) -> str | None:
@@ -161,6 +177,13 @@ class PlacementPolicy:
         empty if none did: then it is told again, otherwise not (the numbers
         move by levels, so an outcome seldom changes one)."""
         queues = queues or {}
+        if (
+            type(self).consumer_priorities is PlacementPolicy.consumer_priorities
+            and not scheduling.moves_a_level(agent, task.task_type, success)
+        ):
+            # This policy's numbers come from the levels alone: none changes.
+            scheduling.record_outcome(agent, task.task_type, success)
+            return {}
         before = self.consumer_priorities(agent, queues)
         scheduling.record_outcome(agent, task.task_type, success)
         after = self.consumer_priorities(agent, queues)

@@ -76,10 +76,12 @@ class TaskRecords:
             if first is None or task.created_at < first.created_at:
                 self._by_key[key] = task
 
-    async def add(self, task: Task) -> None:
+    async def add(self, task: Task, *, journal: bool = True) -> None:
+        """A new task; ``journal`` False when the caller saves it next, before any wait."""
         self._tasks[task.task_id] = task
         self._index(task)
-        await self.store.save_task(task)
+        if journal:
+            await self.store.save_task(task)
 
     async def save(self, task: Task) -> None:
         """Journal ``task`` as it is now (durable at the next ``flush``)."""

@@ -82,9 +82,32 @@ def queue_priority(agent: AgentCapability, task_type: str, *, named: bool) -> in
     return NAMED_STEP * named + SPECIALIZATION_STEP * level + consumer_priority(agent)
 
 
+def scores_after(agent: AgentCapability, task_type: str, success: bool) -> tuple[float, float]:
+    """The agent's performance score and its specialization score in
+    ``task_type`` once an outcome is recorded (moving averages)."""
+    value = 1.0 if success else 0.0
+    previous = specialization(agent, task_type)
+    return (
+        agent.performance_score + SCORE_SMOOTHING * (value - agent.performance_score),
+        previous + SCORE_SMOOTHING * (value - previous),
+    )
+
+
+def moves_a_level(agent: AgentCapability, task_type: str, success: bool) -> bool:
+    """Whether recording this outcome would change a number ``queue_priority``
+    gives the agent: its base level, or its specialization level in ``task_type``
+    (the only scores an outcome moves). Mostly not: the scores move by a tenth."""
+    performance, score = scores_after(agent, task_type, success)
+    level = round(specialization(agent, task_type) * SPECIALIZATION_LEVELS)
+    base = max(0, min(PERFORMANCE_LEVELS, round(performance * PERFORMANCE_LEVELS)))
+    return (
+        base != consumer_priority(agent)
+        or round(max(0.0, min(1.0, score)) * SPECIALIZATION_LEVELS) != level
+    )
+
+
 def record_outcome(agent: AgentCapability, task_type: str, success: bool) -> None:
     """Move the agent's performance and per-type specialization scores."""
-    value = 1.0 if success else 0.0
-    agent.performance_score += SCORE_SMOOTHING * (value - agent.performance_score)
-    previous = specialization(agent, task_type)
-    agent.specialization_score[task_type] = previous + SCORE_SMOOTHING * (value - previous)
+    agent.performance_score, agent.specialization_score[task_type] = scores_after(
+        agent, task_type, success
+    )

@@ -61,8 +61,16 @@ class StatsTracker:
         self.by_status[task.status] -= 1
 
     def moved(self, task: Task, move: Move) -> None:
-        """A ``Lifecycle`` observer: every status change is counted here."""
-        self.transition(task, move.old)
+        """A ``Lifecycle`` observer: every status change is counted here (as
+        ``transition`` counts it, written out: three calls per task fewer)."""
+        old, new = move.old, move.new
+        if old is new:
+            return
+        by_status = self.by_status
+        by_status[old] -= 1
+        by_status[new] += 1
+        if new is TaskStatus.COMPLETED:
+            self._count_completion(task)
 
     def transition(self, task: Task, old: TaskStatus) -> None:
         """Call after ``task.status`` changed from ``old``."""

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from broker import BusConnectionError
 
+from .bounds import Bounds
 from .dispatch import Dispatch
 from .models import Task
 
@@ -36,6 +37,7 @@ class Submission:
         self.bus = dispatch.bus
         self.records = dispatch.records
         self.clock = dispatch.lifecycle.clock
+        self._bounds = Bounds()
 
     async def publish(self, task: Task, bound: float, forget: Callable[[Task], None]) -> None:
         """Publish a new task within ``bound`` seconds, or keep or withdraw it
@@ -48,9 +50,10 @@ class Submission:
             return
         try:
             left = max(0.01, deadline - self.clock())
-            # In this task (``wait_for`` would make one per submit): on time up the
-            # publish is cancelled where it waits and TimeoutError raised, as before.
-            async with asyncio.timeout(left):
+            # In this task (``wait_for`` would make one per submit), under a timer
+            # shared with the submits bounded within the same slot (``bounds``): on
+            # time up the publish is cancelled where it waits and TimeoutError raised.
+            async with self._bounds.bound(left):
                 await self.dispatch.publish(task)
         except asyncio.CancelledError:
             # The caller gave up, not the bus: the task is marked queued and watched

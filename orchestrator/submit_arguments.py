@@ -61,13 +61,10 @@ class SubmitArguments:
         Anything else is passed on as given, for the checks to refuse what is
         not a list (a string is not split into letters).
         """
-        values = {name: getattr(self, name) for name in _FIELD_NAMES}
+        values = self.__dict__.copy()  # every field, in order (a getattr each: thrice the cost)
         for name in ("dependencies", "required_capabilities"):
             values[name] = values[name] or []
         return values
-
-
-_FIELD_NAMES = tuple(field.name for field in dataclasses.fields(SubmitArguments))
 
 
 def _parameters_of(

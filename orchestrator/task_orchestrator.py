@@ -32,7 +32,7 @@ from .events import EventHandlers
 from .idempotency import IdempotentSubmits, check_key
 from .leadership import Leadership
 from .lifecycle import Lifecycle, waiting_for_dependencies
-from .models import AgentCapability, Task, TaskStatus
+from .models import FINAL_STATUSES, AgentCapability, Task, TaskStatus
 from .outcomes import Outcomes
 from .placement import PlacementPolicy, QueueSpec
 from .records import TaskRecords
@@ -75,7 +75,7 @@ class TaskOrchestrator:
         self._stats = StatsTracker()
         self._finished = FinishedTasks(self.settings.finished_task_ttl)
         self.lifecycle.observe(self._stats)
-        self.lifecycle.observe(self._finished)
+        self.lifecycle.observe(self._finished, to=FINAL_STATUSES)  # retention starts at the end
         self.records = TaskRecords(self.store)
         self.dispatch = Dispatch(
             self.bus,
@@ -324,7 +324,9 @@ class TaskOrchestrator:
             idempotency_key=key,
             trace_context=tracing.current_context(),
         )
-        await self.records.add(task)
+        # One without dependencies is published at once, and the publish journals
+        # it before anything can fail or wait (``Dispatch.publish``): not twice.
+        await self.records.add(task, journal=bool(deps))
         self._stats.created_task(task)
         self._finished.submitted(task)
 
@@ -372,24 +374,7 @@ class TaskOrchestrator:
     async def get_task_status(self, task_id: str) -> dict[str, Any] | None:
         self.leadership.require_leader()
         task = self.records.get(task_id)
-        if task is None:
-            return None
-        return {
-            "task_id": task.task_id,
-            "name": task.name,
-            "status": task.status.value,
-            "assigned_agent": task.assigned_agent,
-            "created_at": task.created_at,
-            "started_at": task.started_at,
-            "completed_at": task.completed_at,
-            "priority": task.priority.value,
-            "progress": task.progress,
-            "result": task.result,
-            "error_message": task.error_message,
-            # beyond the seed's keys
-            "retry_count": task.retry_count,
-            "traceback": task.traceback,
-        }
+        return None if task is None else _status(task)
 
     async def wait_for_task(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Wait until the task is final; its status. (Beyond the seed: no polling loop.)
@@ -401,9 +386,8 @@ class TaskOrchestrator:
         if task is None:
             raise ValueError(f"task_id: unknown task {task_id!r}")
         await self.outcomes.wait(task, timeout)
-        status = await self.get_task_status(task_id)
-        assert status is not None
-        return status
+        # The record itself (the identity map's one copy): final, it moves no more.
+        return _status(task)
 
     async def list_tasks(
         self,
@@ -435,3 +419,23 @@ class TaskOrchestrator:
         (beyond the seed: for tools). A key is ``<task type>.<capability key>``."""
         self.leadership.require_leader()
         return {key: list(spec.capabilities) for key, spec in self.dispatch.queues.in_use.items()}
+
+
+def _status(task: Task) -> dict[str, Any]:
+    """``get_task_status``' answer for a record."""
+    return {
+        "task_id": task.task_id,
+        "name": task.name,
+        "status": task.status.value,
+        "assigned_agent": task.assigned_agent,
+        "created_at": task.created_at,
+        "started_at": task.started_at,
+        "completed_at": task.completed_at,
+        "priority": task.priority.value,
+        "progress": task.progress,
+        "result": task.result,
+        "error_message": task.error_message,
+        # beyond the seed's keys
+        "retry_count": task.retry_count,
+        "traceback": task.traceback,
+    }

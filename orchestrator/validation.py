@@ -77,6 +77,10 @@ class SubmitRequest(BaseModel):
         return value
 
 
+_PAYLOAD_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+"""``json.dumps`` with these options, made once (``dumps`` makes one per call)."""
+
+
 def validate_submit(max_payload_bytes: int, **arguments: Any) -> SubmitRequest:
     """Check the arguments; raise ``ValueError("<field>: <why>")`` on the first bad one."""
     try:
@@ -87,7 +91,7 @@ def validate_submit(max_payload_bytes: int, **arguments: Any) -> SubmitRequest:
         message = str(error["msg"]).removeprefix("Value error, ")
         raise ValueError(f"{where}: {message}") from None
     try:
-        encoded = json.dumps(request.payload, allow_nan=False, separators=(",", ":"))
+        encoded = _PAYLOAD_ENCODER.encode(request.payload)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"payload: must be JSON-serialisable: {exc}") from None
     if len(encoded.encode()) > max_payload_bytes:
