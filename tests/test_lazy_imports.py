@@ -82,22 +82,28 @@ def test_the_names_that_need_them_still_have_them() -> None:
 @pytest.mark.parametrize(
     "given", ["x:smile: [bold]y[/bold] \x1b[2J\t表 " + "w" * 120, "a  b\u2028"]
 )
-def test_an_error_line_is_what_rich_printed(given: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_error_line_is_what_rich_printed(given: str) -> None:
     """The error line, written without rich, is the line rich's ``err.print`` wrote
     (no markup, no emoji codes, no wrapping at 80 columns), controls escaped."""
     from io import StringIO
 
     from rich.console import Console
 
-    from orchestrator.cli import main
-
     # When a command fails on a value holding markup, emoji codes, controls, wide characters
-    assert main(["serve", "--store", given]) == 1
-    written = capsys.readouterr().err
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "serve", "--store", given],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "PYTHONIOENCODING": "utf-8"},
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
 
     # Then it is one line, as rich would have printed it
-    (line,) = written.splitlines()
+    (line,) = done.stderr.splitlines()
     assert line.startswith("error: --store: expected") and "\x1b" not in line
     console = Console(file=StringIO(), emoji=False, markup=False, width=80)
     console.print(line, markup=False, highlight=False, soft_wrap=True)
-    assert written == console.file.getvalue()  # type: ignore[attr-defined]
+    assert done.stderr == console.file.getvalue()  # type: ignore[attr-defined]
