@@ -47,7 +47,7 @@ from .errors import (
 )
 from .escaping import escape_line
 from .logs import setup_logging
-from .output import err, out
+from .output import out
 from .redaction import remember_secret, scrub
 from .settings import CONNECTION_OPTIONS, connection_options
 
@@ -192,7 +192,10 @@ def _one_line(exc: BaseException, args: list[str]) -> str:
 
 def _fail(message: str, code: int) -> int:
     # An error may quote what the bus sent (a task's field): one line, controls escaped.
-    err.print(f"error: {escape_line(str(message))}", markup=False, highlight=False, soft_wrap=True)
+    # Written as it is, as ``err.print`` would without markup, emoji or wrapping,
+    # but without importing rich, which a command that only fails need not pay for.
+    sys.stderr.write(f"error: {escape_line(str(message))}\n")
+    sys.stderr.flush()
     return code
 
 
@@ -205,8 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             remember_secret(arg.partition("=")[2] if arg.startswith("--") else arg)
     if not logging.getLogger().handlers:
         setup_logging("warning")
-    if not out.is_terminal:  # piped: tables as wide as their cells, never cut to 80 columns
-        out.width = max(out.width, PIPED_WIDTH)
+    out.at_least_when_piped(PIPED_WIDTH)  # piped: tables as wide as their cells, never cut
     try:
         result = app(args=args, prog_name="orchestrator", standalone_mode=False)
     except typer.TyperException as exc:  # the command line's own errors: usage

@@ -17,21 +17,20 @@ import asyncio
 import base64
 import json
 import sys
-import urllib.error
-import urllib.parse
-import urllib.request
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from broker import BusSettings, RabbitMQBus, Topology, route_key
-from broker.rabbitmq_purge import Found, delete, find
 from broker.settings import first_address
 
 from .connection import connected, run
 from .errors import CliError
 from .output import err
 from .settings import Broker, Prefix, read_settings
+
+if TYPE_CHECKING:  # imported where used: only purge needs them, not the command line
+    from broker.rabbitmq_purge import Found
 
 MANAGEMENT_TIMEOUT = 3.0
 """Seconds to wait for the management API before doing without it."""
@@ -81,6 +80,8 @@ def purge(
 async def _purge(
     settings: BusSettings, store: str, keys: set[str], management_url: str | None, yes: bool
 ) -> None:
+    from broker.rabbitmq_purge import delete, find
+
     topology = Topology(settings.prefix)
     stored_keys, agent_ids = await _keys_in_store(store)
     keys |= stored_keys
@@ -169,6 +170,9 @@ def _listed_by_management(settings: BusSettings, url: str | None) -> set[str] | 
     """The names of the vhost's queues as the management API lists them (the
     capability and agents' events queues among them); None when it does not answer."""
     import os
+    import urllib.error
+    import urllib.parse
+    import urllib.request
 
     parts = urllib.parse.urlsplit(first_address(settings.broker_url or ""))  # a cluster: its first
     base = url or os.environ.get("RABBITMQ_MANAGEMENT_URL")

@@ -18,10 +18,6 @@ from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
-from rich.markup import escape
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
-from rich.text import Text
 
 from broker import (
     AgentsRequest,
@@ -261,6 +257,15 @@ async def _follow(
 ) -> dict[str, Any]:
     """Poll the task's status until it ends, drawing its progress on stderr, and
     saying (once each time it becomes so) when no registered agent can run it."""
+    from rich.markup import escape
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -270,7 +275,7 @@ async def _follow(
     loop = asyncio.get_running_loop()
     next_agents_check = loop.time()
     name = request.name
-    with Progress(*columns, console=err) as progress:
+    with Progress(*columns, console=err.console) as progress:
 
         def note(text: str) -> None:  # above the bar, as it is (no markup)
             progress.console.print(escape_line(text), markup=False, highlight=False, soft_wrap=True)
@@ -357,6 +362,8 @@ def status(
         rows.append((key, cell("-" if value is None else value)))
     print_fields(rows)
     if trace:  # as the agent sent it, lines and indents kept; no markup, no controls
+        from rich.text import Text
+
         out.print(Text("traceback:"))
         out.print(block(str(trace).rstrip("\n")), soft_wrap=True)
 
@@ -383,6 +390,8 @@ def stats(as_json: AsJson = False, broker: Broker = None, prefix: Prefix = None)
     if as_json:
         print_json(result)
         return
+    from rich.table import Table
+
     table = Table("statistic", "value", title="orchestrator statistics")
     for key, value in result.items():
         if key == "agent_utilization":
@@ -472,6 +481,8 @@ def tasks(
     if as_json:
         print_json(result)
         return
+    from rich.table import Table
+
     table = Table("task", "name", "type", "status", "agent", "created", "ended", "retries")
     for task in result:
         table.add_row(

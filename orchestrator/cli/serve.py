@@ -17,19 +17,21 @@ import sqlite3
 import tempfile
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from broker import BusSettings, RabbitMQBus, redact_url
-from broker.probes import ProbeServer
 
-from ..metrics import OrchestratorMetrics
-from ..settings import OrchestratorSettings
 from .connection import run, stop_on_signals
 from .errors import CliError
 from .logs import LogFormat, LogFormatOption, log_filter, setup_logging
 from .settings import Broker, LogLevel, LogLevelName, MetricsPort, Prefix, read_settings
+
+if TYPE_CHECKING:  # imported where used: no other command needs the orchestrator's modules
+    from broker.probes import ProbeServer
+
+    from ..settings import OrchestratorSettings
 
 log = logging.getLogger("orchestrator.cli")  # the command line's one logger name
 
@@ -53,6 +55,8 @@ def serve(
     metrics_port: MetricsPort = None,
 ) -> None:
     """Run the orchestrator and answer requests on <prefix>.rpc until SIGTERM or Ctrl-C."""
+    from ..settings import OrchestratorSettings
+
     setup_logging(log_level, log_format)
     settings, cli_settings = read_settings(broker, prefix)
     spec = store if store is not None else cli_settings.store
@@ -176,6 +180,7 @@ async def _serve(
     fenced its store) is replaced by a fresh one that stands by.
     """
     from ..service import OrchestratorService
+    from ..settings import OrchestratorSettings
     from ..task_orchestrator import TaskOrchestrator
 
     probe = make_store()
@@ -231,6 +236,8 @@ class _Probes:
     over; counters from lifecycle moves go on across step-downs."""
 
     def __init__(self, port: int | None) -> None:
+        from ..metrics import OrchestratorMetrics
+
         self.port = port
         self.metrics = OrchestratorMetrics() if port is not None else None
         self.server: ProbeServer | None = None
@@ -256,6 +263,8 @@ class _Probes:
     async def start(self) -> None:
         if self.metrics is None:
             return
+        from broker.probes import ProbeServer
+
         self.server = ProbeServer(
             self.metrics.registry,
             ready=self.ready,

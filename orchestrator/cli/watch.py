@@ -11,13 +11,9 @@ import contextlib
 import time
 from collections import deque
 from datetime import datetime
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Group
-from rich.live import Live
-from rich.table import Table
-from rich.text import Text
 
 from broker import (
     AgentAnnounced,
@@ -43,6 +39,9 @@ from .escaping import escape_line
 from .output import agents_table, cell, out, widen_when_piped
 from .redaction import scrub
 from .settings import Broker, Prefix, read_settings
+
+if TYPE_CHECKING:
+    from rich.console import Group
 
 
 def watch(
@@ -84,6 +83,10 @@ class WatchView:
             self.events.append((time.time(), event))
 
     def render(self) -> Group:
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
         title = Text(
             f"prefix {self.settings.prefix} on {redact_url(self.settings.broker_url or '')}",
             style="bold",
@@ -163,7 +166,9 @@ async def _watch(settings: BusSettings, seconds: float | None, refresh: float) -
         stop = stop_on_signals()  # until here a signal just ends it
         loop = asyncio.get_running_loop()
         end = loop.time() + seconds if seconds is not None else None
-        with Live(view.frame(), console=out, auto_refresh=False) as live:
+        from rich.live import Live
+
+        with Live(view.frame(), console=out.console, auto_refresh=False) as live:
             while not stop.is_set():
                 try:
                     timeout = max(refresh, 1.0)
