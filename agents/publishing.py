@@ -15,6 +15,7 @@ is a drop-head queue, which never refuses.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from tenacity import (
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 REFUSED_PATIENCE = 60.0
 """Seconds an event refused by a full queue is published again before giving up."""
+FIRST_WAIT = 0.05
+"""Seconds before the first publish again: the queue that refused it was full a moment ago."""
 
 
 async def publish_event(bus: CommunicationBus, event: Event) -> None:
@@ -40,9 +43,10 @@ async def publish_event(bus: CommunicationBus, event: Event) -> None:
         return
     except PublishRefused:
         pass
+    await asyncio.sleep(FIRST_WAIT)  # tenacity's first attempt would go at once
     async for attempt in AsyncRetrying(
-        stop=stop_after_delay(REFUSED_PATIENCE),
-        wait=wait_exponential(multiplier=0.05, max=2.0),
+        stop=stop_after_delay(REFUSED_PATIENCE - FIRST_WAIT),
+        wait=wait_exponential(multiplier=FIRST_WAIT, max=2.0),
         retry=retry_if_exception_type(PublishRefused),
         before_sleep=before_sleep_log(log, logging.INFO),
         reraise=True,

@@ -15,6 +15,7 @@ latest (``CommunicationBus.arrival_bound``): its TTL tiers stay in ``broker``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -126,6 +127,8 @@ class Dispatch:
         self.queues = Queues()
         self._tell_agents = tell_agents
         self._due = RunDeadlines()
+        self._ensuring: dict[str, asyncio.Future[None]] = {}
+        """The declaration under way of each new queue, which every publish to it awaits."""
         """Queued attempts, until they should have reached their queue (plus grace)."""
         lifecycle.observe(self)
 
@@ -262,7 +265,24 @@ class Dispatch:
         key = queue_key(task)
         if key in self.queues.in_use:
             return
-        spec = QueueSpec.of(task)
+        # Once per queue, however many publishes wait for it: a burst of 500
+        # submits of a new type made 500 declarations and told every agent 500
+        # times, all in line on one channel, past the submits' time bound.
+        # Shielded: a publish whose bound is up leaves it to the others.
+        ensuring = self._ensuring.get(key)
+        if ensuring is None:
+            ensuring = asyncio.ensure_future(self._declare(key, QueueSpec.of(task)))
+            self._ensuring[key] = ensuring
+            ensuring.add_done_callback(lambda done: self._declared(key, done))
+        await asyncio.shield(ensuring)
+
+    def _declared(self, key: str, done: asyncio.Future[None]) -> None:
+        if self._ensuring.get(key) is done:
+            del self._ensuring[key]  # a failed one is tried again by the next publish
+        if not done.cancelled():
+            done.exception()  # heard by its waiters; not "never retrieved" if none is left
+
+    async def _declare(self, key: str, spec: QueueSpec) -> None:
         await self.bus.declare_task_queue(key)
         # Kept if telling fails: the queue exists, a new agent may as well consume it.
         self.queues.declaring[key] = spec

@@ -151,17 +151,22 @@ class JournalStore(StateStore):
         """Connect, migrate, and read every record; idempotent."""
         await self._open(None)
 
+    def _opening_lock(self) -> asyncio.Lock:
+        """What an open, and a read before one, hold while they connect; a closed
+        store refuses both."""
+        if self._closed:
+            raise RuntimeError(f"the store on {self.where} is closed")
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        return self._opening
+
     async def _open(self, holder: str | None) -> int | None:
         """Open; claiming the epoch for ``holder`` first, if given, so that the
         records read are the ones of this epoch (the epoch claimed; None if it
         was open already)."""
         if self._opened:
             return None
-        if self._closed:
-            raise RuntimeError(f"the store on {self.where} is closed")
-        if self._opening is None:
-            self._opening = asyncio.Lock()
-        async with self._opening:
+        async with self._opening_lock():
             if self._opened:
                 return None
             await self._ensure_connected()
@@ -285,11 +290,7 @@ class JournalStore(StateStore):
         connects (and migrates) only; it reads the records once it is opened."""
         if self._opened:
             return await self._read_epoch()
-        if self._closed:
-            raise RuntimeError(f"the store on {self.where} is closed")
-        if self._opening is None:
-            self._opening = asyncio.Lock()
-        async with self._opening:  # not while an open or a close connects or disconnects
+        async with self._opening_lock():  # not while an open or a close connects or disconnects
             if not self._opened:
                 await self._ensure_connected()
             return await self._read_epoch()

@@ -69,7 +69,7 @@ class AgentRegistry:
         lifecycle: Lifecycle,
         placement: PlacementPolicy,
         queues: Queues,
-        agent_queues: AgentQueues | None = None,
+        agent_queues: AgentQueues,
         heartbeat_timeout: float | None = None,
     ) -> None:
         self.bus = bus
@@ -217,8 +217,7 @@ class AgentRegistry:
             if can_run(agent, spec):
                 del self._unrunnable[key]
                 log.info("agent %s can run the tasks waiting in queue %s", agent_id, key)
-        if self.agent_queues is not None:  # before it consumes: its results have a queue
-            await self.agent_queues.open(agent_id)
+        await self.agent_queues.open(agent_id)  # before it consumes: its results have a queue
         await self.send_queues(agent, replay=replay)
 
     def warn_if_unrunnable(self, key: str, spec: QueueSpec) -> None:
@@ -320,8 +319,7 @@ class AgentRegistry:
         self.probe.forget(agent_id)
         if agent is None:
             return None
-        if self.agent_queues is not None:
-            self.agent_queues.close(agent_id)
+        self.agent_queues.close(agent_id)
         self._runnable.clear()
         log.log(
             logging.INFO if returned else logging.WARNING,

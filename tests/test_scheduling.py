@@ -162,3 +162,42 @@ async def test_task_needing_two_capabilities_runs_only_where_both_are(harness: H
     assert {s["assigned_agent"] for s in statuses[20:40]} <= {"only_x", "both"}
     assert only_y.counters.received <= 9  # only tasks that need nothing
     assert only_x.counters.received + both.counters.received >= 40
+
+
+async def test_a_burst_of_a_new_task_type_tells_each_agent_of_its_queue_once(
+    harness: Harness,
+) -> None:
+    # Given an orchestrator and two agents, and a count of the commands it sends them
+    orchestrator = await harness.start_orchestrator()
+    for agent_id in ("a", "b"):
+        await harness.start_agent(agent_id, ["work"], 5)
+    bus = orchestrator.bus
+    told: Counter[str] = Counter()
+    publish_control = bus.publish_control
+
+    async def counting_control(command, *, agent_id: str) -> None:
+        told[agent_id] += 1
+        await publish_control(command, agent_id=agent_id)
+
+    bus.publish_control = counting_control  # type: ignore[method-assign]
+
+    # When 500 tasks of a type nobody submitted before are submitted at once
+    ids = await asyncio.gather(
+        *(
+            orchestrator.submit_task(
+                name=f"t{i}",
+                description="",
+                task_type="burst",
+                payload={},
+                required_capabilities=["work"],
+            )
+            for i in range(500)
+        )
+    )
+
+    # Then every submit was accepted, each agent was told of the new queue once
+    # for all of them (a command or two more as the first outcomes move its
+    # priorities; it was 500 each), and every task completes
+    assert len(set(ids)) == 500
+    assert set(told) == {"a", "b"} and max(told.values()) <= 3, told
+    await wait_all(orchestrator, ids)
