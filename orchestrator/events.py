@@ -6,17 +6,9 @@ current attempt may move it. To add an event kind: a model in
 ``broker.messages``, a branch in ``EventHandlers.on_event``, and the moves it
 makes through ``Lifecycle.transition`` (never by writing a status).
 
-Every event passes one gate first (``EventHandlers.refusal``): the bus is
-shared with strangers, so an event is believed only from the broker user its
-agent id is bound to (``current_sender``: RabbitMQ's checked ``user_id``);
-an announcement must pass ``register_agent``'s own validation; a task event
-must come from an agent that is registered and can run the task's queue, and
-once the attempt has a live holder, from that holder alone. A dead letter
-fails its task only if it comes from our own user (the broker's own
-dead-lettering keeps our task message's ``user_id``) or from the user of the
-agent that held it (of one that could take it, for a queued task).
-What fails the gate is counted and logged (``refusals``), and does nothing
-else. Calls made in-process (not by the bus) have no sender and are trusted.
+Every event passes one gate first (``EventGate``, ``orchestrator.event_gate``):
+who may say what. What fails it is counted and logged (``refusals``), and does
+nothing else. Calls made in-process (not by the bus) have no sender and are trusted.
 """
 
 from __future__ import annotations
@@ -26,7 +18,6 @@ import logging
 from collections import OrderedDict
 
 from broker import (
-    AGENT_ID_PATTERN,
     AgentAnnounced,
     AgentHeartbeat,
     AgentLeft,
@@ -42,17 +33,16 @@ from broker import (
     TaskStarted,
     tracing,
 )
-from broker.envelope import Sender, current_sender
+from broker.envelope import current_sender
 
 from .copies import CopyRounds
+from .event_gate import EventGate, stale
 from .lifecycle import Lifecycle, Move
 from .models import Task, TaskStatus
 from .outcomes import Outcomes
-from .placement import QueueSpec, can_run
 from .records import TaskRecords
 from .registry import AgentRegistry
 from .settings import OrchestratorSettings
-from .validation import validate_agent, validate_task_types
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +57,6 @@ OUTCOME_STATUS = {
 RECANCELS = 3
 """How often one stale attempt is cancelled again on an agent's heartbeats."""
 RECANCEL_MEMORY = 10_000
-
-
-def _refused(reason: str, event: Event, why: str) -> tuple[str, str]:
-    task = f"task {event.task_id} attempt {event.attempt}"  # type: ignore[attr-defined]
-    return reason, f"{event.kind} of {task} from agent {event.agent_id}{why}"
-
-
-def _stale(task: Task | None, attempt: int) -> bool:
-    """Whether an event of ``attempt`` no longer concerns the task: unknown
-    (forgotten, or a submission that failed after all), ended, or superseded."""
-    return task is None or task.status.is_final or attempt != task.attempt
 
 
 class EventHandlers:
@@ -111,6 +90,7 @@ class EventHandlers:
             self._proceed_copy,
             lambda: settings.unseen_holder_grace,
         )
+        self.gate = EventGate(bus, records, registry)
         lifecycle.observe(self)
 
     async def stop(self) -> None:
@@ -131,7 +111,7 @@ class EventHandlers:
         self._confirms.clear()
 
     async def on_event(self, event: Event) -> None:
-        refused = await self.refusal(event, current_sender())
+        refused = await self.gate.refusal(event, current_sender())
         if refused is not None:
             self.registry.refusals.refuse(*refused)
             return
@@ -164,7 +144,7 @@ class EventHandlers:
         elif isinstance(event, AgentHeartbeat):
             await self.registry.heard(event.agent_id)
             if event.holding and self.registry.get(event.agent_id) is not None:
-                await self.cancel_stale(event.agent_id, event.holding)
+                await self.cancelstale(event.agent_id, event.holding)
         elif isinstance(event, AgentAnnounced):
             await self.registry.register(
                 event.agent_id,
@@ -181,95 +161,7 @@ class EventHandlers:
                     agent, returned=True, unfinished=set(event.unfinished)
                 )
 
-    # ------------------------------------------------------------------ the gate
-    async def refusal(self, event: Event, sender: Sender | None) -> tuple[str, str] | None:
-        """Why ``event`` (from ``sender``; None: an in-process call) is not to be
-        believed, as (reason, detail); None if it passes. Cheap for what fails:
-        a flood of them costs lookups, no publish and no write."""
-        agent_id = event.agent_id
-        if not AGENT_ID_PATTERN.match(agent_id):
-            return "invalid_agent_id", f"{event.kind} for agent id {agent_id[:140]!r}"
-        if isinstance(event, AgentAnnounced):
-            try:
-                validate_agent(agent_id, event.capabilities, event.max_concurrent_tasks)
-                validate_task_types(event.task_types)
-            except ValueError as exc:
-                return "invalid_announcement", f"agent {agent_id}: {exc}"
-        if sender is None:
-            return None  # in-process: trusted (the bus never calls without a sender)
-        known = agent_id in self.registry
-        user = sender.user
-        if user is None:
-            return "no_user", f"{event.kind} for agent {agent_id} without a user_id"
-        bound = self.registry.user_of(agent_id)
-        if bound is not None and bound != user:
-            return (
-                "wrong_user",
-                f"{event.kind} for agent {agent_id} from user {user!r}; it is {bound!r}'s",
-            )
-        if bound is None:
-            if isinstance(event, AgentAnnounced):
-                if not self.registry.may_bind(user):
-                    return "too_many_agents", f"announcement of agent {agent_id} by user {user!r}"
-                await self.registry.bind(agent_id, user)
-            elif known:
-                # Registered by API (or stored before identities were): it is
-                # believed once it announces itself, which binds it to its user.
-                if isinstance(event, AgentHeartbeat):
-                    await self.registry.ask_to_announce(agent_id)
-                return "unannounced", f"{event.kind} for agent {agent_id}, not announced yet"
-        if isinstance(event, AgentHeartbeat) and not known:
-            await self.registry.ask_to_announce(agent_id)
-            return "unknown_agent", f"heartbeat of agent {agent_id}, which is not registered"
-        if isinstance(event, TasksReported) and not known:
-            return "unknown_agent", f"{event.kind} of agent {agent_id}, which is not registered"
-        if isinstance(event, (TaskAssigned, TaskStarted, TaskProgress, TaskFinished)):
-            return self._task_event_refusal(event)
-        return None
-
-    def _task_event_refusal(
-        self, event: TaskAssigned | TaskStarted | TaskProgress | TaskFinished
-    ) -> tuple[str, str] | None:
-        agent = self.registry.get(event.agent_id)
-        if agent is None:  # (a refusal's detail is worded only when there is one)
-            return _refused("unknown_agent", event, ", which is not registered")
-        task = self.records.get(event.task_id)
-        if _stale(task, event.attempt):
-            return None  # stale: its handler drops it (and tells a real agent to)
-        if not can_run(agent, QueueSpec.of(task)):
-            return _refused("cannot_run", event, ", which cannot run its queue")
-        holder = task.assigned_agent
-        confirm = isinstance(event, TaskAssigned) and event.confirm
-        if holder not in (None, event.agent_id) and holder in self.registry and not confirm:
-            # (A confirm of a copy waits for the holder: see on_assigned.)
-            return _refused("not_holder", event, f"; agent {holder} holds it")
-        return None
-
-    def _dead_letter_refusal(self, letter: DeadLetter, task: Task) -> tuple[str, str] | None:
-        """Why a dead letter of ``task``'s current attempt is not to fail it."""
-        if current_sender() is None:
-            return None  # in-process
-        user = letter.sender
-        if user is not None and user == self.bus.user:
-            # Our own user: the broker dead-lettered our task message (x-death keeps
-            # its user_id), or a process with our login (one trust domain) did.
-            return None
-        holder = self.registry.get(task.assigned_agent)
-        if holder is not None:
-            if user is not None and self.registry.user_of(holder.agent_id) == user:
-                return None
-        elif user is not None and any(
-            self.registry.user_of(a.agent_id) == user and can_run(a, QueueSpec.of(task))
-            for a in self.registry
-        ):
-            return None  # queued: an agent of this user that can take it gave it up
-        return (
-            "dead_letter_not_trusted",
-            f"dead letter of task {task.task_id} attempt {task.attempt} from user {user!r}"
-            f"{' (x-death)' if letter.by_broker else ''}: neither the broker's nor its agent's",
-        )
-
-    async def cancel_stale(self, agent_id: str, holding: list[tuple[str, int]]) -> None:
+    async def cancelstale(self, agent_id: str, holding: list[tuple[str, int]]) -> None:
         """Cancel again, on ``agent_id``, each attempt its heartbeat says it runs
         whose task has ended or moved on to a later attempt: the cancel sent when
         it became so may have been lost (commands are not queued for an agent
@@ -278,7 +170,7 @@ class EventHandlers:
         not stale."""
         for task_id, attempt in holding:
             task = self.records.get(task_id)
-            if task is None or not _stale(task, attempt):
+            if task is None or not stale(task, attempt):
                 continue  # unknown ids cost a lookup: a heartbeat is not amplified
             key = (agent_id, task_id, attempt)
             sent = self._recancelled.pop(key, 0)
@@ -297,12 +189,12 @@ class EventHandlers:
                     CancelTask(task_id=task_id, attempt=attempt), agent_id=agent_id
                 )
 
-    async def _refuse_stale(self, event: TaskAssigned | TaskStarted) -> Task | None:
+    async def _refusestale(self, event: TaskAssigned | TaskStarted) -> Task | None:
         """The task of an attempt an agent holds, or None after telling the agent
         to drop it: unknown (a submission that failed after all, or forgotten),
         a superseded attempt, or a redelivery of a finished task."""
         task = self.records.get(event.task_id)
-        if _stale(task, event.attempt):
+        if stale(task, event.attempt):
             await self.bus.publish_control(
                 CancelTask(task_id=event.task_id, attempt=event.attempt), agent_id=event.agent_id
             )
@@ -312,7 +204,7 @@ class EventHandlers:
     async def on_assigned(self, event: TaskAssigned) -> None:
         """An agent holds an attempt it has not started; with ``confirm`` it waits
         for our word (a redelivery whose attempt may have ended)."""
-        task = await self._refuse_stale(event)
+        task = await self._refusestale(event)
         if task is None:
             return
         holder = task.assigned_agent
@@ -362,7 +254,7 @@ class EventHandlers:
             # Late: the agent that ended it told its start after its final event
             # (a start it defers goes out if that event is slow to be confirmed).
             return
-        task = await self._refuse_stale(event)
+        task = await self._refusestale(event)
         if task is None:
             return
         if task.status is TaskStatus.RUNNING and task.assigned_agent == event.agent_id:
@@ -435,7 +327,7 @@ class EventHandlers:
 
     async def on_finished(self, event: TaskFinished) -> None:
         task = self.records.get(event.task_id)
-        if _stale(task, event.attempt):
+        if stale(task, event.attempt):
             if task is not None and event.attempt == task.attempt:
                 self.registry.release_slot(task.task_id, event.agent_id)
                 if event.outcome == "cancelled":  # an agent skipped the queued message
@@ -498,7 +390,7 @@ class EventHandlers:
                 letter.reason,
             )
             return
-        refused = self._dead_letter_refusal(letter, task)
+        refused = self.gate.dead_letter_refusal(letter, task)
         if refused is not None:
             self.registry.refusals.refuse(*refused)
             return
