@@ -387,10 +387,11 @@ class Agent:
     async def _on_delivery(self, delivery: TaskDelivery) -> None:
         # Shielded: a bus that cancels its consumer's work when a link is lost
         # (aiormq does, on a channel's close) must not stop the handler with it.
-        # A consumer that says it never does (``cancels_handlers`` False: the
+        # A consumer that never does (``TaskConsumer.cancels_handlers`` False: the
         # in-process bus) has the delivery handled in its own task, without one
         # more task per delivery.
-        if not getattr(self._consumer, "cancels_handlers", True):
+        consumer = self._consumer
+        if consumer is not None and not consumer.cancels_handlers:
             await self._handle(delivery)
             return
         handling = asyncio.ensure_future(self._handle(delivery))

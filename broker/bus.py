@@ -147,6 +147,11 @@ def priorities_after(
 class TaskConsumer(Subscription):
     """One agent's consumption of task queues: one prefetch across all of them."""
 
+    cancels_handlers: bool = True
+    """Whether a lost link may cancel the handler a delivery is given to (aiormq
+    cancels its consumers' work when a channel closes): the agent then shields
+    the handling in a task of its own. False where that never happens."""
+
     @abc.abstractmethod
     async def consume(
         self,
