@@ -311,9 +311,10 @@ async def test_serve_killed_and_restarted_on_its_sqlite_store_loses_nothing(
         events[event.kind, event.task_id].set()
 
     await deployment.client.subscribe_events(on_event, patterns=["task.started", "task.finished"])
-    # Long enough to outlast the two submits below (a command line each, seconds on a
-    # busy machine), so that it still runs when serve is killed.
-    first = (await deployment.run("submit", "a", "-r", "analysis", "-p", '{"sleep": 6}')).out
+    # It runs until the test lets it end, after serve is killed: however slow the machine.
+    release = tmp_path / "release"
+    payload = json.dumps({"until_file": str(release)})
+    first = (await deployment.run("submit", "a", "-r", "analysis", "-p", payload)).out
     first = first.strip()
     dependent = await deployment.run("submit", "b", "-r", "analysis", "--depends-on", first)
     queued = await deployment.run("submit", "c", "-r", "nobody_can")
@@ -330,6 +331,7 @@ async def test_serve_killed_and_restarted_on_its_sqlite_store_loses_nothing(
     # When serve is killed (SIGKILL) while the task runs, and starts again after it ended
     deployment.processes["serve"][0].kill()
     await deployment.processes["serve"][0].wait()
+    release.touch()
     await asyncio.wait_for(finished.wait(), 20)  # the result goes to nobody
     await deployment.serve()
 
