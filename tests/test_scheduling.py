@@ -121,6 +121,17 @@ async def test_equal_agents_share_equal_tasks(harness: Harness) -> None:
         return {}
 
     agents = [await harness.start_agent(f"equal_{i}", ["work"], 4, handler) for i in range(3)]
+    # (one task first, so that the burst below does not race the agents joining its queue:
+    # on a loaded machine the first to join could take most of it before the others arrived)
+    warm_up = await orchestrator.submit_task(
+        name="warm", description="", task_type="job", payload={}, required_capabilities=["work"]
+    )
+    await wait_all(orchestrator, [warm_up], timeout=60)
+
+    async def all_consume() -> bool:
+        return all(agent.consuming for agent in agents)
+
+    await wait_until(all_consume, timeout=30)
 
     # When 300 equal tasks run
     ids = await asyncio.gather(
