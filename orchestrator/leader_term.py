@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 
 class LeaderTerm:
-    """One term as leader of the orchestrator's parts: ``begin`` and ``end``
+    """What the orchestrator's parts do while it leads: ``begin`` and ``end``
     are ``Leadership.start``'s ``on_lead`` and ``on_step_down``.
 
     It reads the parts off the orchestrator (it is the orchestrator's term,

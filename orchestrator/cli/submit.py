@@ -4,7 +4,8 @@ Its options become a ``SubmitTaskRequest`` on ``<prefix>.rpc`` (``broker.rpc``),
 checked before anything connects, and a field the request refuses is named
 by the option that gave it (``--depends-on``, not ``dependencies``). It prints
 the task's id; with ``--wait`` it then follows the task (``follow``). The
-commands that only ask about tasks and agents are ``requests``.
+other requests (``status``, ``cancel``, ``stats``, ``agents``, ``tasks``)
+send one message and print the answer: ``requests``.
 """
 
 from __future__ import annotations
