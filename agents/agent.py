@@ -9,7 +9,8 @@ again rather than lost. The broker never hands an agent more tasks than its
 
 What a handler's run is and how it is stopped is ``agents.handlers``; the
 attempts held here, and the cancelled ids remembered, ``agents.attempts``;
-the one place a delivery is settled, ``agents.settle``. A task that passes its
+the one place a delivery is settled, ``agents.settle``; what a stop waits
+for, and how long, ``agents.draining``. A task that passes its
 timeout or is cancelled is reported at once, whether or not its handler obeys,
 but its delivery is settled only when the handler has really ended: until
 then it holds its slot of the prefetch, so the agent never runs more than
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -50,21 +50,12 @@ from broker.errors import QueueInUse
 from . import presence
 from .attempts import AgentCounters, Attempts, StopReason
 from .commands import Commands
+from .draining import Drain
 from .handlers import ANY_TASK_TYPE, Handler, Handlers, Runners
 from .publishing import publish_event
 from .settle import Deliveries
 from .tasks import Tasks
 from .trust import ControlGate
-
-log = logging.getLogger(__name__)
-
-SETTLE_TIMEOUT = 15.0
-"""How long a stopping agent waits, at most, for its ended tasks to be reported
-and settled (and for its cancelled async handlers to end)."""
-SETTLE_MARGIN = 2.0
-"""``stop(drain_timeout=t)`` waits for that settling only until ``t`` (counted
-from the call) plus this margin, so it returns within about ``t + SETTLE_MARGIN``
-seconds, plus the time to say goodbye and close the connection."""
 
 
 class AgentIdInUse(ValueError):
@@ -146,6 +137,7 @@ class Agent:
         self._background: set[asyncio.Task[Any]] = set()
         self._attempts = Attempts(agent_id, self.counters, self._halted, max_concurrent_tasks)
         self._deliveries = Deliveries(self._attempts)
+        self._drain = Drain(agent_id, self._attempts, self._deliveries, self._runners)
         self._tasks = Tasks(self, self._handlers, self._runners, self._attempts, self._halted)
         self.control_gate = ControlGate(agent_id)
         """Commands refused (``refused``, by reason): not the orchestrator's, or not runnable."""
@@ -267,9 +259,10 @@ class Agent:
 
         It then waits for what ended to be reported and settled, and for the
         async handlers it cancelled to end, but only until the drain timeout
-        (counted from this call) plus ``SETTLE_MARGIN``: it returns within about
-        ``drain_timeout + SETTLE_MARGIN`` seconds, plus the time to say goodbye
-        and close. Handlers can ``await agent.wait_stopping()`` to wrap up."""
+        (counted from this call) plus ``SETTLE_MARGIN`` (``agents.draining``):
+        it returns within about ``drain_timeout + SETTLE_MARGIN`` seconds, plus
+        the time to say goodbye and close. Handlers can ``await
+        agent.wait_stopping()`` to wrap up."""
         if self._bus is None or self._halted.is_set():
             await self._stopped.wait()
             return
@@ -280,25 +273,7 @@ class Agent:
         assert self._consumer is not None
         with contextlib.suppress(BusError):
             await self._consumer.pause()
-        jobs = self._attempts.jobs()
-        if jobs:
-            await asyncio.wait(jobs, timeout=max(0.0, deadline - loop.time()))
-        stopped = self._attempts.stop_all(StopReason.SHUTDOWN)
-        await self._wait_jobs()
-        # Every ended task reported and settled before the goodbye and before the
-        # channel closes (which would hand back a finished task to run again).
-        await self._wait_settled(
-            min(SETTLE_TIMEOUT, max(0.0, deadline - loop.time()) + SETTLE_MARGIN)
-        )
-        # Acknowledged early, they are in no queue: the orchestrator re-publishes them.
-        unfinished = [
-            a.message.task_id
-            for a in stopped
-            if a.detached
-            and a.job is not None
-            and a.job.cancelled()
-            and a.stop_reason is not StopReason.CANCELLED
-        ]
+        unfinished = await self._drain.stop_all(deadline)  # what to publish again
         with contextlib.suppress(BusError):
             await publish_event(self._bus, AgentLeft(agent_id=self.agent_id, unfinished=unfinished))
         await self._shutdown()
@@ -309,7 +284,7 @@ class Agent:
             return
         self._halted.set()
         self._attempts.stop_all(StopReason.SHUTDOWN)
-        await self._wait_jobs()
+        await self._drain.wait_jobs()
         await self._shutdown()
 
     async def _shutdown(self) -> None:
@@ -350,37 +325,14 @@ class Agent:
         bus = CommunicationBus(broker_url) if broker_url else None
         event_loop.run(self.serve(bus))  # uvloop where installed
 
-    async def _wait_jobs(self) -> None:
-        jobs = self._attempts.jobs()
-        if jobs:
-            await asyncio.wait(jobs)
-
-    async def _wait_settled(self, timeout: float = SETTLE_TIMEOUT) -> None:
-        """Until every delivery received is settled (its task reported) and every
-        async handler cancelled has ended; bounded: a broker that is down makes
-        a publish fail only after a while, and a handler may ignore its cancel."""
-        unsettled = self._deliveries.pending()
-        handlers = self._runners.unended()
-        if not unsettled and not handlers:
-            return
-        _, pending = await asyncio.wait([*unsettled, *handlers], timeout=timeout)
-        if left := sum(1 for waiter in unsettled if waiter in pending):
-            log.warning("agent %s: %d task(s) not settled before stopping", self.agent_id, left)
-        if unended := sum(1 for task in handlers if task in pending):
-            log.warning(
-                "agent %s: %d handler(s) ignored their cancellation and still run",
-                self.agent_id,
-                unended,
-            )
-
     # ------------------------------------------------------------------ control
     async def _announce(self) -> None:
         assert self._bus is not None
         await publish_event(self._bus, presence.announcement(self))
 
     async def _stop_after_unregister(self) -> None:
-        await self._wait_jobs()
-        await self._wait_settled()
+        await self._drain.wait_jobs()
+        await self._drain.wait_settled()
         await self._shutdown()
 
     # ------------------------------------------------------------------ tasks

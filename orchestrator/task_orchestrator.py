@@ -11,27 +11,28 @@ slot (see ``placement``). Where each part lives:
 - ``registry``: agents (register, remove, liveness, what each consumes);
 - ``events``: handlers of what agents report, and of dead letters;
 - ``outcomes``: retries, final statuses, dependents, waiters;
-- ``watch``: what silence means (dead agents, silent tasks, lost messages, retention).
+- ``watch``: what silence means (dead agents, silent tasks, lost messages, retention);
+- ``leader_term``: what leading does (reload, follow events, watch) and stepping down.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
-from broker import CancelTask, CommunicationBus, DeadLetter, Reannounce, Subscription, tracing
+from broker import CancelTask, CommunicationBus, tracing
 
 from . import listing
 from .agent_queues import AgentQueues
 from .dispatch import Dispatch, queue_key
 from .events import EventHandlers
 from .idempotency import IdempotentSubmits, check_key
+from .leader_term import LeaderTerm
 from .leadership import Leadership
-from .lifecycle import Lifecycle, waiting_for_dependencies
+from .lifecycle import Lifecycle
 from .models import FINAL_STATUSES, AgentCapability, Task, TaskStatus
 from .outcomes import Outcomes
 from .placement import PlacementPolicy, QueueSpec
@@ -45,7 +46,7 @@ from .store import MemoryStore, StateStore
 from .submission import Submission
 from .submit_arguments import SubmitArguments, takes_submit_arguments
 from .validation import SubmitRequest, validate_agent, validate_submit
-from .watch import RETIRED_STATS, Watch
+from .watch import Watch
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +122,12 @@ class TaskOrchestrator:
             self._stats,
             self._finished,
         )
-        self._subscriptions: list[Subscription] = []
-        self._monitor: asyncio.Task[None] | None = None
         self._owns_bus = False
         self._started = False
         self.leadership = Leadership(self.bus, self.store, reclaim=self.settings.reclaim_lease)
         """One leader per prefix: a second orchestrator stands by (``leadership``)."""
+        self.term = LeaderTerm(self, self._stats, self._finished)
+        """What leading does: reload, follow events, watch; and stepping down."""
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -143,78 +144,19 @@ class TaskOrchestrator:
             await self.bus.connect()
             self._owns_bus = True
         try:
-            await self.leadership.start(self._lead, self._step_down)
+            await self.leadership.start(self.term.begin, self.term.end)
         except BaseException:
             if self._owns_bus:
                 await self.bus.close()
             raise
         self._started = True
 
-    async def _lead(self) -> None:
-        """Leading (lease and epoch held): reload the stored state, follow events."""
-        reloaded = await self._reload()
-        await self.dispatch.redeclare()
-        await self.outcomes.settle_reloaded(reloaded)
-        # What the bus acknowledges must be in the store first. Each known agent's
-        # own events queue (its results), then the shared one (announcements).
-        await self.agent_queues.resume(agent.agent_id for agent in self.registry)
-        on_event = self.agent_queues.on_event  # one event at a time, across the queues
-        self._subscriptions = [
-            await self.bus.subscribe_events(on_event, before_ack=self.store.flush),
-            await self.bus.subscribe_heartbeats(self.events.on_event),
-            await self.bus.subscribe_dead_letters(
-                self._on_dead_letter, before_ack=self.store.flush
-            ),
-        ]
-        legacy = await self.bus.drain_legacy_events(on_event, before_ack=self.store.flush)
-        if legacy is not None:
-            self._subscriptions.append(legacy)
-        self._monitor = asyncio.get_running_loop().create_task(self._watch_while_leading())
-        # Agents that outlived a previous orchestrator announce themselves again.
-        await self.bus.publish_control(Reannounce())
-
-    async def _on_dead_letter(self, letter: DeadLetter) -> None:
-        """Count it (``get_stats``' ``dead_letters``), then handle it."""
-        self._stats.dead_lettered(letter)
-        await self.events.on_dead_letter(letter)
-
-    async def _watch_while_leading(self) -> None:
-        """The watch's rounds (``Watch.run``), each once the lease is confirmed ours:
-        a leader that was paused must not judge the silence of agents and tasks
-        that a newer leader follows now (it would tell them to stop)."""
-        me = asyncio.current_task()
-        while True:
-            await asyncio.sleep(self.settings.monitor_interval)
-            if not await self.leadership.confirm():
-                # Unconfirmed: the lease is being taken back after a lost link
-                # (stepping down cancels this loop). No round now, and the wait
-                # counts as deaf time, as a link that is down does.
-                self.watch.skip_round()
-                continue
-            await self.watch.round()
-            if me is not None and me.cancelling():
-                # Stepping down cancelled a round's AMQP call, which aiormq may have
-                # turned into a channel error the round caught: end all the same.
-                raise asyncio.CancelledError()
-
-    async def _step_down(self) -> None:
-        """No longer leading: stop following events and watching (publishing ends with them)."""
-        monitor, self._monitor = self._monitor, None
-        if monitor is not None and monitor is not asyncio.current_task():
-            monitor.cancel()
-            await asyncio.gather(monitor, return_exceptions=True)
-        subscriptions, self._subscriptions = self._subscriptions, []
-        for subscription in subscriptions:
-            await subscription.close()
-        await self.agent_queues.stop()
-        await self.events.stop()  # after the subscriptions: no event starts another answer
-
     async def stop(self) -> None:
         """Stop following events (or standing by); close the bus if ``start`` opened it."""
         if not self._started:
             return
         self._started = False
-        await self._step_down()
+        await self.term.end()
         await self.leadership.stop()
         if self._owns_bus:
             await self.bus.close()
@@ -226,34 +168,6 @@ class TaskOrchestrator:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-    async def _reload(self) -> list[Task]:
-        """Rebuild the state from the store; the pending tasks found, to settle once."""
-        tasks = await self.records.load()
-        self._stats.rebuild(tasks, await self.store.get_meta(RETIRED_STATS))
-        self._finished.rebuild(tasks)
-        now = self.lifecycle.clock()
-        pending: list[Task] = []
-        for task in tasks:
-            self.dispatch.queues.note(task)
-            if task.status is TaskStatus.RUNNING:
-                self.watch.deadlines.start(
-                    task.task_id, task.attempt, self.watch.run_deadline(task)
-                )
-            self.dispatch.reloaded(task, now)
-            if waiting_for_dependencies(task):
-                # A dependency no longer stored was kept until no task needed it: met.
-                unmet = [
-                    d
-                    for d in task.dependencies
-                    if (dep := self.records.get(d)) is not None
-                    and dep.status is not TaskStatus.COMPLETED
-                ]
-                if unmet:
-                    self.outcomes.graph.wait(task.task_id, unmet)
-                pending.append(task)
-        await self.registry.load(tasks)
-        return pending
 
     def _require_started(self) -> None:
         if not self._started:

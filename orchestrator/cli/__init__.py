@@ -14,9 +14,9 @@ one line, ``error: ...``, on stderr, with the broker password blanked out;
 in data (results, ``--json``) only a URL's ``user:password@`` is, so that the
 password as a plain word in a task's result is printed as it is.
 
-Each command is a module (``serve``, ``agent``, ``requests``, ``watch``,
-``exports``, ``purge``); this one wires them into one parser and is the boundary where
-errors become exit codes.
+Each command is a module (``serve``, ``agent``, ``submit`` with ``follow``
+for ``--wait``, ``requests``, ``watch``, ``exports``, ``purge``); this one wires
+them into one parser and is the boundary where errors become exit codes.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from broker import BusError, NoReply, redact_url
 from broker.rabbitmq_link import BrokerRefused
 
-from . import agent, exports, purge, requests, serve, watch
+from . import agent, exports, purge, requests, serve, submit, watch
 from .connection import Interrupted
 from .errors import (
     EXIT_BAD_INPUT,
@@ -85,7 +85,7 @@ app.add_typer(agent_app, name="agent")
 
 for _command in (
     serve.serve,
-    requests.submit,
+    submit.submit,
     requests.status,
     requests.cancel,
     requests.stats,
