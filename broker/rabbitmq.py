@@ -209,6 +209,13 @@ class RabbitMQBus(CommunicationBus):
         connection = self._connection
         return connection is not None and connection.connected.is_set()
 
+    @property
+    def open_channels(self) -> int:
+        """Channels open on the connection (the management UI's count; a
+        connection allows ``channel_max``, 2047 by default)."""
+        transport = self._connection.transport if self._connection is not None else None
+        return 0 if transport is None else len(transport.connection.channels)
+
     def _relinked(self, *_: Any) -> None:
         # aio-pika calls this once every channel, queue, binding and consumer is
         # restored after a reconnect.

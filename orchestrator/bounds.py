@@ -33,6 +33,16 @@ class Bounds:
         """``async with bounds.bound(s):`` raises ``TimeoutError`` once ``s`` passed."""
         return Bound(self, seconds)
 
+    @property
+    def inside(self) -> int:
+        """How many bounds are entered and not left (nor expired)."""
+        return sum(len(entry[1]) for entry in self._slots.values())
+
+    @property
+    def timers(self) -> int:
+        """How many timers are pending: one per slot in use, until it passes."""
+        return len(self._slots)
+
     def _join(self, bound: Bound, seconds: float) -> int:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:

@@ -28,13 +28,6 @@ from tests.harness import Harness, wait_until
 WAIT = 30.0
 
 
-def _open_channels(bus: RabbitMQBus) -> int:
-    """The channels open on the bus's connection, as aiormq counts them."""
-    connection = bus._connection
-    assert connection is not None and connection.transport is not None
-    return len(connection.transport.connection.channels)
-
-
 def _event(agent_id: str, n: int) -> TaskProgress:
     return TaskProgress(agent_id=agent_id, task_id=f"t{n}", attempt=1, progress=0.5)
 
@@ -80,7 +73,7 @@ async def test_many_agents_queues_are_consumed_on_a_few_channels_and_each_is_hea
     agents = [f"agent-{n}" for n in range(600)]
     heard = _Heard()
     try:
-        before = _open_channels(bus)
+        before = bus.open_channels
         room = asyncio.Semaphore(16)
 
         async def follow(agent_id: str) -> Subscription:
@@ -91,7 +84,7 @@ async def test_many_agents_queues_are_consumed_on_a_few_channels_and_each_is_hea
 
         # Then they take a few channels of the connection, not one each (and
         # one that declares their queues first)
-        opened = _open_channels(bus) - before
+        opened = bus.open_channels - before
         assert opened == -(-len(agents) // CONSUMERS_PER_CHANNEL) + 1, opened
 
         # and when each agent sends an event, each is heard
@@ -111,7 +104,7 @@ async def test_many_agents_queues_are_consumed_on_a_few_channels_and_each_is_hea
         assert await _waiting(broker_url, name) == (1, 0)
         assert heard.by_agent["agent-7"] == ["t1"]
         # and no channel more was opened meanwhile
-        assert _open_channels(bus) - before == opened
+        assert bus.open_channels - before == opened
         for subscription in subscriptions.values():
             await subscription.close()
     finally:
