@@ -276,6 +276,12 @@ class AgentRegistry:
         )
         self._told[agent.agent_id] = {k: priorities.get(k, default) for k in keys}
 
+    def told(self, agent_id: str) -> dict[str, int] | None:
+        """The queues an agent was last told to consume, each with its consumer
+        priority; None before it was told (its registration is not through)."""
+        told = self._told.get(agent_id)
+        return None if told is None else dict(told)
+
     async def tell_new_queue(self, spec: QueueSpec) -> None:
         """Tell every agent that can run the tasks of a (new) queue to consume
         it, including agents that register while the others are told."""

@@ -108,17 +108,28 @@ class Harness:
         return agent
 
     async def wait_agents(self, *agent_ids: str, timeout: float = 15) -> None:
-        """Until the orchestrator has registered these agents and they consume."""
+        """Until the orchestrator has registered these agents (their events
+        queues open, their queues told) and those of this process consume them."""
         orch = self.orchestrator
         assert orch is not None
+        local = {agent.agent_id: agent for agent in self.agents if agent.agent_id in agent_ids}
+
+        def through(agent_id: str) -> bool:
+            told = orch.registry.told(agent_id)
+            if told is None:
+                return False
+            agent = local.get(agent_id)
+            return agent is None or set(told) <= set(agent.consumer_priorities)
 
         async def registered() -> bool:
             known = {a.agent_id for a in await orch.get_agents()}
-            return set(agent_ids) <= known
+            return set(agent_ids) <= known and all(map(through, agent_ids))
 
         await wait_until(registered, timeout)
-        # Their ConsumeQueues command travels after the registration.
-        await asyncio.sleep(0.05 if self.bus_kind == "memory" else 0.3)
+        if len(local) < len(set(agent_ids)):
+            # An agent process of its own: when it has taken up its queues is not
+            # seen from here; its ConsumeQueues command is on its way.
+            await asyncio.sleep(0.05 if self.bus_kind == "memory" else 0.3)
 
     def spawn_agent(
         self, agent_id: str, capabilities: list[str], **env: Any
