@@ -98,17 +98,18 @@ async def test_seed_complex_workflow_passes_results_along(harness: Harness) -> N
 
 async def test_dependent_waits_pending_until_dependency_completes(harness: Harness) -> None:
     orchestrator = await harness.start_orchestrator()
-    gate = asyncio.Event()
+    gate, blocked = asyncio.Event(), asyncio.Event()
 
     async def handler(ctx: TaskContext) -> dict:
         if ctx.payload.get("block"):
+            blocked.set()
             await gate.wait()
         return {}
 
     await harness.start_agent("worker", [], 4, handler)
     first = await orchestrator.submit_task(**job(payload={"block": True}))
     second = await orchestrator.submit_task(**job(dependencies=[first]))
-    await asyncio.sleep(0.2)
+    await asyncio.wait_for(blocked.wait(), 10)  # the agent has room for the second
     assert (await orchestrator.get_task_status(second))["status"] == "pending"
     gate.set()
     assert (await orchestrator.wait_for_task(second, timeout=10))["status"] == "completed"
