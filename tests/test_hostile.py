@@ -600,8 +600,12 @@ async def test_a_backlog_of_bogus_task_events_delays_no_registration_or_result(
         assert agent is not None
 
         # When the orchestrator starts, and a task is submitted once the agent is registered
+        # (liveness is not what this is about: a CI machine's stall of a few seconds
+        # must not have the agent removed, and told to stop, under FAST's 2 s)
         started = time.monotonic()
-        orchestrator = await harness.start_orchestrator(FAST)
+        orchestrator = await harness.start_orchestrator(
+            FAST.model_copy(update={"heartbeat_timeout": WAIT})
+        )
 
         async def registered() -> bool:
             return "late" in {a.agent_id for a in await orchestrator.get_agents()}
@@ -612,7 +616,16 @@ async def test_a_backlog_of_bogus_task_events_delays_no_registration_or_result(
             name="t", description="", task_type="job", payload={"n": 1},
             required_capabilities=["work"],
         )  # fmt: skip
-        status = await orchestrator.wait_for_task(task_id, WAIT)
+        try:
+            status = await orchestrator.wait_for_task(task_id, WAIT)
+        except TimeoutError:
+            status = await orchestrator.get_task_status(task_id)
+            raise AssertionError(
+                f"no result within {WAIT}s: task {status}; agents"
+                f" {await orchestrator.get_agents()}; the agent serving: {agent.serving},"
+                f" consuming {sorted(agent.consuming)}; refused"
+                f" {dict(orchestrator.registry.refusals.counts)}"
+            ) from None
         done_after = time.monotonic() - started
         refused = dict(orchestrator.registry.refusals.counts)
         print(
