@@ -35,6 +35,7 @@ from .bus import (
     priorities_after,
 )
 from .errors import BusConnectionError
+from .rabbitmq_acks import ChannelAcks, quietly
 from .rabbitmq_declare import Declarer
 from .rabbitmq_link import CHANNEL_GONE
 from .topology import Topology
@@ -63,18 +64,6 @@ def dead_letter_of(message: AbstractIncomingMessage) -> DeadLetter:
     return DeadLetter.of(message.body, message.headers, message.message_id, message.user_id)
 
 
-async def quietly(operation: Callable[[], Awaitable[object]], what: str) -> None:
-    """Settle or cancel on a channel that may have died meanwhile.
-
-    If it did, the broker requeues the message by itself and it comes again;
-    every handler is idempotent by (task, attempt).
-    """
-    try:
-        await operation()
-    except CHANNEL_GONE as exc:
-        log.info("could not %s (%s)", what, exc)
-
-
 async def close_for_good(channel: AbstractChannel, what: str) -> None:
     """Close ``channel`` so that no reconnect brings it back, even while the
     link is down: a robust channel restores, with its consumers, every channel
@@ -88,9 +77,15 @@ async def close_for_good(channel: AbstractChannel, what: str) -> None:
 
 class RabbitDelivery(TaskDelivery):
     def __init__(
-        self, message: AbstractIncomingMessage, queue: str, queue_key: str, dead: DeadLetterPublish
+        self,
+        message: AbstractIncomingMessage,
+        queue: str,
+        queue_key: str,
+        dead: DeadLetterPublish,
+        acks: ChannelAcks,
     ) -> None:
         self._message = message
+        self._acks = acks
         self._queue = queue
         self._dead = dead
         self.body = message.body
@@ -122,12 +117,10 @@ class RabbitDelivery(TaskDelivery):
                 closing.cancel()  # only this observer
 
     async def ack(self) -> None:
-        await quietly(self._message.ack, f"acknowledge a delivery from {self.queue_key}")
+        await self._acks.ack(self._message)  # with the channel's others (broker.rabbitmq_acks)
 
     async def requeue(self) -> None:
-        await quietly(
-            partial(self._message.nack, requeue=True), f"requeue a delivery to {self.queue_key}"
-        )
+        await self._acks.hand_back([self._message], self.queue_key)
 
     async def dead_letter(self, reason: str) -> None:
         await self._dead(self.body, reason, self._queue, self._message.message_id)
@@ -168,6 +161,8 @@ class RabbitTaskConsumer(TaskConsumer):
         """Set by ``pause`` (a stop): a step aside that ends then does not resume."""
         self._handlings: set[asyncio.Task[None]] = set()
         """Deliveries being handled, in tasks the channel's close does not cancel."""
+        self._acks = ChannelAcks(eager=True)
+        """Its acks, coalesced (eager: a prefetch of a few slots waits for no delay)."""
 
     @property
     def queue_keys(self) -> frozenset[str]:
@@ -179,7 +174,8 @@ class RabbitTaskConsumer(TaskConsumer):
         queue = self._declarer.queues[declarations.queue]
 
         async def on_message(message: AbstractIncomingMessage) -> None:
-            delivery = RabbitDelivery(message, queue.name, key, self._dead)
+            self._acks.received(message)
+            delivery = RabbitDelivery(message, queue.name, key, self._dead, self._acks)
             handling = asyncio.get_running_loop().create_task(self._handler(delivery))
             self._handlings.add(handling)
             handling.add_done_callback(self._handled)
@@ -298,6 +294,7 @@ class RabbitTaskConsumer(TaskConsumer):
 
     async def close(self) -> None:
         self._on_close(self)
+        await self._acks.flush_all()  # what was settled goes before the channel
         # Closing the channel hands every unacknowledged task back to its queue.
         await close_for_good(self._channel, "task channel")
 

@@ -11,9 +11,10 @@ neighbours do.
 
 What sharing changes for a consumer (``RabbitSubscription`` given a slot):
 an ack with ``multiple`` would settle the deliveries of the channel's other
-consumers too, before their handlers ran, so it sends one only when what it
-acknowledges are the oldest unsettled deliveries of the channel
-(``Unsettled``), and else acks each delivery by itself; closing it
+consumers too, before their handlers ran, so its acks go through the
+channel's (``broker.rabbitmq_acks``), which acknowledges in one ack what every consumer
+of the channel handled in the last few milliseconds, as far as it is the
+oldest of the channel, and the rest each by itself; closing it
 cancels its consumer and hands back (nack, requeue) what it holds, rather
 than closing the channel; and its queue leaves the robust channel's
 registry, so that a reconnect does not declare again the queue of an agent
@@ -27,17 +28,15 @@ declares (and is not declared again after a reconnect).
 from __future__ import annotations
 
 import asyncio
-import itertools
-import weakref
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
-from aio_pika.exceptions import ChannelInvalidStateError
 
 from .bus import BeforeAck, Subscription
 from .errors import BusConnectionError
+from .rabbitmq_acks import ChannelAcks
 from .rabbitmq_consume import close_for_good
 from .rabbitmq_declare import Declarer
 from .rabbitmq_link import CHANNEL_GONE
@@ -72,48 +71,12 @@ def forget_queue(channel: AbstractChannel, queue: AbstractQueue) -> None:
             del registry[queue.name]
 
 
-class Unsettled:
-    """The deliveries not settled yet on each (aiormq) channel, in tag order.
-
-    An ack with ``multiple`` settles every delivery of the channel up to its
-    tag: a consumer of a shared channel may send one only when the deliveries
-    it acknowledges are the oldest unsettled of the channel (no neighbour's
-    delivery older than its last is pending). Else it acks each by itself."""
-
-    def __init__(self) -> None:
-        self._tags: weakref.WeakKeyDictionary[Any, dict[int, None]] = weakref.WeakKeyDictionary()
-
-    @staticmethod
-    def _key(message: AbstractIncomingMessage) -> tuple[Any, int] | None:
-        try:
-            return message.channel, message.delivery_tag or 0
-        except ChannelInvalidStateError:  # (its channel died: the broker requeued it)
-            return None
-
-    def received(self, message: AbstractIncomingMessage) -> None:
-        if (key := self._key(message)) is not None:
-            self._tags.setdefault(key[0], {})[key[1]] = None
-
-    def oldest(self, messages: list[AbstractIncomingMessage]) -> bool:
-        """Whether ``messages`` (in delivery order) are the oldest unsettled of their channel."""
-        keys = [self._key(message) for message in messages]
-        if not keys or any(key is None or key[0] is not keys[0][0] for key in keys):
-            return False
-        pending = self._tags.get(keys[0][0], {})  # type: ignore[index]
-        return list(itertools.islice(pending, len(keys))) == [key[1] for key in keys]  # type: ignore[index]
-
-    def settled(self, messages: list[AbstractIncomingMessage]) -> None:
-        for message in messages:
-            if (key := self._key(message)) is not None:
-                self._tags.get(key[0], {}).pop(key[1], None)
-
-
 class ChannelSlot:
     """One consumer's place on a shared channel; ``release`` gives it back (once)."""
 
     def __init__(self, pool: SharedChannels, channel: AbstractChannel) -> None:
         self.channel = channel
-        self.unsettled = pool.unsettled
+        self.acks = pool.acks
         self._pool = pool
         self._held = True
 
@@ -137,7 +100,7 @@ class SharedChannels:
         self._per_channel = per_channel
         self._users: dict[AbstractChannel, int] = {}
         self._declaring: AbstractChannel | None = None
-        self.unsettled = Unsettled()
+        self.acks = ChannelAcks()
         self._lock = asyncio.Lock()
         """Consumers starting at once do not each open a channel."""
 

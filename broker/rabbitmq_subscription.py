@@ -21,6 +21,7 @@ from .bus import CLOSE_WAIT, BeforeAck, EventHandler, Subscription
 from .envelope import Sender, handling_from
 from .errors import InvalidMessage
 from .messages import parse_event
+from .rabbitmq_acks import quietly
 from .rabbitmq_consume import (
     ACK_BATCH,
     ACK_RETRY_MAX,
@@ -28,7 +29,6 @@ from .rabbitmq_consume import (
     CLOSE_TIMEOUT,
     DeadLetterPublish,
     close_for_good,
-    quietly,
 )
 from .rabbitmq_link import CHANNEL_GONE
 from .rabbitmq_shared import ChannelSlot, forget_queue
@@ -54,9 +54,10 @@ class RabbitSubscription(Subscription):
     On a channel of its own, it acknowledges with ``multiple`` (one ack settles
     every delivery before it) and closing the channel hands back what it
     holds. Given a ``slot`` on a shared channel (``broker.rabbitmq_shared``), it
-    acknowledges each delivery by itself and, closing, cancels its consumer
-    and hands back (nack, requeue) what it holds: the channel's other
-    consumers go on undisturbed.
+    hands what it handled to the channel's acks (``SharedAcks``: one ack for
+    what all the channel's consumers handled in a few milliseconds) and,
+    closing, cancels its consumer and hands back (nack, requeue) what it
+    holds: the channel's other consumers go on undisturbed.
     """
 
     def __init__(
@@ -98,13 +99,16 @@ class RabbitSubscription(Subscription):
 
     async def start(self) -> None:
         async def on_message(message: AbstractIncomingMessage) -> None:
+            if self._slot is not None:
+                self._slot.acks.received(message)
             if self._closed:
-                await _requeue(message, self._queue.name)
                 # (a consumer that a reconnect under way restored after the close)
+                if self._slot is not None:
+                    await self._slot.acks.hand_back([message], self._queue.name)
+                else:
+                    await _requeue(message, self._queue.name)
                 await self._cancel()
                 return
-            if self._slot is not None:
-                self._slot.unsettled.received(message)
             self._inbox.put_nowait(message)
 
         self._tag = await self._queue.consume(on_message)
@@ -183,13 +187,9 @@ class RabbitSubscription(Subscription):
             return
         self._settled.clear()
         try:
-            if self._slot is not None:  # shared: one ack settles all before it only if
-                oldest = self._slot.unsettled.oldest(held)  # no neighbour's is among them
-                self._slot.unsettled.settled(held)
-                if not oldest:
-                    for message in held:
-                        await quietly(message.ack, f"acknowledge {source}")
-                    return
+            if self._slot is not None:  # shared: the channel's acks, with the neighbours'
+                self._slot.acks.ready(held)
+                return
             await quietly(partial(held[-1].ack, multiple=True), f"acknowledge {source}")
         finally:
             self._settled.set()
@@ -235,9 +235,8 @@ class RabbitSubscription(Subscription):
         while not self._inbox.empty():
             returned.append(self._inbox.get_nowait())
         assert self._slot is not None
-        self._slot.unsettled.settled(returned)
-        for message in returned:
-            await _requeue(message, self._queue.name)
+        await self._slot.acks.flush_all()  # what it handled, acknowledged before it goes
+        await self._slot.acks.hand_back(returned, self._queue.name)
         self._slot.release()
 
     async def _cancel(self) -> None:
