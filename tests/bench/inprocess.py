@@ -105,7 +105,6 @@ async def retained_bytes(tasks: int) -> tuple[float, float]:
         await orchestrator.start()
         await agent.start(bus)
         await throughput.wait_agents(orchestrator, {agent.agent_id}, 30)
-        await asyncio.sleep(0.05)
         await throughput.submit_and_wait(orchestrator, 200, 60)  # warm: caches, first objects
         gc.collect()
         tracemalloc.start()

@@ -76,7 +76,6 @@ class ProjectRunner:
                 },
             )
         await wait_agents(self.orchestrator, set(ids), self.options.timeout, self.workers.processes)
-        await asyncio.sleep(0.5)  # their ConsumeQueues command follows the registration
 
     async def _run(self, i: int) -> tuple[float, dict[str, Any], float]:
         assert self.orchestrator is not None

@@ -139,11 +139,14 @@ async def wait_agents(
     timeout: float,
     processes: Sequence[subprocess.Popen[bytes]] = (),
 ) -> None:
-    """Until the orchestrator has registered every one of ``agent_ids``."""
+    """Until the orchestrator has registered every one of ``agent_ids`` and
+    told each which queues to consume (``Registry.told``): a task queue
+    declared after that is told of after it, on the same control queue."""
     deadline = time.monotonic() + timeout
     while True:
         known = {a.agent_id for a in await orchestrator.get_agents()}
-        if agent_ids <= known:
+        told = all(orchestrator.registry.told(agent_id) is not None for agent_id in agent_ids)
+        if agent_ids <= known and told:
             return
         for process in processes:
             if process.poll() is not None:
@@ -260,7 +263,6 @@ async def run_memory(args: argparse.Namespace) -> Result:
             await agent.start(bus)
             agents.append(agent)
         await wait_agents(orchestrator, {a.agent_id for a in agents}, args.timeout)
-        await asyncio.sleep(0.05)  # their ConsumeQueues command follows the registration
         measured = await submit_and_wait(orchestrator, args.tasks, args.timeout)
         return make_result("memory", args, measured)
     finally:
@@ -335,7 +337,6 @@ async def run_rabbitmq(args: argparse.Namespace) -> Result:
                 spawn_agent(args.agent_app, agent_id, settings, args.concurrency, logs[-1])
             )
         await wait_agents(orchestrator, set(agent_ids), args.timeout, processes)
-        await asyncio.sleep(0.5)  # their ConsumeQueues command follows the registration
         measured = await submit_and_wait(orchestrator, args.tasks, args.timeout)
         rss = [process_peak_rss_mib(p.pid) for p in processes]
         known = [r for r in rss if r is not None]
