@@ -79,6 +79,11 @@ SETTLE_DELAYS = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
 """After its task's event, how long a handle waits before each further ask
 while the status has not moved: the orchestrator reads the event from its own
 queue, and may not have handled it yet when the client asks."""
+SETTLE_PATIENCE = 30.0
+"""Seconds after its task's event a handle goes on asking every last settle
+delay (an orchestrator behind on its events, a loaded machine) before it
+falls back to ``resync_interval``: the event said the task ended, so its
+status moves soon, and a wait must not sleep a resync through it."""
 POLL_SECONDS = 0.5
 """How often a handle asks when the broker refused the client its events queue."""
 
@@ -344,7 +349,9 @@ class Client:
                     del self._waiters[task_id]
 
     async def _until_final(self, task_id: str, woken: asyncio.Event) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
         settle: list[float] = []
+        event_at: float | None = None
         while True:
             woken.clear()  # before asking: an event while the answer travels is kept
             status = await self.status(task_id)
@@ -352,8 +359,12 @@ class Client:
                 return status
             if self._events_refused:
                 pause = POLL_SECONDS
+            elif settle:
+                pause = settle.pop(0)
+            elif event_at is not None and loop.time() - event_at < SETTLE_PATIENCE:
+                pause = min(SETTLE_DELAYS[-1], self.resync_interval)
             else:
-                pause = settle.pop(0) if settle else self.resync_interval
+                pause = self.resync_interval
             try:
                 async with asyncio.timeout(pause):
                     await woken.wait()
@@ -362,6 +373,7 @@ class Client:
             if self._events is None and not self._events_refused:
                 raise ConnectionError("the client was closed while waiting")
             settle = list(SETTLE_DELAYS)  # its event came: the status follows shortly
+            event_at = loop.time()
 
     async def _follow_events(self) -> None:
         """Subscribe, once, to the events after which a waiting handle asks again."""

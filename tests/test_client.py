@@ -30,6 +30,7 @@ from orchestrator import (
     TaskPriority,
     TaskStatus,
 )
+from orchestrator import client as client_module
 from tests.conftest import require_broker
 from tests.deployment import ROOT, Deployment, base_env
 from tests.harness import FAST, Harness, wait_until
@@ -104,6 +105,42 @@ async def test_submit_and_result_wait_on_the_tasks_event(served) -> None:
         ended = await failing.result(timeout=20)
         assert ended["status"] == "failed"
         assert "boom" in ended["error_message"]
+
+
+async def test_a_wait_outlasts_an_orchestrator_behind_on_its_events(served) -> None:
+    """Under load the orchestrator may handle a task's final event seconds after
+    the agent sent it: the handle, woken by that event, asks until the status
+    moves, rather than sleeping its hour-long re-check through it."""
+    harness, gates = served
+    orchestrator = harness.orchestrator
+    assert orchestrator is not None
+    lag = sum(client_module.SETTLE_DELAYS) + 0.5  # past every quick re-ask after the event
+    answer = orchestrator.get_task_status
+    completed_at: dict[str, float] = {}
+    loop = asyncio.get_running_loop()
+
+    async def behind(task_id: str) -> dict[str, Any]:
+        # Given an orchestrator that tells a task's end only `lag` seconds after it
+        status = await answer(task_id)
+        if status["status"] == "completed":
+            if loop.time() - completed_at.setdefault(task_id, loop.time()) < lag:
+                return {**status, "status": "running", "result": None}
+        return status
+
+    orchestrator.get_task_status = behind  # type: ignore[method-assign]
+    async with client_of(harness) as client:
+        # When a service waits for a task that ends once released
+        handle = await client.submit("late", "", "analysis", {"gate": "late"})
+        waiting = asyncio.create_task(handle.result(timeout=20))
+
+        async def running() -> bool:
+            return (await handle.status())["status"] == "running"
+
+        await wait_until(running, timeout=10)
+        gates.setdefault("late", asyncio.Event()).set()
+
+        # Then the result comes once the orchestrator tells it, not an hour later
+        assert (await waiting)["status"] == "completed"
 
 
 async def test_cancel_result_timeout_and_errors(served) -> None:
