@@ -10,7 +10,8 @@ declared from the topology's value objects (``rabbitmq_declare``), a
 channel-wide prefetch per agent and consumer priorities
 (``rabbitmq_consume``), ordered subscriptions (``rabbitmq_subscription``), the
 agents' events queues consumed on a few shared channels
-(``rabbitmq_shared``), direct reply-to for requests (``rabbitmq_rpc``), and
+(``rabbitmq_shared``), acks coalesced per channel, never past a delivery not
+handled (``rabbitmq_acks``), direct reply-to for requests (``rabbitmq_rpc``), and
 our own references to channels. aio-pika and aiormq exceptions are converted
 in those modules and never leak out.
 """
@@ -211,8 +212,7 @@ class RabbitMQBus(CommunicationBus):
 
     @property
     def open_channels(self) -> int:
-        """Channels open on the connection (the management UI's count; a
-        connection allows ``channel_max``, 2047 by default)."""
+        """Channels open on the connection, as the management UI counts them."""
         transport = self._connection.transport if self._connection is not None else None
         return 0 if transport is None else len(transport.connection.channels)
 
