@@ -242,6 +242,15 @@ async def gone(orch: TaskOrchestrator, agent_id: str) -> bool:
     return agent_id not in await registered(orch)
 
 
+async def queue_counts(url: str, name: str) -> tuple[int, int]:
+    """(messages ready, consumers) of a queue, by a passive declare on a connection of its own."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(name, passive=True)
+        return declared.declaration_result.message_count, declared.declaration_result.consumer_count
+
+
 async def wait_until(
     condition: Callable[[], Awaitable[bool]], timeout: float = 30, interval: float = 0.02
 ) -> None:

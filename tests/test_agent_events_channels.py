@@ -23,22 +23,13 @@ import pytest
 from broker import BusSettings, Event, RabbitMQBus, Subscription, TaskProgress
 from broker.rabbitmq_shared import CONSUMERS_PER_CHANNEL
 from orchestrator.agent_queues import AgentQueues
-from tests.harness import Harness, wait_until
+from tests.harness import Harness, queue_counts, wait_until
 
 WAIT = 30.0
 
 
 def _event(agent_id: str, n: int) -> TaskProgress:
     return TaskProgress(agent_id=agent_id, task_id=f"t{n}", attempt=1, progress=0.5)
-
-
-async def _waiting(url: str, name: str) -> tuple[int, int]:
-    """(messages ready, consumers) of a queue, by a passive declare."""
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        declared = await channel.declare_queue(name, passive=True)
-        return declared.declaration_result.message_count, declared.declaration_result.consumer_count
 
 
 class _Heard:
@@ -101,7 +92,7 @@ async def test_many_agents_queues_are_consumed_on_a_few_channels_and_each_is_hea
             await heard.count(agent_id, 2)
         # and its own waits in its queue, consumed by nobody
         name = bus.topology.agent_events_queue("agent-7")
-        assert await _waiting(broker_url, name) == (1, 0)
+        assert await queue_counts(broker_url, name) == (1, 0)
         assert heard.by_agent["agent-7"] == ["t1"]
         # and no channel more was opened meanwhile
         assert bus.open_channels - before == opened
@@ -141,10 +132,10 @@ async def test_a_shared_channel_acknowledges_only_what_each_handler_and_its_hook
         # through: nothing of it was acknowledged, not even by its neighbour's acks)
         await stuck.close()
         stuck_queue = bus.topology.agent_events_queue("stuck")
-        assert await _waiting(broker_url, stuck_queue) == (5, 0)
+        assert await queue_counts(broker_url, stuck_queue) == (5, 0)
         # while the second's were acknowledged: nothing of it comes again
         await flowing.close()
-        assert await _waiting(broker_url, bus.topology.agent_events_queue("flowing")) == (0, 0)
+        assert await queue_counts(broker_url, bus.topology.agent_events_queue("flowing")) == (0, 0)
 
         # and followed again, the first agent's events come again, in order
         again = _Heard()
@@ -234,7 +225,7 @@ async def test_an_agent_subscription_closed_while_the_broker_is_down_stays_close
         await bus.publish_event(_event("kept", 1))
         await heard.count("kept", 1)
         await bus.publish_event(_event("closed", 1))
-        assert await _waiting(url, bus.topology.agent_events_queue("closed")) == (1, 0)
+        assert await queue_counts(url, bus.topology.agent_events_queue("closed")) == (1, 0)
         assert heard.by_agent["closed"] == []
         await kept.close()
     finally:

@@ -15,13 +15,12 @@ import asyncio
 from collections import Counter
 from typing import Any
 
-import aio_pika
 import aiormq
 import pytest
 
 from agents import TaskContext
 from broker import BusSettings, Event, RabbitMQBus, TaskProgress
-from tests.harness import FAST, Harness, wait_all, wait_until
+from tests.harness import FAST, Harness, queue_counts, wait_all, wait_until
 
 WAIT = 60.0
 
@@ -44,15 +43,6 @@ class _AckFrames:
     @property
     def total(self) -> int:
         return sum(self.sent.values())
-
-
-async def _waiting(url: str, name: str) -> tuple[int, int]:
-    """(messages ready, consumers) of a queue, by a passive declare."""
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        declared = await channel.declare_queue(name, passive=True)
-        return declared.declaration_result.message_count, declared.declaration_result.consumer_count
 
 
 @pytest.mark.rabbitmq
@@ -99,7 +89,10 @@ async def test_many_agents_events_on_a_shared_channel_take_a_few_ack_frames(
         assert frames.total <= 100, frames.sent  # (before: 182, batched per queue only)
         # and every one was acknowledged, once: nothing waits, nothing came twice
         for agent_id in agents:
-            assert await _waiting(broker_url, bus.topology.agent_events_queue(agent_id)) == (0, 0)
+            assert await queue_counts(broker_url, bus.topology.agent_events_queue(agent_id)) == (
+                0,
+                0,
+            )
         assert heard == {"left": 300, "right": 300}
     finally:
         await bus.delete_topology(agent_ids=agents)

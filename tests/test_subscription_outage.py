@@ -10,22 +10,12 @@ read and never acknowledged them.
 
 from __future__ import annotations
 
-import aio_pika
 import pytest
 
 from broker import AgentAnnounced, BusSettings, Event, RabbitMQBus
-from tests.harness import wait_until
+from tests.harness import queue_counts, wait_until
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.fault]
-
-
-async def _queue(url: str, name: str) -> tuple[int, int]:
-    """(messages ready, consumers) of a queue, by a passive declare."""
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        declared = await channel.declare_queue(name, passive=True)
-        return declared.declaration_result.message_count, declared.declaration_result.consumer_count
 
 
 async def test_a_subscription_closed_while_the_broker_is_down_stays_closed(
@@ -43,7 +33,7 @@ async def test_a_subscription_closed_while_the_broker_is_down_stays_closed(
         # Given the orchestrator's events subscription, consuming
         subscription = await bus.subscribe_events(handle)
         events_queue = bus.topology.orchestrator_events_queue
-        assert (await _queue(url, events_queue))[1] == 1
+        assert (await queue_counts(url, events_queue))[1] == 1
 
         # When the broker goes away, the subscription is closed meanwhile,
         # and the broker comes back
@@ -66,7 +56,7 @@ async def test_a_subscription_closed_while_the_broker_is_down_stays_closed(
         await bus.publish_event(
             AgentAnnounced(agent_id="someone", capabilities=[], max_concurrent_tasks=1)
         )
-        ready, consumers = await _queue(url, events_queue)
+        ready, consumers = await queue_counts(url, events_queue)
         assert (ready, consumers) == (1, 0)
         assert handled == []
     finally:
