@@ -24,8 +24,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
-import aiormq
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from .bus import (
     DEFAULT_REQUEST_TIMEOUT,
@@ -44,12 +43,18 @@ from .bus import (
 from .envelope import Envelope
 from .errors import BusConnectionError, BusNotStarted
 from .messages import Control, Event, TaskMessage, WireMessage, parse_control
-from .rabbitmq_consume import ACK_BATCH, RabbitTaskConsumer, close_for_good, dead_letter_of
+from .rabbitmq_consume import ACK_BATCH, RabbitTaskConsumer, dead_letter_of
 from .rabbitmq_declare import Declarer, QueueUnavailable, delete
 from .rabbitmq_lease import RabbitLease
 from .rabbitmq_legacy import drain_legacy_events
 from .rabbitmq_link import CHANNEL_GONE, amqp_url, close_callbacks_done, open_connection
-from .rabbitmq_probe import DeclareMode, control_queue_lives, declare_mode
+from .rabbitmq_probe import (
+    DeclareMode,
+    control_queue_lives,
+    declare_mode,
+    queue_depth,
+    throwaway_channel,
+)
 from .rabbitmq_publish import PUBLISH_RETRY_SECONDS, Publisher
 from .rabbitmq_rpc import RpcClient, request_server
 from .rabbitmq_shared import SharedChannels, subscribe_shared
@@ -326,21 +331,7 @@ class RabbitMQBus(CommunicationBus):
         return consumer
 
     async def queue_depth(self, queue_key: str) -> int:
-        connection = self._require()
-        # A passive declare of a missing queue closes its channel: use a throwaway one.
-        channel = await connection.channel(publisher_confirms=False)
-        try:
-            underlay = await channel.get_underlay_channel()
-            declared = await underlay.queue_declare(
-                self.topology.task_queue(queue_key), passive=True
-            )
-            return declared.message_count or 0
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            return 0
-        except CHANNEL_GONE as exc:
-            raise BusConnectionError(f"cannot read the depth of {queue_key!r}: {exc}") from None
-        finally:
-            await close_for_good(channel, "a probe channel")
+        return await queue_depth(self._require(), self.topology.task_queue(queue_key))
 
     # events ----------------------------------------------------------------
     async def publish_event(self, event: Event) -> None:
@@ -380,15 +371,13 @@ class RabbitMQBus(CommunicationBus):
         )
 
     async def delete_agent_events(self, agent_id: str) -> None:
-        channel = await self._require().channel(publisher_confirms=False)
-        try:
-            await delete(
-                channel, Declarations(queues=(Queue(self.topology.agent_events_queue(agent_id)),))
-            )
-        except CHANNEL_GONE as exc:
-            raise BusConnectionError(f"cannot delete agent {agent_id!r}'s events: {exc}") from None
-        finally:
-            await close_for_good(channel, "a throwaway channel")
+        queue = Queue(self.topology.agent_events_queue(agent_id))
+        async with throwaway_channel(self._require()) as channel:
+            try:
+                await delete(channel, Declarations(queues=(queue,)))
+            except CHANNEL_GONE as exc:
+                what = f"cannot delete agent {agent_id!r}'s events"
+                raise BusConnectionError(f"{what}: {exc}") from None
         self._agent_events.discard(agent_id)
 
     async def drain_legacy_events(
@@ -498,10 +487,7 @@ class RabbitMQBus(CommunicationBus):
             )
             + self.topology.retired()
         )
-        channel: AbstractChannel = await connection.channel()
-        try:
+        async with throwaway_channel(connection) as channel:
             await delete(channel, everything)
-        finally:
-            await channel.close()
         self._declared.clear()
         self._agent_events.clear()

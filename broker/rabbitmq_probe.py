@@ -3,19 +3,21 @@
 A refused or missing declare makes RabbitMQ close the channel it was made
 on; asked on the bus's own (robust) channels, it would close them and they
 would reopen themselves, losing their consumers' state meanwhile. So each
-question gets a channel of its own: what this connection may declare (the
-shared topology, or only its own queues), and whether an agent's exclusive
-control queue still exists (its connection lives).
+question gets a channel of its own (``throwaway_channel``): what this
+connection may declare (the shared topology, or only its own queues), how
+many tasks wait in a queue, and whether an agent's exclusive control queue
+still exists (its connection lives).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Literal
 
 import aiormq
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from .declarations import Declarations
 from .errors import BusConnectionError
@@ -53,16 +55,37 @@ async def declare_mode(
     return mode
 
 
+@contextlib.asynccontextmanager
+async def throwaway_channel(connection: AbstractRobustConnection) -> AsyncIterator[AbstractChannel]:
+    """A channel for one question or one deletion, closed for good afterwards
+    (a reconnect does not bring it back)."""
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        yield channel
+    finally:
+        await close_for_good(channel, "a throwaway channel")
+
+
 async def _on_probe(
     connection: AbstractRobustConnection,
     address: str,
     use: Callable[[Declarer], Awaitable[None]],
 ) -> None:
-    channel = await connection.channel(publisher_confirms=False)
-    try:
+    async with throwaway_channel(connection) as channel:
         await use(Declarer(channel, address))
-    finally:
-        await close_for_good(channel, "a probe channel")
+
+
+async def queue_depth(connection: AbstractRobustConnection, queue: str) -> int:
+    """How many messages wait in ``queue`` (0 if it does not exist)."""
+    async with throwaway_channel(connection) as channel:
+        try:
+            underlay = await channel.get_underlay_channel()
+            declared = await underlay.queue_declare(queue, passive=True)
+            return declared.message_count or 0
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return 0
+        except CHANNEL_GONE as exc:
+            raise BusConnectionError(f"cannot read the depth of {queue!r}: {exc}") from None
 
 
 async def control_queue_lives(
