@@ -27,6 +27,7 @@ when every delivery they hold is handled: no slot waits for the delay.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import weakref
 from collections.abc import Awaitable, Callable
@@ -90,12 +91,10 @@ class ChannelAcks:
         """These deliveries are handled: acknowledge them, soon."""
         for message in messages:
             key = self._key(message)
-            if key is None:
-                continue
+            if key is None or not self._unsettled(*key):
+                continue  # (settled already, or its channel is gone)
             channel, tag = key
-            pending = self._pending.get(channel)
-            if pending is None or tag not in pending:
-                continue  # (settled already: its channel is gone)
+            pending = self._pending[channel]
             pending[tag] = message
             count = self._ready.get(channel)
             if count is None:
@@ -107,8 +106,8 @@ class ChannelAcks:
     async def ack(self, message: AbstractIncomingMessage) -> None:
         """Acknowledge one delivery with the channel's next flush, and return once sent."""
         key = self._key(message)
-        if key is None:
-            return
+        if key is None or not self._unsettled(*key):
+            return  # (no flush would come for it)
         done = self._next.get(key[0])
         if done is None:
             done = self._next[key[0]] = asyncio.get_running_loop().create_future()
@@ -128,6 +127,10 @@ class ChannelAcks:
                     requeue = partial(message.nack, requeue=True)
                     await quietly(requeue, f"hand back a delivery to {source}")
                     pending.pop(message.delivery_tag or 0, None)
+
+    def _unsettled(self, channel: Any, tag: int) -> bool:
+        pending = self._pending.get(channel)
+        return pending is not None and tag in pending
 
     def _lock(self, channel: Any) -> asyncio.Lock:
         lock = self._locks.get(channel)
@@ -151,15 +154,10 @@ class ChannelAcks:
                 pending = self._pending.get(channel)
                 if not pending:
                     return
-                oldest: list[AbstractIncomingMessage] = []
-                for message in pending.values():
-                    if message is None:
-                        break
-                    oldest.append(message)
-                for message in oldest:
-                    del pending[message.delivery_tag or 0]
-                behind = [message for message in pending.values() if message is not None]
-                for message in behind:
+                oldest = list(itertools.takewhile(lambda m: m is not None, pending.values()))
+                rest = itertools.islice(pending.values(), len(oldest), None)
+                behind = [m for m in rest if m is not None]
+                for message in (*oldest, *behind):
                     del pending[message.delivery_tag or 0]
                 if oldest:
                     await quietly(partial(oldest[-1].ack, multiple=True), "acknowledge deliveries")

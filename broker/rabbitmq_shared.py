@@ -12,9 +12,9 @@ neighbours do.
 What sharing changes for a consumer (``RabbitSubscription`` given a slot):
 an ack with ``multiple`` would settle the deliveries of the channel's other
 consumers too, before their handlers ran, so its acks go through the
-channel's (``broker.rabbitmq_acks``), which acknowledges in one ack what every consumer
-of the channel handled in the last few milliseconds, as far as it is the
-oldest of the channel, and the rest each by itself; closing it
+channel's (``broker.rabbitmq_acks``), which acknowledges in one ack what
+every consumer of the channel handled in the last few milliseconds, as far
+as it is the oldest of the channel, and the rest each by itself; closing it
 cancels its consumer and hands back (nack, requeue) what it holds, rather
 than closing the channel; and its queue leaves the robust channel's
 registry, so that a reconnect does not declare again the queue of an agent

@@ -54,7 +54,7 @@ class RabbitSubscription(Subscription):
     On a channel of its own, it acknowledges with ``multiple`` (one ack settles
     every delivery before it) and closing the channel hands back what it
     holds. Given a ``slot`` on a shared channel (``broker.rabbitmq_shared``), it
-    hands what it handled to the channel's acks (``SharedAcks``: one ack for
+    hands what it handled to the channel's acks (``ChannelAcks``: one ack for
     what all the channel's consumers handled in a few milliseconds) and,
     closing, cancels its consumer and hands back (nack, requeue) what it
     holds: the channel's other consumers go on undisturbed.
