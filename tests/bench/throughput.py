@@ -144,15 +144,14 @@ async def wait_agents(
     declared after that is told of after it, on the same control queue."""
     deadline = time.monotonic() + timeout
     while True:
-        known = {a.agent_id for a in await orchestrator.get_agents()}
-        told = all(orchestrator.registry.told(agent_id) is not None for agent_id in agent_ids)
-        if agent_ids <= known and told:
+        told = {a for a in agent_ids if orchestrator.registry.told(a) is not None}
+        if told == agent_ids:
             return
         for process in processes:
             if process.poll() is not None:
                 raise RuntimeError(f"agent process {process.pid} exited with {process.returncode}")
         if time.monotonic() > deadline:
-            missing = sorted(agent_ids - known)
+            missing = sorted(agent_ids - told)
             raise TimeoutError(f"agents not registered within {timeout:g}s: {missing}")
         await asyncio.sleep(0.02)
 
