@@ -18,6 +18,7 @@ import aiormq
 from .errors import BusConnectionError, BusError
 from .rabbitmq import RabbitMQBus
 from .rabbitmq_link import CHANNEL_GONE
+from .rabbitmq_probe import throwaway_channel
 
 
 @dataclass(frozen=True)
@@ -42,51 +43,42 @@ async def find(bus: RabbitMQBus, queues: Iterable[str], exchanges: Iterable[str]
     found = Found()
     connection = bus._require()
     for name in dict.fromkeys(queues):
-        channel = await connection.channel(publisher_confirms=False)
-        try:
-            underlay = await channel.get_underlay_channel()
-            declared = await underlay.queue_declare(name, passive=True)
-            found.queues.append(
-                FoundQueue(name, declared.message_count or 0, declared.consumer_count or 0)
-            )
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            pass
-        except aiormq.exceptions.ChannelLockedResource:
-            found.locked.append(name)
-        except CHANNEL_GONE as exc:
-            raise BusConnectionError(f"cannot look up queue {name!r}: {exc}") from None
-        finally:
-            if not channel.is_closed:
-                await channel.close()
+        async with throwaway_channel(connection) as channel:
+            try:
+                underlay = await channel.get_underlay_channel()
+                declared = await underlay.queue_declare(name, passive=True)
+                found.queues.append(
+                    FoundQueue(name, declared.message_count or 0, declared.consumer_count or 0)
+                )
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                pass
+            except aiormq.exceptions.ChannelLockedResource:
+                found.locked.append(name)
+            except CHANNEL_GONE as exc:
+                raise BusConnectionError(f"cannot look up queue {name!r}: {exc}") from None
     for name in dict.fromkeys(exchanges):
-        channel = await connection.channel(publisher_confirms=False)
-        try:
-            underlay = await channel.get_underlay_channel()
-            await underlay.exchange_declare(name, passive=True)
-            found.exchanges.append(name)
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            pass
-        except CHANNEL_GONE as exc:
-            raise BusConnectionError(f"cannot look up exchange {name!r}: {exc}") from None
-        finally:
-            if not channel.is_closed:
-                await channel.close()
+        async with throwaway_channel(connection) as channel:
+            try:
+                underlay = await channel.get_underlay_channel()
+                await underlay.exchange_declare(name, passive=True)
+                found.exchanges.append(name)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                pass
+            except CHANNEL_GONE as exc:
+                raise BusConnectionError(f"cannot look up exchange {name!r}: {exc}") from None
     return found
 
 
 async def delete(bus: RabbitMQBus, found: Found) -> None:
     """Delete the queues (with their messages), then the exchanges."""
-    channel = await bus._require().channel(publisher_confirms=False)
-    try:
-        underlay = await channel.get_underlay_channel()
-        for queue in found.queues:
-            await underlay.queue_delete(queue.name)
-        for exchange in found.exchanges:
-            await underlay.exchange_delete(exchange)
-    except aiormq.exceptions.ChannelAccessRefused as exc:
-        raise BusError(f"the broker refused a delete (configure permission): {exc}") from None
-    except CHANNEL_GONE as exc:
-        raise BusConnectionError(f"delete failed: {exc}") from None
-    finally:
-        if not channel.is_closed:
-            await channel.close()
+    async with throwaway_channel(bus._require()) as channel:
+        try:
+            underlay = await channel.get_underlay_channel()
+            for queue in found.queues:
+                await underlay.queue_delete(queue.name)
+            for exchange in found.exchanges:
+                await underlay.exchange_delete(exchange)
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise BusError(f"the broker refused a delete (configure permission): {exc}") from None
+        except CHANNEL_GONE as exc:
+            raise BusConnectionError(f"delete failed: {exc}") from None
