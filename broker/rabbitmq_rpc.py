@@ -31,7 +31,7 @@ from .envelope import Envelope
 from .errors import BusConnectionError, BusError, NoReply
 from .rabbitmq_consume import DeadLetterPublish
 from .rabbitmq_link import TRANSIENT
-from .rabbitmq_publish import Publisher, to_message
+from .rabbitmq_publish import Publisher, publish_on
 from .rpc import Reply, RequestHandler, answer
 from .topology import DIRECT_REPLY_TO
 
@@ -158,9 +158,7 @@ class RpcClient:
             async with asyncio.timeout(timeout):
                 assert self._exchange is not None
                 try:
-                    await self._exchange.publish(
-                        to_message(envelope), routing_key=self._rpc_queue, mandatory=True
-                    )
+                    await publish_on(self._exchange, self._rpc_queue, envelope, mandatory=True)
                 except (aiormq.exceptions.PublishError, aiormq.exceptions.ChannelNotFoundEntity):
                     # Returned (no queue bound), or no such exchange (it closed the channel).
                     raise NoReply(

@@ -9,7 +9,6 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-import aio_pika
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -62,7 +61,7 @@ from broker import (
 )
 from broker.envelope import MAX_REASON_LENGTH, REASON_HEADER, SOURCE_QUEUE_HEADER
 from broker.messages import WireMessage
-from broker.rabbitmq_publish import to_message
+from broker.rabbitmq_publish import NOT_PERSISTENT, PERSISTENT, to_properties
 from broker.topology import Binding, Declarations, Exchange, Queue, topic_matches
 
 Parser = Callable[[bytes], Any]
@@ -346,14 +345,15 @@ TASK = SAMPLES[0][0]
 def test_a_task_travels_persistent_with_its_attempt_as_message_id() -> None:
     assert isinstance(TASK, TaskMessage)
     envelope = Envelope.task(TASK, priority=7)
-    message = to_message(envelope)
-    assert message.body == TASK.encode()
-    assert message.message_id == "t-1:2"
-    assert message.type == "task"
-    assert message.priority == 7
-    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
-    assert message.content_type == "application/json"
-    assert message.expiration is None
+    properties = to_properties(envelope)
+    assert envelope.body == TASK.encode()
+    assert properties.message_id == "t-1:2"
+    assert properties.message_type == "task"
+    assert properties.priority == 7
+    assert properties.delivery_mode == PERSISTENT
+    assert properties.content_type == "application/json"
+    assert properties.expiration is None
+    assert to_properties(envelope.expiring(1.5)).expiration == "1500"
 
 
 def test_superseded_events_and_commands_are_not_persistent() -> None:
@@ -365,9 +365,7 @@ def test_superseded_events_and_commands_are_not_persistent() -> None:
     assert Envelope.event(finished).persistent
     assert Envelope.event(finished).type == "task.finished"
     assert not Envelope.control(Reannounce()).persistent
-    assert to_message(Envelope.control(Reannounce())).delivery_mode == (
-        aio_pika.DeliveryMode.NOT_PERSISTENT
-    )
+    assert to_properties(Envelope.control(Reannounce())).delivery_mode == NOT_PERSISTENT
 
 
 def test_a_dead_letter_carries_its_reason_and_source_cut_to_size() -> None:
