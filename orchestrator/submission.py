@@ -46,7 +46,8 @@ class Submission:
         durable = self.records.store.durable
         if not self.bus.link_up and (durable or not await self._link_back(bound)):
             # A durable store keeps it at once; without one it waited for the link.
-            await self._keep_or_refuse(task, "the broker cannot be reached", forget)
+            why = "the broker cannot be reached" if self.bus.is_connected else "the bus is closed"
+            await self._keep_or_refuse(task, why, forget)
             return
         try:
             left = max(0.01, deadline - self.clock())
@@ -80,11 +81,11 @@ class Submission:
 
     async def _link_back(self, timeout: float) -> bool:
         """Whether the broker link comes back within ``timeout`` (a blip, a
-        reconnect under way)."""
+        reconnect under way). A bus that was closed does not come back: no wait."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         while not self.bus.link_up:
-            if loop.time() >= end:
+            if loop.time() >= end or not self.bus.is_connected:
                 return False
             await asyncio.sleep(0.05)
         return True

@@ -545,16 +545,19 @@ async def test_a_submission_too_large_to_publish_fails_without_a_trace(harness: 
 
 async def test_a_submission_on_a_closed_bus_fails_without_a_trace(harness: Harness) -> None:
     # Given an orchestrator that published to a queue already, whose bus is then closed
-    orchestrator = await harness.start_orchestrator()
+    # (and a submit bound no test waits out)
+    orchestrator = await harness.start_orchestrator(FAST.model_copy(update={"submit_timeout": 600}))
     await harness.start_agent("worker", [], 1)
     job = {"name": "t", "description": "", "task_type": "j", "payload": {}}
     first = await orchestrator.submit_task(**job)
     assert (await orchestrator.wait_for_task(first, 15))["status"] == "completed"
     await orchestrator.bus.close()
 
-    # When a task is submitted: nothing can be sent
-    with pytest.raises(ConnectionError):
-        await orchestrator.submit_task(**job)
+    # When a task is submitted: nothing can be sent, and a closed bus does not
+    # come back, so the submit does not wait for it
+    with pytest.raises(ConnectionError, match="closed"):
+        async with asyncio.timeout(60):
+            await orchestrator.submit_task(**job)
 
     # Then the submission failed without a trace
     assert [t.task_id for t in await orchestrator.store.tasks()] == [first]
