@@ -48,13 +48,14 @@ def check_system(figures: dict, tasks: int) -> None:
 @pytest.mark.rabbitmq
 def test_project_and_raw_loop_and_in_process_figures(broker_url: str, tmp_path: Path) -> None:
     plot = tmp_path / "peers.png"
-    args = ["--systems=project-memory,raw", "--tasks=30", "--rounds=1", "--idle=3", "--warmup=2"]
+    systems = "project-memory,project-one-agent,raw"
+    args = [f"--systems={systems}", "--tasks=30", "--rounds=1", "--idle=3", "--warmup=2"]
     args += [f"--broker={broker_url}", "--in-process-tasks=200", "--pending=100,1000"]
     if importlib.util.find_spec("matplotlib") is not None:
         args.append(f"--plot={plot}")
     report, printed = run_bench(tmp_path, *args)
 
-    assert set(report["systems"]) == {"project-memory", "raw"}
+    assert set(report["systems"]) == set(systems.split(","))
     for figures in report["systems"].values():
         check_system(figures, 30)
         assert figures["amqp_per_task"] is None  # no management API on the tests' broker

@@ -2,6 +2,10 @@
 and agent processes (``python -m agents tests.bench.peer_project:make_agent``),
 with the memory store or the SQLite store.
 
+The ``memory-one-agent`` variant runs one agent process with every slot of
+the others (``--workers`` times ``--concurrency``): as many processes as the
+raw loop, to show what the extra process costs on a machine of few cores.
+
 The agents are the project's own ``agents.Agent`` with its default settings
 (heartbeat included) and a handler that returns the time it started, so that
 the idle phase can tell submit-to-start from submit-to-result. The agent
@@ -41,9 +45,12 @@ def make_agent() -> Agent:
 
 
 class ProjectRunner:
-    def __init__(self, options: Options, store: str) -> None:
+    def __init__(self, options: Options, store: str, agents: int | None = None) -> None:
         self.options = options
         self.store = store
+        self.agents = options.workers if agents is None else agents
+        """Agent processes; their slots are ``options.workers * options.concurrency`` in all."""
+        self.slots = options.workers * options.concurrency // self.agents
         self.settings = BusSettings(broker_url=options.broker_url, prefix=options.prefix)
         self.workers = Workers()
         self.loop = event_loop.new_event_loop()  # as serve runs: uvloop where installed
@@ -64,7 +71,7 @@ class ProjectRunner:
         )
         self.orchestrator = TaskOrchestrator(self.bus, store=store)
         await self.orchestrator.start()
-        ids = [f"{self.options.prefix}-agent-{k}" for k in range(self.options.workers)]
+        ids = [f"{self.options.prefix}-agent-{k}" for k in range(self.agents)]
         for agent_id in ids:
             self.workers.spawn(
                 ["-m", "agents", AGENT_APP],
@@ -72,7 +79,7 @@ class ProjectRunner:
                     "ORCHESTRATOR_BROKER_URL": self.options.broker_url,
                     "ORCHESTRATOR_PREFIX": self.options.prefix,
                     "AGENT_ID": agent_id,
-                    "AGENT_MAX": str(self.options.concurrency),
+                    "AGENT_MAX": str(self.slots),
                 },
             )
         await wait_agents(self.orchestrator, set(ids), self.options.timeout, self.workers.processes)
@@ -138,4 +145,6 @@ class ProjectRunner:
 
 
 def runner(options: Options, variant: str) -> tuple[ProjectRunner, bool]:
+    if variant == "memory-one-agent":
+        return ProjectRunner(options, "memory", agents=1), False
     return ProjectRunner(options, variant), False

@@ -62,6 +62,12 @@ SYSTEMS: dict[str, dict[str, Any]] = {
         "label": "this project, memory store",
         "durable": True,
     },
+    "project-one-agent": {
+        "module": "tests.bench.peer_project",
+        "variant": "memory-one-agent",
+        "label": "this project, memory store, one agent process (as many processes as raw)",
+        "durable": True,
+    },
     "project-sqlite": {
         "module": "tests.bench.peer_project",
         "variant": "sqlite",
